@@ -1,0 +1,42 @@
+# rnnkern: `make demo` (the main job), `make test` (the tests), `make bench` (benchmarks).
+# Each target first sets up .venv (torch, triton, build and test tools) and builds the extension
+# in place; both steps are idempotent and skip work that is already done.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+TORCH_SPEC ?= torch==2.14.1
+DEPS := $(TORCH_SPEC) triton numpy ninja pybind11 setuptools wheel build pytest pytest-benchmark \
+        pytest-timeout expecttest matplotlib tqdm tensorboard
+PYTEST_ARGS ?=
+
+.PHONY: venv build demo test test-all bench clean
+
+$(VENV)/.deps-installed: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(DEPS)
+	touch $@
+
+venv: $(VENV)/.deps-installed
+
+# Incremental: ninja recompiles only what changed.
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(PY) -m rnnkern gradflow
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: build
+	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m pytest -q bench --benchmark-only $(PYTEST_ARGS)
+
+clean:
+	rm -rf build rnnkern/*.so rnnkern/__pycache__

@@ -1,0 +1,45 @@
+// The one TORCH_LIBRARY block of rnnkern: the schemas of every C++/CUDA op (see docs/internals.md).
+// CPU kernels register in csrc/cpu/, CUDA kernels in csrc/cuda/; fake kernels and autograd are
+// registered from Python (rnnkern/backends/_autograd.py, rnnkern/backends/_fake.py).
+#include <Python.h>
+
+#include <torch/library.h>
+
+#ifndef RNNKERN_CUDA_ARCHS
+#define RNNKERN_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+PyObject* compiled_cuda_archs(PyObject*, PyObject*) {
+  // ";"-separated compute capabilities the CUDA kernels were compiled for; "" without CUDA.
+  return PyUnicode_FromString(RNNKERN_CUDA_ARCHS);
+}
+
+PyMethodDef module_methods[] = {
+    {"compiled_cuda_archs", compiled_cuda_archs, METH_NOARGS,
+     "Compute capabilities the CUDA kernels were compiled for (';'-separated; '' if none)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// An importable module, so that `import rnnkern._C` loads the library and runs the registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "rnnkern compiled kernels", -1,
+                                   module_methods};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(rnnkern, m) {
+  // One layer, one direction, the whole time loop. cell: 0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU.
+  m.def(
+      "rnn_layer_forward(int cell, Tensor xp, Tensor batch_sizes, Tensor h0, Tensor? c0, "
+      "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, bool reverse, float clip, Tensor? norm_probe) "
+      "-> (Tensor out, Tensor h_n, Tensor c_n, Tensor workspace)");
+  m.def(
+      "rnn_layer_backward(int cell, Tensor grad_out, Tensor grad_h_n, Tensor? grad_c_n, "
+      "Tensor batch_sizes, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
+      "bool reverse, float clip, bool record_norms, Tensor out, Tensor workspace) "
+      "-> (Tensor grad_xp, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_b_hh, "
+      "Tensor grad_w_hr, Tensor norms)");
+}

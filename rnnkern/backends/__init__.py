@@ -1,0 +1,92 @@
+"""Backend registry: which implementations of the layer op exist, which are usable, and "auto".
+
+A backend implements one method, ``layer`` (the layer-op contract of docs/internals.md, with autograd):
+
+    layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe)
+        -> (out [N, P], h_n [B, P], c_n [B, H] or [0])
+
+and says where it runs through ``unsupported_reason(device, dtype)`` (None when it can run there).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional
+
+import torch
+
+# Preference order for backend="auto", per device type. A backend only appears in `auto` once it
+# passes the whole comparison suite on that device.
+_AUTO_ORDER = {"cuda": ["cuda", "triton", "reference"], "cpu": ["cpu", "reference"]}
+# name -> module path of the backend object `BACKEND`
+_MODULES = {
+    "reference": "rnnkern.backends.reference",
+    "cpu": "rnnkern.backends.cpu",
+    "cuda": "rnnkern.backends.cuda",
+    "triton": "rnnkern.backends.triton",
+}
+_loaded: Dict[str, object] = {}
+
+
+class Backend:
+    """Base class: a name, where it can run, and the layer op."""
+
+    name = "?"
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot run on this machine at all (None if it can)."""
+        return None
+
+    def unsupported_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """Why this backend cannot run on tensors of this device and dtype (None if it can)."""
+        return self.unavailable_reason()
+
+    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
+        raise NotImplementedError
+
+
+def names() -> List[str]:
+    """Every backend name rnnkern knows, usable here or not."""
+    return list(_MODULES)
+
+
+def get(name: str) -> Backend:
+    """The backend object for a name; ValueError naming the valid ones for an unknown name."""
+    if name not in _MODULES:
+        raise ValueError(
+            f"unknown rnnkern backend {name!r}; valid backends are: "
+            + ", ".join(repr(n) for n in ["auto"] + names()))
+    if name not in _loaded:
+        _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
+    return _loaded[name]
+
+
+def check_name(name: str) -> str:
+    """Validate a backend name ("auto" or a known one) and return it."""
+    if name != "auto":
+        get(name)
+    return name
+
+
+def usable() -> List[str]:
+    """The backends usable on this machine (for some device), in preference order."""
+    return [n for n in _MODULES if get(n).unavailable_reason() is None]
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend to run for `name` ("auto" or explicit) on tensors of this device and dtype.
+
+    An explicit backend that cannot run there raises RuntimeError saying why: never a silent
+    fallback to another implementation.
+    """
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ["reference"]):
+            if candidate in _MODULES and get(candidate).unsupported_reason(device, dtype) is None:
+                return get(candidate)
+        return get("reference")
+    backend = get(name)
+    reason = backend.unsupported_reason(device, dtype)
+    if reason is not None:
+        raise RuntimeError(
+            f"rnnkern backend {name!r} cannot run on {device.type} tensors of dtype {dtype}: {reason}")
+    return backend

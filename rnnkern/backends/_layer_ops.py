@@ -1,0 +1,76 @@
+"""Fake (meta) kernels and autograd for the layer ops of docs/internals.md.
+
+Any backend whose forward and backward follow the layer-op contract registers them here once:
+``register_layer_op(forward_op, backward_op)`` adds the fake kernels (so torch.compile and opcheck
+can trace the ops) and connects forward to backward with ``torch.library.register_autograd``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _cells
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation / cell-state dtype for an input dtype (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+def fake_layer_forward(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
+    n = xp.shape[0]
+    hidden = w_hh.shape[0] // _cells.GATES[cell]
+    out = xp.new_empty((n, h0.shape[1]))
+    h_n = torch.empty_like(h0, memory_format=torch.contiguous_format)
+    c_n = xp.new_empty((h0.shape[0], hidden)) if cell == _cells.LSTM else _empty(xp)
+    workspace = xp.new_empty((n, _cells.WORKSPACE_SLOTS[cell] * hidden), dtype=acc_dtype(xp.dtype))
+    return out, h_n, c_n, workspace
+
+
+def fake_layer_backward(cell, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
+                        reverse, clip, record_norms, out, workspace):
+    n = out.shape[0]
+    hidden = w_hh.shape[0] // _cells.GATES[cell]
+    grad_xp = out.new_empty((n, w_hh.shape[0]))
+    grad_h0 = torch.empty_like(h0, memory_format=torch.contiguous_format)
+    grad_c0 = torch.empty_like(c0, memory_format=torch.contiguous_format) if c0 is not None else _empty(out)
+    grad_w_hh = torch.empty_like(w_hh, memory_format=torch.contiguous_format)
+    grad_b_hh = torch.empty_like(b_hh, memory_format=torch.contiguous_format) if b_hh is not None else _empty(out)
+    grad_w_hr = torch.empty_like(w_hr, memory_format=torch.contiguous_format) if w_hr is not None else _empty(out)
+    norms = out.new_empty((2, n), dtype=torch.float32)
+    del hidden
+    return grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms
+
+
+def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) -> None:
+    """Register fake kernels (unless the op's definer already did) and autograd for one backend."""
+    if register_fake:
+        torch.library.register_fake(forward_op)(fake_layer_forward)
+        torch.library.register_fake(backward_op)(fake_layer_backward)
+
+    def setup_context(ctx, inputs, output):
+        cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe = inputs
+        out, _h_n, _c_n, workspace = output
+        ctx.cell, ctx.reverse, ctx.clip = cell, reverse, clip
+        ctx.record_norms = norm_probe is not None
+        ctx.has = (c0 is not None, b_hh is not None, w_hr is not None)
+        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace)
+
+    def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace):
+        batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace = ctx.saved_tensors
+        has_c0, has_b_hh, has_w_hr = ctx.has
+        grad_c_n = grad_c_n if ctx.cell == _cells.LSTM else None
+        (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(
+            ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
+            None if grad_c_n is None else grad_c_n.contiguous(),
+            batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, ctx.clip, ctx.record_norms,
+            out, workspace)
+        return (None, grad_xp, None, grad_h0, grad_c0 if has_c0 else None, grad_w_hh,
+                grad_b_hh if has_b_hh else None, grad_w_hr if has_w_hr else None, None, None,
+                norms if ctx.record_norms else None)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
