@@ -118,9 +118,10 @@ inline const T* prev_row(const PrevState& p, int64_t b) {
                            : static_cast<const T*>(p.from_init) + b * p.ld_init;
 }
 
-// Rows per parallel chunk: enough work per thread that forking pays off.
+// Rows per parallel chunk: enough work per thread that forking (and the barrier after it, costly
+// on a loaded machine) pays off; small steps run on the calling thread.
 inline int64_t grain(int64_t units_per_row) {
-  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, units_per_row));
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, units_per_row));
 }
 
 // ---------------------------------------------------------------------------------------------
