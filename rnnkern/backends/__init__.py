@@ -45,6 +45,16 @@ class Backend:
         raise NotImplementedError
 
 
+class _Unavailable(Backend):
+    """Stands for a backend whose module cannot be imported here."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def unavailable_reason(self) -> Optional[str]:
+        return self.reason
+
+
 def names() -> List[str]:
     """Every backend name rnnkern knows, usable here or not."""
     return list(_MODULES)
@@ -57,7 +67,10 @@ def get(name: str) -> Backend:
             f"unknown rnnkern backend {name!r}; valid backends are: "
             + ", ".join(repr(n) for n in ["auto"] + names()))
     if name not in _loaded:
-        _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
+        except ImportError as error:  # e.g. triton not installed: unusable, with the reason
+            _loaded[name] = _Unavailable(name, f"cannot import {_MODULES[name]}: {error}")
     return _loaded[name]
 
 
