@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -41,6 +42,10 @@ class Settings:
     variant: str = os.environ.get("RNNKERN_TRITON_VARIANT", "auto")
     allow_tf32: bool = os.environ.get("RNNKERN_TRITON_TF32", "0") == "1"
     loop_max_weight_elems: int = 16384
+    # Caps on the tile extents (rows per program, columns per program of the per-step kernels);
+    # None: the defaults. Tests set 16 to run several tiles per row / per step on tiny sizes.
+    max_block_rows: Optional[int] = None
+    max_block_cols: Optional[int] = None
 
 
 SETTINGS = Settings()
@@ -87,12 +92,19 @@ def kernel_types(dtype: torch.dtype) -> KernelTypes:
 
 def block_rows(batch: int) -> int:
     """Rows (samples) per program."""
-    return min(pow2(batch), 32 if INTERPRETER else 16)
+    cap = SETTINGS.max_block_rows or (32 if INTERPRETER else 16)
+    return min(pow2(batch), pow2(cap))
 
 
 def block_cols(n: int) -> int:
     """Hidden / projection columns per program of the per-step kernels."""
-    return min(pow2(n), 64 if INTERPRETER else 32)
+    cap = SETTINGS.max_block_cols or (64 if INTERPRETER else 32)
+    return min(pow2(n), pow2(cap))
+
+
+def block_k(n: int) -> int:
+    """The reduction chunk of the dots of the per-step kernels."""
+    return min(pow2(n), pow2(SETTINGS.max_block_cols or 64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,4 +288,4 @@ def launch_grad_h_step(plan: StepPlan, t: int, grad_out, grad_h_n, dgates, w_hh,
         plan.step_rows, t, plan.next_row, grad_out, grad_h_n, dgates, w_hh,
         carry if carry is not None else g, g, norm2, plan.N, P, GH,
         HAS_CARRY=carry is not None, BLOCK_B=block_b, BLOCK_P=block_p,
-        BLOCK_K=min(pow2(GH), 64), ACC=types.acc, DOT=types.dot, PREC=types.prec)
+        BLOCK_K=block_k(GH), ACC=types.acc, DOT=types.dot, PREC=types.prec)

@@ -4,7 +4,12 @@ rnnkern::triton_rnn_layer_forward / rnnkern::triton_rnn_layer_backward run the r
 cell modules' kernels (lstm.py, gru.py, rnn.py); the input projection lives in the driver and the
 weight gradients are large GEMMs here, after the loop. Every step of the bookkeeping is a device
 torch op or a kernel launch whose row range is read on the device, so torch.compile traces the
-ops (triton_op makes the kernels visible to Inductor) and the implementation doubles as the fake.
+ops (triton_op makes the kernels visible to Inductor).
+
+Under the Triton interpreter wrap_triton hands back the plain interpreted kernel, which would run on
+fake tensors while tracing; there the ops are opaque custom_ops instead (same names and schemas),
+so opcheck and torch.compile work on CPU tensors too. Either way the fake kernels are the shared
+ones of _layer_ops (the explicit shapes of docs/internals.md).
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 
 from ... import _cells
 from .._layer_ops import register_layer_op
 from . import _common, gru, lstm, rnn
+
+
+# the op definer: triton_op for real kernels, custom_op under the interpreter (see above)
+_define = custom_op if _common.INTERPRETER else triton_op
 
 
 def _launch(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
@@ -37,7 +46,7 @@ def _check(cell, xp, h0, w_hh):
         raise TypeError(f"rnnkern triton: unsupported dtype {xp.dtype}")
 
 
-@triton_op("rnnkern::triton_rnn_layer_forward", mutates_args=())
+@_define("rnnkern::triton_rnn_layer_forward", mutates_args=())
 def triton_rnn_layer_forward(cell: int, xp: Tensor, batch_sizes: Tensor, h0: Tensor,
                              c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
                              w_hr: Optional[Tensor], reverse: bool, clip: float,
@@ -69,7 +78,7 @@ def triton_rnn_layer_forward(cell: int, xp: Tensor, batch_sizes: Tensor, h0: Ten
     return out, h_n, c_n, workspace
 
 
-@triton_op("rnnkern::triton_rnn_layer_backward", mutates_args=())
+@_define("rnnkern::triton_rnn_layer_backward", mutates_args=())
 def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
                               grad_c_n: Optional[Tensor], batch_sizes: Tensor, h0: Tensor,
                               c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
@@ -128,4 +137,4 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
     return grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms
 
 
-register_layer_op(triton_rnn_layer_forward, triton_rnn_layer_backward, register_fake=False)
+register_layer_op(triton_rnn_layer_forward, triton_rnn_layer_backward)

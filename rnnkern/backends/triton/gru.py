@@ -239,7 +239,7 @@ def forward(xp, plan, h0, w_hh, b_hh, out, h_n, workspace, types, wrap, loop):
         wrap(gru_forward_step_kernel)[grid](
             plan.step_rows, t, plan.prev_row, xp, h0, w_hh, bias, out, workspace, h_n, H,
             HAS_BIAS=b_hh is not None, BLOCK_B=block_b, BLOCK_H=block_h,
-            BLOCK_K=min(_common.pow2(H), 64), ACC=types.acc, PREC=types.prec)
+            BLOCK_K=_common.block_k(H), ACC=types.acc, PREC=types.prec)
 
 
 def backward(grad_out, grad_h_n, plan, h0, w_hh, clip, out, workspace, dgates, grad_xp, g, norm2,

@@ -350,11 +350,11 @@ def forward(xp, plan, h0, c0, w_hh, b_hh, w_hr, out, h_n, c_n, workspace, types,
         wrap(lstm_forward_step_kernel)[grid](
             plan.step_rows, t, plan.prev_row, xp, h0, c0, w_hh, bias, out, workspace, h_n, c_n, h_pre,
             H, P, HAS_BIAS=b_hh is not None, HAS_PROJ=has_proj, BLOCK_B=block_b, BLOCK_H=block_h,
-            BLOCK_K=min(_common.pow2(P), 64), ACC=types.acc, PREC=types.prec)
+            BLOCK_K=_common.block_k(P), ACC=types.acc, PREC=types.prec)
         if has_proj:
             wrap(lstm_project_step_kernel)[grid_p](
                 plan.step_rows, t, h_pre, w_hr, out, h_n, H, P, BLOCK_B=block_b, BLOCK_P=block_p,
-                BLOCK_K=min(_common.pow2(H), 64), ACC=types.acc, PREC=types.prec)
+                BLOCK_K=_common.block_k(H), ACC=types.acc, PREC=types.prec)
 
 
 def backward(grad_out, grad_h_n, plan, c0, w_hh, w_hr, clip, workspace, dc, dgates, g, norm2, types,
@@ -381,7 +381,7 @@ def backward(grad_out, grad_h_n, plan, c0, w_hh, w_hr, clip, workspace, dc, dgat
         wrap(lstm_backward_step_kernel)[grid](
             plan.step_rows, t, plan.prev_row, g, norm2[0], norm2[1], clip, w_hr_arg, workspace, c0,
             dc, dgates, H, P, HAS_PROJ=has_proj, BLOCK_B=block_b, BLOCK_H=block_h,
-            BLOCK_K=min(_common.pow2(P), 64), ACC=types.acc, DOT=types.dot, PREC=types.prec)
+            BLOCK_K=_common.block_k(P), ACC=types.acc, DOT=types.dot, PREC=types.prec)
     _common.launch_grad_h_step(plan, plan.T, grad_out, grad_h_n, dgates, w_hh, None, g, norm2[0],
                                types, wrap)
 

@@ -180,7 +180,7 @@ def forward(cell_relu, xp, plan, h0, w_hh, b_hh, out, h_n, types, wrap, loop):
         wrap(rnn_forward_step_kernel)[grid](
             plan.step_rows, t, plan.prev_row, xp, h0, w_hh, b_hh if b_hh is not None else w_hh,
             out, h_n, H, RELU=cell_relu, HAS_BIAS=b_hh is not None, BLOCK_B=block_b,
-            BLOCK_H=block_h, BLOCK_K=min(_common.pow2(H), 64), ACC=types.acc, PREC=types.prec)
+            BLOCK_H=block_h, BLOCK_K=_common.block_k(H), ACC=types.acc, PREC=types.prec)
 
 
 def backward(cell_relu, grad_out, grad_h_n, plan, w_hh, clip, out, dgates, g, norm2, types, wrap, loop):
