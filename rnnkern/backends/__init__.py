@@ -11,6 +11,8 @@ and says where it runs through ``unsupported_reason(device, dtype)`` (None when 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Dict, List, Optional
 
 import torch
@@ -45,6 +47,16 @@ class Backend:
         raise NotImplementedError
 
 
+class _Unavailable(Backend):
+    """Stands for a backend whose module cannot be imported here."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def unavailable_reason(self) -> Optional[str]:
+        return self.reason
+
+
 def names() -> List[str]:
     """Every backend name rnnkern knows, usable here or not."""
     return list(_MODULES)
@@ -57,7 +69,10 @@ def get(name: str) -> Backend:
             f"unknown rnnkern backend {name!r}; valid backends are: "
             + ", ".join(repr(n) for n in ["auto"] + names()))
     if name not in _loaded:
-        _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
+        except ImportError as error:  # e.g. triton not installed: unusable, with the reason
+            _loaded[name] = _Unavailable(name, f"cannot import {_MODULES[name]}: {error}")
     return _loaded[name]
 
 
@@ -90,3 +105,15 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         raise RuntimeError(
             f"rnnkern backend {name!r} cannot run on {device.type} tensors of dtype {dtype}: {reason}")
     return backend
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``rnnkern.backends()`` (the public API) and ``rnnkern.backends.get(...)`` (the registry)
+    be one object: this package, callable."""
+
+    def __call__(self) -> List[str]:
+        """The backends usable on this machine, e.g. ["cuda", "triton", "cpu", "reference"]."""
+        return usable()
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,90 @@
+"""rnnkern.convert and rnnkern.patch_torch: put rnnkern under existing code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import backends as _backends
+from .modules import GRU, LSTM, RNN, RNNKERN_CLASSES, _check_clip
+
+
+def convert(model: nn.Module, backend: str = "auto", record_grad_norms: bool = False,
+            hidden_grad_clip=None) -> nn.Module:
+    """Turn every torch.nn.LSTM / GRU / RNN in ``model`` (itself included, nested too) into the
+    rnnkern module, in place, and return ``model``.
+
+    The modules keep their identity, parameters, device, dtype, training mode and registered hooks
+    (the instance's class is switched to the rnnkern subclass, which only overrides ``forward``).
+    Modules that already are rnnkern modules get the given options. Subclasses of torch's classes
+    other than exactly LSTM/GRU/RNN are left alone, since their own forward may differ.
+    """
+    _backends.check_name(backend)
+    _check_clip(hidden_grad_clip)
+    for module in model.modules():
+        target = RNNKERN_CLASSES.get(type(module))
+        if target is not None:
+            module.__class__ = target
+            module._init_rnnkern(backend, record_grad_norms, hidden_grad_clip)
+        elif isinstance(module, (LSTM, GRU, RNN)):
+            module.backend, module.record_grad_norms = backend, bool(record_grad_norms)
+            module.hidden_grad_clip = hidden_grad_clip
+    return model
+
+
+class patch_torch:
+    """Make torch.nn.LSTM / GRU / RNN *be* rnnkern's classes, so unchanged code builds them.
+
+    Use as a context manager (``with rnnkern.patch_torch(): ...``) or call ``start()`` / ``stop()``.
+    Options (``backend``, ``record_grad_norms``, ``hidden_grad_clip``) become the defaults of the
+    modules built while patched.
+    """
+
+    _targets = ((torch.nn, "LSTM"), (torch.nn, "GRU"), (torch.nn, "RNN"),
+                (torch.nn.modules, "LSTM"), (torch.nn.modules, "GRU"), (torch.nn.modules, "RNN"),
+                (torch.nn.modules.rnn, "LSTM"), (torch.nn.modules.rnn, "GRU"),
+                (torch.nn.modules.rnn, "RNN"))
+
+    def __init__(self, backend: str = "auto", record_grad_norms: bool = False, hidden_grad_clip=None):
+        _backends.check_name(backend)
+        _check_clip(hidden_grad_clip)
+        self.options = dict(backend=backend, record_grad_norms=record_grad_norms,
+                            hidden_grad_clip=hidden_grad_clip)
+        self._saved = None
+
+    def _patched_class(self, base):
+        options = self.options
+
+        class Patched(base):
+            def __init__(self, *args, **kwargs):
+                for key, value in options.items():
+                    kwargs.setdefault(key, value)
+                super().__init__(*args, **kwargs)
+
+        Patched.__name__ = Patched.__qualname__ = base.__name__
+        Patched.__module__ = base.__module__
+        return Patched
+
+    def start(self) -> "patch_torch":
+        if self._saved is not None:
+            raise RuntimeError("patch_torch is already started")
+        replacements = {"LSTM": self._patched_class(LSTM), "GRU": self._patched_class(GRU),
+                        "RNN": self._patched_class(RNN)}
+        self._saved = [(owner, name, getattr(owner, name)) for owner, name in self._targets]
+        for owner, name in self._targets:
+            setattr(owner, name, replacements[name])
+        return self
+
+    def stop(self) -> None:
+        if self._saved is None:
+            return
+        for owner, name, original in self._saved:
+            setattr(owner, name, original)
+        self._saved = None
+
+    def __enter__(self) -> "patch_torch":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

@@ -1,0 +1,98 @@
+"""The layer driver shared by every backend.
+
+``run_stack`` runs a whole (multi-layer, possibly bidirectional) recurrent stack on rows in the
+packed layout of docs/internals.md: per layer and direction it computes the input projection of all
+timesteps as one GEMM, hands the recurrence to the backend's layer op, and applies dropout between
+layers as torch.nn does. Argument parsing and validation live in rnnkern/modules.py.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _cells
+
+
+# (w_ih [G*H, I], w_hh [G*H, P], b_ih [G*H] | None, b_hh [G*H] | None, w_hr [P, H] | None)
+LayerWeights = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+
+def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
+    """xp = x @ w_ihᵀ + b_ih for all rows at once: [N, I] -> [N, G*H]."""
+    if b_ih is None:
+        return torch.mm(x, w_ih.t())
+    return torch.addmm(b_ih, x, w_ih.t())
+
+
+def run_stack(
+    cell: int,
+    rows: Tensor,
+    batch_sizes: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    weights: Sequence[Sequence[LayerWeights]],
+    *,
+    dropout: float,
+    training: bool,
+    backend,
+    clip: float,
+    norm_probe: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Run every layer and direction.
+
+    Args:
+        cell: a cell id of rnnkern._cells.
+        rows: [N, I] input rows (packed layout; padded input is batch_sizes = [B] * T).
+        batch_sizes: [T] int64 CPU tensor, non-increasing.
+        h0: [L * D, B, P] initial hidden states (sorted batch order); c0: [L * D, B, H] or None.
+        weights: weights[layer][direction] = LayerWeights.
+        dropout, training: torch.nn's dropout between layers (not after the last).
+        backend: the Backend object that runs the recurrences.
+        clip: hidden_grad_clip, <= 0 for none.
+        norm_probe: [L, D, 2, N] float32 leaf whose gradient receives the norms, or None.
+
+    Returns:
+        out [N, D * P], h_n [L * D, B, P], c_n [L * D, B, H] (LSTM) or None.
+    """
+    num_layers = len(weights)
+    num_directions = len(weights[0])
+    x = rows
+    h_n: List[Tensor] = []
+    c_n: List[Tensor] = []
+    for layer in range(num_layers):
+        outs = []
+        for direction in range(num_directions):
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[layer][direction]
+            index = layer * num_directions + direction
+            xp = input_projection(x, w_ih, b_ih)
+            out, hn, cn = backend.layer(
+                cell, xp, batch_sizes, h0[index], None if c0 is None else c0[index],
+                w_hh, b_hh, w_hr, direction == 1, clip,
+                None if norm_probe is None else norm_probe[layer, direction])
+            outs.append(out)
+            h_n.append(hn)
+            c_n.append(cn)
+        x = outs[0] if num_directions == 1 else torch.cat(outs, dim=1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    h_stack = torch.stack(h_n, 0)
+    c_stack = torch.stack(c_n, 0) if cell == _cells.LSTM else None
+    return x, h_stack, c_stack
+
+
+def rows_to_time_batch(values: Tensor, batch_sizes: Tensor) -> Tensor:
+    """Scatter per-row values [..., N] to [..., T, B] (zeros where a sequence has ended)."""
+    sizes = batch_sizes.tolist()
+    steps, batch = len(sizes), (sizes[0] if sizes else 0)
+    if all(s == batch for s in sizes):
+        return values.reshape(*values.shape[:-1], steps, batch)
+    out = values.new_zeros(*values.shape[:-1], steps, batch)
+    offset = 0
+    for t, size in enumerate(sizes):
+        out[..., t, :size] = values[..., offset:offset + size]
+        offset += size
+    return out

@@ -1,0 +1,265 @@
+"""Drop-in replacements for torch.nn.LSTM, torch.nn.GRU and torch.nn.RNN.
+
+They subclass torch's classes and override ``forward`` only: the constructor, parameters, names,
+initialisation and ``state_dict`` are torch's own. torch's classes are bound here at import time, so
+rnnkern keeps working while ``patch_torch()`` has replaced ``torch.nn.LSTM`` and friends.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+import torch.nn.modules.rnn as _torch_rnn
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils.hooks import RemovableHandle
+
+from . import _cells
+from . import backends as _backends
+from .functional import rows_to_time_batch, run_stack
+from .gradnorms import GradNorms
+
+TorchLSTM = _torch_rnn.LSTM
+TorchGRU = _torch_rnn.GRU
+TorchRNN = _torch_rnn.RNN
+
+_OPTION_DEFAULTS = {"backend": "auto", "record_grad_norms": False, "hidden_grad_clip": None}
+
+
+class _InvalidInput(Exception):
+    """Raised by our checks; the module then lets torch.nn raise its own exception."""
+
+
+def _require(condition: bool) -> None:
+    if not condition:
+        raise _InvalidInput()
+
+
+def _check_clip(value) -> float:
+    """hidden_grad_clip as the float the kernels take (0 = off); ValueError if not positive."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"hidden_grad_clip must be a positive number or None, got {value!r}")
+    return float(value)
+
+
+class _RnnkernMixin:
+    """What rnnkern adds to torch's RNN modules: backend choice, gradient norms, clipping."""
+
+    _torch_class: type
+
+    def _init_rnnkern(self, backend="auto", record_grad_norms=False, hidden_grad_clip=None):
+        self.backend = _backends.check_name(backend)
+        self.record_grad_norms = bool(record_grad_norms)
+        _check_clip(hidden_grad_clip)
+        self.hidden_grad_clip = hidden_grad_clip
+        self.grad_norms: Optional[GradNorms] = None
+        self._grad_norm_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for name, default in _OPTION_DEFAULTS.items():
+            self.__dict__.setdefault(name, default)
+        self.__dict__.setdefault("grad_norms", None)
+        self.__dict__.setdefault("_grad_norm_hooks", OrderedDict())
+
+    def register_grad_norm_hook(self, hook: Callable[["torch.nn.Module", GradNorms], None]) -> RemovableHandle:
+        """Call ``hook(module, grad_norms)`` after every backward that recorded norms.
+
+        Norms are recorded only while ``record_grad_norms`` is True. Returns a handle whose
+        ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._grad_norm_hooks)
+        self._grad_norm_hooks[handle.id] = hook
+        return handle
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        for name, default in _OPTION_DEFAULTS.items():
+            value = getattr(self, name, default)
+            if value != default:
+                text += f", {name}={value!r}"
+        return text
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, input, hx=None):
+        """torch.nn's forward (same arguments, results and exceptions), run by rnnkern's kernels."""
+        self._update_flat_weights()
+        try:
+            parsed = self._parse(input, hx)
+        except _InvalidInput:
+            # torch.nn raises its own exception (type and message) for this input.
+            self._torch_class.forward(self, input, hx)
+            raise RuntimeError(
+                f"rnnkern rejected an input that torch.nn.{self._torch_class.__name__} accepts; "
+                "please report this as a bug") from None
+        return self._run(*parsed)
+
+    def _parse(self, input, hx):
+        """Validate like torch.nn and bring the input to rows + sorted hx; _InvalidInput if bad."""
+        is_lstm = self.mode == "LSTM"
+        packed = isinstance(input, PackedSequence)
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        is_batched, sorted_indices, unsorted_indices = True, None, None
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            _require(isinstance(data, Tensor) and data.dim() == 2)
+            batch = int(batch_sizes[0])
+        else:
+            _require(isinstance(input, Tensor) and input.dim() in (2, 3))
+            is_batched = input.dim() == 3
+            x = input if is_batched else input.unsqueeze(1 if not self.batch_first else 0)
+            if self.batch_first:
+                x = x.transpose(0, 1)
+            steps, batch = x.shape[0], x.shape[1]
+            _require(steps > 0)
+            data = x.reshape(steps * batch, x.shape[2])
+            batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
+        _require(data.is_floating_point())
+        _require(data.shape[1] == self.input_size)
+        params = [getattr(self, name) for name in self._flat_weights_names]
+        _require(all(p.dtype == data.dtype and p.device == data.device for p in params))
+
+        states = []
+        if hx is None:
+            states.append(data.new_zeros(self.num_layers * num_directions, batch, real_hidden))
+            if is_lstm:
+                states.append(data.new_zeros(self.num_layers * num_directions, batch, self.hidden_size))
+        else:
+            given = list(hx) if is_lstm else [hx]
+            _require(all(isinstance(s, Tensor) for s in given) and len(given) == (2 if is_lstm else 1))
+            _require(all(s.dim() == (3 if is_batched else 2) for s in given))
+            sizes = [real_hidden, self.hidden_size] if is_lstm else [real_hidden]
+            for state, size in zip(given, sizes):
+                if not is_batched:
+                    state = state.unsqueeze(1)
+                _require(tuple(state.shape) == (self.num_layers * num_directions, batch, size))
+                _require(state.dtype == data.dtype and state.device == data.device)
+                if sorted_indices is not None:
+                    state = state.index_select(1, sorted_indices)
+                states.append(state)
+        return (input, packed, is_batched, data, batch_sizes, sorted_indices, unsorted_indices,
+                states[0], states[1] if is_lstm else None, params)
+
+    def _layer_weights(self, params):
+        names = self._flat_weights_names
+        by_name = dict(zip(names, params))
+        layers = []
+        for layer in range(self.num_layers):
+            directions = []
+            for direction in range(2 if self.bidirectional else 1):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                directions.append(tuple(by_name.get(f"{kind}{suffix}") for kind in
+                                        ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")))
+            layers.append(directions)
+        return layers
+
+    def _run(self, input, packed, is_batched, data, batch_sizes, sorted_indices, unsorted_indices,
+             h0, c0, params):
+        cell = _cells.from_mode(self.mode)
+        clip = _check_clip(self.hidden_grad_clip)
+        backend = _backends.resolve(_backends.check_name(self.backend), data.device, data.dtype)
+        num_directions = 2 if self.bidirectional else 1
+        probe = None
+        if (self.record_grad_norms and torch.is_grad_enabled()
+                and (data.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad)
+                     or any(p.requires_grad for p in params))):
+            probe = torch.zeros(self.num_layers, num_directions, 2, data.shape[0],
+                                dtype=torch.float32, device=data.device, requires_grad=True)
+            probe.register_hook(_NormCollector(self, batch_sizes, unsorted_indices, cell == _cells.LSTM))
+        out, h_n, c_n = run_stack(
+            cell, data.contiguous(), batch_sizes, h0.contiguous(),
+            None if c0 is None else c0.contiguous(), self._layer_weights(params),
+            dropout=float(self.dropout), training=self.training, backend=backend, clip=clip,
+            norm_probe=probe)
+        if packed:
+            hidden = (h_n, c_n) if c_n is not None else h_n
+            output = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self.permute_hidden(hidden, unsorted_indices)
+        steps, batch = batch_sizes.numel(), h0.shape[1]
+        output = out.view(steps, batch, out.shape[1])
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n = h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+        return output, ((h_n, c_n) if c_n is not None else h_n)
+
+
+class _NormCollector:
+    """Gradient hook of the norm probe: turns its gradient [L, D, 2, N] into the module's GradNorms."""
+
+    def __init__(self, module, batch_sizes, unsorted_indices, has_cell_state):
+        self.module = weakref.ref(module)
+        self.batch_sizes = batch_sizes
+        self.unsorted_indices = unsorted_indices
+        self.has_cell_state = has_cell_state
+
+    def __call__(self, grad: Tensor) -> None:
+        module = self.module()
+        if module is None:
+            return
+        norms = rows_to_time_batch(grad.detach(), self.batch_sizes)  # [L, D, 2, T, B]
+        if self.unsorted_indices is not None:
+            norms = norms.index_select(-1, self.unsorted_indices.to(norms.device))
+        grad_norms = GradNorms(norms[:, :, 0].contiguous(),
+                               norms[:, :, 1].contiguous() if self.has_cell_state else None)
+        module.grad_norms = grad_norms
+        for hook in list(module._grad_norm_hooks.values()):
+            hook(module, grad_norms)
+
+
+_DOC = """Drop-in replacement for :class:`torch.nn.{name}` whose forward and backward run in rnnkern's
+fused kernels (same constructor arguments, parameters, state_dict, inputs, outputs and errors).
+
+Extra keyword-only arguments (also plain attributes, changeable between calls):
+    backend: "auto" (fastest correct backend for the input's device and dtype) or one of
+        rnnkern.backends(); a backend that cannot run on the input raises RuntimeError.
+    record_grad_norms: record ‖∂L/∂h_t‖ (and ‖∂L/∂c_t‖ for LSTM) per layer, direction, timestep
+        and sample during backward; read ``module.grad_norms`` (a GradNorms) afterwards or use
+        ``register_grad_norm_hook``.
+    hidden_grad_clip: None or a positive float c: rescale each backpropagated ∂L/∂h_t to norm
+        min(‖∂L/∂h_t‖, c) before it flows back through step t (per sample, per timestep).
+"""
+
+
+class LSTM(_RnnkernMixin, TorchLSTM):
+    __doc__ = _DOC.format(name="LSTM")
+    _torch_class = TorchLSTM
+
+    def __init__(self, *args, backend="auto", record_grad_norms=False, hidden_grad_clip=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_rnnkern(backend, record_grad_norms, hidden_grad_clip)
+
+    forward = _RnnkernMixin.forward
+
+
+class GRU(_RnnkernMixin, TorchGRU):
+    __doc__ = _DOC.format(name="GRU")
+    _torch_class = TorchGRU
+
+    def __init__(self, *args, backend="auto", record_grad_norms=False, hidden_grad_clip=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_rnnkern(backend, record_grad_norms, hidden_grad_clip)
+
+    forward = _RnnkernMixin.forward
+
+
+class RNN(_RnnkernMixin, TorchRNN):
+    __doc__ = _DOC.format(name="RNN")
+    _torch_class = TorchRNN
+
+    def __init__(self, *args, backend="auto", record_grad_norms=False, hidden_grad_clip=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_rnnkern(backend, record_grad_norms, hidden_grad_clip)
+
+    forward = _RnnkernMixin.forward
+
+
+RNNKERN_CLASSES = {TorchLSTM: LSTM, TorchGRU: GRU, TorchRNN: RNN}
