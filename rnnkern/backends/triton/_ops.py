@@ -122,7 +122,7 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
     norm = norm2[:, :n_rows].sqrt()
     if grad_xp is None:
         grad_xp = dgates.to(dtype)
-    grad_h0 = g[n_rows:].to(dtype)
+    grad_h0 = g[n_rows:].to(dtype, copy=True)  # an own tensor, not a view into g
     # the weight gradients: large GEMMs over every row, outside the recurrence
     h_prev = _common.previous_states(plan, out, h0).to(acc)
     grad_w_hh = torch.mm(dgates.t(), h_prev).to(dtype)

@@ -27,7 +27,8 @@ def _act(pre, RELU: tl.constexpr):
 @triton.jit
 def _act_grad(h, dh, RELU: tl.constexpr):
     if RELU:
-        return tl.where(h > 0, dh, 0.0)
+        # torch.relu backward: 0 where h <= 0, dh elsewhere (a NaN h lets dh through)
+        return tl.where(h <= 0, 0.0, dh)
     else:
         return dh * (1.0 - h * h)
 
