@@ -128,7 +128,7 @@ def tanh(x):
 @triton.jit
 def clip_scale(norm, clip):
     # Rescale to norm min(‖g‖, clip); clip <= 0 disables; a NaN norm compares false (NaN flows on).
-    over = (clip > 0) & (norm > clip)
+    over = norm > tl.where(clip > 0, clip, float("inf"))
     return tl.where(over, clip / tl.where(over, norm, 1.0), 1.0)
 
 

@@ -100,6 +100,8 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
     dgates = out.new_empty((n_rows, w_hh.shape[0]), dtype=acc)
     g = out.new_empty((n_rows + batch, size_h), dtype=acc)
     norm2 = out.new_zeros((2, n_rows + batch), dtype=acc)
+    # the clip threshold reaches the kernels as a tensor in the accumulation dtype
+    clip_t = torch.full((1,), clip, dtype=acc, device=out.device)
     grad_xp = None
     grad_c0 = out.new_empty((0,))
     grad_w_hr = out.new_empty((0,))
@@ -108,16 +110,16 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
               else grad_c_n.to(acc).contiguous().clone())
         c0_used = out.new_zeros((batch, hidden)) if c0 is None else c0.contiguous()
         w_hr_used = None if w_hr is None else w_hr.contiguous()
-        lstm.backward(grad_out, grad_h_n, plan, c0_used, w_hh, w_hr_used, clip, workspace,
+        lstm.backward(grad_out, grad_h_n, plan, c0_used, w_hh, w_hr_used, clip_t, workspace,
                       dc, dgates, g, norm2, types, wrap_triton, loop)
         if c0 is not None:
             grad_c0 = dc.to(dtype)
     elif cell == _cells.GRU:
         grad_xp = out.new_empty((n_rows, w_hh.shape[0]))
-        gru.backward(grad_out, grad_h_n, plan, h0, w_hh, clip, out, workspace, dgates, grad_xp, g,
+        gru.backward(grad_out, grad_h_n, plan, h0, w_hh, clip_t, out, workspace, dgates, grad_xp, g,
                      norm2, types, wrap_triton, loop)
     else:
-        rnn.backward(cell == _cells.RNN_RELU, grad_out, grad_h_n, plan, w_hh, clip, out, dgates,
+        rnn.backward(cell == _cells.RNN_RELU, grad_out, grad_h_n, plan, w_hh, clip_t, out, dgates,
                      g, norm2, types, wrap_triton, loop)
     norm = norm2[:, :n_rows].sqrt()
     if grad_xp is None:

@@ -120,11 +120,12 @@ def gru_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
 
 
 @triton.jit
-def gru_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, clip, ws_ptr,
+def gru_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, clip_ptr, ws_ptr,
                              out_ptr, h0_ptr, dgates_ptr, grad_xp_ptr, carry_ptr, H,
                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
     """Step t after grad_h_step_kernel: clip g with its complete row norm, gate gradients w.r.t.
     the x side (grad_xp, input dtype) and the h side (dgates, n scaled by r), carry[b] = z ⊙ g."""
+    clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     row0 = tl.load(step_rows_ptr + 2 * t)
@@ -161,12 +162,13 @@ def gru_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, c
 
 @triton.jit
 def gru_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad_h_n_ptr, w_hh_ptr,
-                             ws_ptr, out_ptr, h0_ptr, dgates_ptr, grad_xp_ptr, g_ptr, norm2_ptr, clip,
+                             ws_ptr, out_ptr, h0_ptr, dgates_ptr, grad_xp_ptr, g_ptr, norm2_ptr, clip_ptr,
                              B, N, H,
                              REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                              ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """The whole backward loop for a tile of samples, the carry and W_hh in registers. Writes g
     (unclipped) rows, their Σg², dgates and grad_xp rows, and grad_h0 into g rows N.. ."""
+    clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b < B

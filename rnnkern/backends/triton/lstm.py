@@ -192,7 +192,7 @@ def lstm_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, c0_ptr, w_hh_ptr,
 
 
 @triton.jit
-def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, norm2_c_ptr, clip,
+def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, norm2_c_ptr, clip_ptr,
                               w_hr_ptr, ws_ptr, c0_ptr, dc_ptr, dgates_ptr, H, P,
                               HAS_PROJ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                               BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
@@ -200,6 +200,7 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
     """Step t after grad_h_step_kernel, tile of rows × hidden units j: clip g with its complete row
     norm, dh = g W_hr (projection), dc (+ its Σdc² into norm2_c), the four gate gradients into
     dgates, and dc ⊙ f into dc[b] for the previous step (dc [B, H] holds grad_c_n at first)."""
+    clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     row0 = tl.load(step_rows_ptr + 2 * t)
@@ -247,12 +248,13 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
 @triton.jit
 def lstm_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad_h_n_ptr, w_hh_ptr,
                               w_hr_ptr, ws_ptr, c0_ptr, dc_ptr, dgates_ptr, g_ptr, norm2_ptr,
-                              norm2_c_ptr, clip, B, N, H, P,
+                              norm2_c_ptr, clip_ptr, B, N, H, P,
                               REVERSE: tl.constexpr, HAS_PROJ: tl.constexpr, BLOCK_B: tl.constexpr,
                               BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
                               DOT: tl.constexpr, PREC: tl.constexpr):
     """The whole backward loop for a tile of samples, carries and weights in registers. Writes g
     (unclipped) rows and their Σg², Σdc², dgates rows; grad_h0 into g rows N.., grad_c0 into dc."""
+    clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b < B

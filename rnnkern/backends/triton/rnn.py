@@ -105,10 +105,11 @@ def rnn_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
 
 
 @triton.jit
-def rnn_backward_step_kernel(step_rows_ptr, t, g_ptr, norm2_ptr, clip, out_ptr, dgates_ptr, H,
+def rnn_backward_step_kernel(step_rows_ptr, t, g_ptr, norm2_ptr, clip_ptr, out_ptr, dgates_ptr, H,
                              RELU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                              ACC: tl.constexpr):
     """Step t after grad_h_step_kernel: clip g with its (complete) row norm and apply act'."""
+    clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     row0 = tl.load(step_rows_ptr + 2 * t)
@@ -126,12 +127,13 @@ def rnn_backward_step_kernel(step_rows_ptr, t, g_ptr, norm2_ptr, clip, out_ptr, 
 
 @triton.jit
 def rnn_backward_loop_kernel(step_rows_ptr, T, grad_out_ptr, grad_h_n_ptr, out_ptr, w_hh_ptr,
-                             dgates_ptr, g_ptr, norm2_ptr, clip, B, N, H,
+                             dgates_ptr, g_ptr, norm2_ptr, clip_ptr, B, N, H,
                              RELU: tl.constexpr, REVERSE: tl.constexpr, BLOCK_B: tl.constexpr,
                              BLOCK_H: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                              PREC: tl.constexpr):
     """The whole backward loop for one tile of samples; the carry dh and W_hh stay in registers.
     Writes g rows (unclipped), their Σg², dgates rows, and grad_h0 into g rows N.. ."""
+    clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b < B
