@@ -34,14 +34,16 @@ class Settings:
              "step" or "loop" to force one. Env var RNNKERN_TRITON_VARIANT.
     allow_tf32: let float32 dots use TF32 tensor cores (faster, ~1e-3 relative error). Off by
              default: float32 is computed exactly ("ieee"). Env var RNNKERN_TRITON_TF32=1.
-    loop_max_weight_elems: the size rule of "auto": the time-looped kernel keeps every weight
-             tile in registers, G*BH*BP (+ BH*BP for a projection) elements, BH/BP the padded
-             hidden/projection sizes.
+    loop_max_weight_bytes: the size rule of "auto": the time-looped kernel keeps every weight
+             tile on chip for the whole loop, G*BH*BP (+ BH*BP for a projection) elements of the
+             input dtype, BH/BP the padded hidden/projection sizes. Compiled for sm_90, the
+             backward loop kernels take about twice that in shared memory (the dot operands), so
+             64 KiB of weights stays well under the 227 KiB a block may use.
     """
 
     variant: str = os.environ.get("RNNKERN_TRITON_VARIANT", "auto")
     allow_tf32: bool = os.environ.get("RNNKERN_TRITON_TF32", "0") == "1"
-    loop_max_weight_elems: int = 16384
+    loop_max_weight_bytes: int = 65536
     # Caps on the tile extents (rows per program, columns per program of the per-step kernels);
     # None: the defaults. Tests set 16 to run several tiles per row / per step on tiny sizes.
     max_block_rows: Optional[int] = None
@@ -59,7 +61,7 @@ def pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(int(n), 1)))
 
 
-def use_loop(gates: int, hidden: int, proj: int, has_proj: bool) -> bool:
+def use_loop(gates: int, hidden: int, proj: int, has_proj: bool, dtype: torch.dtype) -> bool:
     """Whether to run the time-looped (one launch) kernel for these sizes."""
     if SETTINGS.variant == "loop":
         return True
@@ -69,7 +71,7 @@ def use_loop(gates: int, hidden: int, proj: int, has_proj: bool) -> bool:
         raise ValueError(f"rnnkern triton: unknown variant {SETTINGS.variant!r} "
                          "(valid: 'auto', 'step', 'loop')")
     elems = gates * pow2(hidden) * pow2(proj) + (pow2(hidden) * pow2(proj) if has_proj else 0)
-    return elems <= SETTINGS.loop_max_weight_elems
+    return elems * dtype.itemsize <= SETTINGS.loop_max_weight_bytes
 
 
 @dataclass

@@ -33,7 +33,7 @@ def _launch(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
     n_rows, batch = xp.shape[0], h0.shape[0]
     plan = _common.step_plan(batch_sizes, n_rows, batch, reverse, xp.device)
     hidden = w_hh.shape[0] // _cells.GATES[cell]
-    loop = _common.use_loop(_cells.GATES[cell], hidden, h0.shape[1], w_hr is not None)
+    loop = _common.use_loop(_cells.GATES[cell], hidden, h0.shape[1], w_hr is not None, xp.dtype)
     return plan, hidden, loop, _common.kernel_types(xp.dtype)
 
 
