@@ -334,6 +334,17 @@ def test_variant_rule(settings):
         _common.use_loop(1, 4, 4, False, torch.float32)
 
 
+def test_variant_from_environment(settings, monkeypatch):
+    """With no attribute set, RNNKERN_TRITON_VARIANT picks the kernel at each call."""
+    settings.variant = None
+    monkeypatch.setenv("RNNKERN_TRITON_VARIANT", "step")
+    assert not _common.use_loop(1, 4, 4, False, torch.float32)
+    monkeypatch.setenv("RNNKERN_TRITON_VARIANT", "loop")
+    assert _common.use_loop(1, 1024, 1024, False, torch.float32)
+    monkeypatch.delenv("RNNKERN_TRITON_VARIANT")
+    assert _common.use_loop(1, 4, 4, False, torch.float32)
+
+
 def test_compile_fullgraph_module_cpu(settings):
     """torch.compile(fullgraph=True) over a module whose forward calls the op (opaque op on CPU)."""
     if CUDA:

@@ -31,9 +31,11 @@ class Settings:
     """Run-time switches (plain attributes, read at each call).
 
     variant: "auto" (time-looped kernel when the weights fit on chip, else per-step kernels),
-             "step" or "loop" to force one. Env var RNNKERN_TRITON_VARIANT.
-    allow_tf32: let float32 dots use TF32 tensor cores (faster, ~1e-3 relative error). Off by
-             default: float32 is computed exactly ("ieee"). Env var RNNKERN_TRITON_TF32=1.
+             "step" or "loop" to force one. None (default): env var RNNKERN_TRITON_VARIANT, read
+             at each call, else "auto".
+    allow_tf32: let float32 dots use TF32 tensor cores (faster, ~1e-3 relative error). None
+             (default): env var RNNKERN_TRITON_TF32=1 read at each call; off otherwise, so that
+             float32 is computed exactly ("ieee").
     loop_max_weight_bytes: the size rule of "auto": the time-looped kernel keeps every weight
              tile on chip for the whole loop, G*BH*BP (+ BH*BP for a projection) elements of the
              input dtype, BH/BP the padded hidden/projection sizes. Compiled for sm_90, the
@@ -41,8 +43,16 @@ class Settings:
              64 KiB of weights stays well under the 227 KiB a block may use.
     """
 
-    variant: str = os.environ.get("RNNKERN_TRITON_VARIANT", "auto")
-    allow_tf32: bool = os.environ.get("RNNKERN_TRITON_TF32", "0") == "1"
+    variant: Optional[str] = None
+    allow_tf32: Optional[bool] = None
+
+    def current_variant(self) -> str:
+        return self.variant or os.environ.get("RNNKERN_TRITON_VARIANT", "auto")
+
+    def current_tf32(self) -> bool:
+        if self.allow_tf32 is not None:
+            return self.allow_tf32
+        return os.environ.get("RNNKERN_TRITON_TF32", "0") == "1"
     loop_max_weight_bytes: int = 65536
     # Caps on the tile extents (rows per program, columns per program of the per-step kernels);
     # None: the defaults. Tests set 16 to run several tiles per row / per step on tiny sizes.
@@ -63,13 +73,13 @@ def pow2(n: int, minimum: int = 16) -> int:
 
 def use_loop(gates: int, hidden: int, proj: int, has_proj: bool, dtype: torch.dtype) -> bool:
     """Whether to run the time-looped (one launch) kernel for these sizes."""
-    if SETTINGS.variant == "loop":
+    variant = SETTINGS.current_variant()
+    if variant == "loop":
         return True
-    if SETTINGS.variant == "step":
+    if variant == "step":
         return False
-    if SETTINGS.variant != "auto":
-        raise ValueError(f"rnnkern triton: unknown variant {SETTINGS.variant!r} "
-                         "(valid: 'auto', 'step', 'loop')")
+    if variant != "auto":
+        raise ValueError(f"rnnkern triton: unknown variant {variant!r} (valid: 'auto', 'step', 'loop')")
     elems = gates * pow2(hidden) * pow2(proj) + (pow2(hidden) * pow2(proj) if has_proj else 0)
     return elems * dtype.itemsize <= SETTINGS.loop_max_weight_bytes
 
@@ -88,7 +98,7 @@ class KernelTypes:
 
 def kernel_types(dtype: torch.dtype) -> KernelTypes:
     acc_torch = _layer_ops.acc_dtype(dtype)
-    prec = "tf32" if (SETTINGS.allow_tf32 and dtype == torch.float32 and not INTERPRETER) else "ieee"
+    prec = "tf32" if (SETTINGS.current_tf32() and dtype == torch.float32 and not INTERPRETER) else "ieee"
     return KernelTypes(acc_torch, TL_DTYPES[acc_torch], TL_DTYPES[dtype], prec)
 
 
