@@ -45,6 +45,11 @@ class Settings:
 
     variant: Optional[str] = None
     allow_tf32: Optional[bool] = None
+    loop_max_weight_bytes: int = 65536
+    # Caps on the tile extents (rows per program, columns per program of the per-step kernels);
+    # None: the defaults. Tests set 16 to run several tiles per row / per step on tiny sizes.
+    max_block_rows: Optional[int] = None
+    max_block_cols: Optional[int] = None
 
     def current_variant(self) -> str:
         return self.variant or os.environ.get("RNNKERN_TRITON_VARIANT", "auto")
@@ -53,11 +58,6 @@ class Settings:
         if self.allow_tf32 is not None:
             return self.allow_tf32
         return os.environ.get("RNNKERN_TRITON_TF32", "0") == "1"
-    loop_max_weight_bytes: int = 65536
-    # Caps on the tile extents (rows per program, columns per program of the per-step kernels);
-    # None: the defaults. Tests set 16 to run several tiles per row / per step on tiny sizes.
-    max_block_rows: Optional[int] = None
-    max_block_cols: Optional[int] = None
 
 
 SETTINGS = Settings()
