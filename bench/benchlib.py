@@ -145,12 +145,18 @@ def fraction_of_floor(flops: float, min_bytes: float, ms: float, gemm_flops_per_
 # ---------------------------------------------------------------------------------------------------
 # Device description
 
+def gpu_slug(name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100"; else the name, lowercased,
+    non-alphanumerics as dashes."""
+    name = name.lower().replace("nvidia", "").strip()
+    m = re.search(r"\b([a-z]+\d+[a-z]*)\b", name)
+    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
 def device_slug(device: torch.device) -> str:
     """File name stem for a device kind: "cpu-x86-2core", "h100", "h200", "a100", ..."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower().replace("nvidia", "").strip()
-        m = re.search(r"\b([a-z]+\d+[a-z]*)\b", name)
-        return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+        return gpu_slug(torch.cuda.get_device_name(device))
     machine = platform.machine().lower()
     arch = {"x86_64": "x86", "amd64": "x86", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
     try:

@@ -78,9 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=_positive_int, help="batch size (cpu 32, cuda 128)")
     parser.add_argument("--steps", type=_positive_int, help="training steps per cell (cpu 300, cuda 1000)")
     parser.add_argument("--lr", type=_positive_float, default=2e-3, help="Adam learning rate (default 2e-3)")
-    parser.add_argument("--forget-bias", type=_forget_bias, default=1.0,
-                        help="added to the LSTM forget-gate and GRU update-gate biases (default 1.0; 0 = torch.nn's "
-                             "init), or 'chrono' for the chrono initialisation (Tallec & Ollivier 2018)")
+    parser.add_argument("--forget-bias", type=_forget_bias, default="chrono",
+                        help="initialisation of the gate that keeps the old state (LSTM forget gate, GRU update "
+                             "gate): 'chrono' (default; Tallec & Ollivier 2018: bias log U(1, T-1), so the gated "
+                             "cells start able to remember over the task's range), or a number added to torch.nn's "
+                             "bias (1.0 is the classic forget-gate bias; 0 = torch.nn's own init)")
     parser.add_argument("--clip-grad-norm", type=_positive_float, default=None,
                         help="global gradient-norm clipping of all parameters (torch.nn.utils.clip_grad_norm_)")
     parser.add_argument("--hidden-grad-clip", type=_positive_float, default=None,

@@ -98,7 +98,7 @@ class CellRun:
 
 def train_cell(cell: str, task, *, steps: int, batch: int, hidden: int, layers: int = 1, lr: float = 2e-3,
                backend: str = "auto", device="cpu", seed: int = 0, clip_grad_norm: Optional[float] = None,
-               hidden_grad_clip: Optional[float] = None, forget_bias=1.0,
+               hidden_grad_clip: Optional[float] = None, forget_bias="chrono",
                snapshot_steps: tuple = (), on_step: Optional[Callable[[int, "CellRun"], None]] = None) -> CellRun:
     """Train one cell on `task` with Adam; collect norms, losses and metrics at every step.
 
