@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
-from . import backends as _backends
+from . import backends
 from ._patch import convert, patch_torch
 from ._version import __version__
 from .gradnorms import GradNorms
@@ -20,11 +20,6 @@ from .modules import GRU, LSTM, RNN
 
 __all__ = ["LSTM", "GRU", "RNN", "GradNorms", "convert", "patch_torch", "backends", "build_info",
            "__version__"]
-
-
-def backends() -> List[str]:
-    """The backends usable on this machine, e.g. ["cuda", "triton", "cpu", "reference"]."""
-    return _backends.usable()
 
 
 def build_info() -> Dict[str, Any]:

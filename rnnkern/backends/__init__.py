@@ -11,6 +11,8 @@ and says where it runs through ``unsupported_reason(device, dtype)`` (None when 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Dict, List, Optional
 
 import torch
@@ -103,3 +105,15 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         raise RuntimeError(
             f"rnnkern backend {name!r} cannot run on {device.type} tensors of dtype {dtype}: {reason}")
     return backend
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``rnnkern.backends()`` (the public API) and ``rnnkern.backends.get(...)`` (the registry)
+    be one object: this package, callable."""
+
+    def __call__(self) -> List[str]:
+        """The backends usable on this machine, e.g. ["cuda", "triton", "cpu", "reference"]."""
+        return usable()
+
+
+sys.modules[__name__].__class__ = _CallableModule

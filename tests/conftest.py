@@ -1,0 +1,78 @@
+"""Shared test fixtures: which (backend, device, dtype) targets run here, tolerances, model pairs."""
+
+import os
+
+import torch
+
+# The Triton backend runs on CPU tensors through Triton's interpreter when no GPU is present; the
+# interpreter is chosen when kernels are decorated, so set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import rnnkern  # noqa: E402
+from rnnkern import backends as rk_backends  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+# Tolerances (rtol, atol) against torch.nn / the oracle computed in float64.
+TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}
+
+# Backends whose CPU path is an interpreter: they get the reduced parameter sets (every few cases).
+SLOW_ON_CPU = {"triton"}
+
+
+def _targets():
+    """pytest params (backend, device, dtype) for every backend usable here, most precise dtype."""
+    params = []
+    for name in rk_backends.names():
+        backend = rk_backends.get(name)
+        for device in ["cpu"] + (["cuda"] if CUDA else []):
+            for dtype in (torch.float64, torch.float32):
+                if backend.unsupported_reason(torch.device(device), dtype) is None:
+                    marks = [pytest.mark.gpu] if device == "cuda" else []
+                    params.append(pytest.param((name, device, dtype), marks=marks,
+                                               id=f"{name}-{device}-{str(dtype)[6:]}"))
+                    break
+    return params
+
+
+TARGETS = _targets()
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    """(backend name, device, dtype) triple."""
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full float32 precision on GPU: TF32 off in every test."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def make_pair(cell, input_size, hidden_size, *, backend="reference", dtype=torch.float64,
+              device="cpu", **kwargs):
+    """A torch.nn module and the rnnkern module with the same state_dict (random, never zero)."""
+    kind = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}[cell]
+    if cell.startswith("rnn_"):
+        kwargs["nonlinearity"] = cell[4:]
+    reference = getattr(torch.nn, kind)(input_size, hidden_size, **kwargs).to(device, dtype)
+    ours = getattr(rnnkern, kind)(input_size, hidden_size, backend=backend, **kwargs).to(device, dtype)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours

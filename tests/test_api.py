@@ -1,0 +1,191 @@
+"""The public API around the modules: errors as torch.nn's, backend choice, convert, patch_torch."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkern
+
+MODULES = {"LSTM": (rnnkern.LSTM, torch.nn.LSTM), "GRU": (rnnkern.GRU, torch.nn.GRU),
+           "RNN": (rnnkern.RNN, torch.nn.RNN)}
+
+
+def _pair(kind, **kwargs):
+    ours_cls, torch_cls = MODULES[kind]
+    torch.manual_seed(0)
+    ref = torch_cls(3, 5, 2, **kwargs)
+    ours = ours_cls(3, 5, 2, backend="reference", **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _hx(kind, *shapes, dtype=torch.float32):
+    tensors = [torch.randn(s, dtype=dtype) for s in shapes]
+    return tuple(tensors) if kind == "LSTM" else tensors[0]
+
+
+BAD_INPUTS = {
+    "4-D input": lambda k: (torch.randn(1, 4, 2, 3), None),
+    "1-D input": lambda k: (torch.randn(3), None),
+    "wrong input size": lambda k: (torch.randn(4, 2, 4), None),
+    "float64 input": lambda k: (torch.randn(4, 2, 3, dtype=torch.float64), None),
+    "integer input": lambda k: (torch.randint(0, 3, (4, 2, 3)), None),
+    "zero length": lambda k: (torch.randn(0, 2, 3), None),
+    "hx wrong batch": lambda k: (torch.randn(4, 2, 3), _hx(k, (2, 3, 5), (2, 3, 5))),
+    "cx wrong size": lambda k: (torch.randn(4, 2, 3), _hx(k, (2, 2, 5), (2, 2, 4))),
+    "hx float64": lambda k: (torch.randn(4, 2, 3), _hx(k, (2, 2, 5), (2, 2, 5), dtype=torch.float64)),
+    "hx 2-D for batched": lambda k: (torch.randn(4, 2, 3), _hx(k, (2, 5), (2, 5))),
+    "hx 3-D for unbatched": lambda k: (torch.randn(4, 3), _hx(k, (2, 1, 5), (2, 1, 5))),
+    "packed wrong input size": lambda k: (pack_padded_sequence(torch.randn(4, 3, 4), [4, 2, 1]), None),
+    "packed float64": lambda k: (pack_padded_sequence(torch.randn(4, 3, 3).double(), [4, 2, 1]), None),
+    "packed hx wrong batch": lambda k: (pack_padded_sequence(torch.randn(4, 3, 3), [4, 2, 1],
+                                                             enforce_sorted=False),
+                                        _hx(k, (2, 2, 5), (2, 2, 5))),
+    "tuple hx for GRU/RNN": lambda k: (torch.randn(4, 2, 3), (torch.randn(2, 2, 5),)),
+    "not a tensor": lambda k: ([1.0, 2.0], None),
+}
+
+
+LSTM_ONLY = {"cx wrong size"}
+
+
+@pytest.mark.parametrize("kind,case", [(k, c) for k in MODULES for c in BAD_INPUTS
+                                       if k == "LSTM" or c not in LSTM_ONLY])
+def test_bad_input_raises_exactly_like_torch_nn(kind, case):
+    ref, ours = _pair(kind)
+    x, hx = BAD_INPUTS[case](kind)
+    with pytest.raises(Exception) as expected:
+        ref(x, hx)
+    with pytest.raises(Exception) as actual:
+        ours(x, hx)
+    assert type(actual.value) is type(expected.value)
+    assert str(actual.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_subclass_state_dict_and_repr(kind):
+    ours_cls, torch_cls = MODULES[kind]
+    m = ours_cls(3, 5, num_layers=2, bidirectional=True)
+    assert isinstance(m, torch_cls)
+    t = torch_cls(3, 5, num_layers=2, bidirectional=True)
+    assert list(m.state_dict()) == list(t.state_dict())
+    t.load_state_dict(m.state_dict())
+    m.load_state_dict(t.state_dict())
+    assert repr(m) == repr(t).replace(torch_cls.__name__, ours_cls.__name__)
+    m.hidden_grad_clip = 1.5
+    assert "hidden_grad_clip=1.5" in repr(m)
+
+
+def test_unknown_backend_names_valid_ones():
+    with pytest.raises(ValueError, match="'reference'") as err:
+        rnnkern.LSTM(3, 4, backend="cudnn")
+    for name in ["auto", "cpu", "cuda", "triton", "reference"]:
+        assert repr(name) in str(err.value)
+    m = rnnkern.LSTM(3, 4)
+    m.backend = "nope"
+    with pytest.raises(ValueError, match="valid backends"):
+        m(torch.randn(2, 1, 3))
+
+
+def test_backend_unusable_for_input_raises_runtime_error():
+    m = rnnkern.GRU(3, 4, backend="cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        m(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "1", True])
+def test_bad_clip_raises(bad):
+    with pytest.raises(ValueError, match="hidden_grad_clip"):
+        rnnkern.RNN(3, 4, hidden_grad_clip=bad)
+
+
+def test_auto_and_backends_and_build_info():
+    usable = rnnkern.backends()
+    assert "reference" in usable
+    info = rnnkern.build_info()
+    for key in ["rnnkern", "torch", "torch_cuda", "extension", "cuda_kernels", "cuda_archs", "backends"]:
+        assert key in info
+    if info["extension"]:
+        assert "cpu" in usable
+    m = rnnkern.LSTM(3, 4)  # auto
+    out, _ = m(torch.randn(2, 1, 3))
+    assert out.shape == (2, 1, 4)
+
+
+def test_options_are_plain_attributes():
+    m = rnnkern.LSTM(3, 4, backend="reference", record_grad_norms=True, hidden_grad_clip=2.0)
+    assert (m.backend, m.record_grad_norms, m.hidden_grad_clip) == ("reference", True, 2.0)
+    m.record_grad_norms = False
+    m(torch.randn(2, 1, 3))[0].sum().backward()
+    assert m.grad_norms is None
+
+
+def test_convert_in_place_keeps_everything():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Sequential(torch.nn.LSTM(3, 4), torch.nn.Identity())
+            self.dec = torch.nn.GRU(4, 2, batch_first=True)
+            self.head = torch.nn.Linear(2, 1)
+
+    net = Net().double().eval()
+    lstm, gru = net.enc[0], net.dec
+    calls = []
+    gru.register_forward_hook(lambda *a: calls.append(1))
+    before = copy.deepcopy(net.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    expected = net.dec(net.enc[0](x)[0].transpose(0, 1))[0]
+    assert rnnkern.convert(net, backend="reference", record_grad_norms=True) is net
+    assert net.enc[0] is lstm and net.dec is gru
+    assert type(lstm) is rnnkern.LSTM and type(gru) is rnnkern.GRU
+    assert not gru.training and lstm.weight_hh_l0.dtype == torch.float64
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    actual = net.dec(net.enc[0](x)[0].transpose(0, 1))[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2 and gru.record_grad_norms
+
+
+def test_patch_torch_builds_rnnkern_modules():
+    original = torch.nn.LSTM
+    with rnnkern.patch_torch(backend="reference", record_grad_norms=True):
+        m = torch.nn.LSTM(3, 4)
+        g = torch.nn.modules.rnn.GRU(3, 4)
+        assert isinstance(m, rnnkern.LSTM) and isinstance(g, rnnkern.GRU)
+        assert m.record_grad_norms and m.backend == "reference"
+        # rnnkern itself still runs while patched
+        out, _ = rnnkern.LSTM(3, 4)(torch.randn(2, 1, 3))
+        out.sum().backward()
+        m(torch.randn(2, 1, 3))[0].sum().backward()
+        assert m.grad_norms is not None
+    assert torch.nn.LSTM is original
+    patch = rnnkern.patch_torch().start()
+    assert torch.nn.RNN is not rnnkern.modules.TorchRNN
+    patch.stop()
+    assert torch.nn.RNN is rnnkern.modules.TorchRNN
+
+
+def test_deepcopy_pickle_and_save():
+    m = rnnkern.LSTM(3, 4, backend="reference", record_grad_norms=True, hidden_grad_clip=0.5)
+    x = torch.randn(3, 2, 3)
+    m(x)[0].sum().backward()
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert type(clone) is rnnkern.LSTM and clone.hidden_grad_clip == 0.5
+        torch.testing.assert_close(clone(x)[0], m(x)[0])
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x)[0], m(x)[0])
+
+
+def test_nan_propagates_like_torch_nn():
+    ref, ours = _pair("LSTM")
+    x = torch.randn(4, 2, 3)
+    x[1, 0, 0] = float("nan")
+    out_ref, _ = ref(x)
+    out, _ = ours(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(out_ref))

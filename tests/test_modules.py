@@ -1,0 +1,183 @@
+"""rnnkern modules against torch.nn with the same state_dict: every option, every backend.
+
+One suite, parametrised over the `target` fixture (backend, device, dtype) of conftest.py, so every
+backend that lands runs all of it.
+"""
+
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from conftest import SLOW_ON_CPU, TOLERANCE, make_pair
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+KINDS = ["padded", "packed_sorted", "packed_unsorted", "unbatched"]
+
+
+def _configs():
+    """Every kind × layers × direction, with batch_first / bias / hx / proj varied across them."""
+    out = []
+    for i, (kind, layers, bidir) in enumerate(itertools.product(KINDS, (1, 2), (False, True))):
+        out.append(dict(kind=kind, num_layers=layers, bidirectional=bidir,
+                        batch_first=bool(i % 2), bias=(i % 3 != 2), hx=(i % 4 < 2),
+                        proj=(i % 2 == 0)))
+    return out
+
+
+CONFIGS = _configs()
+
+
+def _case_id(cfg):
+    return "".join([cfg["kind"], f"-L{cfg['num_layers']}",
+                    "-bi" if cfg["bidirectional"] else "", "-bf" if cfg["batch_first"] else "",
+                    "-nobias" if not cfg["bias"] else "", "-hx" if cfg["hx"] else "",
+                    "-proj" if cfg["proj"] else ""])
+
+
+def _skip_if_reduced(target, index):
+    """Interpreted backends on the CPU run every fourth case (all kinds and cells stay covered)."""
+    name, device, _ = target
+    if device == "cpu" and name in SLOW_ON_CPU and index % 4 != 0:
+        pytest.skip("reduced set for an interpreted backend on CPU (full set: on GPU)")
+
+
+def _inputs(cell, cfg, mod, device, dtype, gen):
+    """Random input (padded/packed/unbatched), optional hx, and the batch lengths."""
+    steps, batch, isize = 5, 3, mod.input_size
+    lengths = [5, 4, 2]
+    if cfg["kind"] == "packed_unsorted":
+        lengths = [2, 5, 4]
+    x = torch.randn(steps, batch, isize, generator=gen, dtype=torch.float64).to(device, dtype)
+    if cfg["kind"] == "unbatched":
+        x = x[:, 0]
+    elif cfg["batch_first"]:
+        x = x.transpose(0, 1).contiguous()
+    layers_dirs = mod.num_layers * (2 if mod.bidirectional else 1)
+    real = mod.proj_size if mod.proj_size > 0 else mod.hidden_size
+    hx = None
+    if cfg["hx"]:
+        shape_b = () if cfg["kind"] == "unbatched" else (batch,)
+        h0 = torch.randn(layers_dirs, *shape_b, real, generator=gen, dtype=torch.float64).to(device, dtype)
+        hx = h0
+        if cell == "lstm":
+            c0 = torch.randn(layers_dirs, *shape_b, mod.hidden_size, generator=gen,
+                             dtype=torch.float64).to(device, dtype)
+            hx = (h0, c0)
+    return x, hx, lengths
+
+
+def _run(mod, x, hx, cfg, lengths):
+    """Forward through `mod`; returns (flat outputs list, leaf inputs list) for comparison."""
+    x = x.detach().clone().requires_grad_(True)
+    leaves = [x]
+    if hx is not None:
+        hx = tuple(t.detach().clone().requires_grad_(True) for t in hx) if isinstance(hx, tuple) \
+            else hx.detach().clone().requires_grad_(True)
+        leaves += list(hx) if isinstance(hx, tuple) else [hx]
+    inp = x
+    if cfg["kind"].startswith("packed"):
+        inp = pack_padded_sequence(x, lengths, batch_first=cfg["batch_first"],
+                                   enforce_sorted=cfg["kind"] == "packed_sorted")
+    out, hidden = mod(inp) if hx is None else mod(inp, hx)
+    if cfg["kind"].startswith("packed"):
+        out, _ = pad_packed_sequence(out, batch_first=cfg["batch_first"])
+    hidden = list(hidden) if isinstance(hidden, tuple) else [hidden]
+    return [out] + hidden, leaves
+
+
+def _assert_close(actual, expected, dtype, what):
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.to(expected.dtype).cpu(), expected.cpu(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[_case_id(c) for c in CONFIGS])
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_torch_nn(target, cell, cfg):
+    """Outputs, final states and every gradient equal torch.nn's (float64 at 1e-10)."""
+    _skip_if_reduced(target, CONFIGS.index(cfg) + CELLS.index(cell))
+    name, device, dtype = target
+    gen = torch.Generator().manual_seed(1234 + CONFIGS.index(cfg))
+    torch.manual_seed(CONFIGS.index(cfg))
+    kwargs = dict(num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
+                  batch_first=cfg["batch_first"], bias=cfg["bias"])
+    if cell == "lstm" and cfg["proj"]:
+        kwargs["proj_size"] = 2
+    ref, ours = make_pair(cell, 3, 4, backend=name, dtype=torch.float64, device=device, **kwargs)
+    ours.to(dtype)
+    x, hx, lengths = _inputs(cell, cfg, ref, device, torch.float64, gen)
+    ref_outs, ref_leaves = _run(ref, x, hx, cfg, lengths)
+    cast = (lambda t: t.to(dtype)) if dtype != torch.float64 else (lambda t: t)
+    hx_ours = None if hx is None else (tuple(map(cast, hx)) if isinstance(hx, tuple) else cast(hx))
+    our_outs, our_leaves = _run(ours, cast(x), hx_ours, cfg, lengths)
+    for what, a, e in zip(["output", "h_n", "c_n"], our_outs, ref_outs):
+        assert a.shape == e.shape and a.dtype == dtype
+        _assert_close(a, e, dtype, what)
+    upstream = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device) for o in ref_outs]
+    torch.autograd.backward(ref_outs, upstream)
+    torch.autograd.backward(our_outs, [cast(u) for u in upstream])
+    for i, (a, e) in enumerate(zip(our_leaves, ref_leaves)):
+        _assert_close(a.grad, e.grad, dtype, f"grad of input {i}")
+    ref_params = dict(ref.named_parameters())
+    for pname, p in ours.named_parameters():
+        _assert_close(p.grad, ref_params[pname].grad, dtype, f"grad of {pname}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_dropout_between_layers(target, cell):
+    """Training-mode dropout: the same RNG draws as torch.nn's CPU implementation; eval: none."""
+    name, device, dtype = target
+    if device != "cpu":
+        pytest.skip("torch.nn's CUDA dropout (cuDNN) draws different random numbers")
+    _skip_if_reduced(target, CELLS.index(cell))
+    ref, ours = make_pair(cell, 3, 5, backend=name, num_layers=3, dropout=0.4, dtype=torch.float64)
+    ours.to(dtype)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    torch.manual_seed(7)
+    expected = ref(x)[0]
+    torch.manual_seed(7)
+    actual = ours(x.to(dtype))[0]
+    _assert_close(actual, expected, dtype, "training output")
+    ref.eval(), ours.eval()
+    _assert_close(ours(x.to(dtype))[0], ref(x)[0], dtype, "eval output")
+    assert not torch.allclose(actual.double(), ours(x.to(dtype))[0].double())  # dropout did act
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_zero_batch(target, cell):
+    """An empty batch gives torch.nn's empty outputs and gradients."""
+    name, device, dtype = target
+    ref, ours = make_pair(cell, 3, 4, backend=name, num_layers=2, dtype=dtype, device=device)
+    x = torch.randn(3, 0, 3, dtype=dtype, device=device, requires_grad=True)
+    out, hidden = ours(x)
+    ref_out, ref_hidden = ref(x)
+    assert out.shape == ref_out.shape
+    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+    ref_hidden = ref_hidden if isinstance(ref_hidden, tuple) else (ref_hidden,)
+    assert [h.shape for h in hidden] == [h.shape for h in ref_hidden]
+    (out.sum() + sum(h.sum() for h in hidden)).backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck(target, cell):
+    """torch.autograd.gradcheck through the whole module in float64 (bidirectional, 2 layers)."""
+    name, device, dtype = target
+    if dtype != torch.float64:
+        pytest.skip(f"gradcheck needs float64; {name} runs {dtype} here")
+    kwargs = dict(num_layers=2, bidirectional=True)
+    if cell == "lstm":
+        kwargs["proj_size"] = 2
+    _, ours = make_pair(cell, 2, 3, backend=name, dtype=dtype, device=device, **kwargs)
+    names = [n for n, _ in ours.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in ours.parameters()]
+    x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
+
+    def fn(x, *ps):
+        out, hidden = torch.func.functional_call(ours, dict(zip(names, ps)), (x,))
+        hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+        return (out,) + hidden
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7)
