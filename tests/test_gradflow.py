@@ -269,3 +269,8 @@ def test_gradflow_tensorboard_logs(tmp_path):
     main(["gradflow", "--cells", "lstm", "--steps", "2", "--seq-len", "8", "--hidden", "4", "--batch", "2",
           "--no-progress", "--out", str(tmp_path / "o"), "--tensorboard", str(tb)])
     assert any(p.name.startswith("events.out.tfevents") for p in tb.iterdir())
+
+
+def test_ratio_of_an_underflowed_norm_is_shown_as_a_bound():
+    assert report.format_ratio(0.0, 1e-3) == "<1e-16 (0)"
+    assert report.format_ratio(2.5e-3, 1e-3) == "2.50e-03"

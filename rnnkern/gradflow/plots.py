@@ -23,6 +23,12 @@ def _pyplot():
     return plt
 
 
+def matplotlib_colormap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name].copy()
+
+
 def log10_norms(history: torch.Tensor) -> torch.Tensor:
     """log10 of a [steps, T] norm history; zero or non-finite norms become NaN (blank in the plot)."""
     out = torch.full_like(history, float("nan"), dtype=torch.float64)
@@ -45,9 +51,11 @@ def color_range(runs: Iterable[CellRun]):
 def _draw_heatmap(fig, ax, run: CellRun, title: str, vmin=None, vmax=None):
     data = log10_norms(run.heatmap()).numpy()
     steps, T = data.shape
-    image = ax.imshow(data, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
+    cmap = matplotlib_colormap("viridis")
+    cmap.set_bad("white")  # norm 0: below float32's range for a squared norm (~1e-19), or no gradient
+    image = ax.imshow(data, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap,
                       extent=(-0.5, T - 0.5, -0.5, steps - 0.5), vmin=vmin, vmax=vmax)
-    fig.colorbar(image, ax=ax, label="log10 ‖∂L/∂h_t‖")
+    fig.colorbar(image, ax=ax, label="log10 ‖∂L/∂h_t‖ (white: 0, underflow)")
     ax.set_xlabel("timestep t")
     ax.set_ylabel("training step")
     ax.set_title(title, fontsize=10)

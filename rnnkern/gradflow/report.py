@@ -46,6 +46,17 @@ def cell_row(run: CellRun, first_step: int, last_step: int, clip_grad_norm: Opti
     }
 
 
+# The smallest ‖g‖ whose square is a normal float32 (sqrt(FLT_MIN)): norms below it may record as 0.
+FLOAT32_NORM_FLOOR = 1.1e-19
+
+
+def format_ratio(first_last_ratio, last: float) -> str:
+    """The first/last ratio, or an upper bound when the first norm underflowed to 0."""
+    if first_last_ratio == 0.0 and last > 0:
+        return f"<{FLOAT32_NORM_FLOOR / last:.0e} (0)"
+    return _fmt(first_last_ratio, ".2e")
+
+
 def _fmt(value, spec: str) -> str:
     if value is None:
         return "off"
@@ -63,7 +74,7 @@ def format_table(rows: List[Dict[str, object]], metric_name: str) -> str:
         lines.append([
             CELL_LABELS.get(r["cell"], r["cell"]),
             f"{_fmt(r['decay_first'], '.3f')} → {_fmt(r['decay_last'], '.3f')}",
-            _fmt(r["first_last_ratio"], ".2e"),
+            format_ratio(r["first_last_ratio"], r["norm_last_t_last_step"]),
             "off" if r["clip_fraction"] is None else f"{100 * r['clip_fraction']:.1f}%",
             "off" if r["hidden_clip_fraction"] is None else f"{100 * r['hidden_clip_fraction']:.1f}%",
             _fmt(r["final_loss"], ".4f"),
