@@ -42,11 +42,11 @@ def make_inputs(shape: benchlib.Shape, dtype: torch.dtype, device: torch.device)
     """Rotating input sets: (x [T,B,H] requiring grad, hx, dout [T,B,H])."""
     one_set = (2 * shape.T * shape.B * shape.H + 2 * shape.B * shape.H) * torch.empty((), dtype=dtype).element_size()
     n_sets = 3 if one_set <= _ROTATE_MAX_BYTES else 1
-    gen = torch.Generator(device="cpu").manual_seed(1)
+    gen = torch.Generator(device=device).manual_seed(1)  # drawn where they live: no host-side copies
     sets = []
     for _ in range(n_sets):
         def rand(*size):
-            return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+            return torch.randn(*size, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
         x = rand(shape.T, shape.B, shape.H).requires_grad_()
         h0 = (0.5 * rand(1, shape.B, shape.H)).requires_grad_()

@@ -125,7 +125,8 @@ class Session:
         self.ceilings = benchlib.measure_ceilings(device, grid["dtypes"])
         self.skipped_for_budget = 0
         self.writer = benchlib.ResultsWriter(device, self.ceilings, extra={
-            "grid": name, "threads": torch.get_num_threads(), "skipped_for_budget": 0})
+            "grid": name, "threads": torch.get_num_threads(), "skipped_for_budget": 0,
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None})
         self.torch_nn_ms = {}
 
     def over_budget(self) -> bool:
