@@ -96,7 +96,7 @@ class CellRun:
         return torch.stack(self.norm_history) if self.norm_history else torch.zeros(0, 0)
 
 
-def train_cell(cell: str, task, *, steps: int, batch: int, hidden: int, layers: int = 1, lr: float = 2e-3,
+def train_cell(cell: str, task, *, steps: int, batch: int, hidden: int, layers: int = 1, lr: float = 5e-3,
                backend: str = "auto", device="cpu", seed: int = 0, clip_grad_norm: Optional[float] = None,
                hidden_grad_clip: Optional[float] = None, forget_bias="chrono",
                snapshot_steps: tuple = (), on_step: Optional[Callable[[int, "CellRun"], None]] = None) -> CellRun:
