@@ -133,4 +133,4 @@ def test_rnn(benchmark, bench_session, bench_case):
         ms, peak_mb = measure(benchmark, step, make_inputs(shape, dtype, device), device)
     case = benchlib.make_case(shape, backend, dtype_name, pass_, norms, ms, base_ms, peak_mb, session.ceilings)
     benchmark.extra_info.update(ms=ms, ratio=case["ratio"], fraction_of_floor=case["fraction_of_floor"])
-    session.writer.add(case)
+    session.add(case)

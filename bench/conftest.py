@@ -4,6 +4,7 @@ Grid: `--grid NAME` or `RNNKERN_BENCH_GRID=cpu|gpu-quick|gpu-full` (default: gpu
 Backends: every backend of `rnnkern.backends()` that runs on the grid's device and dtype, except
 "reference" (add it with `--bench-reference` or `RNNKERN_BENCH_REFERENCE=1`), plus torch.nn in the same run.
 Output: bench/results/<device-slug>.json, or under `RNNKERN_BENCH_OUT`.
+CPU threads: `RNNKERN_BENCH_THREADS` (default: torch's default, one per core).
 Time budget: `RNNKERN_BENCH_BUDGET_S` seconds (gpu-quick: 210 by default); once spent, the remaining cases
 are skipped with a message and the results file says how many were left out.
 """
@@ -105,6 +106,9 @@ def bench_device(request):
     device = torch.device(grid["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.exit(f"grid {_grid_name(request.config)!r} needs a CUDA GPU and none is available", returncode=2)
+    threads = os.environ.get("RNNKERN_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
     if device.type == "cuda":
         # Plain float32 everywhere: the same arithmetic for torch.nn (cuDNN) and rnnkern.
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -131,6 +135,11 @@ class Session:
 
     def over_budget(self) -> bool:
         return self.budget_s is not None and time.monotonic() - self.start > self.budget_s
+
+    def add(self, case):
+        if hasattr(os, "getloadavg"):
+            self.writer.extra["load_average_at_last_case"] = list(os.getloadavg())
+        self.writer.add(case)
 
     def note_budget_skip(self):
         self.skipped_for_budget += 1
