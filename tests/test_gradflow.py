@@ -243,6 +243,11 @@ def test_gradflow_bad_arguments(capsys):
         main(["gradflow", "--steps", "0"])
     with pytest.raises(SystemExit):
         main(["gradflow", "--forget-bias", "large"])
+    with pytest.raises(SystemExit, match="unknown rnnkern backend"):
+        main(["gradflow", "--backend", "fortran", "--device", "cpu", "--no-progress", "--out", "/nonexistent-never-written"])
+    with pytest.raises(SystemExit, match="seq_len"):
+        main(["gradflow", "--task", "copy", "--seq-len", "12", "--device", "cpu", "--no-progress",
+              "--out", "/nonexistent-never-written"])
     with pytest.raises(SystemExit, match="curve-steps"):
         main(["gradflow", "--steps", "2", "--seq-len", "8", "--hidden", "4", "--batch", "2", "--curve-steps", "5",
               "--no-progress", "--out", "/nonexistent-never-written"])

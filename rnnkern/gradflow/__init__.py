@@ -136,7 +136,14 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    task = make_task(args.task, args.seq_len)
+    import importlib
+
+    registry = importlib.import_module("rnnkern.backends")  # the module (rnnkern.backends is a function)
+    try:
+        registry.resolve(registry.check_name(args.backend), device, torch.float32)
+        task = make_task(args.task, args.seq_len)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"rnnkern gradflow: {error}") from None
     curve_steps = _curve_steps(args.curve_steps, args.steps)
     snapshot_steps = tuple(sorted(set(curve_steps) | {0, args.steps - 1}))
     out_dir = Path(args.out)

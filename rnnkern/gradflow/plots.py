@@ -85,8 +85,8 @@ def plot_heatmap_grid(runs: Dict[str, CellRun], task, out_path, vmin=None, vmax=
         _draw_heatmap(fig, ax, run, CELL_LABELS.get(cell, cell), vmin, vmax)
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")
-    fig.suptitle(f"log10 ‖∂L/∂h_t‖ per timestep and training step: {task.name}, T={task.seq_len} "
-                 "(the loss is at the end)")
+    where = "the loss is at every step" if task.loss_at_every_step else "the loss is at the last step"
+    fig.suptitle(f"log10 ‖∂L/∂h_t‖ per timestep and training step: {task.name}, T={task.seq_len} ({where})")
     fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=100)
