@@ -211,8 +211,9 @@ def sync(device: torch.device) -> None:
 
 
 def time_cuda_ms(fn: Callable[[], object], rep_ms: float = 150.0, min_reps: int = 3, max_reps: int = 100,
-                 flush_bytes: int = 256 << 20) -> float:
-    """Median of CUDA-event timings of fn() (already warmed up), the L2 cache flushed before each rep.
+                 flush_bytes: int = 256 << 20, stat: Callable = statistics.median) -> float:
+    """Median (or `stat`) of CUDA-event timings of fn() (already warmed up), the L2 cache flushed before
+    each rep.
 
     One timed run estimates the cost; then n = clamp(rep_ms / estimate, min_reps, max_reps) reps.
     """
@@ -232,11 +233,12 @@ def time_cuda_ms(fn: Callable[[], object], rep_ms: float = 150.0, min_reps: int 
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return stat([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
-def time_cpu_ms(fn: Callable[[], object], min_time_s: float = 0.5, min_reps: int = 3, max_reps: int = 50) -> float:
-    """Median wall-clock time of fn() (already warmed up) over reps filling about min_time_s."""
+def time_cpu_ms(fn: Callable[[], object], min_time_s: float = 0.5, min_reps: int = 3, max_reps: int = 50,
+                stat: Callable = statistics.median) -> float:
+    """Median (or `stat`) wall-clock time of fn() (already warmed up) over reps filling about min_time_s."""
     t0 = time.perf_counter()
     fn()
     estimate = time.perf_counter() - t0
@@ -246,15 +248,17 @@ def time_cpu_ms(fn: Callable[[], object], min_time_s: float = 0.5, min_reps: int
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return stat(times) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------------
 # Ceilings: the device's GEMM rate and copy bandwidth, measured in the same run
 
 def measure_ceilings(device: torch.device, dtypes: Iterable[str]) -> Dict[str, object]:
-    """Measured peak-ish rates: square GEMM FLOP/s per dtype and device copy bandwidth (bytes/s,
-    counting read + write). TF32 is assumed already disabled by the caller for float32."""
+    """Measured peak rates: square GEMM FLOP/s per dtype and device copy bandwidth (bytes/s, counting
+    read + write), each from the fastest of its reps (a ceiling is the best the device showed, and the
+    fastest rep is the one least disturbed by anything else running). TF32 is assumed already disabled
+    by the caller for float32."""
     is_cuda = device.type == "cuda"
     n = 8192 if is_cuda else 1024
     gemm = {}
@@ -269,7 +273,8 @@ def measure_ceilings(device: torch.device, dtypes: Iterable[str]) -> Dict[str, o
 
         mm()
         sync(device)
-        ms = time_cuda_ms(mm, rep_ms=300.0, flush_bytes=1 << 20) if is_cuda else time_cpu_ms(mm, min_time_s=1.0)
+        ms = (time_cuda_ms(mm, rep_ms=300.0, flush_bytes=1 << 20, stat=min) if is_cuda
+              else time_cpu_ms(mm, min_time_s=1.0, stat=min))
         gemm[name] = 2.0 * n ** 3 / (ms * 1e-3)
         del a, b, c
     numel = (1 << 28) if is_cuda else (1 << 25)  # 1 GiB / 128 MiB of float32: far beyond any cache
@@ -281,13 +286,14 @@ def measure_ceilings(device: torch.device, dtypes: Iterable[str]) -> Dict[str, o
 
     copy()
     sync(device)
-    ms = time_cuda_ms(copy, rep_ms=300.0, flush_bytes=1 << 20) if is_cuda else time_cpu_ms(copy, min_time_s=1.0)
+    ms = (time_cuda_ms(copy, rep_ms=300.0, flush_bytes=1 << 20, stat=min) if is_cuda
+          else time_cpu_ms(copy, min_time_s=1.0, stat=min))
     bandwidth = 2.0 * numel * 4 / (ms * 1e-3)
     return {
         "gemm_flops_per_s": gemm,
         "copy_bytes_per_s": bandwidth,
         "method": (f"torch.mm of two {n}x{n} matrices per dtype (TF32 off); copy_ of a {numel * 4 >> 20} MiB "
-                   "float32 tensor, read + write bytes; medians"
+                   "float32 tensor, read + write bytes; fastest rep"
                    + (" of CUDA-event timings" if is_cuda else " of wall-clock timings")),
     }
 
