@@ -279,3 +279,43 @@ def test_gradflow_tensorboard_logs(tmp_path):
 def test_ratio_of_an_underflowed_norm_is_shown_as_a_bound():
     assert report.format_ratio(0.0, 1e-3) == "<1e-16 (0)"
     assert report.format_ratio(2.5e-3, 1e-3) == "2.50e-03"
+
+
+def test_gradflow_tensorboard_logging_calls(tmp_path, monkeypatch):
+    """What the tool logs, checked through a recording stand-in for torch.utils.tensorboard (the real
+    package is exercised by test_gradflow_tensorboard_logs where it is installed)."""
+    import types
+
+    calls = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir):
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            assert isinstance(value, float) and math.isfinite(value)
+            calls.append(("scalar", tag, step))
+
+        def add_histogram(self, tag, values, step):
+            calls.append(("histogram", tag, step))
+
+        def add_text(self, tag, text):
+            calls.append(("text", tag, text))
+
+        def close(self):
+            calls.append(("close",))
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = RecordingWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    main(["gradflow", "--cells", "gru,rnn_relu", "--steps", "3", "--seq-len", "9", "--hidden", "4", "--batch", "2",
+          "--no-progress", "--out", str(tmp_path / "o"), "--tensorboard", str(tmp_path / "tb")])
+    assert calls[0] == ("init", str(tmp_path / "tb")) and calls[-1] == ("close",)
+    scalars = {(c[1], c[2]) for c in calls if c[0] == "scalar"}
+    for cell in ("gru", "rnn_relu"):
+        for step in range(3):
+            assert (f"{cell}/loss", step) in scalars and (f"{cell}/accuracy", step) in scalars
+            for t in (0, 2, 4, 6, 8):
+                assert (f"{cell}/grad_norm/t={t:05d}", step) in scalars
+        assert (f"{cell}/summary/decay_last", 3) in scalars
+    assert any(c[0] == "text" and "GRU" in c[2] for c in calls)
