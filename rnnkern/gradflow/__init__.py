@@ -140,10 +140,14 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
     registry = importlib.import_module("rnnkern.backends")  # the module (rnnkern.backends is a function)
     try:
-        registry.resolve(registry.check_name(args.backend), device, torch.float32)
+        resolved = registry.resolve(registry.check_name(args.backend), device, torch.float32)
         task = make_task(args.task, args.seq_len)
     except (ValueError, RuntimeError) as error:
         raise SystemExit(f"rnnkern gradflow: {error}") from None
+    if resolved.name == "reference" and args.backend == "auto":
+        print("rnnkern gradflow: note: running on the slow reference backend (the compiled kernels are not "
+              "available here: `python setup.py build_ext --inplace`, or see rnnkern.build_info()); the "
+              "defaults then take several minutes on a small CPU (--steps 200 for a quicker look)", flush=True)
     curve_steps = _curve_steps(args.curve_steps, args.steps)
     snapshot_steps = tuple(sorted(set(curve_steps) | {0, args.steps - 1}))
     out_dir = Path(args.out)
