@@ -86,6 +86,7 @@ def plot_speedups(doc: Dict[str, object], out_path) -> Path:
     width = 0.8 / max(1, len(variants))
     for ax, pass_ in zip(axes[:, 0], passes):
         by = {(_shape_key(c), c["backend"], c["norms"]): c for c in cases if c["pass"] == pass_}
+        all_ys = []
         for i, (backend, norms) in enumerate(variants):
             xs, ys = [], []
             for j, key in enumerate(shapes):
@@ -93,12 +94,19 @@ def plot_speedups(doc: Dict[str, object], out_path) -> Path:
                 if c is not None:
                     xs.append(j - 0.4 + width * (i + 0.5))
                     ys.append(c["torch_nn_ms"] / c["ms"])
-            ax.bar(xs, ys, width, label=backend + (" + norms" if norms else ""),
+            # Bars grow from 1 (as fast as torch.nn): up is faster, down is slower.
+            ax.bar(xs, [y - 1.0 for y in ys], width, bottom=1.0, label=backend + (" + norms" if norms else ""),
                    hatch="//" if norms else None)
+            all_ys.extend(ys)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
-        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
+        lo, hi = min(all_ys + [1.0]) / 1.15, max(all_ys + [1.0]) * 1.15
+        ax.set_ylim(lo, hi)
+        ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1, 1.25, 1.5, 2, 3, 5, 7, 10, 20, 30, 50, 100)
+                 if lo <= t <= hi]
+        ax.yaxis.set_major_locator(ticker.FixedLocator(ticks))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g×"))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
         ax.set_ylabel("speed-up over torch.nn")
         ax.set_title(f"{pass_}: {doc['device']}", fontsize=9)
         ax.set_xticks(range(len(shapes)))
