@@ -7,6 +7,11 @@ task, see :mod:`rnnkern.gradflow.tasks`), records ‖∂L/∂h_t‖ at every tim
     python -m rnnkern gradflow                       # defaults: ~30 s on a 2-core CPU (C++ backend)
     python -m rnnkern gradflow --device cuda         # larger defaults on a GPU
     python -m rnnkern gradflow --task copy --seq-len 120 --cells lstm,gru --hidden-grad-clip 1.0
+
+Writes into --out (default gradflow-out/): heatmap_<cell>.png and heatmaps.png (log10 ‖∂L/∂h_t‖ over
+timestep × training step), norms_vs_timestep.png (every cell at chosen training steps, log scale),
+training.png (task loss and metric), summary.txt (the printed table), summary.json (table, settings,
+loss/metric curves) and norm_history.npz ([steps, T] per cell).
 """
 
 from __future__ import annotations
