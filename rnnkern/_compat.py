@@ -96,14 +96,29 @@ def norm_probe(anchor: Tensor, shape, batch_sizes: Tensor, unsorted_indices: Opt
 
 # -- Dynamo: wrap rnnkern modules although they are torch.nn.RNN/GRU/LSTM instances -----------------
 
-_BUILDER = "torch._dynamo.variables.builder"
+_DYNAMO = "torch._dynamo"
+
+# Runs a module's forward outside the compiled graph (a graph break); set once Dynamo is loaded.
+eager_forward = None
+
+_PACKED_REASON = ("rnnkern runs PackedSequence input outside the compiled graph: its batch sizes are "
+                  "data that the time loop needs on the host (padded input compiles fullgraph)")
 
 
-def _patch_builder(builder) -> None:
+def _call_forward(module, input, hx):
+    return module._forward(input, hx)
+
+
+def _on_dynamo_loaded(dynamo) -> None:
+    """Let Dynamo wrap rnnkern modules (and only them) as if ``config.allow_rnn`` were set."""
+    global eager_forward
     from torch._dynamo import config
+    from torch._dynamo.variables import builder
 
     from .modules import _RnnkernMixin
 
+    if eager_forward is None:
+        eager_forward = dynamo.disable(_call_forward, reason=_PACKED_REASON)
     variable_builder = builder.VariableBuilder
     original = variable_builder.wrap_module
     if getattr(original, "_rnnkern_patched", False):
@@ -119,18 +134,19 @@ def _patch_builder(builder) -> None:
     variable_builder.wrap_module = wrap_module
 
 
-class _PatchBuilderOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Applies _patch_builder right after Dynamo's builder module is imported (importing Dynamo
-    ourselves would add seconds to ``import rnnkern``)."""
+class _OnDynamoImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs _on_dynamo_loaded right after torch._dynamo is imported (importing Dynamo ourselves
+    would add seconds to ``import rnnkern``); Dynamo traces nothing before its import completes."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _BUILDER:
+        if fullname != _DYNAMO:
             return None
         sys.meta_path.remove(self)
         try:
             spec = importlib.util.find_spec(fullname)
-        finally:
+        except Exception:
             sys.meta_path.insert(0, self)
+            raise
         if spec is None or spec.loader is None:
             return None
         self._loader = spec.loader
@@ -141,17 +157,15 @@ class _PatchBuilderOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        self._loader.exec_module(module)
         module.__loader__ = module.__spec__.loader = self._loader
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        _patch_builder(module)
+        self._loader.exec_module(module)
+        _on_dynamo_loaded(module)
 
 
 def install_dynamo_support() -> None:
-    """Let torch.compile trace rnnkern modules (now if Dynamo is loaded, else when it loads)."""
-    builder = sys.modules.get(_BUILDER)
-    if builder is not None:
-        _patch_builder(builder)
-    elif not any(isinstance(f, _PatchBuilderOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchBuilderOnImport())
+    """Let torch.compile trace rnnkern modules (now if Dynamo is loaded, else once it loads)."""
+    dynamo = sys.modules.get(_DYNAMO)
+    if dynamo is not None and hasattr(dynamo, "disable"):
+        _on_dynamo_loaded(dynamo)
+    elif not any(isinstance(f, _OnDynamoImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OnDynamoImport())

@@ -100,6 +100,12 @@ class _RnnkernMixin:
     # -- forward -----------------------------------------------------------------------------
     def forward(self, input, hx=None):
         """torch.nn's forward (same arguments, results and exceptions), run by rnnkern's kernels."""
+        if isinstance(input, PackedSequence) and torch.compiler.is_compiling():
+            # A graph break: packed input needs its batch sizes on the host (rnnkern/_compat.py).
+            return _compat.eager_forward(self, input, hx)
+        return self._forward(input, hx)
+
+    def _forward(self, input, hx):
         self._update_flat_weights()
         try:
             parsed = self._parse(input, hx)
