@@ -1,0 +1,206 @@
+"""rnnkern modules as first-class PyTorch citizens: torch.compile, autocast, DDP, convert, state_dict,
+copy/pickle/save of whole models. (Single-module copy/pickle and convert basics: tests/test_api.py.)"""
+
+import copy
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkern
+from rnnkern import backends as rk_backends
+
+from conftest import CUDA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = {"LSTM": (rnnkern.LSTM, torch.nn.LSTM), "GRU": (rnnkern.GRU, torch.nn.GRU),
+         "RNN": (rnnkern.RNN, torch.nn.RNN)}
+
+
+def _compile_targets():
+    """(backend, device) pairs to compile: every backend usable on the device. Triton on the CPU runs
+    in its interpreter, which torch.compile does not trace through quickly; it is compiled on GPU."""
+    params = []
+    for name in rk_backends.names():
+        backend = rk_backends.get(name)
+        for device in ["cpu"] + (["cuda"] if CUDA else []):
+            if name == "triton" and device == "cpu":
+                continue
+            if backend.unsupported_reason(torch.device(device), torch.float32) is None:
+                marks = [pytest.mark.gpu] if device == "cuda" else []
+                params.append(pytest.param((name, device), marks=marks, id=f"{name}-{device}"))
+    return params
+
+
+COMPILE_TARGETS = _compile_targets()
+
+
+def _grads(tensors):
+    return [None if t.grad is None else t.grad.clone() for t in tensors]
+
+
+class Net(torch.nn.Module):
+    """A small model holding an rnnkern module between ordinary layers."""
+
+    def __init__(self, kind="LSTM", backend="reference", record_grad_norms=False, **kwargs):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 5)
+        self.rnn = KINDS[kind][0](5, 7, backend=backend, record_grad_norms=record_grad_norms, **kwargs)
+        width = 7 * (2 if kwargs.get("bidirectional") else 1)
+        if kwargs.get("proj_size"):
+            width = kwargs["proj_size"] * (2 if kwargs.get("bidirectional") else 1)
+        self.head = torch.nn.Linear(width, 2)
+
+    def forward(self, x, hx=None):
+        out, state = self.rnn(torch.tanh(self.embed(x)), hx)
+        final = state[0] if isinstance(state, tuple) else state
+        return self.head(out).pow(2).mean() + final.pow(2).sum()
+
+
+# -- torch.compile ------------------------------------------------------------------------------------
+
+COMPILE_CASES = {
+    "lstm": dict(kind="LSTM", num_layers=2),
+    "lstm-proj-bidir": dict(kind="LSTM", proj_size=3, bidirectional=True),
+    "gru-batch-first": dict(kind="GRU", batch_first=True, num_layers=2),
+    "rnn-relu-bidir": dict(kind="RNN", nonlinearity="relu", bidirectional=True),
+}
+
+
+def _compiled_vs_eager(net, x, backend="aot_eager", hx=None):
+    """Loss and every gradient (and the grad norms) eagerly, then under torch.compile(fullgraph)."""
+    params = list(net.parameters())
+    results = []
+    for compiled in (False, True):
+        net.zero_grad()
+        net.rnn.grad_norms = None
+        fn = torch.compile(net, fullgraph=True, backend=backend) if compiled else net
+        loss = fn(x, hx)
+        loss.backward()
+        results.append((loss.detach(), _grads(params), net.rnn.grad_norms))
+    return results
+
+
+@pytest.mark.parametrize("target", COMPILE_TARGETS)
+@pytest.mark.parametrize("case,norms", [("lstm", False)] + [(case, True) for case in COMPILE_CASES])
+def test_compile_fullgraph_matches_eager(target, case, norms):
+    backend, device = target
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    options = dict(COMPILE_CASES[case])
+    net = Net(options.pop("kind"), backend=backend, record_grad_norms=norms, **options).to(device)
+    x = torch.randn(6, 3, 3, device=device)  # [T, B, I] (batch_first: B=6 samples of length 3)
+    (loss_e, grads_e, gn_e), (loss_c, grads_c, gn_c) = _compiled_vs_eager(net, x)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for g_c, g_e in zip(grads_c, grads_e):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+    if norms:
+        assert gn_e is not None and gn_c is not None
+        torch.testing.assert_close(gn_c.h_per_sample, gn_e.h_per_sample, rtol=1e-5, atol=1e-6)
+        if gn_e.c_per_sample is not None:
+            torch.testing.assert_close(gn_c.c_per_sample, gn_e.c_per_sample, rtol=1e-5, atol=1e-6)
+    else:
+        assert gn_e is None and gn_c is None
+
+
+def test_compile_hooks_called_once_per_backward_with_clip_and_hx():
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    net = Net("LSTM", record_grad_norms=True, hidden_grad_clip=0.05, num_layers=2)
+    calls = []
+    net.rnn.register_grad_norm_hook(lambda module, gn: calls.append((module, gn)))
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    hx = (torch.randn(2, 2, 7, requires_grad=True), torch.randn(2, 2, 7))
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    expected = []
+    for fn in (net, compiled, compiled):  # eager, then compiled twice (no recompile)
+        for t in (x, hx[0], *net.parameters()):
+            t.grad = None
+        fn(x, hx).backward()
+        expected.append((_grads([x, hx[0], *net.parameters()]), net.rnn.grad_norms))
+    assert len(calls) == 3 and all(module is net.rnn for module, _ in calls)
+    for i in (1, 2):
+        assert calls[i][1] is expected[i][1]
+        torch.testing.assert_close(calls[i][1].h_per_sample, calls[0][1].h_per_sample)
+        torch.testing.assert_close(calls[i][1].c_per_sample, calls[0][1].c_per_sample)
+        for g_c, g_e in zip(expected[i][0], expected[0][0]):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_unbatched_and_no_grad():
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    m = rnnkern.GRU(3, 4, num_layers=2, backend="reference", record_grad_norms=True)
+    x = torch.randn(5, 3)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out_e, h_e = m(x)
+    out_c, h_c = compiled(x)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(h_c, h_e)
+    with torch.no_grad():
+        out_c, _ = compiled(x)
+    torch.testing.assert_close(out_c, out_e.detach())
+    assert m.grad_norms is None
+
+
+def _inductor_case(device):
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    net = Net("LSTM", record_grad_norms=True, num_layers=2).to(device)
+    x = torch.randn(4, 2, 3, device=device)
+    (loss_e, grads_e, gn_e), (loss_c, grads_c, gn_c) = _compiled_vs_eager(net, x, backend="inductor")
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for g_c, g_e in zip(grads_c, grads_e):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gn_c.h_per_sample, gn_e.h_per_sample, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # Inductor compiles C++ for forward and backward: ~50 s on 2 cores
+def test_compile_inductor_cpu():
+    """The default backend (Inductor) on a model with norms: same loss, gradients and norms."""
+    _inductor_case("cpu")
+
+
+@pytest.mark.gpu
+def test_compile_inductor_cuda():
+    _inductor_case("cuda")
+
+
+def test_compile_packed_input_graph_breaks_gracefully():
+    """PackedSequence input runs outside the graph (its batch sizes are host data): correct results and
+    norms without fullgraph; fullgraph=True raises Dynamo's Unsupported naming the reason."""
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    m = rnnkern.LSTM(3, 4, backend="reference", record_grad_norms=True)
+    x = torch.randn(5, 3, 3, requires_grad=True)
+
+    def loss_fn(module, seq):
+        out, (h, c) = module(seq)
+        return out.data.pow(2).sum() + h.sum() * c.sum()
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, backend="aot_eager")):
+        x.grad, m.grad_norms = None, None
+        packed = pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False)
+        fn(m, packed).backward()
+        results.append((x.grad.clone(), m.grad_norms))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1].h_per_sample, results[0][1].h_per_sample)
+    torch.testing.assert_close(results[1][1].c_per_sample, results[0][1].c_per_sample)
+    torch._dynamo.reset()  # Dynamo's cache is per code object: forget the graph-broken compile
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="PackedSequence"):
+        torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(m, packed)
+
+
+def test_compile_leaves_torch_nn_rnns_alone():
+    """Dynamo support is for rnnkern's modules only: torch.nn.LSTM keeps torch's own behaviour."""
+    torch._dynamo.reset()
+    m = torch.nn.LSTM(3, 4)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN, GRU, or LSTM"):
+        torch.compile(m, fullgraph=True, backend="eager")(torch.randn(2, 1, 3))
