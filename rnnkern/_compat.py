@@ -26,10 +26,11 @@ import importlib.util
 import itertools
 import sys
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 # -- module tokens: how the backward finds the module whose norms it delivers ------------------------
 
@@ -119,6 +120,7 @@ def _on_dynamo_loaded(dynamo) -> None:
 
     if eager_forward is None:
         eager_forward = dynamo.disable(_call_forward, reason=_PACKED_REASON)
+        globals()["_library_flags"] = dynamo.assume_constant_result(_library_flags)
     variable_builder = builder.VariableBuilder
     original = variable_builder.wrap_module
     if getattr(original, "_rnnkern_patched", False):
@@ -169,3 +171,108 @@ def install_dynamo_support() -> None:
         _on_dynamo_loaded(dynamo)
     elif not any(isinstance(f, _OnDynamoImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _OnDynamoImport())
+
+
+# -- autocast ------------------------------------------------------------------------------------------
+
+# The dtypes torch.autocast casts (float64 is left alone, so it fails the dtype checks as in torch.nn).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cast(tensor, dtype):
+    if isinstance(tensor, Tensor) and tensor.dtype in _AUTOCAST_ELIGIBLE and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor
+
+
+class AutocastPlan(NamedTuple):
+    """How to run one module call under torch.autocast: the kernels run in ``compute_dtype`` (autocast
+    itself disabled inside); the outputs then get torch.nn's dtypes: ``h_dtype`` for the output and
+    h_n, ``c_dtype`` for an LSTM's c_n. Every cast is differentiable, so float32 weights get float32
+    gradients."""
+
+    device_type: str
+    compute_dtype: torch.dtype
+    h_dtype: torch.dtype
+    c_dtype: torch.dtype
+
+    def cast_inputs(self, input, hx):
+        """The input (Tensor or PackedSequence) and hx with every eligible tensor in compute_dtype."""
+        if isinstance(input, PackedSequence):
+            input = PackedSequence(_cast(input.data, self.compute_dtype), input.batch_sizes,
+                                   input.sorted_indices, input.unsorted_indices)
+        else:
+            input = _cast(input, self.compute_dtype)
+        if isinstance(hx, tuple):
+            hx = tuple(_cast(t, self.compute_dtype) for t in hx)
+        elif isinstance(hx, list):
+            hx = [_cast(t, self.compute_dtype) for t in hx]
+        else:
+            hx = _cast(hx, self.compute_dtype)
+        return input, hx
+
+    def cast_outputs(self, output, hidden):
+        if isinstance(output, PackedSequence):
+            output = PackedSequence(output.data.to(self.h_dtype), output.batch_sizes,
+                                    output.sorted_indices, output.unsorted_indices)
+        else:
+            output = output.to(self.h_dtype)
+        if isinstance(hidden, tuple):
+            hidden = (hidden[0].to(self.h_dtype), hidden[1].to(self.c_dtype))
+        else:
+            hidden = hidden.to(self.h_dtype)
+        return output, hidden
+
+
+def _casts_everything(module, device_type: str, packed: bool) -> bool:
+    """Whether torch.nn, under autocast, runs this call with *every* argument in the autocast dtype.
+
+    Measured on torch 2.4-2.14 (tests/test_ecosystem.py checks it against torch.nn in every context):
+    CUDA: the cuDNN RNN (every mode, packed or not, with projections) is on autocast's lower-precision
+    list. CPU: only the oneDNN LSTM is (mode LSTM, no projection, padded input, oneDNN enabled); every
+    other CPU call runs torch's per-op implementation, in which only the matmuls autocast.
+    """
+    cudnn, onednn = _library_flags()
+    if device_type == "cuda":
+        return cudnn
+    if device_type == "cpu":
+        return module.mode == "LSTM" and module.proj_size == 0 and not packed and onednn
+    return False
+
+
+def _library_flags():
+    """(cuDNN enabled and available, oneDNN enabled and available). torch.compile takes the values
+    of the first trace as constants (Dynamo cannot trace these reads), see _on_dynamo_loaded."""
+    return (bool(torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()),
+            bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled))
+
+
+def autocast_plan(module, input, hx) -> Optional[AutocastPlan]:
+    """The AutocastPlan of this call, or None outside autocast (or for input torch.nn will reject)."""
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    if not isinstance(data, Tensor):
+        return None
+    device_type = data.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    low = torch.get_autocast_dtype(device_type)
+    if _casts_everything(module, device_type, packed):
+        return AutocastPlan(device_type, low, low, low)
+    # torch's per-op implementation: the gate pre-activations come out of autocast matmuls in `low`;
+    # a state mixed with the previous state (GRU: z * h_prev; LSTM: f * c_prev) takes the promoted dtype
+    # of `low` and the initial state's dtype (hx's, or the input's when hx is None).
+    given = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    states = [t.dtype if isinstance(t, Tensor) else data.dtype for t in given] + [data.dtype] * 2
+    h0_dtype, c0_dtype = states[0], states[1] if len(given) > 1 else data.dtype
+    if module.mode == "GRU":
+        h_dtype = c_dtype = torch.promote_types(low, h0_dtype)
+    elif module.mode == "LSTM":
+        c_dtype = torch.promote_types(low, c0_dtype)
+        h_dtype = low if module.proj_size > 0 else c_dtype  # h = o * tanh(c), then the projection matmul
+    else:  # RNN_TANH / RNN_RELU: h = act(matmul + matmul)
+        h_dtype = c_dtype = low
+    # Run in `low` when torch.nn's output is in `low`; otherwise in float32 (torch.nn then keeps the
+    # state in float32 and so, more precisely, do we).
+    compute = low if h_dtype == low else torch.float32
+    return AutocastPlan(device_type, compute, h_dtype, c_dtype)

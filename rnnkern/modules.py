@@ -108,17 +108,25 @@ class _RnnkernMixin:
     def _forward(self, input, hx):
         self._update_flat_weights()
         try:
-            parsed = self._parse(input, hx)
+            autocast = _compat.autocast_plan(self, input, hx)
+            if autocast is None:
+                return self._run(*self._parse(input, hx))
+            # torch.autocast: run in the dtype torch.nn would (rnnkern/_compat.py) with autocast off
+            # inside, so the kernels see one dtype; the casts are differentiable.
+            with torch.autocast(autocast.device_type, enabled=False):
+                cast_input, cast_hx = autocast.cast_inputs(input, hx)
+                output, hidden = self._run(*self._parse(cast_input, cast_hx, autocast.compute_dtype))
+            return autocast.cast_outputs(output, hidden)
         except _InvalidInput:
             # torch.nn raises its own exception (type and message) for this input.
             self._torch_class.forward(self, input, hx)
             raise RuntimeError(
                 f"rnnkern rejected an input that torch.nn.{self._torch_class.__name__} accepts; "
                 "please report this as a bug") from None
-        return self._run(*parsed)
 
-    def _parse(self, input, hx):
-        """Validate like torch.nn and bring the input to rows + sorted hx; _InvalidInput if bad."""
+    def _parse(self, input, hx, weight_dtype=None):
+        """Validate like torch.nn and bring the input to rows + sorted hx; _InvalidInput if bad.
+        weight_dtype: cast the (float32/16-bit) weights to it, differentiably (autocast)."""
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         num_directions = 2 if self.bidirectional else 1
@@ -141,6 +149,8 @@ class _RnnkernMixin:
         _require(data.is_floating_point())
         _require(data.shape[1] == self.input_size)
         params = [getattr(self, name) for name in self._flat_weights_names]
+        if weight_dtype is not None:
+            params = [_compat._cast(p, weight_dtype) for p in params]
         _require(all(p.dtype == data.dtype and p.device == data.device for p in params))
 
         states = []

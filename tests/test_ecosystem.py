@@ -204,3 +204,125 @@ def test_compile_leaves_torch_nn_rnns_alone():
     m = torch.nn.LSTM(3, 4)
     with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN, GRU, or LSTM"):
         torch.compile(m, fullgraph=True, backend="eager")(torch.randn(2, 1, 3))
+
+
+# -- torch.autocast -----------------------------------------------------------------------------------
+
+AUTOCAST_MODULES = {
+    "lstm": ("LSTM", {}), "lstm-proj": ("LSTM", {"proj_size": 3}), "gru": ("GRU", {}),
+    "rnn-tanh": ("RNN", {}), "rnn-relu": ("RNN", {"nonlinearity": "relu"}),
+}
+AUTOCAST_INPUTS = ["padded", "batch_first", "packed", "unbatched", "hx_float32", "hx_low", "x_low"]
+
+
+def _autocast_case(kind, options, how, device, low, backend):
+    """(torch.nn module, rnnkern module with the same weights, make_args) for one autocast context."""
+    torch.manual_seed(6)
+    ours_cls, torch_cls = KINDS[kind]
+    batch_first = how == "batch_first"
+    ref = torch_cls(3, 5, num_layers=2, batch_first=batch_first, **options).to(device)
+    ours = ours_cls(3, 5, num_layers=2, batch_first=batch_first, backend=backend,
+                    record_grad_norms=True, **options).to(device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 3, device=device)
+    hidden = options.get("proj_size") or 5
+    hx_shapes = [(2, 3, hidden), (2, 3, 5)] if kind == "LSTM" else [(2, 3, hidden)]
+    hx = [torch.randn(s, device=device) for s in hx_shapes]
+
+    def make_args():
+        xi = x.clone().requires_grad_()
+        if how == "packed":
+            return xi, (pack_padded_sequence(xi, [4, 2, 3], enforce_sorted=False), None)
+        if how == "unbatched":
+            return xi, (xi[:, 0], None)
+        if how in ("hx_float32", "hx_low"):
+            states = [h.to(low) if how == "hx_low" else h for h in hx]
+            return xi, (xi, tuple(states) if kind == "LSTM" else states[0])
+        if how == "x_low":
+            return xi, (xi.to(low), None)
+        return xi, (xi, None)
+
+    return ref, ours, make_args
+
+
+def _flat_outputs(result):
+    output, hidden = result
+    output = output.data if hasattr(output, "batch_sizes") else output
+    return [output] + (list(hidden) if isinstance(hidden, tuple) else [hidden])
+
+
+def _rel_err(actual, expected):
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
+
+
+def _check_autocast_like_torch(kind, options, how, device, low, backend):
+    ref, ours, make_args = _autocast_case(kind, options, how, device, low, backend)
+    results = []
+    for module in (ref, ours):
+        xi, args = make_args()
+        with torch.autocast(device, dtype=low):
+            outs = _flat_outputs(module(*args))
+        sum(o.float().pow(2).sum() for o in outs).backward()
+        results.append(([o.dtype for o in outs], outs, xi.grad, [p.grad for p in module.parameters()]))
+    (dtypes_ref, outs_ref, gx_ref, gp_ref), (dtypes, outs, gx, gp) = results
+    assert dtypes == dtypes_ref, f"output dtypes {dtypes} but torch.nn gives {dtypes_ref}"
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    assert gx.dtype == torch.float32 and all(g.dtype == torch.float32 for g in gp)
+    # bfloat16 keeps 8 bits of mantissa: both sides round differently, so compare relative errors.
+    tol = 4e-2 if low == torch.bfloat16 else 5e-3
+    for o, o_ref in zip(outs, outs_ref):
+        assert _rel_err(o, o_ref) < tol
+    assert _rel_err(gx, gx_ref) < tol
+    for g, g_ref in zip(gp, gp_ref):
+        assert _rel_err(g, g_ref) < tol
+    assert ours.grad_norms is not None and torch.isfinite(ours.grad_norms.h_per_sample).all()
+
+
+@pytest.mark.parametrize("how", AUTOCAST_INPUTS)
+@pytest.mark.parametrize("module", list(AUTOCAST_MODULES))
+def test_autocast_cpu_bfloat16_like_torch_nn(module, how):
+    kind, options = AUTOCAST_MODULES[module]
+    _check_autocast_like_torch(kind, options, how, "cpu", torch.bfloat16, "auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("how", ["padded", "packed", "hx_float32"])
+@pytest.mark.parametrize("module", list(AUTOCAST_MODULES))
+def test_autocast_cuda_like_torch_nn(module, how, low):
+    kind, options = AUTOCAST_MODULES[module]
+    _check_autocast_like_torch(kind, options, how, "cuda", low, "auto")
+
+
+def test_autocast_float64_input_raises_like_torch_nn():
+    ref = torch.nn.LSTM(3, 4)
+    ours = rnnkern.LSTM(3, 4, backend="reference")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 1, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError) as expected:
+            ref(x)
+        with pytest.raises(RuntimeError) as actual:
+            ours(x)
+    assert str(actual.value) == str(expected.value)
+
+
+def test_autocast_compiles_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    net = Net("LSTM", record_grad_norms=True)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(x)
+
+    x = torch.randn(4, 2, 3)
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        net.zero_grad()
+        fn(x).backward()
+        results.append(([p.grad.clone() for p in net.parameters()], net.rnn.grad_norms))
+    for g_c, g_e in zip(*[r[0] for r in results]):
+        assert _rel_err(g_c, g_e) < 2e-2
+    assert _rel_err(results[1][1].h_per_sample, results[0][1].h_per_sample) < 2e-2
