@@ -326,3 +326,51 @@ def test_autocast_compiles_fullgraph():
     for g_c, g_e in zip(*[r[0] for r in results]):
         assert _rel_err(g_c, g_e) < 2e-2
     assert _rel_err(results[1][1].h_per_sample, results[0][1].h_per_sample) < 2e-2
+
+
+# -- DistributedDataParallel --------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_match_single_process(tmp_path):
+    """2 gloo ranks, each on half the batch: the parameters after a few SGD steps equal one process's on
+    the whole batch, and each rank's grad norms are those of its own shard."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    try:
+        import ddp_worker
+    finally:
+        sys.path.pop(0)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "ddp_worker.py"), str(tmp_path),
+                          str(_free_port())], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(ddp_worker.WORLD_SIZE)]
+
+    # One process: the whole batch for the update; each shard alone (same parameters) for its norms.
+    model = ddp_worker.make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=ddp_worker.LR)
+    x, y = ddp_worker.make_data()
+    for step in range(ddp_worker.STEPS):
+        for rank, saved in enumerate(ranks):
+            probe = copy.deepcopy(model)
+            ddp_worker.loss_fn(probe, ddp_worker.shard(x, rank), ddp_worker.shard(y, rank)).backward()
+            expected = probe.rnn.grad_norms.h_per_sample
+            actual = torch.tensor(saved["norms"][step]["h_per_sample"], dtype=expected.dtype)
+            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+            expected_c = probe.rnn.grad_norms.c_per_sample
+            actual_c = torch.tensor(saved["norms"][step]["c_per_sample"], dtype=expected_c.dtype)
+            torch.testing.assert_close(actual_c, expected_c, rtol=1e-6, atol=1e-7)
+        optimizer.zero_grad()
+        ddp_worker.loss_fn(model, x, y).backward()
+        optimizer.step()
+    for saved in ranks:
+        assert saved["hook_calls"] == ddp_worker.STEPS
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(saved["state_dict"][name], value, rtol=1e-10, atol=1e-12)
+    # The shards' norms differ (the check above is not vacuous).
+    assert not torch.allclose(torch.tensor(ranks[0]["norms"][0]["h_per_sample"]),
+                              torch.tensor(ranks[1]["norms"][0]["h_per_sample"]))
