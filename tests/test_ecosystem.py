@@ -374,3 +374,176 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     # The shards' norms differ (the check above is not vacuous).
     assert not torch.allclose(torch.tensor(ranks[0]["norms"][0]["h_per_sample"]),
                               torch.tensor(ranks[1]["norms"][0]["h_per_sample"]))
+
+
+# -- convert, state_dict, copies of whole models ------------------------------------------------------
+
+class Seq2Seq(torch.nn.Module):
+    """Nested torch.nn recurrent modules (in a ModuleList, a Sequential, a ModuleDict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = torch.nn.ModuleList([
+            torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()),
+            torch.nn.LSTM(4, 5, num_layers=2, bidirectional=True, dropout=0.0),
+        ])
+        self.blocks = torch.nn.ModuleDict({
+            "gru": torch.nn.GRU(10, 4, batch_first=True),
+            "rnn": torch.nn.RNN(4, 3, nonlinearity="relu"),
+        })
+        self.proj_lstm = torch.nn.LSTM(3, 6, proj_size=2)
+        self.head = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        h = self.encoders[0](x)
+        h, _ = self.encoders[1](h)
+        h, _ = self.blocks["gru"](h.transpose(0, 1))
+        h, _ = self.blocks["rnn"](h.transpose(0, 1))
+        h, (hn, cn) = self.proj_lstm(h)
+        return self.head(h).pow(2).mean() + hn.sum() * cn.mean()
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad()
+    loss = model(x)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _recurrent(model):
+    return [m for m in model.modules() if isinstance(m, (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN))]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_convert_nested_model_keeps_device_dtype_mode_hooks_and_results(device):
+    torch.manual_seed(8)
+    model = Seq2Seq().to(device, torch.float64)
+    model.train()
+    model.blocks["gru"].eval()
+    x = torch.randn(5, 2, 3, device=device, dtype=torch.float64)
+    expected_loss, expected_grads = _loss_and_grads(model, x)
+    params_before = [id(p) for p in model.parameters()]
+    modules_before = _recurrent(model)
+    events = []
+    model.blocks["gru"].register_forward_pre_hook(lambda *a: events.append("pre"))
+    model.encoders[1].register_forward_hook(lambda *a: events.append("fwd"))
+    model.proj_lstm.register_full_backward_hook(lambda *a: events.append("bwd"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    assert rnnkern.convert(model, backend="reference", record_grad_norms=True) is model
+    converted = _recurrent(model)
+    assert [id(m) for m in converted] == [id(m) for m in modules_before]
+    assert [type(m) for m in converted] == [rnnkern.LSTM, rnnkern.GRU, rnnkern.RNN, rnnkern.LSTM]
+    assert [id(p) for p in model.parameters()] == params_before  # the optimizer still holds them
+    assert model.training and not model.blocks["gru"].training and model.encoders[1].training
+    assert all(p.device.type == device and p.dtype == torch.float64 for p in model.parameters())
+
+    loss, grads = _loss_and_grads(model, x)
+    assert events == ["fwd", "pre", "bwd"]
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-12)
+    for g, g_ref in zip(grads, expected_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+    for module in converted:
+        gn = module.grad_norms
+        assert gn is not None and gn.h_per_sample.device.type == device
+        assert gn.num_layers == module.num_layers and gn.seq_len == 5
+    before = model.proj_lstm.weight_hr_l0.detach().clone()
+    optimizer.step()  # the optimizer built before convert still updates the converted modules
+    assert not torch.equal(model.proj_lstm.weight_hr_l0.detach(), before)
+
+
+def test_convert_top_level_module_and_options_of_rnnkern_modules():
+    lstm = torch.nn.LSTM(3, 4)
+    assert rnnkern.convert(lstm, backend="reference") is lstm and type(lstm) is rnnkern.LSTM
+    model = torch.nn.Sequential(rnnkern.GRU(3, 4, backend="reference"))
+    rnnkern.convert(model, backend="reference", record_grad_norms=True, hidden_grad_clip=0.5)
+    assert model[0].record_grad_norms and model[0].hidden_grad_clip == 0.5
+
+    class CustomLSTM(torch.nn.LSTM):  # its own forward may differ: left alone
+        pass
+
+    custom = torch.nn.Sequential(CustomLSTM(3, 4))
+    rnnkern.convert(custom)
+    assert type(custom[0]) is CustomLSTM
+    with pytest.raises(ValueError, match="valid backends"):
+        rnnkern.convert(torch.nn.Sequential(torch.nn.LSTM(3, 4)), backend="cudnn")
+
+
+def _rnnkern_twin():
+    """Seq2Seq built with rnnkern classes (no conversion), to load state_dicts into."""
+    with rnnkern.patch_torch(backend="reference"):
+        return Seq2Seq().double()
+
+
+def test_state_dict_loads_both_ways_between_torch_nn_and_rnnkern_models():
+    torch.manual_seed(9)
+    plain = Seq2Seq().double()
+    ours = _rnnkern_twin()
+    assert all(type(m).__module__.startswith("torch.nn") for m in _recurrent(plain))
+    assert all(isinstance(m, rnnkern.modules._RnnkernMixin) for m in _recurrent(ours))
+    assert list(plain.state_dict()) == list(ours.state_dict())
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    ours.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-10, atol=1e-12)
+    torch.manual_seed(10)
+    other = _rnnkern_twin()
+    plain.load_state_dict(other.state_dict())
+    torch.testing.assert_close(plain(x), other(x), rtol=1e-10, atol=1e-12)
+    buffer = io.BytesIO()
+    torch.save(other.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = Seq2Seq().double()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(fresh(x), other(x), rtol=1e-10, atol=1e-12)
+
+
+def _model_copies(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model)),
+            "torch.save": torch.load(buffer, weights_only=False)}
+
+
+@pytest.mark.parametrize("how", ["built", "converted"])
+def test_copy_pickle_and_save_whole_models(how):
+    torch.manual_seed(11)
+    model = Seq2Seq().double()
+    if how == "built":
+        model = _rnnkern_twin()
+    rnnkern.convert(model, backend="reference", record_grad_norms=True, hidden_grad_clip=3.0)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    loss, grads = _loss_and_grads(model, x)
+    norms = [m.grad_norms for m in _recurrent(model)]
+    for name, clone in _model_copies(model).items():
+        for m, m_clone in zip(_recurrent(model), _recurrent(clone)):
+            assert type(m_clone) is type(m), name
+            assert (m_clone.backend, m_clone.record_grad_norms, m_clone.hidden_grad_clip) == \
+                ("reference", True, 3.0)
+        clone_loss, clone_grads = _loss_and_grads(clone, x)
+        torch.testing.assert_close(clone_loss, loss, rtol=1e-10, atol=1e-12)
+        for g, g_ref in zip(clone_grads, grads):
+            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+        # The copy's backward fills the copy's grad_norms, not the original's.
+        for m, m_clone, gn in zip(_recurrent(model), _recurrent(clone), norms):
+            assert m.grad_norms is gn
+            assert m_clone.grad_norms is not gn
+            torch.testing.assert_close(m_clone.grad_norms.h_per_sample, gn.h_per_sample)
+
+
+def test_patch_torch_instances_are_plain_rnnkern_modules():
+    with rnnkern.patch_torch(backend="reference", hidden_grad_clip=2.0):
+        m = torch.nn.GRU(3, 4)
+
+        class UserGRU(torch.nn.GRU):  # user code subclassing the patched class keeps its class
+            def extra(self):
+                return 1
+
+        u = UserGRU(3, 4)
+        assert isinstance(m, torch.nn.GRU) and isinstance(rnnkern.modules.TorchGRU(3, 4), torch.nn.GRU)
+        assert not isinstance(m, torch.nn.LSTM)
+    assert type(m) is rnnkern.GRU and m.hidden_grad_clip == 2.0
+    assert type(u) is UserGRU and u.extra() == 1 and u.backend == "reference"
+    clone = pickle.loads(pickle.dumps(m))
+    x = torch.randn(2, 1, 3)
+    torch.testing.assert_close(clone(x)[0], m(x)[0])
