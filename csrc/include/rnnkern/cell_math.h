@@ -26,9 +26,10 @@ RNNKERN_HD double rk_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 // ReLU that propagates NaN as torch.relu does (NaN > 0 is false, so test x < 0 instead).
 RNNKERN_HD float rk_relu(float x) { return x < 0.0f ? 0.0f : x; }
 RNNKERN_HD double rk_relu(double x) { return x < 0.0 ? 0.0 : x; }
-// d relu / d pre, expressed through the output h = relu(pre): torch uses (h > 0) * dh.
-RNNKERN_HD float rk_relu_grad(float h, float dh) { return h > 0.0f ? dh : 0.0f; }
-RNNKERN_HD double rk_relu_grad(double h, double dh) { return h > 0.0 ? dh : 0.0; }
+// d relu / d pre, expressed through the output h = relu(pre), as torch's threshold_backward:
+// h <= 0 ? 0 : dh (so a NaN output passes its gradient through, as in torch.nn).
+RNNKERN_HD float rk_relu_grad(float h, float dh) { return h <= 0.0f ? 0.0f : dh; }
+RNNKERN_HD double rk_relu_grad(double h, double dh) { return h <= 0.0 ? 0.0 : dh; }
 
 // ---------------------------------------------------------------------------------------------
 // LSTM. Pre-activations include x W_ihᵀ + b_ih + h W_hhᵀ + b_hh. Gate order i, f, g, o.
@@ -51,16 +52,22 @@ RNNKERN_HD void lstm_forward_unit(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev, 
 // dh: gradient at o*tanh(c_t) (after clipping and, with a projection, after g @ W_hr).
 // dc_next: gradient arriving at c_t from step t+1 (or grad_c_n). Produces the total dc at c_t
 // (whose norm is recorded), the pre-activation gradients, and the gradient flowing to c_{t-1}.
+// This overload takes tc = tanh(c_t), for callers that also need o*tanh(c_t) (the projection).
 template <typename T>
-RNNKERN_HD void lstm_backward_unit(T dh, T dc_next, const LstmGates<T>& a, T c, T c_prev,
-                                   LstmGates<T>& dpre, T& dc_total, T& dc_prev) {
-  const T tc = rk_tanh(c);
+RNNKERN_HD void lstm_backward_unit_tanh(T dh, T dc_next, const LstmGates<T>& a, T tc, T c_prev,
+                                        LstmGates<T>& dpre, T& dc_total, T& dc_prev) {
   dc_total = dc_next + dh * a.o * (T(1) - tc * tc);
   dpre.o = dh * tc * a.o * (T(1) - a.o);
   dpre.i = dc_total * a.g * a.i * (T(1) - a.i);
   dpre.f = dc_total * c_prev * a.f * (T(1) - a.f);
   dpre.g = dc_total * a.i * (T(1) - a.g * a.g);
   dc_prev = dc_total * a.f;
+}
+
+template <typename T>
+RNNKERN_HD void lstm_backward_unit(T dh, T dc_next, const LstmGates<T>& a, T c, T c_prev,
+                                   LstmGates<T>& dpre, T& dc_total, T& dc_prev) {
+  lstm_backward_unit_tanh(dh, dc_next, a, rk_tanh(c), c_prev, dpre, dc_total, dc_prev);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,413 @@
+// The device-agnostic layer driver (csrc/include/rnnkern/layer_driver.h). It lives in csrc/cpu/
+// because the CPU part of the extension is always built; the CUDA glue links against it.
+//
+// Rows layout (docs/internals.md): step t owns rows [offset[t], offset[t] + batch_sizes[t]), so
+// every per-step slice is a view. Forward direction: every row of step t > 0 continues from step
+// t-1; a sample ends at its last step. Reverse direction: rows [0, batch_sizes[t+1]) continue from
+// step t+1, the others start from h0; every sample ends at t = 0.
+#include "rnnkern/layer_driver.h"
+
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include "rnnkern/cells.h"
+
+namespace rnnkern {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::F32;
+    case at::kDouble:
+      return DType::F64;
+    case at::kHalf:
+      return DType::F16;
+    case at::kBFloat16:
+      return DType::BF16;
+    default:
+      TORCH_CHECK(false, "rnnkern: unsupported dtype ", t.scalar_type(),
+                  " (expected float32, float64, float16 or bfloat16)");
+  }
+}
+
+namespace {
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The time geometry of one layer and direction.
+struct Steps {
+  int64_t T = 0, B = 0, N = 0;
+  bool reverse = false;
+  std::vector<int64_t> size, offset;
+
+  Steps(const at::Tensor& batch_sizes, bool reverse_) : reverse(reverse_) {
+    TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong &&
+                    batch_sizes.dim() == 1,
+                "rnnkern: batch_sizes must be a 1-D int64 CPU tensor");
+    auto bs = batch_sizes.contiguous();
+    const int64_t* p = bs.data_ptr<int64_t>();
+    T = bs.numel();
+    size.assign(p, p + T);
+    offset.resize(T);
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(size[t] >= 0 && (t == 0 || size[t] <= size[t - 1]),
+                  "rnnkern: batch_sizes must be non-negative and non-increasing");
+      offset[t] = N;
+      N += size[t];
+    }
+    B = T > 0 ? size[0] : 0;
+  }
+  // The t of the k-th processed step of the forward recurrence.
+  int64_t step(int64_t k) const { return reverse ? T - 1 - k : k; }
+  // The step processed before t in the forward recurrence (-1: none).
+  int64_t prev(int64_t t) const { return reverse ? (t + 1 < T ? t + 1 : -1) : t - 1; }
+  // Rows of step t that continue from the previously processed step (the rest start from h0).
+  int64_t n_prev(int64_t t) const {
+    const int64_t p = prev(t);
+    return p < 0 ? 0 : std::min(size[t], size[p]);
+  }
+  // Rows of step t whose h_t feeds the next processed step (the rest end at t: h_n).
+  int64_t n_next(int64_t t) const {
+    const int64_t n = reverse ? t - 1 : t + 1;
+    return (n < 0 || n >= T) ? 0 : std::min(size[t], size[n]);
+  }
+};
+
+// at::mm_out into a view (mm_out wants an lvalue).
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
+}
+
+void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnnkern: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "rnnkern: ", name, " is on ", t.device(),
+              ", expected ", like.device());
+}
+
+struct Dims {
+  Cell cell;
+  int64_t G, H, P, S;
+  bool proj;
+};
+
+// Checks the inputs shared by both ops; `like` carries the layer's dtype and device.
+Dims check_inputs(int64_t cell_id, const at::Tensor& like, const Steps& steps, const at::Tensor& h0,
+                  const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& b_hh,
+                  const at::Tensor& w_hr) {
+  TORCH_CHECK(cell_id >= 0 && cell_id <= 3, "rnnkern: unknown cell id ", cell_id);
+  Dims d;
+  d.cell = static_cast<Cell>(cell_id);
+  d.G = cell_gates(d.cell);
+  d.S = cell_workspace_slots(d.cell);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % d.G == 0, "rnnkern: w_hh must be [G*H, P]");
+  d.H = w_hh.size(0) / d.G;
+  d.P = w_hh.size(1);
+  d.proj = w_hr.defined();
+  TORCH_CHECK(!d.proj || d.cell == Cell::LSTM, "rnnkern: w_hr (projection) is LSTM only");
+  TORCH_CHECK(d.proj || d.P == d.H, "rnnkern: w_hh has ", d.P, " columns, expected hidden size ",
+              d.H);
+  if (d.proj) {
+    check_same(w_hr, like, "w_hr");
+    TORCH_CHECK(w_hr.dim() == 2 && w_hr.size(0) == d.P && w_hr.size(1) == d.H,
+                "rnnkern: w_hr must be [P, H]");
+  }
+  check_same(w_hh, like, "w_hh");
+  check_same(h0, like, "h0");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == d.P && (steps.T == 0 || h0.size(0) == steps.B),
+              "rnnkern: h0 must be [B, P] with B = batch_sizes[0]");
+  if (c0.defined()) {
+    TORCH_CHECK(d.cell == Cell::LSTM, "rnnkern: c0 is LSTM only");
+    check_same(c0, like, "c0");
+    TORCH_CHECK(c0.dim() == 2 && c0.size(0) == h0.size(0) && c0.size(1) == d.H,
+                "rnnkern: c0 must be [B, H]");
+  }
+  if (b_hh.defined()) {
+    check_same(b_hh, like, "b_hh");
+    TORCH_CHECK(b_hh.dim() == 1 && b_hh.size(0) == d.G * d.H, "rnnkern: b_hh must be [G*H]");
+  }
+  return d;
+}
+
+// Rows of h_{t-1} for every row, [N, P]: the right-hand operand of grad_w_hh. Built with as few
+// copies as possible (a padded batch needs two).
+at::Tensor gather_h_prev(const Steps& steps, const at::Tensor& out, const at::Tensor& h0) {
+  at::Tensor h_prev = at::empty_like(out);
+  // Pending copy: dst rows [dst, dst+len) <- src rows [src, src+len) of out (from_out) or h0.
+  int64_t dst = 0, src = 0, len = 0;
+  bool from_out = false;
+  auto flush = [&]() {
+    if (len > 0) {
+      h_prev.narrow(0, dst, len).copy_((from_out ? out : h0).narrow(0, src, len));
+    }
+    len = 0;
+  };
+  auto add = [&](int64_t d, bool o, int64_t s, int64_t n) {
+    if (n == 0) return;
+    if (len > 0 && o == from_out && d == dst + len && s == src + len) {
+      len += n;
+      return;
+    }
+    flush();
+    dst = d, src = s, len = n, from_out = o;
+  };
+  for (int64_t k = 0; k < steps.T; ++k) {
+    const int64_t t = steps.step(k);
+    const int64_t np = steps.n_prev(t);
+    if (np > 0) add(steps.offset[t], true, steps.offset[steps.prev(t)], np);
+    add(steps.offset[t] + np, false, np, steps.size[t] - np);
+  }
+  flush();
+  return h_prev;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
+    const StepKernels& kernels, int64_t cell_id, const at::Tensor& xp_in,
+    const at::Tensor& batch_sizes, const at::Tensor& h0_in, const std::optional<at::Tensor>& c0_opt,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh_opt,
+    const std::optional<at::Tensor>& w_hr_opt, bool reverse) {
+  // The ops are differentiated as a whole (register_autograd); the ATen ops inside never are.
+  at::AutoDispatchBelowAutograd below_autograd;
+  const Steps steps(batch_sizes, reverse);
+  const at::Tensor xp = xp_in.contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor c0 = contiguous_or_undefined(c0_opt);
+  const at::Tensor b_hh_given = contiguous_or_undefined(b_hh_opt);
+  const at::Tensor w_hr = contiguous_or_undefined(w_hr_opt);
+  const Dims d = check_inputs(cell_id, xp, steps, h0, c0, w_hh, b_hh_given, w_hr);
+  TORCH_CHECK(xp.dim() == 2 && xp.size(0) == steps.N && xp.size(1) == d.G * d.H,
+              "rnnkern: xp must be [N, G*H] = [", steps.N, ", ", d.G * d.H, "], got ", xp.sizes());
+  const DType dtype = dtype_of(xp);
+  const auto acc = acc_type(xp.scalar_type());
+  const int64_t B = h0.size(0), N = steps.N, H = d.H, P = d.P, GH = d.G * d.H;
+  const bool lstm = d.cell == Cell::LSTM;
+
+  at::Tensor out = at::empty({N, P}, xp.options());
+  at::Tensor workspace = at::empty({N, d.S * H}, xp.options().dtype(acc));
+  at::Tensor h_n = at::empty({B, P}, xp.options());
+  at::Tensor c_n = lstm ? at::empty({B, H}, xp.options()) : at::empty({0}, xp.options());
+  if (N == 0) {
+    h_n.copy_(h0);
+    if (lstm) c0.defined() ? c_n.copy_(c0) : c_n.zero_();
+    return {out, h_n, c_n, workspace};
+  }
+
+  // Kernels read a bias unconditionally: zeros stand in for a layer without one.
+  const at::Tensor b_hh = b_hh_given.defined() ? b_hh_given : at::zeros({GH}, xp.options());
+  const at::Tensor c0_acc =
+      lstm ? (c0.defined() ? c0.to(acc).contiguous() : at::zeros({B, H}, xp.options().dtype(acc)))
+           : at::Tensor();
+  const at::Tensor w_hh_t = w_hh.t();
+  at::Tensor hp_buf = at::empty({B, GH}, xp.options());
+  at::Tensor hpre_buf = d.proj ? at::empty({B, H}, xp.options()) : at::Tensor();
+  const int64_t ws_ld = d.S * H;
+  const int64_t acc_bytes = workspace.element_size();
+
+  for (int64_t k = 0; k < steps.T; ++k) {
+    const int64_t t = steps.step(k);
+    const int64_t rows = steps.size[t];
+    if (rows == 0) continue;
+    const int64_t np = steps.n_prev(t);
+    const int64_t prev_off = np > 0 ? steps.offset[steps.prev(t)] : 0;
+    at::Tensor hp = hp_buf.narrow(0, 0, rows);
+    if (np > 0) mm_into(hp.narrow(0, 0, np), out.narrow(0, prev_off, np), w_hh_t);
+    if (np < rows) mm_into(hp.narrow(0, np, rows - np), h0.narrow(0, np, rows - np), w_hh_t);
+
+    ForwardStepArgs a;
+    a.cell = d.cell;
+    a.dtype = dtype;
+    a.rows = rows;
+    a.hidden = H;
+    a.xp = xp.narrow(0, steps.offset[t], rows).data_ptr();
+    a.hp = hp.data_ptr();
+    a.b_hh = b_hh.data_ptr();
+    a.h_prev = PrevState{np > 0 ? out.narrow(0, prev_off, np).data_ptr() : nullptr, P,
+                         h0.data_ptr(), P, np};
+    if (lstm) {
+      const void* c_step =
+          np > 0 ? static_cast<const char*>(workspace.data_ptr()) +
+                       (prev_off * ws_ld + 4 * H) * acc_bytes
+                 : nullptr;
+      a.c_prev = PrevState{c_step, ws_ld, c0_acc.data_ptr(), H, np};
+    }
+    a.h_out = d.proj ? hpre_buf.data_ptr() : out.narrow(0, steps.offset[t], rows).data_ptr();
+    a.ld_h_out = d.proj ? H : P;
+    a.ws = d.S > 0 ? workspace.narrow(0, steps.offset[t], rows).data_ptr() : nullptr;
+    kernels.forward_step(a);
+    if (d.proj) {
+      mm_into(out.narrow(0, steps.offset[t], rows), hpre_buf.narrow(0, 0, rows), w_hr.t());
+    }
+  }
+
+  // h_n / c_n: each sample's state at its final step.
+  auto take_final = [&](int64_t t, int64_t lo, int64_t hi) {
+    if (hi <= lo) return;
+    h_n.narrow(0, lo, hi - lo).copy_(out.narrow(0, steps.offset[t] + lo, hi - lo));
+    if (lstm) {
+      c_n.narrow(0, lo, hi - lo)
+          .copy_(workspace.narrow(0, steps.offset[t] + lo, hi - lo).narrow(1, 4 * H, H));
+    }
+  };
+  if (reverse) {
+    take_final(0, 0, steps.size[0]);
+  } else {
+    for (int64_t t = 0; t < steps.T; ++t) take_final(t, steps.n_next(t), steps.size[t]);
+  }
+  return {out, h_n, c_n, workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& grad_out_in,
+               const at::Tensor& grad_h_n_in, const std::optional<at::Tensor>& grad_c_n_opt,
+               const at::Tensor& batch_sizes, const at::Tensor& h0_in,
+               const std::optional<at::Tensor>& c0_opt, const at::Tensor& w_hh,
+               const std::optional<at::Tensor>& b_hh_opt, const std::optional<at::Tensor>& w_hr_opt,
+               bool reverse, double clip, bool record_norms, const at::Tensor& out_in,
+               const at::Tensor& workspace_in) {
+  at::AutoDispatchBelowAutograd below_autograd;
+  const Steps steps(batch_sizes, reverse);
+  const at::Tensor out = out_in.contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor workspace = workspace_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
+  at::Tensor grad_c_n = contiguous_or_undefined(grad_c_n_opt);
+  const at::Tensor c0 = contiguous_or_undefined(c0_opt);
+  const at::Tensor b_hh = contiguous_or_undefined(b_hh_opt);
+  const at::Tensor w_hr = contiguous_or_undefined(w_hr_opt);
+  const Dims d = check_inputs(cell_id, out, steps, h0, c0, w_hh, b_hh, w_hr);
+  const DType dtype = dtype_of(out);
+  const auto acc = acc_type(out.scalar_type());
+  const int64_t B = h0.size(0), N = steps.N, H = d.H, P = d.P, GH = d.G * d.H;
+  const bool lstm = d.cell == Cell::LSTM, gru = d.cell == Cell::GRU;
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == P, "rnnkern: out must be [N, P]");
+  check_same(grad_out, out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "rnnkern: grad_out must be [N, P]");
+  check_same(grad_h_n, out, "grad_h_n");
+  TORCH_CHECK(grad_h_n.sizes() == h0.sizes(), "rnnkern: grad_h_n must be [B, P]");
+  if (grad_c_n.defined() && lstm) {
+    check_same(grad_c_n, out, "grad_c_n");
+    TORCH_CHECK(grad_c_n.dim() == 2 && grad_c_n.size(0) == B && grad_c_n.size(1) == H,
+                "rnnkern: grad_c_n must be [B, H]");
+  }
+  TORCH_CHECK(workspace.scalar_type() == acc && workspace.dim() == 2 && workspace.size(0) == N &&
+                  workspace.size(1) == d.S * H,
+              "rnnkern: workspace must be [N, S*H] of the accumulation dtype");
+
+  const auto opts = out.options();
+  at::Tensor grad_xp = at::empty({N, GH}, opts);
+  at::Tensor norms = at::zeros({2, N}, opts.dtype(at::kFloat));
+  at::Tensor grad_w_hh = at::empty({GH, P}, opts);
+  at::Tensor grad_b_hh = b_hh.defined() ? at::empty({GH}, opts) : at::empty({0}, opts);
+  at::Tensor grad_w_hr = d.proj ? at::empty({P, H}, opts) : at::empty({0}, opts);
+  at::Tensor grad_c0 = c0.defined() ? at::empty({B, H}, opts) : at::empty({0}, opts);
+  if (N == 0) {
+    at::Tensor grad_h0 = grad_h_n.clone();
+    grad_w_hh.zero_();
+    grad_b_hh.zero_();
+    grad_w_hr.zero_();
+    if (c0.defined()) grad_c_n.defined() && lstm ? grad_c0.copy_(grad_c_n) : grad_c0.zero_();
+    return {grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms};
+  }
+
+  // Kernels read grad_c_n unconditionally: zeros stand in for an absent one.
+  if (lstm && !grad_c_n.defined()) grad_c_n = at::zeros({B, H}, opts);
+  // dgates_h: gradient w.r.t. h_{t-1} W_hhᵀ + b_hh; equal to grad_xp except GRU's n-gate.
+  at::Tensor dgates_h = gru ? at::empty({N, GH}, opts) : grad_xp;
+  // dh_buf: dgates_h @ W_hh of the last processed step, i.e. the gradient arriving at h_{t-1};
+  // after the loop, the gradient at h0. Zero-filled so that grad_h0 is total even for odd input.
+  at::Tensor dh_buf = at::zeros({B, P}, opts);
+  at::Tensor dh_direct = gru ? at::zeros({B, H}, opts.dtype(acc)) : at::Tensor();
+  at::Tensor dc = lstm ? at::zeros({B, H}, opts.dtype(acc)) : at::Tensor();
+  at::Tensor g_all = d.proj ? at::empty({N, P}, opts) : at::Tensor();
+  at::Tensor hpre_all = d.proj ? at::empty({N, H}, opts) : at::Tensor();
+  at::Tensor dh_pre_buf = d.proj ? at::empty({B, H}, opts) : at::Tensor();
+  const at::Tensor c0_acc =
+      lstm ? (c0.defined() ? c0.to(acc).contiguous() : at::zeros({B, H}, opts.dtype(acc)))
+           : at::Tensor();
+  const int64_t ws_ld = d.S * H;
+  const int64_t acc_bytes = workspace.element_size();
+  auto ws_ptr = [&](int64_t row, int64_t col) -> const void* {
+    return static_cast<const char*>(workspace.data_ptr()) + (row * ws_ld + col) * acc_bytes;
+  };
+  float* norm_g_base = norms.data_ptr<float>();
+  float* norm_c_base = norm_g_base + N;
+
+  for (int64_t k = steps.T - 1; k >= 0; --k) {
+    const int64_t t = steps.step(k);
+    const int64_t rows = steps.size[t];
+    if (rows == 0) continue;
+    const int64_t off = steps.offset[t];
+    const int64_t np = steps.n_prev(t), nn = steps.n_next(t);
+    const int64_t prev_off = np > 0 ? steps.offset[steps.prev(t)] : 0;
+
+    IncomingGrad grad;
+    grad.size = P;
+    grad.grad_out = grad_out.narrow(0, off, rows).data_ptr();
+    grad.dh_next = dh_buf.data_ptr();
+    grad.grad_h_n = grad_h_n.data_ptr();
+    grad.n_next = nn;
+
+    BackwardStepArgs a;
+    a.cell = d.cell;
+    a.dtype = dtype;
+    a.rows = rows;
+    a.hidden = H;
+    a.clip = clip;
+    a.grad = grad;
+    a.norm_g = record_norms ? norm_g_base + off : nullptr;
+    a.norm_c = (record_norms && lstm) ? norm_c_base + off : nullptr;
+    if (d.proj) {
+      ProjGradStepArgs pa;
+      pa.dtype = dtype;
+      pa.rows = rows;
+      pa.clip = clip;
+      pa.grad = grad;
+      pa.g_out = g_all.narrow(0, off, rows).data_ptr();
+      pa.norm_g = a.norm_g;
+      kernels.proj_grad_step(pa);
+      mm_into(dh_pre_buf.narrow(0, 0, rows), g_all.narrow(0, off, rows), w_hr);
+      a.dh_pre = dh_pre_buf.data_ptr();
+      a.hpre_out = hpre_all.narrow(0, off, rows).data_ptr();
+      a.norm_g = nullptr;
+    }
+    if (gru) {
+      a.dh_direct = dh_direct.data_ptr();
+      a.dh_direct_out = dh_direct.data_ptr();
+      a.dgates_h = dgates_h.narrow(0, off, rows).data_ptr();
+      a.h_prev = PrevState{np > 0 ? out.narrow(0, prev_off, np).data_ptr() : nullptr, P,
+                           h0.data_ptr(), P, np};
+    }
+    if (lstm) {
+      a.grad_c_n = grad_c_n.data_ptr();
+      a.dc = dc.data_ptr();
+      a.c_prev = PrevState{np > 0 ? ws_ptr(prev_off, 4 * H) : nullptr, ws_ld, c0_acc.data_ptr(),
+                           H, np};
+    }
+    a.ws = d.S > 0 ? ws_ptr(off, 0) : nullptr;
+    a.h_out = out.narrow(0, off, rows).data_ptr();
+    a.dgates_x = grad_xp.narrow(0, off, rows).data_ptr();
+    kernels.backward_step(a);
+    mm_into(dh_buf.narrow(0, 0, rows), dgates_h.narrow(0, off, rows), w_hh);
+  }
+
+  // Rows of dh_buf (and dh_direct, dc) last written at a sample's first step hold its h0 gradient:
+  // later-processed steps have fewer rows and never overwrite them.
+  at::Tensor grad_h0 = gru ? (dh_buf.to(acc) + dh_direct).to(out.scalar_type()) : dh_buf;
+  if (c0.defined()) grad_c0.copy_(dc);
+  at::mm_out(grad_w_hh, dgates_h.t(), gather_h_prev(steps, out, h0));
+  if (b_hh.defined()) {
+    if (acc == out.scalar_type()) {
+      at::sum_out(grad_b_hh, dgates_h, {0});
+    } else {
+      grad_b_hh.copy_(at::sum(dgates_h, {0}, false, acc));
+    }
+  }
+  if (d.proj) at::mm_out(grad_w_hr, g_all.t(), hpre_all);
+  return {grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms};
+}
+
+}  // namespace rnnkern

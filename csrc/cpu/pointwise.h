@@ -1,0 +1,19 @@
+// The CPU step kernels, compiled once per instruction set (pointwise_impl.h); step_kernels_cpu()
+// picks the one matching ATen's own CPU capability (so ATEN_CPU_CAPABILITY applies here too).
+#pragma once
+
+#include "rnnkern/layer_driver.h"
+
+namespace rnnkern {
+namespace cpu_default {
+const StepKernels* cpu_step_kernels();
+}
+namespace cpu_avx2 {
+const StepKernels* cpu_step_kernels();  // null when not compiled for this platform
+}
+namespace cpu_avx512 {
+const StepKernels* cpu_step_kernels();  // null when not compiled for this platform
+}
+
+const StepKernels& step_kernels_cpu();
+}  // namespace rnnkern

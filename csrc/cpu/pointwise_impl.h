@@ -1,0 +1,428 @@
+// The CPU per-step fused pointwise kernels: one at::parallel_for over the rows of a step, each row
+// one vectorised (at::vec::Vectorized) pass over its hidden units, with the gate formulas of
+// rnnkern/cell_math.h instantiated on vectors.
+//
+// Included once per instruction set by pointwise_{default,avx2,avx512}.cpp, each of which defines
+// CPU_CAPABILITY (ATen's vector namespace) and RNNKERN_CPU_ISA (the name of the kernel table)
+// before including it. CPU kernels run float32 and float64 only, so the accumulation type is the
+// input type.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "rnnkern/layer_driver.h"
+#include "rnnkern/step_args.h"
+
+namespace rnnkern {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Vector overloads of the activation helpers, declared before cell_math.h so that its templates
+// find them (see the note at the top of cell_math.h). Sleef-backed exp/tanh propagate NaN.
+template <typename T>
+inline Vec<T> rk_tanh(Vec<T> x) {
+  return x.tanh();
+}
+template <typename T>
+inline Vec<T> rk_sigmoid(Vec<T> x) {
+  const Vec<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+template <typename T>
+inline Vec<T> rk_relu(Vec<T> x) {
+  const Vec<T> zero(T(0));
+  return Vec<T>::blendv(x, zero, x < zero);  // x < 0 is false for NaN: NaN stays
+}
+template <typename T>
+inline Vec<T> rk_relu_grad(Vec<T> h, Vec<T> dh) {
+  const Vec<T> zero(T(0));
+  return Vec<T>::blendv(dh, zero, h <= zero);  // h <= 0 is false for NaN: dh passes
+}
+
+}  // namespace rnnkern
+
+#include "rnnkern/cell_math.h"
+
+namespace rnnkern {
+namespace RNNKERN_CPU_ISA {
+namespace {
+
+// Loads / stores for the unit loop: U is Vec<T> for the vector body and T for the tail.
+template <typename U, typename T>
+inline U ld(const T* p) {
+  if constexpr (std::is_same_v<U, T>) {
+    return *p;
+  } else {
+    return U::loadu(p);
+  }
+}
+template <typename T>
+inline void st(T* p, T v) {
+  *p = v;
+}
+template <typename T>
+inline void st(T* p, Vec<T> v) {
+  v.store(p);
+}
+
+// Runs f(j, U{}) over the units [0, n): full vectors, then a scalar tail.
+template <typename T, typename F>
+inline void unit_loop(int64_t n, const F& f) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) f(j, Vec<T>());
+  for (; j < n; ++j) f(j, T());
+}
+
+// A sum of squares accumulated across the vector body and the tail.
+template <typename T>
+struct SumSq {
+  Vec<T> v = Vec<T>(T(0));
+  T s = T(0);
+  void add(Vec<T> x) { v = v + x * x; }
+  void add(T x) { s += x * x; }
+  T total() const {
+    alignas(64) T lanes[Vec<T>::size()];
+    v.store(lanes);
+    T sum = s;
+    for (int64_t k = 0; k < Vec<T>::size(); ++k) sum += lanes[k];
+    return sum;
+  }
+};
+
+template <typename T>
+inline const T* prev_row(const PrevState& p, int64_t b) {
+  return b < p.n_from_step ? static_cast<const T*>(p.from_step) + b * p.ld_step
+                           : static_cast<const T*>(p.from_init) + b * p.ld_init;
+}
+
+// Rows per parallel chunk: enough work per thread that forking pays off.
+inline int64_t grain(int64_t units_per_row) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, units_per_row));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The incoming gradient g of one row (docs/internals.md), and its clipping.
+template <typename T>
+struct RowGrad {
+  const T* grad_out;
+  const T* from;    // dh_next row (b < n_next) or grad_h_n row (the sample's final step)
+  const T* direct;  // GRU: dh_direct row, or null
+  template <typename U>
+  U at(int64_t j) const {
+    U g = ld<U>(grad_out + j) + ld<U>(from + j);
+    if (direct != nullptr) g = g + ld<U>(direct + j);
+    return g;
+  }
+};
+
+template <typename T>
+inline RowGrad<T> row_grad(const IncomingGrad& in, int64_t b, const T* dh_direct) {
+  const bool continues = b < in.n_next;
+  return RowGrad<T>{static_cast<const T*>(in.grad_out) + b * in.size,
+                    continues ? static_cast<const T*>(in.dh_next) + b * in.size
+                              : static_cast<const T*>(in.grad_h_n) + b * in.size,
+                    (continues && dh_direct != nullptr) ? dh_direct + b * in.size : nullptr};
+}
+
+// With clipping, ‖g‖ is needed before g is used: a first pass computes it (and records it).
+// Without, the caller accumulates the norm in its single pass. Returns the scale for g.
+template <typename T>
+inline T pre_clip_scale(const RowGrad<T>& g, int64_t n, double clip, float* norm_out) {
+  if (!(clip > 0.0)) return T(1);
+  SumSq<T> sq;
+  unit_loop<T>(n, [&](int64_t j, auto tag) { sq.add(g.template at<decltype(tag)>(j)); });
+  const T norm = std::sqrt(sq.total());
+  if (norm_out != nullptr) *norm_out = static_cast<float>(norm);
+  return clip_scale(norm, static_cast<T>(clip));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward steps.
+template <typename T>
+void lstm_forward(const ForwardStepArgs& a) {
+  const int64_t H = a.hidden;
+  const T* xp = static_cast<const T*>(a.xp);
+  const T* hp = static_cast<const T*>(a.hp);
+  const T* bias = static_cast<const T*>(a.b_hh);
+  at::parallel_for(0, a.rows, grain(4 * H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* x = xp + b * 4 * H;
+      const T* h = hp + b * 4 * H;
+      const T* c_prev = prev_row<T>(a.c_prev, b);
+      T* ws = static_cast<T*>(a.ws) + b * 5 * H;
+      T* h_out = static_cast<T*>(a.h_out) + b * a.ld_h_out;
+      unit_loop<T>(H, [&](int64_t j, auto tag) {
+        using U = decltype(tag);
+        auto pre = [&](int64_t k) {
+          return ld<U>(x + k * H + j) + ld<U>(h + k * H + j) + ld<U>(bias + k * H + j);
+        };
+        LstmGates<U> act;
+        U c, h_t;
+        lstm_forward_unit(pre(0), pre(1), pre(2), pre(3), ld<U>(c_prev + j), act, c, h_t);
+        st(ws + j, act.i);
+        st(ws + H + j, act.f);
+        st(ws + 2 * H + j, act.g);
+        st(ws + 3 * H + j, act.o);
+        st(ws + 4 * H + j, c);
+        st(h_out + j, h_t);
+      });
+    }
+  });
+}
+
+template <typename T>
+void gru_forward(const ForwardStepArgs& a) {
+  const int64_t H = a.hidden;
+  const T* xp = static_cast<const T*>(a.xp);
+  const T* hp = static_cast<const T*>(a.hp);
+  const T* bias = static_cast<const T*>(a.b_hh);
+  at::parallel_for(0, a.rows, grain(3 * H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* x = xp + b * 3 * H;
+      const T* h = hp + b * 3 * H;
+      const T* h_prev = prev_row<T>(a.h_prev, b);
+      T* ws = static_cast<T*>(a.ws) + b * 4 * H;
+      T* h_out = static_cast<T*>(a.h_out) + b * a.ld_h_out;
+      unit_loop<T>(H, [&](int64_t j, auto tag) {
+        using U = decltype(tag);
+        auto hside = [&](int64_t k) { return ld<U>(h + k * H + j) + ld<U>(bias + k * H + j); };
+        const U hn = hside(2);
+        GruGates<U> act;
+        U h_t;
+        gru_forward_unit(ld<U>(x + j), ld<U>(x + H + j), ld<U>(x + 2 * H + j), hside(0), hside(1),
+                         hn, ld<U>(h_prev + j), act, h_t);
+        st(ws + j, act.r);
+        st(ws + H + j, act.z);
+        st(ws + 2 * H + j, act.n);
+        st(ws + 3 * H + j, hn);
+        st(h_out + j, h_t);
+      });
+    }
+  });
+}
+
+template <bool Relu, typename T>
+void rnn_forward(const ForwardStepArgs& a) {
+  const int64_t H = a.hidden;
+  const T* xp = static_cast<const T*>(a.xp);
+  const T* hp = static_cast<const T*>(a.hp);
+  const T* bias = static_cast<const T*>(a.b_hh);
+  at::parallel_for(0, a.rows, grain(H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* x = xp + b * H;
+      const T* h = hp + b * H;
+      T* h_out = static_cast<T*>(a.h_out) + b * a.ld_h_out;
+      unit_loop<T>(H, [&](int64_t j, auto tag) {
+        using U = decltype(tag);
+        st(h_out + j, rnn_forward_unit<Relu>(ld<U>(x + j) + ld<U>(h + j) + ld<U>(bias + j)));
+      });
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward steps.
+template <typename T>
+void lstm_backward(const BackwardStepArgs& a) {
+  const int64_t H = a.hidden;
+  const bool projected = a.dh_pre != nullptr;
+  at::parallel_for(0, a.rows, grain(4 * H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const RowGrad<T> g = row_grad<T>(a.grad, b, nullptr);
+      const T* dh_pre = projected ? static_cast<const T*>(a.dh_pre) + b * H : nullptr;
+      float* norm_g = a.norm_g != nullptr ? a.norm_g + b : nullptr;
+      const T scale = projected ? T(1) : pre_clip_scale(g, H, a.clip, norm_g);
+      const bool norm_in_pass = !projected && norm_g != nullptr && !(a.clip > 0.0);
+      const T* dc_in = b < a.grad.n_next ? static_cast<const T*>(a.dc) + b * H
+                                         : static_cast<const T*>(a.grad_c_n) + b * H;
+      T* dc_out = static_cast<T*>(a.dc) + b * H;
+      const T* ws = static_cast<const T*>(a.ws) + b * 5 * H;
+      const T* c_prev = prev_row<T>(a.c_prev, b);
+      T* dgates = static_cast<T*>(a.dgates_x) + b * 4 * H;
+      T* hpre = projected ? static_cast<T*>(a.hpre_out) + b * H : nullptr;
+      SumSq<T> g_sq, dc_sq;
+      unit_loop<T>(H, [&](int64_t j, auto tag) {
+        using U = decltype(tag);
+        U dh;
+        if (projected) {
+          dh = ld<U>(dh_pre + j);
+        } else {
+          const U g_j = g.template at<U>(j);
+          if (norm_in_pass) g_sq.add(g_j);
+          dh = g_j * U(scale);
+        }
+        LstmGates<U> act{ld<U>(ws + j), ld<U>(ws + H + j), ld<U>(ws + 2 * H + j),
+                         ld<U>(ws + 3 * H + j)};
+        const U tc = rk_tanh(ld<U>(ws + 4 * H + j));
+        LstmGates<U> dpre;
+        U dc_total, dc_prev;
+        lstm_backward_unit_tanh(dh, ld<U>(dc_in + j), act, tc, ld<U>(c_prev + j), dpre, dc_total,
+                                dc_prev);
+        dc_sq.add(dc_total);
+        st(dgates + j, dpre.i);
+        st(dgates + H + j, dpre.f);
+        st(dgates + 2 * H + j, dpre.g);
+        st(dgates + 3 * H + j, dpre.o);
+        st(dc_out + j, dc_prev);
+        if (projected) st(hpre + j, act.o * tc);
+      });
+      if (norm_in_pass) *norm_g = static_cast<float>(std::sqrt(g_sq.total()));
+      if (a.norm_c != nullptr) a.norm_c[b] = static_cast<float>(std::sqrt(dc_sq.total()));
+    }
+  });
+}
+
+template <typename T>
+void gru_backward(const BackwardStepArgs& a) {
+  const int64_t H = a.hidden;
+  const T* dh_direct = static_cast<const T*>(a.dh_direct);
+  at::parallel_for(0, a.rows, grain(3 * H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const RowGrad<T> g = row_grad<T>(a.grad, b, dh_direct);
+      float* norm_g = a.norm_g != nullptr ? a.norm_g + b : nullptr;
+      const T scale = pre_clip_scale(g, H, a.clip, norm_g);
+      const bool norm_in_pass = norm_g != nullptr && !(a.clip > 0.0);
+      const T* ws = static_cast<const T*>(a.ws) + b * 4 * H;
+      const T* h_prev = prev_row<T>(a.h_prev, b);
+      T* dx = static_cast<T*>(a.dgates_x) + b * 3 * H;
+      T* dhh = static_cast<T*>(a.dgates_h) + b * 3 * H;
+      T* direct_out = static_cast<T*>(a.dh_direct_out) + b * H;
+      SumSq<T> g_sq;
+      unit_loop<T>(H, [&](int64_t j, auto tag) {
+        using U = decltype(tag);
+        const U g_j = g.template at<U>(j);  // reads dh_direct before direct_out overwrites it
+        if (norm_in_pass) g_sq.add(g_j);
+        GruGates<U> act{ld<U>(ws + j), ld<U>(ws + H + j), ld<U>(ws + 2 * H + j)};
+        GruGates<U> d_x, d_h;
+        U direct;
+        gru_backward_unit(g_j * U(scale), act, ld<U>(ws + 3 * H + j), ld<U>(h_prev + j), d_x, d_h,
+                          direct);
+        st(dx + j, d_x.r);
+        st(dx + H + j, d_x.z);
+        st(dx + 2 * H + j, d_x.n);
+        st(dhh + j, d_h.r);
+        st(dhh + H + j, d_h.z);
+        st(dhh + 2 * H + j, d_h.n);
+        st(direct_out + j, direct);
+      });
+      if (norm_in_pass) *norm_g = static_cast<float>(std::sqrt(g_sq.total()));
+    }
+  });
+}
+
+template <bool Relu, typename T>
+void rnn_backward(const BackwardStepArgs& a) {
+  const int64_t H = a.hidden;
+  at::parallel_for(0, a.rows, grain(H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const RowGrad<T> g = row_grad<T>(a.grad, b, nullptr);
+      float* norm_g = a.norm_g != nullptr ? a.norm_g + b : nullptr;
+      const T scale = pre_clip_scale(g, H, a.clip, norm_g);
+      const bool norm_in_pass = norm_g != nullptr && !(a.clip > 0.0);
+      const T* h = static_cast<const T*>(a.h_out) + b * H;
+      T* dx = static_cast<T*>(a.dgates_x) + b * H;
+      SumSq<T> g_sq;
+      unit_loop<T>(H, [&](int64_t j, auto tag) {
+        using U = decltype(tag);
+        const U g_j = g.template at<U>(j);
+        if (norm_in_pass) g_sq.add(g_j);
+        st(dx + j, rnn_backward_unit<Relu>(g_j * U(scale), ld<U>(h + j)));
+      });
+      if (norm_in_pass) *norm_g = static_cast<float>(std::sqrt(g_sq.total()));
+    }
+  });
+}
+
+template <typename T>
+void proj_grad(const ProjGradStepArgs& a) {
+  const int64_t P = a.grad.size;
+  at::parallel_for(0, a.rows, grain(P), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const RowGrad<T> g = row_grad<T>(a.grad, b, nullptr);
+      T* g_out = static_cast<T*>(a.g_out) + b * P;
+      SumSq<T> sq;
+      unit_loop<T>(P, [&](int64_t j, auto tag) {
+        using U = decltype(tag);
+        const U g_j = g.template at<U>(j);
+        sq.add(g_j);
+        st(g_out + j, g_j);
+      });
+      const T norm = std::sqrt(sq.total());
+      if (a.norm_g != nullptr) a.norm_g[b] = static_cast<float>(norm);
+      const T scale = clip_scale(norm, static_cast<T>(a.clip));
+      if (scale != T(1)) {
+        unit_loop<T>(P, [&](int64_t j, auto tag) {
+          using U = decltype(tag);
+          st(g_out + j, ld<U>(g_out + j) * U(scale));
+        });
+      }
+    }
+  });
+}
+
+template <typename T>
+void forward_step_t(const ForwardStepArgs& a) {
+  switch (a.cell) {
+    case Cell::LSTM:
+      return lstm_forward<T>(a);
+    case Cell::GRU:
+      return gru_forward<T>(a);
+    case Cell::RNN_TANH:
+      return rnn_forward<false, T>(a);
+    case Cell::RNN_RELU:
+      return rnn_forward<true, T>(a);
+  }
+}
+
+template <typename T>
+void backward_step_t(const BackwardStepArgs& a) {
+  switch (a.cell) {
+    case Cell::LSTM:
+      return lstm_backward<T>(a);
+    case Cell::GRU:
+      return gru_backward<T>(a);
+    case Cell::RNN_TANH:
+      return rnn_backward<false, T>(a);
+    case Cell::RNN_RELU:
+      return rnn_backward<true, T>(a);
+  }
+}
+
+class CpuStepKernels final : public StepKernels {
+ public:
+  void forward_step(const ForwardStepArgs& a) const override {
+    check(a.dtype);
+    a.dtype == DType::F64 ? forward_step_t<double>(a) : forward_step_t<float>(a);
+  }
+  void backward_step(const BackwardStepArgs& a) const override {
+    check(a.dtype);
+    a.dtype == DType::F64 ? backward_step_t<double>(a) : backward_step_t<float>(a);
+  }
+  void proj_grad_step(const ProjGradStepArgs& a) const override {
+    check(a.dtype);
+    a.dtype == DType::F64 ? proj_grad<double>(a) : proj_grad<float>(a);
+  }
+
+ private:
+  static void check(DType dtype) {
+    TORCH_CHECK(dtype == DType::F32 || dtype == DType::F64,
+                "rnnkern cpu backend: only float32 and float64 are supported");
+  }
+};
+
+}  // namespace
+
+const StepKernels* cpu_step_kernels() {
+  static const CpuStepKernels kernels;
+  return &kernels;
+}
+
+}  // namespace RNNKERN_CPU_ISA
+}  // namespace rnnkern

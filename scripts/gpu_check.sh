@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
+# Writes under $OUT (or ./gpu-out): env.txt, build.log, tests.log, sanitizer.log, bench.log and the
+# benchmark JSON. Uses the machine's python3 (torch + CUDA + triton there; nothing is installed except
+# the wheels carried in .whl/, e.g. expecttest for torch.library.opcheck).
+# Budget (stages are time-boxed): build ~2 min, tests ~3 min, sanitizer ~1 min, bench ~3 min.
+set -u
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-16} RNNKERN_CUDA_ARCHS=${RNNKERN_CUDA_ARCHS:-90}
+STAGES=${STAGES:-"build tests sanitizer bench"}
+T_TESTS=${T_TESTS:-200} T_SAN=${T_SAN:-90} T_BENCH=${T_BENCH:-200}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+  date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_properties(0))"
+  nvcc --version | tail -2
+} > "$OUT/env.txt" 2>&1
+
+stage() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
+status=0
+
+if stage build; then
+  start=$(date +%s)
+  python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - start )) s"
+  python3 -c "import rnnkern, json; print(json.dumps(rnnkern.build_info()))" | tee -a "$OUT/build.log"
+fi
+
+if stage tests; then
+  start=$(date +%s)
+  timeout "$T_TESTS" python3 -m pytest -q -x --timeout 120 -p no:cacheprovider -m "gpu or not slow" \
+    -rfEs tests/ ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && status=1
+  echo "tests: rc=$rc $(( $(date +%s) - start )) s :: $(tail -1 "$OUT/tests.log")"
+fi
+
+if stage sanitizer; then
+  start=$(date +%s)
+  timeout "$T_SAN" compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitizer_case.py \
+    > "$OUT/sanitizer.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && status=1
+  echo "sanitizer memcheck: rc=$rc $(( $(date +%s) - start )) s :: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+fi
+
+if stage bench; then
+  start=$(date +%s)
+  RNNKERN_BENCH_GRID=${RNNKERN_BENCH_GRID:-gpu-quick} RNNKERN_BENCH_OUT="$OUT" \
+    timeout "$T_BENCH" python3 -m pytest -q -p no:cacheprovider bench --benchmark-disable-gc \
+    > "$OUT/bench.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && status=1
+  echo "bench: rc=$rc $(( $(date +%s) - start )) s :: $(tail -1 "$OUT/bench.log")"
+fi
+
+echo "--- failures (tests.log) ---"
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" 2>/dev/null | head -30
+exit $status

@@ -1,0 +1,638 @@
+"""Op-level tests of the compiled backends (cpu: csrc/cpu, cuda: csrc/cuda).
+
+Each backend's ``layer`` (docs/internals.md) is compared with
+  * an unrolled autograd oracle written here (per-step PyTorch ops on the packed rows, norms and
+    clipping through tensor hooks on h_t / c_t), itself checked against torch.nn;
+  * torch.nn single-layer modules directly (outputs, final states, every gradient);
+  * the reference backend, when it exists on this branch;
+and checked with torch.autograd.gradcheck and torch.library.opcheck.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from rnnkern import _cells, _ext
+from rnnkern.backends import get as get_backend
+
+pytestmark = pytest.mark.skipif(_ext.unavailable_reason() is not None,
+                                reason=str(_ext.unavailable_reason()))
+
+CELLS = [_cells.LSTM, _cells.GRU, _cells.RNN_TANH, _cells.RNN_RELU]
+CELL_IDS = [_cells.NAMES[c] for c in CELLS]
+HAS_GPU = torch.cuda.is_available() and _ext.has_cuda_kernels()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and rnnkern's CUDA kernels")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+def make_case(cell, *, T=5, B=3, H=4, P=0, packed=False, bias=True, dtype=torch.float64,
+              device="cpu", seed=0, input_scale=1.0):
+    """Random layer-op inputs. packed: distinct lengths 1..T (longest first), so the batch shrinks."""
+    gen = torch.Generator().manual_seed(seed)
+    G = _cells.GATES[cell]
+    Pe = P if P > 0 else H
+    if packed:
+        lengths = sorted([T] + [int(torch.randint(1, T + 1, (1,), generator=gen)) for _ in range(B - 1)],
+                         reverse=True)
+    else:
+        lengths = [T] * B
+    batch_sizes = torch.tensor([sum(1 for n in lengths if n > t) for t in range(T)], dtype=torch.long)
+    N = int(batch_sizes.sum())
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    k = 1.0 / math.sqrt(H)
+    case = dict(
+        cell=cell,
+        xp=rnd(N, G * H, scale=input_scale),
+        batch_sizes=batch_sizes,
+        h0=rnd(B, Pe, scale=0.5),
+        c0=rnd(B, H, scale=0.5) if cell == _cells.LSTM else None,
+        w_hh=rnd(G * H, Pe, scale=k),
+        b_hh=rnd(G * H, scale=k) if bias else None,
+        w_hr=rnd(P, H, scale=k) if P > 0 else None,
+    )
+    grads = dict(
+        grad_out=rnd(N, Pe),
+        grad_h_n=rnd(B, Pe),
+        grad_c_n=rnd(B, H) if cell == _cells.LSTM else None,
+    )
+    return case, grads, lengths
+
+
+DIFF_KEYS = ["xp", "h0", "c0", "w_hh", "b_hh", "w_hr"]
+
+
+def leaves(case):
+    """A copy of the case whose float tensors are fresh leaves requiring grad."""
+    out = dict(case)
+    for key in DIFF_KEYS:
+        if case[key] is not None:
+            out[key] = case[key].detach().clone().requires_grad_(True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle: the recurrence unrolled with autograd, on rows, with norm/clip hooks.
+def oracle_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip):
+    """Returns out, h_n, c_n and norms [2, N] (filled in by the backward's hooks)."""
+    bs = batch_sizes.tolist()
+    T = len(bs)
+    offsets = [sum(bs[:t]) for t in range(T)]
+    N = sum(bs)
+    G = _cells.GATES[cell]
+    H = w_hh.shape[0] // G
+    norms = torch.zeros(2, N, dtype=torch.float64)
+    outs = [None] * T
+    cs = [None] * T
+
+    def h_hook(t):
+        def hook(g):
+            n = g.detach().double().norm(dim=1)
+            norms[0, offsets[t]:offsets[t] + bs[t]] = n
+            if clip is not None and clip > 0:
+                scale = torch.where(n > clip, clip / n, torch.ones_like(n))
+                return g * scale.to(g.dtype)[:, None]
+            return g
+        return hook
+
+    def c_hook(t):
+        def hook(g):
+            norms[1, offsets[t]:offsets[t] + bs[t]] = g.detach().double().norm(dim=1)
+        return hook
+
+    order = range(T - 1, -1, -1) if reverse else range(T)
+    prev = None
+    for t in order:
+        rows = bs[t]
+        n_prev = 0 if prev is None else min(rows, bs[prev])
+        h_prev = torch.cat([outs[prev][:n_prev], h0[n_prev:rows]]) if n_prev else h0[:rows]
+        x = xp[offsets[t]:offsets[t] + rows]
+        hp = h_prev @ w_hh.t()
+        if b_hh is not None:
+            hp = hp + b_hh
+        if cell == _cells.LSTM:
+            c_prev = torch.cat([cs[prev][:n_prev], c0[n_prev:rows]]) if n_prev else c0[:rows]
+            i, f, g, o = (x + hp).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            if w_hr is not None:
+                h = h @ w_hr.t()
+            if c.requires_grad:
+                c.register_hook(c_hook(t))
+            cs[t] = c
+        elif cell == _cells.GRU:
+            xr, xz, xn = x.chunk(3, dim=1)
+            hr, hz, hn = hp.chunk(3, dim=1)
+            r = torch.sigmoid(xr + hr)
+            z = torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
+            h = (1 - z) * n + z * h_prev
+        else:
+            pre = x + hp
+            h = torch.tanh(pre) if cell == _cells.RNN_TANH else torch.relu(pre)
+        if h.requires_grad:
+            h.register_hook(h_hook(t))
+        outs[t] = h
+        prev = t
+    out = torch.cat(outs) if T else xp.new_zeros(0, h0.shape[1])
+    # Final states: forward direction, sample b ends at its last step; reverse, at t = 0.
+    h_parts, c_parts = [], []
+    if reverse or T == 0:
+        h_parts, c_parts = [outs[0]] if T else [h0], [cs[0]] if T else [c0]
+    else:
+        for t in range(T):
+            lo = bs[t + 1] if t + 1 < T else 0
+            h_parts.append(outs[t][lo:])
+            c_parts.append(cs[t][lo:] if cell == _cells.LSTM else None)
+        h_parts, c_parts = h_parts[::-1], c_parts[::-1]
+    h_n = torch.cat(h_parts)
+    c_n = torch.cat(c_parts) if cell == _cells.LSTM else xp.new_zeros(0)
+    return out, h_n, c_n, norms
+
+
+def run_layer(layer_fn, case, grads, reverse, clip, record=True):
+    """Forward + backward of one implementation; returns outputs, gradients and norms [2, N]."""
+    c = leaves(case)
+    N = c["xp"].shape[0]
+    probe = torch.zeros(2, N, dtype=torch.float32, device=c["xp"].device, requires_grad=True) if record else None
+    result = layer_fn(c["cell"], c["xp"], c["batch_sizes"], c["h0"], c["c0"], c["w_hh"], c["b_hh"],
+                      c["w_hr"], reverse, clip, probe)
+    out, h_n, c_n = result[:3]
+    loss = (out * grads["grad_out"]).sum() + (h_n * grads["grad_h_n"]).sum()
+    if case["cell"] == _cells.LSTM:
+        loss = loss + (c_n * grads["grad_c_n"]).sum()
+    loss.backward()
+    res = {"out": out.detach(), "h_n": h_n.detach(), "c_n": c_n.detach()}
+    for key in DIFF_KEYS:
+        if c[key] is not None:
+            res["grad_" + key] = c[key].grad
+    if len(result) > 3:  # the oracle returns its norms
+        res["norms"] = result[3].float()
+    elif probe is not None:
+        res["norms"] = probe.grad if probe.grad is not None else torch.zeros_like(probe)
+    return res
+
+
+def oracle_fn(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):
+    return oracle_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip)
+
+
+def backend_fn(name):
+    return get_backend(name).layer
+
+
+def assert_results_close(got, want, *, rtol, atol, keys=None):
+    keys = keys or want.keys()
+    for key in keys:
+        assert key in got, key
+        g, w = got[key].detach().cpu().double(), want[key].detach().cpu().double()
+        assert g.shape == w.shape, (key, g.shape, w.shape)
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{key}: {m}")
+
+
+def pick_clip(case, grads, reverse):
+    """A clip value between the smallest and the largest unclipped norm, so both cases occur."""
+    ref = run_layer(oracle_fn, case, grads, reverse, 0.0)
+    n = ref["norms"][0]
+    return float(n.median())
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the main comparison sweep (float64, ~1e-10)
+SWEEP = list(itertools.product(CELLS, [False, True], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("cell,reverse,packed,bias", SWEEP,
+                         ids=[f"{_cells.NAMES[c]}-{'rev' if r else 'fwd'}-{'packed' if p else 'padded'}-"
+                              f"{'bias' if b else 'nobias'}" for c, r, p, b in SWEEP])
+@pytest.mark.parametrize("clipping", [False, True], ids=["noclip", "clip"])
+def test_cpu_matches_oracle(cell, reverse, packed, bias, clipping):
+    case, grads, _ = make_case(cell, T=6, B=5, H=7, packed=packed, bias=bias, seed=hash((cell, reverse, packed)) % 1000)
+    clip = pick_clip(case, grads, reverse) if clipping else 0.0
+    want = run_layer(oracle_fn, case, grads, reverse, clip)
+    got = run_layer(backend_fn("cpu"), case, grads, reverse, clip)
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+    if clipping:  # the clip really bit on some rows and not on others
+        n = want["norms"][0]
+        assert (n > clip).any() and (n < clip).any()
+
+
+@pytest.mark.parametrize("reverse,packed", list(itertools.product([False, True], [False, True])))
+@pytest.mark.parametrize("clipping", [False, True], ids=["noclip", "clip"])
+def test_cpu_lstm_projection_matches_oracle(reverse, packed, clipping):
+    case, grads, _ = make_case(_cells.LSTM, T=5, B=4, H=9, P=5, packed=packed, seed=7)
+    clip = pick_clip(case, grads, reverse) if clipping else 0.0
+    want = run_layer(oracle_fn, case, grads, reverse, clip)
+    got = run_layer(backend_fn("cpu"), case, grads, reverse, clip)
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cpu_float32_and_vector_tails(cell):
+    """float32 and a hidden size with a vector body and a scalar tail (H = 37)."""
+    case, grads, _ = make_case(cell, T=4, B=3, H=37, packed=True, seed=3)
+    clip = pick_clip(case, grads, False)
+    want = run_layer(oracle_fn, case, grads, False, clip)
+    case32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in case.items()}
+    grads32 = {k: (v.float() if v is not None else None) for k, v in grads.items()}
+    got = run_layer(backend_fn("cpu"), case32, grads32, False, clip)
+    assert_results_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_norms_not_recorded():
+    """record_norms=False: the norms output is all zeros, and clipping still applies."""
+    case, grads, _ = make_case(_cells.LSTM, T=4, B=3, H=5, seed=11)
+    clip = pick_clip(case, grads, False)
+    want = run_layer(oracle_fn, case, grads, False, clip)
+    got = run_layer(backend_fn("cpu"), case, grads, False, clip, record=False)
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10, keys=[k for k in want if k != "norms"])
+    c = leaves(case)
+    out, h_n, c_n, ws = torch.ops.rnnkern.rnn_layer_forward(
+        c["cell"], c["xp"], c["batch_sizes"], c["h0"], c["c0"], c["w_hh"], c["b_hh"], None, False, clip, None)
+    norms = torch.ops.rnnkern.rnn_layer_backward(
+        c["cell"], grads["grad_out"], grads["grad_h_n"], grads["grad_c_n"], c["batch_sizes"], c["h0"],
+        c["c0"], c["w_hh"], c["b_hh"], None, False, clip, False, out.detach(), ws.detach())[-1]
+    assert norms.shape == (2, out.shape[0]) and norms.dtype == torch.float32
+    assert (norms == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle and the cpu backend against torch.nn itself
+def _torch_module(cell, H, P, bias, reverse):
+    G = _cells.GATES[cell]
+    kw = dict(input_size=G * H, hidden_size=H, bias=bias, bidirectional=reverse, dtype=torch.float64)
+    if cell == _cells.LSTM:
+        return torch.nn.LSTM(proj_size=P, **kw)
+    if cell == _cells.GRU:
+        return torch.nn.GRU(**kw)
+    return torch.nn.RNN(nonlinearity="tanh" if cell == _cells.RNN_TANH else "relu", **kw)
+
+
+def torch_nn_fn(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):
+    """The layer op through a torch.nn module: W_ih = I, b_ih = 0 (so its input is xp); the reverse
+    direction is the second half of a bidirectional module whose forward half is ignored."""
+    G = _cells.GATES[cell]
+    H = w_hh.shape[0] // G
+    P = w_hr.shape[0] if w_hr is not None else 0
+    m = _torch_module(cell, H, P, b_hh is not None, reverse)
+    sfx = "_reverse" if reverse else ""
+    params = {n: p for n, p in m.named_parameters()}
+    for name in list(params):
+        delattr(m, name)
+    for name, p in params.items():
+        setattr(m, name, p.detach().clone())
+    setattr(m, "weight_ih_l0" + sfx, torch.eye(G * H, dtype=xp.dtype))
+    setattr(m, "weight_hh_l0" + sfx, w_hh)
+    if b_hh is not None:
+        setattr(m, "bias_ih_l0" + sfx, torch.zeros(G * H, dtype=xp.dtype))
+        setattr(m, "bias_hh_l0" + sfx, b_hh)
+    if w_hr is not None:
+        setattr(m, "weight_hr_l0" + sfx, w_hr)
+    D = 2 if reverse else 1
+    h0_full = torch.cat([torch.zeros_like(h0)[None]] * (D - 1) + [h0[None]])
+    packed = torch.nn.utils.rnn.PackedSequence(xp, batch_sizes)
+    if cell == _cells.LSTM:
+        c0_full = torch.cat([torch.zeros_like(c0)[None]] * (D - 1) + [c0[None]])
+        out, (h_n, c_n) = m(packed, (h0_full, c0_full))
+        c_n = c_n[-1]
+    else:
+        out, h_n = m(packed, h0_full)
+        c_n = xp.new_zeros(0)
+    Pe = h0.shape[1]
+    return out.data[:, -Pe:], h_n[-1], c_n
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("reverse,packed", list(itertools.product([False, True], [False, True])))
+def test_oracle_and_cpu_match_torch_nn(cell, reverse, packed):
+    case, grads, _ = make_case(cell, T=5, B=4, H=6, packed=packed, seed=5)
+    want = run_layer(torch_nn_fn, case, grads, reverse, 0.0, record=False)
+    oracle = run_layer(oracle_fn, case, grads, reverse, 0.0)
+    got = run_layer(backend_fn("cpu"), case, grads, reverse, 0.0)
+    keys = [k for k in want if k != "norms"]
+    assert_results_close(oracle, want, rtol=1e-10, atol=1e-10, keys=keys)
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10, keys=keys)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpu_lstm_projection_matches_torch_nn(reverse):
+    case, grads, _ = make_case(_cells.LSTM, T=5, B=4, H=6, P=3, packed=True, seed=9)
+    want = run_layer(torch_nn_fn, case, grads, reverse, 0.0, record=False)
+    got = run_layer(backend_fn("cpu"), case, grads, reverse, 0.0)
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10, keys=[k for k in want if k != "norms"])
+
+
+def _reference_backend():
+    try:
+        return get_backend("reference")
+    except (ImportError, ModuleNotFoundError):
+        return None
+
+
+@pytest.mark.skipif(_reference_backend() is None, reason="the reference backend is not on this branch yet")
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpu_matches_reference_backend(cell, reverse):
+    case, grads, _ = make_case(cell, T=5, B=4, H=6, P=3 if cell == _cells.LSTM else 0, packed=True, seed=13)
+    clip = pick_clip(case, grads, reverse)
+    want = run_layer(backend_fn("reference"), case, grads, reverse, clip)
+    got = run_layer(backend_fn("cpu"), case, grads, reverse, clip)
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("batch_sizes,B", [([], 2), ([], 0), ([0, 0, 0], 0)], ids=["T0", "T0B0", "B0"])
+def test_cpu_zero_size(cell, batch_sizes, B):
+    G, H = _cells.GATES[cell], 3
+    bs = torch.tensor(batch_sizes, dtype=torch.long)
+    xp = torch.randn(0, G * H, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True) if cell == _cells.LSTM else None
+    w_hh = torch.randn(G * H, H, dtype=torch.float64, requires_grad=True)
+    b_hh = torch.randn(G * H, dtype=torch.float64, requires_grad=True)
+    probe = torch.zeros(2, 0, requires_grad=True)
+    out, h_n, c_n = get_backend("cpu").layer(cell, xp, bs, h0, c0, w_hh, b_hh, None, False, 0.5, probe)
+    assert out.shape == (0, H) and h_n.shape == (B, H)
+    torch.testing.assert_close(h_n, h0.detach())
+    if c0 is not None:
+        torch.testing.assert_close(c_n, c0.detach())
+    else:
+        assert c_n.shape == (0,)
+    g = torch.randn(B, H, dtype=torch.float64)
+    loss = (h_n * g).sum() + out.sum() + (c_n.sum() if c0 is not None else 0)
+    loss.backward()
+    torch.testing.assert_close(h0.grad, g)
+    assert (w_hh.grad == 0).all() and (b_hh.grad == 0).all() and xp.grad.shape == xp.shape
+    if c0 is not None:
+        torch.testing.assert_close(c0.grad, torch.ones_like(c0))
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cpu_nan_propagates_like_oracle(cell):
+    case, grads, _ = make_case(cell, T=4, B=3, H=5, seed=17)
+    case["xp"] = case["xp"].clone()
+    case["xp"][4, 1] = float("nan")  # step 1, sample 1
+    clip = 0.5
+    want = run_layer(oracle_fn, case, grads, False, clip)
+    got = run_layer(backend_fn("cpu"), case, grads, False, clip)
+    assert torch.isnan(want["out"]).any()
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_rejects_bad_input():
+    case, _, _ = make_case(_cells.LSTM, T=3, B=2, H=4)
+    with pytest.raises(RuntimeError, match="xp must be"):
+        torch.ops.rnnkern.rnn_layer_forward(0, case["xp"][:, :5], case["batch_sizes"], case["h0"], case["c0"],
+                                            case["w_hh"], case["b_hh"], None, False, 0.0, None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.rnnkern.rnn_layer_forward(0, case["xp"], case["batch_sizes"], case["h0"].float(), case["c0"],
+                                            case["w_hh"], case["b_hh"], None, False, 0.0, None)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        get_backend("cpu").layer  # noqa: B018  (exists)
+        raise RuntimeError(get_backend("cpu").unsupported_reason(torch.device("cpu"), torch.float16))
+    assert get_backend("cpu").unsupported_reason(torch.device("cpu"), torch.float32) is None
+    assert "CPU tensors" in get_backend("cpu").unsupported_reason(torch.device("cuda"), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck and opcheck
+def _op_args(case, reverse=False, clip=0.0, probe=None):
+    return (case["cell"], case["xp"], case["batch_sizes"], case["h0"], case["c0"], case["w_hh"],
+            case["b_hh"], case["w_hr"], reverse, clip, probe)
+
+
+GRADCHECK_CASES = [(c, r, p, 0) for c in CELLS for r in (False, True) for p in (False, True)] + [
+    (_cells.LSTM, False, True, 2), (_cells.LSTM, True, True, 2)]
+
+
+@pytest.mark.parametrize("cell,reverse,packed,P", GRADCHECK_CASES,
+                         ids=[f"{_cells.NAMES[c]}-{'rev' if r else 'fwd'}-{'packed' if p else 'padded'}-P{P}"
+                              for c, r, p, P in GRADCHECK_CASES])
+def test_cpu_gradcheck(cell, reverse, packed, P):
+    case, _, _ = make_case(cell, T=3, B=3, H=3, P=P, packed=packed, seed=21)
+    c = leaves(case)
+    names = [k for k in DIFF_KEYS if c[k] is not None]
+
+    def fn(*tensors):
+        kw = dict(c)
+        kw.update(zip(names, tensors))
+        out, h_n, c_n = get_backend("cpu").layer(*_op_args(kw, reverse))
+        return out, h_n, c_n
+
+    assert torch.autograd.gradcheck(fn, tuple(c[k] for k in names), eps=1e-6, atol=1e-7)
+
+
+def _opcheck_cases(device, dtype=torch.float64):
+    cases = []
+    for cell, P in [(_cells.LSTM, 0), (_cells.LSTM, 2), (_cells.GRU, 0), (_cells.RNN_TANH, 0), (_cells.RNN_RELU, 0)]:
+        case, grads, _ = make_case(cell, T=4, B=3, H=4, P=P, packed=True, dtype=dtype, device=device, seed=31)
+        cases.append((case, grads))
+    return cases
+
+
+def _run_opcheck(device, dtype=torch.float64):
+    fwd = torch.ops.rnnkern.rnn_layer_forward.default
+    bwd = torch.ops.rnnkern.rnn_layer_backward.default
+    for case, grads in _opcheck_cases(device, dtype):
+        c = leaves(case)
+        N = c["xp"].shape[0]
+        probe = torch.zeros(2, N, device=device, requires_grad=True)
+        torch.library.opcheck(fwd, _op_args(c, reverse=True, clip=0.7, probe=probe))
+        out, h_n, c_n, ws = fwd(*_op_args(case, reverse=True, clip=0.7))
+        bargs = (case["cell"], grads["grad_out"], grads["grad_h_n"], grads["grad_c_n"], case["batch_sizes"],
+                 case["h0"], case["c0"], case["w_hh"], case["b_hh"], case["w_hr"], True, 0.7, True, out, ws)
+        torch.library.opcheck(bwd, bargs)
+
+
+def test_cpu_opcheck():
+    _run_opcheck("cpu")
+
+
+def test_cpu_threads_agree():
+    """The parallel pointwise pass gives the same result with one thread as with several."""
+    case, grads, _ = make_case(_cells.LSTM, T=4, B=64, H=64, packed=True, dtype=torch.float32, seed=41)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_layer(backend_fn("cpu"), case, grads, False, 0.0)
+        torch.set_num_threads(max(2, old))
+        many = run_layer(backend_fn("cpu"), case, grads, False, 0.0)
+    finally:
+        torch.set_num_threads(old)
+    assert_results_close(many, one, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (cuda backend)
+def _to(case, device, dtype=None):
+    def conv(v):
+        if torch.is_tensor(v) and v.is_floating_point():
+            v = v.to(device)
+            return v.to(dtype) if dtype is not None else v
+        return v
+    return {k: conv(v) for k, v in case.items()}
+
+
+GPU_SWEEP = list(itertools.product(CELLS, [False, True], [False, True]))
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("cell,reverse,packed", GPU_SWEEP,
+                         ids=[f"{_cells.NAMES[c]}-{'rev' if r else 'fwd'}-{'packed' if p else 'padded'}"
+                              for c, r, p in GPU_SWEEP])
+@pytest.mark.parametrize("clipping", [False, True], ids=["noclip", "clip"])
+def test_cuda_float64_matches_oracle(cell, reverse, packed, clipping):
+    case, grads, _ = make_case(cell, T=6, B=5, H=37, P=0, packed=packed, seed=51)
+    clip = pick_clip(case, grads, reverse) if clipping else 0.0
+    want = run_layer(oracle_fn, case, grads, reverse, clip)
+    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), reverse, clip)
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("clipping", [False, True], ids=["noclip", "clip"])
+def test_cuda_lstm_projection_float64(reverse, clipping):
+    case, grads, _ = make_case(_cells.LSTM, T=6, B=5, H=40, P=17, packed=True, seed=53)
+    clip = pick_clip(case, grads, reverse) if clipping else 0.0
+    want = run_layer(oracle_fn, case, grads, reverse, clip)
+    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), reverse, clip)
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cuda_large_hidden_float64(cell):
+    """A hidden size larger than one block's threads, and a batch larger than one row per block."""
+    case, grads, _ = make_case(cell, T=3, B=70, H=1100, packed=True, seed=55)
+    clip = pick_clip(case, grads, False)
+    want = run_layer(oracle_fn, case, grads, False, clip)
+    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), False, clip)
+    assert_results_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("P", [0, 5])
+def test_cuda_float32_matches_oracle(cell, P):
+    if P and cell != _cells.LSTM:
+        pytest.skip("projection is LSTM only")
+    case, grads, _ = make_case(cell, T=8, B=6, H=64, P=P, packed=True, seed=57)
+    clip = pick_clip(case, grads, True)
+    want = run_layer(oracle_fn, case, grads, True, clip)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = run_layer(backend_fn("cuda"), _to(case, "cuda", torch.float32), _to(grads, "cuda", torch.float32),
+                        True, clip)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert_results_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _max_err(res, want, keys):
+    return {k: (res[k].detach().cpu().double() - want[k].detach().cpu().double()).abs().max().item() for k in keys}
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_16bit_error_within_torch_nn(cell, dtype):
+    """16-bit: the error against a float64 oracle is at most 2x torch.nn's own 16-bit error (plus a
+    floor of a few units of the dtype's resolution)."""
+    case, grads, _ = make_case(cell, T=8, B=8, H=64, packed=False, seed=59)
+    want = run_layer(oracle_fn, case, grads, False, 0.0)
+    lo_case, lo_grads = _to(case, "cuda", dtype), _to(grads, "cuda", dtype)
+    got = run_layer(backend_fn("cuda"), lo_case, lo_grads, False, 0.0)
+    nn_res = run_layer(torch_nn_fn_cuda, lo_case, lo_grads, False, 0.0, record=False)
+    keys = [k for k in nn_res if k not in ("norms", "c_n") or (k == "c_n" and cell == _cells.LSTM)]
+    ours, theirs = _max_err(got, want, keys), _max_err(nn_res, want, keys)
+    floor = 4 * torch.finfo(dtype).eps
+    for k in keys:
+        assert ours[k] <= 2 * theirs[k] + floor, (k, ours[k], theirs[k])
+    # norms in 16-bit: close to the float64 ones
+    torch.testing.assert_close(got["norms"].cpu().double(), want["norms"].double(), rtol=3e-2, atol=3e-2)
+
+
+def torch_nn_fn_cuda(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):
+    """torch_nn_fn on the inputs' device and dtype (cuDNN on CUDA)."""
+    G = _cells.GATES[cell]
+    H = w_hh.shape[0] // G
+    m = _torch_module(cell, H, 0, b_hh is not None, False).to(device=xp.device, dtype=xp.dtype)
+    with torch.no_grad():
+        m.weight_ih_l0.copy_(torch.eye(G * H))
+        if b_hh is not None:
+            m.bias_ih_l0.zero_()
+    params = {n: p for n, p in m.named_parameters()}
+    for name in list(params):
+        delattr(m, name)
+    for name, p in params.items():
+        setattr(m, name, p.detach())
+    m.weight_hh_l0 = w_hh
+    if b_hh is not None:
+        m.bias_hh_l0 = b_hh
+    packed = torch.nn.utils.rnn.PackedSequence(xp, batch_sizes)
+    if cell == _cells.LSTM:
+        out, (h_n, c_n) = m(packed, (h0[None], c0[None]))
+        c_n = c_n[0]
+    else:
+        out, h_n = m(packed, h0[None])
+        c_n = xp.new_zeros(0)
+    return out.data, h_n[0], c_n
+
+
+@gpu
+@needs_gpu
+def test_cuda_opcheck():
+    _run_opcheck("cuda")
+    _run_opcheck("cuda", torch.float32)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cuda_zero_size_and_streams(cell):
+    G, H = _cells.GATES[cell], 3
+    for batch_sizes, B in [([], 2), ([0, 0], 0)]:
+        bs = torch.tensor(batch_sizes, dtype=torch.long)
+        h0 = torch.randn(B, H, device="cuda", dtype=torch.float64)
+        c0 = torch.randn(B, H, device="cuda", dtype=torch.float64) if cell == _cells.LSTM else None
+        out, h_n, c_n = get_backend("cuda").layer(
+            cell, torch.randn(0, G * H, device="cuda", dtype=torch.float64), bs, h0, c0,
+            torch.randn(G * H, H, device="cuda", dtype=torch.float64), None, None, False, 0.0, None)
+        assert out.shape == (0, H)
+        torch.testing.assert_close(h_n, h0)
+    # A side stream: results equal the default stream's.
+    case, grads, _ = make_case(cell, T=5, B=4, H=33, packed=True, seed=61)
+    cuda_case, cuda_grads = _to(case, "cuda"), _to(grads, "cuda")
+    base = run_layer(backend_fn("cuda"), cuda_case, cuda_grads, False, 0.0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        side = run_layer(backend_fn("cuda"), cuda_case, cuda_grads, False, 0.0)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert_results_close(side, base, rtol=0, atol=0)
+
+
+@gpu
+@needs_gpu
+def test_cuda_deterministic_norms():
+    case, grads, _ = make_case(_cells.LSTM, T=5, B=9, H=300, packed=True, dtype=torch.float32, device="cuda", seed=63)
+    a = run_layer(backend_fn("cuda"), case, grads, False, 0.0)
+    b = run_layer(backend_fn("cuda"), case, grads, False, 0.0)
+    assert torch.equal(a["norms"], b["norms"])
