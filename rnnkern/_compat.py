@@ -64,9 +64,18 @@ def _(norms, batch_sizes, unsorted_indices, token, has_cell_state):
     return None
 
 
-# Keep the op in compiled (backward) graphs although nothing uses its (absent) output.
-torch.library._register_effectful_op(deliver_grad_norms._opoverload,
-                                     torch._library.effects.EffectType.ORDERED)
+def _keep_in_compiled_graphs(op) -> None:
+    """Mark ``op`` side-effectful so compiled graphs keep it although nothing uses its (absent)
+    output: torch's effect system where it has it (torch >= 2.9), else the FX side-effect set."""
+    try:
+        from torch._library.effects import EffectType
+
+        torch.library._register_effectful_op(op, EffectType.ORDERED)
+    except (ImportError, AttributeError):
+        torch.fx.node.has_side_effect(op)
+
+
+_keep_in_compiled_graphs(deliver_grad_norms._opoverload)
 
 
 class _ProbeSource(torch.autograd.Function):
@@ -119,7 +128,10 @@ def _on_dynamo_loaded(dynamo) -> None:
     from .modules import _RnnkernMixin
 
     if eager_forward is None:
-        eager_forward = dynamo.disable(_call_forward, reason=_PACKED_REASON)
+        try:
+            eager_forward = dynamo.disable(_call_forward, reason=_PACKED_REASON)
+        except TypeError:  # torch without disable(reason=...)
+            eager_forward = dynamo.disable(_call_forward)
         globals()["_library_flags"] = dynamo.assume_constant_result(_library_flags)
     variable_builder = builder.VariableBuilder
     original = variable_builder.wrap_module

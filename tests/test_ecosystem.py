@@ -547,3 +547,13 @@ def test_patch_torch_instances_are_plain_rnnkern_modules():
     clone = pickle.loads(pickle.dumps(m))
     x = torch.randn(2, 1, 3)
     torch.testing.assert_close(clone(x)[0], m(x)[0])
+
+
+# -- packaging ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # builds the sdist, a fresh venv with the CPU torch, compiles: several minutes
+def test_sdist_installs_and_works_in_a_fresh_venv():
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "check_sdist.sh")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "OK: the sdist installs and works" in run.stdout
