@@ -236,20 +236,21 @@ class AutocastPlan(NamedTuple):
         return output, hidden
 
 
-def _casts_everything(module, device_type: str, packed: bool) -> bool:
-    """Whether torch.nn, under autocast, runs this call with *every* argument in the autocast dtype.
+def _cast_all_dtype(module, device_type: str, packed: bool, low: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype to which torch.nn, under autocast, casts *every* argument of this call, or None.
 
-    Measured on torch 2.4-2.14 (tests/test_ecosystem.py checks it against torch.nn in every context):
-    CUDA: the cuDNN RNN (every mode, packed or not, with projections) is on autocast's lower-precision
-    list. CPU: only the oneDNN LSTM is (mode LSTM, no projection, padded input, oneDNN enabled); every
-    other CPU call runs torch's per-op implementation, in which only the matmuls autocast.
+    Measured (tests/test_ecosystem.py checks it against torch.nn in every context): CUDA: the cuDNN RNN
+    (every mode, packed or not, with projections) is on autocast's float16 list: float16 even under
+    autocast(dtype=bfloat16) (seen on torch 2.11, cuDNN 9.19). CPU: only the oneDNN LSTM (mode LSTM, no
+    projection, padded input, oneDNN enabled) is, in the autocast dtype; every other CPU call runs
+    torch's per-op implementation, in which only the matmuls autocast.
     """
     cudnn, onednn = _library_flags()
     if device_type == "cuda":
-        return cudnn
-    if device_type == "cpu":
-        return module.mode == "LSTM" and module.proj_size == 0 and not packed and onednn
-    return False
+        return torch.float16 if cudnn else None
+    if device_type == "cpu" and module.mode == "LSTM" and module.proj_size == 0 and not packed and onednn:
+        return low
+    return None
 
 
 def _library_flags():
@@ -260,7 +261,7 @@ def _library_flags():
 
 
 def autocast_plan(module, input, hx) -> Optional[AutocastPlan]:
-    """The AutocastPlan of this call, or None outside autocast (or for input torch.nn will reject)."""
+    """The AutocastPlan of this call, or None outside autocast."""
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     if not isinstance(data, Tensor):
@@ -269,8 +270,9 @@ def autocast_plan(module, input, hx) -> Optional[AutocastPlan]:
     if not torch.is_autocast_enabled(device_type):
         return None
     low = torch.get_autocast_dtype(device_type)
-    if _casts_everything(module, device_type, packed):
-        return AutocastPlan(device_type, low, low, low)
+    everything = _cast_all_dtype(module, device_type, packed, low)
+    if everything is not None:
+        return AutocastPlan(device_type, everything, everything, everything)
     # torch's per-op implementation: the gate pre-activations come out of autocast matmuls in `low`;
     # a state mixed with the previous state (GRU: z * h_prev; LSTM: f * c_prev) takes the promoted dtype
     # of `low` and the initial state's dtype (hx's, or the input's when hx is None).
