@@ -42,4 +42,9 @@ TORCH_LIBRARY(rnnkern, m) {
       "bool reverse, float clip, bool record_norms, Tensor out, Tensor workspace) "
       "-> (Tensor grad_xp, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_b_hh, "
       "Tensor grad_w_hr, Tensor norms)");
+  // Which CUDA recurrence kernel runs a layer (rnnkern.explain): [persistent (0/1), reason code,
+  // blocks, units per block, shared memory forward, shared memory backward]. CUDA builds only.
+  m.def(
+      "cuda_kernel_plan(int cell, ScalarType dtype, int batch, int hidden, bool has_proj, "
+      "int device) -> int[]");
 }

@@ -15,10 +15,11 @@ import torch
 from . import backends
 from ._patch import convert, patch_torch
 from ._version import __version__
+from .explain import explain
 from .gradnorms import GradNorms
 from .modules import GRU, LSTM, RNN
 
-__all__ = ["LSTM", "GRU", "RNN", "GradNorms", "convert", "patch_torch", "backends", "build_info",
+__all__ = ["LSTM", "GRU", "RNN", "GradNorms", "convert", "patch_torch", "backends", "build_info", "explain",
            "__version__"]
 
 

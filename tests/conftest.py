@@ -23,8 +23,14 @@ TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}
 SLOW_ON_CPU = {"triton"}
 
 
+# The CUDA backend has two recurrence kernels (per-step and persistent); RNNKERN_CUDA_KERNEL forces
+# one, so that the whole suite runs on each.
+CUDA_KERNELS = ("step", "persistent")
+
+
 def _targets():
-    """pytest params (backend, device, dtype) for every backend usable here, most precise dtype."""
+    """pytest params (backend, device, dtype, cuda kernel) for every backend usable here, with the
+    most precise dtype it supports there."""
     params = []
     for name in rk_backends.names():
         backend = rk_backends.get(name)
@@ -32,8 +38,11 @@ def _targets():
             for dtype in (torch.float64, torch.float32):
                 if backend.unsupported_reason(torch.device(device), dtype) is None:
                     marks = [pytest.mark.gpu] if device == "cuda" else []
-                    params.append(pytest.param((name, device, dtype), marks=marks,
-                                               id=f"{name}-{device}-{str(dtype)[6:]}"))
+                    kernels = CUDA_KERNELS if (name, device) == ("cuda", "cuda") else (None,)
+                    for kernel in kernels:
+                        tag = f"-{kernel}" if kernel else ""
+                        params.append(pytest.param((name, device, dtype, kernel), marks=marks,
+                                                   id=f"{name}{tag}-{device}-{str(dtype)[6:]}"))
                     break
     return params
 
@@ -42,9 +51,12 @@ TARGETS = _targets()
 
 
 @pytest.fixture(params=TARGETS)
-def target(request):
-    """(backend name, device, dtype) triple."""
-    return request.param
+def target(request, monkeypatch):
+    """(backend name, device, dtype) triple; selects the CUDA kernel variant where there are two."""
+    name, device, dtype, kernel = request.param
+    if kernel is not None:
+        monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    return name, device, dtype
 
 
 def pytest_collection_modifyitems(config, items):

@@ -626,7 +626,8 @@ def test_cuda_zero_size_and_streams(cell):
     with torch.cuda.stream(stream):
         side = run_layer(backend_fn("cuda"), cuda_case, cuda_grads, False, 0.0)
     torch.cuda.current_stream().wait_stream(stream)
-    assert_results_close(side, base, rtol=0, atol=0)
+    # cuBLAS guarantees bitwise reproducibility only per stream; the step kernels are deterministic.
+    assert_results_close(side, base, rtol=1e-12, atol=1e-12)
 
 
 @gpu

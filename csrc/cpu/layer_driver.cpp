@@ -165,6 +165,20 @@ at::Tensor gather_h_prev(const Steps& steps, const at::Tensor& out, const at::Te
   return h_prev;
 }
 
+// grad_w_hh = Σ_rows dgates_hᵀ h_prev and grad_b_hh = Σ_rows dgates_h: GEMMs over all steps at once.
+void weight_gradients(const Steps& steps, const at::Tensor& out, const at::Tensor& h0,
+                      const at::Tensor& dgates_h, const at::Tensor& b_hh, at::ScalarType acc,
+                      at::Tensor& grad_w_hh, at::Tensor& grad_b_hh) {
+  at::mm_out(grad_w_hh, dgates_h.t(), gather_h_prev(steps, out, h0));
+  if (b_hh.defined()) {
+    if (acc == out.scalar_type()) {
+      at::sum_out(grad_b_hh, dgates_h, {0});
+    } else {
+      grad_b_hh.copy_(at::sum(dgates_h, {0}, false, acc));
+    }
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
@@ -194,6 +208,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   if (N == 0) {
     h_n.copy_(h0);
     if (lstm) c0.defined() ? c_n.copy_(c0) : c_n.zero_();
+    return {out, h_n, c_n, workspace};
+  }
+
+  if (!d.proj && kernels.sequence_forward(SequenceForward{d.cell, batch_sizes, reverse, xp, w_hh,
+                                                         b_hh_given, h0, c0, out, workspace, h_n,
+                                                         c_n})) {
     return {out, h_n, c_n, workspace};
   }
 
@@ -317,6 +337,16 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
   if (lstm && !grad_c_n.defined()) grad_c_n = at::zeros({B, H}, opts);
   // dgates_h: gradient w.r.t. h_{t-1} W_hhᵀ + b_hh; equal to grad_xp except GRU's n-gate.
   at::Tensor dgates_h = gru ? at::empty({N, GH}, opts) : grad_xp;
+  if (!d.proj) {
+    at::Tensor grad_h0 = at::empty({B, P}, opts);
+    if (kernels.sequence_backward(SequenceBackward{d.cell, batch_sizes, reverse, clip, grad_out,
+                                                   grad_h_n, grad_c_n, w_hh, h0, c0, out,
+                                                   workspace, grad_xp, dgates_h, grad_h0, grad_c0,
+                                                   norms, record_norms})) {
+      weight_gradients(steps, out, h0, dgates_h, b_hh, acc, grad_w_hh, grad_b_hh);
+      return {grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms};
+    }
+  }
   // dh_buf: dgates_h @ W_hh of the last processed step, i.e. the gradient arriving at h_{t-1};
   // after the loop, the gradient at h0. Zero-filled so that grad_h0 is total even for odd input.
   at::Tensor dh_buf = at::zeros({B, P}, opts);
@@ -398,14 +428,7 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
   // later-processed steps have fewer rows and never overwrite them.
   at::Tensor grad_h0 = gru ? (dh_buf.to(acc) + dh_direct).to(out.scalar_type()) : dh_buf;
   if (c0.defined()) grad_c0.copy_(dc);
-  at::mm_out(grad_w_hh, dgates_h.t(), gather_h_prev(steps, out, h0));
-  if (b_hh.defined()) {
-    if (acc == out.scalar_type()) {
-      at::sum_out(grad_b_hh, dgates_h, {0});
-    } else {
-      grad_b_hh.copy_(at::sum(dgates_h, {0}, false, acc));
-    }
-  }
+  weight_gradients(steps, out, h0, dgates_h, b_hh, acc, grad_w_hh, grad_b_hh);
   if (d.proj) at::mm_out(grad_w_hr, g_all.t(), hpre_all);
   return {grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms};
 }

@@ -12,6 +12,45 @@
 
 namespace rnnkern {
 
+// A whole recurrence in one go (the persistent CUDA kernels): what the per-step loop computes, with
+// the same outputs. Layers without a projection only. The driver offers each layer to it first; a
+// `false` return (the device declines this shape) means the per-step loop runs instead.
+struct SequenceForward {
+  Cell cell;
+  const at::Tensor& batch_sizes;  // CPU int64 [T]
+  bool reverse;
+  const at::Tensor& xp;      // [N, G*H]
+  const at::Tensor& w_hh;    // [G*H, H]
+  const at::Tensor& b_hh;    // [G*H] or undefined
+  const at::Tensor& h0;      // [B, H]
+  const at::Tensor& c0;      // LSTM [B, H] or undefined (zeros)
+  at::Tensor& out;           // [N, H]
+  at::Tensor& workspace;     // [N, S*H] acc dtype
+  at::Tensor& h_n;           // [B, H]
+  at::Tensor& c_n;           // LSTM [B, H]
+};
+
+struct SequenceBackward {
+  Cell cell;
+  const at::Tensor& batch_sizes;
+  bool reverse;
+  double clip;
+  const at::Tensor& grad_out;   // [N, H]
+  const at::Tensor& grad_h_n;   // [B, H]
+  const at::Tensor& grad_c_n;   // LSTM [B, H] (zeros when absent)
+  const at::Tensor& w_hh;
+  const at::Tensor& h0;
+  const at::Tensor& c0;         // LSTM [B, H] or undefined (zeros)
+  const at::Tensor& out;
+  const at::Tensor& workspace;
+  at::Tensor& grad_xp;          // [N, G*H]
+  at::Tensor& dgates_h;         // GRU [N, 3H]; else the same tensor as grad_xp
+  at::Tensor& grad_h0;          // [B, H]
+  at::Tensor& grad_c0;          // LSTM [B, H] when c0 is defined, else [0]
+  at::Tensor& norms;            // [2, N] float32 (zeros), filled when record_norms
+  bool record_norms;
+};
+
 // The fused per-step kernels of one device. Each call handles the rows of one timestep and is
 // issued in order with the driver's ATen ops (CUDA: on the current stream).
 class StepKernels {
@@ -20,6 +59,8 @@ class StepKernels {
   virtual void forward_step(const ForwardStepArgs& args) const = 0;
   virtual void backward_step(const BackwardStepArgs& args) const = 0;
   virtual void proj_grad_step(const ProjGradStepArgs& args) const = 0;
+  virtual bool sequence_forward(const SequenceForward&) const { return false; }
+  virtual bool sequence_backward(const SequenceBackward&) const { return false; }
 };
 
 DType dtype_of(const at::Tensor& t);

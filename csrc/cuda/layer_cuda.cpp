@@ -1,0 +1,214 @@
+// CUDA implementations of rnnkern::rnn_layer_forward / rnn_layer_backward: the shared layer driver
+// (cuBLAS GEMMs through ATen, on the current stream) with the fused CUDA step kernels.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+#include "persistent.h"
+#include "rnnkern/layer_driver.h"
+
+namespace rnnkern {
+namespace {
+
+// RNNKERN_CUDA_KERNEL: "auto" (default: persistent where its plan allows and the shape heuristic
+// says it is faster), "persistent" (wherever its plan allows), "step" (never persistent).
+enum class KernelChoice { Auto, Step, Persistent };
+
+KernelChoice kernel_choice() {
+  const char* value = std::getenv("RNNKERN_CUDA_KERNEL");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return KernelChoice::Auto;
+  if (std::strcmp(value, "step") == 0) return KernelChoice::Step;
+  if (std::strcmp(value, "persistent") == 0) return KernelChoice::Persistent;
+  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent or step, not '", value, "'");
+}
+
+// Shapes where the persistent kernels beat the per-step path (from bench/results; see NOTES.md).
+bool persistent_pays_off(int64_t batch, int64_t hidden) { return batch <= 64 && hidden <= 1024; }
+
+persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool proj,
+                               int device) {
+  const KernelChoice choice = kernel_choice();
+  if (choice == KernelChoice::Step) {
+    persistent::Plan plan;
+    plan.reason = persistent::Decline::Forced;
+    return plan;
+  }
+  persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device);
+  if (plan.ok && choice == KernelChoice::Auto && !persistent_pays_off(batch, hidden)) {
+    plan.ok = false;
+    plan.reason = persistent::Decline::Heuristic;
+  }
+  return plan;
+}
+
+// batch_sizes and the row offset of each step, on the device: [2, T] int64.
+at::Tensor device_geometry(const at::Tensor& batch_sizes, const at::Device& device) {
+  const at::Tensor sizes = batch_sizes.contiguous();
+  const int64_t steps = sizes.numel();
+  at::Tensor geometry = at::empty({2, steps}, sizes.options());
+  const int64_t* size = sizes.data_ptr<int64_t>();
+  int64_t* out = geometry.data_ptr<int64_t>();
+  int64_t offset = 0;
+  for (int64_t t = 0; t < steps; ++t) {
+    out[t] = size[t];
+    out[steps + t] = offset;
+    offset += size[t];
+  }
+  return geometry.to(device);
+}
+
+// Data pointer of an optional / possibly empty tensor (null for none).
+void* ptr_or_null(const at::Tensor& t) {
+  return (t.defined() && t.numel() > 0) ? t.data_ptr() : nullptr;
+}
+
+// Launches on the current stream of the current device (set by the guard in the op) and checks it.
+class CudaStepKernels final : public StepKernels {
+ public:
+  void forward_step(const ForwardStepArgs& a) const override {
+    C10_CUDA_CHECK(cuda::launch_forward_step(a, c10::cuda::getCurrentCUDAStream()));
+  }
+  void backward_step(const BackwardStepArgs& a) const override {
+    C10_CUDA_CHECK(cuda::launch_backward_step(a, c10::cuda::getCurrentCUDAStream()));
+  }
+  void proj_grad_step(const ProjGradStepArgs& a) const override {
+    C10_CUDA_CHECK(cuda::launch_proj_grad_step(a, c10::cuda::getCurrentCUDAStream()));
+  }
+
+  bool sequence_forward(const SequenceForward& s) const override {
+    const int64_t batch = s.h0.size(0), hidden = s.h0.size(1);
+    const persistent::Plan plan = choose_kernel(s.cell, dtype_of(s.xp), batch, hidden, false,
+                                                s.xp.get_device());
+    if (!plan.ok) return false;
+    const at::Tensor geometry = device_geometry(s.batch_sizes, s.xp.device());
+    const at::Tensor c0 = (s.cell == Cell::LSTM && !s.c0.defined()) ? at::zeros_like(s.h0) : s.c0;
+    persistent::ForwardArgs a;
+    a.cell = s.cell;
+    a.dtype = dtype_of(s.xp);
+    a.steps = s.batch_sizes.numel();
+    a.batch = batch;
+    a.hidden = hidden;
+    a.sizes = geometry.data_ptr<int64_t>();
+    a.offsets = a.sizes + a.steps;
+    a.reverse = s.reverse;
+    a.xp = s.xp.data_ptr();
+    a.w_hh = s.w_hh.data_ptr();
+    a.b_hh = ptr_or_null(s.b_hh);
+    a.h0 = s.h0.data_ptr();
+    a.c0 = ptr_or_null(c0);
+    a.out = s.out.data_ptr();
+    a.ws = ptr_or_null(s.workspace);
+    a.h_n = s.h_n.data_ptr();
+    a.c_n = s.cell == Cell::LSTM ? s.c_n.data_ptr() : nullptr;
+    C10_CUDA_CHECK(persistent::forward(plan, a, c10::cuda::getCurrentCUDAStream()));
+    return true;
+  }
+
+  bool sequence_backward(const SequenceBackward& s) const override {
+    const int64_t batch = s.h0.size(0), hidden = s.h0.size(1);
+    const persistent::Plan plan = choose_kernel(s.cell, dtype_of(s.out), batch, hidden, false,
+                                                s.out.get_device());
+    if (!plan.ok) return false;
+    const at::Tensor geometry = device_geometry(s.batch_sizes, s.out.device());
+    const bool lstm = s.cell == Cell::LSTM;
+    const at::Tensor c0 = (lstm && !s.c0.defined()) ? at::zeros_like(s.h0) : s.c0;
+    const at::Tensor scratch = at::empty(
+        {static_cast<int64_t>(persistent::scratch_elements(plan, batch))},
+        s.workspace.options());
+    persistent::BackwardArgs a;
+    a.cell = s.cell;
+    a.dtype = dtype_of(s.out);
+    a.steps = s.batch_sizes.numel();
+    a.batch = batch;
+    a.hidden = hidden;
+    a.sizes = geometry.data_ptr<int64_t>();
+    a.offsets = a.sizes + a.steps;
+    a.reverse = s.reverse;
+    a.clip = s.clip;
+    a.grad_out = s.grad_out.data_ptr();
+    a.grad_h_n = s.grad_h_n.data_ptr();
+    a.grad_c_n = lstm ? ptr_or_null(s.grad_c_n) : nullptr;
+    a.w_hh = s.w_hh.data_ptr();
+    a.h0 = s.h0.data_ptr();
+    a.c0 = ptr_or_null(c0);
+    a.out = s.out.data_ptr();
+    a.ws = ptr_or_null(s.workspace);
+    a.dgates_x = s.grad_xp.data_ptr();
+    a.dgates_h = s.dgates_h.data_ptr();
+    a.grad_h0 = s.grad_h0.data_ptr();
+    a.grad_c0 = ptr_or_null(s.grad_c0);
+    float* norms = s.norms.data_ptr<float>();
+    a.norm_g = s.record_norms ? norms : nullptr;
+    a.norm_c = (s.record_norms && lstm) ? norms + s.out.size(0) : nullptr;
+    a.scratch = scratch.data_ptr();
+    C10_CUDA_CHECK(persistent::backward(plan, a, c10::cuda::getCurrentCUDAStream()));
+    return true;
+  }
+};
+
+// rnnkern::cuda_kernel_plan: what choose_kernel decides for a layer (rnnkern.explain).
+std::vector<int64_t> cuda_kernel_plan(int64_t cell, at::ScalarType dtype, int64_t batch,
+                                      int64_t hidden, bool has_proj, int64_t device) {
+  TORCH_CHECK(cell >= 0 && cell <= 3, "rnnkern: unknown cell id ", cell);
+  DType dt = dtype == at::kDouble ? DType::F64
+             : dtype == at::kHalf ? DType::F16
+             : dtype == at::kBFloat16 ? DType::BF16 : DType::F32;
+  const persistent::Plan plan = choose_kernel(static_cast<Cell>(cell), dt, batch, hidden, has_proj,
+                                              static_cast<int>(device));
+  return {plan.ok ? 1 : 0, static_cast<int64_t>(plan.reason), plan.blocks, plan.units,
+          static_cast<int64_t>(plan.smem_forward), static_cast<int64_t>(plan.smem_backward)};
+}
+
+const StepKernels& step_kernels_cuda() {
+  static const CudaStepKernels kernels;
+  return kernels;
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "rnnkern cuda backend: ", name, " must be a CUDA tensor, got ",
+              t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    int64_t cell, const at::Tensor& xp, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
+    double /*clip*/, const std::optional<at::Tensor>& /*norm_probe*/) {
+  check_cuda(xp, "xp");
+  const c10::cuda::CUDAGuard guard(xp.device());
+  return layer_forward(step_kernels_cuda(), cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
+                       reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward_cuda(int64_t cell, const at::Tensor& grad_out, const at::Tensor& grad_h_n,
+              const std::optional<at::Tensor>& grad_c_n, const at::Tensor& batch_sizes,
+              const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+              const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+              bool reverse, double clip, bool record_norms, const at::Tensor& out,
+              const at::Tensor& workspace) {
+  check_cuda(out, "out");
+  const c10::cuda::CUDAGuard guard(out.device());
+  return layer_backward(step_kernels_cuda(), cell, grad_out, grad_h_n, grad_c_n, batch_sizes, h0,
+                        c0, w_hh, b_hh, w_hr, reverse, clip, record_norms, out, workspace);
+}
+
+}  // namespace
+}  // namespace rnnkern
+
+TORCH_LIBRARY_IMPL(rnnkern, CUDA, m) {
+  m.impl("rnn_layer_forward", &rnnkern::forward_cuda);
+  m.impl("rnn_layer_backward", &rnnkern::backward_cuda);
+}
+
+// No tensor arguments: a catch-all kernel.
+TORCH_LIBRARY_IMPL(rnnkern, CompositeExplicitAutograd, m) {
+  m.impl("cuda_kernel_plan", &rnnkern::cuda_kernel_plan);
+}

@@ -1,0 +1,528 @@
+// Persistent recurrence kernels: see persistent.h. No ATen here (compile time).
+//
+// Work split: block j owns hidden units [j*U, j*U + U) and all batch rows. Forward step: every block
+// reads h_{t-1} (all units, from L2), multiplies it by its resident W_hh rows (all G gates of its
+// units), applies the gate math and writes its units of h_t; then one grid barrier. Backward step:
+//   A. g = grad_out + dh_next (or grad_h_n at a sample's last step) for own units; per-row partial
+//      Σ g² per block -> scratch;                                             grid barrier
+//   B. every block sums the partials in block order (deterministic, identical in all blocks) ->
+//      ‖g‖, clips, gate gradients for own units -> dgates rows (global);      grid barrier
+//   C. dh_prev = dgates_h @ W_hh for own units (W_hh columns resident) -> kept in shared memory as
+//      the next step's dh_next, or written to grad_h0 where a sample starts.
+// ‖dc_t‖ (LSTM) is reduced one step later from double-buffered partials (it is recorded, never used
+// for clipping, so it needs no barrier of its own).
+#include "persistent.h"
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "rnnkern/cell_math.h"
+
+namespace cg = cooperative_groups;
+
+namespace rnnkern {
+namespace persistent {
+namespace {
+
+constexpr int kThreads = 256;
+
+// cells.h's helpers are host-only constexpr functions; these are their compile-time twins.
+template <Cell C>
+constexpr int kGates = C == Cell::LSTM ? 4 : (C == Cell::GRU ? 3 : 1);
+template <Cell C>
+constexpr int kSlots = C == Cell::LSTM ? 5 : (C == Cell::GRU ? 4 : 0);
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float load(const float* p) { return *p; }
+__device__ __forceinline__ double load(const double* p) { return *p; }
+__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+// Loads of data other blocks wrote during this launch: through L2 (L1 is not coherent).
+__device__ __forceinline__ float load_cg(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ double load_cg(const double* p) { return __ldcg(p); }
+__device__ __forceinline__ float load_cg(const __half* p) { return __half2float(__ldcg(p)); }
+__device__ __forceinline__ float load_cg(const __nv_bfloat16* p) {
+  return __bfloat162float(__ldcg(p));
+}
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// Threads per (row, unit) pair for a dot product: a power of two <= 32 so that a group sits inside
+// one warp and reduces with shuffles; identical in every thread of the block.
+__device__ __forceinline__ int lanes_per_pair(int pairs) {
+  int lanes = pairs > 0 ? kThreads / pairs : 32;
+  lanes = lanes < 1 ? 1 : (lanes > 32 ? 32 : lanes);
+  return 1 << (31 - __clz(lanes));
+}
+
+template <typename A>
+__device__ __forceinline__ A group_sum(A v, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Time geometry shared by both kernels (docs/internals.md).
+struct Geometry {
+  const int64_t* sizes;
+  const int64_t* offsets;
+  int64_t steps;
+  bool reverse;
+  __device__ int64_t t_of(int64_t k) const { return reverse ? steps - 1 - k : k; }
+  // Step processed before t in the forward recurrence (-1: none) and rows continuing from it.
+  __device__ int64_t prev(int64_t t) const { return reverse ? (t + 1 < steps ? t + 1 : -1) : t - 1; }
+  __device__ int64_t n_prev(int64_t t) const {
+    const int64_t p = prev(t);
+    return p < 0 ? 0 : min(sizes[t], sizes[p]);
+  }
+  // Step processed after t in the forward recurrence (-1: none) and rows continuing into it.
+  __device__ int64_t next(int64_t t) const { return reverse ? t - 1 : (t + 1 < steps ? t + 1 : -1); }
+  __device__ int64_t n_next(int64_t t) const {
+    const int64_t n = next(t);
+    return n < 0 ? 0 : min(sizes[t], sizes[n]);
+  }
+};
+
+template <Cell C, typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int units) {
+  using A = typename AccOf<T>::type;
+  constexpr int G = kGates<C>;
+  constexpr int S = kSlots<C>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* w = reinterpret_cast<A*>(smem_raw);  // [G][units][H + 1] (padded: no bank conflicts)
+  const int H = static_cast<int>(a.hidden);
+  const int GH = G * H;
+  const int u0 = blockIdx.x * units;
+  const int nu = min(units, H - u0);
+  const T* w_hh = static_cast<const T*>(a.w_hh);
+  const T* xp = static_cast<const T*>(a.xp);
+  const T* b_hh = static_cast<const T*>(a.b_hh);
+  const T* h0 = static_cast<const T*>(a.h0);
+  const T* c0 = static_cast<const T*>(a.c0);
+  T* out = static_cast<T*>(a.out);
+  A* ws = static_cast<A*>(a.ws);
+  T* h_n = static_cast<T*>(a.h_n);
+  T* c_n = static_cast<T*>(a.c_n);
+  const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
+
+  for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
+    const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
+    w[(g * units + ul) * (H + 1) + k] = load(w_hh + static_cast<int64_t>(g * H + u0 + ul) * H + k);
+  }
+  __syncthreads();
+  cg::grid_group grid = cg::this_grid();
+
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const int64_t t = geo.t_of(s);
+    const int bs = static_cast<int>(a.sizes[t]);
+    const int64_t row0 = a.offsets[t];
+    const int64_t p = geo.prev(t);
+    const int n_prev = static_cast<int>(geo.n_prev(t));
+    const int64_t prev_row0 = p < 0 ? 0 : a.offsets[p];
+    const int n_next = static_cast<int>(geo.n_next(t));
+    const int pairs = bs * nu;
+    const int lanes = lanes_per_pair(pairs);
+    const int groups = kThreads / lanes;
+    const int lane = threadIdx.x % lanes;
+    for (int base = 0; base < pairs; base += groups) {  // uniform trip count: shuffles stay safe
+      const int pair = base + threadIdx.x / lanes;
+      const bool valid = pair < pairs;
+      const int b = valid ? pair / nu : 0;
+      const int ul = valid ? pair % nu : 0;
+      const bool from_out = b < n_prev;
+      const T* h_row = from_out ? out + (prev_row0 + b) * H : h0 + static_cast<int64_t>(b) * H;
+      A acc[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[g] = A(0);
+      if (valid) {
+        for (int k = lane; k < H; k += lanes) {
+          const A hv = from_out ? load_cg(h_row + k) : load(h_row + k);
+#pragma unroll
+          for (int g = 0; g < G; ++g) acc[g] += hv * w[(g * units + ul) * (H + 1) + k];
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[g] = group_sum(acc[g], lanes);
+      if (!valid || lane != 0) continue;
+      const int u = u0 + ul;
+      const int64_t row = row0 + b;
+      const T* x = xp + row * GH;
+      A pre[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) pre[g] = acc[g] + (b_hh ? A(load(b_hh + g * H + u)) : A(0));
+      const bool last = b >= n_next;  // the sample ends here: h_n
+      A h;
+      if constexpr (C == Cell::LSTM) {
+        const A c_prev = from_out ? load_cg(ws + (prev_row0 + b) * S * H + 4 * H + u)
+                                  : A(load(c0 + static_cast<int64_t>(b) * H + u));
+        LstmGates<A> gates;
+        A c;
+        lstm_forward_unit<A>(A(load(x + u)) + pre[0], A(load(x + H + u)) + pre[1],
+                             A(load(x + 2 * H + u)) + pre[2], A(load(x + 3 * H + u)) + pre[3],
+                             c_prev, gates, c, h);
+        A* wr = ws + row * S * H;
+        wr[u] = gates.i;
+        wr[H + u] = gates.f;
+        wr[2 * H + u] = gates.g;
+        wr[3 * H + u] = gates.o;
+        wr[4 * H + u] = c;
+        if (last) store(c_n + static_cast<int64_t>(b) * H + u, c);
+      } else if constexpr (C == Cell::GRU) {
+        const A h_prev = from_out ? load_cg(h_row + u) : A(load(h_row + u));
+        GruGates<A> gates;
+        gru_forward_unit<A>(A(load(x + u)), A(load(x + H + u)), A(load(x + 2 * H + u)), pre[0],
+                            pre[1], pre[2], h_prev, gates, h);
+        A* wr = ws + row * S * H;
+        wr[u] = gates.r;
+        wr[H + u] = gates.z;
+        wr[2 * H + u] = gates.n;
+        wr[3 * H + u] = pre[2];
+      } else {
+        h = rnn_forward_unit<C == Cell::RNN_RELU, A>(A(load(x + u)) + pre[0]);
+      }
+      store(out + row * H + u, h);
+      if (last) store(h_n + static_cast<int64_t>(b) * H + u, h);
+    }
+    grid.sync();
+  }
+}
+
+template <Cell C, typename T>
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int units) {
+  using A = typename AccOf<T>::type;
+  constexpr int G = kGates<C>;
+  constexpr int S = kSlots<C>;
+  const int H = static_cast<int>(a.hidden);
+  const int GH = G * H;
+  const int B = static_cast<int>(a.batch);
+  const int u0 = blockIdx.x * units;
+  const int nu = min(units, H - u0);
+  const int blocks = gridDim.x;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* wt = reinterpret_cast<A*>(smem_raw);  // [units][G*H + 1]: W_hh columns of own units
+  A* dh_next = wt + units * (GH + 1);           // [B][units]
+  A* dc_next = dh_next + B * units;        // [B][units] (LSTM)
+  A* gbuf = dc_next + B * units;           // [B][units]: g before clipping, then dc_t
+  A* direct = gbuf + B * units;            // [B][units]: GRU z ⊙ g
+  A* row_norm = direct + B * units;        // [B]
+  A* partial = static_cast<A*>(a.scratch);  // [2 parity][2 (g, c)][blocks][B]
+  const T* w_hh = static_cast<const T*>(a.w_hh);
+  const T* grad_out = static_cast<const T*>(a.grad_out);
+  const T* grad_h_n = static_cast<const T*>(a.grad_h_n);
+  const T* grad_c_n = static_cast<const T*>(a.grad_c_n);
+  const T* h0 = static_cast<const T*>(a.h0);
+  const T* c0 = static_cast<const T*>(a.c0);
+  const T* out = static_cast<const T*>(a.out);
+  const A* ws = static_cast<const A*>(a.ws);
+  T* dgates_x = static_cast<T*>(a.dgates_x);
+  T* dgates_h = static_cast<T*>(C == Cell::GRU ? a.dgates_h : a.dgates_x);
+  T* grad_h0 = static_cast<T*>(a.grad_h0);
+  T* grad_c0 = static_cast<T*>(a.grad_c0);
+  const A clip = static_cast<A>(a.clip);
+  const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
+
+  for (int i = threadIdx.x; i < nu * GH; i += kThreads) {
+    const int gh = i % GH, ul = i / GH;
+    wt[ul * (GH + 1) + gh] = load(w_hh + static_cast<int64_t>(gh) * H + u0 + ul);
+  }
+  for (int i = threadIdx.x; i < 4 * B * units; i += kThreads) dh_next[i] = A(0);
+  __syncthreads();
+  cg::grid_group grid = cg::this_grid();
+
+  // Block 0 turns the dc partials of a processed step into ‖dc_t‖ rows.
+  auto reduce_dc = [&](int64_t t, int parity) {
+    if (C != Cell::LSTM || a.norm_c == nullptr || blockIdx.x != 0) return;
+    const int bs = static_cast<int>(a.sizes[t]);
+    for (int b = threadIdx.x; b < bs; b += kThreads) {
+      A sum = A(0);
+      for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2 + 1) * blocks + blk) * B + b);
+      a.norm_c[a.offsets[t] + b] = static_cast<float>(sqrt(sum));
+    }
+  };
+
+  int64_t t_before = -1;  // the previously processed backward step
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const int64_t t = geo.t_of(a.steps - 1 - s);  // reverse of the forward order
+    const int parity = static_cast<int>(s & 1);
+    const int bs = static_cast<int>(a.sizes[t]);
+    const int64_t row0 = a.offsets[t];
+    const int64_t p = geo.prev(t);
+    const int n_prev = static_cast<int>(geo.n_prev(t));
+    const int64_t prev_row0 = p < 0 ? 0 : a.offsets[p];
+    const int n_next = static_cast<int>(geo.n_next(t));
+    const int pairs = bs * nu;
+
+    // A: assemble g for own units; partial Σ g² per row.
+    for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
+      const int b = pair / nu, ul = pair % nu, u = u0 + ul;
+      const A incoming = b < n_next ? dh_next[b * units + ul]
+                                    : A(load(grad_h_n + static_cast<int64_t>(b) * H + u));
+      gbuf[b * units + ul] = A(load(grad_out + (row0 + b) * H + u)) + incoming;
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < bs; b += kThreads) {
+      A sum = A(0);
+      for (int ul = 0; ul < nu; ++ul) sum += gbuf[b * units + ul] * gbuf[b * units + ul];
+      partial[((parity * 2) * blocks + blockIdx.x) * B + b] = sum;
+    }
+    grid.sync();
+
+    // B: the full norms (same order in every block), clip, gate gradients.
+    for (int b = threadIdx.x; b < bs; b += kThreads) {
+      A sum = A(0);
+      for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2) * blocks + blk) * B + b);
+      row_norm[b] = sqrt(sum);
+      if (blockIdx.x == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
+    }
+    if (t_before >= 0) reduce_dc(t_before, parity ^ 1);
+    __syncthreads();
+    for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
+      const int b = pair / nu, ul = pair % nu, u = u0 + ul;
+      const int64_t row = row0 + b;
+      const A dh = gbuf[b * units + ul] * clip_scale(row_norm[b], clip);
+      T* dx = dgates_x + row * GH;
+      const bool starts = b >= n_prev;  // the sample's first step: gradients go to h0/c0
+      if constexpr (C == Cell::LSTM) {
+        const A* wr = ws + row * S * H;
+        const LstmGates<A> gates{wr[u], wr[H + u], wr[2 * H + u], wr[3 * H + u]};
+        const A c_prev = starts ? A(load(c0 + static_cast<int64_t>(b) * H + u))
+                                : ws[(prev_row0 + b) * S * H + 4 * H + u];
+        const A dc_in = b < n_next ? dc_next[b * units + ul]
+                                   : (grad_c_n ? A(load(grad_c_n + static_cast<int64_t>(b) * H + u)) : A(0));
+        LstmGates<A> dpre;
+        A dc_total, dc_prev;
+        lstm_backward_unit<A>(dh, dc_in, gates, wr[4 * H + u], c_prev, dpre, dc_total, dc_prev);
+        store(dx + u, dpre.i);
+        store(dx + H + u, dpre.f);
+        store(dx + 2 * H + u, dpre.g);
+        store(dx + 3 * H + u, dpre.o);
+        gbuf[b * units + ul] = dc_total;  // g is no longer needed: reuse for the dc partial
+        if (starts) {
+          if (grad_c0) store(grad_c0 + static_cast<int64_t>(b) * H + u, dc_prev);
+        } else {
+          dc_next[b * units + ul] = dc_prev;
+        }
+      } else if constexpr (C == Cell::GRU) {
+        const A* wr = ws + row * S * H;
+        const GruGates<A> gates{wr[u], wr[H + u], wr[2 * H + u]};
+        const A h_prev = starts ? A(load(h0 + static_cast<int64_t>(b) * H + u))
+                                : A(load(out + (prev_row0 + b) * H + u));
+        GruGates<A> gx, gh;
+        A dh_direct;
+        gru_backward_unit<A>(dh, gates, wr[3 * H + u], h_prev, gx, gh, dh_direct);
+        store(dx + u, gx.r);
+        store(dx + H + u, gx.z);
+        store(dx + 2 * H + u, gx.n);
+        T* dhh = dgates_h + row * GH;
+        store(dhh + u, gh.r);
+        store(dhh + H + u, gh.z);
+        store(dhh + 2 * H + u, gh.n);
+        direct[b * units + ul] = dh_direct;
+      } else {
+        const A h = A(load(out + row * H + u));
+        store(dx + u, rnn_backward_unit<C == Cell::RNN_RELU, A>(dh, h));
+      }
+    }
+    if constexpr (C == Cell::LSTM) {
+      __syncthreads();
+      for (int b = threadIdx.x; b < bs; b += kThreads) {
+        A sum = A(0);
+        for (int ul = 0; ul < nu; ++ul) sum += gbuf[b * units + ul] * gbuf[b * units + ul];
+        partial[((parity * 2 + 1) * blocks + blockIdx.x) * B + b] = sum;
+      }
+    }
+    grid.sync();
+
+    // C: dh_prev = dgates_h @ W_hh for own units.
+    const int lanes = lanes_per_pair(pairs);
+    const int groups = kThreads / lanes;
+    const int lane = threadIdx.x % lanes;
+    for (int base = 0; base < pairs; base += groups) {
+      const int pair = base + threadIdx.x / lanes;
+      const bool valid = pair < pairs;
+      const int b = valid ? pair / nu : 0;
+      const int ul = valid ? pair % nu : 0;
+      A acc = A(0);
+      if (valid) {
+        const T* d = dgates_h + (row0 + b) * GH;
+        const A* wc = wt + ul * (GH + 1);
+        for (int gh = lane; gh < GH; gh += lanes) acc += load_cg(d + gh) * wc[gh];
+      }
+      acc = group_sum(acc, lanes);
+      if (!valid || lane != 0) continue;
+      if constexpr (C == Cell::GRU) acc += direct[b * units + ul];
+      if (b < n_prev) {
+        dh_next[b * units + ul] = acc;
+      } else {
+        store(grad_h0 + static_cast<int64_t>(b) * H + u0 + ul, acc);
+      }
+    }
+    __syncthreads();
+    t_before = t;
+  }
+  if (C == Cell::LSTM && a.norm_c != nullptr && a.steps > 0) {
+    grid.sync();
+    reduce_dc(t_before, static_cast<int>((a.steps - 1) & 1));
+  }
+}
+
+template <typename T>
+using ForwardKernel = void (*)(ForwardArgs, int);
+template <typename T>
+using BackwardKernel = void (*)(BackwardArgs, int);
+
+template <typename T>
+ForwardKernel<T> forward_for(Cell cell) {
+  switch (cell) {
+    case Cell::LSTM: return forward_kernel<Cell::LSTM, T>;
+    case Cell::GRU: return forward_kernel<Cell::GRU, T>;
+    case Cell::RNN_TANH: return forward_kernel<Cell::RNN_TANH, T>;
+    default: return forward_kernel<Cell::RNN_RELU, T>;
+  }
+}
+
+template <typename T>
+BackwardKernel<T> backward_for(Cell cell) {
+  switch (cell) {
+    case Cell::LSTM: return backward_kernel<Cell::LSTM, T>;
+    case Cell::GRU: return backward_kernel<Cell::GRU, T>;
+    case Cell::RNN_TANH: return backward_kernel<Cell::RNN_TANH, T>;
+    default: return backward_kernel<Cell::RNN_RELU, T>;
+  }
+}
+
+size_t acc_size(DType dtype) { return dtype == DType::F64 ? sizeof(double) : sizeof(float); }
+
+template <typename Args>
+cudaError_t launch(const void* kernel, const Plan& plan, size_t smem, Args args, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  int units = plan.units;
+  void* params[] = {&args, &units};
+  return cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(plan.threads), params, smem,
+                                     stream);
+}
+
+template <typename T>
+const void* forward_kernel_ptr(Cell cell) { return reinterpret_cast<const void*>(forward_for<T>(cell)); }
+template <typename T>
+const void* backward_kernel_ptr(Cell cell) { return reinterpret_cast<const void*>(backward_for<T>(cell)); }
+
+const void* forward_ptr(Cell cell, DType dtype) {
+  switch (dtype) {
+    case DType::F32: return forward_kernel_ptr<float>(cell);
+    case DType::F64: return forward_kernel_ptr<double>(cell);
+    case DType::F16: return forward_kernel_ptr<__half>(cell);
+    default: return forward_kernel_ptr<__nv_bfloat16>(cell);
+  }
+}
+
+const void* backward_ptr(Cell cell, DType dtype) {
+  switch (dtype) {
+    case DType::F32: return backward_kernel_ptr<float>(cell);
+    case DType::F64: return backward_kernel_ptr<double>(cell);
+    case DType::F16: return backward_kernel_ptr<__half>(cell);
+    default: return backward_kernel_ptr<__nv_bfloat16>(cell);
+  }
+}
+
+// cudaGetDeviceProperties is slow (milliseconds): read each device once.
+const cudaDeviceProp* device_properties(int device) {
+  static std::mutex mutex;
+  static std::map<int, std::unique_ptr<cudaDeviceProp>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    auto prop = std::make_unique<cudaDeviceProp>();
+    if (cudaGetDeviceProperties(prop.get(), device) != cudaSuccess) {
+      cudaGetLastError();
+      prop.reset();
+    }
+    it = cache.emplace(device, std::move(prop)).first;
+  }
+  return it->second.get();
+}
+
+}  // namespace
+
+Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj, int device) {
+  Plan plan;
+  if (has_proj) {
+    plan.reason = Decline::Projection;
+    return plan;
+  }
+  if (hidden <= 0 || batch <= 0) {
+    plan.reason = Decline::Empty;
+    return plan;
+  }
+  const cudaDeviceProp* found = device_properties(device);
+  if (found == nullptr || !found->cooperativeLaunch) {
+    plan.reason = Decline::NoCooperativeLaunch;
+    return plan;
+  }
+  const cudaDeviceProp& prop = *found;
+  const int sms = prop.multiProcessorCount;
+  const int units = static_cast<int>((hidden + sms - 1) / sms);
+  const int blocks = static_cast<int>((hidden + units - 1) / units);
+  const size_t acc = acc_size(dtype);
+  const size_t gates = static_cast<size_t>(cell_gates(cell));
+  plan.smem_forward = gates * units * (hidden + 1) * acc;
+  plan.smem_backward =
+      (static_cast<size_t>(units) * (gates * hidden + 1) + 4 * batch * units + batch) * acc;
+  const size_t limit = prop.sharedMemPerBlockOptin;
+  if (plan.smem_forward > limit || plan.smem_backward > limit) {
+    plan.reason = Decline::SharedMemory;
+    return plan;
+  }
+  for (int pass = 0; pass < 2; ++pass) {
+    const void* kernel = pass == 0 ? forward_ptr(cell, dtype) : backward_ptr(cell, dtype);
+    const size_t smem = pass == 0 ? plan.smem_forward : plan.smem_backward;
+    int per_sm = 0;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) != cudaSuccess ||
+        per_sm * sms < blocks) {
+      cudaGetLastError();
+      plan.reason = Decline::Occupancy;
+      return plan;
+    }
+  }
+  plan.ok = true;
+  plan.blocks = blocks;
+  plan.units = units;
+  plan.threads = kThreads;
+  return plan;
+}
+
+size_t scratch_elements(const Plan& plan, int64_t batch) {
+  return static_cast<size_t>(4) * plan.blocks * batch;
+}
+
+cudaError_t forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
+  if (args.steps == 0 || args.batch == 0) return cudaSuccess;
+  return launch(forward_ptr(args.cell, args.dtype), plan, plan.smem_forward, args, stream);
+}
+
+cudaError_t backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
+  if (args.steps == 0 || args.batch == 0) return cudaSuccess;
+  return launch(backward_ptr(args.cell, args.dtype), plan, plan.smem_backward, args, stream);
+}
+
+}  // namespace persistent
+}  // namespace rnnkern

@@ -1,0 +1,93 @@
+// Persistent CUDA recurrence (issue 9): the whole time loop of one layer and direction in ONE
+// cooperative launch. Each block owns a slice of hidden units and keeps its slice of W_hh (forward)
+// or of W_hh's columns (backward) in shared memory for the whole sequence; h_t is exchanged through
+// L2 with one grid-wide barrier per step (two in the backward: one to reduce ‖g_t‖ across blocks
+// before clipping, one to exchange the gate gradients). Plain C++ header: no ATen.
+//
+// The kernels produce exactly what the per-step path produces (docs/internals.md): forward: out rows,
+// workspace rows, h_n, c_n; backward: grad_xp (= dgates_x), dgates_h (GRU), grad_h0, grad_c0 and
+// norms. The weight gradients are the layer driver's GEMMs after the loop, as on the per-step path.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime.h>
+
+#include "rnnkern/step_args.h"
+
+namespace rnnkern {
+namespace persistent {
+
+// How the persistent kernels would run a layer, or why they cannot.
+// Why a layer is not run persistently (rnnkern/explain.py has the texts).
+enum class Decline : int {
+  None = 0, Projection = 1, Empty = 2, NoCooperativeLaunch = 3, SharedMemory = 4, Occupancy = 5,
+  Forced = 6, Heuristic = 7
+};
+
+struct Plan {
+  bool ok = false;
+  Decline reason = Decline::None;  // when !ok
+  int blocks = 0;           // cooperative grid size (<= co-resident blocks)
+  int units = 0;            // hidden units per block
+  int threads = 0;
+  size_t smem_forward = 0;
+  size_t smem_backward = 0;
+};
+
+// Plan for a layer of `hidden` units and a batch of `batch` rows on `device`. Projections
+// (proj_size > 0) are not handled here (the per-step path runs them).
+Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj, int device);
+
+struct ForwardArgs {
+  Cell cell = Cell::LSTM;
+  DType dtype = DType::F32;
+  int64_t steps = 0, batch = 0, hidden = 0;
+  const int64_t* sizes = nullptr;    // device [T]: batch_sizes
+  const int64_t* offsets = nullptr;  // device [T]: first row of each step
+  bool reverse = false;
+  const void* xp = nullptr;    // [N, G*H] input dtype
+  const void* w_hh = nullptr;  // [G*H, H] input dtype
+  const void* b_hh = nullptr;  // [G*H] input dtype or null
+  const void* h0 = nullptr;    // [B, H] input dtype
+  const void* c0 = nullptr;    // LSTM: [B, H] input dtype
+  void* out = nullptr;         // [N, H] input dtype
+  void* ws = nullptr;          // [N, S*H] acc dtype
+  void* h_n = nullptr;         // [B, H] input dtype
+  void* c_n = nullptr;         // LSTM: [B, H] input dtype
+};
+
+struct BackwardArgs {
+  Cell cell = Cell::LSTM;
+  DType dtype = DType::F32;
+  int64_t steps = 0, batch = 0, hidden = 0;
+  const int64_t* sizes = nullptr;
+  const int64_t* offsets = nullptr;
+  bool reverse = false;
+  double clip = 0.0;
+  const void* grad_out = nullptr;  // [N, H] input dtype
+  const void* grad_h_n = nullptr;  // [B, H] input dtype
+  const void* grad_c_n = nullptr;  // LSTM: [B, H] input dtype or null
+  const void* w_hh = nullptr;      // [G*H, H]
+  const void* h0 = nullptr;
+  const void* c0 = nullptr;
+  const void* out = nullptr;       // forward's out rows
+  const void* ws = nullptr;        // forward's workspace
+  void* dgates_x = nullptr;        // [N, G*H] input dtype (grad_xp)
+  void* dgates_h = nullptr;        // GRU: [N, 3H] input dtype; else null (equal to dgates_x)
+  void* grad_h0 = nullptr;         // [B, H] input dtype
+  void* grad_c0 = nullptr;         // LSTM: [B, H] input dtype or null
+  float* norm_g = nullptr;         // [N] or null (not recorded)
+  float* norm_c = nullptr;         // LSTM: [N] or null
+  void* scratch = nullptr;         // acc dtype, scratch_elements(plan, batch) elements
+};
+
+// Elements (of the acc dtype) of the backward's cross-block scratch buffer.
+size_t scratch_elements(const Plan& plan, int64_t batch);
+
+cudaError_t forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream);
+cudaError_t backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream);
+
+}  // namespace persistent
+}  // namespace rnnkern

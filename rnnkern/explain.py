@@ -1,0 +1,54 @@
+"""rnnkern.explain: which backend and which kernel run a module on an input, and why."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _cells
+from . import backends as _backends
+
+# csrc/cuda/persistent.h, enum Decline.
+_DECLINE = {
+    1: "proj_size > 0: the projection runs on the per-step kernels",
+    2: "empty layer",
+    3: "the device has no cooperative launches",
+    4: "W_hh does not fit in the multiprocessors' shared memory",
+    5: "not enough co-resident blocks for a grid-wide barrier",
+    6: "RNNKERN_CUDA_KERNEL=step",
+    7: "the shape is outside the range where the persistent kernel is faster (batch <= 64, hidden <= 1024)",
+}
+
+
+def explain(module, input, hx=None) -> str:
+    """A few lines saying which backend runs ``module(input, hx)`` and, on CUDA, which recurrence
+    kernel (persistent or per-step) runs each layer, and why. Nothing is computed."""
+    parsed = module._parse(input, hx)
+    data = parsed[3]
+    requested = _backends.check_name(module.backend)
+    backend = _backends.resolve(requested, data.device, data.dtype)
+    lines = [f"{type(module).__name__}: backend {backend.name!r}"
+             + (" (chosen by auto)" if requested == "auto" else " (requested)")
+             + f" for {data.device.type} {str(data.dtype)[6:]} input"]
+    if requested == "auto":
+        for name in _backends._AUTO_ORDER.get(data.device.type, []):
+            if name == backend.name:
+                break
+            reason = _backends.get(name).unsupported_reason(data.device, data.dtype)
+            lines.append(f"  not {name!r}: {reason}")
+    if backend.name == "cuda":
+        batch = parsed[7].shape[1]
+        cell = _cells.from_mode(module.mode)
+        plan = torch.ops.rnnkern.cuda_kernel_plan(cell, data.dtype, batch, module.hidden_size,
+                                                 module.proj_size > 0, data.device.index or 0)
+        persistent, reason, blocks, units, smem_fwd, smem_bwd = plan
+        if persistent:
+            lines.append(
+                f"  every layer: persistent kernel, one launch per layer and direction; {blocks} "
+                f"blocks × {units} hidden units, W_hh resident in shared memory "
+                f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block)")
+        else:
+            lines.append(f"  every layer: per-step kernels (cuBLAS GEMM + fused step kernel), "
+                         f"because {_DECLINE.get(reason, f'reason {reason}')}")
+    elif backend.name == "cpu":
+        lines.append("  per step: an ATen GEMM into a preallocated buffer + one fused parallel pass")
+    return "\n".join(lines)
