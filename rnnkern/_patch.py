@@ -32,6 +32,17 @@ def convert(model: nn.Module, backend: str = "auto", record_grad_norms: bool = F
     return model
 
 
+class _PatchedMeta(type):
+    """While patched, ``isinstance(m, torch.nn.LSTM)`` keeps meaning "an LSTM" (torch's or rnnkern's),
+    although the instances built are of rnnkern's class, not of the patched class itself."""
+
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, cls._torch_class)
+
+    def __subclasscheck__(cls, sub):
+        return issubclass(sub, cls._torch_class)
+
+
 class patch_torch:
     """Make torch.nn.LSTM / GRU / RNN *be* rnnkern's classes, so unchanged code builds them.
 
@@ -55,11 +66,16 @@ class patch_torch:
     def _patched_class(self, base):
         options = self.options
 
-        class Patched(base):
+        class Patched(base, metaclass=_PatchedMeta):
             def __init__(self, *args, **kwargs):
                 for key, value in options.items():
                     kwargs.setdefault(key, value)
                 super().__init__(*args, **kwargs)
+                # The instance is a plain rnnkern module (so it pickles, deep-copies and saves like
+                # one); this class only supplies the defaults. (Subclasses defined by user code while
+                # patched keep their own class.)
+                if type(self) is Patched:
+                    self.__class__ = base
 
         Patched.__name__ = Patched.__qualname__ = base.__name__
         Patched.__module__ = base.__module__

@@ -84,6 +84,19 @@ def run_stack(
     return x, h_stack, c_stack
 
 
+def batch_size_list(batch_sizes: Tensor, num_rows: int, batch: int) -> List[int]:
+    """batch_sizes [T] as a Python list, for N = num_rows rows of a batch of B = batch samples.
+
+    When N == T * B every step holds all B samples (batch_sizes is non-increasing and starts at B),
+    so the list follows from the shapes alone without reading the tensor: padded input then never
+    reads tensor data on the host, which lets torch.compile trace it without a graph break.
+    """
+    steps = batch_sizes.shape[0]
+    if num_rows == steps * batch:
+        return [batch] * steps
+    return batch_sizes.tolist()
+
+
 def rows_to_time_batch(values: Tensor, batch_sizes: Tensor) -> Tensor:
     """Scatter per-row values [..., N] to [..., T, B] (zeros where a sequence has ended)."""
     sizes = batch_sizes.tolist()

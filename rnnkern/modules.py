@@ -7,7 +7,6 @@ rnnkern keeps working while ``patch_torch()`` has replaced ``torch.nn.LSTM`` and
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -17,7 +16,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
-from . import _cells
+from . import _cells, _compat
 from . import backends as _backends
 from .functional import rows_to_time_batch, run_stack
 from .gradnorms import GradNorms
@@ -59,6 +58,7 @@ class _RnnkernMixin:
         self.hidden_grad_clip = hidden_grad_clip
         self.grad_norms: Optional[GradNorms] = None
         self._grad_norm_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self._rnnkern_token = _compat.register_module(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -66,6 +66,7 @@ class _RnnkernMixin:
             self.__dict__.setdefault(name, default)
         self.__dict__.setdefault("grad_norms", None)
         self.__dict__.setdefault("_grad_norm_hooks", OrderedDict())
+        self._rnnkern_token = _compat.register_module(self)  # a copy's norms are its own
 
     def register_grad_norm_hook(self, hook: Callable[["torch.nn.Module", GradNorms], None]) -> RemovableHandle:
         """Call ``hook(module, grad_norms)`` after every backward that recorded norms.
@@ -85,22 +86,47 @@ class _RnnkernMixin:
                 text += f", {name}={value!r}"
         return text
 
+    def _deliver_grad_norms(self, norms: Tensor, batch_sizes: Tensor, unsorted_indices, has_cell_state):
+        """Called once per backward with the norm probe's gradient [L, D, 2, N]: set grad_norms, run hooks."""
+        norms = rows_to_time_batch(norms, batch_sizes)  # [L, D, 2, T, B]
+        if unsorted_indices is not None:
+            norms = norms.index_select(-1, unsorted_indices.to(norms.device))
+        grad_norms = GradNorms(norms[:, :, 0].contiguous(),
+                               norms[:, :, 1].contiguous() if has_cell_state else None)
+        self.grad_norms = grad_norms
+        for hook in list(self._grad_norm_hooks.values()):
+            hook(self, grad_norms)
+
     # -- forward -----------------------------------------------------------------------------
     def forward(self, input, hx=None):
         """torch.nn's forward (same arguments, results and exceptions), run by rnnkern's kernels."""
+        if isinstance(input, PackedSequence) and torch.compiler.is_compiling():
+            # A graph break: packed input needs its batch sizes on the host (rnnkern/_compat.py).
+            return _compat.eager_forward(self, input, hx)
+        return self._forward(input, hx)
+
+    def _forward(self, input, hx):
         self._update_flat_weights()
         try:
-            parsed = self._parse(input, hx)
+            autocast = _compat.autocast_plan(self, input, hx)
+            if autocast is None:
+                return self._run(*self._parse(input, hx))
+            # torch.autocast: run in the dtype torch.nn would (rnnkern/_compat.py) with autocast off
+            # inside, so the kernels see one dtype; the casts are differentiable.
+            with torch.autocast(autocast.device_type, enabled=False):
+                cast_input, cast_hx = autocast.cast_inputs(input, hx)
+                output, hidden = self._run(*self._parse(cast_input, cast_hx, autocast.compute_dtype))
+            return autocast.cast_outputs(output, hidden)
         except _InvalidInput:
             # torch.nn raises its own exception (type and message) for this input.
             self._torch_class.forward(self, input, hx)
             raise RuntimeError(
                 f"rnnkern rejected an input that torch.nn.{self._torch_class.__name__} accepts; "
                 "please report this as a bug") from None
-        return self._run(*parsed)
 
-    def _parse(self, input, hx):
-        """Validate like torch.nn and bring the input to rows + sorted hx; _InvalidInput if bad."""
+    def _parse(self, input, hx, weight_dtype=None):
+        """Validate like torch.nn and bring the input to rows + sorted hx; _InvalidInput if bad.
+        weight_dtype: cast the (float32/16-bit) weights to it, differentiably (autocast)."""
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         num_directions = 2 if self.bidirectional else 1
@@ -123,6 +149,8 @@ class _RnnkernMixin:
         _require(data.is_floating_point())
         _require(data.shape[1] == self.input_size)
         params = [getattr(self, name) for name in self._flat_weights_names]
+        if weight_dtype is not None:
+            params = [_compat._cast(p, weight_dtype) for p in params]
         _require(all(p.dtype == data.dtype and p.device == data.device for p in params))
 
         states = []
@@ -166,12 +194,15 @@ class _RnnkernMixin:
         backend = _backends.resolve(_backends.check_name(self.backend), data.device, data.dtype)
         num_directions = 2 if self.bidirectional else 1
         probe = None
-        if (self.record_grad_norms and torch.is_grad_enabled()
-                and (data.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad)
-                     or any(p.requires_grad for p in params))):
-            probe = torch.zeros(self.num_layers, num_directions, 2, data.shape[0],
-                                dtype=torch.float32, device=data.device, requires_grad=True)
-            probe.register_hook(_NormCollector(self, batch_sizes, unsorted_indices, cell == _cells.LSTM))
+        if self.record_grad_norms and torch.is_grad_enabled():
+            # The norms come back as the probe's gradient (see rnnkern/_compat.py); it can only flow
+            # if something the stack depends on requires grad.
+            anchor = next((t for t in [data, h0, c0, *params] if t is not None and t.requires_grad),
+                          None)
+            if anchor is not None:
+                probe = _compat.norm_probe(
+                    anchor, (self.num_layers, num_directions, 2, data.shape[0]), batch_sizes,
+                    unsorted_indices, self._rnnkern_token, cell == _cells.LSTM)
         out, h_n, c_n = run_stack(
             cell, data.contiguous(), batch_sizes, h0.contiguous(),
             None if c0 is None else c0.contiguous(), self._layer_weights(params),
@@ -190,29 +221,6 @@ class _RnnkernMixin:
             h_n = h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
         return output, ((h_n, c_n) if c_n is not None else h_n)
-
-
-class _NormCollector:
-    """Gradient hook of the norm probe: turns its gradient [L, D, 2, N] into the module's GradNorms."""
-
-    def __init__(self, module, batch_sizes, unsorted_indices, has_cell_state):
-        self.module = weakref.ref(module)
-        self.batch_sizes = batch_sizes
-        self.unsorted_indices = unsorted_indices
-        self.has_cell_state = has_cell_state
-
-    def __call__(self, grad: Tensor) -> None:
-        module = self.module()
-        if module is None:
-            return
-        norms = rows_to_time_batch(grad.detach(), self.batch_sizes)  # [L, D, 2, T, B]
-        if self.unsorted_indices is not None:
-            norms = norms.index_select(-1, self.unsorted_indices.to(norms.device))
-        grad_norms = GradNorms(norms[:, :, 0].contiguous(),
-                               norms[:, :, 1].contiguous() if self.has_cell_state else None)
-        module.grad_norms = grad_norms
-        for hook in list(module._grad_norm_hooks.values()):
-            hook(module, grad_norms)
 
 
 _DOC = """Drop-in replacement for :class:`torch.nn.{name}` whose forward and backward run in rnnkern's
@@ -263,3 +271,6 @@ class RNN(_RnnkernMixin, TorchRNN):
 
 
 RNNKERN_CLASSES = {TorchLSTM: LSTM, TorchGRU: GRU, TorchRNN: RNN}
+
+
+_compat.install_dynamo_support()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _cells
+from ..functional import batch_size_list
 from . import Backend
 
 
@@ -53,7 +54,7 @@ def reference_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, cl
     b_hh [G*H] | None; w_hr [P, H] | None; norm_probe [2, N] | None (its gradient gets the norms).
     Returns out [N, P], h_n [B, P], c_n [B, H] (LSTM; else an empty tensor).
     """
-    sizes = batch_sizes.tolist()
+    sizes = batch_size_list(batch_sizes, xp.shape[0], h0.shape[0])
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + size)
@@ -63,7 +64,8 @@ def reference_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, cl
     for t in steps:
         size, start = sizes[t], offsets[t]
         rows = slice(start, start + size)
-        h_prev = h[:size]
+        full = size == h.shape[0]  # no slicing/concatenation when every sample is still running
+        h_prev = h if full else h[:size]
         hp = torch.mm(h_prev, w_hh.t())
         if b_hh is not None:
             hp = hp + b_hh
@@ -71,12 +73,12 @@ def reference_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, cl
         h_probe = None if norm_probe is None else norm_probe[0, rows]
         if cell == _cells.LSTM:
             i, f, g, o = (x_t + hp).chunk(4, dim=1)
-            c_new = torch.sigmoid(f) * c[:size] + torch.sigmoid(i) * torch.tanh(g)
+            c_new = torch.sigmoid(f) * (c if full else c[:size]) + torch.sigmoid(i) * torch.tanh(g)
             c_new = _tap(c_new, None if norm_probe is None else norm_probe[1, rows], 0.0)
             h_new = torch.sigmoid(o) * torch.tanh(c_new)
             if w_hr is not None:
                 h_new = torch.mm(h_new, w_hr.t())
-            c = torch.cat([c_new, c[size:]], dim=0)
+            c = c_new if full else torch.cat([c_new, c[size:]], dim=0)
         elif cell == _cells.GRU:
             xr, xz, xn = x_t.chunk(3, dim=1)
             hr, hz, hn = hp.chunk(3, dim=1)
@@ -92,7 +94,7 @@ def reference_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, cl
             raise ValueError(f"unknown cell id {cell}")
         h_new = _tap(h_new, h_probe, clip)
         outputs[t] = h_new
-        h = torch.cat([h_new, h[size:]], dim=0)
+        h = h_new if full else torch.cat([h_new, h[size:]], dim=0)
     out = torch.cat(outputs, dim=0) if outputs else xp.new_empty((0, h0.shape[1]))
     c_n = c if cell == _cells.LSTM else xp.new_empty((0,))
     return out, h, c_n

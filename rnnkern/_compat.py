@@ -1,0 +1,292 @@
+"""What makes rnnkern modules first-class PyTorch citizens: torch.compile and autocast support.
+
+torch.compile
+    * Dynamo refuses every instance of torch.nn.RNN/GRU/LSTM ("Attempted to wrap RNN, GRU, or LSTM")
+      unless ``torch._dynamo.config.allow_rnn`` is set, because torch's own forward is not traceable.
+      rnnkern's forward is, so ``install_dynamo_support`` lets Dynamo wrap *rnnkern* modules (and only
+      them) as if that flag were set. torch.nn's own modules keep torch's behaviour.
+    * Gradient norms travel as the gradient of a "norm probe" (docs/internals.md). A leaf tensor with
+      a hook cannot be created inside a compiled graph, so the probe is instead the output of
+      ``_ProbeSource``, an autograd.Function of a tensor that already requires grad; its backward
+      receives the summed probe gradient (all norms, once per backward) and hands it to the op
+      ``rnnkern::deliver_grad_norms``. That op is opaque to the compiler and registered as
+      side-effectful, so compiled backward graphs keep it; at run time it builds the GradNorms, sets
+      ``module.grad_norms`` and calls the module's grad-norm hooks. Eager mode runs the same path.
+
+autocast
+    ``autocast_plan`` says, for a module call inside ``torch.autocast``, in which dtype torch.nn would
+    run the recurrence and which dtypes its outputs would have (measured from torch.nn; see the
+    function), so that rnnkern modules give the same output dtypes in the same contexts.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import itertools
+import sys
+import weakref
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+# -- module tokens: how the backward finds the module whose norms it delivers ------------------------
+
+_modules: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+_token_counter = itertools.count(1)
+
+
+def register_module(module: torch.nn.Module) -> int:
+    """A fresh token naming ``module`` for ``deliver_grad_norms`` (a copy gets its own token)."""
+    token = next(_token_counter)
+    _modules[token] = module
+    return token
+
+
+@torch.library.custom_op("rnnkern::deliver_grad_norms", mutates_args=())
+def deliver_grad_norms(norms: Tensor, batch_sizes: Tensor, unsorted_indices: Optional[Tensor],
+                       token: int, has_cell_state: bool) -> None:
+    """Hand the norms of one backward to module ``token``: set its grad_norms, call its hooks.
+
+    norms: [L, D, 2, N] float32, per row of the packed layout (row 1 = cell-state norms);
+    batch_sizes: [T] int64 (CPU); unsorted_indices: [B] or None (PackedSequence order).
+    """
+    module = _modules.get(token)
+    if module is None:  # the module is gone: nobody to tell
+        return
+    module._deliver_grad_norms(norms.detach().clone(), batch_sizes, unsorted_indices, has_cell_state)
+
+
+@deliver_grad_norms.register_fake
+def _(norms, batch_sizes, unsorted_indices, token, has_cell_state):
+    return None
+
+
+def _keep_in_compiled_graphs(op) -> None:
+    """Mark ``op`` side-effectful so compiled graphs keep it although nothing uses its (absent)
+    output: torch's effect system where it has it (torch >= 2.9), else the FX side-effect set."""
+    try:
+        from torch._library.effects import EffectType
+
+        torch.library._register_effectful_op(op, EffectType.ORDERED)
+    except (ImportError, AttributeError):
+        torch.fx.node.has_side_effect(op)
+
+
+_keep_in_compiled_graphs(deliver_grad_norms._opoverload)
+
+
+class _ProbeSource(torch.autograd.Function):
+    """probe = zeros(shape) that is differentiable w.r.t. `anchor` (any tensor requiring grad), so
+    that the gradient autograd accumulates for the probe reaches this backward, which delivers it."""
+
+    @staticmethod
+    def forward(ctx, anchor, batch_sizes, unsorted_indices, shape, token, has_cell_state):
+        ctx.token, ctx.has_cell_state = token, has_cell_state
+        ctx.save_for_backward(batch_sizes, unsorted_indices)
+        return anchor.new_zeros(shape, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_probe):
+        batch_sizes, unsorted_indices = ctx.saved_tensors
+        torch.ops.rnnkern.deliver_grad_norms(grad_probe.contiguous(), batch_sizes, unsorted_indices,
+                                             ctx.token, ctx.has_cell_state)
+        return None, None, None, None, None, None
+
+
+def norm_probe(anchor: Tensor, shape, batch_sizes: Tensor, unsorted_indices: Optional[Tensor],
+               token: int, has_cell_state: bool) -> Tensor:
+    """The float32 probe [L, D, 2, N] whose gradient (the norms) goes to module ``token`` once per
+    backward. ``anchor`` must require grad (the probe's gradient only flows if it does)."""
+    return _ProbeSource.apply(anchor, batch_sizes, unsorted_indices, tuple(shape), token,
+                              has_cell_state)
+
+
+# -- Dynamo: wrap rnnkern modules although they are torch.nn.RNN/GRU/LSTM instances -----------------
+
+_DYNAMO = "torch._dynamo"
+
+# Runs a module's forward outside the compiled graph (a graph break); set once Dynamo is loaded.
+eager_forward = None
+
+_PACKED_REASON = ("rnnkern runs PackedSequence input outside the compiled graph: its batch sizes are "
+                  "data that the time loop needs on the host (padded input compiles fullgraph)")
+
+
+def _call_forward(module, input, hx):
+    return module._forward(input, hx)
+
+
+def _on_dynamo_loaded(dynamo) -> None:
+    """Let Dynamo wrap rnnkern modules (and only them) as if ``config.allow_rnn`` were set."""
+    global eager_forward
+    from torch._dynamo import config
+    from torch._dynamo.variables import builder
+
+    from .modules import _RnnkernMixin
+
+    if eager_forward is None:
+        try:
+            eager_forward = dynamo.disable(_call_forward, reason=_PACKED_REASON)
+        except TypeError:  # torch without disable(reason=...)
+            eager_forward = dynamo.disable(_call_forward)
+        globals()["_library_flags"] = dynamo.assume_constant_result(_library_flags)
+    variable_builder = builder.VariableBuilder
+    original = variable_builder.wrap_module
+    if getattr(original, "_rnnkern_patched", False):
+        return
+
+    def wrap_module(self, value):
+        if isinstance(value, _RnnkernMixin) and not config.allow_rnn:
+            with config.patch(allow_rnn=True):
+                return original(self, value)
+        return original(self, value)
+
+    wrap_module._rnnkern_patched = True
+    variable_builder.wrap_module = wrap_module
+
+
+class _OnDynamoImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs _on_dynamo_loaded right after torch._dynamo is imported (importing Dynamo ourselves
+    would add seconds to ``import rnnkern``); Dynamo traces nothing before its import completes."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _DYNAMO:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        except Exception:
+            sys.meta_path.insert(0, self)
+            raise
+        if spec is None or spec.loader is None:
+            return None
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _on_dynamo_loaded(module)
+
+
+def install_dynamo_support() -> None:
+    """Let torch.compile trace rnnkern modules (now if Dynamo is loaded, else once it loads)."""
+    dynamo = sys.modules.get(_DYNAMO)
+    if dynamo is not None and hasattr(dynamo, "disable"):
+        _on_dynamo_loaded(dynamo)
+    elif not any(isinstance(f, _OnDynamoImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OnDynamoImport())
+
+
+# -- autocast ------------------------------------------------------------------------------------------
+
+# The dtypes torch.autocast casts (float64 is left alone, so it fails the dtype checks as in torch.nn).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cast(tensor, dtype):
+    if isinstance(tensor, Tensor) and tensor.dtype in _AUTOCAST_ELIGIBLE and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor
+
+
+class AutocastPlan(NamedTuple):
+    """How to run one module call under torch.autocast: the kernels run in ``compute_dtype`` (autocast
+    itself disabled inside); the outputs then get torch.nn's dtypes: ``h_dtype`` for the output and
+    h_n, ``c_dtype`` for an LSTM's c_n. Every cast is differentiable, so float32 weights get float32
+    gradients."""
+
+    device_type: str
+    compute_dtype: torch.dtype
+    h_dtype: torch.dtype
+    c_dtype: torch.dtype
+
+    def cast_inputs(self, input, hx):
+        """The input (Tensor or PackedSequence) and hx with every eligible tensor in compute_dtype."""
+        if isinstance(input, PackedSequence):
+            input = PackedSequence(_cast(input.data, self.compute_dtype), input.batch_sizes,
+                                   input.sorted_indices, input.unsorted_indices)
+        else:
+            input = _cast(input, self.compute_dtype)
+        if isinstance(hx, tuple):
+            hx = tuple(_cast(t, self.compute_dtype) for t in hx)
+        elif isinstance(hx, list):
+            hx = [_cast(t, self.compute_dtype) for t in hx]
+        else:
+            hx = _cast(hx, self.compute_dtype)
+        return input, hx
+
+    def cast_outputs(self, output, hidden):
+        if isinstance(output, PackedSequence):
+            output = PackedSequence(output.data.to(self.h_dtype), output.batch_sizes,
+                                    output.sorted_indices, output.unsorted_indices)
+        else:
+            output = output.to(self.h_dtype)
+        if isinstance(hidden, tuple):
+            hidden = (hidden[0].to(self.h_dtype), hidden[1].to(self.c_dtype))
+        else:
+            hidden = hidden.to(self.h_dtype)
+        return output, hidden
+
+
+def _cast_all_dtype(module, device_type: str, packed: bool, low: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype to which torch.nn, under autocast, casts *every* argument of this call, or None.
+
+    Measured (tests/test_ecosystem.py checks it against torch.nn in every context): CUDA: the cuDNN RNN
+    (every mode, packed or not, with projections) is on autocast's float16 list: float16 even under
+    autocast(dtype=bfloat16) (seen on torch 2.11, cuDNN 9.19). CPU: only the oneDNN LSTM (mode LSTM, no
+    projection, padded input, oneDNN enabled) is, in the autocast dtype; every other CPU call runs
+    torch's per-op implementation, in which only the matmuls autocast.
+    """
+    cudnn, onednn = _library_flags()
+    if device_type == "cuda":
+        return torch.float16 if cudnn else None
+    if device_type == "cpu" and module.mode == "LSTM" and module.proj_size == 0 and not packed and onednn:
+        return low
+    return None
+
+
+def _library_flags():
+    """(cuDNN enabled and available, oneDNN enabled and available). torch.compile takes the values
+    of the first trace as constants (Dynamo cannot trace these reads), see _on_dynamo_loaded."""
+    return (bool(torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()),
+            bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled))
+
+
+def autocast_plan(module, input, hx) -> Optional[AutocastPlan]:
+    """The AutocastPlan of this call, or None outside autocast."""
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    if not isinstance(data, Tensor):
+        return None
+    device_type = data.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    low = torch.get_autocast_dtype(device_type)
+    everything = _cast_all_dtype(module, device_type, packed, low)
+    if everything is not None:
+        return AutocastPlan(device_type, everything, everything, everything)
+    # torch's per-op implementation: the gate pre-activations come out of autocast matmuls in `low`;
+    # a state mixed with the previous state (GRU: z * h_prev; LSTM: f * c_prev) takes the promoted dtype
+    # of `low` and the initial state's dtype (hx's, or the input's when hx is None).
+    given = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    states = [t.dtype if isinstance(t, Tensor) else data.dtype for t in given] + [data.dtype] * 2
+    h0_dtype, c0_dtype = states[0], states[1] if len(given) > 1 else data.dtype
+    if module.mode == "GRU":
+        h_dtype = c_dtype = torch.promote_types(low, h0_dtype)
+    elif module.mode == "LSTM":
+        c_dtype = torch.promote_types(low, c0_dtype)
+        h_dtype = low if module.proj_size > 0 else c_dtype  # h = o * tanh(c), then the projection matmul
+    else:  # RNN_TANH / RNN_RELU: h = act(matmul + matmul)
+        h_dtype = c_dtype = low
+    # Run in `low` when torch.nn's output is in `low`; otherwise in float32 (torch.nn then keeps the
+    # state in float32 and so, more precisely, do we).
+    compute = low if h_dtype == low else torch.float32
+    return AutocastPlan(device_type, compute, h_dtype, c_dtype)

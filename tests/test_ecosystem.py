@@ -1,0 +1,561 @@
+"""rnnkern modules as first-class PyTorch citizens: torch.compile, autocast, DDP, convert, state_dict,
+copy/pickle/save of whole models. (Single-module copy/pickle and convert basics: tests/test_api.py.)"""
+
+import copy
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkern
+from rnnkern import backends as rk_backends
+
+from conftest import CUDA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = {"LSTM": (rnnkern.LSTM, torch.nn.LSTM), "GRU": (rnnkern.GRU, torch.nn.GRU),
+         "RNN": (rnnkern.RNN, torch.nn.RNN)}
+
+
+def _compile_targets():
+    """(backend, device) pairs to compile: every backend usable on the device. Triton on the CPU runs
+    in its interpreter, which torch.compile does not trace through quickly; it is compiled on GPU."""
+    params = []
+    for name in rk_backends.names():
+        backend = rk_backends.get(name)
+        for device in ["cpu"] + (["cuda"] if CUDA else []):
+            if name == "triton" and device == "cpu":
+                continue
+            if backend.unsupported_reason(torch.device(device), torch.float32) is None:
+                marks = [pytest.mark.gpu] if device == "cuda" else []
+                params.append(pytest.param((name, device), marks=marks, id=f"{name}-{device}"))
+    return params
+
+
+COMPILE_TARGETS = _compile_targets()
+
+
+def _grads(tensors):
+    return [None if t.grad is None else t.grad.clone() for t in tensors]
+
+
+class Net(torch.nn.Module):
+    """A small model holding an rnnkern module between ordinary layers."""
+
+    def __init__(self, kind="LSTM", backend="reference", record_grad_norms=False, **kwargs):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 5)
+        self.rnn = KINDS[kind][0](5, 7, backend=backend, record_grad_norms=record_grad_norms, **kwargs)
+        width = 7 * (2 if kwargs.get("bidirectional") else 1)
+        if kwargs.get("proj_size"):
+            width = kwargs["proj_size"] * (2 if kwargs.get("bidirectional") else 1)
+        self.head = torch.nn.Linear(width, 2)
+
+    def forward(self, x, hx=None):
+        out, state = self.rnn(torch.tanh(self.embed(x)), hx)
+        final = state[0] if isinstance(state, tuple) else state
+        return self.head(out).pow(2).mean() + final.pow(2).sum()
+
+
+# -- torch.compile ------------------------------------------------------------------------------------
+
+COMPILE_CASES = {
+    "lstm": dict(kind="LSTM", num_layers=2),
+    "lstm-proj-bidir": dict(kind="LSTM", proj_size=3, bidirectional=True),
+    "gru-batch-first": dict(kind="GRU", batch_first=True, num_layers=2),
+    "rnn-relu-bidir": dict(kind="RNN", nonlinearity="relu", bidirectional=True),
+}
+
+
+def _compiled_vs_eager(net, x, backend="aot_eager", hx=None):
+    """Loss and every gradient (and the grad norms) eagerly, then under torch.compile(fullgraph)."""
+    params = list(net.parameters())
+    results = []
+    for compiled in (False, True):
+        net.zero_grad()
+        net.rnn.grad_norms = None
+        fn = torch.compile(net, fullgraph=True, backend=backend) if compiled else net
+        loss = fn(x, hx)
+        loss.backward()
+        results.append((loss.detach(), _grads(params), net.rnn.grad_norms))
+    return results
+
+
+@pytest.mark.parametrize("target", COMPILE_TARGETS)
+@pytest.mark.parametrize("case,norms", [("lstm", False)] + [(case, True) for case in COMPILE_CASES])
+def test_compile_fullgraph_matches_eager(target, case, norms):
+    backend, device = target
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    options = dict(COMPILE_CASES[case])
+    net = Net(options.pop("kind"), backend=backend, record_grad_norms=norms, **options).to(device)
+    x = torch.randn(6, 3, 3, device=device)  # [T, B, I] (batch_first: B=6 samples of length 3)
+    (loss_e, grads_e, gn_e), (loss_c, grads_c, gn_c) = _compiled_vs_eager(net, x)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for g_c, g_e in zip(grads_c, grads_e):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+    if norms:
+        assert gn_e is not None and gn_c is not None
+        torch.testing.assert_close(gn_c.h_per_sample, gn_e.h_per_sample, rtol=1e-5, atol=1e-6)
+        if gn_e.c_per_sample is not None:
+            torch.testing.assert_close(gn_c.c_per_sample, gn_e.c_per_sample, rtol=1e-5, atol=1e-6)
+    else:
+        assert gn_e is None and gn_c is None
+
+
+def test_compile_hooks_called_once_per_backward_with_clip_and_hx():
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    net = Net("LSTM", record_grad_norms=True, hidden_grad_clip=0.05, num_layers=2)
+    calls = []
+    net.rnn.register_grad_norm_hook(lambda module, gn: calls.append((module, gn)))
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    hx = (torch.randn(2, 2, 7, requires_grad=True), torch.randn(2, 2, 7))
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    expected = []
+    for fn in (net, compiled, compiled):  # eager, then compiled twice (no recompile)
+        for t in (x, hx[0], *net.parameters()):
+            t.grad = None
+        fn(x, hx).backward()
+        expected.append((_grads([x, hx[0], *net.parameters()]), net.rnn.grad_norms))
+    assert len(calls) == 3 and all(module is net.rnn for module, _ in calls)
+    for i in (1, 2):
+        assert calls[i][1] is expected[i][1]
+        torch.testing.assert_close(calls[i][1].h_per_sample, calls[0][1].h_per_sample)
+        torch.testing.assert_close(calls[i][1].c_per_sample, calls[0][1].c_per_sample)
+        for g_c, g_e in zip(expected[i][0], expected[0][0]):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_unbatched_and_no_grad():
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    m = rnnkern.GRU(3, 4, num_layers=2, backend="reference", record_grad_norms=True)
+    x = torch.randn(5, 3)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out_e, h_e = m(x)
+    out_c, h_c = compiled(x)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(h_c, h_e)
+    with torch.no_grad():
+        out_c, _ = compiled(x)
+    torch.testing.assert_close(out_c, out_e.detach())
+    assert m.grad_norms is None
+
+
+def _inductor_case(device):
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    net = Net("LSTM", record_grad_norms=True, num_layers=2).to(device)
+    x = torch.randn(4, 2, 3, device=device)
+    (loss_e, grads_e, gn_e), (loss_c, grads_c, gn_c) = _compiled_vs_eager(net, x, backend="inductor")
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for g_c, g_e in zip(grads_c, grads_e):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gn_c.h_per_sample, gn_e.h_per_sample, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # Inductor compiles C++ for forward and backward: ~50 s on 2 cores
+def test_compile_inductor_cpu():
+    """The default backend (Inductor) on a model with norms: same loss, gradients and norms."""
+    _inductor_case("cpu")
+
+
+@pytest.mark.gpu
+def test_compile_inductor_cuda():
+    _inductor_case("cuda")
+
+
+def test_compile_packed_input_graph_breaks_gracefully():
+    """PackedSequence input runs outside the graph (its batch sizes are host data): correct results and
+    norms without fullgraph; fullgraph=True raises Dynamo's Unsupported naming the reason."""
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    m = rnnkern.LSTM(3, 4, backend="reference", record_grad_norms=True)
+    x = torch.randn(5, 3, 3, requires_grad=True)
+
+    def loss_fn(module, seq):
+        out, (h, c) = module(seq)
+        return out.data.pow(2).sum() + h.sum() * c.sum()
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, backend="aot_eager")):
+        x.grad, m.grad_norms = None, None
+        packed = pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False)
+        fn(m, packed).backward()
+        results.append((x.grad.clone(), m.grad_norms))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1].h_per_sample, results[0][1].h_per_sample)
+    torch.testing.assert_close(results[1][1].c_per_sample, results[0][1].c_per_sample)
+    torch._dynamo.reset()  # Dynamo's cache is per code object: forget the graph-broken compile
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="PackedSequence"):
+        torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(m, packed)
+
+
+def test_compile_leaves_torch_nn_rnns_alone():
+    """Dynamo support is for rnnkern's modules only: torch.nn.LSTM keeps torch's own behaviour."""
+    torch._dynamo.reset()
+    m = torch.nn.LSTM(3, 4)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN, GRU, or LSTM"):
+        torch.compile(m, fullgraph=True, backend="eager")(torch.randn(2, 1, 3))
+
+
+# -- torch.autocast -----------------------------------------------------------------------------------
+
+AUTOCAST_MODULES = {
+    "lstm": ("LSTM", {}), "lstm-proj": ("LSTM", {"proj_size": 3}), "gru": ("GRU", {}),
+    "rnn-tanh": ("RNN", {}), "rnn-relu": ("RNN", {"nonlinearity": "relu"}),
+}
+AUTOCAST_INPUTS = ["padded", "batch_first", "packed", "unbatched", "hx_float32", "hx_low", "x_low"]
+
+
+def _autocast_case(kind, options, how, device, low, backend):
+    """(torch.nn module, rnnkern module with the same weights, make_args) for one autocast context."""
+    torch.manual_seed(6)
+    ours_cls, torch_cls = KINDS[kind]
+    batch_first = how == "batch_first"
+    ref = torch_cls(3, 5, num_layers=2, batch_first=batch_first, **options).to(device)
+    ours = ours_cls(3, 5, num_layers=2, batch_first=batch_first, backend=backend,
+                    record_grad_norms=True, **options).to(device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 3, device=device)
+    hidden = options.get("proj_size") or 5
+    hx_shapes = [(2, 3, hidden), (2, 3, 5)] if kind == "LSTM" else [(2, 3, hidden)]
+    hx = [torch.randn(s, device=device) for s in hx_shapes]
+
+    def make_args():
+        xi = x.clone().requires_grad_()
+        if how == "packed":
+            return xi, (pack_padded_sequence(xi, [4, 2, 3], enforce_sorted=False), None)
+        if how == "unbatched":
+            return xi, (xi[:, 0], None)
+        if how in ("hx_float32", "hx_low"):
+            states = [h.to(low) if how == "hx_low" else h for h in hx]
+            return xi, (xi, tuple(states) if kind == "LSTM" else states[0])
+        if how == "x_low":
+            return xi, (xi.to(low), None)
+        return xi, (xi, None)
+
+    return ref, ours, make_args
+
+
+def _flat_outputs(result):
+    output, hidden = result
+    output = output.data if hasattr(output, "batch_sizes") else output
+    return [output] + (list(hidden) if isinstance(hidden, tuple) else [hidden])
+
+
+def _rel_err(actual, expected):
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
+
+
+def _check_autocast_like_torch(kind, options, how, device, low, backend):
+    ref, ours, make_args = _autocast_case(kind, options, how, device, low, backend)
+    results = []
+    for module in (ref, ours):
+        xi, args = make_args()
+        with torch.autocast(device, dtype=low):
+            outs = _flat_outputs(module(*args))
+        sum(o.float().pow(2).sum() for o in outs).backward()
+        results.append(([o.dtype for o in outs], outs, xi.grad, [p.grad for p in module.parameters()]))
+    (dtypes_ref, outs_ref, gx_ref, gp_ref), (dtypes, outs, gx, gp) = results
+    assert dtypes == dtypes_ref, f"output dtypes {dtypes} but torch.nn gives {dtypes_ref}"
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    assert gx.dtype == torch.float32 and all(g.dtype == torch.float32 for g in gp)
+    # bfloat16 keeps 8 bits of mantissa: both sides round differently, so compare relative errors.
+    tol = 4e-2 if low == torch.bfloat16 else 5e-3
+    for o, o_ref in zip(outs, outs_ref):
+        assert _rel_err(o, o_ref) < tol
+    assert _rel_err(gx, gx_ref) < tol
+    for g, g_ref in zip(gp, gp_ref):
+        assert _rel_err(g, g_ref) < tol
+    assert ours.grad_norms is not None and torch.isfinite(ours.grad_norms.h_per_sample).all()
+
+
+@pytest.mark.parametrize("how", AUTOCAST_INPUTS)
+@pytest.mark.parametrize("module", list(AUTOCAST_MODULES))
+def test_autocast_cpu_bfloat16_like_torch_nn(module, how):
+    kind, options = AUTOCAST_MODULES[module]
+    _check_autocast_like_torch(kind, options, how, "cpu", torch.bfloat16, "auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("how", ["padded", "packed", "hx_float32"])
+@pytest.mark.parametrize("module", list(AUTOCAST_MODULES))
+def test_autocast_cuda_like_torch_nn(module, how, low):
+    kind, options = AUTOCAST_MODULES[module]
+    _check_autocast_like_torch(kind, options, how, "cuda", low, "auto")
+
+
+def test_autocast_float64_input_raises_like_torch_nn():
+    ref = torch.nn.LSTM(3, 4)
+    ours = rnnkern.LSTM(3, 4, backend="reference")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 1, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError) as expected:
+            ref(x)
+        with pytest.raises(RuntimeError) as actual:
+            ours(x)
+    assert str(actual.value) == str(expected.value)
+
+
+def test_autocast_compiles_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    net = Net("LSTM", record_grad_norms=True)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(x)
+
+    x = torch.randn(4, 2, 3)
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        net.zero_grad()
+        fn(x).backward()
+        results.append(([p.grad.clone() for p in net.parameters()], net.rnn.grad_norms))
+    for g_c, g_e in zip(*[r[0] for r in results]):
+        assert _rel_err(g_c, g_e) < 2e-2
+    assert _rel_err(results[1][1].h_per_sample, results[0][1].h_per_sample) < 2e-2
+
+
+# -- DistributedDataParallel --------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_match_single_process(tmp_path):
+    """2 gloo ranks, each on half the batch: the parameters after a few SGD steps equal one process's on
+    the whole batch, and each rank's grad norms are those of its own shard."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    try:
+        import ddp_worker
+    finally:
+        sys.path.pop(0)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "ddp_worker.py"), str(tmp_path),
+                          str(_free_port())], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(ddp_worker.WORLD_SIZE)]
+
+    # One process: the whole batch for the update; each shard alone (same parameters) for its norms.
+    model = ddp_worker.make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=ddp_worker.LR)
+    x, y = ddp_worker.make_data()
+    for step in range(ddp_worker.STEPS):
+        for rank, saved in enumerate(ranks):
+            probe = copy.deepcopy(model)
+            ddp_worker.loss_fn(probe, ddp_worker.shard(x, rank), ddp_worker.shard(y, rank)).backward()
+            expected = probe.rnn.grad_norms.h_per_sample
+            actual = torch.tensor(saved["norms"][step]["h_per_sample"], dtype=expected.dtype)
+            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+            expected_c = probe.rnn.grad_norms.c_per_sample
+            actual_c = torch.tensor(saved["norms"][step]["c_per_sample"], dtype=expected_c.dtype)
+            torch.testing.assert_close(actual_c, expected_c, rtol=1e-6, atol=1e-7)
+        optimizer.zero_grad()
+        ddp_worker.loss_fn(model, x, y).backward()
+        optimizer.step()
+    for saved in ranks:
+        assert saved["hook_calls"] == ddp_worker.STEPS
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(saved["state_dict"][name], value, rtol=1e-10, atol=1e-12)
+    # The shards' norms differ (the check above is not vacuous).
+    assert not torch.allclose(torch.tensor(ranks[0]["norms"][0]["h_per_sample"]),
+                              torch.tensor(ranks[1]["norms"][0]["h_per_sample"]))
+
+
+# -- convert, state_dict, copies of whole models ------------------------------------------------------
+
+class Seq2Seq(torch.nn.Module):
+    """Nested torch.nn recurrent modules (in a ModuleList, a Sequential, a ModuleDict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = torch.nn.ModuleList([
+            torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()),
+            torch.nn.LSTM(4, 5, num_layers=2, bidirectional=True, dropout=0.0),
+        ])
+        self.blocks = torch.nn.ModuleDict({
+            "gru": torch.nn.GRU(10, 4, batch_first=True),
+            "rnn": torch.nn.RNN(4, 3, nonlinearity="relu"),
+        })
+        self.proj_lstm = torch.nn.LSTM(3, 6, proj_size=2)
+        self.head = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        h = self.encoders[0](x)
+        h, _ = self.encoders[1](h)
+        h, _ = self.blocks["gru"](h.transpose(0, 1))
+        h, _ = self.blocks["rnn"](h.transpose(0, 1))
+        h, (hn, cn) = self.proj_lstm(h)
+        return self.head(h).pow(2).mean() + hn.sum() * cn.mean()
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad()
+    loss = model(x)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _recurrent(model):
+    return [m for m in model.modules() if isinstance(m, (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN))]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_convert_nested_model_keeps_device_dtype_mode_hooks_and_results(device):
+    torch.manual_seed(8)
+    model = Seq2Seq().to(device, torch.float64)
+    model.train()
+    model.blocks["gru"].eval()
+    x = torch.randn(5, 2, 3, device=device, dtype=torch.float64)
+    # torch.nn's reference without cuDNN, whose backward refuses eval mode (the GRU here is in eval).
+    with torch.backends.cudnn.flags(enabled=False):
+        expected_loss, expected_grads = _loss_and_grads(model, x)
+    params_before = [id(p) for p in model.parameters()]
+    modules_before = _recurrent(model)
+    events = []
+    model.blocks["gru"].register_forward_pre_hook(lambda *a: events.append("pre"))
+    model.encoders[1].register_forward_hook(lambda *a: events.append("fwd"))
+    model.proj_lstm.register_full_backward_hook(lambda *a: events.append("bwd"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    assert rnnkern.convert(model, backend="reference", record_grad_norms=True) is model
+    converted = _recurrent(model)
+    assert [id(m) for m in converted] == [id(m) for m in modules_before]
+    assert [type(m) for m in converted] == [rnnkern.LSTM, rnnkern.GRU, rnnkern.RNN, rnnkern.LSTM]
+    assert [id(p) for p in model.parameters()] == params_before  # the optimizer still holds them
+    assert model.training and not model.blocks["gru"].training and model.encoders[1].training
+    assert all(p.device.type == device and p.dtype == torch.float64 for p in model.parameters())
+
+    loss, grads = _loss_and_grads(model, x)
+    assert events == ["fwd", "pre", "bwd"]
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-12)
+    for g, g_ref in zip(grads, expected_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+    for module in converted:
+        gn = module.grad_norms
+        assert gn is not None and gn.h_per_sample.device.type == device
+        assert gn.num_layers == module.num_layers and gn.seq_len == 5
+    before = model.proj_lstm.weight_hr_l0.detach().clone()
+    optimizer.step()  # the optimizer built before convert still updates the converted modules
+    assert not torch.equal(model.proj_lstm.weight_hr_l0.detach(), before)
+
+
+def test_convert_top_level_module_and_options_of_rnnkern_modules():
+    lstm = torch.nn.LSTM(3, 4)
+    assert rnnkern.convert(lstm, backend="reference") is lstm and type(lstm) is rnnkern.LSTM
+    model = torch.nn.Sequential(rnnkern.GRU(3, 4, backend="reference"))
+    rnnkern.convert(model, backend="reference", record_grad_norms=True, hidden_grad_clip=0.5)
+    assert model[0].record_grad_norms and model[0].hidden_grad_clip == 0.5
+
+    class CustomLSTM(torch.nn.LSTM):  # its own forward may differ: left alone
+        pass
+
+    custom = torch.nn.Sequential(CustomLSTM(3, 4))
+    rnnkern.convert(custom)
+    assert type(custom[0]) is CustomLSTM
+    with pytest.raises(ValueError, match="valid backends"):
+        rnnkern.convert(torch.nn.Sequential(torch.nn.LSTM(3, 4)), backend="cudnn")
+
+
+def _rnnkern_twin():
+    """Seq2Seq built with rnnkern classes (no conversion), to load state_dicts into."""
+    with rnnkern.patch_torch(backend="reference"):
+        return Seq2Seq().double()
+
+
+def test_state_dict_loads_both_ways_between_torch_nn_and_rnnkern_models():
+    torch.manual_seed(9)
+    plain = Seq2Seq().double()
+    ours = _rnnkern_twin()
+    assert all(type(m).__module__.startswith("torch.nn") for m in _recurrent(plain))
+    assert all(isinstance(m, rnnkern.modules._RnnkernMixin) for m in _recurrent(ours))
+    assert list(plain.state_dict()) == list(ours.state_dict())
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    ours.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-10, atol=1e-12)
+    torch.manual_seed(10)
+    other = _rnnkern_twin()
+    plain.load_state_dict(other.state_dict())
+    torch.testing.assert_close(plain(x), other(x), rtol=1e-10, atol=1e-12)
+    buffer = io.BytesIO()
+    torch.save(other.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = Seq2Seq().double()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(fresh(x), other(x), rtol=1e-10, atol=1e-12)
+
+
+def _model_copies(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model)),
+            "torch.save": torch.load(buffer, weights_only=False)}
+
+
+@pytest.mark.parametrize("how", ["built", "converted"])
+def test_copy_pickle_and_save_whole_models(how):
+    torch.manual_seed(11)
+    model = Seq2Seq().double()
+    if how == "built":
+        model = _rnnkern_twin()
+    rnnkern.convert(model, backend="reference", record_grad_norms=True, hidden_grad_clip=3.0)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    loss, grads = _loss_and_grads(model, x)
+    norms = [m.grad_norms for m in _recurrent(model)]
+    for name, clone in _model_copies(model).items():
+        for m, m_clone in zip(_recurrent(model), _recurrent(clone)):
+            assert type(m_clone) is type(m), name
+            assert (m_clone.backend, m_clone.record_grad_norms, m_clone.hidden_grad_clip) == \
+                ("reference", True, 3.0)
+        clone_loss, clone_grads = _loss_and_grads(clone, x)
+        torch.testing.assert_close(clone_loss, loss, rtol=1e-10, atol=1e-12)
+        for g, g_ref in zip(clone_grads, grads):
+            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+        # The copy's backward fills the copy's grad_norms, not the original's.
+        for m, m_clone, gn in zip(_recurrent(model), _recurrent(clone), norms):
+            assert m.grad_norms is gn
+            assert m_clone.grad_norms is not gn
+            torch.testing.assert_close(m_clone.grad_norms.h_per_sample, gn.h_per_sample)
+
+
+def test_patch_torch_instances_are_plain_rnnkern_modules():
+    with rnnkern.patch_torch(backend="reference", hidden_grad_clip=2.0):
+        m = torch.nn.GRU(3, 4)
+
+        class UserGRU(torch.nn.GRU):  # user code subclassing the patched class keeps its class
+            def extra(self):
+                return 1
+
+        u = UserGRU(3, 4)
+        assert isinstance(m, torch.nn.GRU) and isinstance(rnnkern.modules.TorchGRU(3, 4), torch.nn.GRU)
+        assert not isinstance(m, torch.nn.LSTM)
+    assert type(m) is rnnkern.GRU and m.hidden_grad_clip == 2.0
+    assert type(u) is UserGRU and u.extra() == 1 and u.backend == "reference"
+    clone = pickle.loads(pickle.dumps(m))
+    x = torch.randn(2, 1, 3)
+    torch.testing.assert_close(clone(x)[0], m(x)[0])
+
+
+# -- packaging ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # builds the sdist, a fresh venv with the CPU torch, compiles: several minutes
+def test_sdist_installs_and_works_in_a_fresh_venv():
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "check_sdist.sh")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "OK: the sdist installs and works" in run.stdout
