@@ -189,6 +189,9 @@ def device_description(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; RNNKERN_COMMIT when set (a copied tree without .git, e.g. the GPU machine)."""
+    if os.environ.get("RNNKERN_COMMIT"):
+        return os.environ["RNNKERN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10)
