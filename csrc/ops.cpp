@@ -1,6 +1,6 @@
 // The one TORCH_LIBRARY block of rnnkern: the schemas of every C++/CUDA op (see docs/internals.md).
 // CPU kernels register in csrc/cpu/, CUDA kernels in csrc/cuda/; fake kernels and autograd are
-// registered from Python (rnnkern/backends/_autograd.py, rnnkern/backends/_fake.py).
+// registered from Python (rnnkern/backends/_layer_ops.py, called by rnnkern/_ext.py).
 #include <Python.h>
 
 #include <torch/library.h>

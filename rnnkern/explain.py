@@ -15,7 +15,8 @@ _DECLINE = {
     4: "W_hh does not fit in the multiprocessors' shared memory",
     5: "not enough co-resident blocks for a grid-wide barrier",
     6: "RNNKERN_CUDA_KERNEL=step",
-    7: "the shape is outside the range where the persistent kernel is faster (batch <= 64, hidden <= 1024)",
+    7: "auto does not pick the persistent kernel yet (opt in with RNNKERN_CUDA_KERNEL=persistent; "
+       "see bench/NOTES.md)",
 }
 
 

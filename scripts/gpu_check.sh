@@ -3,6 +3,7 @@
 # Writes under $OUT (or ./gpu-out): env.txt, build.log, tests-{cuda,triton}.log, sanitizer.log, bench.log, the
 # benchmark JSON. Uses the machine's python3 (torch + CUDA + triton there; nothing is installed except
 # the wheels carried in .whl/, e.g. expecttest for torch.library.opcheck).
+# Call it with RNNKERN_COMMIT=$(git rev-parse --short=12 HEAD) (the machine gets no .git).
 # Budget (stages are time-boxed): build ~2 min, tests ~3 min, sanitizer ~1 min, bench ~3 min.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
@@ -18,7 +19,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 {
-  date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+  date -u; echo "commit ${RNNKERN_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_properties(0))"
   nvcc --version | tail -2
 } > "$OUT/env.txt" 2>&1
@@ -34,14 +35,16 @@ if stage build; then
 fi
 
 if stage tests; then
-  # Two runs, so that slow Triton JIT compilation cannot starve the CUDA results.
+  # Most important first; -v so that a time-boxed (killed) run still names every result. Two runs,
+  # so that slow Triton JIT compilation cannot starve the CUDA results.
+  ORDER="tests/test_layer_op_compiled.py tests/test_modules.py tests/test_gradnorms.py tests/test_layer_op_triton.py tests/"
   for part in cuda triton; do
     start=$(date +%s)
     if [ $part = cuda ]; then sel="not triton"; else sel="triton"; fi
-    timeout "$T_TESTS" python3 -m pytest -q --timeout 120 -p no:cacheprovider -m "gpu or not slow" \
-      -k "$sel" -rfE tests/ ${PYTEST_ARGS:-} > "$OUT/tests-$part.log" 2>&1
+    timeout "$T_TESTS" python3 -m pytest -v --timeout 120 -p no:cacheprovider -m "gpu or not slow" \
+      -k "$sel" -rfE $ORDER ${PYTEST_ARGS:-} > "$OUT/tests-$part.log" 2>&1
     rc=$?; [ $rc -ne 0 ] && status=1
-    echo "tests ($part): rc=$rc $(( $(date +%s) - start )) s :: $(tail -1 "$OUT/tests-$part.log")"
+    echo "tests ($part): rc=$rc $(( $(date +%s) - start )) s :: $(grep -c ' PASSED' "$OUT/tests-$part.log") passed, $(grep -c ' FAILED' "$OUT/tests-$part.log") failed :: $(tail -1 "$OUT/tests-$part.log" | cut -c1-150)"
   done
 fi
 
@@ -63,5 +66,5 @@ if stage bench; then
 fi
 
 echo "--- failures ---"
-grep -hE "^(FAILED|ERROR)" "$OUT"/tests-*.log 2>/dev/null | cut -c1-220 | head -40
+grep -hE "(FAILED|ERROR)" "$OUT"/tests-*.log 2>/dev/null | cut -c1-220 | head -40
 exit $status

@@ -23,14 +23,16 @@ TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}
 SLOW_ON_CPU = {"triton"}
 
 
-# The CUDA backend has two recurrence kernels (per-step and persistent); RNNKERN_CUDA_KERNEL forces
-# one, so that the whole suite runs on each.
-CUDA_KERNELS = ("step", "persistent")
+# Backends with several kernel variants on a device, and the variable that forces one, so that the
+# whole suite runs on each: CUDA's per-step and persistent recurrences, Triton's per-step and
+# time-looped kernels (on the GPU; its interpreted CPU run keeps the automatic choice).
+VARIANTS = {("cuda", "cuda"): ("RNNKERN_CUDA_KERNEL", ("step", "persistent")),
+            ("triton", "cuda"): ("RNNKERN_TRITON_VARIANT", ("step", "loop"))}
 
 
 def _targets():
-    """pytest params (backend, device, dtype, cuda kernel) for every backend usable here, with the
-    most precise dtype it supports there."""
+    """pytest params (backend, device, dtype, variant variable, variant) for every backend usable
+    here, with the most precise dtype it supports there."""
     params = []
     for name in rk_backends.names():
         backend = rk_backends.get(name)
@@ -38,10 +40,10 @@ def _targets():
             for dtype in (torch.float64, torch.float32):
                 if backend.unsupported_reason(torch.device(device), dtype) is None:
                     marks = [pytest.mark.gpu] if device == "cuda" else []
-                    kernels = CUDA_KERNELS if (name, device) == ("cuda", "cuda") else (None,)
+                    variable, kernels = VARIANTS.get((name, device), (None, (None,)))
                     for kernel in kernels:
                         tag = f"-{kernel}" if kernel else ""
-                        params.append(pytest.param((name, device, dtype, kernel), marks=marks,
+                        params.append(pytest.param((name, device, dtype, variable, kernel), marks=marks,
                                                    id=f"{name}{tag}-{device}-{str(dtype)[6:]}"))
                     break
     return params
@@ -53,9 +55,9 @@ TARGETS = _targets()
 @pytest.fixture(params=TARGETS)
 def target(request, monkeypatch):
     """(backend name, device, dtype) triple; selects the CUDA kernel variant where there are two."""
-    name, device, dtype, kernel = request.param
+    name, device, dtype, variable, kernel = request.param
     if kernel is not None:
-        monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+        monkeypatch.setenv(variable, kernel)
     return name, device, dtype
 
 
