@@ -559,3 +559,11 @@ def test_sdist_installs_and_works_in_a_fresh_venv():
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "OK: the sdist installs and works" in run.stdout
+
+
+def test_compile_unusable_backend_raises_with_the_reason():
+    torch._dynamo.reset()
+    m = rnnkern.LSTM(3, 4, backend="reference")
+    m.backend = "nope"
+    with pytest.raises(Exception, match="unknown rnnkern backend 'nope'"):
+        torch.compile(m, fullgraph=True, backend="aot_eager")(torch.randn(2, 1, 3))
