@@ -567,3 +567,11 @@ def test_compile_unusable_backend_raises_with_the_reason():
     m.backend = "nope"
     with pytest.raises(Exception, match="unknown rnnkern backend 'nope'"):
         torch.compile(m, fullgraph=True, backend="aot_eager")(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("how", ["padded", "packed", "hx_float32"])
+@pytest.mark.parametrize("module", ["lstm-proj", "gru", "rnn-tanh"])
+def test_autocast_cpu_float16_like_torch_nn(module, how):
+    """CPU float16 autocast, in the contexts where torch.nn runs (its oneDNN LSTM has no float16 here)."""
+    kind, options = AUTOCAST_MODULES[module]
+    _check_autocast_like_torch(kind, options, how, "cpu", torch.float16, "auto")
