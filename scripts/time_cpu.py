@@ -15,13 +15,14 @@ import torch
 from rnnkern import _cells
 from rnnkern.backends import get
 
-CONFIGS = [  # (cell, T, B, H)
+CONFIGS_ALL = [  # (cell, T, B, H)
     ("LSTM", 100, 64, 256),
     ("GRU", 100, 64, 256),
     ("RNN_TANH", 100, 64, 256),
     ("LSTM", 200, 16, 512),
     ("LSTM", 50, 32, 128),
 ]
+CONFIGS = CONFIGS_ALL
 
 
 def bench(fns, reps):
@@ -42,13 +43,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--only", type=int, default=None, help="index of one config to run")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = get("cpu")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, isa {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'config':28s} {'torch.nn':>9s} {'ours':>9s} {'ratio':>6s} {'ours+norms':>10s} {'ratio':>6s} {'norm ovh':>8s}")
-    for mode, T, B, H in CONFIGS:
+    for mode, T, B, H in (CONFIGS if args.only is None else [CONFIGS[args.only]]):
         torch.manual_seed(0)
         cell = _cells.from_mode(mode)
         G = _cells.GATES[cell]

@@ -222,7 +222,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   const at::Tensor c0_acc =
       lstm ? (c0.defined() ? c0.to(acc).contiguous() : at::zeros({B, H}, xp.options().dtype(acc)))
            : at::Tensor();
-  const at::Tensor w_hh_t = w_hh.t();
+  // CPU: a contiguous W_hhᵀ (one copy per call) lets BLAS run the per-step GEMM without repacking
+  // the whole weight at every step (MKL packs a transposed right operand each call; cuBLAS does not).
+  const bool cpu = xp.is_cpu();
+  const at::Tensor w_hh_t = cpu ? w_hh.t().contiguous() : w_hh.t();
+  const at::Tensor w_hr_t = !d.proj ? at::Tensor() : (cpu ? w_hr.t().contiguous() : w_hr.t());
   at::Tensor hp_buf = at::empty({B, GH}, xp.options());
   at::Tensor hpre_buf = d.proj ? at::empty({B, H}, xp.options()) : at::Tensor();
   const int64_t ws_ld = d.S * H;
@@ -260,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     a.ws = d.S > 0 ? workspace.narrow(0, steps.offset[t], rows).data_ptr() : nullptr;
     kernels.forward_step(a);
     if (d.proj) {
-      mm_into(out.narrow(0, steps.offset[t], rows), hpre_buf.narrow(0, 0, rows), w_hr.t());
+      mm_into(out.narrow(0, steps.offset[t], rows), hpre_buf.narrow(0, 0, rows), w_hr_t);
     }
   }
 

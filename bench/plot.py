@@ -1,0 +1,139 @@
+"""Figures and tables from a benchmark results file.
+
+    python bench/plot.py bench/results/cpu-x86-2core.json              # writes cpu-x86-2core.png beside it
+    python bench/plot.py bench/results/h100.json --out speedup.png
+    python bench/plot.py bench/results/h100.json --markdown            # prints the Markdown table
+
+The figure: per shape (cell, T, B, H, dtype), the speed-up over torch.nn (torch_nn_ms / ms) of every
+backend, with and without norm recording, forward and forward+backward; 1 = as fast as torch.nn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List
+
+CELL_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN-tanh", "rnn_relu": "RNN-ReLU"}
+
+
+def load(path) -> Dict[str, object]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _shape_key(case) -> tuple:
+    return (case["cell"], case["T"], case["B"], case["H"], case["dtype"])
+
+
+def _shape_label(key) -> str:
+    cell, T, B, H, dtype = key
+    return f"{CELL_NAMES.get(cell, cell)} T={T} B={B} H={H} {dtype}"
+
+
+def _variants(cases) -> List[tuple]:
+    """(backend, norms) pairs other than torch.nn, in order of first appearance."""
+    seen = OrderedDict()
+    for c in cases:
+        if c["backend"] != "torch.nn":
+            seen[(c["backend"], c["norms"])] = None
+    return list(seen)
+
+
+def markdown_table(doc: Dict[str, object]) -> str:
+    """One row per shape and pass: torch.nn's time, then each backend's time and speed-up (×, torch.nn
+    time / backend time; > 1 is faster), without and with norm recording, and the best fraction of floor."""
+    cases = doc["cases"]
+    variants = _variants(cases)
+    rows = OrderedDict()
+    for c in cases:
+        rows.setdefault((_shape_key(c), c["pass"]), {})[(c["backend"], c["norms"])] = c
+    header = ["shape", "pass", "torch.nn ms"]
+    header += [f"{b}{' +norms' if n else ''} ms (speed-up)" for b, n in variants]
+    header += ["best % of floor"]
+    lines = [f"Device: {doc['device']}; torch {doc['torch']}" + (f", CUDA {doc['cuda']}" if doc.get("cuda") else "")
+             + f"; commit {doc['commit']}; {doc['date']}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (key, pass_), by_variant in rows.items():
+        any_case = next(iter(by_variant.values()))
+        cells = [_shape_label(key), pass_, f"{any_case['torch_nn_ms']:.3g}"]
+        for v in variants:
+            c = by_variant.get(v)
+            cells.append("–" if c is None else f"{c['ms']:.3g} ({c['torch_nn_ms'] / c['ms']:.2f}×)")
+        best = max(c["fraction_of_floor"] for c in by_variant.values())
+        cells.append(f"{100 * best:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedups(doc: Dict[str, object], out_path) -> Path:
+    """Grouped bars: speed-up over torch.nn per shape; one panel per pass. Returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    cases = [c for c in doc["cases"] if c["backend"] != "torch.nn"]
+    passes = [p for p in ("fwd", "fwdbwd") if any(c["pass"] == p for c in cases)] or ["fwd"]
+    shapes = list(OrderedDict.fromkeys(_shape_key(c) for c in doc["cases"]))
+    variants = _variants(cases)
+    fig, axes = plt.subplots(len(passes), 1, figsize=(max(6.0, 0.9 * len(shapes) + 2), 3.6 * len(passes)),
+                             squeeze=False)
+    width = 0.8 / max(1, len(variants))
+    for ax, pass_ in zip(axes[:, 0], passes):
+        by = {(_shape_key(c), c["backend"], c["norms"]): c for c in cases if c["pass"] == pass_}
+        all_ys = []
+        for i, (backend, norms) in enumerate(variants):
+            xs, ys = [], []
+            for j, key in enumerate(shapes):
+                c = by.get((key, backend, norms))
+                if c is not None:
+                    xs.append(j - 0.4 + width * (i + 0.5))
+                    ys.append(c["torch_nn_ms"] / c["ms"])
+            # Bars grow from 1 (as fast as torch.nn): up is faster, down is slower.
+            ax.bar(xs, [y - 1.0 for y in ys], width, bottom=1.0, label=backend + (" + norms" if norms else ""),
+                   hatch="//" if norms else None)
+            all_ys.extend(ys)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        lo, hi = min(all_ys + [1.0]) / 1.15, max(all_ys + [1.0]) * 1.15
+        ax.set_ylim(lo, hi)
+        ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1, 1.25, 1.5, 2, 3, 5, 7, 10, 20, 30, 50, 100)
+                 if lo <= t <= hi]
+        ax.yaxis.set_major_locator(ticker.FixedLocator(ticks))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g×"))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_ylabel("speed-up over torch.nn")
+        ax.set_title(f"{pass_}: {doc['device']}", fontsize=9)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([_shape_label(k) for k in shapes], rotation=30, ha="right", fontsize=7)
+        if variants:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a bench/results/<device>.json file")
+    parser.add_argument("--out", help="PNG path (default: the results path with .png)")
+    parser.add_argument("--markdown", action="store_true", help="print the Markdown table instead of plotting")
+    args = parser.parse_args(argv)
+    doc = load(args.results)
+    if args.markdown:
+        sys.stdout.write(markdown_table(doc))
+        return 0
+    out = plot_speedups(doc, args.out or Path(args.results).with_suffix(".png"))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Pieces every Triton cell shares: activations, clipping, two-source row loads, the backward's
+grad-h step kernel, the packed-step bookkeeping and the backend's settings.
+
+Conventions of all kernels (see docs/internals.md for the layer-op contract):
+- Rows follow the packed layout. Kernels never read batch_sizes on the host: a launch for step `t`
+  reads `(row offset, row count)` from the device table `step_rows[t]` and masks rows `b >= count`,
+  so the whole op traces under torch.compile (the host only knows T, B and N, which are shapes).
+- `prev_row[r]` is the row of the same sample at the previous processed step, or -1 where that
+  sample starts from h0/c0; `next_row[r]` the row at the next processed step, or -1 at the sample's
+  final step (where grad_h_n / grad_c_n enter the backward).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _layer_ops
+
+# The interpreter is decided when triton.jit wraps our kernels, i.e. at import of this package.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class Settings:
+    """Run-time switches (plain attributes, read at each call).
+
+    variant: "auto" (time-looped kernel when the weights fit on chip, else per-step kernels),
+             "step" or "loop" to force one. None (default): env var RNNKERN_TRITON_VARIANT, read
+             at each call, else "auto".
+    allow_tf32: let float32 dots use TF32 tensor cores (faster, ~1e-3 relative error). None
+             (default): env var RNNKERN_TRITON_TF32=1 read at each call; off otherwise, so that
+             float32 is computed exactly ("ieee").
+    loop_max_weight_bytes: the size rule of "auto": the time-looped kernel keeps every weight
+             tile on chip for the whole loop, G*BH*BP (+ BH*BP for a projection) elements of the
+             input dtype, BH/BP the padded hidden/projection sizes. Compiled for sm_90, the
+             backward loop kernels take about twice that in shared memory (the dot operands), so
+             64 KiB of weights stays well under the 227 KiB a block may use.
+    """
+
+    variant: Optional[str] = None
+    allow_tf32: Optional[bool] = None
+    loop_max_weight_bytes: int = 65536
+    # Caps on the tile extents (rows per program, columns per program of the per-step kernels);
+    # None: the defaults. Tests set 16 to run several tiles per row / per step on tiny sizes.
+    max_block_rows: Optional[int] = None
+    max_block_cols: Optional[int] = None
+
+    def current_variant(self) -> str:
+        return self.variant or os.environ.get("RNNKERN_TRITON_VARIANT", "auto")
+
+    def current_tf32(self) -> bool:
+        if self.allow_tf32 is not None:
+            return self.allow_tf32
+        return os.environ.get("RNNKERN_TRITON_TF32", "0") == "1"
+
+
+SETTINGS = Settings()
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+def pow2(n: int, minimum: int = 16) -> int:
+    """The padded tile extent for n (tl.dot needs every extent >= 16)."""
+    return max(minimum, triton.next_power_of_2(max(int(n), 1)))
+
+
+def use_loop(gates: int, hidden: int, proj: int, has_proj: bool, dtype: torch.dtype) -> bool:
+    """Whether to run the time-looped (one launch) kernel for these sizes."""
+    variant = SETTINGS.current_variant()
+    if variant == "loop":
+        return True
+    if variant == "step":
+        return False
+    if variant != "auto":
+        raise ValueError(f"rnnkern triton: unknown variant {variant!r} (valid: 'auto', 'step', 'loop')")
+    elems = gates * pow2(hidden) * pow2(proj) + (pow2(hidden) * pow2(proj) if has_proj else 0)
+    return elems * dtype.itemsize <= SETTINGS.loop_max_weight_bytes
+
+
+@dataclass
+class KernelTypes:
+    """Compile-time dtypes of one call: ACC (accumulation / cell state), DOT (the operands of the
+    backward's dots: the input dtype for 16-bit inputs, so that they run on tensor cores with
+    float32 accumulation), PREC (tl.dot input_precision for float32)."""
+
+    acc_torch: torch.dtype
+    acc: object
+    dot: object
+    prec: str
+
+
+def kernel_types(dtype: torch.dtype) -> KernelTypes:
+    acc_torch = _layer_ops.acc_dtype(dtype)
+    prec = "tf32" if (SETTINGS.current_tf32() and dtype == torch.float32 and not INTERPRETER) else "ieee"
+    return KernelTypes(acc_torch, TL_DTYPES[acc_torch], TL_DTYPES[dtype], prec)
+
+
+def block_rows(batch: int) -> int:
+    """Rows (samples) per program."""
+    cap = SETTINGS.max_block_rows or (32 if INTERPRETER else 16)
+    return min(pow2(batch), pow2(cap))
+
+
+def block_cols(n: int) -> int:
+    """Hidden / projection columns per program of the per-step kernels."""
+    cap = SETTINGS.max_block_cols or (64 if INTERPRETER else 32)
+    return min(pow2(n), pow2(cap))
+
+
+def block_k(n: int) -> int:
+    """The reduction chunk of the dots of the per-step kernels."""
+    return min(pow2(n), pow2(SETTINGS.max_block_cols or 64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-side helpers.
+
+@triton.jit
+def sigmoid(x):
+    # 1 / (1 + e^-x): saturates to exactly 0 and 1 and propagates NaN.
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    # The interpreter has no tl.tanh, so one formula everywhere: tanh|x| = (1 - e)/(1 + e) with
+    # e = e^{-2|x|} in (0, 1], which never overflows, is exactly ±1 once e < ulp, and keeps NaN.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def clip_scale(norm, clip):
+    # Rescale to norm min(‖g‖, clip); clip <= 0 disables; a NaN norm compares false (NaN flows on).
+    over = norm > tl.where(clip > 0, clip, float("inf"))
+    return tl.where(over, clip / tl.where(over, norm, 1.0), 1.0)
+
+
+@triton.jit
+def load_rows_or_init(src_ptr, src_stride, init_ptr, init_stride, prev, b, cols, row_mask, col_mask):
+    """Tile [rows, cols]: row `prev` of src where prev >= 0, else row `b` of init (h0/c0)."""
+    from_src = row_mask & (prev >= 0)
+    from_init = row_mask & (prev < 0)
+    src = tl.load(src_ptr + tl.maximum(prev, 0)[:, None] * src_stride + cols[None, :],
+                  mask=from_src[:, None] & col_mask[None, :], other=0.0)
+    init = tl.load(init_ptr + b[:, None] * init_stride + cols[None, :],
+                   mask=from_init[:, None] & col_mask[None, :], other=0.0)
+    return tl.where(from_src[:, None], src, init)
+
+
+@triton.jit
+def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_ptr, dgates_ptr,
+                       w_hh_ptr, carry_ptr, g_ptr, norm2_ptr, N, P, GH,
+                       HAS_CARRY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Backward, first kernel of step t: g = grad_out + dgates_next @ W_hh (+ carry) for rows with a
+    next step, or + grad_h_n at the sample's final step; stores g (unclipped) and adds the row's
+    Σ g² of this column tile into norm2[row] (every tile of a row adds its part).
+
+    Step t = T is the pseudo-step (rows N..N+B-1, no grad_out) whose g is grad_h0.
+    dgates [N, GH] (ACC); w_hh [GH, P]; carry [B, P] (GRU's z ⊙ g term); g [N+B, P] (ACC).
+    """
+    pid_b = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    row0 = tl.load(step_rows_ptr + 2 * t)
+    count = tl.load(step_rows_ptr + 2 * t + 1)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = b < count
+    row = row0 + b
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < P
+    nxt = tl.load(next_row_ptr + row, mask=row_mask, other=-1)
+    has_next = row_mask & (nxt >= 0)
+    nxt0 = tl.maximum(nxt, 0)
+    acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    for k0 in range(0, GH, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < GH
+        a = tl.load(dgates_ptr + nxt0[:, None] * GH + k[None, :],
+                    mask=has_next[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_hh_ptr + k[:, None] * P + p[None, :], mask=k_mask[:, None] & p_mask[None, :],
+                    other=0.0)
+        acc = tl.dot(a.to(DOT), w.to(DOT), acc, input_precision=PREC, out_dtype=ACC)
+    tile = row_mask[:, None] & p_mask[None, :]
+    grad_out = tl.load(grad_out_ptr + row[:, None] * P + p[None, :],
+                       mask=tile & (row < N)[:, None], other=0.0)
+    final = row_mask & (nxt < 0)
+    grad_h_n = tl.load(grad_h_n_ptr + b[:, None] * P + p[None, :], mask=final[:, None] & p_mask[None, :],
+                       other=0.0)
+    g = acc + grad_out.to(ACC) + grad_h_n.to(ACC)
+    if HAS_CARRY:
+        g += tl.load(carry_ptr + b[:, None] * P + p[None, :], mask=has_next[:, None] & p_mask[None, :],
+                     other=0.0)
+    tl.store(g_ptr + row[:, None] * P + p[None, :], g, mask=tile)
+    tl.atomic_add(norm2_ptr + row, tl.sum(g * g, axis=1), mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side bookkeeping (torch ops on the device only, so that it traces under torch.compile).
+
+@dataclass
+class StepPlan:
+    """Device tables of one layer call; see the module docstring.
+
+    step_rows: int32 [T+1, 2] (row offset, row count) per step, entry T = (N, B) the pseudo-step.
+    prev_row: int32 [N]. next_row: int32 [N+B] (entries N.. : each sample's first processed row).
+    first_row: int64 [B]. T, B, N: ints.
+    """
+
+    step_rows: torch.Tensor
+    prev_row: torch.Tensor
+    next_row: torch.Tensor
+    first_row: torch.Tensor
+    T: int
+    B: int
+    N: int
+    reverse: bool
+
+    def order(self, backward: bool = False) -> range:
+        """The steps in processing order (forward) or in the backward's order."""
+        if self.reverse != backward:
+            return range(self.T - 1, -1, -1)
+        return range(self.T)
+
+
+def step_plan(batch_sizes: torch.Tensor, n_rows: int, batch: int, reverse: bool,
+              device: torch.device) -> StepPlan:
+    steps = batch_sizes.shape[0]
+    sizes = batch_sizes.to(device=device, dtype=torch.int64)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    arange_t = torch.arange(steps, device=device)
+    step_of_row = torch.repeat_interleave(arange_t, sizes, output_size=n_rows)
+    b_of_row = torch.arange(n_rows, device=device) - offsets[step_of_row]
+    last = steps - 1
+    later = (step_of_row + 1).clamp(max=last)
+    earlier = (step_of_row - 1).clamp(min=0)
+    # the sample has a row at the later step iff b < batch_sizes[t+1]; every earlier step has it
+    later_ok = (step_of_row < last) & (b_of_row < sizes[later])
+    earlier_ok = step_of_row > 0
+    if reverse:
+        prev_step, prev_ok, next_step, next_ok = later, later_ok, earlier, earlier_ok
+    else:
+        prev_step, prev_ok, next_step, next_ok = earlier, earlier_ok, later, later_ok
+    minus_one = torch.full_like(b_of_row, -1)
+    prev_row = torch.where(prev_ok, offsets[prev_step] + b_of_row, minus_one)
+    next_row = torch.where(next_ok, offsets[next_step] + b_of_row, minus_one)
+    samples = torch.arange(batch, device=device)
+    if reverse:
+        lengths = (sizes.unsqueeze(1) > samples.unsqueeze(0)).sum(0)
+        first_row = offsets[lengths - 1] + samples
+    else:
+        first_row = samples
+    step_rows = torch.stack([offsets, sizes], dim=1)
+    pseudo = torch.tensor([[n_rows, batch]], device=device, dtype=torch.int64)
+    step_rows = torch.cat([step_rows, pseudo], dim=0).to(torch.int32).contiguous()
+    next_row = torch.cat([next_row, first_row]).to(torch.int32).contiguous()
+    return StepPlan(step_rows, prev_row.to(torch.int32).contiguous(), next_row, first_row,
+                    steps, batch, n_rows, reverse)
+
+
+def previous_states(plan: StepPlan, out: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """h_{t-1} for every row [N, P] (rows of `out` or of h0), for the weight-gradient GEMM."""
+    prev = plan.prev_row.to(torch.int64)
+    samples = torch.arange(plan.N, device=out.device) - _row_offsets(plan)
+    return torch.cat([out, h0], dim=0)[torch.where(prev >= 0, prev, plan.N + samples)]
+
+
+def _row_offsets(plan: StepPlan) -> torch.Tensor:
+    """For every row, the offset of its step (so row - offset = its sample index b)."""
+    sizes = plan.step_rows[: plan.T, 1].to(torch.int64)
+    offsets = plan.step_rows[: plan.T, 0].to(torch.int64)
+    return torch.repeat_interleave(offsets, sizes, output_size=plan.N)
+
+
+def clip_factor(norm: torch.Tensor, clip: float) -> torch.Tensor:
+    """The per-row scale the kernels applied (same rule as clip_scale)."""
+    if clip > 0:
+        return torch.where(norm > clip, clip / norm, torch.ones_like(norm))
+    return torch.ones_like(norm)
+
+
+def launch_grad_h_step(plan: StepPlan, t: int, grad_out, grad_h_n, dgates, w_hh, carry, g, norm2,
+                        types: KernelTypes, wrap):
+    """One launch of grad_h_step_kernel for step t (t = plan.T: the grad_h0 pseudo-step)."""
+    P = w_hh.shape[1]
+    GH = w_hh.shape[0]
+    block_b = block_rows(plan.B)
+    block_p = block_cols(P)
+    grid = (triton.cdiv(plan.B, block_b), triton.cdiv(P, block_p))
+    wrap(grad_h_step_kernel)[grid](
+        plan.step_rows, t, plan.next_row, grad_out, grad_h_n, dgates, w_hh,
+        carry if carry is not None else g, g, norm2, plan.N, P, GH,
+        HAS_CARRY=carry is not None, BLOCK_B=block_b, BLOCK_P=block_p,
+        BLOCK_K=block_k(GH), ACC=types.acc, DOT=types.dot, PREC=types.prec)

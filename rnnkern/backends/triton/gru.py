@@ -1,0 +1,270 @@
+"""GRU in Triton (torch.nn.GRU's definition: b_hn stays inside r ⊙ (h W_hnᵀ + b_hn)).
+
+Forward per step: gru_forward_step_kernel, the three gate dots of a slice of hidden units and the
+gate math; or gru_forward_loop_kernel for the whole loop (small H). Backward per step:
+_common.grad_h_step_kernel (g = grad_out + dgates_h,next W_hh + z_next ⊙ g_next, ‖g‖²), then
+gru_backward_step_kernel (clip, gate gradients, z ⊙ g for the previous step); or the loop kernel.
+Workspace [N, 4H]: r, z, n, hn = h_{t-1} W_hnᵀ + b_hn (acc dtype).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import clip_scale, load_rows_or_init, sigmoid, tanh
+
+
+@triton.jit
+def gru_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr,
+                            out_ptr, ws_ptr, h_n_ptr, H,
+                            HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Step t, tile of rows × hidden units j: the r, z, n dots and h_t."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    row0 = tl.load(step_rows_ptr + 2 * t)
+    count = tl.load(step_rows_ptr + 2 * t + 1)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = b < count
+    row = row0 + b
+    j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    j_mask = j < H
+    prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
+    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
+    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
+    acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < H
+        h_prev = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, k, row_mask, k_mask)
+        w_mask = k_mask[:, None] & j_mask[None, :]
+        w_ptrs = w_hh_ptr + j[None, :] * H + k[:, None]  # [k, j] = W_hh[gate*H + j, k]
+        acc_r = tl.dot(h_prev, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_r, input_precision=PREC,
+                       out_dtype=ACC)
+        acc_z = tl.dot(h_prev, tl.load(w_ptrs + H * H, mask=w_mask, other=0.0), acc_z,
+                       input_precision=PREC, out_dtype=ACC)
+        acc_n = tl.dot(h_prev, tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0), acc_n,
+                       input_precision=PREC, out_dtype=ACC)
+    if HAS_BIAS:
+        acc_r += tl.load(b_hh_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
+        acc_z += tl.load(b_hh_ptr + H + j, mask=j_mask, other=0.0).to(ACC)[None, :]
+        acc_n += tl.load(b_hh_ptr + 2 * H + j, mask=j_mask, other=0.0).to(ACC)[None, :]
+    tile = row_mask[:, None] & j_mask[None, :]
+    x_ptrs = xp_ptr + row[:, None] * (3 * H) + j[None, :]
+    gate_r = sigmoid(acc_r + tl.load(x_ptrs, mask=tile, other=0.0).to(ACC))
+    gate_z = sigmoid(acc_z + tl.load(x_ptrs + H, mask=tile, other=0.0).to(ACC))
+    gate_n = tanh(tl.load(x_ptrs + 2 * H, mask=tile, other=0.0).to(ACC) + gate_r * acc_n)
+    h_prev_j = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, j, row_mask, j_mask).to(ACC)
+    h = ((1.0 - gate_z) * gate_n + gate_z * h_prev_j).to(out_ptr.dtype.element_ty)
+    ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
+    tl.store(ws_ptrs, gate_r, mask=tile)
+    tl.store(ws_ptrs + H, gate_z, mask=tile)
+    tl.store(ws_ptrs + 2 * H, gate_n, mask=tile)
+    tl.store(ws_ptrs + 3 * H, acc_n, mask=tile)
+    tl.store(out_ptr + row[:, None] * H + j[None, :], h, mask=tile)
+    tl.store(h_n_ptr + b[:, None] * H + j[None, :], h, mask=tile)
+
+
+@triton.jit
+def gru_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr, out_ptr, ws_ptr,
+                            h_n_ptr, B, H,
+                            REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+                            BLOCK_H: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """The whole time loop for a tile of samples; W_hh and h stay in registers."""
+    pid_b = tl.program_id(0)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = b < B
+    j = tl.arange(0, BLOCK_H)
+    j_mask = j < H
+    w_mask = j_mask[:, None] & j_mask[None, :]
+    w_ptrs = w_hh_ptr + j[None, :] * H + j[:, None]  # [k, j] = W_hh[gate*H + j, k]
+    w_r = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    w_z = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0)
+    w_n = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0)
+    bias_r = tl.zeros((BLOCK_H,), dtype=ACC)
+    bias_z = tl.zeros((BLOCK_H,), dtype=ACC)
+    bias_n = tl.zeros((BLOCK_H,), dtype=ACC)
+    if HAS_BIAS:
+        bias_r = tl.load(b_hh_ptr + j, mask=j_mask, other=0.0).to(ACC)
+        bias_z = tl.load(b_hh_ptr + H + j, mask=j_mask, other=0.0).to(ACC)
+        bias_n = tl.load(b_hh_ptr + 2 * H + j, mask=j_mask, other=0.0).to(ACC)
+    h = tl.load(h0_ptr + b[:, None] * H + j[None, :], mask=b_mask[:, None] & j_mask[None, :], other=0.0)
+    for s in range(0, T):
+        if REVERSE:
+            t = T - 1 - s
+        else:
+            t = s
+        row0 = tl.load(step_rows_ptr + 2 * t)
+        count = tl.load(step_rows_ptr + 2 * t + 1)
+        active = b < count
+        row = row0 + b
+        tile = active[:, None] & j_mask[None, :]
+        x_ptrs = xp_ptr + row[:, None] * (3 * H) + j[None, :]
+        pre_r = tl.dot(h, w_r, input_precision=PREC, out_dtype=ACC) + bias_r[None, :]
+        pre_z = tl.dot(h, w_z, input_precision=PREC, out_dtype=ACC) + bias_z[None, :]
+        hn = tl.dot(h, w_n, input_precision=PREC, out_dtype=ACC) + bias_n[None, :]
+        gate_r = sigmoid(pre_r + tl.load(x_ptrs, mask=tile, other=0.0).to(ACC))
+        gate_z = sigmoid(pre_z + tl.load(x_ptrs + H, mask=tile, other=0.0).to(ACC))
+        gate_n = tanh(tl.load(x_ptrs + 2 * H, mask=tile, other=0.0).to(ACC) + gate_r * hn)
+        h_new = ((1.0 - gate_z) * gate_n + gate_z * h.to(ACC)).to(h.dtype)
+        ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
+        tl.store(ws_ptrs, gate_r, mask=tile)
+        tl.store(ws_ptrs + H, gate_z, mask=tile)
+        tl.store(ws_ptrs + 2 * H, gate_n, mask=tile)
+        tl.store(ws_ptrs + 3 * H, hn, mask=tile)
+        tl.store(out_ptr + row[:, None] * H + j[None, :], h_new, mask=tile)
+        h = tl.where(active[:, None], h_new, h)
+    tl.store(h_n_ptr + b[:, None] * H + j[None, :], h, mask=b_mask[:, None] & j_mask[None, :])
+
+
+@triton.jit
+def gru_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, clip_ptr, ws_ptr,
+                             out_ptr, h0_ptr, dgates_ptr, grad_xp_ptr, carry_ptr, H,
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
+    """Step t after grad_h_step_kernel: clip g with its complete row norm, gate gradients w.r.t.
+    the x side (grad_xp, input dtype) and the h side (dgates, n scaled by r), carry[b] = z ⊙ g."""
+    clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    row0 = tl.load(step_rows_ptr + 2 * t)
+    count = tl.load(step_rows_ptr + 2 * t + 1)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = b < count
+    row = row0 + b
+    j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    j_mask = j < H
+    tile = row_mask[:, None] & j_mask[None, :]
+    scale = clip_scale(tl.sqrt(tl.load(norm2_ptr + row, mask=row_mask, other=0.0)), clip)
+    dh = tl.load(g_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0) * scale[:, None]
+    ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
+    gate_r = tl.load(ws_ptrs, mask=tile, other=0.0)
+    gate_z = tl.load(ws_ptrs + H, mask=tile, other=0.0)
+    gate_n = tl.load(ws_ptrs + 2 * H, mask=tile, other=0.0)
+    hn = tl.load(ws_ptrs + 3 * H, mask=tile, other=0.0)
+    prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
+    h_prev = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, j, row_mask, j_mask).to(ACC)
+    d_n = dh * (1.0 - gate_z) * (1.0 - gate_n * gate_n)
+    d_z = dh * (h_prev - gate_n) * gate_z * (1.0 - gate_z)
+    d_r = d_n * hn * gate_r * (1.0 - gate_r)
+    x_ptrs = grad_xp_ptr + row[:, None] * (3 * H) + j[None, :]
+    xdt = grad_xp_ptr.dtype.element_ty
+    tl.store(x_ptrs, d_r.to(xdt), mask=tile)
+    tl.store(x_ptrs + H, d_z.to(xdt), mask=tile)
+    tl.store(x_ptrs + 2 * H, d_n.to(xdt), mask=tile)
+    d_ptrs = dgates_ptr + row[:, None] * (3 * H) + j[None, :]
+    tl.store(d_ptrs, d_r, mask=tile)
+    tl.store(d_ptrs + H, d_z, mask=tile)
+    tl.store(d_ptrs + 2 * H, d_n * gate_r, mask=tile)
+    tl.store(carry_ptr + b[:, None] * H + j[None, :], dh * gate_z, mask=tile)
+
+
+@triton.jit
+def gru_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad_h_n_ptr, w_hh_ptr,
+                             ws_ptr, out_ptr, h0_ptr, dgates_ptr, grad_xp_ptr, g_ptr, norm2_ptr, clip_ptr,
+                             B, N, H,
+                             REVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                             ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """The whole backward loop for a tile of samples, the carry and W_hh in registers. Writes g
+    (unclipped) rows, their Σg², dgates and grad_xp rows, and grad_h0 into g rows N.. ."""
+    clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
+    pid_b = tl.program_id(0)
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = b < B
+    j = tl.arange(0, BLOCK_H)
+    j_mask = j < H
+    w_mask = j_mask[:, None] & j_mask[None, :]
+    w_ptrs = w_hh_ptr + j[:, None] * H + j[None, :]  # [j, k] = W_hh[gate*H + j, k]
+    w_r = tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT)
+    w_z = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0).to(DOT)
+    w_n = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0).to(DOT)
+    state = b_mask[:, None] & j_mask[None, :]
+    carry = tl.load(grad_h_n_ptr + b[:, None] * H + j[None, :], mask=state, other=0.0).to(ACC)
+    xdt = grad_xp_ptr.dtype.element_ty
+    for s in range(0, T):
+        if REVERSE:
+            t = s
+        else:
+            t = T - 1 - s
+        row0 = tl.load(step_rows_ptr + 2 * t)
+        count = tl.load(step_rows_ptr + 2 * t + 1)
+        active = b < count
+        row = row0 + b
+        tile = active[:, None] & j_mask[None, :]
+        g = carry + tl.load(grad_out_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
+        g = tl.where(tile, g, 0.0)
+        norm2 = tl.sum(g * g, axis=1)
+        tl.store(g_ptr + row[:, None] * H + j[None, :], g, mask=tile)
+        tl.store(norm2_ptr + row, norm2, mask=active)
+        dh = g * clip_scale(tl.sqrt(norm2), clip)[:, None]
+        ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
+        gate_r = tl.load(ws_ptrs, mask=tile, other=0.0)
+        gate_z = tl.load(ws_ptrs + H, mask=tile, other=0.0)
+        gate_n = tl.load(ws_ptrs + 2 * H, mask=tile, other=0.0)
+        hn = tl.load(ws_ptrs + 3 * H, mask=tile, other=0.0)
+        prev = tl.load(prev_row_ptr + row, mask=active, other=-1)
+        h_prev = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, j, active, j_mask).to(ACC)
+        d_n = dh * (1.0 - gate_z) * (1.0 - gate_n * gate_n)
+        d_z = dh * (h_prev - gate_n) * gate_z * (1.0 - gate_z)
+        d_r = d_n * hn * gate_r * (1.0 - gate_r)
+        d_hn = d_n * gate_r
+        x_ptrs = grad_xp_ptr + row[:, None] * (3 * H) + j[None, :]
+        tl.store(x_ptrs, d_r.to(xdt), mask=tile)
+        tl.store(x_ptrs + H, d_z.to(xdt), mask=tile)
+        tl.store(x_ptrs + 2 * H, d_n.to(xdt), mask=tile)
+        d_ptrs = dgates_ptr + row[:, None] * (3 * H) + j[None, :]
+        tl.store(d_ptrs, d_r, mask=tile)
+        tl.store(d_ptrs + H, d_z, mask=tile)
+        tl.store(d_ptrs + 2 * H, d_hn, mask=tile)
+        dh_prev = tl.dot(d_r.to(DOT), w_r, dh * gate_z, input_precision=PREC, out_dtype=ACC)
+        dh_prev = tl.dot(d_z.to(DOT), w_z, dh_prev, input_precision=PREC, out_dtype=ACC)
+        dh_prev = tl.dot(d_hn.to(DOT), w_n, dh_prev, input_precision=PREC, out_dtype=ACC)
+        carry = tl.where(active[:, None], dh_prev, carry)
+    tl.store(g_ptr + (N + b)[:, None] * H + j[None, :], carry, mask=state)
+
+
+def forward(xp, plan, h0, w_hh, b_hh, out, h_n, workspace, types, wrap, loop):
+    """Fill out [N, H], h_n [B, H] and the workspace [N, 4H]."""
+    H = w_hh.shape[1]
+    bias = b_hh if b_hh is not None else w_hh
+    block_b = _common.block_rows(plan.B)
+    if loop:
+        wrap(gru_forward_loop_kernel)[(triton.cdiv(plan.B, block_b),)](
+            plan.step_rows, plan.T, xp, h0, w_hh, bias, out, workspace, h_n, plan.B, H,
+            REVERSE=plan.reverse, HAS_BIAS=b_hh is not None, BLOCK_B=block_b,
+            BLOCK_H=_common.pow2(H), ACC=types.acc, PREC=types.prec)
+        return
+    block_h = _common.block_cols(H)
+    grid = (triton.cdiv(plan.B, block_b), triton.cdiv(H, block_h))
+    for t in plan.order():
+        wrap(gru_forward_step_kernel)[grid](
+            plan.step_rows, t, plan.prev_row, xp, h0, w_hh, bias, out, workspace, h_n, H,
+            HAS_BIAS=b_hh is not None, BLOCK_B=block_b, BLOCK_H=block_h,
+            BLOCK_K=_common.block_k(H), ACC=types.acc, PREC=types.prec)
+
+
+def backward(grad_out, grad_h_n, plan, h0, w_hh, clip, out, workspace, dgates, grad_xp, g, norm2,
+             types, wrap, loop):
+    """Fill dgates [N, 3H] (h side), grad_xp [N, 3H] (x side), g [N+B, H] (rows N..: grad_h0) and
+    norm2[0] [N+B]."""
+    H = w_hh.shape[1]
+    block_b = _common.block_rows(plan.B)
+    if loop:
+        wrap(gru_backward_loop_kernel)[(triton.cdiv(plan.B, block_b),)](
+            plan.step_rows, plan.T, plan.prev_row, grad_out, grad_h_n, w_hh, workspace, out, h0,
+            dgates, grad_xp, g, norm2, clip, plan.B, plan.N, H, REVERSE=plan.reverse,
+            BLOCK_B=block_b, BLOCK_H=_common.pow2(H), ACC=types.acc, DOT=types.dot,
+            PREC=types.prec)
+        return
+    carry = g.new_empty((plan.B, H))
+    block_h = _common.block_cols(H)
+    grid = (triton.cdiv(plan.B, block_b), triton.cdiv(H, block_h))
+    for t in plan.order(backward=True):
+        _common.launch_grad_h_step(plan, t, grad_out, grad_h_n, dgates, w_hh, carry, g, norm2,
+                                   types, wrap)
+        wrap(gru_backward_step_kernel)[grid](
+            plan.step_rows, t, plan.prev_row, g, norm2, clip, workspace, out, h0, dgates, grad_xp,
+            carry, H, BLOCK_B=block_b, BLOCK_H=block_h, ACC=types.acc)
+    _common.launch_grad_h_step(plan, plan.T, grad_out, grad_h_n, dgates, w_hh, carry, g, norm2,
+                               types, wrap)

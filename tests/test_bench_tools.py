@@ -1,0 +1,174 @@
+"""The benchmark suite's tools: floor formulas, the results writer and its schema, plots and tables.
+(The timings themselves are never asserted: speed is measured in bench/, not tested.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bench import benchlib, plot  # noqa: E402
+
+CEILINGS = {"gemm_flops_per_s": {"float32": 1e12, "float16": 4e12}, "copy_bytes_per_s": 1e10, "method": "test"}
+
+
+def test_flops_known_cases():
+    # LSTM T=10 B=2 H=3 (I=H): forward 2*T*B*G*H*(I+H) = 2*10*2*4*3*6.
+    assert benchlib.case_flops("lstm", 10, 2, 3, "fwd") == 2880.0
+    assert benchlib.case_flops("lstm", 10, 2, 3, "fwdbwd") == 3 * 2880.0
+    assert benchlib.case_flops("gru", 5, 7, 11, "fwd", input_size=13) == 2.0 * 5 * 7 * 3 * 11 * (13 + 11)
+    assert benchlib.case_flops("rnn_tanh", 64, 16, 256, "fwd") == 2.0 * 64 * 16 * 256 * 512
+    with pytest.raises(ValueError):
+        benchlib.case_flops("lstm", 1, 1, 1, "bwd")
+
+
+def test_min_bytes_known_case():
+    # LSTM T=2, B=1, H=I=1, float32. Weights: W_ih 4 + W_hh 4 + biases 8 = 16 numbers.
+    # Forward: x 2 + h0,c0 2 + weights 16 + out 2 + h_n,c_n 2 = 24 numbers = 96 bytes.
+    assert benchlib.case_min_bytes("lstm", 2, 1, 1, "fwd", 4, norms=False) == 96.0
+    assert benchlib.case_min_bytes("lstm", 2, 1, 1, "fwd", 4, norms=True) == 96.0  # forward records nothing
+    # Backward adds dout 2 + dx 2 + dh0,dc0 2 + weight grads 16 = 22 numbers; norms add 2 * T*B float32.
+    assert benchlib.case_min_bytes("lstm", 2, 1, 1, "fwdbwd", 4, norms=False) == 46 * 4.0
+    assert benchlib.case_min_bytes("lstm", 2, 1, 1, "fwdbwd", 4, norms=True) == 46 * 4.0 + 16.0
+    # RNN, float16, T=3 B=2 H=4: weights 16+16+8 = 40; fwd 24+8+40+24+8 = 104; bwd 24+24+8+40 = 96.
+    assert benchlib.case_min_bytes("rnn_tanh", 3, 2, 4, "fwd", 2, norms=False) == 208.0
+    assert benchlib.case_min_bytes("rnn_tanh", 3, 2, 4, "fwdbwd", 2, norms=True) == 400.0 + 4 * 6
+
+
+def test_fraction_of_floor():
+    # Compute floor 1e9 / 1e12 = 1 ms beats the memory floor 1e6 / 1e10 = 0.1 ms; measured 10 ms.
+    assert math.isclose(benchlib.fraction_of_floor(1e9, 1e6, 10.0, 1e12, 1e10), 0.1)
+    # Memory bound: 1e9 bytes / 1e10 = 100 ms floor, measured 200 ms.
+    assert math.isclose(benchlib.fraction_of_floor(1e3, 1e9, 200.0, 1e12, 1e10), 0.5)
+
+
+def test_make_case_and_writer_schema(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNKERN_BENCH_OUT", str(tmp_path))
+    shape = benchlib.Shape("gru", 100, 64, 256)
+    writer = benchlib.ResultsWriter(torch.device("cpu"), CEILINGS, extra={"grid": "cpu"})
+    case = benchlib.make_case(shape, "cpu", "float32", "fwdbwd", True, 12.0, 16.0, None, CEILINGS)
+    writer.add(case)
+    writer.add(benchlib.make_case(shape, "torch.nn", "float32", "fwdbwd", False, 16.0, 16.0, None, CEILINGS))
+    assert writer.path.parent == tmp_path and re.fullmatch(r"cpu-[a-z0-9_]+-\d+core\.json", writer.path.name)
+    doc = json.loads(writer.path.read_text())
+    benchlib.validate_results(doc)
+    assert list(doc)[:7] == list(benchlib.TOP_KEYS) and doc["grid"] == "cpu" and doc["cuda"] is None
+    assert doc["torch"] == torch.__version__ and doc["commit"] and doc["date"].endswith("+00:00")
+    first = doc["cases"][0]
+    assert list(first) == list(benchlib.CASE_KEYS)
+    assert first["ratio"] == 12.0 / 16.0
+    assert first["flops"] == benchlib.case_flops("gru", 100, 64, 256, "fwdbwd")
+    assert first["min_bytes"] == benchlib.case_min_bytes("gru", 100, 64, 256, "fwdbwd", 4, True)
+    floor_s = max(first["flops"] / 1e12, first["min_bytes"] / 1e10)
+    assert math.isclose(first["fraction_of_floor"], floor_s / 12e-3)
+    with pytest.raises(ValueError, match="lacks"):
+        writer.add({"cell": "lstm"})
+
+
+def test_validate_rejects_bad_results():
+    case = benchlib.make_case(benchlib.Shape("lstm", 4, 2, 8), "cpu", "float32", "fwd", False, 1.0, 2.0, None,
+                              CEILINGS)
+    good = {"device": "d", "torch": "t", "cuda": None, "commit": "c", "date": "x", "ceilings": CEILINGS,
+            "cases": [case]}
+    benchlib.validate_results(good)
+    for key, value in [("ms", "fast"), ("T", 4.0), ("norms", 1), ("cell", "mlp"), ("pass", "bwd"),
+                       ("peak_mem_mb", 3)]:
+        bad = dict(good, cases=[dict(case, **{key: value})])
+        with pytest.raises(ValueError):
+            benchlib.validate_results(bad)
+    with pytest.raises(ValueError, match="ceilings"):
+        benchlib.validate_results({k: v for k, v in good.items() if k != "ceilings"})
+
+
+def test_device_slugs():
+    assert benchlib.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert benchlib.gpu_slug("NVIDIA H200") == "h200"
+    assert benchlib.gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert re.fullmatch(r"cpu-[a-z0-9_]+-\d+core", benchlib.device_slug(torch.device("cpu")))
+
+
+def test_grids_hold_the_target_shapes():
+    cpu = benchlib.GRIDS["cpu"]
+    assert cpu["dtypes"] == ["float32"]
+    assert set(cpu["shapes"]) == {benchlib.Shape(c, 100, 64, 256) for c in ("lstm", "gru", "rnn_tanh")} | {
+        benchlib.Shape("lstm", 200, 16, 512), benchlib.Shape("lstm", 50, 32, 128)}
+    quick = benchlib.GRIDS["gpu-quick"]
+    assert {(s.T, s.B, s.H) for s in quick["shapes"]} == {(512, b, h) for b in (16, 64) for h in (256, 1024)}
+    assert {s.cell for s in quick["shapes"]} == {"lstm", "gru", "rnn_tanh"}
+    assert set(quick["dtypes"]) == {"float32", "float16"}
+    full = benchlib.GRIDS["gpu-full"]
+    assert len(full["shapes"]) == 3 * 3 * 4 * 4 and set(full["dtypes"]) == {"float32", "bfloat16", "float16"}
+
+
+def _synthetic_results():
+    cases = []
+    for shape in (benchlib.Shape("lstm", 100, 64, 256), benchlib.Shape("rnn_tanh", 50, 16, 128)):
+        for pass_ in ("fwd", "fwdbwd"):
+            base = 10.0 if pass_ == "fwd" else 30.0
+            cases.append(benchlib.make_case(shape, "torch.nn", "float32", pass_, False, base, base, None, CEILINGS))
+            cases.append(benchlib.make_case(shape, "cpu", "float32", pass_, False, base / 2, base, None, CEILINGS))
+            cases.append(benchlib.make_case(shape, "cpu", "float32", pass_, True, base / 1.6, base, None, CEILINGS))
+    return {"device": "Test CPU", "torch": "2.x", "cuda": None, "commit": "abc", "date": "2026-01-01",
+            "ceilings": CEILINGS, "cases": cases}
+
+
+def test_markdown_table():
+    text = plot.markdown_table(_synthetic_results())
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert lines[0] == "| shape | pass | torch.nn ms | cpu ms (speed-up) | cpu +norms ms (speed-up) | best % of floor |"
+    assert len(lines) == 2 + 4
+    assert "| LSTM T=100 B=64 H=256 float32 | fwd | 10 | 5 (2.00×) | 6.25 (1.60×) |" in text
+    assert "RNN-tanh T=50 B=16 H=128 float32 | fwdbwd | 30 | 15 (2.00×)" in text
+
+
+def test_plot_png_and_cli(tmp_path, capsys):
+    results = tmp_path / "test-device.json"
+    results.write_text(json.dumps(_synthetic_results()))
+    assert plot.main([str(results)]) == 0
+    png = tmp_path / "test-device.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    capsys.readouterr()
+    assert plot.main([str(results), "--markdown"]) == 0
+    assert "| shape | pass |" in capsys.readouterr().out
+    out = subprocess.run([sys.executable, str(Path(plot.__file__)), str(results), "--markdown"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "speed-up" in out.stdout, out.stderr
+
+
+def test_bench_suite_runs_on_the_tiny_grid(tmp_path):
+    """The pytest-benchmark suite itself, end to end on a seconds-long grid: every case is timed against
+    torch.nn in the same run and lands in a valid results file."""
+    root = Path(benchlib.__file__).resolve().parent.parent
+    env = dict(os.environ, RNNKERN_BENCH_OUT=str(tmp_path), RNNKERN_BENCH_GRID="tiny")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "bench", "--benchmark-only",
+                           "--benchmark-disable-gc", "-p", "no:cacheprovider", "--bench-reference"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    benchlib.validate_results(doc)
+    import importlib
+
+    import rnnkern
+
+    registry = importlib.import_module("rnnkern.backends")
+    backends = [b for b in rnnkern.backends()
+                if registry.get(b).unsupported_reason(torch.device("cpu"), torch.float32) is None]
+    expected = 3 * 2 * (1 + 2 * len(backends))  # cells x passes x (torch.nn + backends x norms on/off)
+    assert len(doc["cases"]) == expected
+    assert {c["backend"] for c in doc["cases"]} == {"torch.nn", *backends}
+    for c in doc["cases"]:
+        assert c["ms"] > 0 and math.isclose(c["ratio"], c["ms"] / c["torch_nn_ms"])
+    assert set(doc["ceilings"]["gemm_flops_per_s"]) == {"float32"} and doc["ceilings"]["copy_bytes_per_s"] > 0
