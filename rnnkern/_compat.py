@@ -119,6 +119,21 @@ def _call_forward(module, input, hx):
     return module._forward(input, hx)
 
 
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype):
+    """rnnkern.backends.resolve (the Backend object to run). Under torch.compile the choice is made
+    once per trace, outside the graph: it reads host-side facts, such as the compiled CUDA
+    architectures, that Dynamo cannot trace."""
+    from . import backends
+
+    return backends.get(_resolve_backend_name(name, device, dtype))
+
+
+def _resolve_backend_name(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    from . import backends
+
+    return backends.resolve(backends.check_name(name), device, dtype).name
+
+
 def _on_dynamo_loaded(dynamo) -> None:
     """Let Dynamo wrap rnnkern modules (and only them) as if ``config.allow_rnn`` were set."""
     global eager_forward
@@ -133,6 +148,7 @@ def _on_dynamo_loaded(dynamo) -> None:
         except TypeError:  # torch without disable(reason=...)
             eager_forward = dynamo.disable(_call_forward)
         globals()["_library_flags"] = dynamo.assume_constant_result(_library_flags)
+        globals()["_resolve_backend_name"] = dynamo.assume_constant_result(_resolve_backend_name)
     variable_builder = builder.VariableBuilder
     original = variable_builder.wrap_module
     if getattr(original, "_rnnkern_patched", False):

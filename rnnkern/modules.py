@@ -191,7 +191,7 @@ class _RnnkernMixin:
              h0, c0, params):
         cell = _cells.from_mode(self.mode)
         clip = _check_clip(self.hidden_grad_clip)
-        backend = _backends.resolve(_backends.check_name(self.backend), data.device, data.dtype)
+        backend = _compat.resolve_backend(self.backend, data.device, data.dtype)
         num_directions = 2 if self.bidirectional else 1
         probe = None
         if self.record_grad_norms and torch.is_grad_enabled():

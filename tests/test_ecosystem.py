@@ -559,3 +559,19 @@ def test_sdist_installs_and_works_in_a_fresh_venv():
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "OK: the sdist installs and works" in run.stdout
+
+
+def test_compile_unusable_backend_raises_with_the_reason():
+    torch._dynamo.reset()
+    m = rnnkern.LSTM(3, 4, backend="reference")
+    m.backend = "nope"
+    with pytest.raises(Exception, match="unknown rnnkern backend 'nope'"):
+        torch.compile(m, fullgraph=True, backend="aot_eager")(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("how", ["padded", "packed", "hx_float32"])
+@pytest.mark.parametrize("module", ["lstm-proj", "gru", "rnn-tanh"])
+def test_autocast_cpu_float16_like_torch_nn(module, how):
+    """CPU float16 autocast, in the contexts where torch.nn runs (its oneDNN LSTM has no float16 here)."""
+    kind, options = AUTOCAST_MODULES[module]
+    _check_autocast_like_torch(kind, options, how, "cpu", torch.float16, "auto")
