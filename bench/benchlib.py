@@ -214,20 +214,23 @@ def sync(device: torch.device) -> None:
 
 
 def time_cuda_ms(fn: Callable[[], object], rep_ms: float = 150.0, min_reps: int = 3, max_reps: int = 100,
-                 flush_bytes: int = 256 << 20, stat: Callable = statistics.median) -> float:
+                 flush_bytes: int = 256 << 20, stat: Callable = statistics.median,
+                 estimate_ms: Optional[float] = None) -> float:
     """Median (or `stat`) of CUDA-event timings of fn() (already warmed up), the L2 cache flushed before
     each rep.
 
-    One timed run estimates the cost; then n = clamp(rep_ms / estimate, min_reps, max_reps) reps.
+    n = clamp(rep_ms / estimate, min_reps, max_reps) reps, the estimate from one timed run unless the
+    caller already has one (estimate_ms).
     """
     flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device="cuda")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end), 1e-3)
-    n = int(min(max_reps, max(min_reps, rep_ms / estimate)))
+    if estimate_ms is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate_ms = start.elapsed_time(end)
+    n = int(min(max_reps, max(min_reps, rep_ms / max(estimate_ms, 1e-3))))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
