@@ -37,8 +37,11 @@ def _want_cuda():
     reasons = []
     if torch.version.cuda is None:
         reasons.append(f"torch {torch.__version__} is not a CUDA build")
-    if cpp_extension.CUDA_HOME is None:
+    home = cpp_extension.CUDA_HOME
+    if home is None:
         reasons.append("no CUDA toolkit found (set CUDA_HOME, e.g. CUDA_HOME=/usr/local/cuda)")
+    elif not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        reasons.append(f"CUDA_HOME={home} has no bin/nvcc")
     if not reasons:
         return True
     message = "rnnkern: not building the CUDA kernels: " + "; ".join(reasons)

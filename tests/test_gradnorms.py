@@ -166,3 +166,25 @@ def test_plot_returns_axes(tmp_path):
     assert len(ax.get_lines()) == 4
     ax.figure.savefig(tmp_path / "norms.png")
     assert gn.plot(which="c", layer=0, direction=1).get_yscale() == "log"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_tiny_norms_do_not_underflow_in_float32(backend):
+    """Vanishing gradients are what the norms are for: ‖g‖ ≈ 1e-25 in float32 (whose squares underflow)
+    is recorded, not 0. (The GPU kernels still square in float32: see the CUDA/Triton issues.)"""
+    if backend not in rnnkern.backends():
+        pytest.skip(f"{backend} backend not built here")
+    torch.manual_seed(3)
+    m = rnnkern.GRU(3, 5, backend=backend, record_grad_norms=True)
+    x = torch.randn(4, 2, 3)
+    out, _ = m(x)
+    scale = 1e-25
+    upstream = torch.randn_like(out) * scale
+    out.backward(upstream)
+    ref = rnnkern.GRU(3, 5, backend="reference", record_grad_norms=True).double()
+    ref.load_state_dict(m.state_dict())
+    out_ref, _ = ref(x.double())
+    out_ref.backward(upstream.double())
+    got, expected = m.grad_norms.h_per_sample, ref.grad_norms.h_per_sample
+    assert (got > 0).all() and (expected.double() < 1e-23).all()
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=0)

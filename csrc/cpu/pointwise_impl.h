@@ -96,20 +96,18 @@ inline void unit_loop(int64_t n, const F& f) {
   for (; j < n; ++j) f(j, T());
 }
 
-// A sum of squares accumulated across the vector body and the tail.
+// A sum of squares accumulated across the vector body and the tail, in double: vanishing gradients
+// are what the norms are for, and float squares underflow below ~1e-19 (the norm would read 0).
 template <typename T>
 struct SumSq {
-  Vec<T> v = Vec<T>(T(0));
-  T s = T(0);
-  void add(Vec<T> x) { v = v + x * x; }
-  void add(T x) { s += x * x; }
-  T total() const {
+  double s = 0.0;
+  void add(Vec<T> x) {
     alignas(64) T lanes[Vec<T>::size()];
-    v.store(lanes);
-    T sum = s;
-    for (int64_t k = 0; k < Vec<T>::size(); ++k) sum += lanes[k];
-    return sum;
+    x.store(lanes);
+    for (int64_t k = 0; k < Vec<T>::size(); ++k) s += static_cast<double>(lanes[k]) * lanes[k];
   }
+  void add(T x) { s += static_cast<double>(x) * x; }
+  double total() const { return s; }
 };
 
 template <typename T>

@@ -30,9 +30,10 @@ class _NormTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Norms accumulate in float32 (float64 for float64), as the fused kernels do.
+        # The norm in float64 (float32 squares underflow below ~1e-19: vanishing gradients would read 0);
+        # the scaling in float32 (float64 for float64), as the fused kernels do.
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(grad.to(acc), dim=1)
+        norm = torch.linalg.vector_norm(grad.to(torch.float64), dim=1).to(acc)
         if ctx.clip > 0:
             # scale only where ‖g‖ > clip; NaN norms compare False and propagate unscaled.
             scale = torch.where(norm > ctx.clip, ctx.clip / norm, torch.ones_like(norm))
