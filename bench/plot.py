@@ -3,6 +3,7 @@
     python bench/plot.py bench/results/cpu-x86-2core.json              # writes cpu-x86-2core.png beside it
     python bench/plot.py bench/results/h100.json --out speedup.png
     python bench/plot.py bench/results/h100.json --markdown            # prints the Markdown table
+    python bench/plot.py bench/results/h100.json --readme README.md    # regenerates its table there
 
 The figure: per shape (cell, T, B, H, dtype), the speed-up over torch.nn (torch_nn_ms / ms) of every
 backend, with and without norm recording, forward and forward+backward; 1 = as fast as torch.nn.
@@ -120,13 +121,31 @@ def plot_speedups(doc: Dict[str, object], out_path) -> Path:
     return out_path
 
 
+def update_readme(readme: Path, name: str, table: str) -> None:
+    """Put `table` between the markers <!-- bench:name --> and <!-- /bench:name --> of `readme`, so that
+    the README's performance section is always regenerated from a results file, never typed in."""
+    text = readme.read_text()
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table.rstrip()}\n{end}{tail}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="a bench/results/<device>.json file")
     parser.add_argument("--out", help="PNG path (default: the results path with .png)")
     parser.add_argument("--markdown", action="store_true", help="print the Markdown table instead of plotting")
+    parser.add_argument("--readme", help="replace the table between <!-- bench:NAME --> and <!-- /bench:NAME --> "
+                                         "in this file (NAME: the results file's stem)")
     args = parser.parse_args(argv)
     doc = load(args.results)
+    if args.readme:
+        update_readme(Path(args.readme), Path(args.results).stem, markdown_table(doc))
+        print(f"updated the {Path(args.results).stem} table in {args.readme}")
+        return 0
     if args.markdown:
         sys.stdout.write(markdown_table(doc))
         return 0

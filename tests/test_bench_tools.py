@@ -172,3 +172,12 @@ def test_bench_suite_runs_on_the_tiny_grid(tmp_path):
     for c in doc["cases"]:
         assert c["ms"] > 0 and math.isclose(c["ratio"], c["ms"] / c["torch_nn_ms"])
     assert set(doc["ceilings"]["gemm_flops_per_s"]) == {"float32"} and doc["ceilings"]["copy_bytes_per_s"] > 0
+
+
+def test_readme_table_is_regenerated_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:dev -->\nstale table\n<!-- /bench:dev -->\nafter\n")
+    plot.update_readme(readme, "dev", "| a |\n|---|\n| 1 |\n")
+    assert readme.read_text() == "intro\n<!-- bench:dev -->\n| a |\n|---|\n| 1 |\n<!-- /bench:dev -->\nafter\n"
+    with pytest.raises(SystemExit, match="markers"):
+        plot.update_readme(readme, "other", "x")
