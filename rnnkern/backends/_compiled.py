@@ -1,0 +1,41 @@
+"""What the two backends of the compiled extension (cpu, cuda) share: the op call and the checks."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _ext
+from . import Backend
+
+
+class CompiledBackend(Backend):
+    """A backend running ``torch.ops.rnnkern.rnn_layer_forward`` on one device type."""
+
+    device_type = "?"
+    dtypes: Sequence[torch.dtype] = ()
+    dtype_names = "?"  # for messages, e.g. "float32 and float64"
+
+    def unavailable_reason(self) -> Optional[str]:
+        return _ext.unavailable_reason()
+
+    def unsupported_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return reason
+        if torch.device(device).type != self.device_type:
+            return (f"the {self.name} backend runs on {self.device_type.upper()} tensors only, "
+                    f"not {torch.device(device).type}")
+        if dtype not in self.dtypes:
+            return f"the {self.name} backend supports {self.dtype_names}, not {dtype}"
+        return None
+
+    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
+        """One layer and direction (docs/internals.md): xp [N, G*H] -> out [N, P], h_n [B, P],
+        c_n [B, H] (LSTM) or [0]."""
+        _ext.load()
+        out, h_n, c_n, _workspace = torch.ops.rnnkern.rnn_layer_forward(
+            cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse,
+            float(clip) if clip is not None else 0.0, norm_probe)
+        return out, h_n, c_n
