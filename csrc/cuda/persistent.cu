@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 
+#include "device_utils.cuh"
 #include "rnnkern/cell_math.h"
 
 namespace cg = cooperative_groups;
@@ -38,14 +39,7 @@ constexpr int kGates = C == Cell::LSTM ? 4 : (C == Cell::GRU ? 3 : 1);
 template <Cell C>
 constexpr int kSlots = C == Cell::LSTM ? 5 : (C == Cell::GRU ? 4 : 0);
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+using cuda::AccOf;
 
 __device__ __forceinline__ float load(const float* p) { return *p; }
 __device__ __forceinline__ double load(const double* p) { return *p; }
