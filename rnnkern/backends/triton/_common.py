@@ -145,6 +145,15 @@ def clip_scale(norm, clip):
 
 
 @triton.jit
+def step_rows(step_rows_ptr, t, b):
+    """Rows of step t for batch indices b, and which of them exist: step_rows_ptr holds (first row,
+    row count) per step (see the module docstring)."""
+    row0 = tl.load(step_rows_ptr + 2 * t)
+    count = tl.load(step_rows_ptr + 2 * t + 1)
+    return row0 + b, b < count
+
+
+@triton.jit
 def load_rows_or_init(src_ptr, src_stride, init_ptr, init_stride, prev, b, cols, row_mask, col_mask):
     """Tile [rows, cols]: row `prev` of src where prev >= 0, else row `b` of init (h0/c0)."""
     from_src = row_mask & (prev >= 0)
@@ -171,11 +180,8 @@ def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_pt
     """
     pid_b = tl.program_id(0)
     pid_p = tl.program_id(1)
-    row0 = tl.load(step_rows_ptr + 2 * t)
-    count = tl.load(step_rows_ptr + 2 * t + 1)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = b < count
-    row = row0 + b
+    row, row_mask = step_rows(step_rows_ptr, t, b)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
     nxt = tl.load(next_row_ptr + row, mask=row_mask, other=-1)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, sigmoid, tanh
+from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, tanh
 
 
 @triton.jit
@@ -24,11 +24,8 @@ def gru_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, w_hh
     """Step t, tile of rows × hidden units j: the r, z, n dots and h_t."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    row0 = tl.load(step_rows_ptr + 2 * t)
-    count = tl.load(step_rows_ptr + 2 * t + 1)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = b < count
-    row = row0 + b
+    row, row_mask = step_rows(step_rows_ptr, t, b)
     j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     j_mask = j < H
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
@@ -96,10 +93,7 @@ def gru_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
             t = T - 1 - s
         else:
             t = s
-        row0 = tl.load(step_rows_ptr + 2 * t)
-        count = tl.load(step_rows_ptr + 2 * t + 1)
-        active = b < count
-        row = row0 + b
+        row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
         x_ptrs = xp_ptr + row[:, None] * (3 * H) + j[None, :]
         pre_r = tl.dot(h, w_r, input_precision=PREC, out_dtype=ACC) + bias_r[None, :]
@@ -128,11 +122,8 @@ def gru_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, c
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    row0 = tl.load(step_rows_ptr + 2 * t)
-    count = tl.load(step_rows_ptr + 2 * t + 1)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = b < count
-    row = row0 + b
+    row, row_mask = step_rows(step_rows_ptr, t, b)
     j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     j_mask = j < H
     tile = row_mask[:, None] & j_mask[None, :]
@@ -187,10 +178,7 @@ def gru_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad_
             t = s
         else:
             t = T - 1 - s
-        row0 = tl.load(step_rows_ptr + 2 * t)
-        count = tl.load(step_rows_ptr + 2 * t + 1)
-        active = b < count
-        row = row0 + b
+        row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
         g = carry + tl.load(grad_out_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
         g = tl.where(tile, g, 0.0)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, sigmoid, tanh
+from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, tanh
 
 
 @triton.jit
@@ -29,11 +29,8 @@ def lstm_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, c0_
     """Step t, tile of rows × hidden units j: the 4 gate dots, c_t, o ⊙ tanh(c_t)."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    row0 = tl.load(step_rows_ptr + 2 * t)
-    count = tl.load(step_rows_ptr + 2 * t + 1)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = b < count
-    row = row0 + b
+    row, row_mask = step_rows(step_rows_ptr, t, b)
     j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     j_mask = j < H
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
@@ -94,11 +91,8 @@ def lstm_project_step_kernel(step_rows_ptr, t, h_pre_ptr, w_hr_ptr, out_ptr, h_n
     """Step t with a projection: out[row, p] = h_pre[b] @ W_hr[p]ᵀ (h_pre [B, H], W_hr [P, H])."""
     pid_b = tl.program_id(0)
     pid_p = tl.program_id(1)
-    row0 = tl.load(step_rows_ptr + 2 * t)
-    count = tl.load(step_rows_ptr + 2 * t + 1)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = b < count
-    row = row0 + b
+    row, row_mask = step_rows(step_rows_ptr, t, b)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
     acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
@@ -157,10 +151,7 @@ def lstm_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, c0_ptr, w_hh_ptr,
             t = T - 1 - s
         else:
             t = s
-        row0 = tl.load(step_rows_ptr + 2 * t)
-        count = tl.load(step_rows_ptr + 2 * t + 1)
-        active = b < count
-        row = row0 + b
+        row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
         x_ptrs = xp_ptr + row[:, None] * (4 * H) + j[None, :]
         pre_i = tl.dot(h, w_i, input_precision=PREC, out_dtype=ACC) + bias_i[None, :]
@@ -203,11 +194,8 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    row0 = tl.load(step_rows_ptr + 2 * t)
-    count = tl.load(step_rows_ptr + 2 * t + 1)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = b < count
-    row = row0 + b
+    row, row_mask = step_rows(step_rows_ptr, t, b)
     j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     j_mask = j < H
     tile = row_mask[:, None] & j_mask[None, :]
@@ -281,10 +269,7 @@ def lstm_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad
             t = s
         else:
             t = T - 1 - s
-        row0 = tl.load(step_rows_ptr + 2 * t)
-        count = tl.load(step_rows_ptr + 2 * t + 1)
-        active = b < count
-        row = row0 + b
+        row, active = step_rows(step_rows_ptr, t, b)
         tile_p = active[:, None] & p_mask[None, :]
         tile = active[:, None] & j_mask[None, :]
         g = carry_h + tl.load(grad_out_ptr + row[:, None] * P + p[None, :], mask=tile_p,

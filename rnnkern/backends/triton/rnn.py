@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, tanh
+from ._common import clip_scale, load_rows_or_init, step_rows, tanh
 
 
 @triton.jit
@@ -42,11 +42,8 @@ def rnn_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, w_hh
     """Step t, a tile of rows × hidden units: out[row, j] = act(xp + h_prev @ W_hh[j]ᵀ + b_hh)."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    row0 = tl.load(step_rows_ptr + 2 * t)
-    count = tl.load(step_rows_ptr + 2 * t + 1)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = b < count
-    row = row0 + b
+    row, row_mask = step_rows(step_rows_ptr, t, b)
     j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     j_mask = j < H
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
@@ -90,10 +87,7 @@ def rnn_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
             t = T - 1 - s
         else:
             t = s
-        row0 = tl.load(step_rows_ptr + 2 * t)
-        count = tl.load(step_rows_ptr + 2 * t + 1)
-        active = b < count
-        row = row0 + b
+        row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
         pre = tl.dot(h, w, input_precision=PREC, out_dtype=ACC)
         pre += tl.load(xp_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
@@ -112,11 +106,8 @@ def rnn_backward_step_kernel(step_rows_ptr, t, g_ptr, norm2_ptr, clip_ptr, out_p
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
-    row0 = tl.load(step_rows_ptr + 2 * t)
-    count = tl.load(step_rows_ptr + 2 * t + 1)
     b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = b < count
-    row = row0 + b
+    row, row_mask = step_rows(step_rows_ptr, t, b)
     j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     tile = row_mask[:, None] & (j < H)[None, :]
     scale = clip_scale(tl.sqrt(tl.load(norm2_ptr + row, mask=row_mask, other=0.0)), clip)
@@ -148,10 +139,7 @@ def rnn_backward_loop_kernel(step_rows_ptr, T, grad_out_ptr, grad_h_n_ptr, out_p
             t = s
         else:
             t = T - 1 - s
-        row0 = tl.load(step_rows_ptr + 2 * t)
-        count = tl.load(step_rows_ptr + 2 * t + 1)
-        active = b < count
-        row = row0 + b
+        row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
         g = carry + tl.load(grad_out_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
         g = tl.where(tile, g, 0.0)
