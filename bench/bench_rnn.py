@@ -15,7 +15,9 @@ options and bench/NOTES.md for what is timed and how the floor is computed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 
 import pytest
 import torch
@@ -112,6 +114,21 @@ def torch_nn_ms(session, shape, dtype_name, pass_, benchmark=None):
     return session.torch_nn_ms[key]
 
 
+@contextlib.contextmanager
+def _environment(variables):
+    """Set environment variables (a backend variant's kernel choice) for the duration of a case."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def test_rnn(benchmark, bench_session, bench_case):
     shape, dtype_name, pass_, backend, norms = bench_case
     session = bench_session
@@ -129,8 +146,10 @@ def test_rnn(benchmark, bench_session, bench_case):
     else:
         base_ms = torch_nn_ms(session, shape, dtype_name, pass_)[0]
         device, dtype = session.device, benchlib.DTYPES[dtype_name]
-        step = make_step(build_module(shape, backend, dtype, device, norms), pass_)
-        ms, peak_mb = measure(benchmark, step, make_inputs(shape, dtype, device), device)
+        name, variables = benchlib.backend_variant(backend)
+        with _environment(variables):
+            step = make_step(build_module(shape, name, dtype, device, norms), pass_)
+            ms, peak_mb = measure(benchmark, step, make_inputs(shape, dtype, device), device)
     case = benchlib.make_case(shape, backend, dtype_name, pass_, norms, ms, base_ms, peak_mb, session.ceilings)
     benchmark.extra_info.update(ms=ms, ratio=case["ratio"], fraction_of_floor=case["fraction_of_floor"])
     session.add(case)

@@ -188,6 +188,16 @@ def device_description(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+# Kernel variants timed as backends of their own: "name:variant" runs backend `name` with these
+# environment variables (the CUDA backend's persistent recurrence, which `auto` does not pick yet).
+BACKEND_VARIANTS = {"cuda:persistent": ("cuda", {"RNNKERN_CUDA_KERNEL": "persistent"})}
+
+
+def backend_variant(label: str):
+    """(backend name, environment variables) of a backend label ("cuda" or "cuda:persistent")."""
+    return BACKEND_VARIANTS.get(label, (label, {}))
+
+
 def git_commit() -> str:
     """The checkout's commit; RNNKERN_COMMIT when set (a copied tree without .git, e.g. the GPU machine)."""
     if os.environ.get("RNNKERN_COMMIT"):

@@ -61,6 +61,8 @@ def _backend_plan(config):
             reason = registry.get(name).unsupported_reason(device, benchlib.DTYPES[dtype])
             if reason is None:
                 plan[dtype].append(name)
+                plan[dtype] += [label for label, (base, _) in benchlib.BACKEND_VARIANTS.items()
+                                if base == name and device.type == "cuda"]
             else:
                 excluded[(name, dtype)] = reason
     return plan, excluded

@@ -181,3 +181,9 @@ def test_readme_table_is_regenerated_between_markers(tmp_path):
     assert readme.read_text() == "intro\n<!-- bench:dev -->\n| a |\n|---|\n| 1 |\n<!-- /bench:dev -->\nafter\n"
     with pytest.raises(SystemExit, match="markers"):
         plot.update_readme(readme, "other", "x")
+
+
+def test_backend_variants_run_their_backend_with_the_kernel_choice():
+    assert benchlib.backend_variant("cuda") == ("cuda", {})
+    name, variables = benchlib.backend_variant("cuda:persistent")
+    assert name == "cuda" and variables == {"RNNKERN_CUDA_KERNEL": "persistent"}
