@@ -32,6 +32,11 @@ namespace persistent {
 namespace {
 
 constexpr int kThreads = 256;
+// Columns of the operand rows (h_{t-1} forward, dgates backward) staged in shared memory at a time:
+// the whole block loads a [rows x kChunk] tile at once (many loads in flight, coalesced), then the
+// dot products run out of shared memory. (v1 read each operand element from L2 inside the dot loop,
+// one dependent load per iteration: L2-latency bound, bench/NOTES.md.)
+constexpr int kChunk = 64;
 
 // cells.h's helpers are host-only constexpr functions; these are their compile-time twins.
 template <Cell C>
@@ -98,8 +103,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* w = reinterpret_cast<A*>(smem_raw);  // [G][units][H + 1] (padded: no bank conflicts)
   const int H = static_cast<int>(a.hidden);
+  A* w = reinterpret_cast<A*>(smem_raw);  // [G][units][H + 1] (padded: no bank conflicts)
+  A* stage = w + G * units * (H + 1);     // [B][kChunk + 1]: a tile of h_{t-1} rows
   const int GH = G * H;
   const int u0 = blockIdx.x * units;
   const int nu = min(units, H - u0);
@@ -143,11 +149,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
       A acc[G];
 #pragma unroll
       for (int g = 0; g < G; ++g) acc[g] = A(0);
-      if (valid) {
-        for (int k = lane; k < H; k += lanes) {
-          const A hv = from_out ? load_cg(h_row + k) : load(h_row + k);
+      for (int k0 = 0; k0 < H; k0 += kChunk) {
+        __syncthreads();  // the previous tile is consumed
+        for (int i = threadIdx.x; i < bs * kChunk; i += kThreads) {
+          const int sb = i / kChunk, kk = i % kChunk, k = k0 + kk;
+          A v = A(0);
+          if (k < H) {
+            v = sb < n_prev ? load_cg(out + (prev_row0 + sb) * H + k)
+                            : A(load(h0 + static_cast<int64_t>(sb) * H + k));
+          }
+          stage[sb * (kChunk + 1) + kk] = v;
+        }
+        __syncthreads();
+        if (valid) {
+          const int k_end = min(kChunk, H - k0);
+          for (int kk = lane; kk < k_end; kk += lanes) {
+            const A hv = stage[b * (kChunk + 1) + kk];
 #pragma unroll
-          for (int g = 0; g < G; ++g) acc[g] += hv * w[(g * units + ul) * (H + 1) + k];
+            for (int g = 0; g < G; ++g) acc[g] += hv * w[(g * units + ul) * (H + 1) + k0 + kk];
+          }
         }
       }
 #pragma unroll
@@ -214,6 +234,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
   A* gbuf = dc_next + B * units;           // [B][units]: g before clipping, then dc_t
   A* direct = gbuf + B * units;            // [B][units]: GRU z ⊙ g
   A* row_norm = direct + B * units;        // [B]
+  A* stage = row_norm + B;                 // [B][kChunk + 1]: a tile of dgates rows
   A* partial = static_cast<A*>(a.scratch);  // [2 parity][2 (g, c)][blocks][B]
   const T* w_hh = static_cast<const T*>(a.w_hh);
   const T* grad_out = static_cast<const T*>(a.grad_out);
@@ -352,10 +373,18 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
       const int b = valid ? pair / nu : 0;
       const int ul = valid ? pair % nu : 0;
       A acc = A(0);
-      if (valid) {
-        const T* d = dgates_h + (row0 + b) * GH;
-        const A* wc = wt + ul * (GH + 1);
-        for (int gh = lane; gh < GH; gh += lanes) acc += load_cg(d + gh) * wc[gh];
+      const A* wc = wt + ul * (GH + 1);
+      for (int k0 = 0; k0 < GH; k0 += kChunk) {
+        __syncthreads();  // the previous tile is consumed
+        for (int i = threadIdx.x; i < bs * kChunk; i += kThreads) {
+          const int sb = i / kChunk, kk = i % kChunk, k = k0 + kk;
+          stage[sb * (kChunk + 1) + kk] = k < GH ? load_cg(dgates_h + (row0 + sb) * GH + k) : A(0);
+        }
+        __syncthreads();
+        if (valid) {
+          const int k_end = min(kChunk, GH - k0);
+          for (int kk = lane; kk < k_end; kk += lanes) acc += stage[b * (kChunk + 1) + kk] * wc[k0 + kk];
+        }
       }
       acc = group_sum(acc, lanes);
       if (!valid || lane != 0) continue;
@@ -476,9 +505,10 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
   const int blocks = static_cast<int>((hidden + units - 1) / units);
   const size_t acc = acc_size(dtype);
   const size_t gates = static_cast<size_t>(cell_gates(cell));
-  plan.smem_forward = gates * units * (hidden + 1) * acc;
+  const size_t stage = static_cast<size_t>(batch) * (kChunk + 1);
+  plan.smem_forward = (gates * units * (hidden + 1) + stage) * acc;
   plan.smem_backward =
-      (static_cast<size_t>(units) * (gates * hidden + 1) + 4 * batch * units + batch) * acc;
+      (static_cast<size_t>(units) * (gates * hidden + 1) + 4 * batch * units + batch + stage) * acc;
   const size_t limit = prop.sharedMemPerBlockOptin;
   if (plan.smem_forward > limit || plan.smem_backward > limit) {
     plan.reason = Decline::SharedMemory;
