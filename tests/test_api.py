@@ -189,3 +189,16 @@ def test_nan_propagates_like_torch_nn():
     out_ref, _ = ref(x)
     out, _ = ours(x)
     assert torch.equal(torch.isnan(out), torch.isnan(out_ref))
+
+
+def test_explain_names_the_backend_and_why():
+    m = rnnkern.GRU(3, 4)
+    x = torch.randn(5, 2, 3)
+    text = rnnkern.explain(m, x)
+    expected = "cpu" if "cpu" in rnnkern.backends() else "reference"
+    assert f"backend '{expected}' (chosen by auto) for cpu float32 input" in text
+    m.backend = "reference"
+    assert "backend 'reference' (requested)" in rnnkern.explain(m, x)
+    m.backend = "cuda"
+    with pytest.raises(RuntimeError, match="cuda"):
+        rnnkern.explain(m, x)
