@@ -3,7 +3,10 @@
 # Writes under $OUT (or ./gpu-out): env.txt, build.log, tests-{cuda,triton}.log, sanitizer.log, bench.log, the
 # benchmark JSON. Uses the machine's python3 (torch + CUDA + triton there; nothing is installed except
 # the wheels carried in .whl/, e.g. expecttest for torch.library.opcheck).
-# Call it with RNNKERN_COMMIT=$(git rev-parse --short=12 HEAD) (the machine gets no .git).
+# Call it with RNNKERN_COMMIT=$(git rev-parse --short=12 HEAD) (the machine gets no .git) and carry
+# .whl, made once here with: echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps
+#   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+#   -d .whl expecttest
 # Budget (stages are time-boxed): build ~30 s there, tests 2 x 200 s, sanitizer 90 s, bench ~150 s:
 # about 11 min with the machine start, inside the 15 min a session gets.
 set -u
