@@ -59,10 +59,17 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         ctx.record_norms = norm_probe is not None
         ctx.has = (c0 is not None, b_hh is not None, w_hr is not None)
         ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace)
+        # No zero-filled gradients for unused outputs: the workspace ([N, S*H], never differentiated)
+        # would cost a full-size fill per backward. Absent gradients are made below, where needed.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace):
         batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace = ctx.saved_tensors
         has_c0, has_b_hh, has_w_hr = ctx.has
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if grad_h_n is None:
+            grad_h_n = torch.zeros_like(h0)
         grad_c_n = grad_c_n if ctx.cell == _cells.LSTM else None
         (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(
             ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
