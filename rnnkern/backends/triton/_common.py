@@ -140,8 +140,17 @@ def tanh(x):
 @triton.jit
 def clip_scale(norm, clip):
     # Rescale to norm min(‖g‖, clip); clip <= 0 disables; a NaN norm compares false (NaN flows on).
+    # The norm may be float64 (sum_sq); the scale comes back in the clip's (accumulation) dtype.
     over = norm > tl.where(clip > 0, clip, float("inf"))
-    return tl.where(over, clip / tl.where(over, norm, 1.0), 1.0)
+    return tl.where(over, clip / tl.where(over, norm, 1.0), 1.0).to(clip.dtype)
+
+
+@triton.jit
+def sum_sq(x):
+    # Row sums of squares in float64: float32 squares underflow below ~1e-19, and vanishing
+    # gradients — what the norms are for — would read 0.
+    x = x.to(tl.float64)
+    return tl.sum(x * x, axis=1)
 
 
 @triton.jit
@@ -207,7 +216,7 @@ def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_pt
         g += tl.load(carry_ptr + b[:, None] * P + p[None, :], mask=has_next[:, None] & p_mask[None, :],
                      other=0.0)
     tl.store(g_ptr + row[:, None] * P + p[None, :], g, mask=tile)
-    tl.atomic_add(norm2_ptr + row, tl.sum(g * g, axis=1), mask=row_mask)
+    tl.atomic_add(norm2_ptr + row, sum_sq(g), mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------

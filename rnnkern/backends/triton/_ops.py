@@ -99,7 +99,7 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
     n_rows, (batch, size_h) = out.shape[0], h0.shape
     dgates = out.new_empty((n_rows, w_hh.shape[0]), dtype=acc)
     g = out.new_empty((n_rows + batch, size_h), dtype=acc)
-    norm2 = out.new_zeros((2, n_rows + batch), dtype=acc)
+    norm2 = out.new_zeros((2, n_rows + batch), dtype=torch.float64)  # Σ g² in float64: see sum_sq
     # the clip threshold reaches the kernels as a tensor in the accumulation dtype
     clip_t = torch.full((1,), clip, dtype=acc, device=out.device)
     grad_xp = None
@@ -130,7 +130,7 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
     grad_w_hh = torch.mm(dgates.t(), h_prev).to(dtype)
     grad_b_hh = dgates.sum(0).to(dtype) if b_hh is not None else out.new_empty((0,))
     if cell == _cells.LSTM and w_hr is not None:
-        g_clipped = g[:n_rows] * _common.clip_factor(norm[0], clip).unsqueeze(1)
+        g_clipped = g[:n_rows] * _common.clip_factor(norm[0], clip).to(g.dtype).unsqueeze(1)
         grad_w_hr = torch.mm(g_clipped.t(), lstm.unprojected_output(workspace, hidden)).to(dtype)
     if record_norms:
         norms = norm.to(torch.float32)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, tanh
+from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, sum_sq, tanh
 
 
 @triton.jit
@@ -224,7 +224,7 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
     dc_ptrs = dc_ptr + b[:, None] * H + j[None, :]
     tanh_c = tanh(c)
     dc = tl.load(dc_ptrs, mask=tile, other=0.0) + dh * gate_o * (1.0 - tanh_c * tanh_c)
-    tl.atomic_add(norm2_c_ptr + row, tl.sum(dc * dc, axis=1), mask=row_mask)
+    tl.atomic_add(norm2_c_ptr + row, sum_sq(dc), mask=row_mask)
     d_ptrs = dgates_ptr + row[:, None] * (4 * H) + j[None, :]
     tl.store(d_ptrs, dc * gate_g * gate_i * (1.0 - gate_i), mask=tile)
     tl.store(d_ptrs + H, dc * c_prev * gate_f * (1.0 - gate_f), mask=tile)
@@ -275,7 +275,7 @@ def lstm_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad
         g = carry_h + tl.load(grad_out_ptr + row[:, None] * P + p[None, :], mask=tile_p,
                               other=0.0).to(ACC)
         g = tl.where(tile_p, g, 0.0)
-        norm2 = tl.sum(g * g, axis=1)
+        norm2 = sum_sq(g)
         tl.store(g_ptr + row[:, None] * P + p[None, :], g, mask=tile_p)
         tl.store(norm2_ptr + row, norm2, mask=active)
         g = g * clip_scale(tl.sqrt(norm2), clip)[:, None]
@@ -294,7 +294,7 @@ def lstm_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad
                                    j_mask).to(ACC)
         tanh_c = tanh(c)
         dc = tl.where(tile, carry_c + dh * gate_o * (1.0 - tanh_c * tanh_c), 0.0)
-        tl.store(norm2_c_ptr + row, tl.sum(dc * dc, axis=1), mask=active)
+        tl.store(norm2_c_ptr + row, sum_sq(dc), mask=active)
         d_i = dc * gate_g * gate_i * (1.0 - gate_i)
         d_f = dc * c_prev * gate_f * (1.0 - gate_f)
         d_g = dc * gate_i * (1.0 - gate_g * gate_g)

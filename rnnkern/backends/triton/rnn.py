@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, step_rows, tanh
+from ._common import clip_scale, load_rows_or_init, step_rows, sum_sq, tanh
 
 
 @triton.jit
@@ -143,7 +143,7 @@ def rnn_backward_loop_kernel(step_rows_ptr, T, grad_out_ptr, grad_h_n_ptr, out_p
         tile = active[:, None] & j_mask[None, :]
         g = carry + tl.load(grad_out_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
         g = tl.where(tile, g, 0.0)
-        norm2 = tl.sum(g * g, axis=1)
+        norm2 = sum_sq(g)
         tl.store(g_ptr + row[:, None] * H + j[None, :], g, mask=tile)
         tl.store(norm2_ptr + row, norm2, mask=active)
         dh = g * clip_scale(tl.sqrt(norm2), clip)[:, None]
