@@ -43,6 +43,13 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { retu
 template <typename S>
 __device__ __forceinline__ S from_acc(double v) { return static_cast<S>(v); }
 
+// v² in double: norms sum their squares in double, since float squares underflow below ~1e-19 and
+// vanishing gradients — what the norms are for — would read 0.
+template <typename A>
+__device__ __forceinline__ double square(A v) {
+  return static_cast<double>(v) * static_cast<double>(v);
+}
+
 // Loads element i of a storage-typed array as the accumulation type.
 template <typename A, typename S>
 __device__ __forceinline__ A ld(const S* p, int64_t i) { return to_acc<A>(p[i]); }

@@ -124,7 +124,7 @@ class CudaStepKernels final : public StepKernels {
     const at::Tensor c0 = (lstm && !s.c0.defined()) ? at::zeros_like(s.h0) : s.c0;
     const at::Tensor scratch = at::empty(
         {static_cast<int64_t>(persistent::scratch_elements(plan, batch))},
-        s.workspace.options());
+        s.workspace.options().dtype(at::kDouble));
     persistent::BackwardArgs a;
     a.cell = s.cell;
     a.dtype = dtype_of(s.out);

@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
   A* direct = gbuf + B * units;            // [B][units]: GRU z ⊙ g
   A* row_norm = direct + B * units;        // [B]
   A* stage = row_norm + B;                 // [B][kChunk + 1]: a tile of dgates rows
-  A* partial = static_cast<A*>(a.scratch);  // [2 parity][2 (g, c)][blocks][B]
+  double* partial = static_cast<double*>(a.scratch);  // [2 parity][2 (g, c)][blocks][B]: Σ squares
   const T* w_hh = static_cast<const T*>(a.w_hh);
   const T* grad_out = static_cast<const T*>(a.grad_out);
   const T* grad_h_n = static_cast<const T*>(a.grad_h_n);
@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
     if (C != Cell::LSTM || a.norm_c == nullptr || blockIdx.x != 0) return;
     const int bs = static_cast<int>(a.sizes[t]);
     for (int b = threadIdx.x; b < bs; b += kThreads) {
-      A sum = A(0);
+      double sum = 0.0;
       for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2 + 1) * blocks + blk) * B + b);
       a.norm_c[a.offsets[t] + b] = static_cast<float>(sqrt(sum));
     }
@@ -291,17 +291,17 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
     }
     __syncthreads();
     for (int b = threadIdx.x; b < bs; b += kThreads) {
-      A sum = A(0);
-      for (int ul = 0; ul < nu; ++ul) sum += gbuf[b * units + ul] * gbuf[b * units + ul];
+      double sum = 0.0;
+      for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * units + ul]);
       partial[((parity * 2) * blocks + blockIdx.x) * B + b] = sum;
     }
     grid.sync();
 
     // B: the full norms (same order in every block), clip, gate gradients.
     for (int b = threadIdx.x; b < bs; b += kThreads) {
-      A sum = A(0);
+      double sum = 0.0;
       for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2) * blocks + blk) * B + b);
-      row_norm[b] = sqrt(sum);
+      row_norm[b] = static_cast<A>(sqrt(sum));
       if (blockIdx.x == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
     }
     if (t_before >= 0) reduce_dc(t_before, parity ^ 1);
@@ -356,8 +356,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
     if constexpr (C == Cell::LSTM) {
       __syncthreads();
       for (int b = threadIdx.x; b < bs; b += kThreads) {
-        A sum = A(0);
-        for (int ul = 0; ul < nu; ++ul) sum += gbuf[b * units + ul] * gbuf[b * units + ul];
+        double sum = 0.0;
+        for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * units + ul]);
         partial[((parity * 2 + 1) * blocks + blockIdx.x) * B + b] = sum;
       }
     }

@@ -80,10 +80,10 @@ struct BackwardArgs {
   void* grad_c0 = nullptr;         // LSTM: [B, H] input dtype or null
   float* norm_g = nullptr;         // [N] or null (not recorded)
   float* norm_c = nullptr;         // LSTM: [N] or null
-  void* scratch = nullptr;         // acc dtype, scratch_elements(plan, batch) elements
+  void* scratch = nullptr;         // float64, scratch_elements(plan, batch) elements
 };
 
-// Elements (of the acc dtype) of the backward's cross-block scratch buffer.
+// Elements (float64) of the backward's cross-block scratch buffer (partial sums of squares).
 size_t scratch_elements(const Plan& plan, int64_t batch);
 
 cudaError_t forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream);

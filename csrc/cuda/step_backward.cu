@@ -37,13 +37,10 @@ __device__ __forceinline__ RowGrad<S, A> row_grad(const IncomingGrad& in, int64_
 // With clipping, a first pass over the row computes ‖g‖ (and records it); returns g's scale.
 template <typename S, typename A>
 __device__ __forceinline__ A pre_clip_scale(const RowGrad<S, A>& g, int64_t n, double clip,
-                                            float* norm_out, A* scratch) {
-  A sq = A(0);
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const A v = g.at(j);
-    sq += v * v;
-  }
-  const A norm = sqrt(block_sum(sq, scratch));
+                                            float* norm_out, double* scratch) {
+  double sq = 0.0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sq += square(g.at(j));
+  const A norm = static_cast<A>(sqrt(block_sum(sq, scratch)));
   if (norm_out != nullptr && threadIdx.x == 0) *norm_out = static_cast<float>(norm);
   return clip_scale(norm, static_cast<A>(clip));
 }
@@ -51,7 +48,7 @@ __device__ __forceinline__ A pre_clip_scale(const RowGrad<S, A>& g, int64_t n, d
 template <Cell C, typename S>
 __global__ void backward_step_kernel(const BackwardStepArgs a) {
   using A = typename AccOf<S>::type;
-  __shared__ A scratch[32];
+  __shared__ double scratch[32];
   const int64_t b = blockIdx.x;
   const int64_t H = a.hidden;
   const bool projected = C == Cell::LSTM && a.dh_pre != nullptr;
@@ -63,7 +60,7 @@ __global__ void backward_step_kernel(const BackwardStepArgs a) {
   float* norm_g = a.norm_g != nullptr ? a.norm_g + b : nullptr;
   const A scale = (!projected && clipping) ? pre_clip_scale(g, H, a.clip, norm_g, scratch) : A(1);
 
-  A g_sq = A(0), dc_sq = A(0);
+  double g_sq = 0.0, dc_sq = 0.0;
   if constexpr (C == Cell::LSTM) {
     const A* ws = static_cast<const A*>(a.ws) + b * 5 * H;
     const A* c_prev = prev_row<A>(a.c_prev, b);
@@ -80,7 +77,7 @@ __global__ void backward_step_kernel(const BackwardStepArgs a) {
         dh = ld<A>(dh_pre, j);
       } else {
         const A g_j = g.at(j);
-        g_sq += g_j * g_j;
+        g_sq += square(g_j);
         dh = g_j * scale;
       }
       const LstmGates<A> act{ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j]};
@@ -89,7 +86,7 @@ __global__ void backward_step_kernel(const BackwardStepArgs a) {
       LstmGates<A> dpre;
       A dc_total, dc_prev;
       lstm_backward_unit_tanh(dh, dc_next, act, tc, c_prev[j], dpre, dc_total, dc_prev);
-      dc_sq += dc_total * dc_total;
+      dc_sq += square(dc_total);
       dgates[j] = from_acc<S>(dpre.i);
       dgates[H + j] = from_acc<S>(dpre.f);
       dgates[2 * H + j] = from_acc<S>(dpre.g);
@@ -105,7 +102,7 @@ __global__ void backward_step_kernel(const BackwardStepArgs a) {
     A* direct_out = static_cast<A*>(a.dh_direct_out) + b * H;
     for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
       const A g_j = g.at(j);  // reads dh_direct[j] before this thread overwrites it below
-      g_sq += g_j * g_j;
+      g_sq += square(g_j);
       const GruGates<A> act{ws[j], ws[H + j], ws[2 * H + j]};
       GruGates<A> d_x, d_h;
       A direct;
@@ -123,16 +120,16 @@ __global__ void backward_step_kernel(const BackwardStepArgs a) {
     S* dx = static_cast<S*>(a.dgates_x) + b * H;
     for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
       const A g_j = g.at(j);
-      g_sq += g_j * g_j;
+      g_sq += square(g_j);
       dx[j] = from_acc<S>(rnn_backward_unit<C == Cell::RNN_RELU>(g_j * scale, ld<A>(h, j)));
     }
   }
   if (norm_in_pass) {
-    const A total = block_sum(g_sq, scratch);
+    const double total = block_sum(g_sq, scratch);
     if (threadIdx.x == 0) *norm_g = static_cast<float>(sqrt(total));
   }
   if (C == Cell::LSTM && a.norm_c != nullptr) {
-    const A total = block_sum(dc_sq, scratch);
+    const double total = block_sum(dc_sq, scratch);
     if (threadIdx.x == 0) a.norm_c[b] = static_cast<float>(sqrt(total));
   }
 }
@@ -141,18 +138,11 @@ __global__ void backward_step_kernel(const BackwardStepArgs a) {
 template <typename S>
 __global__ void proj_grad_step_kernel(const ProjGradStepArgs a) {
   using A = typename AccOf<S>::type;
-  __shared__ A scratch[32];
+  __shared__ double scratch[32];
   const int64_t b = blockIdx.x;
   const int64_t P = a.grad.size;
   const RowGrad<S, A> g = row_grad<S, A>(a.grad, b, static_cast<const A*>(nullptr));
-  A sq = A(0);
-  for (int64_t j = threadIdx.x; j < P; j += blockDim.x) {
-    const A v = g.at(j);
-    sq += v * v;
-  }
-  const A norm = sqrt(block_sum(sq, scratch));
-  if (a.norm_g != nullptr && threadIdx.x == 0) a.norm_g[b] = static_cast<float>(norm);
-  const A scale = clip_scale(norm, static_cast<A>(a.clip));
+  const A scale = pre_clip_scale(g, P, a.clip, a.norm_g != nullptr ? a.norm_g + b : nullptr, scratch);
   S* g_out = static_cast<S*>(a.g_out) + b * P;
   for (int64_t j = threadIdx.x; j < P; j += blockDim.x) g_out[j] = from_acc<S>(g.at(j) * scale);
 }
