@@ -116,10 +116,11 @@ inline const T* prev_row(const PrevState& p, int64_t b) {
                            : static_cast<const T*>(p.from_init) + b * p.ld_init;
 }
 
-// Rows per parallel chunk: enough work per thread that forking (and the barrier after it, costly
-// on a loaded machine) pays off; small steps run on the calling thread.
+// Rows per parallel chunk: enough work per thread (~2K units) that forking and the barrier after it
+// pay off; tiny steps run on the calling thread. (16K units left a 32x128 LSTM step — 4K units — on
+// one thread: the T=50 B=32 H=128 case went from 1.30x to 1.17x torch.nn's time with 2K.)
 inline int64_t grain(int64_t units_per_row) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, units_per_row));
+  return std::max<int64_t>(1, 2048 / std::max<int64_t>(1, units_per_row));
 }
 
 // ---------------------------------------------------------------------------------------------
