@@ -67,6 +67,20 @@ at::Tensor device_geometry(const at::Tensor& batch_sizes, const at::Device& devi
   return geometry.to(device);
 }
 
+// The fields the persistent forward and backward arguments share: the layer and its time geometry.
+template <typename Args>
+void set_layer(Args& a, Cell cell, const at::Tensor& like, const at::Tensor& batch_sizes,
+               const at::Tensor& geometry, bool reverse, int64_t batch, int64_t hidden) {
+  a.cell = cell;
+  a.dtype = dtype_of(like);
+  a.steps = batch_sizes.numel();
+  a.batch = batch;
+  a.hidden = hidden;
+  a.sizes = geometry.data_ptr<int64_t>();
+  a.offsets = a.sizes + a.steps;
+  a.reverse = reverse;
+}
+
 // Data pointer of an optional / possibly empty tensor (null for none).
 void* ptr_or_null(const at::Tensor& t) {
   return (t.defined() && t.numel() > 0) ? t.data_ptr() : nullptr;
@@ -93,14 +107,7 @@ class CudaStepKernels final : public StepKernels {
     const at::Tensor geometry = device_geometry(s.batch_sizes, s.xp.device());
     const at::Tensor c0 = (s.cell == Cell::LSTM && !s.c0.defined()) ? at::zeros_like(s.h0) : s.c0;
     persistent::ForwardArgs a;
-    a.cell = s.cell;
-    a.dtype = dtype_of(s.xp);
-    a.steps = s.batch_sizes.numel();
-    a.batch = batch;
-    a.hidden = hidden;
-    a.sizes = geometry.data_ptr<int64_t>();
-    a.offsets = a.sizes + a.steps;
-    a.reverse = s.reverse;
+    set_layer(a, s.cell, s.xp, s.batch_sizes, geometry, s.reverse, batch, hidden);
     a.xp = s.xp.data_ptr();
     a.w_hh = s.w_hh.data_ptr();
     a.b_hh = ptr_or_null(s.b_hh);
@@ -126,14 +133,7 @@ class CudaStepKernels final : public StepKernels {
         {static_cast<int64_t>(persistent::scratch_elements(plan, batch))},
         s.workspace.options().dtype(at::kDouble));
     persistent::BackwardArgs a;
-    a.cell = s.cell;
-    a.dtype = dtype_of(s.out);
-    a.steps = s.batch_sizes.numel();
-    a.batch = batch;
-    a.hidden = hidden;
-    a.sizes = geometry.data_ptr<int64_t>();
-    a.offsets = a.sizes + a.steps;
-    a.reverse = s.reverse;
+    set_layer(a, s.cell, s.out, s.batch_sizes, geometry, s.reverse, batch, hidden);
     a.clip = s.clip;
     a.grad_out = s.grad_out.data_ptr();
     a.grad_h_n = s.grad_h_n.data_ptr();
