@@ -5,7 +5,7 @@ Backends: every backend of `rnnkern.backends()` that runs on the grid's device a
 "reference" (add it with `--bench-reference` or `RNNKERN_BENCH_REFERENCE=1`), plus torch.nn in the same run.
 Output: bench/results/<device-slug>.json, or under `RNNKERN_BENCH_OUT`.
 CPU threads: `RNNKERN_BENCH_THREADS` (default: torch's default, one per core).
-Time budget: `RNNKERN_BENCH_BUDGET_S` seconds (gpu-quick: 210 by default); once spent, the remaining cases
+Time budget: `RNNKERN_BENCH_BUDGET_S` seconds (gpu-quick: 170 by default); once spent, the remaining cases
 are skipped with a message and the results file says how many were left out.
 """
 
@@ -92,8 +92,8 @@ def pytest_generate_tests(metafunc):
     grid = benchlib.GRIDS[_grid_name(config)]
     plan, _ = _backend_plan(config)
     params, ids = [], []
-    for dtype in grid["dtypes"]:
-        for shape in grid["shapes"]:
+    for shape in grid["shapes"]:  # shape outermost: a time-boxed run covers the first shapes in every dtype
+        for dtype in grid["dtypes"]:
             for pass_ in benchlib.PASSES:
                 variants = [("torch.nn", False)] + [(b, n) for b in plan[dtype] for n in (False, True)]
                 for backend, norms in variants:

@@ -1,5 +1,8 @@
 """A small CUDA case for compute-sanitizer: every cell, packed and padded, norms and clipping on,
-forward and backward through the `cuda` backend (and `triton` when available)."""
+forward and backward through the `cuda` backend's per-step and persistent kernels (and `triton` when
+available)."""
+
+import os
 
 import torch
 from torch.nn.utils.rnn import pack_sequence
@@ -8,7 +11,10 @@ import rnnkern
 
 torch.manual_seed(0)
 backends = [b for b in ("cuda", "triton") if b in rnnkern.backends()]
-for backend in backends:
+runs = [(b, k) for b in backends for k in (("step", "persistent") if b == "cuda" else (None,))]
+for backend, kernel in runs:
+    if kernel:
+        os.environ["RNNKERN_CUDA_KERNEL"] = kernel
     for cls, kw in [(rnnkern.LSTM, {}), (rnnkern.LSTM, {"proj_size": 3}), (rnnkern.GRU, {}),
                     (rnnkern.RNN, {}), (rnnkern.RNN, {"nonlinearity": "relu"})]:
         for dtype in (torch.float32, torch.float16):
@@ -22,4 +28,4 @@ for backend in backends:
             out.float().sum().backward()
             assert m.grad_norms is not None and torch.isfinite(m.grad_norms.h).all()
 torch.cuda.synchronize()
-print("sanitizer case done:", backends)
+print("sanitizer case done:", runs)
