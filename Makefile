@@ -30,10 +30,10 @@ demo: build
 	$(PY) -m rnnkern gradflow
 
 test: build
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	RNNKERN_REQUIRE_EXTENSION=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all: build
-	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+	RNNKERN_REQUIRE_EXTENSION=1 $(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 bench: build
 	$(PY) -m pytest -q bench --benchmark-only $(PYTEST_ARGS)

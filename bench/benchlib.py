@@ -71,14 +71,16 @@ GRIDS: Dict[str, Dict[str, object]] = {
                    Shape("lstm", 200, 16, 512), Shape("lstm", 50, 32, 128)],
         "dtypes": ["float32"],
     },
-    # The issue-9 shapes (B=16: T=256 H=256 for each cell, T=1024 H=768 LSTM) and one large-batch,
-    # large-H shape where the per-step kernels' GEMMs dominate; float32 and float16 (torch.nn's fastest).
+    # The issue-9 shapes (B=16: T=256 H=256 for each cell, T=1024 H=768 LSTM), two in between (they
+    # place the persistent/per-step crossover that `auto` uses) and one large-batch, large-H shape where
+    # the per-step kernels' GEMMs dominate; float32 and float16 (torch.nn's fastest).
     # Sized for the 15-minute device lease: it stops cleanly after RNNKERN_BENCH_BUDGET_S (170 s by
     # default, inside scripts/gpu_check.sh's 200 s box), the cases left out counted in the results file.
     "gpu-quick": {
         "device": "cuda",
         "shapes": [Shape("lstm", 256, 16, 256), Shape("gru", 256, 16, 256), Shape("rnn_tanh", 256, 16, 256),
-                   Shape("lstm", 1024, 16, 768), Shape("lstm", 512, 64, 1024)],
+                   Shape("lstm", 1024, 16, 768), Shape("lstm", 256, 64, 256), Shape("gru", 256, 16, 512),
+                   Shape("lstm", 512, 64, 1024)],
         "dtypes": ["float32", "float16"],
         "budget_s": 170.0,
     },

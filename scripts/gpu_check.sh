@@ -41,7 +41,7 @@ fi
 if stage sanitizer; then
   # In the background, beside the tests (memcheck slows its own process only).
   ( start=$(date +%s)
-    timeout "$T_SAN" compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitizer_case.py \
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$T_SAN" compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitizer_case.py \
       > "$OUT/sanitizer.log" 2>&1
     rc=$?
     echo "sanitizer memcheck: rc=$rc $(( $(date +%s) - start )) s :: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)" \
@@ -89,6 +89,9 @@ if stage bench; then
   echo "bench: rc=$rc $(( $(date +%s) - start )) s :: $(tail -1 "$OUT/bench.log")"
 fi
 
+# The device tool brings back a few files only: the per-shard logs travel as one archive.
+tar -czf "$OUT/test-logs.tgz" -C "$OUT" $(cd "$OUT" && ls tests-*.log sanitizer.log 2>/dev/null) 2>/dev/null \
+  && rm -f "$OUT"/tests-*.log
 echo "--- failures ---"
-grep -hE "(FAILED|ERROR)" "$OUT"/tests-*.log 2>/dev/null | cut -c1-220 | head -40
+tar -xOzf "$OUT/test-logs.tgz" 2>/dev/null | grep -E "(FAILED|ERROR)" | cut -c1-220 | head -40
 exit $status

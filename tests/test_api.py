@@ -2,6 +2,7 @@
 
 import copy
 import io
+import os
 import pickle
 
 import pytest
@@ -202,3 +203,18 @@ def test_explain_names_the_backend_and_why():
     m.backend = "cuda"
     with pytest.raises(RuntimeError, match="cuda"):
         rnnkern.explain(m, x)
+
+
+def test_built_extension_loads():
+    """A built rnnkern._C that fails to load (an undefined symbol, say) would otherwise only show as
+    skipped compiled-backend tests. `make test` builds it and sets RNNKERN_REQUIRE_EXTENSION=1; any
+    _C file present in the package also means it must load."""
+    from pathlib import Path
+
+    from rnnkern import _ext
+
+    built = list(Path(_ext.__file__).parent.glob("_C*.so")) + list(Path(_ext.__file__).parent.glob("_C*.pyd"))
+    if os.environ.get("RNNKERN_REQUIRE_EXTENSION") == "1" or built:
+        assert _ext.unavailable_reason() is None, _ext.unavailable_reason()
+    else:
+        assert _ext.unavailable_reason() is not None  # nothing built: the compiled backends say why

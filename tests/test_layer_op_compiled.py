@@ -565,8 +565,9 @@ def test_cuda_16bit_error_within_torch_nn(cell, dtype):
     floor = 4 * torch.finfo(dtype).eps
     for k in keys:
         assert ours[k] <= 2 * theirs[k] + floor, (k, ours[k], theirs[k])
-    # norms in 16-bit: close to the float64 ones
-    torch.testing.assert_close(got["norms"].cpu().double(), want["norms"].double(), rtol=3e-2, atol=3e-2)
+    # norms in 16-bit: close to the float64 ones (bfloat16 has 3 fewer mantissa bits than float16)
+    tol = 3e-2 if dtype == torch.float16 else 8e-2
+    torch.testing.assert_close(got["norms"].cpu().double(), want["norms"].double(), rtol=tol, atol=tol)
 
 
 def torch_nn_fn_cuda(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):

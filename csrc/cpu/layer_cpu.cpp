@@ -1,5 +1,7 @@
 // CPU implementations of rnnkern::rnn_layer_forward / rnn_layer_backward: the shared layer driver
 // with the CPU step kernels of the instruction set ATen runs.
+#include <dlfcn.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -18,6 +20,73 @@ const StepKernels& step_kernels_cpu() {
     return k != nullptr ? k : cpu_default::cpu_step_kernels();
   }();
   return *chosen;
+}
+
+namespace {
+
+// The BLAS torch itself calls for float32/float64 matmuls on the CPU (its bundled MKL, or OpenBLAS),
+// reached through its Fortran symbols in the loaded libtorch_cpu: ATen's own CPU BLAS wrappers are not
+// exported, and at::mm_out on views costs more host time than a small step's product (dispatch,
+// views, checks), which is what bounds small layers here.
+template <typename T>
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
+                             const T*, const int*, const T*, const int*, const T*, T*, const int*);
+
+struct Blas {
+  FortranGemm<float> sgemm = nullptr;
+  FortranGemm<double> dgemm = nullptr;
+};
+
+const Blas& blas() {
+  static const Blas api = [] {
+    Blas b;
+    void* lib = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+    if (lib != nullptr) {
+      b.sgemm = reinterpret_cast<FortranGemm<float>>(dlsym(lib, "sgemm_"));
+      b.dgemm = reinterpret_cast<FortranGemm<double>>(dlsym(lib, "dgemm_"));
+    }
+    return b;
+  }();
+  return api;
+}
+
+// Row-major [rows, cols] with leading dimension ld over memory the caller owns.
+at::Tensor view_of(const void* p, int64_t rows, int64_t cols, int64_t ld, at::ScalarType type) {
+  return at::from_blob(const_cast<void*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(type));
+}
+
+template <typename T>
+bool fortran_gemm(FortranGemm<T> gemm, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a,
+                  int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc) {
+  constexpr int64_t kMax = 0x7fffffff;  // LP64 BLAS: 32-bit sizes
+  if (gemm == nullptr || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax || ldc > kMax) {
+    return false;
+  }
+  // Row-major C = A·op(B) is the column-major product Cᵀ = op(B)ᵀ·Aᵀ.
+  const char ta = b_nk ? 'T' : 'N', tb = 'N';
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const T one = 1, zero = 0;
+  gemm(&ta, &tb, &mi, &ni, &ki, &one, static_cast<const T*>(b), &la, static_cast<const T*>(a), &lb,
+       &zero, static_cast<T*>(c), &lc);
+  return true;
+}
+
+}  // namespace
+
+void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+              const void* b, int64_t ldb, void* c, int64_t ldc) {
+  TORCH_CHECK(dtype == DType::F32 || dtype == DType::F64,
+              "rnnkern cpu backend: only float32 and float64 are supported");
+  if (m == 0 || n == 0) return;
+  const bool done = dtype == DType::F64
+                        ? fortran_gemm(blas().dgemm, b_nk, m, n, k, a, lda, b, ldb, c, ldc)
+                        : fortran_gemm(blas().sgemm, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
+  if (done) return;
+  const at::ScalarType type = dtype == DType::F64 ? at::kDouble : at::kFloat;
+  at::Tensor out = view_of(c, m, n, ldc, type);
+  const at::Tensor bt = b_nk ? view_of(b, n, k, ldb, type).t() : view_of(b, k, n, ldb, type);
+  at::mm_out(out, view_of(a, m, k, lda, type), bt);
 }
 
 namespace {

@@ -75,8 +75,24 @@ struct Steps {
   }
 };
 
-// at::mm_out into a view (mm_out wants an lvalue).
-void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+// Address of row r of a contiguous 2-D tensor: per-step operands are raw pointers, not views.
+char* row_ptr(const at::Tensor& t, int64_t r) {
+  return static_cast<char*>(t.data_ptr()) + r * t.stride(0) * t.element_size();
+}
+
+// The weight W [n, k] of a per-step product A·Wᵀ as StepKernels::gemm's B operand. CPU: a contiguous
+// Wᵀ (one copy per call), which BLAS reads without repacking the whole weight at every step (MKL
+// packs a transposed right operand on each call; cuBLAS does not, so CUDA passes W itself).
+struct TransposedWeight {
+  at::Tensor keep;
+  const void* ptr = nullptr;
+  bool b_nk = true;
+  int64_t ld = 0;
+  TransposedWeight() = default;
+  TransposedWeight(const at::Tensor& w, bool cpu)
+      : keep(cpu ? w.t().contiguous() : w.contiguous()), ptr(keep.data_ptr()), b_nk(!cpu),
+        ld(keep.size(1)) {}
+};
 
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
@@ -222,11 +238,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   const at::Tensor c0_acc =
       lstm ? (c0.defined() ? c0.to(acc).contiguous() : at::zeros({B, H}, xp.options().dtype(acc)))
            : at::Tensor();
-  // CPU: a contiguous W_hhᵀ (one copy per call) lets BLAS run the per-step GEMM without repacking
-  // the whole weight at every step (MKL packs a transposed right operand each call; cuBLAS does not).
   const bool cpu = xp.is_cpu();
-  const at::Tensor w_hh_t = cpu ? w_hh.t().contiguous() : w_hh.t();
-  const at::Tensor w_hr_t = !d.proj ? at::Tensor() : (cpu ? w_hr.t().contiguous() : w_hr.t());
+  const TransposedWeight w_hh_op(w_hh, cpu);
+  const TransposedWeight w_hr_op = d.proj ? TransposedWeight(w_hr, cpu) : TransposedWeight();
   at::Tensor hp_buf = at::empty({B, GH}, xp.options());
   at::Tensor hpre_buf = d.proj ? at::empty({B, H}, xp.options()) : at::Tensor();
   const int64_t ws_ld = d.S * H;
@@ -236,22 +250,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const int64_t t = steps.step(k);
     const int64_t rows = steps.size[t];
     if (rows == 0) continue;
+    const int64_t off = steps.offset[t];
     const int64_t np = steps.n_prev(t);
     const int64_t prev_off = np > 0 ? steps.offset[steps.prev(t)] : 0;
-    at::Tensor hp = hp_buf.narrow(0, 0, rows);
-    if (np > 0) mm_into(hp.narrow(0, 0, np), out.narrow(0, prev_off, np), w_hh_t);
-    if (np < rows) mm_into(hp.narrow(0, np, rows - np), h0.narrow(0, np, rows - np), w_hh_t);
+    // hp = h_{t-1} W_hhᵀ: rows continuing from the previous step, then rows starting from h0
+    if (np > 0) {
+      kernels.gemm(dtype, w_hh_op.b_nk, np, GH, P, row_ptr(out, prev_off), P, w_hh_op.ptr,
+                   w_hh_op.ld, hp_buf.data_ptr(), GH);
+    }
+    if (np < rows) {
+      kernels.gemm(dtype, w_hh_op.b_nk, rows - np, GH, P, row_ptr(h0, np), P, w_hh_op.ptr,
+                   w_hh_op.ld, row_ptr(hp_buf, np), GH);
+    }
 
     ForwardStepArgs a;
     a.cell = d.cell;
     a.dtype = dtype;
     a.rows = rows;
     a.hidden = H;
-    a.xp = xp.narrow(0, steps.offset[t], rows).data_ptr();
-    a.hp = hp.data_ptr();
+    a.xp = row_ptr(xp, off);
+    a.hp = hp_buf.data_ptr();
     a.b_hh = b_hh.data_ptr();
-    a.h_prev = PrevState{np > 0 ? out.narrow(0, prev_off, np).data_ptr() : nullptr, P,
-                         h0.data_ptr(), P, np};
+    a.h_prev = PrevState{np > 0 ? row_ptr(out, prev_off) : nullptr, P, h0.data_ptr(), P, np};
     if (lstm) {
       const void* c_step =
           np > 0 ? static_cast<const char*>(workspace.data_ptr()) +
@@ -259,12 +279,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
                  : nullptr;
       a.c_prev = PrevState{c_step, ws_ld, c0_acc.data_ptr(), H, np};
     }
-    a.h_out = d.proj ? hpre_buf.data_ptr() : out.narrow(0, steps.offset[t], rows).data_ptr();
+    a.h_out = d.proj ? hpre_buf.data_ptr() : row_ptr(out, off);
     a.ld_h_out = d.proj ? H : P;
-    a.ws = d.S > 0 ? workspace.narrow(0, steps.offset[t], rows).data_ptr() : nullptr;
+    a.ws = d.S > 0 ? row_ptr(workspace, off) : nullptr;
     kernels.forward_step(a);
-    if (d.proj) {
-      mm_into(out.narrow(0, steps.offset[t], rows), hpre_buf.narrow(0, 0, rows), w_hr_t);
+    if (d.proj) {  // out rows = h_t W_hrᵀ
+      kernels.gemm(dtype, w_hr_op.b_nk, rows, P, H, hpre_buf.data_ptr(), H, w_hr_op.ptr, w_hr_op.ld,
+                   row_ptr(out, off), P);
     }
   }
 
@@ -362,6 +383,9 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
   const at::Tensor c0_acc =
       lstm ? (c0.defined() ? c0.to(acc).contiguous() : at::zeros({B, H}, opts.dtype(acc)))
            : at::Tensor();
+  // The per-step products dh = dgates_h W_hh and dh_pre = g W_hr read the weights as they are.
+  const at::Tensor w_hh_c = w_hh.contiguous();
+  const at::Tensor w_hr_c = d.proj ? w_hr.contiguous() : at::Tensor();
   const int64_t ws_ld = d.S * H;
   const int64_t acc_bytes = workspace.element_size();
   auto ws_ptr = [&](int64_t row, int64_t col) -> const void* {
@@ -380,7 +404,7 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
 
     IncomingGrad grad;
     grad.size = P;
-    grad.grad_out = grad_out.narrow(0, off, rows).data_ptr();
+    grad.grad_out = row_ptr(grad_out, off);
     grad.dh_next = dh_buf.data_ptr();
     grad.grad_h_n = grad_h_n.data_ptr();
     grad.n_next = nn;
@@ -400,20 +424,20 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
       pa.rows = rows;
       pa.clip = clip;
       pa.grad = grad;
-      pa.g_out = g_all.narrow(0, off, rows).data_ptr();
+      pa.g_out = row_ptr(g_all, off);
       pa.norm_g = a.norm_g;
       kernels.proj_grad_step(pa);
-      mm_into(dh_pre_buf.narrow(0, 0, rows), g_all.narrow(0, off, rows), w_hr);
+      kernels.gemm(dtype, false, rows, H, P, row_ptr(g_all, off), P, w_hr_c.data_ptr(), H,
+                   dh_pre_buf.data_ptr(), H);
       a.dh_pre = dh_pre_buf.data_ptr();
-      a.hpre_out = hpre_all.narrow(0, off, rows).data_ptr();
+      a.hpre_out = row_ptr(hpre_all, off);
       a.norm_g = nullptr;
     }
     if (gru) {
       a.dh_direct = dh_direct.data_ptr();
       a.dh_direct_out = dh_direct.data_ptr();
-      a.dgates_h = dgates_h.narrow(0, off, rows).data_ptr();
-      a.h_prev = PrevState{np > 0 ? out.narrow(0, prev_off, np).data_ptr() : nullptr, P,
-                           h0.data_ptr(), P, np};
+      a.dgates_h = row_ptr(dgates_h, off);
+      a.h_prev = PrevState{np > 0 ? row_ptr(out, prev_off) : nullptr, P, h0.data_ptr(), P, np};
     }
     if (lstm) {
       a.grad_c_n = grad_c_n.data_ptr();
@@ -422,10 +446,11 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
                            H, np};
     }
     a.ws = d.S > 0 ? ws_ptr(off, 0) : nullptr;
-    a.h_out = out.narrow(0, off, rows).data_ptr();
-    a.dgates_x = grad_xp.narrow(0, off, rows).data_ptr();
+    a.h_out = row_ptr(out, off);
+    a.dgates_x = row_ptr(grad_xp, off);
     kernels.backward_step(a);
-    mm_into(dh_buf.narrow(0, 0, rows), dgates_h.narrow(0, off, rows), w_hh);
+    kernels.gemm(dtype, false, rows, P, GH, row_ptr(dgates_h, off), GH, w_hh_c.data_ptr(), P,
+                 dh_buf.data_ptr(), P);
   }
 
   // Rows of dh_buf (and dh_direct, dc) last written at a sample's first step hold its h0 gradient:

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "pointwise.h"
 #include "rnnkern/layer_driver.h"
 #include "rnnkern/step_args.h"
 
@@ -424,6 +425,11 @@ class CpuStepKernels final : public StepKernels {
   void proj_grad_step(const ProjGradStepArgs& a) const override {
     check(a.dtype);
     a.dtype == DType::F64 ? proj_grad<double>(a) : proj_grad<float>(a);
+  }
+  void gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+            const void* b, int64_t ldb, void* c, int64_t ldc) const override {
+    check(dtype);
+    rnnkern::cpu_gemm(dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
   }
 
  private:

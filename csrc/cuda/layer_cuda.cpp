@@ -98,6 +98,11 @@ class CudaStepKernels final : public StepKernels {
   void proj_grad_step(const ProjGradStepArgs& a) const override {
     C10_CUDA_CHECK(cuda::launch_proj_grad_step(a, c10::cuda::getCurrentCUDAStream()));
   }
+  void gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+            const void* b, int64_t ldb, void* c, int64_t ldc) const override {
+    cuda::step_gemm(dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
+  }
+
 
   bool sequence_forward(const SequenceForward& s) const override {
     const int64_t batch = s.h0.size(0), hidden = s.h0.size(1);

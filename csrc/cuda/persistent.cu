@@ -32,11 +32,12 @@ namespace persistent {
 namespace {
 
 constexpr int kThreads = 256;
-// Columns of the operand rows (h_{t-1} forward, dgates backward) staged in shared memory at a time:
-// the whole block loads a [rows x kChunk] tile at once (many loads in flight, coalesced), then the
-// dot products run out of shared memory. (v1 read each operand element from L2 inside the dot loop,
-// one dependent load per iteration: L2-latency bound, bench/NOTES.md.)
-constexpr int kChunk = 64;
+// The operand rows of a step (h_{t-1} forward, dgates backward) are staged in shared memory in tiles
+// of `chunk` columns: the whole block loads a [rows x chunk] tile at once (many loads in flight),
+// then the dot products run out of shared memory. Each tile costs one L2 round trip and two block
+// barriers, so the plan makes `chunk` as wide as shared memory allows: the whole row where it fits
+// (v2 used 64-column tiles: 16 to 48 round trips per step at H = 256..768, bench/NOTES.md).
+constexpr int kChunkAlign = 32;
 
 // cells.h's helpers are host-only constexpr functions; these are their compile-time twins.
 template <Cell C>
@@ -98,14 +99,14 @@ struct Geometry {
 };
 
 template <Cell C, typename T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int units) {
+__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int units, int chunk) {
   using A = typename AccOf<T>::type;
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int H = static_cast<int>(a.hidden);
   A* w = reinterpret_cast<A*>(smem_raw);  // [G][units][H + 1] (padded: no bank conflicts)
-  A* stage = w + G * units * (H + 1);     // [B][kChunk + 1]: a tile of h_{t-1} rows
+  A* stage = w + G * units * (H + 1);     // [B][chunk + 1]: a tile of h_{t-1} rows
   const int GH = G * H;
   const int u0 = blockIdx.x * units;
   const int nu = min(units, H - u0);
@@ -149,22 +150,26 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
       A acc[G];
 #pragma unroll
       for (int g = 0; g < G; ++g) acc[g] = A(0);
-      for (int k0 = 0; k0 < H; k0 += kChunk) {
-        __syncthreads();  // the previous tile is consumed
-        for (int i = threadIdx.x; i < bs * kChunk; i += kThreads) {
-          const int sb = i / kChunk, kk = i % kChunk, k = k0 + kk;
-          A v = A(0);
-          if (k < H) {
-            v = sb < n_prev ? load_cg(out + (prev_row0 + sb) * H + k)
-                            : A(load(h0 + static_cast<int64_t>(sb) * H + k));
+      for (int k0 = 0; k0 < H; k0 += chunk) {
+        // One tile covering the whole row is staged once per step, not once per pass over the pairs.
+        if (base == 0 || chunk < H) {
+          __syncthreads();  // the previous tile is consumed
+#pragma unroll 4
+          for (int i = threadIdx.x; i < bs * chunk; i += kThreads) {
+            const int sb = i / chunk, kk = i % chunk, k = k0 + kk;
+            A v = A(0);
+            if (k < H) {
+              v = sb < n_prev ? load_cg(out + (prev_row0 + sb) * H + k)
+                              : A(load(h0 + static_cast<int64_t>(sb) * H + k));
+            }
+            stage[sb * (chunk + 1) + kk] = v;
           }
-          stage[sb * (kChunk + 1) + kk] = v;
+          __syncthreads();
         }
-        __syncthreads();
         if (valid) {
-          const int k_end = min(kChunk, H - k0);
+          const int k_end = min(chunk, H - k0);
           for (int kk = lane; kk < k_end; kk += lanes) {
-            const A hv = stage[b * (kChunk + 1) + kk];
+            const A hv = stage[b * (chunk + 1) + kk];
 #pragma unroll
             for (int g = 0; g < G; ++g) acc[g] += hv * w[(g * units + ul) * (H + 1) + k0 + kk];
           }
@@ -217,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
 }
 
 template <Cell C, typename T>
-__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int units) {
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int units, int chunk) {
   using A = typename AccOf<T>::type;
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
@@ -234,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
   A* gbuf = dc_next + B * units;           // [B][units]: g before clipping, then dc_t
   A* direct = gbuf + B * units;            // [B][units]: GRU z ⊙ g
   A* row_norm = direct + B * units;        // [B]
-  A* stage = row_norm + B;                 // [B][kChunk + 1]: a tile of dgates rows
+  A* stage = row_norm + B;                 // [B][chunk + 1]: a tile of dgates rows
   double* partial = static_cast<double*>(a.scratch);  // [2 parity][2 (g, c)][blocks][B]: Σ squares
   const T* w_hh = static_cast<const T*>(a.w_hh);
   const T* grad_out = static_cast<const T*>(a.grad_out);
@@ -374,16 +379,19 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
       const int ul = valid ? pair % nu : 0;
       A acc = A(0);
       const A* wc = wt + ul * (GH + 1);
-      for (int k0 = 0; k0 < GH; k0 += kChunk) {
-        __syncthreads();  // the previous tile is consumed
-        for (int i = threadIdx.x; i < bs * kChunk; i += kThreads) {
-          const int sb = i / kChunk, kk = i % kChunk, k = k0 + kk;
-          stage[sb * (kChunk + 1) + kk] = k < GH ? load_cg(dgates_h + (row0 + sb) * GH + k) : A(0);
+      for (int k0 = 0; k0 < GH; k0 += chunk) {
+        if (base == 0 || chunk < GH) {  // a whole-row tile: staged once per step
+          __syncthreads();  // the previous tile is consumed
+#pragma unroll 4
+          for (int i = threadIdx.x; i < bs * chunk; i += kThreads) {
+            const int sb = i / chunk, kk = i % chunk, k = k0 + kk;
+            stage[sb * (chunk + 1) + kk] = k < GH ? load_cg(dgates_h + (row0 + sb) * GH + k) : A(0);
+          }
+          __syncthreads();
         }
-        __syncthreads();
         if (valid) {
-          const int k_end = min(kChunk, GH - k0);
-          for (int kk = lane; kk < k_end; kk += lanes) acc += stage[b * (kChunk + 1) + kk] * wc[k0 + kk];
+          const int k_end = min(chunk, GH - k0);
+          for (int kk = lane; kk < k_end; kk += lanes) acc += stage[b * (chunk + 1) + kk] * wc[k0 + kk];
         }
       }
       acc = group_sum(acc, lanes);
@@ -405,9 +413,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
 }
 
 template <typename T>
-using ForwardKernel = void (*)(ForwardArgs, int);
+using ForwardKernel = void (*)(ForwardArgs, int, int);
 template <typename T>
-using BackwardKernel = void (*)(BackwardArgs, int);
+using BackwardKernel = void (*)(BackwardArgs, int, int);
 
 template <typename T>
 ForwardKernel<T> forward_for(Cell cell) {
@@ -432,12 +440,13 @@ BackwardKernel<T> backward_for(Cell cell) {
 size_t acc_size(DType dtype) { return dtype == DType::F64 ? sizeof(double) : sizeof(float); }
 
 template <typename Args>
-cudaError_t launch(const void* kernel, const Plan& plan, size_t smem, Args args, cudaStream_t stream) {
+cudaError_t launch(const void* kernel, const Plan& plan, size_t smem, int chunk, Args args,
+                   cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   int units = plan.units;
-  void* params[] = {&args, &units};
+  void* params[] = {&args, &units, &chunk};
   return cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(plan.threads), params, smem,
                                      stream);
 }
@@ -505,15 +514,25 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
   const int blocks = static_cast<int>((hidden + units - 1) / units);
   const size_t acc = acc_size(dtype);
   const size_t gates = static_cast<size_t>(cell_gates(cell));
-  const size_t stage = static_cast<size_t>(batch) * (kChunk + 1);
-  plan.smem_forward = (gates * units * (hidden + 1) + stage) * acc;
-  plan.smem_backward =
-      (static_cast<size_t>(units) * (gates * hidden + 1) + 4 * batch * units + batch + stage) * acc;
   const size_t limit = prop.sharedMemPerBlockOptin;
-  if (plan.smem_forward > limit || plan.smem_backward > limit) {
+  // Resident weights and per-row state first; the rest of shared memory stages operand tiles.
+  const size_t fixed_forward = gates * units * (hidden + 1) * acc;
+  const size_t fixed_backward =
+      (static_cast<size_t>(units) * (gates * hidden + 1) + 4 * batch * units + batch) * acc;
+  auto widest_chunk = [&](size_t fixed, int64_t columns) -> int {
+    if (fixed >= limit) return 0;
+    const int64_t fit = static_cast<int64_t>((limit - fixed) / (batch * acc)) - 1;
+    const int64_t whole = (columns + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+    return static_cast<int>(std::min(whole, fit / kChunkAlign * kChunkAlign));
+  };
+  plan.chunk_forward = widest_chunk(fixed_forward, hidden);
+  plan.chunk_backward = widest_chunk(fixed_backward, gates * hidden);
+  if (plan.chunk_forward < kChunkAlign || plan.chunk_backward < kChunkAlign) {
     plan.reason = Decline::SharedMemory;
     return plan;
   }
+  plan.smem_forward = fixed_forward + static_cast<size_t>(batch) * (plan.chunk_forward + 1) * acc;
+  plan.smem_backward = fixed_backward + static_cast<size_t>(batch) * (plan.chunk_backward + 1) * acc;
   for (int pass = 0; pass < 2; ++pass) {
     const void* kernel = pass == 0 ? forward_ptr(cell, dtype) : backward_ptr(cell, dtype);
     const size_t smem = pass == 0 ? plan.smem_forward : plan.smem_backward;
@@ -540,12 +559,14 @@ size_t scratch_elements(const Plan& plan, int64_t batch) {
 
 cudaError_t forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   if (args.steps == 0 || args.batch == 0) return cudaSuccess;
-  return launch(forward_ptr(args.cell, args.dtype), plan, plan.smem_forward, args, stream);
+  return launch(forward_ptr(args.cell, args.dtype), plan, plan.smem_forward, plan.chunk_forward, args,
+                stream);
 }
 
 cudaError_t backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   if (args.steps == 0 || args.batch == 0) return cudaSuccess;
-  return launch(backward_ptr(args.cell, args.dtype), plan, plan.smem_backward, args, stream);
+  return launch(backward_ptr(args.cell, args.dtype), plan, plan.smem_backward, plan.chunk_backward,
+                args, stream);
 }
 
 }  // namespace persistent

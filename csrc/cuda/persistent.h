@@ -34,6 +34,8 @@ struct Plan {
   int threads = 0;
   size_t smem_forward = 0;
   size_t smem_backward = 0;
+  int chunk_forward = 0;    // columns of h_{t-1} staged per tile (the whole row where it fits)
+  int chunk_backward = 0;   // columns of the dgates rows staged per tile
 };
 
 // Plan for a layer of `hidden` units and a batch of `batch` rows on `device`. Projections

@@ -59,6 +59,11 @@ class StepKernels {
   virtual void forward_step(const ForwardStepArgs& args) const = 0;
   virtual void backward_step(const BackwardStepArgs& args) const = 0;
   virtual void proj_grad_step(const ProjGradStepArgs& args) const = 0;
+  // C[m, n] = A[m, k] · Bᵀ with B [n, k] (b_nk) or A[m, k] · B with B [k, n]; row-major with leading
+  // dimensions, all three in the layer's dtype. The per-step products come through here with raw
+  // pointers: ATen's dispatch and views cost more host time per step than a small step's GPU work.
+  virtual void gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a,
+                    int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc) const = 0;
   virtual bool sequence_forward(const SequenceForward&) const { return false; }
   virtual bool sequence_backward(const SequenceBackward&) const { return false; }
 };

@@ -99,7 +99,11 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
     n_rows, (batch, size_h) = out.shape[0], h0.shape
     dgates = out.new_empty((n_rows, w_hh.shape[0]), dtype=acc)
     g = out.new_empty((n_rows + batch, size_h), dtype=acc)
-    norm2 = out.new_zeros((2, n_rows + batch), dtype=torch.float64)  # Σ g² in float64: see sum_sq
+    # Σ g² and Σ dc² per row, in float64 (see sum_sq). Two separate tensors, not views of one: under
+    # torch.compile the kernels' mutations are functionalised per argument, and mutated views of a
+    # shared base came back wrong on the GPU (the c row).
+    norm2_h = out.new_zeros((n_rows + batch,), dtype=torch.float64)
+    norm2_c = out.new_zeros((n_rows + batch,), dtype=torch.float64)
     # the clip threshold reaches the kernels as a tensor in the accumulation dtype
     clip_t = torch.full((1,), clip, dtype=acc, device=out.device)
     grad_xp = None
@@ -111,17 +115,17 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
         c0_used = out.new_zeros((batch, hidden)) if c0 is None else c0.contiguous()
         w_hr_used = None if w_hr is None else w_hr.contiguous()
         lstm.backward(grad_out, grad_h_n, plan, c0_used, w_hh, w_hr_used, clip_t, workspace,
-                      dc, dgates, g, norm2, types, wrap_triton, loop)
+                      dc, dgates, g, norm2_h, norm2_c, types, wrap_triton, loop)
         if c0 is not None:
             grad_c0 = dc.to(dtype)
     elif cell == _cells.GRU:
         grad_xp = out.new_empty((n_rows, w_hh.shape[0]))
         gru.backward(grad_out, grad_h_n, plan, h0, w_hh, clip_t, out, workspace, dgates, grad_xp, g,
-                     norm2, types, wrap_triton, loop)
+                     norm2_h, types, wrap_triton, loop)
     else:
         rnn.backward(cell == _cells.RNN_RELU, grad_out, grad_h_n, plan, w_hh, clip_t, out, dgates,
-                     g, norm2, types, wrap_triton, loop)
-    norm = norm2[:, :n_rows].sqrt()
+                     g, norm2_h, types, wrap_triton, loop)
+    norm = torch.stack((norm2_h[:n_rows], norm2_c[:n_rows])).sqrt()
     if grad_xp is None:
         grad_xp = dgates.to(dtype)
     grad_h0 = g[n_rows:].to(dtype, copy=True)  # an own tensor, not a view into g

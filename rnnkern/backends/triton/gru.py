@@ -235,7 +235,7 @@ def forward(xp, plan, h0, w_hh, b_hh, out, h_n, workspace, types, wrap, loop):
 def backward(grad_out, grad_h_n, plan, h0, w_hh, clip, out, workspace, dgates, grad_xp, g, norm2,
              types, wrap, loop):
     """Fill dgates [N, 3H] (h side), grad_xp [N, 3H] (x side), g [N+B, H] (rows N..: grad_h0) and
-    norm2[0] [N+B]."""
+    norm2 [N+B] (Σg²)."""
     H = w_hh.shape[1]
     block_b = _common.block_rows(plan.B)
     if loop:

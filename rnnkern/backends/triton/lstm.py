@@ -344,9 +344,9 @@ def forward(xp, plan, h0, c0, w_hh, b_hh, w_hr, out, h_n, c_n, workspace, types,
                 BLOCK_K=_common.block_k(H), ACC=types.acc, PREC=types.prec)
 
 
-def backward(grad_out, grad_h_n, plan, c0, w_hh, w_hr, clip, workspace, dc, dgates, g, norm2, types,
+def backward(grad_out, grad_h_n, plan, c0, w_hh, w_hr, clip, workspace, dc, dgates, g, norm2_h, norm2_c, types,
              wrap, loop):
-    """Fill dgates [N, 4H], g [N+B, P] (rows N..: grad_h0), norm2 [2, N+B] (Σg², Σdc²) and leave
+    """Fill dgates [N, 4H], g [N+B, P] (rows N..: grad_h0), norm2_h, norm2_c [N+B] (Σg², Σdc²) and leave
     grad_c0 in dc [B, H] (which holds grad_c_n on entry)."""
     H = w_hh.shape[0] // 4
     P = w_hh.shape[1]
@@ -356,20 +356,20 @@ def backward(grad_out, grad_h_n, plan, c0, w_hh, w_hr, clip, workspace, dc, dgat
     if loop:
         wrap(lstm_backward_loop_kernel)[(triton.cdiv(plan.B, block_b),)](
             plan.step_rows, plan.T, plan.prev_row, grad_out, grad_h_n, w_hh, w_hr_arg, workspace, c0,
-            dc, dgates, g, norm2[0], norm2[1], clip, plan.B, plan.N, H, P, REVERSE=plan.reverse,
+            dc, dgates, g, norm2_h, norm2_c, clip, plan.B, plan.N, H, P, REVERSE=plan.reverse,
             HAS_PROJ=has_proj, BLOCK_B=block_b, BLOCK_H=_common.pow2(H), BLOCK_P=_common.pow2(P),
             ACC=types.acc, DOT=types.dot, PREC=types.prec)
         return
     block_h = _common.block_cols(H)
     grid = (triton.cdiv(plan.B, block_b), triton.cdiv(H, block_h))
     for t in plan.order(backward=True):
-        _common.launch_grad_h_step(plan, t, grad_out, grad_h_n, dgates, w_hh, None, g, norm2[0],
+        _common.launch_grad_h_step(plan, t, grad_out, grad_h_n, dgates, w_hh, None, g, norm2_h,
                                    types, wrap)
         wrap(lstm_backward_step_kernel)[grid](
-            plan.step_rows, t, plan.prev_row, g, norm2[0], norm2[1], clip, w_hr_arg, workspace, c0,
+            plan.step_rows, t, plan.prev_row, g, norm2_h, norm2_c, clip, w_hr_arg, workspace, c0,
             dc, dgates, H, P, HAS_PROJ=has_proj, BLOCK_B=block_b, BLOCK_H=block_h,
             BLOCK_K=_common.block_k(P), ACC=types.acc, DOT=types.dot, PREC=types.prec)
-    _common.launch_grad_h_step(plan, plan.T, grad_out, grad_h_n, dgates, w_hh, None, g, norm2[0],
+    _common.launch_grad_h_step(plan, plan.T, grad_out, grad_h_n, dgates, w_hh, None, g, norm2_h,
                                types, wrap)
 
 

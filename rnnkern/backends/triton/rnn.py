@@ -175,7 +175,7 @@ def forward(cell_relu, xp, plan, h0, w_hh, b_hh, out, h_n, types, wrap, loop):
 
 
 def backward(cell_relu, grad_out, grad_h_n, plan, w_hh, clip, out, dgates, g, norm2, types, wrap, loop):
-    """Fill dgates [N, H], g [N+B, H] (rows N..: grad_h0) and norm2[0] [N+B]."""
+    """Fill dgates [N, H], g [N+B, H] (rows N..: grad_h0) and norm2 [N+B] (Σg²)."""
     H = w_hh.shape[1]
     block_b = _common.block_rows(plan.B)
     if loop:
