@@ -15,8 +15,9 @@ _DECLINE = {
     4: "W_hh does not fit in the multiprocessors' shared memory",
     5: "not enough co-resident blocks for a grid-wide barrier",
     6: "RNNKERN_CUDA_KERNEL=step",
-    7: "auto does not pick the persistent kernel yet (opt in with RNNKERN_CUDA_KERNEL=persistent; "
-       "see bench/NOTES.md)",
+    7: "auto measured the per-step kernels faster at this size: the persistent kernel's work per block "
+       "and step (B x gates x ceil(H / SMs) x H multiply-adds) is above 40K (bench/NOTES.md; force it "
+       "with RNNKERN_CUDA_KERNEL=persistent)",
 }
 
 
@@ -51,5 +52,6 @@ def explain(module, input, hx=None) -> str:
             lines.append(f"  every layer: per-step kernels (cuBLAS GEMM + fused step kernel), "
                          f"because {_DECLINE.get(reason, f'reason {reason}')}")
     elif backend.name == "cpu":
-        lines.append("  per step: an ATen GEMM into a preallocated buffer + one fused parallel pass")
+        lines.append("  per step: a BLAS GEMM (torch's own BLAS) into a preallocated buffer + one fused "
+                     "parallel pass")
     return "\n".join(lines)

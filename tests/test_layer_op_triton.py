@@ -129,16 +129,19 @@ def check_against_reference(cell, case, reverse, clip, dtype):
     return ref
 
 
-def assert_close_but_kinks(ours, ref, tol, key, max_fraction=1e-3):
-    """ReLU in 16-bit: a pre-activation within rounding of 0 can take the other side of the kink than
-    in the float64 reference (which does not round h between steps), and then its gradient is 0 on
-    one side and not on the other. Allow such isolated elements (at most max_fraction of them, at
-    least one); everything else within tol."""
-    bad = (ours - ref).abs() > tol + tol * ref.abs()
-    allowed = max(1, int(max_fraction * ref.numel()))
-    assert int(bad.sum()) <= allowed, (
-        f"{key}: {int(bad.sum())} of {ref.numel()} elements differ by more than {tol} (allowed: {allowed} "
-        f"kink flips); largest difference {float((ours - ref).abs().max()):.3g}")
+def assert_close_but_kinks(ours, ref, tol, key, max_fraction=0.02):
+    """ReLU in 16-bit: a pre-activation within rounding of 0 can fall on the other side of the kink
+    than in the float64 reference (which does not round h between steps); its gate gradient is then
+    0 on one side and not on the other, and that one flip reaches a whole row of grad_w_hh (a unit's
+    weights) and, scaled down, earlier steps. So: the whole tensor within tol in relative Frobenius
+    norm, and at most max_fraction of its elements beyond tol (a flipped unit's row of a 97 x 97
+    grad_w_hh is about 1 %); a real error breaks both."""
+    diff = (ours - ref).abs()
+    bad = int((diff > tol + tol * ref.abs()).sum())
+    relative = float(torch.linalg.vector_norm(ours - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+    assert relative <= tol and bad <= max_fraction * ref.numel(), (
+        f"{key}: relative Frobenius error {relative:.3g} (allowed {tol}); {bad} of {ref.numel()} "
+        f"elements beyond {tol} (allowed {max_fraction:.0%}); largest difference {float(diff.max()):.3g}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,11 +29,17 @@ KernelChoice kernel_choice() {
   TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent or step, not '", value, "'");
 }
 
-// Shapes where "auto" runs the persistent kernels. None yet: on the first H200 run (bench/NOTES.md)
-// the first version was slower than torch.nn's forward+backward at every measured shape (latency-bound
-// L2 loads in its inner loops), and its GPU correctness tests have not run yet. It stays opt-in
-// (RNNKERN_CUDA_KERNEL=persistent) until both change.
-bool persistent_pays_off(int64_t /*batch*/, int64_t /*hidden*/) { return false; }
+// Shapes where "auto" runs the persistent kernels: where they measured faster than the per-step
+// kernels (H200, bench/results/h200.json, bench/NOTES.md). The persistent step time grows with each
+// block's share of the recurrent product (SIMT dot products out of shared memory), the per-step
+// path's stays near its launch-bound floor (~40 us per step forward+backward) for small layers: the
+// persistent kernel won at up to 33K multiply-adds per block and step (B=16, H=256, every cell) and
+// lost from 98K (GRU B=16 H=512; LSTM B=64 H=256: 131K; LSTM B=16 H=768: 295K).
+constexpr int64_t kPersistentMaxBlockWork = 40 * 1024;
+
+bool persistent_pays_off(Cell cell, int64_t batch, int64_t hidden, const persistent::Plan& plan) {
+  return batch * cell_gates(cell) * plan.units * hidden <= kPersistentMaxBlockWork;
+}
 
 persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool proj,
                                int device) {
@@ -44,7 +50,7 @@ persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hi
     return plan;
   }
   persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device);
-  if (plan.ok && choice == KernelChoice::Auto && !persistent_pays_off(batch, hidden)) {
+  if (plan.ok && choice == KernelChoice::Auto && !persistent_pays_off(cell, batch, hidden, plan)) {
     plan.ok = false;
     plan.reason = persistent::Decline::Heuristic;
   }
