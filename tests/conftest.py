@@ -26,8 +26,13 @@ SLOW_ON_CPU = {"triton"}
 # Backends with several kernel variants on a device, and the variable that forces one, so that the
 # whole suite runs on each: CUDA's per-step and persistent recurrences, Triton's per-step and
 # time-looped kernels (on the GPU; its interpreted CPU run keeps the automatic choice).
+# The CPU backend's time loop runs either over all samples at once (GEMMs and pointwise passes
+# parallel inside each step) or per thread over its own samples (csrc/cpu/layer_driver.cpp,
+# for_sample_ranges); "auto" picks by size, the tests force each on the suite's small batches.
 VARIANTS = {("cuda", "cuda"): ("RNNKERN_CUDA_KERNEL", ("step", "persistent")),
-            ("triton", "cuda"): ("RNNKERN_TRITON_VARIANT", ("step", "loop"))}
+            ("triton", "cuda"): ("RNNKERN_TRITON_VARIANT", ("step", "loop")),
+            ("cpu", "cpu"): ("RNNKERN_CPU_SAMPLE_SPLIT", ("0", "1"))}
+VARIANT_IDS = {("RNNKERN_CPU_SAMPLE_SPLIT", "0"): "allrows", ("RNNKERN_CPU_SAMPLE_SPLIT", "1"): "split"}
 
 
 def _targets():
@@ -42,7 +47,7 @@ def _targets():
                     marks = [pytest.mark.gpu] if device == "cuda" else []
                     variable, kernels = VARIANTS.get((name, device), (None, (None,)))
                     for kernel in kernels:
-                        tag = f"-{kernel}" if kernel else ""
+                        tag = f"-{VARIANT_IDS.get((variable, kernel), kernel)}" if kernel else ""
                         params.append(pytest.param((name, device, dtype, variable, kernel), marks=marks,
                                                    id=f"{name}{tag}-{device}-{str(dtype)[6:]}"))
                     break
@@ -58,6 +63,10 @@ def target(request, monkeypatch):
     name, device, dtype, variable, kernel = request.param
     if kernel is not None:
         monkeypatch.setenv(variable, kernel)
+    if variable == "RNNKERN_CPU_SAMPLE_SPLIT" and torch.get_num_threads() < 2:
+        threads = torch.get_num_threads()  # the split needs two threads to happen at all
+        torch.set_num_threads(2)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     return name, device, dtype
 
 

@@ -7,9 +7,12 @@
 // step t+1, the others start from h0; every sample ends at t = 0.
 #include "rnnkern/layer_driver.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include "rnnkern/cells.h"
@@ -78,6 +81,38 @@ struct Steps {
 // Address of row r of a contiguous 2-D tensor: per-step operands are raw pointers, not views.
 char* row_ptr(const at::Tensor& t, int64_t r) {
   return static_cast<char*>(t.data_ptr()) + r * t.stride(0) * t.element_size();
+}
+
+// Runs fn(lo, hi) over ranges of samples (batch rows) that cover [0, batch). The samples of a layer
+// never interact in the recurrence, so on the CPU each thread can run the whole time loop for its own
+// samples: one fork per layer instead of two or three per step (BLAS's and the pointwise pass's),
+// which dominate small steps. Only where the weights of the per-step products fit in a core's cache
+// (every thread reads all of them at every step) and each thread gets several rows; otherwise (and
+// on CUDA) one range, whose GEMMs and pointwise passes parallelise inside.
+// RNNKERN_CPU_SAMPLE_SPLIT=0|1 forces it off/on (for measurements).
+template <typename Fn>
+void for_sample_ranges(bool cpu, int64_t batch, int64_t /*features*/, int64_t weight_elements,
+                       int64_t element_size, const Fn& fn) {
+  constexpr int64_t kMaxWeightBytes = 512 * 1024;  // within one core's L2 on current x86 servers
+  constexpr int64_t kMinRowsPerThread = 4;
+  const int64_t threads = cpu ? at::get_num_threads() : 1;
+  int64_t min_rows = kMinRowsPerThread;
+  bool split = threads > 1 && batch >= kMinRowsPerThread * 2 &&
+               weight_elements * element_size <= kMaxWeightBytes;
+  const char* forced = cpu ? std::getenv("RNNKERN_CPU_SAMPLE_SPLIT") : nullptr;
+  if (forced != nullptr && (*forced == '0' || *forced == '1')) {
+    split = *forced == '1' && threads > 1;
+    min_rows = 1;  // forced on: split even the tests' small batches
+  }
+  if (!split || at::in_parallel_region()) {
+    fn(0, batch);
+    return;
+  }
+  const int64_t ranges = std::min(threads, std::max<int64_t>(1, batch / min_rows));
+  const int64_t per_range = (batch + ranges - 1) / ranges;
+  at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) fn(r * per_range, std::min(batch, (r + 1) * per_range));
+  });
 }
 
 // The weight W [n, k] of a per-step product A·Wᵀ as StepKernels::gemm's B operand. CPU: a contiguous
@@ -246,48 +281,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   const int64_t ws_ld = d.S * H;
   const int64_t acc_bytes = workspace.element_size();
 
-  for (int64_t k = 0; k < steps.T; ++k) {
-    const int64_t t = steps.step(k);
-    const int64_t rows = steps.size[t];
-    if (rows == 0) continue;
-    const int64_t off = steps.offset[t];
-    const int64_t np = steps.n_prev(t);
-    const int64_t prev_off = np > 0 ? steps.offset[steps.prev(t)] : 0;
-    // hp = h_{t-1} W_hhᵀ: rows continuing from the previous step, then rows starting from h0
-    if (np > 0) {
-      kernels.gemm(dtype, w_hh_op.b_nk, np, GH, P, row_ptr(out, prev_off), P, w_hh_op.ptr,
-                   w_hh_op.ld, hp_buf.data_ptr(), GH);
-    }
-    if (np < rows) {
-      kernels.gemm(dtype, w_hh_op.b_nk, rows - np, GH, P, row_ptr(h0, np), P, w_hh_op.ptr,
-                   w_hh_op.ld, row_ptr(hp_buf, np), GH);
-    }
+  // The time loop over the samples [lo, hi) (rows lo.. of every step: a sample keeps its row index
+  // at every step, and samples never interact in the recurrence).
+  auto forward_rows = [&](int64_t lo, int64_t hi) {
+    for (int64_t k = 0; k < steps.T; ++k) {
+      const int64_t t = steps.step(k);
+      const int64_t end = std::min(hi, steps.size[t]);
+      if (end <= lo) continue;
+      const int64_t rows = end - lo;
+      const int64_t off = steps.offset[t] + lo;
+      const int64_t np_all = steps.n_prev(t);
+      const int64_t np = std::clamp<int64_t>(np_all - lo, 0, rows);
+      const int64_t prev_off = np_all > 0 ? steps.offset[steps.prev(t)] + lo : 0;
+      // hp = h_{t-1} W_hhᵀ: rows continuing from the previous step, then rows starting from h0
+      if (np > 0) {
+        kernels.gemm(dtype, w_hh_op.b_nk, np, GH, P, row_ptr(out, prev_off), P, w_hh_op.ptr,
+                     w_hh_op.ld, row_ptr(hp_buf, lo), GH);
+      }
+      if (np < rows) {
+        kernels.gemm(dtype, w_hh_op.b_nk, rows - np, GH, P, row_ptr(h0, lo + np), P, w_hh_op.ptr,
+                     w_hh_op.ld, row_ptr(hp_buf, lo + np), GH);
+      }
 
-    ForwardStepArgs a;
-    a.cell = d.cell;
-    a.dtype = dtype;
-    a.rows = rows;
-    a.hidden = H;
-    a.xp = row_ptr(xp, off);
-    a.hp = hp_buf.data_ptr();
-    a.b_hh = b_hh.data_ptr();
-    a.h_prev = PrevState{np > 0 ? row_ptr(out, prev_off) : nullptr, P, h0.data_ptr(), P, np};
-    if (lstm) {
-      const void* c_step =
-          np > 0 ? static_cast<const char*>(workspace.data_ptr()) +
-                       (prev_off * ws_ld + 4 * H) * acc_bytes
-                 : nullptr;
-      a.c_prev = PrevState{c_step, ws_ld, c0_acc.data_ptr(), H, np};
+      ForwardStepArgs a;
+      a.cell = d.cell;
+      a.dtype = dtype;
+      a.rows = rows;
+      a.hidden = H;
+      a.xp = row_ptr(xp, off);
+      a.hp = row_ptr(hp_buf, lo);
+      a.b_hh = b_hh.data_ptr();
+      a.h_prev = PrevState{np > 0 ? row_ptr(out, prev_off) : nullptr, P, row_ptr(h0, lo), P, np};
+      if (lstm) {
+        const void* c_step =
+            np > 0 ? static_cast<const char*>(workspace.data_ptr()) +
+                         (prev_off * ws_ld + 4 * H) * acc_bytes
+                   : nullptr;
+        a.c_prev = PrevState{c_step, ws_ld, row_ptr(c0_acc, lo), H, np};
+      }
+      a.h_out = d.proj ? row_ptr(hpre_buf, lo) : row_ptr(out, off);
+      a.ld_h_out = d.proj ? H : P;
+      a.ws = d.S > 0 ? row_ptr(workspace, off) : nullptr;
+      kernels.forward_step(a);
+      if (d.proj) {  // out rows = h_t W_hrᵀ
+        kernels.gemm(dtype, w_hr_op.b_nk, rows, P, H, row_ptr(hpre_buf, lo), H, w_hr_op.ptr,
+                     w_hr_op.ld, row_ptr(out, off), P);
+      }
     }
-    a.h_out = d.proj ? hpre_buf.data_ptr() : row_ptr(out, off);
-    a.ld_h_out = d.proj ? H : P;
-    a.ws = d.S > 0 ? row_ptr(workspace, off) : nullptr;
-    kernels.forward_step(a);
-    if (d.proj) {  // out rows = h_t W_hrᵀ
-      kernels.gemm(dtype, w_hr_op.b_nk, rows, P, H, hpre_buf.data_ptr(), H, w_hr_op.ptr, w_hr_op.ld,
-                   row_ptr(out, off), P);
-    }
-  }
+  };
+  for_sample_ranges(cpu, B, P, d.G * H * P + (d.proj ? P * H : 0), xp.element_size(), forward_rows);
 
   // h_n / c_n: each sample's state at its final step.
   auto take_final = [&](int64_t t, int64_t lo, int64_t hi) {
@@ -394,64 +436,71 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
   float* norm_g_base = norms.data_ptr<float>();
   float* norm_c_base = norm_g_base + N;
 
-  for (int64_t k = steps.T - 1; k >= 0; --k) {
-    const int64_t t = steps.step(k);
-    const int64_t rows = steps.size[t];
-    if (rows == 0) continue;
-    const int64_t off = steps.offset[t];
-    const int64_t np = steps.n_prev(t), nn = steps.n_next(t);
-    const int64_t prev_off = np > 0 ? steps.offset[steps.prev(t)] : 0;
+  auto backward_rows = [&](int64_t lo, int64_t hi) {
+    for (int64_t k = steps.T - 1; k >= 0; --k) {
+      const int64_t t = steps.step(k);
+      const int64_t end = std::min(hi, steps.size[t]);
+      if (end <= lo) continue;
+      const int64_t rows = end - lo;
+      const int64_t off = steps.offset[t] + lo;
+      const int64_t np_all = steps.n_prev(t);
+      const int64_t np = std::clamp<int64_t>(np_all - lo, 0, rows);
+      const int64_t nn = std::clamp<int64_t>(steps.n_next(t) - lo, 0, rows);
+      const int64_t prev_off = np_all > 0 ? steps.offset[steps.prev(t)] + lo : 0;
 
-    IncomingGrad grad;
-    grad.size = P;
-    grad.grad_out = row_ptr(grad_out, off);
-    grad.dh_next = dh_buf.data_ptr();
-    grad.grad_h_n = grad_h_n.data_ptr();
-    grad.n_next = nn;
+      IncomingGrad grad;
+      grad.size = P;
+      grad.grad_out = row_ptr(grad_out, off);
+      grad.dh_next = row_ptr(dh_buf, lo);
+      grad.grad_h_n = row_ptr(grad_h_n, lo);
+      grad.n_next = nn;
 
-    BackwardStepArgs a;
-    a.cell = d.cell;
-    a.dtype = dtype;
-    a.rows = rows;
-    a.hidden = H;
-    a.clip = clip;
-    a.grad = grad;
-    a.norm_g = record_norms ? norm_g_base + off : nullptr;
-    a.norm_c = (record_norms && lstm) ? norm_c_base + off : nullptr;
-    if (d.proj) {
-      ProjGradStepArgs pa;
-      pa.dtype = dtype;
-      pa.rows = rows;
-      pa.clip = clip;
-      pa.grad = grad;
-      pa.g_out = row_ptr(g_all, off);
-      pa.norm_g = a.norm_g;
-      kernels.proj_grad_step(pa);
-      kernels.gemm(dtype, false, rows, H, P, row_ptr(g_all, off), P, w_hr_c.data_ptr(), H,
-                   dh_pre_buf.data_ptr(), H);
-      a.dh_pre = dh_pre_buf.data_ptr();
-      a.hpre_out = row_ptr(hpre_all, off);
-      a.norm_g = nullptr;
+      BackwardStepArgs a;
+      a.cell = d.cell;
+      a.dtype = dtype;
+      a.rows = rows;
+      a.hidden = H;
+      a.clip = clip;
+      a.grad = grad;
+      a.norm_g = record_norms ? norm_g_base + off : nullptr;
+      a.norm_c = (record_norms && lstm) ? norm_c_base + off : nullptr;
+      if (d.proj) {
+        ProjGradStepArgs pa;
+        pa.dtype = dtype;
+        pa.rows = rows;
+        pa.clip = clip;
+        pa.grad = grad;
+        pa.g_out = row_ptr(g_all, off);
+        pa.norm_g = a.norm_g;
+        kernels.proj_grad_step(pa);
+        kernels.gemm(dtype, false, rows, H, P, row_ptr(g_all, off), P, w_hr_c.data_ptr(), H,
+                     row_ptr(dh_pre_buf, lo), H);
+        a.dh_pre = row_ptr(dh_pre_buf, lo);
+        a.hpre_out = row_ptr(hpre_all, off);
+        a.norm_g = nullptr;
+      }
+      if (gru) {
+        a.dh_direct = row_ptr(dh_direct, lo);
+        a.dh_direct_out = row_ptr(dh_direct, lo);
+        a.dgates_h = row_ptr(dgates_h, off);
+        a.h_prev = PrevState{np > 0 ? row_ptr(out, prev_off) : nullptr, P, row_ptr(h0, lo), P, np};
+      }
+      if (lstm) {
+        a.grad_c_n = row_ptr(grad_c_n, lo);
+        a.dc = row_ptr(dc, lo);
+        a.c_prev = PrevState{np > 0 ? ws_ptr(prev_off, 4 * H) : nullptr, ws_ld, row_ptr(c0_acc, lo),
+                             H, np};
+      }
+      a.ws = d.S > 0 ? ws_ptr(off, 0) : nullptr;
+      a.h_out = row_ptr(out, off);
+      a.dgates_x = row_ptr(grad_xp, off);
+      kernels.backward_step(a);
+      kernels.gemm(dtype, false, rows, P, GH, row_ptr(dgates_h, off), GH, w_hh_c.data_ptr(), P,
+                   row_ptr(dh_buf, lo), P);
     }
-    if (gru) {
-      a.dh_direct = dh_direct.data_ptr();
-      a.dh_direct_out = dh_direct.data_ptr();
-      a.dgates_h = row_ptr(dgates_h, off);
-      a.h_prev = PrevState{np > 0 ? row_ptr(out, prev_off) : nullptr, P, h0.data_ptr(), P, np};
-    }
-    if (lstm) {
-      a.grad_c_n = grad_c_n.data_ptr();
-      a.dc = dc.data_ptr();
-      a.c_prev = PrevState{np > 0 ? ws_ptr(prev_off, 4 * H) : nullptr, ws_ld, c0_acc.data_ptr(),
-                           H, np};
-    }
-    a.ws = d.S > 0 ? ws_ptr(off, 0) : nullptr;
-    a.h_out = row_ptr(out, off);
-    a.dgates_x = row_ptr(grad_xp, off);
-    kernels.backward_step(a);
-    kernels.gemm(dtype, false, rows, P, GH, row_ptr(dgates_h, off), GH, w_hh_c.data_ptr(), P,
-                 dh_buf.data_ptr(), P);
-  }
+  };
+  for_sample_ranges(out.is_cpu(), B, P, d.G * H * P + (d.proj ? P * H : 0), out.element_size(),
+                    backward_rows);
 
   // Rows of dh_buf (and dh_direct, dc) last written at a sample's first step hold its h0 gradient:
   // later-processed steps have fewer rows and never overwrite them.
