@@ -68,10 +68,17 @@ def run_stack(
         for direction in range(num_directions):
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[layer][direction]
             index = layer * num_directions + direction
-            xp = input_projection(x, w_ih, b_ih)
+            if cell != _cells.GRU and b_ih is not None and b_hh is not None:
+                # LSTM/RNN: both biases add to the same pre-activations, so the step kernels add
+                # their sum and the input projection is a plain GEMM (a CPU addmm first copies the
+                # broadcast bias into its whole [N, G*H] output, and its backward sums that gradient
+                # again); autograd hands the one bias gradient to both. GRU's b_hn is inside r ⊙ (…).
+                xp, bias = input_projection(x, w_ih, None), b_ih + b_hh
+            else:
+                xp, bias = input_projection(x, w_ih, b_ih), b_hh
             out, hn, cn = backend.layer(
                 cell, xp, batch_sizes, h0[index], None if c0 is None else c0[index],
-                w_hh, b_hh, w_hr, direction == 1, clip,
+                w_hh, bias, w_hr, direction == 1, clip,
                 None if norm_probe is None else norm_probe[layer, direction])
             outs.append(out)
             h_n.append(hn)

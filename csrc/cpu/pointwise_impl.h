@@ -99,16 +99,25 @@ inline void unit_loop(int64_t n, const F& f) {
 
 // A sum of squares accumulated across the vector body and the tail, in double: vanishing gradients
 // are what the norms are for, and float squares underflow below ~1e-19 (the norm would read 0).
+// One accumulator per vector lane: a single running sum made every square wait for the previous
+// add (a 16-long dependency chain per float vector, ~5 % of an RNN's backward step); lane-wise sums
+// vectorise (convert + FMA) and are still reduced in a fixed order.
 template <typename T>
 struct SumSq {
-  double s = 0.0;
+  static constexpr int64_t kLanes = Vec<T>::size();
+  double lane[kLanes] = {};
+  double tail = 0.0;
   void add(Vec<T> x) {
-    alignas(64) T lanes[Vec<T>::size()];
-    x.store(lanes);
-    for (int64_t k = 0; k < Vec<T>::size(); ++k) s += static_cast<double>(lanes[k]) * lanes[k];
+    alignas(64) T v[kLanes];
+    x.store(v);
+    for (int64_t k = 0; k < kLanes; ++k) lane[k] += static_cast<double>(v[k]) * v[k];
   }
-  void add(T x) { s += static_cast<double>(x) * x; }
-  double total() const { return s; }
+  void add(T x) { tail += static_cast<double>(x) * x; }
+  double total() const {
+    double s = tail;
+    for (int64_t k = 0; k < kLanes; ++k) s += lane[k];
+    return s;
+  }
 };
 
 template <typename T>
