@@ -76,6 +76,27 @@ struct Steps {
     const int64_t n = reverse ? t - 1 : t + 1;
     return (n < 0 || n >= T) ? 0 : std::min(size[t], size[n]);
   }
+
+  // The rows of step t that belong to samples [lo, hi), counted from sample lo.
+  struct Slice {
+    int64_t rows = 0;      // 0: none of these samples is active at t
+    int64_t off = 0;       // first row of the slice in the packed layout
+    int64_t prev_off = 0;  // the same samples' rows in the previously processed step
+    int64_t n_prev = 0;    // leading rows continuing from that step (the others start from h0)
+    int64_t n_next = 0;    // leading rows whose h_t feeds the next processed step
+  };
+  Slice slice(int64_t t, int64_t lo, int64_t hi) const {
+    Slice s;
+    const int64_t end = std::min(hi, size[t]);
+    if (end <= lo) return s;
+    s.rows = end - lo;
+    s.off = offset[t] + lo;
+    const int64_t np_all = n_prev(t);
+    s.n_prev = std::clamp<int64_t>(np_all - lo, 0, s.rows);
+    s.n_next = std::clamp<int64_t>(n_next(t) - lo, 0, s.rows);
+    s.prev_off = np_all > 0 ? offset[prev(t)] + lo : 0;
+    return s;
+  }
 };
 
 // Address of row r of a contiguous 2-D tensor: per-step operands are raw pointers, not views.
@@ -285,14 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
   // at every step, and samples never interact in the recurrence).
   auto forward_rows = [&](int64_t lo, int64_t hi) {
     for (int64_t k = 0; k < steps.T; ++k) {
-      const int64_t t = steps.step(k);
-      const int64_t end = std::min(hi, steps.size[t]);
-      if (end <= lo) continue;
-      const int64_t rows = end - lo;
-      const int64_t off = steps.offset[t] + lo;
-      const int64_t np_all = steps.n_prev(t);
-      const int64_t np = std::clamp<int64_t>(np_all - lo, 0, rows);
-      const int64_t prev_off = np_all > 0 ? steps.offset[steps.prev(t)] + lo : 0;
+      const Steps::Slice sl = steps.slice(steps.step(k), lo, hi);
+      if (sl.rows == 0) continue;
+      const int64_t rows = sl.rows, off = sl.off, np = sl.n_prev, prev_off = sl.prev_off;
       // hp = h_{t-1} W_hhᵀ: rows continuing from the previous step, then rows starting from h0
       if (np > 0) {
         kernels.gemm(dtype, w_hh_op.b_nk, np, GH, P, row_ptr(out, prev_off), P, w_hh_op.ptr,
@@ -438,15 +454,10 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
 
   auto backward_rows = [&](int64_t lo, int64_t hi) {
     for (int64_t k = steps.T - 1; k >= 0; --k) {
-      const int64_t t = steps.step(k);
-      const int64_t end = std::min(hi, steps.size[t]);
-      if (end <= lo) continue;
-      const int64_t rows = end - lo;
-      const int64_t off = steps.offset[t] + lo;
-      const int64_t np_all = steps.n_prev(t);
-      const int64_t np = std::clamp<int64_t>(np_all - lo, 0, rows);
-      const int64_t nn = std::clamp<int64_t>(steps.n_next(t) - lo, 0, rows);
-      const int64_t prev_off = np_all > 0 ? steps.offset[steps.prev(t)] + lo : 0;
+      const Steps::Slice sl = steps.slice(steps.step(k), lo, hi);
+      if (sl.rows == 0) continue;
+      const int64_t rows = sl.rows, off = sl.off, np = sl.n_prev, nn = sl.n_next;
+      const int64_t prev_off = sl.prev_off;
 
       IncomingGrad grad;
       grad.size = P;
