@@ -447,3 +447,19 @@ def test_gpu_tf32_option(settings, cell):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_compile_fullgraph_gpu(settings, dtype):
     _compile_check(settings, dtype, tol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_norms_and_gradients_bitwise_reproducible(settings, cell):
+    """Several column tiles per row: each tile's Σ squares goes to its own slot and the tiles are
+    added in a fixed order (no atomics), so two runs give identical bits (on a GPU, atomic adds
+    would not)."""
+    settings.variant = "step"
+    settings.max_block_cols = 16
+    proj = 19 if cell == _cells.LSTM else 0
+    case = make_case(cell, 4, 9, 40, proj, torch.float64, True, True, seed=7)
+    dtype = torch.float32 if CUDA else torch.float64
+    first = run_layer(BACKEND.layer, cell, case, False, 0.5, dtype)
+    second = run_layer(BACKEND.layer, cell, case, False, 0.5, dtype)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key

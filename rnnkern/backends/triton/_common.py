@@ -114,6 +114,12 @@ def block_cols(n: int) -> int:
     return min(pow2(n), pow2(cap))
 
 
+def norm_tiles(n: int, loop: bool) -> int:
+    """Column tiles whose partial Σ squares make a row's: the per-step kernels' programs per row
+    (block_cols), one for the time-looped kernels (a program holds whole rows)."""
+    return 1 if loop else triton.cdiv(n, block_cols(n))
+
+
 def block_k(n: int) -> int:
     """The reduction chunk of the dots of the per-step kernels."""
     return min(pow2(n), pow2(SETTINGS.max_block_cols or 64))
@@ -176,13 +182,13 @@ def load_rows_or_init(src_ptr, src_stride, init_ptr, init_stride, prev, b, cols,
 
 @triton.jit
 def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_ptr, dgates_ptr,
-                       w_hh_ptr, carry_ptr, g_ptr, norm2_ptr, N, P, GH,
+                       w_hh_ptr, carry_ptr, g_ptr, norm2_ptr, norm2_stride, N, P, GH,
                        HAS_CARRY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
                        BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                        PREC: tl.constexpr):
     """Backward, first kernel of step t: g = grad_out + dgates_next @ W_hh (+ carry) for rows with a
-    next step, or + grad_h_n at the sample's final step; stores g (unclipped) and adds the row's
-    Σ g² of this column tile into norm2[row] (every tile of a row adds its part).
+    next step, or + grad_h_n at the sample's final step; stores g (unclipped) and the row's Σ g²
+    over this column tile into norm2[tile, row] (tile_sum adds the tiles up, in a fixed order).
 
     Step t = T is the pseudo-step (rows N..N+B-1, no grad_out) whose g is grad_h0.
     dgates [N, GH] (ACC); w_hh [GH, P]; carry [B, P] (GRU's z ⊙ g term); g [N+B, P] (ACC).
@@ -216,7 +222,17 @@ def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_pt
         g += tl.load(carry_ptr + b[:, None] * P + p[None, :], mask=has_next[:, None] & p_mask[None, :],
                      other=0.0)
     tl.store(g_ptr + row[:, None] * P + p[None, :], g, mask=tile)
-    tl.atomic_add(norm2_ptr + row, sum_sq(g), mask=row_mask)
+    tl.store(norm2_ptr + pid_p * norm2_stride + row, sum_sq(g), mask=row_mask)
+
+
+@triton.jit
+def tile_sum(partials_ptr, row, row_mask, tiles, stride):
+    """Σ over column tiles of per-tile partial sums [tiles, stride] at `row`, tile by tile in order:
+    the same value in every program and from run to run (atomic adds across tiles were neither)."""
+    total = tl.load(partials_ptr + row, mask=row_mask, other=0.0)
+    for i in range(1, tiles):
+        total += tl.load(partials_ptr + i * stride + row, mask=row_mask, other=0.0)
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +329,6 @@ def launch_grad_h_step(plan: StepPlan, t: int, grad_out, grad_h_n, dgates, w_hh,
     grid = (triton.cdiv(plan.B, block_b), triton.cdiv(P, block_p))
     wrap(grad_h_step_kernel)[grid](
         plan.step_rows, t, plan.next_row, grad_out, grad_h_n, dgates, w_hh,
-        carry if carry is not None else g, g, norm2, plan.N, P, GH,
+        carry if carry is not None else g, g, norm2, norm2.stride(0), plan.N, P, GH,
         HAS_CARRY=carry is not None, BLOCK_B=block_b, BLOCK_P=block_p,
         BLOCK_K=block_k(GH), ACC=types.acc, DOT=types.dot, PREC=types.prec)

@@ -102,8 +102,9 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
     # Σ g² and Σ dc² per row, in float64 (see sum_sq). Two separate tensors, not views of one: under
     # torch.compile the kernels' mutations are functionalised per argument, and mutated views of a
     # shared base came back wrong on the GPU (the c row).
-    norm2_h = out.new_zeros((n_rows + batch,), dtype=torch.float64)
-    norm2_c = out.new_zeros((n_rows + batch,), dtype=torch.float64)
+    # Per column tile of the kernels that produce g and dc (summed in a fixed order: deterministic).
+    norm2_h = out.new_zeros((_common.norm_tiles(size_h, loop), n_rows + batch), dtype=torch.float64)
+    norm2_c = out.new_zeros((_common.norm_tiles(hidden, loop), n_rows + batch), dtype=torch.float64)
     # the clip threshold reaches the kernels as a tensor in the accumulation dtype
     clip_t = torch.full((1,), clip, dtype=acc, device=out.device)
     grad_xp = None
@@ -125,7 +126,7 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
     else:
         rnn.backward(cell == _cells.RNN_RELU, grad_out, grad_h_n, plan, w_hh, clip_t, out, dgates,
                      g, norm2_h, types, wrap_triton, loop)
-    norm = torch.stack((norm2_h[:n_rows], norm2_c[:n_rows])).sqrt()
+    norm = torch.stack((norm2_h.sum(0)[:n_rows], norm2_c.sum(0)[:n_rows])).sqrt()
     if grad_xp is None:
         grad_xp = dgates.to(dtype)
     grad_h0 = g[n_rows:].to(dtype, copy=True)  # an own tensor, not a view into g

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, sum_sq, tanh
+from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, sum_sq, tanh, tile_sum
 
 
 @triton.jit
@@ -115,7 +115,8 @@ def gru_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
 
 @triton.jit
 def gru_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, clip_ptr, ws_ptr,
-                             out_ptr, h0_ptr, dgates_ptr, grad_xp_ptr, carry_ptr, H,
+                             out_ptr, h0_ptr, dgates_ptr, grad_xp_ptr, carry_ptr, H, norm2_tiles,
+                             norm2_stride,
                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr):
     """Step t after grad_h_step_kernel: clip g with its complete row norm, gate gradients w.r.t.
     the x side (grad_xp, input dtype) and the h side (dgates, n scaled by r), carry[b] = z ⊙ g."""
@@ -127,7 +128,7 @@ def gru_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, c
     j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     j_mask = j < H
     tile = row_mask[:, None] & j_mask[None, :]
-    scale = clip_scale(tl.sqrt(tl.load(norm2_ptr + row, mask=row_mask, other=0.0)), clip)
+    scale = clip_scale(tl.sqrt(tile_sum(norm2_ptr, row, row_mask, norm2_tiles, norm2_stride)), clip)
     dh = tl.load(g_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0) * scale[:, None]
     ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
     gate_r = tl.load(ws_ptrs, mask=tile, other=0.0)
@@ -235,7 +236,7 @@ def forward(xp, plan, h0, w_hh, b_hh, out, h_n, workspace, types, wrap, loop):
 def backward(grad_out, grad_h_n, plan, h0, w_hh, clip, out, workspace, dgates, grad_xp, g, norm2,
              types, wrap, loop):
     """Fill dgates [N, 3H] (h side), grad_xp [N, 3H] (x side), g [N+B, H] (rows N..: grad_h0) and
-    norm2 [N+B] (Σg²)."""
+    norm2 [tiles, N+B] (per-tile Σg²; _common.norm_tiles)."""
     H = w_hh.shape[1]
     block_b = _common.block_rows(plan.B)
     if loop:
@@ -253,6 +254,6 @@ def backward(grad_out, grad_h_n, plan, h0, w_hh, clip, out, workspace, dgates, g
                                    types, wrap)
         wrap(gru_backward_step_kernel)[grid](
             plan.step_rows, t, plan.prev_row, g, norm2, clip, workspace, out, h0, dgates, grad_xp,
-            carry, H, BLOCK_B=block_b, BLOCK_H=block_h, ACC=types.acc)
+            carry, H, norm2.shape[0], norm2.stride(0), BLOCK_B=block_b, BLOCK_H=block_h, ACC=types.acc)
     _common.launch_grad_h_step(plan, plan.T, grad_out, grad_h_n, dgates, w_hh, carry, g, norm2,
                                types, wrap)

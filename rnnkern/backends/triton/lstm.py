@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, sum_sq, tanh
+from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, sum_sq, tanh, tile_sum
 
 
 @triton.jit
@@ -184,12 +184,13 @@ def lstm_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, c0_ptr, w_hh_ptr,
 
 @triton.jit
 def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, norm2_c_ptr, clip_ptr,
-                              w_hr_ptr, ws_ptr, c0_ptr, dc_ptr, dgates_ptr, H, P,
+                              w_hr_ptr, ws_ptr, c0_ptr, dc_ptr, dgates_ptr, H, P, norm2_tiles,
+                              norm2_stride,
                               HAS_PROJ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                               BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                               PREC: tl.constexpr):
     """Step t after grad_h_step_kernel, tile of rows × hidden units j: clip g with its complete row
-    norm, dh = g W_hr (projection), dc (+ its Σdc² into norm2_c), the four gate gradients into
+    norm, dh = g W_hr (projection), dc (+ its Σdc² over this tile into norm2_c[tile]), the four gate gradients into
     dgates, and dc ⊙ f into dc[b] for the previous step (dc [B, H] holds grad_c_n at first)."""
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
     pid_b = tl.program_id(0)
@@ -199,7 +200,7 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
     j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     j_mask = j < H
     tile = row_mask[:, None] & j_mask[None, :]
-    scale = clip_scale(tl.sqrt(tl.load(norm2_ptr + row, mask=row_mask, other=0.0)), clip)
+    scale = clip_scale(tl.sqrt(tile_sum(norm2_ptr, row, row_mask, norm2_tiles, norm2_stride)), clip)
     if HAS_PROJ:
         acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
         for k0 in range(0, P, BLOCK_K):
@@ -224,7 +225,7 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
     dc_ptrs = dc_ptr + b[:, None] * H + j[None, :]
     tanh_c = tanh(c)
     dc = tl.load(dc_ptrs, mask=tile, other=0.0) + dh * gate_o * (1.0 - tanh_c * tanh_c)
-    tl.atomic_add(norm2_c_ptr + row, sum_sq(dc), mask=row_mask)
+    tl.store(norm2_c_ptr + pid_h * norm2_stride + row, sum_sq(dc), mask=row_mask)
     d_ptrs = dgates_ptr + row[:, None] * (4 * H) + j[None, :]
     tl.store(d_ptrs, dc * gate_g * gate_i * (1.0 - gate_i), mask=tile)
     tl.store(d_ptrs + H, dc * c_prev * gate_f * (1.0 - gate_f), mask=tile)
@@ -346,7 +347,8 @@ def forward(xp, plan, h0, c0, w_hh, b_hh, w_hr, out, h_n, c_n, workspace, types,
 
 def backward(grad_out, grad_h_n, plan, c0, w_hh, w_hr, clip, workspace, dc, dgates, g, norm2_h, norm2_c, types,
              wrap, loop):
-    """Fill dgates [N, 4H], g [N+B, P] (rows N..: grad_h0), norm2_h, norm2_c [N+B] (Σg², Σdc²) and leave
+    """Fill dgates [N, 4H], g [N+B, P] (rows N..: grad_h0), norm2_h [P tiles, N+B] and norm2_c
+    [H tiles, N+B] (per-tile Σg², Σdc²; _common.norm_tiles) and leave
     grad_c0 in dc [B, H] (which holds grad_c_n on entry)."""
     H = w_hh.shape[0] // 4
     P = w_hh.shape[1]
@@ -367,7 +369,7 @@ def backward(grad_out, grad_h_n, plan, c0, w_hh, w_hr, clip, workspace, dc, dgat
                                    types, wrap)
         wrap(lstm_backward_step_kernel)[grid](
             plan.step_rows, t, plan.prev_row, g, norm2_h, norm2_c, clip, w_hr_arg, workspace, c0,
-            dc, dgates, H, P, HAS_PROJ=has_proj, BLOCK_B=block_b, BLOCK_H=block_h,
+            dc, dgates, H, P, norm2_h.shape[0], norm2_h.stride(0), HAS_PROJ=has_proj, BLOCK_B=block_b, BLOCK_H=block_h,
             BLOCK_K=_common.block_k(P), ACC=types.acc, DOT=types.dot, PREC=types.prec)
     _common.launch_grad_h_step(plan, plan.T, grad_out, grad_h_n, dgates, w_hh, None, g, norm2_h,
                                types, wrap)

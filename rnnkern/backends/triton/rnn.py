@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, step_rows, sum_sq, tanh
+from ._common import clip_scale, load_rows_or_init, step_rows, sum_sq, tanh, tile_sum
 
 
 @triton.jit
@@ -100,6 +100,7 @@ def rnn_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
 
 @triton.jit
 def rnn_backward_step_kernel(step_rows_ptr, t, g_ptr, norm2_ptr, clip_ptr, out_ptr, dgates_ptr, H,
+                             norm2_tiles, norm2_stride,
                              RELU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                              ACC: tl.constexpr):
     """Step t after grad_h_step_kernel: clip g with its (complete) row norm and apply act'."""
@@ -110,7 +111,7 @@ def rnn_backward_step_kernel(step_rows_ptr, t, g_ptr, norm2_ptr, clip_ptr, out_p
     row, row_mask = step_rows(step_rows_ptr, t, b)
     j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     tile = row_mask[:, None] & (j < H)[None, :]
-    scale = clip_scale(tl.sqrt(tl.load(norm2_ptr + row, mask=row_mask, other=0.0)), clip)
+    scale = clip_scale(tl.sqrt(tile_sum(norm2_ptr, row, row_mask, norm2_tiles, norm2_stride)), clip)
     dh = tl.load(g_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0) * scale[:, None]
     h = tl.load(out_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
     tl.store(dgates_ptr + row[:, None] * H + j[None, :], _act_grad(h, dh, RELU), mask=tile)
@@ -175,7 +176,7 @@ def forward(cell_relu, xp, plan, h0, w_hh, b_hh, out, h_n, types, wrap, loop):
 
 
 def backward(cell_relu, grad_out, grad_h_n, plan, w_hh, clip, out, dgates, g, norm2, types, wrap, loop):
-    """Fill dgates [N, H], g [N+B, H] (rows N..: grad_h0) and norm2 [N+B] (Σg²)."""
+    """Fill dgates [N, H], g [N+B, H] (rows N..: grad_h0) and norm2 [tiles, N+B] (per-tile Σg²; _common.norm_tiles)."""
     H = w_hh.shape[1]
     block_b = _common.block_rows(plan.B)
     if loop:
@@ -190,7 +191,8 @@ def backward(cell_relu, grad_out, grad_h_n, plan, w_hh, clip, out, dgates, g, no
         _common.launch_grad_h_step(plan, t, grad_out, grad_h_n, dgates, w_hh, None, g, norm2,
                                    types, wrap)
         wrap(rnn_backward_step_kernel)[grid](
-            plan.step_rows, t, g, norm2, clip, out, dgates, H, RELU=cell_relu, BLOCK_B=block_b,
+            plan.step_rows, t, g, norm2, clip, out, dgates, H, norm2.shape[0], norm2.stride(0),
+            RELU=cell_relu, BLOCK_B=block_b,
             BLOCK_H=block_h, ACC=types.acc)
     _common.launch_grad_h_step(plan, plan.T, grad_out, grad_h_n, dgates, w_hh, None, g, norm2,
                                types, wrap)
