@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
-# Writes under $OUT (or ./gpu-out): env.txt, build.log, tests-{cuda,triton}.log, sanitizer.log, bench.log, the
-# benchmark JSON. Uses the machine's python3 (torch + CUDA + triton there; nothing is installed except
-# the wheels carried in .whl/, e.g. expecttest for torch.library.opcheck).
+# Writes under $OUT (or ./gpu-out): env.txt, build.log, sanitizer.log, bench.log, the benchmark JSON and
+# test-logs.tgz (the per-shard test logs, and the profiler reports of the optional "profile" stage).
+# Uses the machine's python3 (torch + CUDA + triton there; nothing is installed except the wheels
+# carried in .whl/, e.g. expecttest for torch.library.opcheck).
 # Call it with RNNKERN_COMMIT=$(git rev-parse --short=12 HEAD) (the machine gets no .git) and carry
 # .whl, made once here with: echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps
 #   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
 #   -d .whl expecttest
-# Budget (stages are time-boxed): build ~30 s there, tests 240 s (8 shards side by side), sanitizer
-# 90 s, bench ~170 s: about 9-10 min with the machine start, inside the 15 min a session gets.
+# Budget (stages are time-boxed): build ~20 s there, tests ~150 s (SHARDS=8 side by side, with the
+# sanitizer beside them), bench ~80 s: measured 258 s on an H200 (2026-11-26), plus ~30 s of machine
+# start, inside the 15 min a session gets.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -56,7 +58,7 @@ if stage tests; then
   # and the machine's cores idle otherwise. -v so that a time-boxed (killed) run still names every result.
   start=$(date +%s)
   TIMEOUT_ARG=""; python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARG="--timeout 150"
-  SHARDS=${SHARDS:-6}
+  SHARDS=${SHARDS:-8}
   pids=""
   for i in $(seq 0 $((SHARDS - 1))); do
     RNNKERN_TEST_SHARD=$i/$SHARDS timeout "$T_TESTS" python3 -m pytest -v $TIMEOUT_ARG -p no:cacheprovider \
@@ -89,9 +91,34 @@ if stage bench; then
   echo "bench: rc=$rc $(( $(date +%s) - start )) s :: $(tail -1 "$OUT/bench.log")"
 fi
 
+if stage profile; then
+  # Not in the default STAGES: STAGES=profile (with build) when a run has time for it. Kernel timelines
+  # (nsys) of the per-step RNN-tanh float32 forward and of the persistent LSTM, and Nsight Compute's
+  # view of one persistent forward launch (bench/NOTES.md says what each should explain).
+  start=$(date +%s)
+  if command -v nsys >/dev/null 2>&1; then
+    for case in "rnn_tanh step float32" "lstm step float32" "lstm persistent float32"; do
+      name=$(echo $case | tr ' ' '-')
+      PYTHONPATH=$PWD timeout 120 nsys profile --capture-range=cudaProfilerApi --stats=true -o "$OUT/nsys-$name" \
+        python3 scripts/profile_case.py $case > "$OUT/nsys-$name.txt" 2>&1 || status=1
+      rm -f "$OUT/nsys-$name".nsys-rep "$OUT/nsys-$name".sqlite
+    done
+  else
+    echo "profile: no nsys on this machine"
+  fi
+  if command -v ncu >/dev/null 2>&1; then
+    PYTHONPATH=$PWD timeout 180 ncu --profile-from-start off --kernel-name regex:forward_kernel --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 scripts/profile_case.py lstm persistent float32 > "$OUT/ncu-persistent-forward.txt" 2>&1 || status=1
+  else
+    echo "profile: no ncu on this machine"
+  fi
+  echo "profile: $(( $(date +%s) - start )) s"
+fi
+
 # The device tool brings back a few files only: the per-shard logs travel as one archive.
-tar -czf "$OUT/test-logs.tgz" -C "$OUT" $(cd "$OUT" && ls tests-*.log sanitizer.log 2>/dev/null) 2>/dev/null \
-  && rm -f "$OUT"/tests-*.log
+tar -czf "$OUT/test-logs.tgz" -C "$OUT" $(cd "$OUT" && ls tests-*.log sanitizer.log nsys-*.txt ncu-*.txt 2>/dev/null) \
+  2>/dev/null && rm -f "$OUT"/tests-*.log "$OUT"/nsys-*.txt "$OUT"/ncu-*.txt
 echo "--- failures ---"
 tar -xOzf "$OUT/test-logs.tgz" 2>/dev/null | grep -E "(FAILED|ERROR)" | cut -c1-220 | head -40
 exit $status
