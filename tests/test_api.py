@@ -218,3 +218,24 @@ def test_built_extension_loads():
         assert _ext.unavailable_reason() is None, _ext.unavailable_reason()
     else:
         assert _ext.unavailable_reason() is not None  # nothing built: the compiled backends say why
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_bias_gradients_are_separate_tensors(backend, kind):
+    """LSTM/RNN layers hand b_ih + b_hh to the step kernels, so both biases get their gradient from
+    one tensor: each .grad must still be its own storage (an in-place op on one, e.g. clipping,
+    must not change the other), equal to torch.nn's."""
+    torch.manual_seed(3)
+    ours = getattr(rnnkern, kind)(3, 4, num_layers=2, backend=backend).double()
+    ref = getattr(torch.nn, kind)(3, 4, num_layers=2).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for m in (ours, ref):
+        m(x)[0].pow(2).sum().backward()
+    for layer in range(2):
+        b_ih, b_hh = getattr(ours, f"bias_ih_l{layer}").grad, getattr(ours, f"bias_hh_l{layer}").grad
+        assert b_ih.data_ptr() != b_hh.data_ptr()
+        torch.testing.assert_close(b_ih, getattr(ref, f"bias_ih_l{layer}").grad, rtol=1e-10, atol=1e-10)
+        b_ih.mul_(0.5)
+        torch.testing.assert_close(b_hh, getattr(ref, f"bias_hh_l{layer}").grad, rtol=1e-10, atol=1e-10)
