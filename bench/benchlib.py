@@ -193,8 +193,10 @@ def device_description(device: torch.device) -> str:
 
 
 # Kernel variants timed as backends of their own: "name:variant" runs backend `name` with these
-# environment variables (the CUDA backend's persistent recurrence, which `auto` does not pick yet).
-BACKEND_VARIANTS = {"cuda:persistent": ("cuda", {"RNNKERN_CUDA_KERNEL": "persistent"})}
+# environment variables: the CUDA backend's persistent recurrence forced, v3 (which `auto` picks where it
+# measured faster) and the experimental v4.
+BACKEND_VARIANTS = {"cuda:persistent": ("cuda", {"RNNKERN_CUDA_KERNEL": "persistent"}),
+                    "cuda:persistent-v4": ("cuda", {"RNNKERN_CUDA_KERNEL": "persistent-v4"})}
 
 
 def backend_variant(label: str):

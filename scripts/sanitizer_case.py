@@ -11,7 +11,8 @@ import rnnkern
 
 torch.manual_seed(0)
 backends = [b for b in ("cuda", "triton") if b in rnnkern.backends()]
-runs = [(b, k) for b in backends for k in (("step", "persistent") if b == "cuda" else (None,))]
+runs = [(b, k) for b in backends
+        for k in (("step", "persistent", "persistent-v4") if b == "cuda" else (None,))]
 for backend, kernel in runs:
     if kernel:
         os.environ["RNNKERN_CUDA_KERNEL"] = kernel

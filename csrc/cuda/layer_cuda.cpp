@@ -18,15 +18,19 @@ namespace rnnkern {
 namespace {
 
 // RNNKERN_CUDA_KERNEL: "auto" (default: persistent where its plan allows and the shape heuristic
-// says it is faster), "persistent" (wherever its plan allows), "step" (never persistent).
-enum class KernelChoice { Auto, Step, Persistent };
+// says it is faster), "persistent" (wherever its plan allows), "step" (never persistent),
+// "persistent-v4" (the experimental v4 persistent kernels wherever the plan allows; never chosen by
+// auto until they have passed the GPU tests).
+enum class KernelChoice { Auto, Step, Persistent, PersistentV4 };
 
 KernelChoice kernel_choice() {
   const char* value = std::getenv("RNNKERN_CUDA_KERNEL");
   if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return KernelChoice::Auto;
   if (std::strcmp(value, "step") == 0) return KernelChoice::Step;
   if (std::strcmp(value, "persistent") == 0) return KernelChoice::Persistent;
-  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent or step, not '", value, "'");
+  if (std::strcmp(value, "persistent-v4") == 0) return KernelChoice::PersistentV4;
+  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent, persistent-v4 or step, not '",
+              value, "'");
 }
 
 // Shapes where "auto" runs the persistent kernels: where they measured faster than the per-step
@@ -49,7 +53,8 @@ persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hi
     plan.reason = persistent::Decline::Forced;
     return plan;
   }
-  persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device);
+  persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device,
+                                                choice == KernelChoice::PersistentV4);
   if (plan.ok && choice == KernelChoice::Auto && !persistent_pays_off(cell, batch, hidden, plan)) {
     plan.ok = false;
     plan.reason = persistent::Decline::Heuristic;
