@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -114,6 +116,37 @@ def torch_nn_ms(session, shape, dtype_name, pass_, benchmark=None):
     return session.torch_nn_ms[key]
 
 
+def _one_call_ms(step, args, device) -> float:
+    """Wall time (CPU) or CUDA-event time (GPU) of one synchronised call."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        step(*args)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    step(*args)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def paired_norm_cost(plain_step, norms_step, sets, device, case_ms: float) -> float:
+    """What recording the norms adds, as a fraction: the median over back-to-back pairs (the order
+    alternating) of t(with norms) / t(without) - 1. Two separately timed cases differ by the drift of a
+    shared machine between them (±5 % on the CPU grid); a pair's two calls see the same conditions."""
+    budget_ms = 3000.0 if device.type == "cpu" else 300.0
+    pairs = int(min(25, max(5, budget_ms / max(2 * case_ms, 1e-3))))
+    cycle = itertools.cycle(sets)
+    ratios = []
+    for i in range(pairs):
+        args = next(cycle)
+        order = (plain_step, norms_step) if i % 2 == 0 else (norms_step, plain_step)
+        times = {id(step): _one_call_ms(step, args, device) for step in order}
+        ratios.append(times[id(norms_step)] / times[id(plain_step)])
+    return statistics.median(ratios) - 1.0
+
+
 @contextlib.contextmanager
 def _environment(variables):
     """Set environment variables (a backend variant's kernel choice) for the duration of a case."""
@@ -140,6 +173,7 @@ def test_rnn(benchmark, bench_session, bench_case):
     benchmark.group = f"{shape.id}-{dtype_name}-{pass_}"
     benchmark.extra_info.update(cell=shape.cell, T=shape.T, B=shape.B, H=shape.H, dtype=dtype_name,
                                 passes=pass_, backend=backend, norms=norms)
+    norm_cost = None
     if backend == "torch.nn":
         ms, peak_mb = torch_nn_ms(session, shape, dtype_name, pass_, benchmark)
         base_ms = ms
@@ -149,7 +183,14 @@ def test_rnn(benchmark, bench_session, bench_case):
         name, variables = benchlib.backend_variant(backend)
         with _environment(variables):
             step = make_step(build_module(shape, name, dtype, device, norms), pass_)
-            ms, peak_mb = measure(benchmark, step, make_inputs(shape, dtype, device), device)
-    case = benchlib.make_case(shape, backend, dtype_name, pass_, norms, ms, base_ms, peak_mb, session.ceilings)
-    benchmark.extra_info.update(ms=ms, ratio=case["ratio"], fraction_of_floor=case["fraction_of_floor"])
+            sets = make_inputs(shape, dtype, device)
+            ms, peak_mb = measure(benchmark, step, sets, device)
+            if norms and pass_ == "fwdbwd":  # recording costs only in the backward
+                plain = make_step(build_module(shape, name, dtype, device, False), pass_)
+                plain(*sets[0])  # warm-up
+                norm_cost = paired_norm_cost(plain, step, sets, device, ms)
+    case = benchlib.make_case(shape, backend, dtype_name, pass_, norms, ms, base_ms, peak_mb, session.ceilings,
+                              norm_cost)
+    benchmark.extra_info.update(ms=ms, ratio=case["ratio"], fraction_of_floor=case["fraction_of_floor"],
+                                norm_cost=norm_cost)
     session.add(case)

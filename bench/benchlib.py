@@ -32,7 +32,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 # Every key of a case record, in the order the JSON lists them (the schema of the issue).
 CASE_KEYS = ("cell", "backend", "dtype", "T", "B", "H", "pass", "norms", "ms", "torch_nn_ms", "ratio",
-             "peak_mem_mb", "flops", "min_bytes", "fraction_of_floor")
+             "peak_mem_mb", "flops", "min_bytes", "fraction_of_floor", "norm_cost")
+OPTIONAL_CASE_KEYS = ("norm_cost",)  # absent from results files written before it existed
 TOP_KEYS = ("device", "torch", "cuda", "commit", "date", "ceilings", "cases")
 
 
@@ -324,8 +325,10 @@ def measure_ceilings(device: torch.device, dtypes: Iterable[str]) -> Dict[str, o
 # Results
 
 def make_case(shape: Shape, backend: str, dtype: str, pass_: str, norms: bool, ms: float, torch_nn_ms: float,
-              peak_mem_mb: Optional[float], ceilings: Dict[str, object]) -> Dict[str, object]:
-    """One case record of the results file (all keys of CASE_KEYS)."""
+              peak_mem_mb: Optional[float], ceilings: Dict[str, object],
+              norm_cost: Optional[float] = None) -> Dict[str, object]:
+    """One case record of the results file (all keys of CASE_KEYS; `norm_cost`, the paired measurement
+    of what recording the norms adds, only on the +norms forward+backward cases)."""
     dtype_bytes = torch.empty((), dtype=DTYPES[dtype]).element_size()
     flops = case_flops(shape.cell, shape.T, shape.B, shape.H, pass_)
     min_bytes = case_min_bytes(shape.cell, shape.T, shape.B, shape.H, pass_, dtype_bytes, norms)
@@ -334,7 +337,8 @@ def make_case(shape: Shape, backend: str, dtype: str, pass_: str, norms: bool, m
     return {"cell": shape.cell, "backend": backend, "dtype": dtype, "T": shape.T, "B": shape.B, "H": shape.H,
             "pass": pass_, "norms": bool(norms), "ms": float(ms), "torch_nn_ms": float(torch_nn_ms),
             "ratio": float(ms) / float(torch_nn_ms), "peak_mem_mb": peak_mem_mb, "flops": flops,
-            "min_bytes": min_bytes, "fraction_of_floor": frac}
+            "min_bytes": min_bytes, "fraction_of_floor": frac,
+            "norm_cost": None if norm_cost is None else float(norm_cost)}
 
 
 class ResultsWriter:
@@ -384,12 +388,14 @@ def validate_results(doc: Dict[str, object]) -> None:
              "min_bytes": float, "fraction_of_floor": float}
     for i, case in enumerate(doc["cases"]):
         for key in CASE_KEYS:
-            if key not in case:
+            if key not in case and key not in OPTIONAL_CASE_KEYS:
                 raise ValueError(f"case {i} lacks {key!r}")
         for key, typ in types.items():
             if not isinstance(case[key], typ) or (typ is int and isinstance(case[key], bool)):
                 raise ValueError(f"case {i}: {key} = {case[key]!r} is not {typ.__name__}")
         if case["peak_mem_mb"] is not None and not isinstance(case["peak_mem_mb"], float):
             raise ValueError(f"case {i}: peak_mem_mb must be float or null")
+        if case.get("norm_cost") is not None and not isinstance(case["norm_cost"], float):
+            raise ValueError(f"case {i}: norm_cost must be float or null")
         if case["cell"] not in CELLS or case["pass"] not in PASSES:
             raise ValueError(f"case {i}: bad cell or pass")

@@ -63,7 +63,10 @@ def markdown_table(doc: Dict[str, object]) -> str:
         cells = [_shape_label(key), pass_, f"{any_case['torch_nn_ms']:.3g}"]
         for v in variants:
             c = by_variant.get(v)
-            cells.append("–" if c is None else f"{c['ms']:.3g} ({c['torch_nn_ms'] / c['ms']:.2f}×)")
+            cell = "–" if c is None else f"{c['ms']:.3g} ({c['torch_nn_ms'] / c['ms']:.2f}×)"
+            if c is not None and c.get("norm_cost") is not None:
+                cell += f"; norms {100 * c['norm_cost']:+.1f} %"  # paired measurement (bench_rnn.py)
+            cells.append(cell)
         best = max(c["fraction_of_floor"] for c in by_variant.values())
         cells.append(f"{100 * best:.1f}")
         lines.append("| " + " | ".join(cells) + " |")

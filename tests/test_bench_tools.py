@@ -189,3 +189,22 @@ def test_backend_variants_run_their_backend_with_the_kernel_choice():
     assert benchlib.backend_variant("cuda") == ("cuda", {})
     name, variables = benchlib.backend_variant("cuda:persistent")
     assert name == "cuda" and variables == {"RNNKERN_CUDA_KERNEL": "persistent"}
+
+
+def test_paired_norm_cost_is_the_median_paired_ratio(monkeypatch):
+    """The norm cost of a +norms case: each pair times both modules back to back (order alternating);
+    the result is the median of the pairs' ratios minus 1, so one disturbed pair does not move it."""
+    from bench import bench_rnn
+
+    calls = []
+    times = iter([10.0, 11.0, 11.0, 10.0, 10.0, 30.0, 11.0, 10.0, 10.0, 11.0])  # pair 3 disturbed
+
+    def fake_call_ms(step, args, device):
+        calls.append(step)
+        return next(times)
+
+    monkeypatch.setattr(bench_rnn, "_one_call_ms", fake_call_ms)
+    plain, norms = object(), object()
+    cost = bench_rnn.paired_norm_cost(plain, norms, [()], torch.device("cpu"), case_ms=1e6)
+    assert calls == [plain, norms, norms, plain] * 2 + [plain, norms]  # 5 pairs, order alternating
+    assert cost == pytest.approx(0.1)
