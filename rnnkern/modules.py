@@ -93,7 +93,9 @@ class _RnnkernMixin:
             norms = norms.index_select(-1, unsorted_indices.to(norms.device))
         grad_norms = GradNorms(norms[:, :, 0].contiguous(),
                                norms[:, :, 1].contiguous() if has_cell_state else None)
-        self.grad_norms = grad_norms
+        # straight into __dict__: torch.nn.RNNBase.__setattr__ (flat-weight bookkeeping) and
+        # Module.__setattr__ (parameter/buffer checks) cost more than the rest of the delivery
+        self.__dict__["grad_norms"] = grad_norms
         for hook in list(self._grad_norm_hooks.values()):
             hook(self, grad_norms)
 
