@@ -247,6 +247,29 @@ def test_cpu_float32_and_vector_tails(cell):
     assert_results_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("split", ["0", "1"], ids=["allrows", "split"])
+@pytest.mark.parametrize("reverse,packed", list(itertools.product([False, True], [False, True])))
+@pytest.mark.parametrize("cell,P", [(c, 0) for c in CELLS] + [(_cells.LSTM, 6)],
+                         ids=CELL_IDS + ["lstm-proj"])
+def test_cpu_float32_per_step_products(cell, P, reverse, packed, split, monkeypatch):
+    """float32 per-step products (BLAS sgemm) and kernels for every step size met (packed input
+    shrinks), in both directions, with a projection, on one range of samples or per thread (the
+    sample split): against the float64 oracle."""
+    monkeypatch.setenv("RNNKERN_CPU_SAMPLE_SPLIT", split)
+    case, grads, _ = make_case(cell, T=6, B=9, H=21, P=P, packed=packed, seed=13)
+    clip = pick_clip(case, grads, reverse)
+    want = run_layer(oracle_fn, case, grads, reverse, clip)
+    case32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in case.items()}
+    grads32 = {k: (v.float() if v is not None else None) for k, v in grads.items()}
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))  # the split needs two threads to happen
+    try:
+        got = run_layer(backend_fn("cpu"), case32, grads32, reverse, clip)
+    finally:
+        torch.set_num_threads(old)
+    assert_results_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_cpu_norms_not_recorded():
     """record_norms=False: the norms output is all zeros, and clipping still applies."""
     case, grads, _ = make_case(_cells.LSTM, T=4, B=3, H=5, seed=11)
