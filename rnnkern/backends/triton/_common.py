@@ -169,6 +169,48 @@ def step_rows(step_rows_ptr, t, b):
 
 
 @triton.jit
+def step_tile(step_rows_ptr, t, n_cols, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile of a per-step kernel's program: its sample slots b, their rows at step t (and which
+    are active), its columns c (program axis 1) and which exist (< n_cols)."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row, row_mask = step_rows(step_rows_ptr, t, b)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return b, row, row_mask, c, c < n_cols
+
+
+@triton.jit
+def loop_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The tile of a time-looped kernel's program: its samples b (< B) and all hidden columns j (< H)."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    j = tl.arange(0, BLOCK_H)
+    return b, b < B, j, j < H
+
+
+@triton.jit
+def loop_time(s, T, BACKWARD: tl.constexpr, REVERSE: tl.constexpr):
+    """The t of the s-th step a time-looped kernel processes: forward order (t = s, or T-1-s for the
+    reverse direction), or its reverse for the backward kernels."""
+    t = s
+    if BACKWARD != REVERSE:
+        t = T - 1 - s
+    return t
+
+
+@triton.jit
+def loop_incoming_grad(carry, grad_out_ptr, g_ptr, norm2_ptr, row, active, cols, col_mask, width,
+                       clip, ACC: tl.constexpr):
+    """A time-looped backward step's g = carry + grad_out rows: stores g (unclipped) and each row's
+    Σ g², returns g clipped to the row norm `clip`."""
+    tile = active[:, None] & col_mask[None, :]
+    g = carry + tl.load(grad_out_ptr + row[:, None] * width + cols[None, :], mask=tile, other=0.0).to(ACC)
+    g = tl.where(tile, g, 0.0)
+    norm2 = sum_sq(g)
+    tl.store(g_ptr + row[:, None] * width + cols[None, :], g, mask=tile)
+    tl.store(norm2_ptr + row, norm2, mask=active)
+    return g * clip_scale(tl.sqrt(norm2), clip)[:, None]
+
+
+@triton.jit
 def load_rows_or_init(src_ptr, src_stride, init_ptr, init_stride, prev, b, cols, row_mask, col_mask):
     """Tile [rows, cols]: row `prev` of src where prev >= 0, else row `b` of init (h0/c0)."""
     from_src = row_mask & (prev >= 0)
@@ -193,12 +235,7 @@ def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_pt
     Step t = T is the pseudo-step (rows N..N+B-1, no grad_out) whose g is grad_h0.
     dgates [N, GH] (ACC); w_hh [GH, P]; carry [B, P] (GRU's z ⊙ g term); g [N+B, P] (ACC).
     """
-    pid_b = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row, row_mask = step_rows(step_rows_ptr, t, b)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < P
+    b, row, row_mask, p, p_mask = step_tile(step_rows_ptr, t, P, BLOCK_B, BLOCK_P)
     nxt = tl.load(next_row_ptr + row, mask=row_mask, other=-1)
     has_next = row_mask & (nxt >= 0)
     nxt0 = tl.maximum(nxt, 0)
@@ -222,7 +259,7 @@ def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_pt
         g += tl.load(carry_ptr + b[:, None] * P + p[None, :], mask=has_next[:, None] & p_mask[None, :],
                      other=0.0)
     tl.store(g_ptr + row[:, None] * P + p[None, :], g, mask=tile)
-    tl.store(norm2_ptr + pid_p * norm2_stride + row, sum_sq(g), mask=row_mask)
+    tl.store(norm2_ptr + tl.program_id(1) * norm2_stride + row, sum_sq(g), mask=row_mask)
 
 
 @triton.jit

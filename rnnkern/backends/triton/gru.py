@@ -13,7 +13,26 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, sum_sq, tanh, tile_sum
+from ._common import (clip_scale, load_rows_or_init, sigmoid, step_rows, tanh, tile_sum, step_tile,
+                      loop_tile, loop_time, loop_incoming_grad)
+
+
+@triton.jit
+def store_saved(ws_ptr, row, j, tile, H, gate_r, gate_z, gate_n, hn):
+    """The workspace row of a step (docs/internals.md, GRU: r, z, n, and hn = W_hn h + b_hn)."""
+    ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
+    tl.store(ws_ptrs, gate_r, mask=tile)
+    tl.store(ws_ptrs + H, gate_z, mask=tile)
+    tl.store(ws_ptrs + 2 * H, gate_n, mask=tile)
+    tl.store(ws_ptrs + 3 * H, hn, mask=tile)
+
+
+@triton.jit
+def load_saved(ws_ptr, row, j, tile, H):
+    """(r, z, n, hn) of the workspace row of a step, as store_saved wrote them."""
+    ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
+    return (tl.load(ws_ptrs, mask=tile, other=0.0), tl.load(ws_ptrs + H, mask=tile, other=0.0),
+            tl.load(ws_ptrs + 2 * H, mask=tile, other=0.0), tl.load(ws_ptrs + 3 * H, mask=tile, other=0.0))
 
 
 @triton.jit
@@ -22,12 +41,7 @@ def gru_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, w_hh
                             HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                             BLOCK_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Step t, tile of rows × hidden units j: the r, z, n dots and h_t."""
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row, row_mask = step_rows(step_rows_ptr, t, b)
-    j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, row, row_mask, j, j_mask = step_tile(step_rows_ptr, t, H, BLOCK_B, BLOCK_H)
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
@@ -55,11 +69,7 @@ def gru_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, w_hh
     gate_n = tanh(tl.load(x_ptrs + 2 * H, mask=tile, other=0.0).to(ACC) + gate_r * acc_n)
     h_prev_j = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, j, row_mask, j_mask).to(ACC)
     h = ((1.0 - gate_z) * gate_n + gate_z * h_prev_j).to(out_ptr.dtype.element_ty)
-    ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
-    tl.store(ws_ptrs, gate_r, mask=tile)
-    tl.store(ws_ptrs + H, gate_z, mask=tile)
-    tl.store(ws_ptrs + 2 * H, gate_n, mask=tile)
-    tl.store(ws_ptrs + 3 * H, acc_n, mask=tile)
+    store_saved(ws_ptr, row, j, tile, H, gate_r, gate_z, gate_n, acc_n)
     tl.store(out_ptr + row[:, None] * H + j[None, :], h, mask=tile)
     tl.store(h_n_ptr + b[:, None] * H + j[None, :], h, mask=tile)
 
@@ -70,11 +80,7 @@ def gru_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
                             REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
                             BLOCK_H: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """The whole time loop for a tile of samples; W_hh and h stay in registers."""
-    pid_b = tl.program_id(0)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_mask = b < B
-    j = tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, b_mask, j, j_mask = loop_tile(B, H, BLOCK_B, BLOCK_H)
     w_mask = j_mask[:, None] & j_mask[None, :]
     w_ptrs = w_hh_ptr + j[None, :] * H + j[:, None]  # [k, j] = W_hh[gate*H + j, k]
     w_r = tl.load(w_ptrs, mask=w_mask, other=0.0)
@@ -89,10 +95,7 @@ def gru_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
         bias_n = tl.load(b_hh_ptr + 2 * H + j, mask=j_mask, other=0.0).to(ACC)
     h = tl.load(h0_ptr + b[:, None] * H + j[None, :], mask=b_mask[:, None] & j_mask[None, :], other=0.0)
     for s in range(0, T):
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
+        t = loop_time(s, T, False, REVERSE)
         row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
         x_ptrs = xp_ptr + row[:, None] * (3 * H) + j[None, :]
@@ -103,11 +106,7 @@ def gru_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
         gate_z = sigmoid(pre_z + tl.load(x_ptrs + H, mask=tile, other=0.0).to(ACC))
         gate_n = tanh(tl.load(x_ptrs + 2 * H, mask=tile, other=0.0).to(ACC) + gate_r * hn)
         h_new = ((1.0 - gate_z) * gate_n + gate_z * h.to(ACC)).to(h.dtype)
-        ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
-        tl.store(ws_ptrs, gate_r, mask=tile)
-        tl.store(ws_ptrs + H, gate_z, mask=tile)
-        tl.store(ws_ptrs + 2 * H, gate_n, mask=tile)
-        tl.store(ws_ptrs + 3 * H, hn, mask=tile)
+        store_saved(ws_ptr, row, j, tile, H, gate_r, gate_z, gate_n, hn)
         tl.store(out_ptr + row[:, None] * H + j[None, :], h_new, mask=tile)
         h = tl.where(active[:, None], h_new, h)
     tl.store(h_n_ptr + b[:, None] * H + j[None, :], h, mask=b_mask[:, None] & j_mask[None, :])
@@ -121,20 +120,11 @@ def gru_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, c
     """Step t after grad_h_step_kernel: clip g with its complete row norm, gate gradients w.r.t.
     the x side (grad_xp, input dtype) and the h side (dgates, n scaled by r), carry[b] = z ⊙ g."""
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row, row_mask = step_rows(step_rows_ptr, t, b)
-    j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, row, row_mask, j, j_mask = step_tile(step_rows_ptr, t, H, BLOCK_B, BLOCK_H)
     tile = row_mask[:, None] & j_mask[None, :]
     scale = clip_scale(tl.sqrt(tile_sum(norm2_ptr, row, row_mask, norm2_tiles, norm2_stride)), clip)
     dh = tl.load(g_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0) * scale[:, None]
-    ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
-    gate_r = tl.load(ws_ptrs, mask=tile, other=0.0)
-    gate_z = tl.load(ws_ptrs + H, mask=tile, other=0.0)
-    gate_n = tl.load(ws_ptrs + 2 * H, mask=tile, other=0.0)
-    hn = tl.load(ws_ptrs + 3 * H, mask=tile, other=0.0)
+    gate_r, gate_z, gate_n, hn = load_saved(ws_ptr, row, j, tile, H)
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
     h_prev = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, j, row_mask, j_mask).to(ACC)
     d_n = dh * (1.0 - gate_z) * (1.0 - gate_n * gate_n)
@@ -161,11 +151,7 @@ def gru_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad_
     """The whole backward loop for a tile of samples, the carry and W_hh in registers. Writes g
     (unclipped) rows, their Σg², dgates and grad_xp rows, and grad_h0 into g rows N.. ."""
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
-    pid_b = tl.program_id(0)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_mask = b < B
-    j = tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, b_mask, j, j_mask = loop_tile(B, H, BLOCK_B, BLOCK_H)
     w_mask = j_mask[:, None] & j_mask[None, :]
     w_ptrs = w_hh_ptr + j[:, None] * H + j[None, :]  # [j, k] = W_hh[gate*H + j, k]
     w_r = tl.load(w_ptrs, mask=w_mask, other=0.0).to(DOT)
@@ -175,23 +161,11 @@ def gru_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad_
     carry = tl.load(grad_h_n_ptr + b[:, None] * H + j[None, :], mask=state, other=0.0).to(ACC)
     xdt = grad_xp_ptr.dtype.element_ty
     for s in range(0, T):
-        if REVERSE:
-            t = s
-        else:
-            t = T - 1 - s
+        t = loop_time(s, T, True, REVERSE)
         row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
-        g = carry + tl.load(grad_out_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
-        g = tl.where(tile, g, 0.0)
-        norm2 = sum_sq(g)
-        tl.store(g_ptr + row[:, None] * H + j[None, :], g, mask=tile)
-        tl.store(norm2_ptr + row, norm2, mask=active)
-        dh = g * clip_scale(tl.sqrt(norm2), clip)[:, None]
-        ws_ptrs = ws_ptr + row[:, None] * (4 * H) + j[None, :]
-        gate_r = tl.load(ws_ptrs, mask=tile, other=0.0)
-        gate_z = tl.load(ws_ptrs + H, mask=tile, other=0.0)
-        gate_n = tl.load(ws_ptrs + 2 * H, mask=tile, other=0.0)
-        hn = tl.load(ws_ptrs + 3 * H, mask=tile, other=0.0)
+        dh = loop_incoming_grad(carry, grad_out_ptr, g_ptr, norm2_ptr, row, active, j, j_mask, H, clip, ACC)
+        gate_r, gate_z, gate_n, hn = load_saved(ws_ptr, row, j, tile, H)
         prev = tl.load(prev_row_ptr + row, mask=active, other=-1)
         h_prev = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, j, active, j_mask).to(ACC)
         d_n = dh * (1.0 - gate_z) * (1.0 - gate_n * gate_n)

@@ -17,7 +17,28 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, sigmoid, step_rows, sum_sq, tanh, tile_sum
+from ._common import (clip_scale, load_rows_or_init, sigmoid, step_rows, sum_sq, tanh, tile_sum,
+                      step_tile, loop_tile, loop_time, loop_incoming_grad)
+
+
+@triton.jit
+def store_saved(ws_ptr, row, j, tile, H, gate_i, gate_f, gate_g, gate_o, c):
+    """The workspace row of a step (docs/internals.md, LSTM: i, f, g, o, c)."""
+    ws_ptrs = ws_ptr + row[:, None] * (5 * H) + j[None, :]
+    tl.store(ws_ptrs, gate_i, mask=tile)
+    tl.store(ws_ptrs + H, gate_f, mask=tile)
+    tl.store(ws_ptrs + 2 * H, gate_g, mask=tile)
+    tl.store(ws_ptrs + 3 * H, gate_o, mask=tile)
+    tl.store(ws_ptrs + 4 * H, c, mask=tile)
+
+
+@triton.jit
+def load_saved(ws_ptr, row, j, tile, H):
+    """(i, f, g, o, c) of the workspace row of a step, as store_saved wrote them."""
+    ws_ptrs = ws_ptr + row[:, None] * (5 * H) + j[None, :]
+    return (tl.load(ws_ptrs, mask=tile, other=0.0), tl.load(ws_ptrs + H, mask=tile, other=0.0),
+            tl.load(ws_ptrs + 2 * H, mask=tile, other=0.0), tl.load(ws_ptrs + 3 * H, mask=tile, other=0.0),
+            tl.load(ws_ptrs + 4 * H, mask=tile, other=0.0))
 
 
 @triton.jit
@@ -27,12 +48,7 @@ def lstm_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, c0_
                              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
                              PREC: tl.constexpr):
     """Step t, tile of rows × hidden units j: the 4 gate dots, c_t, o ⊙ tanh(c_t)."""
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row, row_mask = step_rows(step_rows_ptr, t, b)
-    j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, row, row_mask, j, j_mask = step_tile(step_rows_ptr, t, H, BLOCK_B, BLOCK_H)
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
@@ -70,12 +86,7 @@ def lstm_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, c0_
     gate_o = sigmoid(acc_o)
     c = gate_f * c_prev + gate_i * gate_g
     h = (gate_o * tanh(c)).to(out_ptr.dtype.element_ty)
-    ws_ptrs = ws_ptr + row[:, None] * (5 * H) + j[None, :]
-    tl.store(ws_ptrs, gate_i, mask=tile)
-    tl.store(ws_ptrs + H, gate_f, mask=tile)
-    tl.store(ws_ptrs + 2 * H, gate_g, mask=tile)
-    tl.store(ws_ptrs + 3 * H, gate_o, mask=tile)
-    tl.store(ws_ptrs + 4 * H, c, mask=tile)
+    store_saved(ws_ptr, row, j, tile, H, gate_i, gate_f, gate_g, gate_o, c)
     tl.store(c_n_ptr + b[:, None] * H + j[None, :], c.to(c_n_ptr.dtype.element_ty), mask=tile)
     if HAS_PROJ:
         tl.store(h_pre_ptr + b[:, None] * H + j[None, :], h, mask=tile)
@@ -89,12 +100,7 @@ def lstm_project_step_kernel(step_rows_ptr, t, h_pre_ptr, w_hr_ptr, out_ptr, h_n
                              BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                              ACC: tl.constexpr, PREC: tl.constexpr):
     """Step t with a projection: out[row, p] = h_pre[b] @ W_hr[p]ᵀ (h_pre [B, H], W_hr [P, H])."""
-    pid_b = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row, row_mask = step_rows(step_rows_ptr, t, b)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < P
+    b, row, row_mask, p, p_mask = step_tile(step_rows_ptr, t, P, BLOCK_B, BLOCK_P)
     acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -117,11 +123,7 @@ def lstm_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, c0_ptr, w_hh_ptr,
                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
                              ACC: tl.constexpr, PREC: tl.constexpr):
     """The whole time loop for a tile of samples; W_hh (and W_hr), h and c stay in registers."""
-    pid_b = tl.program_id(0)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_mask = b < B
-    j = tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, b_mask, j, j_mask = loop_tile(B, H, BLOCK_B, BLOCK_H)
     p = tl.arange(0, BLOCK_P)
     p_mask = p < P
     w_mask = p_mask[:, None] & j_mask[None, :]
@@ -147,10 +149,7 @@ def lstm_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, c0_ptr, w_hh_ptr,
     c = tl.load(c0_ptr + b[:, None] * H + j[None, :], mask=b_mask[:, None] & j_mask[None, :],
                 other=0.0).to(ACC)
     for s in range(0, T):
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
+        t = loop_time(s, T, False, REVERSE)
         row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
         x_ptrs = xp_ptr + row[:, None] * (4 * H) + j[None, :]
@@ -164,12 +163,7 @@ def lstm_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, c0_ptr, w_hh_ptr,
         gate_o = sigmoid(pre_o + tl.load(x_ptrs + 3 * H, mask=tile, other=0.0).to(ACC))
         c_new = gate_f * c + gate_i * gate_g
         h_pre = (gate_o * tanh(c_new)).to(h.dtype)
-        ws_ptrs = ws_ptr + row[:, None] * (5 * H) + j[None, :]
-        tl.store(ws_ptrs, gate_i, mask=tile)
-        tl.store(ws_ptrs + H, gate_f, mask=tile)
-        tl.store(ws_ptrs + 2 * H, gate_g, mask=tile)
-        tl.store(ws_ptrs + 3 * H, gate_o, mask=tile)
-        tl.store(ws_ptrs + 4 * H, c_new, mask=tile)
+        store_saved(ws_ptr, row, j, tile, H, gate_i, gate_f, gate_g, gate_o, c_new)
         if HAS_PROJ:
             h_new = tl.dot(h_pre, w_r, input_precision=PREC, out_dtype=ACC).to(h.dtype)
         else:
@@ -193,12 +187,7 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
     norm, dh = g W_hr (projection), dc (+ its Σdc² over this tile into norm2_c[tile]), the four gate gradients into
     dgates, and dc ⊙ f into dc[b] for the previous step (dc [B, H] holds grad_c_n at first)."""
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row, row_mask = step_rows(step_rows_ptr, t, b)
-    j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, row, row_mask, j, j_mask = step_tile(step_rows_ptr, t, H, BLOCK_B, BLOCK_H)
     tile = row_mask[:, None] & j_mask[None, :]
     scale = clip_scale(tl.sqrt(tile_sum(norm2_ptr, row, row_mask, norm2_tiles, norm2_stride)), clip)
     if HAS_PROJ:
@@ -214,18 +203,13 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
         dh = acc * scale[:, None]
     else:
         dh = tl.load(g_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0) * scale[:, None]
-    ws_ptrs = ws_ptr + row[:, None] * (5 * H) + j[None, :]
-    gate_i = tl.load(ws_ptrs, mask=tile, other=0.0)
-    gate_f = tl.load(ws_ptrs + H, mask=tile, other=0.0)
-    gate_g = tl.load(ws_ptrs + 2 * H, mask=tile, other=0.0)
-    gate_o = tl.load(ws_ptrs + 3 * H, mask=tile, other=0.0)
-    c = tl.load(ws_ptrs + 4 * H, mask=tile, other=0.0)
+    gate_i, gate_f, gate_g, gate_o, c = load_saved(ws_ptr, row, j, tile, H)
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
     c_prev = load_rows_or_init(ws_ptr + 4 * H, 5 * H, c0_ptr, H, prev, b, j, row_mask, j_mask).to(ACC)
     dc_ptrs = dc_ptr + b[:, None] * H + j[None, :]
     tanh_c = tanh(c)
     dc = tl.load(dc_ptrs, mask=tile, other=0.0) + dh * gate_o * (1.0 - tanh_c * tanh_c)
-    tl.store(norm2_c_ptr + pid_h * norm2_stride + row, sum_sq(dc), mask=row_mask)
+    tl.store(norm2_c_ptr + tl.program_id(1) * norm2_stride + row, sum_sq(dc), mask=row_mask)
     d_ptrs = dgates_ptr + row[:, None] * (4 * H) + j[None, :]
     tl.store(d_ptrs, dc * gate_g * gate_i * (1.0 - gate_i), mask=tile)
     tl.store(d_ptrs + H, dc * c_prev * gate_f * (1.0 - gate_f), mask=tile)
@@ -244,11 +228,7 @@ def lstm_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad
     """The whole backward loop for a tile of samples, carries and weights in registers. Writes g
     (unclipped) rows and their Σg², Σdc², dgates rows; grad_h0 into g rows N.., grad_c0 into dc."""
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
-    pid_b = tl.program_id(0)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_mask = b < B
-    j = tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, b_mask, j, j_mask = loop_tile(B, H, BLOCK_B, BLOCK_H)
     p = tl.arange(0, BLOCK_P)
     p_mask = p < P
     w_mask = j_mask[:, None] & p_mask[None, :]
@@ -266,30 +246,15 @@ def lstm_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad
     carry_h = tl.load(grad_h_n_ptr + b[:, None] * P + p[None, :], mask=state_p, other=0.0).to(ACC)
     carry_c = tl.load(dc_ptr + b[:, None] * H + j[None, :], mask=state_h, other=0.0).to(ACC)
     for s in range(0, T):
-        if REVERSE:
-            t = s
-        else:
-            t = T - 1 - s
+        t = loop_time(s, T, True, REVERSE)
         row, active = step_rows(step_rows_ptr, t, b)
-        tile_p = active[:, None] & p_mask[None, :]
         tile = active[:, None] & j_mask[None, :]
-        g = carry_h + tl.load(grad_out_ptr + row[:, None] * P + p[None, :], mask=tile_p,
-                              other=0.0).to(ACC)
-        g = tl.where(tile_p, g, 0.0)
-        norm2 = sum_sq(g)
-        tl.store(g_ptr + row[:, None] * P + p[None, :], g, mask=tile_p)
-        tl.store(norm2_ptr + row, norm2, mask=active)
-        g = g * clip_scale(tl.sqrt(norm2), clip)[:, None]
+        g = loop_incoming_grad(carry_h, grad_out_ptr, g_ptr, norm2_ptr, row, active, p, p_mask, P, clip, ACC)
         if HAS_PROJ:
             dh = tl.dot(g.to(DOT), w_r, input_precision=PREC, out_dtype=ACC)
         else:
             dh = g
-        ws_ptrs = ws_ptr + row[:, None] * (5 * H) + j[None, :]
-        gate_i = tl.load(ws_ptrs, mask=tile, other=0.0)
-        gate_f = tl.load(ws_ptrs + H, mask=tile, other=0.0)
-        gate_g = tl.load(ws_ptrs + 2 * H, mask=tile, other=0.0)
-        gate_o = tl.load(ws_ptrs + 3 * H, mask=tile, other=0.0)
-        c = tl.load(ws_ptrs + 4 * H, mask=tile, other=0.0)
+        gate_i, gate_f, gate_g, gate_o, c = load_saved(ws_ptr, row, j, tile, H)
         prev = tl.load(prev_row_ptr + row, mask=active, other=-1)
         c_prev = load_rows_or_init(ws_ptr + 4 * H, 5 * H, c0_ptr, H, prev, b, j, active,
                                    j_mask).to(ACC)

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import clip_scale, load_rows_or_init, step_rows, sum_sq, tanh, tile_sum
+from ._common import (clip_scale, load_rows_or_init, step_rows, tanh, tile_sum, step_tile,
+                      loop_tile, loop_time, loop_incoming_grad)
 
 
 @triton.jit
@@ -40,12 +41,7 @@ def rnn_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, w_hh
                             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
                             PREC: tl.constexpr):
     """Step t, a tile of rows × hidden units: out[row, j] = act(xp + h_prev @ W_hh[j]ᵀ + b_hh)."""
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row, row_mask = step_rows(step_rows_ptr, t, b)
-    j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, row, row_mask, j, j_mask = step_tile(step_rows_ptr, t, H, BLOCK_B, BLOCK_H)
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
     for k0 in range(0, H, BLOCK_K):
@@ -71,11 +67,7 @@ def rnn_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr,
                             PREC: tl.constexpr):
     """The whole time loop for one tile of samples; W_hhᵀ and h stay in registers."""
-    pid_b = tl.program_id(0)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_mask = b < B
-    j = tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, b_mask, j, j_mask = loop_tile(B, H, BLOCK_B, BLOCK_H)
     w = tl.load(w_hh_ptr + j[None, :] * H + j[:, None], mask=j_mask[:, None] & j_mask[None, :],
                 other=0.0)  # [k, j] = W_hh[j, k]
     bias = tl.zeros((BLOCK_H,), dtype=ACC)
@@ -83,10 +75,7 @@ def rnn_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
         bias = tl.load(b_hh_ptr + j, mask=j_mask, other=0.0).to(ACC)
     h = tl.load(h0_ptr + b[:, None] * H + j[None, :], mask=b_mask[:, None] & j_mask[None, :], other=0.0)
     for s in range(0, T):
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
+        t = loop_time(s, T, False, REVERSE)
         row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
         pre = tl.dot(h, w, input_precision=PREC, out_dtype=ACC)
@@ -105,12 +94,8 @@ def rnn_backward_step_kernel(step_rows_ptr, t, g_ptr, norm2_ptr, clip_ptr, out_p
                              ACC: tl.constexpr):
     """Step t after grad_h_step_kernel: clip g with its (complete) row norm and apply act'."""
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row, row_mask = step_rows(step_rows_ptr, t, b)
-    j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    tile = row_mask[:, None] & (j < H)[None, :]
+    b, row, row_mask, j, j_mask = step_tile(step_rows_ptr, t, H, BLOCK_B, BLOCK_H)
+    tile = row_mask[:, None] & j_mask[None, :]
     scale = clip_scale(tl.sqrt(tile_sum(norm2_ptr, row, row_mask, norm2_tiles, norm2_stride)), clip)
     dh = tl.load(g_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0) * scale[:, None]
     h = tl.load(out_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
@@ -126,28 +111,16 @@ def rnn_backward_loop_kernel(step_rows_ptr, T, grad_out_ptr, grad_h_n_ptr, out_p
     """The whole backward loop for one tile of samples; the carry dh and W_hh stay in registers.
     Writes g rows (unclipped), their Σg², dgates rows, and grad_h0 into g rows N.. ."""
     clip = tl.load(clip_ptr)  # a tensor: a Python float would reach the kernel as float32
-    pid_b = tl.program_id(0)
-    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_mask = b < B
-    j = tl.arange(0, BLOCK_H)
-    j_mask = j < H
+    b, b_mask, j, j_mask = loop_tile(B, H, BLOCK_B, BLOCK_H)
     w = tl.load(w_hh_ptr + j[:, None] * H + j[None, :], mask=j_mask[:, None] & j_mask[None, :],
                 other=0.0).to(DOT)  # [j, k] = W_hh[j, k]
     carry = tl.load(grad_h_n_ptr + b[:, None] * H + j[None, :], mask=b_mask[:, None] & j_mask[None, :],
                     other=0.0).to(ACC)
     for s in range(0, T):
-        if REVERSE:
-            t = s
-        else:
-            t = T - 1 - s
+        t = loop_time(s, T, True, REVERSE)
         row, active = step_rows(step_rows_ptr, t, b)
         tile = active[:, None] & j_mask[None, :]
-        g = carry + tl.load(grad_out_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
-        g = tl.where(tile, g, 0.0)
-        norm2 = sum_sq(g)
-        tl.store(g_ptr + row[:, None] * H + j[None, :], g, mask=tile)
-        tl.store(norm2_ptr + row, norm2, mask=active)
-        dh = g * clip_scale(tl.sqrt(norm2), clip)[:, None]
+        dh = loop_incoming_grad(carry, grad_out_ptr, g_ptr, norm2_ptr, row, active, j, j_mask, H, clip, ACC)
         h = tl.load(out_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
         dpre = _act_grad(h, dh, RELU)
         tl.store(dgates_ptr + row[:, None] * H + j[None, :], dpre, mask=tile)
