@@ -5,6 +5,11 @@
 
 #include <torch/library.h>
 
+#include "cpu/pointwise.h"
+#ifdef RNNKERN_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
+
 #ifndef RNNKERN_CUDA_ARCHS
 #define RNNKERN_CUDA_ARCHS ""
 #endif
@@ -16,7 +21,19 @@ PyObject* compiled_cuda_archs(PyObject*, PyObject*) {
   return PyUnicode_FromString(RNNKERN_CUDA_ARCHS);
 }
 
+PyObject* gemm_paths(PyObject*, PyObject*) {
+  // How the per-step products run on each device (build_info): the BLAS called directly, or ATen.
+#ifdef RNNKERN_WITH_CUDA
+  return Py_BuildValue("{s:s,s:s}", "cpu", rnnkern::cpu_gemm_path(), "cuda",
+                       rnnkern::cuda::cuda_gemm_path());
+#else
+  return Py_BuildValue("{s:s}", "cpu", rnnkern::cpu_gemm_path());
+#endif
+}
+
 PyMethodDef module_methods[] = {
+    {"gemm_paths", gemm_paths, METH_NOARGS,
+     "How the per-step products run per device: 'blas'/'cublas' (called directly) or 'aten'."},
     {"compiled_cuda_archs", compiled_cuda_archs, METH_NOARGS,
      "Compute capabilities the CUDA kernels were compiled for (';'-separated; '' if none)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -44,5 +44,6 @@ def build_info() -> Dict[str, Any]:
         archs = _C.compiled_cuda_archs()
         info["cuda_archs"] = [a for a in archs.split(";") if a]
         info["cuda_kernels"] = bool(info["cuda_archs"])
+        info["per_step_gemm"] = _C.gemm_paths()
     info["backends"] = backends()
     return info

@@ -4,6 +4,7 @@ import copy
 import io
 import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -239,3 +240,17 @@ def test_bias_gradients_are_separate_tensors(backend, kind):
         torch.testing.assert_close(b_ih, getattr(ref, f"bias_ih_l{layer}").grad, rtol=1e-10, atol=1e-10)
         b_ih.mul_(0.5)
         torch.testing.assert_close(b_hh, getattr(ref, f"bias_hh_l{layer}").grad, rtol=1e-10, atol=1e-10)
+
+
+def test_per_step_products_call_the_blas_directly():
+    """The per-step GEMMs reach torch's own BLAS (and cuBLAS) through dlsym; if the symbols were not
+    found they would silently take the slower at::mm_out path, so where torch ships them, say so."""
+    info = rnnkern.build_info()
+    if not info["extension"]:
+        pytest.skip("the compiled extension is not built")
+    paths = info["per_step_gemm"]
+    assert paths["cpu"] in ("blas", "aten")
+    if sys.platform.startswith("linux") and torch.backends.mkl.is_available():
+        assert paths["cpu"] == "blas"  # torch's bundled MKL exports sgemm_/dgemm_
+    if info["cuda_kernels"]:
+        assert paths["cuda"] == "cublas"  # torch's CUDA build has loaded libcublas

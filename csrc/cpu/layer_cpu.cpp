@@ -74,6 +74,8 @@ bool fortran_gemm(FortranGemm<T> gemm, bool b_nk, int64_t m, int64_t n, int64_t 
 
 }  // namespace
 
+const char* cpu_gemm_path() { return blas().sgemm && blas().dgemm ? "blas" : "aten"; }
+
 void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
               const void* b, int64_t ldb, void* c, int64_t ldc) {
   TORCH_CHECK(dtype == DType::F32 || dtype == DType::F64,

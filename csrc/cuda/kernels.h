@@ -14,6 +14,9 @@ cudaError_t launch_forward_step(const ForwardStepArgs& args, cudaStream_t stream
 cudaError_t launch_backward_step(const BackwardStepArgs& args, cudaStream_t stream);
 cudaError_t launch_proj_grad_step(const ProjGradStepArgs& args, cudaStream_t stream);
 
+// How the per-step products run: "cublas" (cublasGemmEx, found in the loaded library) or "aten".
+const char* cuda_gemm_path();
+
 // C[m, n] = A[m, k] · Bᵀ (b_nk: B is [n, k]) or A · B (B is [k, n]), row-major with leading
 // dimensions, on the current stream of the current device (step_gemm.cpp).
 void step_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,

@@ -97,6 +97,8 @@ at::Tensor view_of(const void* p, int64_t rows, int64_t cols, int64_t ld, DType 
 
 }  // namespace
 
+const char* cuda_gemm_path() { return cublas().ok() ? "cublas" : "aten"; }
+
 void step_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                const void* b, int64_t ldb, void* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
