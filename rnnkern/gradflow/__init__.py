@@ -235,8 +235,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     paths += [summary_path, history_path]
     print(f"\nGradient flow on {task.name} (T={args.seq_len}): ‖∂L/∂h_t‖ of the top layer; decay/step < 1 vanishes, "
           f"> 1 explodes (at the first → last training step); loss of the best constant / memoryless "
-          f"predictor: {task.baseline_loss():.4f}; a ratio '<x (0)': the norm at t=0 fell below float32's range for a "
-          "squared norm (~1e-19) and recorded as 0")
+          f"predictor: {task.baseline_loss():.4f}; a ratio '<x (0)': the norm at t=0 recorded as 0 (below float32's "
+          "smallest number, ~1e-45, or exactly 0, e.g. every ReLU unit off)")
     print(table)
     print(f"\n{elapsed:.1f} s of training; figures and summary.json in {out_dir}/: "
           + ", ".join(p.name for p in paths))

@@ -51,7 +51,7 @@ def color_range(runs: Iterable[CellRun]):
 def _draw_heatmap(fig, ax, run: CellRun, title: str, vmin=None, vmax=None):
     data = log10_norms(run.heatmap()).numpy()
     steps, T = data.shape
-    # norm 0 (NaN after log10): below float32's range for a squared norm (~1e-19), or no gradient
+    # norm 0 (NaN after log10): below float32's smallest number (~1e-45), or no gradient
     cmap = matplotlib_colormap("viridis").with_extremes(bad="white")
     image = ax.imshow(data, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap,
                       extent=(-0.5, T - 0.5, -0.5, steps - 0.5), vmin=vmin, vmax=vmax)

@@ -46,12 +46,13 @@ def cell_row(run: CellRun, first_step: int, last_step: int, clip_grad_norm: Opti
     }
 
 
-# The smallest ‖g‖ whose square is a normal float32 (sqrt(FLT_MIN)): norms below it may record as 0.
-FLOAT32_NORM_FLOOR = 1.1e-19
+# Norms are summed in float64 and stored as float32: a norm below float32's smallest subnormal records
+# as 0 (or the gradient is exactly 0, e.g. with every ReLU unit off).
+FLOAT32_NORM_FLOOR = 1.4e-45
 
 
 def format_ratio(first_last_ratio, last: float) -> str:
-    """The first/last ratio, or an upper bound when the first norm underflowed to 0."""
+    """The first/last ratio, or an upper bound when the first norm recorded as 0."""
     if first_last_ratio == 0.0 and last > 0:
         return f"<{FLOAT32_NORM_FLOOR / last:.0e} (0)"
     return _fmt(first_last_ratio, ".2e")
