@@ -270,6 +270,40 @@ def test_cpu_float32_per_step_products(cell, P, reverse, packed, split, monkeypa
     assert_results_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_flush_denormal_reaches_every_thread(monkeypatch):
+    """torch.set_flush_denormal(True) sets the mode of the calling thread only; the CPU ops hand it to
+    the OpenMP workers that run parts of the time loop (here: each thread its own samples), so that
+    every row flushes alike (denormals are what vanishing gradients become, and cost ~100 cycles per
+    operation). Switching it off again reaches them too."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-denormal mode")
+    monkeypatch.setenv("RNNKERN_CPU_SAMPLE_SPLIT", "1")
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    B, H, T = 8, 16, 3
+    args = dict(xp=torch.zeros(T * B, H), batch_sizes=torch.full((T,), B, dtype=torch.long),
+                h0=torch.full((B, H), 1e-39), w_hh=0.5 * torch.eye(H))  # h0: a float32 denormal
+
+    def first_step():
+        out = torch.ops.rnnkern.rnn_layer_forward(_cells.RNN_RELU, args["xp"], args["batch_sizes"],
+                                                  args["h0"], None, args["w_hh"], None, None, False,
+                                                  0.0, None)[0]
+        # relu(0.5 * h0): denormal, unless flushed. Compared as bits: under flush-denormal the
+        # main thread's own float comparisons would read a denormal as 0.
+        return out[:B].view(torch.int32)
+
+    try:
+        assert (first_step() != 0).all()  # flushing off: every row keeps its denormal
+        torch.set_flush_denormal(True)
+        assert (first_step() == 0).all()  # on: every thread's rows flush
+        torch.set_flush_denormal(False)
+        assert (first_step() != 0).all()  # off again, on every thread
+    finally:
+        torch.set_flush_denormal(False)
+        first_step()
+        torch.set_num_threads(old)
+
+
 def test_cpu_norms_not_recorded():
     """record_norms=False: the norms output is all zeros, and clipping still applies."""
     case, grads, _ = make_case(_cells.LSTM, T=4, B=3, H=5, seed=11)

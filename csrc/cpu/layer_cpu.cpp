@@ -2,6 +2,12 @@
 // with the CPU step kernels of the instruction set ATen runs.
 #include <dlfcn.h>
 
+#include <atomic>
+#if defined(__x86_64__)
+#include <pmmintrin.h>
+#include <xmmintrin.h>
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -93,11 +99,31 @@ void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const voi
 
 namespace {
 
+// torch.set_flush_denormal(True) sets flush-to-zero / denormals-are-zero on the calling thread only,
+// but the time loop also runs on OpenMP workers (the pointwise passes, the BLAS, the per-thread sample
+// loops), where the denormals that vanishing gradients turn into cost ~100 cycles per operation (a
+// tanh RNN whose gradient vanishes: 3-6x slower). Each op gives the workers the caller's mode, with
+// one parallel region per change of mode.
+#if defined(__x86_64__)
+void propagate_denormal_mode() {
+  constexpr unsigned kBits = _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON;
+  static std::atomic<unsigned> propagated{0};  // the workers' mode: off until told otherwise
+  const unsigned mode = _mm_getcsr() & kBits;
+  if (propagated.load() == mode) return;
+#pragma omp parallel
+  { _mm_setcsr((_mm_getcsr() & ~kBits) | mode); }
+  propagated.store(mode);
+}
+#else
+void propagate_denormal_mode() {}
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     int64_t cell, const at::Tensor& xp, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr, bool reverse,
     double /*clip*/, const std::optional<at::Tensor>& /*norm_probe*/) {
+  propagate_denormal_mode();
   return layer_forward(step_kernels_cpu(), cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
                        reverse);
 }
@@ -109,6 +135,7 @@ backward_cpu(int64_t cell, const at::Tensor& grad_out, const at::Tensor& grad_h_
              const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
              bool reverse, double clip, bool record_norms, const at::Tensor& out,
              const at::Tensor& workspace) {
+  propagate_denormal_mode();
   return layer_backward(step_kernels_cpu(), cell, grad_out, grad_h_n, grad_c_n, batch_sizes, h0,
                         c0, w_hh, b_hh, w_hr, reverse, clip, record_norms, out, workspace);
 }
