@@ -223,6 +223,36 @@ def load_rows_or_init(src_ptr, src_stride, init_ptr, init_stride, prev, b, cols,
 
 
 @triton.jit
+def recurrent_dots(out_ptr, h0_ptr, w_hh_ptr, prev, b, row_mask, j, j_mask, H, P,
+                   GATES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """h_{t-1} @ W_hh[gate*H + j]ᵀ for a per-step tile, gate by gate (GATES of them, at most 4; the
+    others stay 0): h_{t-1} [rows, P] is the previous step's out rows (prev >= 0) or h0's."""
+    acc0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
+    acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
+    acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
+    acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
+    for k0 in range(0, P, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < P
+        h_prev = load_rows_or_init(out_ptr, P, h0_ptr, P, prev, b, k, row_mask, k_mask)
+        w_mask = k_mask[:, None] & j_mask[None, :]
+        w_ptrs = w_hh_ptr + j[None, :] * P + k[:, None]  # [k, j] = W_hh[gate*H + j, k]
+        acc0 = tl.dot(h_prev, tl.load(w_ptrs, mask=w_mask, other=0.0), acc0, input_precision=PREC,
+                      out_dtype=ACC)
+        if GATES > 1:
+            acc1 = tl.dot(h_prev, tl.load(w_ptrs + H * P, mask=w_mask, other=0.0), acc1,
+                          input_precision=PREC, out_dtype=ACC)
+        if GATES > 2:
+            acc2 = tl.dot(h_prev, tl.load(w_ptrs + 2 * H * P, mask=w_mask, other=0.0), acc2,
+                          input_precision=PREC, out_dtype=ACC)
+        if GATES > 3:
+            acc3 = tl.dot(h_prev, tl.load(w_ptrs + 3 * H * P, mask=w_mask, other=0.0), acc3,
+                          input_precision=PREC, out_dtype=ACC)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_ptr, dgates_ptr,
                        w_hh_ptr, carry_ptr, g_ptr, norm2_ptr, norm2_stride, N, P, GH,
                        HAS_CARRY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (clip_scale, load_rows_or_init, sigmoid, step_rows, tanh, tile_sum, step_tile,
-                      loop_tile, loop_time, loop_incoming_grad)
+                      loop_tile, loop_time, loop_incoming_grad, recurrent_dots)
 
 
 @triton.jit
@@ -36,6 +36,27 @@ def load_saved(ws_ptr, row, j, tile, H):
 
 
 @triton.jit
+def store_gate_grads(grad_xp_ptr, dgates_ptr, row, j, tile, H, dh, h_prev, gate_r, gate_z, gate_n, hn):
+    """A step's gate gradients (from the clipped dh): w.r.t. the x side (grad_xp rows: r, z, n, input
+    dtype) and the h side (dgates rows: r, z, and n scaled by r, since hn entered as r ⊙ hn);
+    returns (d_r, d_z, d_hn) for the time-looped kernel's dh_{t-1} dots."""
+    d_n = dh * (1.0 - gate_z) * (1.0 - gate_n * gate_n)
+    d_z = dh * (h_prev - gate_n) * gate_z * (1.0 - gate_z)
+    d_r = d_n * hn * gate_r * (1.0 - gate_r)
+    d_hn = d_n * gate_r
+    x_ptrs = grad_xp_ptr + row[:, None] * (3 * H) + j[None, :]
+    xdt = grad_xp_ptr.dtype.element_ty
+    tl.store(x_ptrs, d_r.to(xdt), mask=tile)
+    tl.store(x_ptrs + H, d_z.to(xdt), mask=tile)
+    tl.store(x_ptrs + 2 * H, d_n.to(xdt), mask=tile)
+    d_ptrs = dgates_ptr + row[:, None] * (3 * H) + j[None, :]
+    tl.store(d_ptrs, d_r, mask=tile)
+    tl.store(d_ptrs + H, d_z, mask=tile)
+    tl.store(d_ptrs + 2 * H, d_hn, mask=tile)
+    return d_r, d_z, d_hn
+
+
+@triton.jit
 def gru_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr,
                             out_ptr, ws_ptr, h_n_ptr, H,
                             HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -43,21 +64,8 @@ def gru_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, w_hh
     """Step t, tile of rows × hidden units j: the r, z, n dots and h_t."""
     b, row, row_mask, j, j_mask = step_tile(step_rows_ptr, t, H, BLOCK_B, BLOCK_H)
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
-    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
-    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
-    acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < H
-        h_prev = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, k, row_mask, k_mask)
-        w_mask = k_mask[:, None] & j_mask[None, :]
-        w_ptrs = w_hh_ptr + j[None, :] * H + k[:, None]  # [k, j] = W_hh[gate*H + j, k]
-        acc_r = tl.dot(h_prev, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_r, input_precision=PREC,
-                       out_dtype=ACC)
-        acc_z = tl.dot(h_prev, tl.load(w_ptrs + H * H, mask=w_mask, other=0.0), acc_z,
-                       input_precision=PREC, out_dtype=ACC)
-        acc_n = tl.dot(h_prev, tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0), acc_n,
-                       input_precision=PREC, out_dtype=ACC)
+    acc_r, acc_z, acc_n, _ = recurrent_dots(out_ptr, h0_ptr, w_hh_ptr, prev, b, row_mask, j, j_mask, H, H,
+                                            3, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC)
     if HAS_BIAS:
         acc_r += tl.load(b_hh_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
         acc_z += tl.load(b_hh_ptr + H + j, mask=j_mask, other=0.0).to(ACC)[None, :]
@@ -127,18 +135,7 @@ def gru_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, c
     gate_r, gate_z, gate_n, hn = load_saved(ws_ptr, row, j, tile, H)
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
     h_prev = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, j, row_mask, j_mask).to(ACC)
-    d_n = dh * (1.0 - gate_z) * (1.0 - gate_n * gate_n)
-    d_z = dh * (h_prev - gate_n) * gate_z * (1.0 - gate_z)
-    d_r = d_n * hn * gate_r * (1.0 - gate_r)
-    x_ptrs = grad_xp_ptr + row[:, None] * (3 * H) + j[None, :]
-    xdt = grad_xp_ptr.dtype.element_ty
-    tl.store(x_ptrs, d_r.to(xdt), mask=tile)
-    tl.store(x_ptrs + H, d_z.to(xdt), mask=tile)
-    tl.store(x_ptrs + 2 * H, d_n.to(xdt), mask=tile)
-    d_ptrs = dgates_ptr + row[:, None] * (3 * H) + j[None, :]
-    tl.store(d_ptrs, d_r, mask=tile)
-    tl.store(d_ptrs + H, d_z, mask=tile)
-    tl.store(d_ptrs + 2 * H, d_n * gate_r, mask=tile)
+    store_gate_grads(grad_xp_ptr, dgates_ptr, row, j, tile, H, dh, h_prev, gate_r, gate_z, gate_n, hn)
     tl.store(carry_ptr + b[:, None] * H + j[None, :], dh * gate_z, mask=tile)
 
 
@@ -159,7 +156,6 @@ def gru_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad_
     w_n = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0).to(DOT)
     state = b_mask[:, None] & j_mask[None, :]
     carry = tl.load(grad_h_n_ptr + b[:, None] * H + j[None, :], mask=state, other=0.0).to(ACC)
-    xdt = grad_xp_ptr.dtype.element_ty
     for s in range(0, T):
         t = loop_time(s, T, True, REVERSE)
         row, active = step_rows(step_rows_ptr, t, b)
@@ -168,18 +164,8 @@ def gru_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad_
         gate_r, gate_z, gate_n, hn = load_saved(ws_ptr, row, j, tile, H)
         prev = tl.load(prev_row_ptr + row, mask=active, other=-1)
         h_prev = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, j, active, j_mask).to(ACC)
-        d_n = dh * (1.0 - gate_z) * (1.0 - gate_n * gate_n)
-        d_z = dh * (h_prev - gate_n) * gate_z * (1.0 - gate_z)
-        d_r = d_n * hn * gate_r * (1.0 - gate_r)
-        d_hn = d_n * gate_r
-        x_ptrs = grad_xp_ptr + row[:, None] * (3 * H) + j[None, :]
-        tl.store(x_ptrs, d_r.to(xdt), mask=tile)
-        tl.store(x_ptrs + H, d_z.to(xdt), mask=tile)
-        tl.store(x_ptrs + 2 * H, d_n.to(xdt), mask=tile)
-        d_ptrs = dgates_ptr + row[:, None] * (3 * H) + j[None, :]
-        tl.store(d_ptrs, d_r, mask=tile)
-        tl.store(d_ptrs + H, d_z, mask=tile)
-        tl.store(d_ptrs + 2 * H, d_hn, mask=tile)
+        d_r, d_z, d_hn = store_gate_grads(grad_xp_ptr, dgates_ptr, row, j, tile, H, dh, h_prev, gate_r,
+                                          gate_z, gate_n, hn)
         dh_prev = tl.dot(d_r.to(DOT), w_r, dh * gate_z, input_precision=PREC, out_dtype=ACC)
         dh_prev = tl.dot(d_z.to(DOT), w_z, dh_prev, input_precision=PREC, out_dtype=ACC)
         dh_prev = tl.dot(d_hn.to(DOT), w_n, dh_prev, input_precision=PREC, out_dtype=ACC)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (clip_scale, load_rows_or_init, sigmoid, step_rows, sum_sq, tanh, tile_sum,
-                      step_tile, loop_tile, loop_time, loop_incoming_grad)
+                      step_tile, loop_tile, loop_time, loop_incoming_grad, recurrent_dots)
 
 
 @triton.jit
@@ -42,6 +42,22 @@ def load_saved(ws_ptr, row, j, tile, H):
 
 
 @triton.jit
+def store_gate_grads(dgates_ptr, row, j, tile, H, dh, dc, gate_i, gate_f, gate_g, gate_o, tanh_c, c_prev):
+    """The four gate gradients of a step (from the clipped dh and the total dc) into its dgates
+    row; returned for the time-looped kernel's dh_{t-1} dots."""
+    d_i = dc * gate_g * gate_i * (1.0 - gate_i)
+    d_f = dc * c_prev * gate_f * (1.0 - gate_f)
+    d_g = dc * gate_i * (1.0 - gate_g * gate_g)
+    d_o = dh * tanh_c * gate_o * (1.0 - gate_o)
+    d_ptrs = dgates_ptr + row[:, None] * (4 * H) + j[None, :]
+    tl.store(d_ptrs, d_i, mask=tile)
+    tl.store(d_ptrs + H, d_f, mask=tile)
+    tl.store(d_ptrs + 2 * H, d_g, mask=tile)
+    tl.store(d_ptrs + 3 * H, d_o, mask=tile)
+    return d_i, d_f, d_g, d_o
+
+
+@triton.jit
 def lstm_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, c0_ptr, w_hh_ptr,
                              b_hh_ptr, out_ptr, ws_ptr, h_n_ptr, c_n_ptr, h_pre_ptr, H, P,
                              HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -50,24 +66,8 @@ def lstm_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, c0_
     """Step t, tile of rows × hidden units j: the 4 gate dots, c_t, o ⊙ tanh(c_t)."""
     b, row, row_mask, j, j_mask = step_tile(step_rows_ptr, t, H, BLOCK_B, BLOCK_H)
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
-    for k0 in range(0, P, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < P
-        h_prev = load_rows_or_init(out_ptr, P, h0_ptr, P, prev, b, k, row_mask, k_mask)
-        w_mask = k_mask[:, None] & j_mask[None, :]
-        w_ptrs = w_hh_ptr + j[None, :] * P + k[:, None]  # [k, j] = W_hh[gate*H + j, k]
-        acc_i = tl.dot(h_prev, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=PREC,
-                       out_dtype=ACC)
-        acc_f = tl.dot(h_prev, tl.load(w_ptrs + H * P, mask=w_mask, other=0.0), acc_f,
-                       input_precision=PREC, out_dtype=ACC)
-        acc_g = tl.dot(h_prev, tl.load(w_ptrs + 2 * H * P, mask=w_mask, other=0.0), acc_g,
-                       input_precision=PREC, out_dtype=ACC)
-        acc_o = tl.dot(h_prev, tl.load(w_ptrs + 3 * H * P, mask=w_mask, other=0.0), acc_o,
-                       input_precision=PREC, out_dtype=ACC)
+    acc_i, acc_f, acc_g, acc_o = recurrent_dots(out_ptr, h0_ptr, w_hh_ptr, prev, b, row_mask, j, j_mask,
+                                                H, P, 4, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC)
     tile = row_mask[:, None] & j_mask[None, :]
     x_ptrs = xp_ptr + row[:, None] * (4 * H) + j[None, :]
     acc_i += tl.load(x_ptrs, mask=tile, other=0.0).to(ACC)
@@ -210,11 +210,7 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
     tanh_c = tanh(c)
     dc = tl.load(dc_ptrs, mask=tile, other=0.0) + dh * gate_o * (1.0 - tanh_c * tanh_c)
     tl.store(norm2_c_ptr + tl.program_id(1) * norm2_stride + row, sum_sq(dc), mask=row_mask)
-    d_ptrs = dgates_ptr + row[:, None] * (4 * H) + j[None, :]
-    tl.store(d_ptrs, dc * gate_g * gate_i * (1.0 - gate_i), mask=tile)
-    tl.store(d_ptrs + H, dc * c_prev * gate_f * (1.0 - gate_f), mask=tile)
-    tl.store(d_ptrs + 2 * H, dc * gate_i * (1.0 - gate_g * gate_g), mask=tile)
-    tl.store(d_ptrs + 3 * H, dh * tanh_c * gate_o * (1.0 - gate_o), mask=tile)
+    store_gate_grads(dgates_ptr, row, j, tile, H, dh, dc, gate_i, gate_f, gate_g, gate_o, tanh_c, c_prev)
     tl.store(dc_ptrs, dc * gate_f, mask=tile)
 
 
@@ -261,15 +257,8 @@ def lstm_backward_loop_kernel(step_rows_ptr, T, prev_row_ptr, grad_out_ptr, grad
         tanh_c = tanh(c)
         dc = tl.where(tile, carry_c + dh * gate_o * (1.0 - tanh_c * tanh_c), 0.0)
         tl.store(norm2_c_ptr + row, sum_sq(dc), mask=active)
-        d_i = dc * gate_g * gate_i * (1.0 - gate_i)
-        d_f = dc * c_prev * gate_f * (1.0 - gate_f)
-        d_g = dc * gate_i * (1.0 - gate_g * gate_g)
-        d_o = dh * tanh_c * gate_o * (1.0 - gate_o)
-        d_ptrs = dgates_ptr + row[:, None] * (4 * H) + j[None, :]
-        tl.store(d_ptrs, d_i, mask=tile)
-        tl.store(d_ptrs + H, d_f, mask=tile)
-        tl.store(d_ptrs + 2 * H, d_g, mask=tile)
-        tl.store(d_ptrs + 3 * H, d_o, mask=tile)
+        d_i, d_f, d_g, d_o = store_gate_grads(dgates_ptr, row, j, tile, H, dh, dc, gate_i, gate_f, gate_g,
+                                              gate_o, tanh_c, c_prev)
         dh_prev = tl.dot(d_i.to(DOT), w_i, input_precision=PREC, out_dtype=ACC)
         dh_prev = tl.dot(d_f.to(DOT), w_f, dh_prev, input_precision=PREC, out_dtype=ACC)
         dh_prev = tl.dot(d_g.to(DOT), w_g, dh_prev, input_precision=PREC, out_dtype=ACC)

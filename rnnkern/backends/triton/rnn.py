@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import (clip_scale, load_rows_or_init, step_rows, tanh, tile_sum, step_tile,
-                      loop_tile, loop_time, loop_incoming_grad)
+from ._common import (clip_scale, step_rows, tanh, tile_sum, step_tile, loop_tile, loop_time,
+                      loop_incoming_grad, recurrent_dots)
 
 
 @triton.jit
@@ -43,14 +43,8 @@ def rnn_forward_step_kernel(step_rows_ptr, t, prev_row_ptr, xp_ptr, h0_ptr, w_hh
     """Step t, a tile of rows × hidden units: out[row, j] = act(xp + h_prev @ W_hh[j]ᵀ + b_hh)."""
     b, row, row_mask, j, j_mask = step_tile(step_rows_ptr, t, H, BLOCK_B, BLOCK_H)
     prev = tl.load(prev_row_ptr + row, mask=row_mask, other=-1)
-    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < H
-        h_prev = load_rows_or_init(out_ptr, H, h0_ptr, H, prev, b, k, row_mask, k_mask)
-        w = tl.load(w_hh_ptr + j[None, :] * H + k[:, None], mask=k_mask[:, None] & j_mask[None, :],
-                    other=0.0)
-        acc = tl.dot(h_prev, w, acc, input_precision=PREC, out_dtype=ACC)
+    acc, _, _, _ = recurrent_dots(out_ptr, h0_ptr, w_hh_ptr, prev, b, row_mask, j, j_mask, H, H, 1,
+                                  BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC)
     tile = row_mask[:, None] & j_mask[None, :]
     pre = acc + tl.load(xp_ptr + row[:, None] * H + j[None, :], mask=tile, other=0.0).to(ACC)
     if HAS_BIAS:
