@@ -56,11 +56,6 @@ const Blas& blas() {
   return api;
 }
 
-// Row-major [rows, cols] with leading dimension ld over memory the caller owns.
-at::Tensor view_of(const void* p, int64_t rows, int64_t cols, int64_t ld, at::ScalarType type) {
-  return at::from_blob(const_cast<void*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(type));
-}
-
 template <typename T>
 bool fortran_gemm(FortranGemm<T> gemm, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a,
                   int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc) {
@@ -90,11 +85,7 @@ void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const voi
   const bool done = dtype == DType::F64
                         ? fortran_gemm(blas().dgemm, b_nk, m, n, k, a, lda, b, ldb, c, ldc)
                         : fortran_gemm(blas().sgemm, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
-  if (done) return;
-  const at::ScalarType type = dtype == DType::F64 ? at::kDouble : at::kFloat;
-  at::Tensor out = view_of(c, m, n, ldc, type);
-  const at::Tensor bt = b_nk ? view_of(b, n, k, ldb, type).t() : view_of(b, k, n, ldb, type);
-  at::mm_out(out, view_of(a, m, k, lda, type), bt);
+  if (!done) aten_gemm(at::kCPU, dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
 namespace {

@@ -37,6 +37,30 @@ DType dtype_of(const at::Tensor& t) {
 
 namespace {
 
+at::ScalarType scalar_type_of(DType dtype) {
+  switch (dtype) {
+    case DType::F64: return at::kDouble;
+    case DType::F16: return at::kHalf;
+    case DType::BF16: return at::kBFloat16;
+    default: return at::kFloat;
+  }
+}
+
+}  // namespace
+
+void aten_gemm(const at::Device& device, DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k,
+               const void* a, int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc) {
+  const auto options = at::TensorOptions().dtype(scalar_type_of(dtype)).device(device);
+  // row-major [rows, cols] with leading dimension ld over memory the caller owns
+  auto view = [&](const void* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<void*>(p), {rows, cols}, {ld, 1}, options);
+  };
+  at::Tensor out = view(c, m, n, ldc);
+  at::mm_out(out, view(a, m, k, lda), b_nk ? view(b, n, k, ldb).t() : view(b, k, n, ldb));
+}
+
+namespace {
+
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The time geometry of one layer and direction.

@@ -19,6 +19,7 @@
 #include <library_types.h>
 
 #include "kernels.h"
+#include "rnnkern/layer_driver.h"
 
 namespace rnnkern {
 namespace cuda {
@@ -79,22 +80,6 @@ cudaDataType data_type(DType dtype) {
   }
 }
 
-at::ScalarType scalar_type(DType dtype) {
-  switch (dtype) {
-    case DType::F64: return at::kDouble;
-    case DType::F16: return at::kHalf;
-    case DType::BF16: return at::kBFloat16;
-    default: return at::kFloat;
-  }
-}
-
-// Row-major [rows, cols] with leading dimension ld over memory the caller owns.
-at::Tensor view_of(const void* p, int64_t rows, int64_t cols, int64_t ld, DType dtype) {
-  const auto options = at::TensorOptions().dtype(scalar_type(dtype)).device(
-      at::kCUDA, c10::cuda::current_device());
-  return at::from_blob(const_cast<void*>(p), {rows, cols}, {ld, 1}, options);
-}
-
 }  // namespace
 
 const char* cuda_gemm_path() { return cublas().ok() ? "cublas" : "aten"; }
@@ -104,9 +89,8 @@ void step_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const vo
   if (m == 0 || n == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (!cublas().ok()) {
-    at::Tensor out = view_of(c, m, n, ldc, dtype);
-    const at::Tensor bt = b_nk ? view_of(b, n, k, ldb, dtype).t() : view_of(b, k, n, ldb, dtype);
-    at::mm_out(out, view_of(a, m, k, lda, dtype), bt);
+    aten_gemm(at::Device(at::kCUDA, c10::cuda::current_device()), dtype, b_nk, m, n, k, a, lda, b,
+              ldb, c, ldc);
     return;
   }
   CublasHandle h = handle_for(c10::cuda::current_device());

@@ -70,6 +70,11 @@ class StepKernels {
 
 DType dtype_of(const at::Tensor& t);
 
+// StepKernels::gemm through ATen (at::mm_out on tensors over the caller's memory, on `device`): the
+// fallback of the devices' direct BLAS calls where those are not found.
+void aten_gemm(const at::Device& device, DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k,
+               const void* a, int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const StepKernels& kernels, int64_t cell, const at::Tensor& xp, const at::Tensor& batch_sizes,
     const at::Tensor& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
