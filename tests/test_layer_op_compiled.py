@@ -225,6 +225,16 @@ def test_cpu_matches_oracle(cell, reverse, packed, bias, clipping):
         assert (n > clip).any() and (n < clip).any()
 
 
+def _to(case, device, dtype=None):
+    """The floating-point tensors of a case (or grads) on `device`, in `dtype` if given."""
+    def conv(v):
+        if torch.is_tensor(v) and v.is_floating_point():
+            v = v.to(device)
+            return v.to(dtype) if dtype is not None else v
+        return v
+    return {k: conv(v) for k, v in case.items()}
+
+
 @pytest.mark.parametrize("reverse,packed", list(itertools.product([False, True], [False, True])))
 @pytest.mark.parametrize("clipping", [False, True], ids=["noclip", "clip"])
 def test_cpu_lstm_projection_matches_oracle(reverse, packed, clipping):
@@ -241,8 +251,7 @@ def test_cpu_float32_and_vector_tails(cell):
     case, grads, _ = make_case(cell, T=4, B=3, H=37, packed=True, seed=3)
     clip = pick_clip(case, grads, False)
     want = run_layer(oracle_fn, case, grads, False, clip)
-    case32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in case.items()}
-    grads32 = {k: (v.float() if v is not None else None) for k, v in grads.items()}
+    case32, grads32 = _to(case, "cpu", torch.float32), _to(grads, "cpu", torch.float32)
     got = run_layer(backend_fn("cpu"), case32, grads32, False, clip)
     assert_results_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -259,8 +268,7 @@ def test_cpu_float32_per_step_products(cell, P, reverse, packed, split, monkeypa
     case, grads, _ = make_case(cell, T=6, B=9, H=21, P=P, packed=packed, seed=13)
     clip = pick_clip(case, grads, reverse)
     want = run_layer(oracle_fn, case, grads, reverse, clip)
-    case32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in case.items()}
-    grads32 = {k: (v.float() if v is not None else None) for k, v in grads.items()}
+    case32, grads32 = _to(case, "cpu", torch.float32), _to(grads, "cpu", torch.float32)
     old = torch.get_num_threads()
     torch.set_num_threads(max(2, old))  # the split needs two threads to happen
     try:
@@ -531,15 +539,6 @@ def test_cpu_threads_agree():
 
 # ---------------------------------------------------------------------------------------------
 # GPU (cuda backend)
-def _to(case, device, dtype=None):
-    def conv(v):
-        if torch.is_tensor(v) and v.is_floating_point():
-            v = v.to(device)
-            return v.to(dtype) if dtype is not None else v
-        return v
-    return {k: conv(v) for k, v in case.items()}
-
-
 GPU_SWEEP = list(itertools.product(CELLS, [False, True], [False, True]))
 
 
