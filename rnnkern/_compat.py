@@ -65,15 +65,17 @@ def deliver_grad_norms(norms: Tensor, batch_sizes: Tensor, unsorted_indices: Opt
     _deliver(norms, batch_sizes, unsorted_indices, token, has_cell_state)
 
 
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # a torch without it: the delivery always goes through the op (correct, slower)
+    _get_current_dispatch_mode = None
+
+
 def _being_traced(tensor: Tensor) -> bool:
     """Whether a backward runs under a tracer (Dynamo, AOTAutograd's make_fx, fake or functional
     tensors), where the delivery must be the op to be recorded, rather than in plain eager autograd."""
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-    except ImportError:  # a torch without it: always the op (correct, only slower)
-        return True
-    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or type(tensor) is not Tensor)
+    return (_get_current_dispatch_mode is None or torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None or type(tensor) is not Tensor)
 
 
 @deliver_grad_norms.register_fake

@@ -136,7 +136,7 @@ char* row_ptr(const at::Tensor& t, int64_t r) {
 // on CUDA) one range, whose GEMMs and pointwise passes parallelise inside.
 // RNNKERN_CPU_SAMPLE_SPLIT=0|1 forces it off/on (for measurements).
 template <typename Fn>
-void for_sample_ranges(bool cpu, int64_t batch, int64_t /*features*/, int64_t weight_elements,
+void for_sample_ranges(bool cpu, int64_t batch, int64_t weight_elements,
                        int64_t element_size, const Fn& fn) {
   constexpr int64_t kMaxWeightBytes = 512 * 1024;  // within one core's L2 on current x86 servers
   constexpr int64_t kMinRowsPerThread = 4;
@@ -369,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
       }
     }
   };
-  for_sample_ranges(cpu, B, P, d.G * H * P + (d.proj ? P * H : 0), xp.element_size(), forward_rows);
+  for_sample_ranges(cpu, B, d.G * H * P + (d.proj ? P * H : 0), xp.element_size(), forward_rows);
 
   // h_n / c_n: each sample's state at its final step.
   auto take_final = [&](int64_t t, int64_t lo, int64_t hi) {
@@ -534,7 +534,7 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
                    row_ptr(dh_buf, lo), P);
     }
   };
-  for_sample_ranges(out.is_cpu(), B, P, d.G * H * P + (d.proj ? P * H : 0), out.element_size(),
+  for_sample_ranges(out.is_cpu(), B, d.G * H * P + (d.proj ? P * H : 0), out.element_size(),
                     backward_rows);
 
   // Rows of dh_buf (and dh_direct, dc) last written at a sample's first step hold its h0 gradient:
