@@ -15,10 +15,16 @@ _DECLINE = {
     4: "W_hh does not fit in the multiprocessors' shared memory",
     5: "not enough co-resident blocks for a grid-wide barrier",
     6: "RNNKERN_CUDA_KERNEL=step",
-    7: "auto measured the per-step kernels faster at this size: the persistent kernel's work per block "
-       "and step (B x gates x ceil(H / SMs) x H multiply-adds) is above 40K (bench/NOTES.md; force it "
-       "with RNNKERN_CUDA_KERNEL=persistent)",
 }
+# Decline 7 (auto's size rule): formatted with the layer's numbers, see _heuristic_reason.
+_HEURISTIC = 7
+
+
+def _heuristic_reason(batch, gates, units, hidden, limit) -> str:
+    work = batch * gates * units * hidden
+    return (f"auto measured the per-step kernels faster at this size: the persistent kernel's work per "
+            f"block and step, B x gates x ceil(H / SMs) x H = {work} multiply-adds, is above {limit} "
+            f"(bench/NOTES.md; force it with RNNKERN_CUDA_KERNEL=persistent)")
 
 
 def explain(module, input, hx=None) -> str:
@@ -42,15 +48,16 @@ def explain(module, input, hx=None) -> str:
         cell = _cells.from_mode(module.mode)
         plan = torch.ops.rnnkern.cuda_kernel_plan(cell, data.dtype, batch, module.hidden_size,
                                                  module.proj_size > 0, data.device.index or 0)
-        persistent, reason, blocks, units, smem_fwd, smem_bwd = plan
+        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit = plan
         if persistent:
             lines.append(
                 f"  every layer: persistent kernel, one launch per layer and direction; {blocks} "
                 f"blocks × {units} hidden units, W_hh resident in shared memory "
                 f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block)")
         else:
-            lines.append(f"  every layer: per-step kernels (cuBLAS GEMM + fused step kernel), "
-                         f"because {_DECLINE.get(reason, f'reason {reason}')}")
+            why = (_heuristic_reason(batch, _cells.GATES[cell], units, module.hidden_size, limit)
+                   if reason == _HEURISTIC else _DECLINE.get(reason, f"reason {reason}"))
+            lines.append(f"  every layer: per-step kernels (cuBLAS GEMM + fused step kernel), because {why}")
     elif backend.name == "cpu":
         lines.append("  per step: a BLAS GEMM (torch's own BLAS) into a preallocated buffer + one fused "
                      "parallel pass")

@@ -206,6 +206,22 @@ def test_explain_names_the_backend_and_why():
         rnnkern.explain(m, x)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in rnnkern.backends()),
+                    reason="needs a CUDA GPU and rnnkern's CUDA kernels")
+def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
+    """auto: the persistent kernel for a small layer; for a large one the per-step kernels, with the
+    layer's work per block and step against auto's limit; a forced choice names the variable."""
+    small = rnnkern.LSTM(8, 256, backend="cuda").cuda()
+    text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
+    assert "persistent kernel, one launch per layer and direction" in text
+    large = rnnkern.LSTM(8, 1024, backend="cuda").cuda()
+    text = rnnkern.explain(large, torch.randn(5, 64, 8, device="cuda"))
+    assert "per-step kernels" in text and "multiply-adds, is above" in text
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "step")
+    assert "RNNKERN_CUDA_KERNEL=step" in rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
+
+
 def test_built_extension_loads():
     """A built rnnkern._C that fails to load (an undefined symbol, say) would otherwise only show as
     skipped compiled-backend tests. `make test` builds it and sets RNNKERN_REQUIRE_EXTENSION=1; any

@@ -182,7 +182,8 @@ std::vector<int64_t> cuda_kernel_plan(int64_t cell, at::ScalarType dtype, int64_
   const persistent::Plan plan = choose_kernel(static_cast<Cell>(cell), dt, batch, hidden, has_proj,
                                               static_cast<int>(device));
   return {plan.ok ? 1 : 0, static_cast<int64_t>(plan.reason), plan.blocks, plan.units,
-          static_cast<int64_t>(plan.smem_forward), static_cast<int64_t>(plan.smem_backward)};
+          static_cast<int64_t>(plan.smem_forward), static_cast<int64_t>(plan.smem_backward),
+          kPersistentMaxBlockWork};
 }
 
 const StepKernels& step_kernels_cuda() {
