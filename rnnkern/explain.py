@@ -15,6 +15,7 @@ _DECLINE = {
     4: "W_hh does not fit in the multiprocessors' shared memory",
     5: "not enough co-resident blocks for a grid-wide barrier",
     6: "RNNKERN_CUDA_KERNEL=step",
+    8: "the device has no thread-block clusters (RNNKERN_CUDA_KERNEL=cluster needs sm_90 or newer)",
 }
 # Decline 7 (auto's size rule): formatted with the layer's numbers, see _heuristic_reason.
 _HEURISTIC = 7
@@ -48,8 +49,15 @@ def explain(module, input, hx=None) -> str:
         cell = _cells.from_mode(module.mode)
         plan = torch.ops.rnnkern.cuda_kernel_plan(cell, data.dtype, batch, module.hidden_size,
                                                  module.proj_size > 0, data.device.index or 0)
-        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit = plan
-        if persistent:
+        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster = plan
+        if persistent and cluster:
+            lines.append(
+                f"  every layer: persistent cluster kernel (RNNKERN_CUDA_KERNEL=cluster), one launch per "
+                f"layer and direction; {blocks // cluster} cluster(s) of {cluster} blocks, one per tile of "
+                f"batch rows, each block {units} hidden units with W_hh resident in shared memory "
+                f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block); state "
+                f"exchanged in distributed shared memory with the cluster barrier")
+        elif persistent:
             lines.append(
                 f"  every layer: persistent kernel, one launch per layer and direction; {blocks} "
                 f"blocks × {units} hidden units, W_hh resident in shared memory "

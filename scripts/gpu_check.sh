@@ -17,7 +17,7 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-16} RNNKERN_CUDA_ARCHS=${RNNKERN_CUDA_ARCHS:-90}
-STAGES=${STAGES:-"build tests sanitizer bench"}
+STAGES=${STAGES:-"build probe tests sanitizer bench"}
 T_TESTS=${T_TESTS:-240} T_SAN=${T_SAN:-150} T_BENCH=${T_BENCH:-200}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -41,8 +41,18 @@ if stage build; then
   python3 -c "import rnnkern, json; print(json.dumps(rnnkern.build_info()))" | tee -a "$OUT/build.log"
 fi
 
+if stage probe; then
+  # Floors of a persistent step on this GPU (scripts/persistent_probe.cu): barriers and exchanges alone.
+  start=$(date +%s)
+  nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 scripts/persistent_probe.cu -o /tmp/persistent_probe \
+    > "$OUT/probe.txt" 2>&1 && timeout 60 /tmp/persistent_probe >> "$OUT/probe.txt" 2>&1 || status=1
+  cat "$OUT/probe.txt"
+  echo "probe: $(( $(date +%s) - start )) s"
+fi
+
 if stage sanitizer; then
-  # In the background, beside the tests (memcheck slows its own process only).
+  # In the background, beside the tests (the sanitizers slow their own process only): memcheck on
+  # everything, racecheck (shared-memory hazards) on the persistent kernels in a small float32 case.
   ( start=$(date +%s)
     PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$T_SAN" compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitizer_case.py \
       > "$OUT/sanitizer.log" 2>&1
@@ -51,6 +61,15 @@ if stage sanitizer; then
       > "$OUT/sanitizer.status"
     exit $rc ) &
   san_pid=$!
+  ( start=$(date +%s)
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$T_SAN" compute-sanitizer --tool racecheck --racecheck-report hazard \
+      --error-exitcode 9 python3 scripts/sanitizer_case.py --kernels persistent,persistent-v4,cluster --dtypes float32 \
+      > "$OUT/racecheck.log" 2>&1
+    rc=$?
+    echo "sanitizer racecheck: rc=$rc $(( $(date +%s) - start )) s :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1)" \
+      > "$OUT/racecheck.status"
+    exit $rc ) &
+  race_pid=$!
 fi
 
 if stage tests; then
@@ -80,7 +99,8 @@ fi
 
 if stage sanitizer; then
   wait $san_pid || status=1
-  cat "$OUT/sanitizer.status"
+  wait $race_pid || status=1
+  cat "$OUT/sanitizer.status" "$OUT/racecheck.status"
 fi
 
 if stage bench; then
@@ -118,8 +138,8 @@ if stage profile; then
 fi
 
 # The device tool brings back a few files only: the per-shard logs travel as one archive.
-tar -czf "$OUT/test-logs.tgz" -C "$OUT" $(cd "$OUT" && ls tests-*.log sanitizer.log nsys-*.txt ncu-*.txt 2>/dev/null) \
-  2>/dev/null && rm -f "$OUT"/tests-*.log "$OUT"/nsys-*.txt "$OUT"/ncu-*.txt
+tar -czf "$OUT/test-logs.tgz" -C "$OUT" $(cd "$OUT" && ls tests-*.log sanitizer.log racecheck.log nsys-*.txt ncu-*.txt 2>/dev/null) \
+  2>/dev/null && rm -f "$OUT"/tests-*.log "$OUT"/racecheck.log "$OUT"/nsys-*.txt "$OUT"/ncu-*.txt
 echo "--- failures ---"
 tar -xOzf "$OUT/test-logs.tgz" 2>/dev/null | grep -E "(FAILED|ERROR)" | cut -c1-220 | head -40
 exit $status

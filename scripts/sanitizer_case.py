@@ -1,7 +1,13 @@
 """A small CUDA case for compute-sanitizer: every cell, packed and padded, norms and clipping on,
 forward and backward through the `cuda` backend's per-step and persistent kernels (and `triton` when
-available)."""
+available).
 
+    python3 scripts/sanitizer_case.py                       # memcheck: everything
+    python3 scripts/sanitizer_case.py --kernels persistent,persistent-v4,cluster --dtypes float32
+                                                            # racecheck: the persistent kernels only
+"""
+
+import argparse
 import os
 
 import torch
@@ -9,16 +15,26 @@ from torch.nn.utils.rnn import pack_sequence
 
 import rnnkern
 
+CUDA_KERNELS = ("step", "persistent", "persistent-v4", "cluster")
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--kernels", default=",".join(CUDA_KERNELS),
+                    help="RNNKERN_CUDA_KERNEL values to run (comma-separated); 'triton' adds that backend")
+parser.add_argument("--dtypes", default="float32,float16")
+args = parser.parse_args()
+kernels = args.kernels.split(",")
+dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+
 torch.manual_seed(0)
-backends = [b for b in ("cuda", "triton") if b in rnnkern.backends()]
-runs = [(b, k) for b in backends
-        for k in (("step", "persistent", "persistent-v4") if b == "cuda" else (None,))]
+runs = [("cuda", k) for k in kernels if k in CUDA_KERNELS and "cuda" in rnnkern.backends()]
+if "triton" in rnnkern.backends() and args.kernels == parser.get_default("kernels"):
+    runs.append(("triton", None))
 for backend, kernel in runs:
     if kernel:
         os.environ["RNNKERN_CUDA_KERNEL"] = kernel
     for cls, kw in [(rnnkern.LSTM, {}), (rnnkern.LSTM, {"proj_size": 3}), (rnnkern.GRU, {}),
                     (rnnkern.RNN, {}), (rnnkern.RNN, {"nonlinearity": "relu"})]:
-        for dtype in (torch.float32, torch.float16):
+        for dtype in dtypes:
             m = cls(5, 7, num_layers=2, bidirectional=True, backend=backend, record_grad_norms=True,
                     hidden_grad_clip=0.5, **kw).to("cuda", dtype)
             seqs = [torch.randn(n, 5, device="cuda", dtype=dtype, requires_grad=True) for n in (6, 3, 5)]
@@ -29,4 +45,4 @@ for backend, kernel in runs:
             out.float().sum().backward()
             assert m.grad_norms is not None and torch.isfinite(m.grad_norms.h).all()
 torch.cuda.synchronize()
-print("sanitizer case done:", runs)
+print("sanitizer case done:", runs, [str(d) for d in dtypes])

@@ -220,6 +220,14 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
     assert "per-step kernels" in text and "multiply-adds, is above" in text
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "step")
     assert "RNNKERN_CUDA_KERNEL=step" in rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "cluster")
+    text = rnnkern.explain(small, torch.randn(5, 40, 8, device="cuda"))
+    if torch.cuda.get_device_capability()[0] >= 9:
+        # 40 rows: 3 tiles of at most 16; H = 256 over 16 blocks.
+        assert "3 cluster(s) of 16 blocks" in text and "16 hidden units" in text, text
+    else:
+        assert "no thread-block clusters" in text, text
+    assert "per-step kernels" in rnnkern.explain(large, torch.randn(5, 64, 8, device="cuda"))
 
 
 def test_built_extension_loads():

@@ -19,9 +19,10 @@ namespace {
 
 // RNNKERN_CUDA_KERNEL: "auto" (default: persistent where its plan allows and the shape heuristic
 // says it is faster), "persistent" (wherever its plan allows), "step" (never persistent),
-// "persistent-v4" (the experimental v4 persistent kernels wherever the plan allows; never chosen by
-// auto until they have passed the GPU tests).
-enum class KernelChoice { Auto, Step, Persistent, PersistentV4 };
+// "persistent-v4" (the experimental v4 persistent kernels wherever the plan allows), "cluster" (the
+// thread-block-cluster kernels wherever their plan allows, sm_90+). The last two are never chosen
+// by auto until they have passed the GPU tests and been timed.
+enum class KernelChoice { Auto, Step, Persistent, PersistentV4, Cluster };
 
 KernelChoice kernel_choice() {
   const char* value = std::getenv("RNNKERN_CUDA_KERNEL");
@@ -29,8 +30,9 @@ KernelChoice kernel_choice() {
   if (std::strcmp(value, "step") == 0) return KernelChoice::Step;
   if (std::strcmp(value, "persistent") == 0) return KernelChoice::Persistent;
   if (std::strcmp(value, "persistent-v4") == 0) return KernelChoice::PersistentV4;
-  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent, persistent-v4 or step, not '",
-              value, "'");
+  if (std::strcmp(value, "cluster") == 0) return KernelChoice::Cluster;
+  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent, persistent-v4, cluster or step, "
+              "not '", value, "'");
 }
 
 // Shapes where "auto" runs the persistent kernels: where they measured faster than the per-step
@@ -52,6 +54,9 @@ persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hi
     persistent::Plan plan;
     plan.reason = persistent::Decline::Forced;
     return plan;
+  }
+  if (choice == KernelChoice::Cluster) {
+    return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device);
   }
   persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device,
                                                 choice == KernelChoice::PersistentV4);
@@ -183,7 +188,7 @@ std::vector<int64_t> cuda_kernel_plan(int64_t cell, at::ScalarType dtype, int64_
                                               static_cast<int>(device));
   return {plan.ok ? 1 : 0, static_cast<int64_t>(plan.reason), plan.blocks, plan.units,
           static_cast<int64_t>(plan.smem_forward), static_cast<int64_t>(plan.smem_backward),
-          kPersistentMaxBlockWork};
+          kPersistentMaxBlockWork, plan.cluster};
 }
 
 const StepKernels& step_kernels_cuda() {

@@ -22,7 +22,7 @@
 #include <memory>
 #include <mutex>
 
-#include "device_utils.cuh"
+#include "persistent_common.cuh"
 #include "rnnkern/cell_math.h"
 
 namespace cg = cooperative_groups;
@@ -31,51 +31,14 @@ namespace rnnkern {
 namespace persistent {
 namespace {
 
-constexpr int kThreads = 256;
+using namespace detail;
+
 // The operand rows of a step (h_{t-1} forward, dgates backward) are staged in shared memory in tiles
 // of `chunk` columns: the whole block loads a [rows x chunk] tile at once (many loads in flight),
 // then the dot products run out of shared memory. Each tile costs one L2 round trip and two block
 // barriers, so the plan makes `chunk` as wide as shared memory allows: the whole row where it fits
 // (v2 used 64-column tiles: 16 to 48 round trips per step at H = 256..768, bench/NOTES.md).
 constexpr int kChunkAlign = 32;
-
-// cells.h's helpers are host-only constexpr functions; these are their compile-time twins.
-template <Cell C>
-constexpr int kGates = C == Cell::LSTM ? 4 : (C == Cell::GRU ? 3 : 1);
-template <Cell C>
-constexpr int kSlots = C == Cell::LSTM ? 5 : (C == Cell::GRU ? 4 : 0);
-
-using cuda::AccOf;
-
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-// Loads of data other blocks wrote during this launch: through L2 (L1 is not coherent).
-__device__ __forceinline__ float load_cg(const float* p) { return __ldcg(p); }
-__device__ __forceinline__ double load_cg(const double* p) { return __ldcg(p); }
-__device__ __forceinline__ float load_cg(const __half* p) { return __half2float(__ldcg(p)); }
-__device__ __forceinline__ float load_cg(const __nv_bfloat16* p) {
-  return __bfloat162float(__ldcg(p));
-}
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// Threads per (row, unit) pair for a dot product: a power of two <= 32 so that a group sits inside
-// one warp and reduces with shuffles; identical in every thread of the block.
-__device__ __forceinline__ int lanes_per_pair(int pairs) {
-  int lanes = pairs > 0 ? kThreads / pairs : 32;
-  lanes = lanes < 1 ? 1 : (lanes > 32 ? 32 : lanes);
-  return 1 << (31 - __clz(lanes));
-}
-
-template <typename A>
-__device__ __forceinline__ A group_sum(A v, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // v4 (experimental, RNNKERN_CUDA_KERNEL=persistent-v4): the same kernels with the per-step chains of
 // dependent global-memory round trips cut (bench/NOTES.md, "v4 plan"): operand tiles staged with
@@ -115,36 +78,6 @@ __device__ __forceinline__ double warp_sum_partials(const double* first, int cou
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   return sum;
 }
-
-// v through the storage dtype T and back: the state another step will read as T (GRU's h) is kept
-// rounded as if it had been stored.
-template <typename T, typename A>
-__device__ __forceinline__ A through(A v) {
-  T tmp;
-  store(&tmp, v);
-  return A(load(&tmp));
-}
-
-// Time geometry shared by both kernels (docs/internals.md).
-struct Geometry {
-  const int64_t* sizes;
-  const int64_t* offsets;
-  int64_t steps;
-  bool reverse;
-  __device__ int64_t t_of(int64_t k) const { return reverse ? steps - 1 - k : k; }
-  // Step processed before t in the forward recurrence (-1: none) and rows continuing from it.
-  __device__ int64_t prev(int64_t t) const { return reverse ? (t + 1 < steps ? t + 1 : -1) : t - 1; }
-  __device__ int64_t n_prev(int64_t t) const {
-    const int64_t p = prev(t);
-    return p < 0 ? 0 : min(sizes[t], sizes[p]);
-  }
-  // Step processed after t in the forward recurrence (-1: none) and rows continuing into it.
-  __device__ int64_t next(int64_t t) const { return reverse ? t - 1 : (t + 1 < steps ? t + 1 : -1); }
-  __device__ int64_t n_next(int64_t t) const {
-    const int64_t n = next(t);
-    return n < 0 ? 0 : min(sizes[t], sizes[n]);
-  }
-};
 
 template <Cell C, typename T, bool V4>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int units, int chunk) {
@@ -539,8 +472,6 @@ BackwardKernel<T> backward_for(Cell cell) {
   }
 }
 
-size_t acc_size(DType dtype) { return dtype == DType::F64 ? sizeof(double) : sizeof(float); }
-
 template <typename Args>
 cudaError_t launch(const void* kernel, const Plan& plan, size_t smem, int chunk, Args args,
                    cudaStream_t stream) {
@@ -580,6 +511,10 @@ const void* backward_ptr(Cell cell, DType dtype, bool v4) {
   }
 }
 
+}  // namespace
+
+namespace detail {
+
 // cudaGetDeviceProperties is slow (milliseconds): read each device once.
 const cudaDeviceProp* device_properties(int device) {
   static std::mutex mutex;
@@ -597,7 +532,7 @@ const cudaDeviceProp* device_properties(int device) {
   return it->second.get();
 }
 
-}  // namespace
+}  // namespace detail
 
 Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj, int device,
                bool v4) {
@@ -663,17 +598,19 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
 }
 
 size_t scratch_elements(const Plan& plan, int64_t batch) {
-  return static_cast<size_t>(4) * plan.blocks * batch;
+  return plan.cluster > 0 ? 0 : static_cast<size_t>(4) * plan.blocks * batch;
 }
 
 cudaError_t forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   if (args.steps == 0 || args.batch == 0) return cudaSuccess;
+  if (plan.cluster > 0) return cluster_forward(plan, args, stream);
   return launch(forward_ptr(args.cell, args.dtype, plan.v4), plan, plan.smem_forward,
                 plan.chunk_forward, args, stream);
 }
 
 cudaError_t backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   if (args.steps == 0 || args.batch == 0) return cudaSuccess;
+  if (plan.cluster > 0) return cluster_backward(plan, args, stream);
   return launch(backward_ptr(args.cell, args.dtype, plan.v4), plan, plan.smem_backward,
                 plan.chunk_backward, args, stream);
 }

@@ -23,7 +23,7 @@ namespace persistent {
 // Why a layer is not run persistently (rnnkern/explain.py has the texts).
 enum class Decline : int {
   None = 0, Projection = 1, Empty = 2, NoCooperativeLaunch = 3, SharedMemory = 4, Occupancy = 5,
-  Forced = 6, Heuristic = 7
+  Forced = 6, Heuristic = 7, NoClusters = 8
 };
 
 struct Plan {
@@ -37,12 +37,21 @@ struct Plan {
   int chunk_forward = 0;    // columns of h_{t-1} staged per tile (the whole row where it fits)
   int chunk_backward = 0;   // columns of the dgates rows staged per tile
   bool v4 = false;          // the experimental v4 kernels (persistent.cu)
+  int cluster = 0;          // > 0: the cluster kernels (persistent_cluster.cu), blocks per cluster
+  int tile_rows = 0;        // cluster kernels: batch rows per cluster (blocks / cluster clusters)
 };
 
 // Plan for a layer of `hidden` units and a batch of `batch` rows on `device`. Projections
 // (proj_size > 0) are not handled here (the per-step path runs them).
 Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj, int device,
                bool v4 = false);
+
+// Plan for the thread-block-cluster kernels (sm_90+, persistent_cluster.cu): each cluster of up to
+// 16 blocks holds all of W_hh and runs the time loop for a tile of batch rows, exchanging state
+// through distributed shared memory with the cluster's barrier. Declines (SharedMemory) where W_hh
+// and the tile's rows do not fit in one cluster's shared memory.
+Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
+                       int device);
 
 struct ForwardArgs {
   Cell cell = Cell::LSTM;
@@ -87,9 +96,11 @@ struct BackwardArgs {
   void* scratch = nullptr;         // float64, scratch_elements(plan, batch) elements
 };
 
-// Elements (float64) of the backward's cross-block scratch buffer (partial sums of squares).
+// Elements (float64) of the backward's cross-block scratch buffer (partial sums of squares; none
+// for the cluster kernels, which exchange them in shared memory).
 size_t scratch_elements(const Plan& plan, int64_t batch);
 
+// Run the kernels `plan` chose (grid-wide or cluster).
 cudaError_t forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream);
 cudaError_t backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream);
 

@@ -1,0 +1,206 @@
+// Floors of a persistent recurrence step on this GPU (bench/NOTES.md, issue 9): what one step's
+// synchronisation and state exchange cost with nothing else in the loop. Standalone (no torch):
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 scripts/persistent_probe.cu -o probe && ./probe
+// Each probe runs STEPS steps in one launch; the table gives microseconds per step (median of 7
+// launches after a warm-up) for a B=16, H=256 float32 state:
+//   grid-sync           cooperative_groups grid.sync() alone, 128 blocks (the v3/v4 kernels' barrier)
+//   grid-flag           a hand-rolled grid barrier: one atomic arrive per block, spin on a generation flag
+//   grid-exchange       write own B x H/128 slice of h to global, grid.sync(), every block loads all of
+//                       h (B x H) through L2 into shared memory: the grid kernels' forward floor
+//   cluster-sync/N      barrier.cluster alone, clusters of N blocks
+//   cluster-exchange/N  every block stores its B x H/N slice of h into all N blocks' shared memory
+//                       (distributed shared memory), then barrier.cluster: the cluster kernels' floor
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kSteps = 2048;
+constexpr int kBatch = 16;
+constexpr int kHidden = 256;
+
+#define CHECK(call)                                                                      \
+  do {                                                                                   \
+    cudaError_t err_ = (call);                                                           \
+    if (err_ != cudaSuccess) {                                                           \
+      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
+      std::exit(1);                                                                      \
+    }                                                                                    \
+  } while (0)
+
+__global__ void grid_sync_kernel(int steps) {
+  cg::grid_group grid = cg::this_grid();
+  for (int s = 0; s < steps; ++s) grid.sync();
+}
+
+// arrive: one atomicAdd per block on `count`; the last block resets it and bumps `generation`;
+// the others spin on `generation` with acquire loads.
+__global__ void grid_flag_kernel(int steps, unsigned* count, volatile unsigned* generation) {
+  for (int s = 0; s < steps; ++s) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const unsigned gen = *generation;
+      __threadfence();
+      if (atomicAdd(count, 1u) == gridDim.x - 1) {
+        *count = 0;
+        __threadfence();
+        *generation = gen + 1;
+      } else {
+        while (*generation == gen) {
+        }
+      }
+      __threadfence();
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void grid_exchange_kernel(int steps, float* h) {
+  __shared__ float stage[kBatch * kHidden];
+  cg::grid_group grid = cg::this_grid();
+  const int units = kHidden / gridDim.x;
+  for (int s = 0; s < steps; ++s) {
+    float* cur = h + (s & 1) * kBatch * kHidden;
+    float* nxt = h + ((s + 1) & 1) * kBatch * kHidden;
+    float v[kBatch * kHidden / kThreads];
+#pragma unroll
+    for (int r = 0; r < kBatch * kHidden / kThreads; ++r) v[r] = __ldcg(cur + r * kThreads + threadIdx.x);
+#pragma unroll
+    for (int r = 0; r < kBatch * kHidden / kThreads; ++r) stage[r * kThreads + threadIdx.x] = v[r];
+    __syncthreads();
+    if (threadIdx.x < kBatch * units) {
+      const int b = threadIdx.x / units, u = blockIdx.x * units + threadIdx.x % units;
+      nxt[b * kHidden + u] = stage[b * kHidden + u] * 0.5f + 1.0f;
+    }
+    grid.sync();
+  }
+}
+
+__global__ void cluster_sync_kernel(int steps) {
+  cg::cluster_group cluster = cg::this_cluster();
+  for (int s = 0; s < steps; ++s) cluster.sync();
+}
+
+__global__ void cluster_exchange_kernel(int steps, float* sink) {
+  __shared__ float stage[2][kBatch * kHidden];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int units = kHidden / blocks;
+  for (int i = threadIdx.x; i < 2 * kBatch * kHidden; i += kThreads) (&stage[0][0])[i] = 1.0f;
+  cluster.sync();
+  for (int s = 0; s < steps; ++s) {
+    const float* cur = stage[s & 1];
+    float* nxt = stage[(s + 1) & 1];
+    for (int i = threadIdx.x; i < kBatch * units; i += kThreads) {
+      const int b = i / units, u = rank * units + i % units;
+      const float v = cur[b * kHidden + u] * 0.5f + 1.0f;
+      for (int r = 0; r < blocks; ++r) *cluster.map_shared_rank(nxt + b * kHidden + u, r) = v;
+    }
+    cluster.sync();
+  }
+  if (threadIdx.x == 0) sink[blockIdx.x] = stage[kSteps & 1][rank];
+}
+
+template <typename Launch>
+float per_step_us(Launch launch) {
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  launch();  // warm-up
+  CHECK(cudaDeviceSynchronize());
+  std::vector<float> times;
+  for (int rep = 0; rep < 7; ++rep) {
+    CHECK(cudaEventRecord(start));
+    launch();
+    CHECK(cudaEventRecord(stop));
+    CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms * 1000.0f / kSteps);
+  }
+  std::sort(times.begin(), times.end());
+  CHECK(cudaEventDestroy(start));
+  CHECK(cudaEventDestroy(stop));
+  return times[times.size() / 2];
+}
+
+void cooperative(const void* kernel, int blocks, void** args) {
+  CHECK(cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kThreads), args, 0, nullptr));
+  CHECK(cudaGetLastError());
+}
+
+void clustered(const void* kernel, int cluster, void** args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(cluster);
+  config.blockDim = dim3(kThreads);
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  CHECK(cudaLaunchKernelExC(&config, kernel, args));
+  CHECK(cudaGetLastError());
+}
+
+int main() {
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs, L2 %d MB, steps per launch %d, B=%d H=%d float32\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, kSteps, kBatch, kHidden);
+  std::printf("%-22s %7s %12s\n", "probe", "blocks", "us/step");
+  int steps = kSteps;
+  const int grid_blocks = 128;
+  {
+    void* args[] = {&steps};
+    std::printf("%-22s %7d %12.3f\n", "grid-sync", grid_blocks,
+                per_step_us([&] { cooperative(reinterpret_cast<const void*>(grid_sync_kernel), grid_blocks, args); }));
+  }
+  {
+    unsigned* count;
+    unsigned* generation;
+    CHECK(cudaMalloc(&count, sizeof(unsigned)));
+    CHECK(cudaMalloc(&generation, sizeof(unsigned)));
+    CHECK(cudaMemset(count, 0, sizeof(unsigned)));
+    CHECK(cudaMemset(generation, 0, sizeof(unsigned)));
+    void* args[] = {&steps, &count, &generation};
+    std::printf("%-22s %7d %12.3f\n", "grid-flag", grid_blocks,
+                per_step_us([&] { cooperative(reinterpret_cast<const void*>(grid_flag_kernel), grid_blocks, args); }));
+    CHECK(cudaFree(count));
+    CHECK(cudaFree(generation));
+  }
+  {
+    float* h;
+    CHECK(cudaMalloc(&h, 2 * kBatch * kHidden * sizeof(float)));
+    CHECK(cudaMemset(h, 0, 2 * kBatch * kHidden * sizeof(float)));
+    void* args[] = {&steps, &h};
+    std::printf("%-22s %7d %12.3f\n", "grid-exchange", grid_blocks,
+                per_step_us([&] { cooperative(reinterpret_cast<const void*>(grid_exchange_kernel), grid_blocks, args); }));
+    CHECK(cudaFree(h));
+  }
+  float* sink;
+  CHECK(cudaMalloc(&sink, 16 * sizeof(float)));
+  for (int cluster : {2, 4, 8, 16}) {
+    for (const void* kernel : {reinterpret_cast<const void*>(cluster_sync_kernel),
+                               reinterpret_cast<const void*>(cluster_exchange_kernel)}) {
+      if (cluster > 8) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      const bool exchange = kernel == reinterpret_cast<const void*>(cluster_exchange_kernel);
+      void* args_sync[] = {&steps};
+      void* args_exchange[] = {&steps, &sink};
+      char name[32];
+      std::snprintf(name, sizeof(name), "%s/%d", exchange ? "cluster-exchange" : "cluster-sync", cluster);
+      std::printf("%-22s %7d %12.3f\n", name, cluster,
+                  per_step_us([&] { clustered(kernel, cluster, exchange ? args_exchange : args_sync); }));
+    }
+  }
+  CHECK(cudaFree(sink));
+  return 0;
+}
