@@ -556,6 +556,33 @@ def test_cuda_float64_matches_oracle(cell, reverse, packed, clipping):
     assert_results_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+PERSISTENT_KERNELS = ["persistent", "persistent-v4", "cluster"]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("kernel", PERSISTENT_KERNELS)
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("B,H", [(37, 37), (3, 5)], ids=["B37-H37", "B3-H5"])
+def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatch):
+    """Each persistent kernel, forced, against the oracle: packed lengths, clipping, and shapes that
+    leave some blocks without hidden units (H = 37 over 16 blocks of 3; H = 5 over 4 blocks of 2) and,
+    for the cluster kernels, several batch tiles (B = 37: 3 tiles of 13 rows). The plan must accept
+    the layer: a silent fallback to the per-step kernels would test nothing."""
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    plan = torch.ops.rnnkern.cuda_kernel_plan(cell, torch.float64, B, H, False, torch.cuda.current_device())
+    if kernel == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        assert not plan[0]
+        pytest.skip("thread-block clusters need sm_90")
+    assert plan[0], plan
+    case, grads, _ = make_case(cell, T=7, B=B, H=H, P=0, packed=True, seed=65)
+    clip = pick_clip(case, grads, reverse)
+    want = run_layer(oracle_fn, case, grads, reverse, clip)
+    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), reverse, clip)
+    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("reverse", [False, True])
