@@ -30,6 +30,7 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "persistent_common.cuh"
 #include "rnnkern/cell_math.h"
@@ -42,10 +43,37 @@ namespace {
 
 using namespace detail;
 
-// Row padding of the shared-memory W_hh and state tables, in elements of T: 4 bytes, so that lane
-// groups reading different rows at the same column hit different banks.
+// 16-bit layers run the recurrent products on tensor cores (mma.sync m16n8k16, float32
+// accumulation); float32 and float64 keep exact FMA dot products.
 template <typename T>
-constexpr int kPad = sizeof(T) >= 4 ? 1 : 4 / static_cast<int>(sizeof(T));
+constexpr bool kMma = sizeof(T) == 2;
+
+__host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Shapes (in elements) of the shared-memory tables, computed the same way on the host (sizes) and
+// in the kernels (layout). The MMA operand tables are zero-padded to whole tiles (16 state rows, K in
+// steps of 16, N in steps of 8) and their rows keep 32-bit pairs aligned; the 8 extra elements per
+// row (16 bytes) put the 8 rows a fragment load touches in different banks. FMA rows get one
+// element of padding (the lane groups of a warp read different rows at the same column).
+struct Tables {
+  int ld;          // forward: row length of the W_hh rows and of the state rows
+  int w_rows;      // forward: W_hh rows, n = g * U + ul (G * U, padded to 8 for MMA)
+  int state_rows;  // rows of a state stage (Bt; 16 for MMA)
+  int hp_ld;       // forward: columns of the product hp[b][n] (w_rows)
+  int ldn;         // backward, MMA: row length of dgate[b][n] and of W_hhᵀ rows wt[k][n]
+  int wt_rows;     // backward, MMA: rows of wt (H padded to 8)
+};
+
+__host__ __device__ inline Tables make_tables(bool mma, int hidden, int gates, int units, int tile_rows) {
+  Tables t;
+  t.ld = mma ? round_up(hidden, 16) + 8 : hidden + 1;
+  t.w_rows = mma ? round_up(gates * units, 8) : gates * units;
+  t.state_rows = mma ? 16 : tile_rows;
+  t.hp_ld = t.w_rows;
+  t.ldn = mma ? round_up(gates * units, 16) + 8 : 0;
+  t.wt_rows = mma ? round_up(hidden, 8) : 0;
+  return t;
+}
 
 constexpr int kMaxClusterBlocks = 16;  // Hopper's limit (above 8 with the non-portable attribute)
 constexpr int kTileRows = 16;          // batch rows per cluster where the batch allows
@@ -55,15 +83,69 @@ struct ClusterShape {
   int tile_rows;  // batch rows per cluster
 };
 
+// The kernels' bodies are compiled for sm_90 and newer only (and parsed in the host pass).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define RNNKERN_HAS_CLUSTERS 1
+#endif
+
+#ifdef RNNKERN_HAS_CLUSTERS
 // Rows of a cluster's tile [tile0, tile0 + rows) below n.
 __device__ __forceinline__ int rows_below(int64_t n, int tile0, int rows) {
   const int64_t v = n - tile0;
   return static_cast<int>(v < 0 ? 0 : (v > rows ? rows : v));
 }
 
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-#define RNNKERN_HAS_CLUSTERS 1
+
+// Zeroes `bytes` (a multiple of 4) of shared memory from the 4-byte aligned `p`, block-wide.
+__device__ __forceinline__ void zero_words(void* p, int bytes) {
+  uint32_t* words = static_cast<uint32_t*>(p);
+  for (int i = threadIdx.x; i < bytes / 4; i += kThreads) words[i] = 0u;
+}
+
+__device__ __forceinline__ uint32_t pair_at(const void* p) { return *static_cast<const uint32_t*>(p); }
+
+// Fragments of mma.m16n8k16 (PTX ISA, "matrix fragments for mma.m16n8k16"), lane = 4 * gid + tig.
+// A: rows [0, 16), columns [k0, k0 + 16) of the row-major `m` (leading dimension ld).
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* m, int ld, int k0, int gid, int tig) {
+  const T* r0 = m + gid * ld + k0 + 2 * tig;
+  const T* r8 = r0 + 8 * ld;
+  a[0] = pair_at(r0);
+  a[1] = pair_at(r8);
+  a[2] = pair_at(r0 + 8);
+  a[3] = pair_at(r8 + 8);
+}
+
+// B (16 x 8, "col"): element (k, n) at m[n * ld + k], n in [n0, n0 + 8), k in [k0, k0 + 16).
+template <typename T>
+__device__ __forceinline__ void load_b(uint32_t (&b)[2], const T* m, int ld, int n0, int k0, int gid, int tig) {
+  const T* r = m + (n0 + gid) * ld + k0 + 2 * tig;
+  b[0] = pair_at(r);
+  b[1] = pair_at(r + 8);
+}
+
+// d += A B on the tensor cores, float32 accumulation. d[0], d[1]: row gid, columns 2 tig + {0, 1};
+// d[2], d[3]: row gid + 8.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
 #endif
+}
+
+#endif  // RNNKERN_HAS_CLUSTERS
 
 template <Cell C, typename T>
 __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
@@ -78,16 +160,18 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
   const int rank = static_cast<int>(cluster.block_rank());
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
-  const int LD = H + kPad<T>;
   const int U = shape.units, Bt = shape.tile_rows;
+  const Tables tb = make_tables(kMma<T>, H, G, U, Bt);
+  const int LD = tb.ld, HP = tb.hp_ld;
   const int u0 = rank * U;
   const int nu = max(0, min(U, H - u0));
   const int tile0 = static_cast<int>(blockIdx.x) / blocks * Bt;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* bias = reinterpret_cast<A*>(smem_raw);   // [G][U]: b_hh of own units
   A* own_c = bias + G * U;                    // [Bt][U]: LSTM c_{t-1} of own units
-  T* w = reinterpret_cast<T*>(own_c + Bt * U);  // [G][U][LD]: own units' rows of W_hh
-  T* stage = w + G * U * LD;                  // [2][Bt][LD]: h_{t-1} of the tile, by step parity
+  A* hp = own_c + Bt * U;                     // [state_rows][HP]: h_{t-1} W_hhᵀ for own rows n
+  T* w = reinterpret_cast<T*>(hp + tb.state_rows * HP);  // [w_rows][LD]: W_hh rows g*H + u0 + ul
+  T* stage = w + tb.w_rows * LD;              // [2][state_rows][LD]: h_{t-1} of the tile, by parity
   const T* w_hh = static_cast<const T*>(a.w_hh);
   const T* xp = static_cast<const T*>(a.xp);
   const T* b_hh = static_cast<const T*>(a.b_hh);
@@ -99,6 +183,9 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
   T* c_n = static_cast<T*>(a.c_n);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
+  // Zeros first: the MMA tiles read the padding (rows, columns) of both tables.
+  zero_words(w, (tb.w_rows + 2 * tb.state_rows) * LD * static_cast<int>(sizeof(T)));
+  __syncthreads();
   for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
     const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
     w[(g * U + ul) * LD + k] = w_hh[static_cast<int64_t>(g * H + u0 + ul) * H + k];
@@ -115,86 +202,117 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
     const int rows = rows_below(a.sizes[t], tile0, Bt);
     const int rows_prev = rows_below(geo.n_prev(t), tile0, Bt);  // rows continuing from the last step
     const int rows_next = rows_below(geo.n_next(t), tile0, Bt);  // rows continuing into the next
-    T* cur = stage + (s & 1) * Bt * LD;
-    T* nxt = stage + ((s + 1) & 1) * Bt * LD;
+    const int pairs = rows * nu;
+    T* cur = stage + (s & 1) * tb.state_rows * LD;
+    T* nxt = stage + ((s + 1) & 1) * tb.state_rows * LD;
+    // x_t's projection for this thread's first (row, unit) pair, loaded before the product (its
+    // latency hidden by it).
+    A xv[G];
+    if (static_cast<int>(threadIdx.x) < pairs) {
+      const T* x = xp + (row0 + threadIdx.x / nu) * GH + u0 + threadIdx.x % nu;
+#pragma unroll
+      for (int g = 0; g < G; ++g) xv[g] = A(load(x + g * H));
+    }
     for (int i = threadIdx.x; i < (rows - rows_prev) * H; i += kThreads) {  // samples starting here
       const int b = rows_prev + i / H, k = i % H;
       cur[b * LD + k] = h0[static_cast<int64_t>(tile0 + b) * H + k];
     }
     __syncthreads();
-    const int pairs = rows * nu;
-    const int lanes = lanes_per_pair(pairs);
-    const int groups = kThreads / lanes;
-    const int lane = threadIdx.x % lanes;
-    const int leader = (threadIdx.x % 32) & ~(lanes - 1);  // the group's lane 0, within the warp
-    for (int base = 0; base < pairs; base += groups) {  // uniform trip count: shuffles stay safe
-      const int pair = base + threadIdx.x / lanes;
-      const bool valid = pair < pairs;
-      const int b = valid ? pair / nu : 0;
-      const int ul = valid ? pair % nu : 0;
-      const int u = u0 + ul;
+
+    // hp = h_{t-1} W_hhᵀ for the block's rows n = g * U + ul.
+    if constexpr (kMma<T>) {
+      const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+      for (int n0 = warp * 8; rows > 0 && n0 < tb.w_rows; n0 += kThreads / 4) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int k0 = 0; k0 < H; k0 += 16) {  // columns past H are zeros in both operands
+          uint32_t fa[4], fb[2];
+          load_a(fa, cur, LD, k0, gid, tig);
+          load_b(fb, w, LD, n0, k0, gid, tig);
+          mma_16816<T>(d, fa, fb);
+        }
+        const int n = n0 + 2 * tig;
+        hp[gid * HP + n] = d[0];
+        hp[gid * HP + n + 1] = d[1];
+        hp[(gid + 8) * HP + n] = d[2];
+        hp[(gid + 8) * HP + n + 1] = d[3];
+      }
+    } else {
+      const int lanes = lanes_per_pair(pairs);
+      const int groups = kThreads / lanes;
+      const int lane = threadIdx.x % lanes;
+      for (int base = 0; base < pairs; base += groups) {  // uniform trip count: shuffles stay safe
+        const int pair = base + threadIdx.x / lanes;
+        const bool valid = pair < pairs;
+        const int b = valid ? pair / nu : 0;
+        const int ul = valid ? pair % nu : 0;
+        A acc[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[g] = A(0);
+        if (valid) {
+          const T* h_row = cur + b * LD;
+          for (int k = lane; k < H; k += lanes) {
+            const A hv = A(load(h_row + k));
+#pragma unroll
+            for (int g = 0; g < G; ++g) acc[g] += hv * A(load(w + (g * U + ul) * LD + k));
+          }
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[g] = group_sum(acc[g], lanes);
+        if (valid && lane == 0) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) hp[b * HP + g * U + ul] = acc[g];
+        }
+      }
+    }
+    __syncthreads();
+
+    // The cell for each (row, own unit); h_t to `out` and into every block's next stage.
+    for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
+      const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const int64_t row = row0 + b;
-      const T* x = xp + row * GH + u;
-      A acc[G];
-      A xv[G];  // x_t's projection, loaded before the dot products (its latency hidden by them)
+      if (pair != static_cast<int>(threadIdx.x)) {
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        acc[g] = A(0);
-        xv[g] = (valid && lane == 0) ? A(load(x + g * H)) : A(0);
+        for (int g = 0; g < G; ++g) xv[g] = A(load(xp + row * GH + g * H + u));
       }
-      if (valid) {
-        const T* h_row = cur + b * LD;
-        for (int k = lane; k < H; k += lanes) {
-          const A hv = A(load(h_row + k));
+      A hh[G];  // h_{t-1} W_hhᵀ + b_hh
 #pragma unroll
-          for (int g = 0; g < G; ++g) acc[g] += hv * A(load(w + (g * U + ul) * LD + k));
-        }
+      for (int g = 0; g < G; ++g) hh[g] = A(hp[b * HP + g * U + ul]) + bias[g * U + ul];
+      const bool last = b >= rows_next;  // the sample ends here: h_n (and c_n)
+      A h;
+      if constexpr (C == Cell::LSTM) {
+        const A c_prev = b < rows_prev ? own_c[b * U + ul]
+                                       : A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u));
+        LstmGates<A> gates;
+        A c;
+        lstm_forward_unit<A>(xv[0] + hh[0], xv[1] + hh[1], xv[2] + hh[2], xv[3] + hh[3], c_prev,
+                             gates, c, h);
+        own_c[b * U + ul] = c;
+        A* wr = ws + row * S * H;
+        wr[u] = gates.i;
+        wr[H + u] = gates.f;
+        wr[2 * H + u] = gates.g;
+        wr[3 * H + u] = gates.o;
+        wr[4 * H + u] = c;
+        if (last) store(c_n + static_cast<int64_t>(tile0 + b) * H + u, c);
+      } else if constexpr (C == Cell::GRU) {
+        // Xp and Hp enter the GRU separately (b_hn stays inside r ⊙ (...)).
+        GruGates<A> gates;
+        gru_forward_unit<A>(xv[0], xv[1], xv[2], hh[0], hh[1], hh[2], A(load(cur + b * LD + u)),
+                            gates, h);
+        A* wr = ws + row * S * H;
+        wr[u] = gates.r;
+        wr[H + u] = gates.z;
+        wr[2 * H + u] = gates.n;
+        wr[3 * H + u] = hh[2];
+      } else {
+        h = rnn_forward_unit<C == Cell::RNN_RELU, A>(xv[0] + hh[0]);
       }
-#pragma unroll
-      for (int g = 0; g < G; ++g) acc[g] = group_sum(acc[g], lanes);
-      A h = A(0);
-      if (valid && lane == 0) {
-        A hp[G];  // h_{t-1} W_hhᵀ + b_hh
-#pragma unroll
-        for (int g = 0; g < G; ++g) hp[g] = acc[g] + bias[g * U + ul];
-        const bool last = b >= rows_next;  // the sample ends here: h_n (and c_n)
-        if constexpr (C == Cell::LSTM) {
-          const A c_prev = b < rows_prev ? own_c[b * U + ul]
-                                         : A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u));
-          LstmGates<A> gates;
-          A c;
-          lstm_forward_unit<A>(xv[0] + hp[0], xv[1] + hp[1], xv[2] + hp[2], xv[3] + hp[3], c_prev,
-                               gates, c, h);
-          own_c[b * U + ul] = c;
-          A* wr = ws + row * S * H;
-          wr[u] = gates.i;
-          wr[H + u] = gates.f;
-          wr[2 * H + u] = gates.g;
-          wr[3 * H + u] = gates.o;
-          wr[4 * H + u] = c;
-          if (last) store(c_n + static_cast<int64_t>(tile0 + b) * H + u, c);
-        } else if constexpr (C == Cell::GRU) {
-          // Xp and Hp enter the GRU separately (b_hn stays inside r ⊙ (...)).
-          GruGates<A> gates;
-          gru_forward_unit<A>(xv[0], xv[1], xv[2], hp[0], hp[1], hp[2], A(load(cur + b * LD + u)),
-                              gates, h);
-          A* wr = ws + row * S * H;
-          wr[u] = gates.r;
-          wr[H + u] = gates.z;
-          wr[2 * H + u] = gates.n;
-          wr[3 * H + u] = hp[2];
-        } else {
-          h = rnn_forward_unit<C == Cell::RNN_RELU, A>(xv[0] + hp[0]);
-        }
-        store(out + row * H + u, h);
-        if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
-      }
-      // h_t into every block's next stage, as stored (T); the group's lanes share the stores.
-      h = __shfl_sync(0xffffffffu, h, leader);
-      if (valid && s + 1 < a.steps) {
-        T stored;
+      store(out + row * H + u, h);
+      if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
+      if (s + 1 < a.steps) {
+        T stored;  // as the next step reads it from `out`
         store(&stored, h);
-        for (int r = lane; r < blocks; r += lanes) *cluster.map_shared_rank(nxt + b * LD + u, r) = stored;
+        for (int r = 0; r < blocks; ++r) *cluster.map_shared_rank(nxt + b * LD + u, r) = stored;
       }
     }
     cluster.sync();
@@ -215,8 +333,9 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   const int rank = static_cast<int>(cluster.block_rank());
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
-  const int LD = H + kPad<T>;
   const int U = shape.units, Bt = shape.tile_rows;
+  const Tables tb = make_tables(kMma<T>, H, G, U, Bt);
+  const int LD = tb.ld, LDN = tb.ldn;
   const int u0 = rank * U;
   const int nu = max(0, min(U, H - u0));
   const int tile0 = static_cast<int>(blockIdx.x) / blocks * Bt;
@@ -228,9 +347,13 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   A* dc_next = dh_next + Bt * U;       // [Bt][U] (LSTM)
   A* gbuf = dc_next + Bt * U;          // [Bt][U]: g before clipping, then dc_t (LSTM)
   A* direct = gbuf + Bt * U;           // [Bt][U]: GRU z ⊙ g
-  A* dgate = direct + Bt * U;          // [Bt][G][U]: own gate gradients (the dh product's operand)
-  A* inbox = dgate + Bt * G * U;       // [blocks][Bt][U]: each block's share of own units' dh_prev
-  T* w = reinterpret_cast<T*>(inbox + blocks * Bt * U);  // [G][U][LD]: own units' rows of W_hh
+  A* inbox = direct + Bt * U;          // [blocks][Bt][U]: each block's share of own units' dh_prev
+  // The dh product's operands. FMA: dgate[b][n] (acc dtype) and W_hh rows w[n][k], n = g * U + ul.
+  // MMA: dgate[b][n] as stored (T, 16 rows x LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
+  A* dgate = inbox + blocks * Bt * U;  // FMA: [Bt][G * U]
+  T* w = reinterpret_cast<T*>(dgate + (kMma<T> ? 0 : Bt * G * U));  // FMA: [G * U][LD]
+  T* dgate16 = w;                      // MMA: [16][LDN]
+  T* wt = dgate16 + 16 * LDN;          // MMA: [wt_rows][LDN]
   const T* w_hh = static_cast<const T*>(a.w_hh);
   const T* grad_out = static_cast<const T*>(a.grad_out);
   const T* grad_h_n = static_cast<const T*>(a.grad_h_n);
@@ -246,9 +369,18 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   const A clip = static_cast<A>(a.clip);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
-  for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
-    const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
-    w[(g * U + ul) * LD + k] = w_hh[static_cast<int64_t>(g * H + u0 + ul) * H + k];
+  if constexpr (kMma<T>) {
+    zero_words(dgate16, (16 + tb.wt_rows) * LDN * static_cast<int>(sizeof(T)));  // the tiles' padding
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
+      const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
+      wt[k * LDN + g * U + ul] = w_hh[static_cast<int64_t>(g * H + u0 + ul) * H + k];
+    }
+  } else {
+    for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
+      const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
+      w[(g * U + ul) * LD + k] = w_hh[static_cast<int64_t>(g * H + u0 + ul) * H + k];
+    }
   }
   for (int i = threadIdx.x; i < 2 * Bt * U; i += kThreads) dh_next[i] = A(0);  // dh_next, dc_next
   cluster.sync();  // every block runs before any block writes into it
@@ -292,7 +424,14 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
       const int64_t row = row0 + b;
       const A dh = gbuf[b * U + ul] * clip_scale(row_norm[b], clip);
       T* dx = dgates_x + row * GH;
-      A* dg = dgate + b * G * U + ul;
+      // The product's operand, as stored (the per-step path reads the dgates rows back).
+      auto put_dgate = [&](int g, A value) {
+        if constexpr (kMma<T>) {
+          store(dgate16 + b * LDN + g * U + ul, value);
+        } else {
+          dgate[b * G * U + g * U + ul] = through<T>(value);
+        }
+      };
       const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
       if constexpr (C == Cell::LSTM) {
         const A* wr = ws + row * S * H;
@@ -309,7 +448,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
           store(dx + g * H + u, d[g]);
-          dg[g * U] = through<T>(d[g]);  // the product reads the gate gradients as stored
+          put_dgate(g, d[g]);
         }
         gbuf[b * U + ul] = dc_total;  // g is no longer needed: reuse for the dc partial
         if (starts) {
@@ -333,13 +472,13 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
 #pragma unroll
         for (int g = 0; g < 3; ++g) {
           store(dhh + g * H + u, d[g]);
-          dg[g * U] = through<T>(d[g]);
+          put_dgate(g, d[g]);
         }
         direct[b * U + ul] = dh_direct;
       } else {
         const A d = rnn_backward_unit<C == Cell::RNN_RELU, A>(dh, A(load(out + row * H + u)));
         store(dx + u, d);
-        dg[0] = through<T>(d);
+        put_dgate(0, d);
       }
     }
     __syncthreads();
@@ -353,17 +492,35 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
       }
     }
 
-    // C: this block's gate columns times its W_hh rows: a partial dh_prev for every unit, sent to
-    // the unit's owner. Consecutive threads take consecutive units (conflict-free W_hh reads).
-    for (int i = threadIdx.x; i < rows * H; i += kThreads) {
-      const int b = i / H, k = i % H;
-      const A* dg = dgate + b * G * U;
-      A acc = A(0);
+    // C: this block's gate columns times its W_hh rows: a partial dh_prev for every unit k, sent to
+    // the unit's owner.
+    if constexpr (kMma<T>) {
+      const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+      for (int k0 = warp * 8; rows > 0 && k0 < H; k0 += kThreads / 4) {  // 8 output units per tile
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int n0 = 0; n0 < G * U; n0 += 16) {  // columns past G * U are zeros in both operands
+          uint32_t fa[4], fb[2];
+          load_a(fa, dgate16, LDN, n0, gid, tig);
+          load_b(fb, wt, LDN, k0, n0, gid, tig);
+          mma_16816<T>(d, fa, fb);
+        }
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        for (int ul = 0; ul < nu; ++ul) acc += dg[g * U + ul] * A(load(w + (g * U + ul) * LD + k));
+        for (int j = 0; j < 4; ++j) {
+          const int b = gid + (j >= 2 ? 8 : 0), k = k0 + 2 * tig + (j & 1);
+          if (b < rows && k < H) *cluster.map_shared_rank(inbox + (rank * Bt + b) * U + k % U, k / U) = d[j];
+        }
       }
-      *cluster.map_shared_rank(inbox + (rank * Bt + b) * U + k % U, k / U) = acc;
+    } else {  // consecutive threads take consecutive units: conflict-free W_hh reads
+      for (int i = threadIdx.x; i < rows * H; i += kThreads) {
+        const int b = i / H, k = i % H;
+        const A* dg = dgate + b * G * U;
+        A acc = A(0);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          for (int ul = 0; ul < nu; ++ul) acc += dg[g * U + ul] * A(load(w + (g * U + ul) * LD + k));
+        }
+        *cluster.map_shared_rank(inbox + (rank * Bt + b) * U + k % U, k / U) = acc;
+      }
     }
     cluster.sync();
 
@@ -429,18 +586,20 @@ size_t storage_size(DType dtype) {
 // Shared memory of the two kernels (the layouts at the top of each).
 size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType dtype) {
   const size_t acc = acc_size(dtype), elem = storage_size(dtype);
-  const size_t ld = static_cast<size_t>(hidden) + (elem >= 4 ? 1 : 4 / elem);
-  return (static_cast<size_t>(gates) * units + static_cast<size_t>(tile_rows) * units) * acc +
-         (static_cast<size_t>(gates) * units + 2 * static_cast<size_t>(tile_rows)) * ld * elem;
+  const Tables tb = make_tables(elem == 2, static_cast<int>(hidden), gates, units, tile_rows);
+  return (static_cast<size_t>(gates) * units + static_cast<size_t>(tile_rows) * units +
+          static_cast<size_t>(tb.state_rows) * tb.hp_ld) * acc +
+         static_cast<size_t>(tb.w_rows + 2 * tb.state_rows) * tb.ld * elem;
 }
 
 size_t backward_smem(int gates, int units, int tile_rows, int blocks, int64_t hidden, DType dtype) {
   const size_t acc = acc_size(dtype), elem = storage_size(dtype);
-  const size_t ld = static_cast<size_t>(hidden) + (elem >= 4 ? 1 : 4 / elem);
-  const size_t rows = tile_rows, u = units;
-  return 2 * blocks * rows * sizeof(double) +
-         (rows + 4 * rows * u + rows * gates * u + blocks * rows * u) * acc +
-         static_cast<size_t>(gates) * u * ld * elem;
+  const bool mma = elem == 2;
+  const Tables tb = make_tables(mma, static_cast<int>(hidden), gates, units, tile_rows);
+  const size_t rows = tile_rows, u = units, g = gates;
+  const size_t tables = mma ? static_cast<size_t>(16 + tb.wt_rows) * tb.ldn * elem
+                            : rows * g * u * acc + g * u * tb.ld * elem;
+  return 2 * blocks * rows * sizeof(double) + (rows + 4 * rows * u + blocks * rows * u) * acc + tables;
 }
 
 cudaLaunchConfig_t launch_config(const Plan& plan, size_t smem, cudaStream_t stream,
