@@ -50,25 +50,24 @@ if stage probe; then
   echo "probe: $(( $(date +%s) - start )) s"
 fi
 
+# compute-sanitizer TOOL on scripts/sanitizer_case.py ARGS..., in the background; NAME.log, NAME.status.
+sanitize() {
+  local name=$1 tool=$2; shift 2
+  ( start=$(date +%s)
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$T_SAN" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      python3 scripts/sanitizer_case.py "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    echo "sanitizer $tool: rc=$rc $(( $(date +%s) - start )) s :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$name.log" | tail -1)" \
+      > "$OUT/$name.status"
+    exit $rc ) &
+}
+
 if stage sanitizer; then
-  # In the background, beside the tests (the sanitizers slow their own process only): memcheck on
-  # everything, racecheck (shared-memory hazards) on the persistent kernels in a small float32 case.
-  ( start=$(date +%s)
-    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$T_SAN" compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitizer_case.py \
-      > "$OUT/sanitizer.log" 2>&1
-    rc=$?
-    echo "sanitizer memcheck: rc=$rc $(( $(date +%s) - start )) s :: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)" \
-      > "$OUT/sanitizer.status"
-    exit $rc ) &
+  # Beside the tests (the sanitizers slow their own process only): memcheck on everything, racecheck
+  # (shared-memory hazards) on the persistent kernels in a small float32 case.
+  sanitize sanitizer memcheck
   san_pid=$!
-  ( start=$(date +%s)
-    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$T_SAN" compute-sanitizer --tool racecheck --racecheck-report hazard \
-      --error-exitcode 9 python3 scripts/sanitizer_case.py --kernels persistent,persistent-v4,cluster --dtypes float32 \
-      > "$OUT/racecheck.log" 2>&1
-    rc=$?
-    echo "sanitizer racecheck: rc=$rc $(( $(date +%s) - start )) s :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1)" \
-      > "$OUT/racecheck.status"
-    exit $rc ) &
+  sanitize racecheck racecheck --kernels persistent,persistent-v4,cluster --dtypes float32
   race_pid=$!
 fi
 

@@ -93,15 +93,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
   const int GH = G * H;
   const int u0 = blockIdx.x * units;
   const int nu = min(units, H - u0);
-  const T* w_hh = static_cast<const T*>(a.w_hh);
-  const T* xp = static_cast<const T*>(a.xp);
-  const T* b_hh = static_cast<const T*>(a.b_hh);
-  const T* h0 = static_cast<const T*>(a.h0);
-  const T* c0 = static_cast<const T*>(a.c0);
-  T* out = static_cast<T*>(a.out);
-  A* ws = static_cast<A*>(a.ws);
-  T* h_n = static_cast<T*>(a.h_n);
-  T* c_n = static_cast<T*>(a.c_n);
+  const auto [w_hh, xp, b_hh, h0, c0, out, ws, h_n, c_n] = typed<T, A>(a);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
   for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
@@ -197,35 +189,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
       }
       const bool last = b >= n_next;  // the sample ends here: h_n
       A* own_state = own + b * units + ul;
-      A h;
+      A prev = A(0), c = A(0);  // c_{t-1} (LSTM) or h_{t-1} (GRU); c_t
       if constexpr (C == Cell::LSTM) {
-        const A c_prev = !from_out ? A(load(c0 + static_cast<int64_t>(b) * H + u))
-                         : V4      ? *own_state
-                                   : load_cg(ws + (prev_row0 + b) * S * H + 4 * H + u);
-        LstmGates<A> gates;
-        A c;
-        lstm_forward_unit<A>(xv[0] + pre[0], xv[1] + pre[1], xv[2] + pre[2], xv[3] + pre[3], c_prev,
-                             gates, c, h);
+        prev = !from_out ? A(load(c0 + static_cast<int64_t>(b) * H + u))
+               : V4      ? *own_state
+                         : load_cg(ws + (prev_row0 + b) * S * H + 4 * H + u);
+      } else if constexpr (C == Cell::GRU) {
+        prev = !from_out ? A(load(h_row + u)) : V4 ? *own_state : load_cg(h_row + u);
+      }
+      const A h = forward_unit<C, A>(xv, pre, prev, ws + row * S * H, H, u, c);
+      if constexpr (C == Cell::LSTM) {
         if constexpr (V4) *own_state = c;
-        A* wr = ws + row * S * H;
-        wr[u] = gates.i;
-        wr[H + u] = gates.f;
-        wr[2 * H + u] = gates.g;
-        wr[3 * H + u] = gates.o;
-        wr[4 * H + u] = c;
         if (last) store(c_n + static_cast<int64_t>(b) * H + u, c);
       } else if constexpr (C == Cell::GRU) {
-        const A h_prev = !from_out ? A(load(h_row + u)) : V4 ? *own_state : load_cg(h_row + u);
-        GruGates<A> gates;
-        gru_forward_unit<A>(xv[0], xv[1], xv[2], pre[0], pre[1], pre[2], h_prev, gates, h);
         if constexpr (V4) *own_state = through<T>(h);
-        A* wr = ws + row * S * H;
-        wr[u] = gates.r;
-        wr[H + u] = gates.z;
-        wr[2 * H + u] = gates.n;
-        wr[3 * H + u] = pre[2];
-      } else {
-        h = rnn_forward_unit<C == Cell::RNN_RELU, A>(xv[0] + pre[0]);
       }
       store(out + row * H + u, h);
       if (last) store(h_n + static_cast<int64_t>(b) * H + u, h);
@@ -254,18 +231,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
   A* row_norm = direct + B * units;        // [B]
   A* stage = row_norm + B;                 // [B][chunk + 1]: a tile of dgates rows
   double* partial = static_cast<double*>(a.scratch);  // [2 parity][2 (g, c)][blocks][B]: Σ squares
-  const T* w_hh = static_cast<const T*>(a.w_hh);
-  const T* grad_out = static_cast<const T*>(a.grad_out);
-  const T* grad_h_n = static_cast<const T*>(a.grad_h_n);
-  const T* grad_c_n = static_cast<const T*>(a.grad_c_n);
-  const T* h0 = static_cast<const T*>(a.h0);
-  const T* c0 = static_cast<const T*>(a.c0);
-  const T* out = static_cast<const T*>(a.out);
-  const A* ws = static_cast<const A*>(a.ws);
-  T* dgates_x = static_cast<T*>(a.dgates_x);
-  T* dgates_h = static_cast<T*>(C == Cell::GRU ? a.dgates_h : a.dgates_x);
-  T* grad_h0 = static_cast<T*>(a.grad_h0);
-  T* grad_c0 = static_cast<T*>(a.grad_c0);
+  const auto [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] =
+      typed<C, T, A>(a);
   const A clip = static_cast<A>(a.clip);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
@@ -345,22 +312,21 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const int64_t row = row0 + b;
       const A dh = gbuf[b * units + ul] * clip_scale(row_norm[b], clip);
-      T* dx = dgates_x + row * GH;
       const bool starts = b >= n_prev;  // the sample's first step: gradients go to h0/c0
+      A prev = A(0), h = A(0), dc_in = A(0);
       if constexpr (C == Cell::LSTM) {
-        const A* wr = ws + row * S * H;
-        const LstmGates<A> gates{wr[u], wr[H + u], wr[2 * H + u], wr[3 * H + u]};
-        const A c_prev = starts ? A(load(c0 + static_cast<int64_t>(b) * H + u))
-                                : ws[(prev_row0 + b) * S * H + 4 * H + u];
-        const A dc_in = b < n_next ? dc_next[b * units + ul]
-                                   : (grad_c_n ? A(load(grad_c_n + static_cast<int64_t>(b) * H + u)) : A(0));
-        LstmGates<A> dpre;
-        A dc_total, dc_prev;
-        lstm_backward_unit<A>(dh, dc_in, gates, wr[4 * H + u], c_prev, dpre, dc_total, dc_prev);
-        store(dx + u, dpre.i);
-        store(dx + H + u, dpre.f);
-        store(dx + 2 * H + u, dpre.g);
-        store(dx + 3 * H + u, dpre.o);
+        prev = starts ? A(load(c0 + static_cast<int64_t>(b) * H + u)) : ws[(prev_row0 + b) * S * H + 4 * H + u];
+        dc_in = b < n_next ? dc_next[b * units + ul]
+                           : (grad_c_n ? A(load(grad_c_n + static_cast<int64_t>(b) * H + u)) : A(0));
+      } else if constexpr (C == Cell::GRU) {
+        prev = starts ? A(load(h0 + static_cast<int64_t>(b) * H + u)) : A(load(out + (prev_row0 + b) * H + u));
+      } else {
+        h = A(load(out + row * H + u));
+      }
+      A dg[G], dc_total, dc_prev, dh_direct;
+      backward_unit<C, T, A>(dh, dc_in, ws + row * S * H, prev, h, H, u, dgates_x + row * GH,
+                             dgates_h + row * GH, dg, dc_total, dc_prev, dh_direct);
+      if constexpr (C == Cell::LSTM) {
         gbuf[b * units + ul] = dc_total;  // g is no longer needed: reuse for the dc partial
         if (starts) {
           if (grad_c0) store(grad_c0 + static_cast<int64_t>(b) * H + u, dc_prev);
@@ -368,24 +334,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
           dc_next[b * units + ul] = dc_prev;
         }
       } else if constexpr (C == Cell::GRU) {
-        const A* wr = ws + row * S * H;
-        const GruGates<A> gates{wr[u], wr[H + u], wr[2 * H + u]};
-        const A h_prev = starts ? A(load(h0 + static_cast<int64_t>(b) * H + u))
-                                : A(load(out + (prev_row0 + b) * H + u));
-        GruGates<A> gx, gh;
-        A dh_direct;
-        gru_backward_unit<A>(dh, gates, wr[3 * H + u], h_prev, gx, gh, dh_direct);
-        store(dx + u, gx.r);
-        store(dx + H + u, gx.z);
-        store(dx + 2 * H + u, gx.n);
-        T* dhh = dgates_h + row * GH;
-        store(dhh + u, gh.r);
-        store(dhh + H + u, gh.z);
-        store(dhh + 2 * H + u, gh.n);
         direct[b * units + ul] = dh_direct;
-      } else {
-        const A h = A(load(out + row * H + u));
-        store(dx + u, rnn_backward_unit<C == Cell::RNN_RELU, A>(dh, h));
       }
     }
     if constexpr (C == Cell::LSTM) {
@@ -538,14 +487,7 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
                bool v4) {
   Plan plan;
   plan.v4 = v4;
-  if (has_proj) {
-    plan.reason = Decline::Projection;
-    return plan;
-  }
-  if (hidden <= 0 || batch <= 0) {
-    plan.reason = Decline::Empty;
-    return plan;
-  }
+  if (declines_layer(plan, has_proj, batch, hidden)) return plan;
   const cudaDeviceProp* found = device_properties(device);
   if (found == nullptr || !found->cooperativeLaunch) {
     plan.reason = Decline::NoCooperativeLaunch;

@@ -89,6 +89,20 @@ struct ClusterShape {
 #endif
 
 #ifdef RNNKERN_HAS_CLUSTERS
+// Where a block works: its cluster's size, its rank there, its hidden units [u0, u0 + nu) (nu may be
+// 0 in the last blocks) of `units` per block, and its cluster's batch rows [tile0, tile0 + tile_rows).
+struct Place {
+  int blocks, rank, units, tile_rows, u0, nu, tile0;
+};
+
+__device__ __forceinline__ Place place(const cg::cluster_group& cluster, const ClusterShape& shape, int hidden) {
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int u0 = rank * shape.units;
+  return {blocks, rank, shape.units, shape.tile_rows, u0, max(0, min(shape.units, hidden - u0)),
+          static_cast<int>(blockIdx.x) / blocks * shape.tile_rows};
+}
+
 // Rows of a cluster's tile [tile0, tile0 + rows) below n.
 __device__ __forceinline__ int rows_below(int64_t n, int tile0, int rows) {
   const int64_t v = n - tile0;
@@ -156,31 +170,18 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
   cg::cluster_group cluster = cg::this_cluster();
-  const int blocks = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
-  const int U = shape.units, Bt = shape.tile_rows;
+  const auto [blocks, rank, U, Bt, u0, nu, tile0] = place(cluster, shape, H);
   const Tables tb = make_tables(kMma<T>, H, G, U, Bt);
   const int LD = tb.ld, HP = tb.hp_ld;
-  const int u0 = rank * U;
-  const int nu = max(0, min(U, H - u0));
-  const int tile0 = static_cast<int>(blockIdx.x) / blocks * Bt;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* bias = reinterpret_cast<A*>(smem_raw);   // [G][U]: b_hh of own units
   A* own_c = bias + G * U;                    // [Bt][U]: LSTM c_{t-1} of own units
   A* hp = own_c + Bt * U;                     // [state_rows][HP]: h_{t-1} W_hhᵀ for own rows n
   T* w = reinterpret_cast<T*>(hp + tb.state_rows * HP);  // [w_rows][LD]: W_hh rows g*H + u0 + ul
   T* stage = w + tb.w_rows * LD;              // [2][state_rows][LD]: h_{t-1} of the tile, by parity
-  const T* w_hh = static_cast<const T*>(a.w_hh);
-  const T* xp = static_cast<const T*>(a.xp);
-  const T* b_hh = static_cast<const T*>(a.b_hh);
-  const T* h0 = static_cast<const T*>(a.h0);
-  const T* c0 = static_cast<const T*>(a.c0);
-  T* out = static_cast<T*>(a.out);
-  A* ws = static_cast<A*>(a.ws);
-  T* h_n = static_cast<T*>(a.h_n);
-  T* c_n = static_cast<T*>(a.c_n);
+  const auto [w_hh, xp, b_hh, h0, c0, out, ws, h_n, c_n] = typed<T, A>(a);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
   // Zeros first: the MMA tiles read the padding (rows, columns) of both tables.
@@ -278,34 +279,16 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
 #pragma unroll
       for (int g = 0; g < G; ++g) hh[g] = A(hp[b * HP + g * U + ul]) + bias[g * U + ul];
       const bool last = b >= rows_next;  // the sample ends here: h_n (and c_n)
-      A h;
+      A prev = A(0), c = A(0);  // c_{t-1} (LSTM) or h_{t-1} (GRU); c_t
       if constexpr (C == Cell::LSTM) {
-        const A c_prev = b < rows_prev ? own_c[b * U + ul]
-                                       : A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u));
-        LstmGates<A> gates;
-        A c;
-        lstm_forward_unit<A>(xv[0] + hh[0], xv[1] + hh[1], xv[2] + hh[2], xv[3] + hh[3], c_prev,
-                             gates, c, h);
-        own_c[b * U + ul] = c;
-        A* wr = ws + row * S * H;
-        wr[u] = gates.i;
-        wr[H + u] = gates.f;
-        wr[2 * H + u] = gates.g;
-        wr[3 * H + u] = gates.o;
-        wr[4 * H + u] = c;
-        if (last) store(c_n + static_cast<int64_t>(tile0 + b) * H + u, c);
+        prev = b < rows_prev ? own_c[b * U + ul] : A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u));
       } else if constexpr (C == Cell::GRU) {
-        // Xp and Hp enter the GRU separately (b_hn stays inside r ⊙ (...)).
-        GruGates<A> gates;
-        gru_forward_unit<A>(xv[0], xv[1], xv[2], hh[0], hh[1], hh[2], A(load(cur + b * LD + u)),
-                            gates, h);
-        A* wr = ws + row * S * H;
-        wr[u] = gates.r;
-        wr[H + u] = gates.z;
-        wr[2 * H + u] = gates.n;
-        wr[3 * H + u] = hh[2];
-      } else {
-        h = rnn_forward_unit<C == Cell::RNN_RELU, A>(xv[0] + hh[0]);
+        prev = A(load(cur + b * LD + u));
+      }
+      const A h = forward_unit<C, A>(xv, hh, prev, ws + row * S * H, H, u, c);
+      if constexpr (C == Cell::LSTM) {
+        own_c[b * U + ul] = c;
+        if (last) store(c_n + static_cast<int64_t>(tile0 + b) * H + u, c);
       }
       store(out + row * H + u, h);
       if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
@@ -329,16 +312,11 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
   cg::cluster_group cluster = cg::this_cluster();
-  const int blocks = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
-  const int U = shape.units, Bt = shape.tile_rows;
+  const auto [blocks, rank, U, Bt, u0, nu, tile0] = place(cluster, shape, H);
   const Tables tb = make_tables(kMma<T>, H, G, U, Bt);
   const int LD = tb.ld, LDN = tb.ldn;
-  const int u0 = rank * U;
-  const int nu = max(0, min(U, H - u0));
-  const int tile0 = static_cast<int>(blockIdx.x) / blocks * Bt;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   double* part_g = reinterpret_cast<double*>(smem_raw);  // [blocks][Bt]: Σ g² over each block's units
   double* part_c = part_g + blocks * Bt;                 // [blocks][Bt]: Σ dc² (block 0 reads them)
@@ -354,18 +332,8 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   T* w = reinterpret_cast<T*>(dgate + (kMma<T> ? 0 : Bt * G * U));  // FMA: [G * U][LD]
   T* dgate16 = w;                      // MMA: [16][LDN]
   T* wt = dgate16 + 16 * LDN;          // MMA: [wt_rows][LDN]
-  const T* w_hh = static_cast<const T*>(a.w_hh);
-  const T* grad_out = static_cast<const T*>(a.grad_out);
-  const T* grad_h_n = static_cast<const T*>(a.grad_h_n);
-  const T* grad_c_n = static_cast<const T*>(a.grad_c_n);
-  const T* h0 = static_cast<const T*>(a.h0);
-  const T* c0 = static_cast<const T*>(a.c0);
-  const T* out = static_cast<const T*>(a.out);
-  const A* ws = static_cast<const A*>(a.ws);
-  T* dgates_x = static_cast<T*>(a.dgates_x);
-  T* dgates_h = static_cast<T*>(C == Cell::GRU ? a.dgates_h : a.dgates_x);
-  T* grad_h0 = static_cast<T*>(a.grad_h0);
-  T* grad_c0 = static_cast<T*>(a.grad_c0);
+  const auto [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] =
+      typed<C, T, A>(a);
   const A clip = static_cast<A>(a.clip);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
@@ -423,33 +391,33 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const int64_t row = row0 + b;
       const A dh = gbuf[b * U + ul] * clip_scale(row_norm[b], clip);
-      T* dx = dgates_x + row * GH;
-      // The product's operand, as stored (the per-step path reads the dgates rows back).
-      auto put_dgate = [&](int g, A value) {
-        if constexpr (kMma<T>) {
-          store(dgate16 + b * LDN + g * U + ul, value);
-        } else {
-          dgate[b * G * U + g * U + ul] = through<T>(value);
-        }
-      };
       const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
+      A prev = A(0), h = A(0), dc_in = A(0);
       if constexpr (C == Cell::LSTM) {
-        const A* wr = ws + row * S * H;
-        const LstmGates<A> gates{wr[u], wr[H + u], wr[2 * H + u], wr[3 * H + u]};
-        const A c_prev = starts ? A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u))
-                                : ws[(prev_row0 + b) * S * H + 4 * H + u];
-        const A dc_in = b < rows_next
-                            ? dc_next[b * U + ul]
-                            : (grad_c_n ? A(load(grad_c_n + static_cast<int64_t>(tile0 + b) * H + u)) : A(0));
-        LstmGates<A> dpre;
-        A dc_total, dc_prev;
-        lstm_backward_unit<A>(dh, dc_in, gates, wr[4 * H + u], c_prev, dpre, dc_total, dc_prev);
-        const A d[4] = {dpre.i, dpre.f, dpre.g, dpre.o};
+        prev = starts ? A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u))
+                      : ws[(prev_row0 + b) * S * H + 4 * H + u];
+        dc_in = b < rows_next
+                    ? dc_next[b * U + ul]
+                    : (grad_c_n ? A(load(grad_c_n + static_cast<int64_t>(tile0 + b) * H + u)) : A(0));
+      } else if constexpr (C == Cell::GRU) {
+        prev = starts ? A(load(h0 + static_cast<int64_t>(tile0 + b) * H + u))
+                      : A(load(out + (prev_row0 + b) * H + u));
+      } else {
+        h = A(load(out + row * H + u));
+      }
+      A dg[G], dc_total, dc_prev, dh_direct;
+      backward_unit<C, T, A>(dh, dc_in, ws + row * S * H, prev, h, H, u, dgates_x + row * GH,
+                             dgates_h + row * GH, dg, dc_total, dc_prev, dh_direct);
+      // The product's operand, as stored (the per-step path reads the dgates rows back).
 #pragma unroll
-        for (int g = 0; g < 4; ++g) {
-          store(dx + g * H + u, d[g]);
-          put_dgate(g, d[g]);
+      for (int g = 0; g < G; ++g) {
+        if constexpr (kMma<T>) {
+          store(dgate16 + b * LDN + g * U + ul, dg[g]);
+        } else {
+          dgate[b * G * U + g * U + ul] = through<T>(dg[g]);
         }
+      }
+      if constexpr (C == Cell::LSTM) {
         gbuf[b * U + ul] = dc_total;  // g is no longer needed: reuse for the dc partial
         if (starts) {
           if (grad_c0) store(grad_c0 + static_cast<int64_t>(tile0 + b) * H + u, dc_prev);
@@ -457,28 +425,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
           dc_next[b * U + ul] = dc_prev;
         }
       } else if constexpr (C == Cell::GRU) {
-        const A* wr = ws + row * S * H;
-        const GruGates<A> gates{wr[u], wr[H + u], wr[2 * H + u]};
-        const A h_prev = starts ? A(load(h0 + static_cast<int64_t>(tile0 + b) * H + u))
-                                : A(load(out + (prev_row0 + b) * H + u));
-        GruGates<A> gx, gh;
-        A dh_direct;
-        gru_backward_unit<A>(dh, gates, wr[3 * H + u], h_prev, gx, gh, dh_direct);
-        store(dx + u, gx.r);
-        store(dx + H + u, gx.z);
-        store(dx + 2 * H + u, gx.n);
-        T* dhh = dgates_h + row * GH;
-        const A d[3] = {gh.r, gh.z, gh.n};
-#pragma unroll
-        for (int g = 0; g < 3; ++g) {
-          store(dhh + g * H + u, d[g]);
-          put_dgate(g, d[g]);
-        }
         direct[b * U + ul] = dh_direct;
-      } else {
-        const A d = rnn_backward_unit<C == Cell::RNN_RELU, A>(dh, A(load(out + row * H + u)));
-        store(dx + u, d);
-        put_dgate(0, d);
       }
     }
     __syncthreads();
@@ -645,14 +592,7 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
                        int device) {
   Plan plan;
-  if (has_proj) {
-    plan.reason = Decline::Projection;
-    return plan;
-  }
-  if (hidden <= 0 || batch <= 0) {
-    plan.reason = Decline::Empty;
-    return plan;
-  }
+  if (declines_layer(plan, has_proj, batch, hidden)) return plan;
   const cudaDeviceProp* prop = device_properties(device);
   if (prop == nullptr || prop->major < 9) {
     plan.reason = Decline::NoClusters;

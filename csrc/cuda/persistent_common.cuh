@@ -10,6 +10,7 @@
 
 #include "device_utils.cuh"
 #include "persistent.h"
+#include "rnnkern/cell_math.h"
 
 namespace rnnkern {
 namespace persistent {
@@ -86,6 +87,123 @@ struct Geometry {
   }
 };
 
+
+// The arguments' pointers with their types (storage dtype T; the workspace in the accumulation
+// dtype A), unpacked by the kernels with structured bindings.
+template <typename T, typename A>
+struct ForwardPointers {
+  const T* w_hh;
+  const T* xp;
+  const T* b_hh;
+  const T* h0;
+  const T* c0;
+  T* out;
+  A* ws;
+  T* h_n;
+  T* c_n;
+};
+
+template <typename T, typename A>
+__device__ __forceinline__ ForwardPointers<T, A> typed(const ForwardArgs& a) {
+  return {static_cast<const T*>(a.w_hh), static_cast<const T*>(a.xp), static_cast<const T*>(a.b_hh),
+          static_cast<const T*>(a.h0),   static_cast<const T*>(a.c0), static_cast<T*>(a.out),
+          static_cast<A*>(a.ws),         static_cast<T*>(a.h_n),      static_cast<T*>(a.c_n)};
+}
+
+template <typename T, typename A>
+struct BackwardPointers {
+  const T* w_hh;
+  const T* grad_out;
+  const T* grad_h_n;
+  const T* grad_c_n;
+  const T* h0;
+  const T* c0;
+  const T* out;
+  const A* ws;
+  T* dgates_x;
+  T* dgates_h;  // the recurrent-side gate gradients: GRU's own rows, else dgates_x
+  T* grad_h0;
+  T* grad_c0;
+};
+
+template <Cell C, typename T, typename A>
+__device__ __forceinline__ BackwardPointers<T, A> typed(const BackwardArgs& a) {
+  return {static_cast<const T*>(a.w_hh),   static_cast<const T*>(a.grad_out),
+          static_cast<const T*>(a.grad_h_n), static_cast<const T*>(a.grad_c_n),
+          static_cast<const T*>(a.h0),     static_cast<const T*>(a.c0),
+          static_cast<const T*>(a.out),    static_cast<const A*>(a.ws),
+          static_cast<T*>(a.dgates_x),     static_cast<T*>(C == Cell::GRU ? a.dgates_h : a.dgates_x),
+          static_cast<T*>(a.grad_h0),      static_cast<T*>(a.grad_c0)};
+}
+
+// The cell of one (row, unit) in a persistent forward step. x: x_t's projection (b_ih included) and
+// hh: h_{t-1} W_hhᵀ + b_hh, one per gate; prev: c_{t-1} (LSTM) or h_{t-1} (GRU), unused by the RNN.
+// Saves what the backward needs in the workspace row `wr` (unit u of H) and returns h_t; c_t in `c`.
+template <Cell C, typename A>
+__device__ __forceinline__ A forward_unit(const A* x, const A* hh, A prev, A* wr, int H, int u, A& c) {
+  A h;
+  if constexpr (C == Cell::LSTM) {
+    LstmGates<A> gates;
+    lstm_forward_unit<A>(x[0] + hh[0], x[1] + hh[1], x[2] + hh[2], x[3] + hh[3], prev, gates, c, h);
+    wr[u] = gates.i;
+    wr[H + u] = gates.f;
+    wr[2 * H + u] = gates.g;
+    wr[3 * H + u] = gates.o;
+    wr[4 * H + u] = c;
+  } else if constexpr (C == Cell::GRU) {
+    // Xp and Hp enter the GRU separately (b_hn stays inside r ⊙ (...)).
+    GruGates<A> gates;
+    gru_forward_unit<A>(x[0], x[1], x[2], hh[0], hh[1], hh[2], prev, gates, h);
+    wr[u] = gates.r;
+    wr[H + u] = gates.z;
+    wr[2 * H + u] = gates.n;
+    wr[3 * H + u] = hh[2];
+  } else {
+    h = rnn_forward_unit<C == Cell::RNN_RELU, A>(x[0] + hh[0]);
+  }
+  return h;
+}
+
+// The gate gradients of one (row, unit) in a persistent backward step, from dh, the gradient at
+// h_t after clipping. wr: the workspace row; prev: c_{t-1} (LSTM) or h_{t-1} (GRU); h: h_t (RNN);
+// dc_in: the cell-state gradient arriving from t+1 (LSTM). Stores the input-side gate gradients in
+// the grad_xp row `dx` and (GRU) the recurrent-side ones in `dhh`; returns in dg[g] what the dh
+// product multiplies by W_hh, in dc / dc_prev the LSTM's total and propagated cell-state
+// gradients, and in direct GRU's z ⊙ dh.
+template <Cell C, typename T, typename A>
+__device__ __forceinline__ void backward_unit(A dh, A dc_in, const A* wr, A prev, A h, int H, int u,
+                                              T* dx, T* dhh, A* dg, A& dc, A& dc_prev, A& direct) {
+  if constexpr (C == Cell::LSTM) {
+    const LstmGates<A> gates{wr[u], wr[H + u], wr[2 * H + u], wr[3 * H + u]};
+    LstmGates<A> d;
+    lstm_backward_unit<A>(dh, dc_in, gates, wr[4 * H + u], prev, d, dc, dc_prev);
+    dg[0] = d.i;
+    dg[1] = d.f;
+    dg[2] = d.g;
+    dg[3] = d.o;
+  } else if constexpr (C == Cell::GRU) {
+    const GruGates<A> gates{wr[u], wr[H + u], wr[2 * H + u]};
+    GruGates<A> gx, gh;
+    gru_backward_unit<A>(dh, gates, wr[3 * H + u], prev, gx, gh, direct);
+    store(dx + u, gx.r);
+    store(dx + H + u, gx.z);
+    store(dx + 2 * H + u, gx.n);
+    dg[0] = gh.r;
+    dg[1] = gh.z;
+    dg[2] = gh.n;
+    dx = dhh;  // the recurrent side goes to dhh below
+  } else {
+    dg[0] = rnn_backward_unit<C == Cell::RNN_RELU, A>(dh, h);
+  }
+#pragma unroll
+  for (int g = 0; g < kGates<C>; ++g) store(dx + g * H + u, dg[g]);
+}
+
+// The declines every persistent plan shares (projections, empty layers): true when `plan` declines.
+inline bool declines_layer(Plan& plan, bool has_proj, int64_t batch, int64_t hidden) {
+  plan.reason = has_proj ? Decline::Projection : (hidden <= 0 || batch <= 0) ? Decline::Empty : Decline::None;
+  return plan.reason != Decline::None;
+}
 
 // Accumulation-type bytes of a storage dtype.
 inline size_t acc_size(DType dtype) { return dtype == DType::F64 ? sizeof(double) : sizeof(float); }
