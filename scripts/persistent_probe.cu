@@ -8,8 +8,10 @@
 //   grid-exchange       write own B x H/128 slice of h to global, grid.sync(), every block loads all of
 //                       h (B x H) through L2 into shared memory: the grid kernels' forward floor
 //   cluster-sync/N      barrier.cluster alone, clusters of N blocks
+//   cluster-sync-relaxed/N  the same with a relaxed arrive (no MEMBAR.ALL.GPU, no L1 invalidation)
 //   cluster-exchange/N  every block stores its B x H/N slice of h into all N blocks' shared memory
-//                       (distributed shared memory), then barrier.cluster: the cluster kernels' floor
+//                       (distributed shared memory), then cluster.sync(): the cluster kernels' floor
+//   cluster-exchange+store/N  the same plus one global store per value, as the kernels store rows
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -87,7 +89,19 @@ __global__ void cluster_sync_kernel(int steps) {
   for (int s = 0; s < steps; ++s) cluster.sync();
 }
 
-__global__ void cluster_exchange_kernel(int steps, float* sink) {
+// barrier.cluster with a relaxed arrive: cg's cluster.sync() is arrive.release + wait.acquire, which
+// compiles to MEMBAR.ALL.GPU before the arrive (waiting for every store of the thread, global ones
+// too) and CCTL.IVALL after the wait (L1 invalidated). This measures the barrier without them.
+__global__ void cluster_sync_relaxed_kernel(int steps) {
+  for (int s = 0; s < steps; ++s) {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  }
+}
+
+// global_rows: when not null, each thread also stores one value per step to global memory (as the
+// rnnkern kernels store out / workspace rows), which the barrier's release fence waits for.
+__global__ void cluster_exchange_kernel(int steps, float* sink, float* global_rows) {
   __shared__ float stage[2][kBatch * kHidden];
   cg::cluster_group cluster = cg::this_cluster();
   const int blocks = static_cast<int>(cluster.num_blocks());
@@ -102,6 +116,7 @@ __global__ void cluster_exchange_kernel(int steps, float* sink) {
       const int b = i / units, u = rank * units + i % units;
       const float v = cur[b * kHidden + u] * 0.5f + 1.0f;
       for (int r = 0; r < blocks; ++r) *cluster.map_shared_rank(nxt + b * kHidden + u, r) = v;
+      if (global_rows) global_rows[(static_cast<int64_t>(s) * gridDim.x + blockIdx.x) * kBatch * units + i] = v;
     }
     cluster.sync();
   }
@@ -156,12 +171,12 @@ int main() {
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, L2 %d MB, steps per launch %d, B=%d H=%d float32\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, kSteps, kBatch, kHidden);
-  std::printf("%-22s %7s %12s\n", "probe", "blocks", "us/step");
+  std::printf("%-28s %7s %12s\n", "probe", "blocks", "us/step");
   int steps = kSteps;
   const int grid_blocks = 128;
   {
     void* args[] = {&steps};
-    std::printf("%-22s %7d %12.3f\n", "grid-sync", grid_blocks,
+    std::printf("%-28s %7d %12.3f\n", "grid-sync", grid_blocks,
                 per_step_us([&] { cooperative(reinterpret_cast<const void*>(grid_sync_kernel), grid_blocks, args); }));
   }
   {
@@ -172,7 +187,7 @@ int main() {
     CHECK(cudaMemset(count, 0, sizeof(unsigned)));
     CHECK(cudaMemset(generation, 0, sizeof(unsigned)));
     void* args[] = {&steps, &count, &generation};
-    std::printf("%-22s %7d %12.3f\n", "grid-flag", grid_blocks,
+    std::printf("%-28s %7d %12.3f\n", "grid-flag", grid_blocks,
                 per_step_us([&] { cooperative(reinterpret_cast<const void*>(grid_flag_kernel), grid_blocks, args); }));
     CHECK(cudaFree(count));
     CHECK(cudaFree(generation));
@@ -182,25 +197,37 @@ int main() {
     CHECK(cudaMalloc(&h, 2 * kBatch * kHidden * sizeof(float)));
     CHECK(cudaMemset(h, 0, 2 * kBatch * kHidden * sizeof(float)));
     void* args[] = {&steps, &h};
-    std::printf("%-22s %7d %12.3f\n", "grid-exchange", grid_blocks,
+    std::printf("%-28s %7d %12.3f\n", "grid-exchange", grid_blocks,
                 per_step_us([&] { cooperative(reinterpret_cast<const void*>(grid_exchange_kernel), grid_blocks, args); }));
     CHECK(cudaFree(h));
   }
   float* sink;
+  float* rows;
   CHECK(cudaMalloc(&sink, 16 * sizeof(float)));
+  CHECK(cudaMalloc(&rows, static_cast<size_t>(kSteps) * kBatch * kHidden * sizeof(float)));
+  float* no_rows = nullptr;
   for (int cluster : {2, 4, 8, 16}) {
-    for (const void* kernel : {reinterpret_cast<const void*>(cluster_sync_kernel),
-                               reinterpret_cast<const void*>(cluster_exchange_kernel)}) {
-      if (cluster > 8) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-      const bool exchange = kernel == reinterpret_cast<const void*>(cluster_exchange_kernel);
+    struct Probe {
+      const char* name;
+      const void* kernel;
+      float** global_rows;  // null: a barrier-only kernel (steps is its one argument)
+    };
+    const Probe probes[] = {
+        {"cluster-sync", reinterpret_cast<const void*>(cluster_sync_kernel), nullptr},
+        {"cluster-sync-relaxed", reinterpret_cast<const void*>(cluster_sync_relaxed_kernel), nullptr},
+        {"cluster-exchange", reinterpret_cast<const void*>(cluster_exchange_kernel), &no_rows},
+        {"cluster-exchange+store", reinterpret_cast<const void*>(cluster_exchange_kernel), &rows}};
+    for (const Probe& probe : probes) {
+      if (cluster > 8) CHECK(cudaFuncSetAttribute(probe.kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       void* args_sync[] = {&steps};
-      void* args_exchange[] = {&steps, &sink};
-      char name[32];
-      std::snprintf(name, sizeof(name), "%s/%d", exchange ? "cluster-exchange" : "cluster-sync", cluster);
-      std::printf("%-22s %7d %12.3f\n", name, cluster,
-                  per_step_us([&] { clustered(kernel, cluster, exchange ? args_exchange : args_sync); }));
+      void* args_exchange[] = {&steps, &sink, probe.global_rows};
+      char name[40];
+      std::snprintf(name, sizeof(name), "%s/%d", probe.name, cluster);
+      std::printf("%-28s %7d %12.3f\n", name, cluster,
+                  per_step_us([&] { clustered(probe.kernel, cluster, probe.global_rows ? args_exchange : args_sync); }));
     }
   }
   CHECK(cudaFree(sink));
+  CHECK(cudaFree(rows));
   return 0;
 }

@@ -71,6 +71,9 @@ def _rank_main(rank, out_dir, port):
             optimizer.step()
         torch.save({"state_dict": model.state_dict(), "norms": norms, "hook_calls": len(hook_calls)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears its gloo connections down while the other still uses them (a rank that did
+        # was seen to abort once in a full local run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

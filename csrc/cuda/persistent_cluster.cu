@@ -110,6 +110,21 @@ __device__ __forceinline__ int rows_below(int64_t n, int tile0, int rows) {
 }
 
 
+// Step t of the recurrence for a cluster's tile: the global rows of the tile's first sample at t and
+// at the step the forward processed before t, and how many of the tile's rows are active at t,
+// continue from that previous step, and continue into the next one.
+struct TileStep {
+  int64_t row0, prev_row0;
+  int rows, rows_prev, rows_next;
+};
+
+__device__ __forceinline__ TileStep tile_step(const Geometry& geo, int64_t t, int tile0, int tile_rows) {
+  const int64_t p = geo.prev(t);
+  return {geo.offsets[t] + tile0, (p < 0 ? 0 : geo.offsets[p]) + tile0,
+          rows_below(geo.sizes[t], tile0, tile_rows), rows_below(geo.n_prev(t), tile0, tile_rows),
+          rows_below(geo.n_next(t), tile0, tile_rows)};
+}
+
 // Zeroes `bytes` (a multiple of 4) of shared memory from the 4-byte aligned `p`, block-wide.
 __device__ __forceinline__ void zero_words(void* p, int bytes) {
   uint32_t* words = static_cast<uint32_t*>(p);
@@ -197,12 +212,11 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
   }
   cluster.sync();  // every block runs (and has its tables) before any block writes into it
 
+  // Each step's geometry is read before the barrier that opens it: cluster.sync() invalidates L1
+  // (CCTL.IVALL), so reading it after would put an L2 round trip at the head of every step.
+  TileStep next_step = tile_step(geo, geo.t_of(0), tile0, Bt);
   for (int64_t s = 0; s < a.steps; ++s) {
-    const int64_t t = geo.t_of(s);
-    const int64_t row0 = a.offsets[t] + tile0;  // global row of the tile's first sample
-    const int rows = rows_below(a.sizes[t], tile0, Bt);
-    const int rows_prev = rows_below(geo.n_prev(t), tile0, Bt);  // rows continuing from the last step
-    const int rows_next = rows_below(geo.n_next(t), tile0, Bt);  // rows continuing into the next
+    [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;
     const int pairs = rows * nu;
     T* cur = stage + (s & 1) * tb.state_rows * LD;
     T* nxt = stage + ((s + 1) & 1) * tb.state_rows * LD;
@@ -298,6 +312,7 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
         for (int r = 0; r < blocks; ++r) *cluster.map_shared_rank(nxt + b * LD + u, r) = stored;
       }
     }
+    if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
     cluster.sync();
   }
 #endif
@@ -353,14 +368,12 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   for (int i = threadIdx.x; i < 2 * Bt * U; i += kThreads) dh_next[i] = A(0);  // dh_next, dc_next
   cluster.sync();  // every block runs before any block writes into it
 
+
+  // The steps in reverse of the forward order; each one's geometry read before the barrier that
+  // opens it (see the forward).
+  TileStep next_step = tile_step(geo, geo.t_of(a.steps - 1), tile0, Bt);
   for (int64_t s = 0; s < a.steps; ++s) {
-    const int64_t t = geo.t_of(a.steps - 1 - s);  // reverse of the forward order
-    const int64_t row0 = a.offsets[t] + tile0;
-    const int64_t p = geo.prev(t);
-    const int64_t prev_row0 = (p < 0 ? 0 : a.offsets[p]) + tile0;
-    const int rows = rows_below(a.sizes[t], tile0, Bt);
-    const int rows_prev = rows_below(geo.n_prev(t), tile0, Bt);
-    const int rows_next = rows_below(geo.n_next(t), tile0, Bt);
+    const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;
     const int pairs = rows * nu;
 
     // A: g for own units; its squares summed over own units, to every block.
@@ -469,6 +482,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
         *cluster.map_shared_rank(inbox + (rank * Bt + b) * U + k % U, k / U) = acc;
       }
     }
+    if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(a.steps - 2 - s), tile0, Bt);
     cluster.sync();
 
     // D: own units' dh_prev, summed over the blocks in rank order.
