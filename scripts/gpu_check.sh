@@ -10,8 +10,9 @@
 #   -d .whl expecttest
 # Budget (stages are time-boxed): build ~20 s there, tests ~150 s (SHARDS=8 side by side, with the
 # sanitizer beside them), bench ~80 s: measured 258 s on an H200 (2026-11-26), plus ~30 s of machine
-# start. Since then the persistent-v4 variant (tests and bench) and the paired norm-cost timings were
-# added: expect ~5.5 min, still well inside the 15 min a session gets.
+# start. Since then the persistent-v4 and cluster variants (tests and bench), the paired norm-cost
+# timings, the probe (~15 s) and racecheck (beside the tests) were added: expect ~6 min, still well
+# inside the 15 min a session gets.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
