@@ -110,13 +110,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
   cg::grid_group grid = cg::this_grid();
 
   for (int64_t s = 0; s < a.steps; ++s) {
-    const int64_t t = geo.t_of(s);
-    const int bs = static_cast<int>(a.sizes[t]);
-    const int64_t row0 = a.offsets[t];
-    const int64_t p = geo.prev(t);
-    const int n_prev = static_cast<int>(geo.n_prev(t));
-    const int64_t prev_row0 = p < 0 ? 0 : a.offsets[p];
-    const int n_next = static_cast<int>(geo.n_next(t));
+    const auto [row0, prev_row0, bs, n_prev, n_next] = tile_step(geo, geo.t_of(s), 0, static_cast<int>(a.batch));
     const int pairs = bs * nu;
     const int lanes = lanes_per_pair(pairs);
     const int groups = kThreads / lanes;
@@ -266,12 +260,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
   for (int64_t s = 0; s < a.steps; ++s) {
     const int64_t t = geo.t_of(a.steps - 1 - s);  // reverse of the forward order
     const int parity = static_cast<int>(s & 1);
-    const int bs = static_cast<int>(a.sizes[t]);
-    const int64_t row0 = a.offsets[t];
-    const int64_t p = geo.prev(t);
-    const int n_prev = static_cast<int>(geo.n_prev(t));
-    const int64_t prev_row0 = p < 0 ? 0 : a.offsets[p];
-    const int n_next = static_cast<int>(geo.n_next(t));
+    const auto [row0, prev_row0, bs, n_prev, n_next] = tile_step(geo, t, 0, B);
     const int pairs = bs * nu;
 
     // A: assemble g for own units; partial Σ g² per row.

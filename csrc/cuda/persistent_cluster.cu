@@ -103,27 +103,8 @@ __device__ __forceinline__ Place place(const cg::cluster_group& cluster, const C
           static_cast<int>(blockIdx.x) / blocks * shape.tile_rows};
 }
 
-// Rows of a cluster's tile [tile0, tile0 + rows) below n.
-__device__ __forceinline__ int rows_below(int64_t n, int tile0, int rows) {
-  const int64_t v = n - tile0;
-  return static_cast<int>(v < 0 ? 0 : (v > rows ? rows : v));
-}
 
 
-// Step t of the recurrence for a cluster's tile: the global rows of the tile's first sample at t and
-// at the step the forward processed before t, and how many of the tile's rows are active at t,
-// continue from that previous step, and continue into the next one.
-struct TileStep {
-  int64_t row0, prev_row0;
-  int rows, rows_prev, rows_next;
-};
-
-__device__ __forceinline__ TileStep tile_step(const Geometry& geo, int64_t t, int tile0, int tile_rows) {
-  const int64_t p = geo.prev(t);
-  return {geo.offsets[t] + tile0, (p < 0 ? 0 : geo.offsets[p]) + tile0,
-          rows_below(geo.sizes[t], tile0, tile_rows), rows_below(geo.n_prev(t), tile0, tile_rows),
-          rows_below(geo.n_next(t), tile0, tile_rows)};
-}
 
 // Zeroes `bytes` (a multiple of 4) of shared memory from the 4-byte aligned `p`, block-wide.
 __device__ __forceinline__ void zero_words(void* p, int bytes) {

@@ -136,6 +136,28 @@ __device__ __forceinline__ BackwardPointers<T, A> typed(const BackwardArgs& a) {
           static_cast<T*>(a.grad_h0),      static_cast<T*>(a.grad_c0)};
 }
 
+// Rows of a tile of batch rows [tile0, tile0 + rows) below n.
+__device__ __forceinline__ int rows_below(int64_t n, int tile0, int rows) {
+  const int64_t v = n - tile0;
+  return static_cast<int>(v < 0 ? 0 : (v > rows ? rows : v));
+}
+
+// Step t of the recurrence for a tile of batch rows (a cluster's; the whole batch for the grid-wide
+// kernels): the global rows of the tile's first sample at t and at the step the forward processed
+// before t, and how many of the tile's rows are active at t, continue from that previous step, and
+// continue into the next one.
+struct TileStep {
+  int64_t row0, prev_row0;
+  int rows, rows_prev, rows_next;
+};
+
+__device__ __forceinline__ TileStep tile_step(const Geometry& geo, int64_t t, int tile0, int tile_rows) {
+  const int64_t p = geo.prev(t);
+  return {geo.offsets[t] + tile0, (p < 0 ? 0 : geo.offsets[p]) + tile0,
+          rows_below(geo.sizes[t], tile0, tile_rows), rows_below(geo.n_prev(t), tile0, tile_rows),
+          rows_below(geo.n_next(t), tile0, tile_rows)};
+}
+
 // The cell of one (row, unit) in a persistent forward step. x: x_t's projection (b_ih included) and
 // hh: h_{t-1} W_hhᵀ + b_hh, one per gate; prev: c_{t-1} (LSTM) or h_{t-1} (GRU), unused by the RNN.
 // Saves what the backward needs in the workspace row `wr` (unit u of H) and returns h_t; c_t in `c`.
