@@ -54,6 +54,8 @@ def _backend_plan(config):
     grid = benchlib.GRIDS[_grid_name(config)]
     device = torch.device(grid["device"])
     names = [n for n in rnnkern.backends() if n != "reference" or _with_reference(config)]
+    # RNNKERN_BENCH_SKIP: comma-separated labels left out (scripts/gpu_check.sh: kernels that hung).
+    skipped = set(filter(None, os.environ.get("RNNKERN_BENCH_SKIP", "").split(",")))
     plan, excluded = {}, {}
     for dtype in grid["dtypes"]:
         plan[dtype] = []
@@ -65,6 +67,9 @@ def _backend_plan(config):
                                 if base == name and device.type == "cuda"]
             else:
                 excluded[(name, dtype)] = reason
+        for label in skipped.intersection(plan[dtype]):
+            plan[dtype].remove(label)
+            excluded[(label, dtype)] = "left out by RNNKERN_BENCH_SKIP"
     return plan, excluded
 
 

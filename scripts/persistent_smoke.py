@@ -1,0 +1,103 @@
+"""A fast first look at one CUDA recurrence kernel on a GPU (scripts/gpu_check.sh, stage "smoke").
+
+    python3 scripts/persistent_smoke.py check KERNEL   # KERNEL: step | persistent | persistent-v4 | cluster
+    python3 scripts/persistent_smoke.py time KERNEL
+
+For every cell and dtype, one small case with norms on, forced onto KERNEL, is
+compared with torch.nn in float64 (same state_dict): outputs, final states and every gradient, and the
+norms with the per-step kernel in float64. It prints one line per case (flushed) with the largest error
+relative to the reference's scale, so that a kernel that hangs or faults is named by the last line
+printed, and gpu_check.sh runs each kernel in its own time-boxed process before the test suite. "time"
+times forward+backward of a few B=16, H=256 layers (CUDA events) beside torch.nn in float16 (one
+kernel at a time: processes sharing the GPU would distort each other's times).
+"""
+
+import copy
+import os
+import sys
+
+import torch
+
+import rnnkern
+from rnnkern import _cells
+
+CELLS = {"lstm": (rnnkern.LSTM, torch.nn.LSTM, {}), "gru": (rnnkern.GRU, torch.nn.GRU, {}),
+         "rnn_tanh": (rnnkern.RNN, torch.nn.RNN, {"nonlinearity": "tanh"}),
+         "rnn_relu": (rnnkern.RNN, torch.nn.RNN, {"nonlinearity": "relu"})}
+# Largest error relative to the reference's largest magnitude that counts as agreement.
+AGREE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def run(module, x, dout, kernel):
+    os.environ["RNNKERN_CUDA_KERNEL"] = kernel
+    x = x.detach().clone().requires_grad_(True)
+    module.zero_grad()
+    out, state = module(x)
+    out.backward(dout)
+    states = state if isinstance(state, tuple) else (state,)
+    grads = [x.grad] + [p.grad for p in module.parameters()]
+    return [out] + list(states) + grads
+
+
+def rel_err(got, want):
+    scale = max(w.abs().max().item() for w in want) or 1.0
+    return max((g.double() - w.double()).abs().max().item() for g, w in zip(got, want)) / scale
+
+
+def correctness(kernel):
+    ok = True
+    for cell, (ours_cls, nn_cls, kw) in CELLS.items():
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            torch.manual_seed(7)
+            T, B, I, H = 9, 20, 11, 48
+            ours = ours_cls(I, H, backend="cuda", record_grad_norms=True, hidden_grad_clip=None, **kw)
+            ref = nn_cls(I, H, **kw)
+            ref.load_state_dict(ours.state_dict())
+            ours = ours.to("cuda", dtype)
+            ref = ref.to("cuda", torch.float64)
+            x = torch.randn(T, B, I, device="cuda", dtype=torch.float64)
+            dout = torch.randn(T, B, H, device="cuda", dtype=torch.float64)
+            plan = torch.ops.rnnkern.cuda_kernel_plan(_cells.from_mode(ours.mode), dtype, B, H, False, 0)
+            got = run(ours, x.to(dtype), dout.to(dtype), kernel)
+            norms = ours.grad_norms.h_per_sample.clone()
+            want = run(ref, x, dout, "step")
+            err = rel_err(got, want)
+            ours64 = copy.deepcopy(ours).double()
+            run(ours64, x, dout, "step")
+            norm_err = ((norms.double() - ours64.grad_norms.h_per_sample.double()).abs().max()
+                        / ours64.grad_norms.h_per_sample.abs().max()).item()
+            good = err <= AGREE[dtype] and norm_err <= AGREE[dtype]
+            ok &= good
+            print(f"{kernel:14s} {cell:9s} {str(dtype)[6:]:9s} plan={'persistent' if plan[0] else 'declined:' + str(plan[1]):12s}"
+                  f" err={err:.2e} norm_err={norm_err:.2e} {'ok' if good else 'MISMATCH'}", flush=True)
+    return ok
+
+
+def timing(kernel):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for cell in ("lstm", "gru", "rnn_tanh"):
+        ours_cls, nn_cls, kw = CELLS[cell]
+        T, B, H = 256, 16, 256
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(T, B, H, device="cuda", dtype=dtype)
+            dout = torch.randn(T, B, H, device="cuda", dtype=dtype)
+            cases = [(kernel, ours_cls(H, H, backend="cuda", record_grad_norms=True, **kw).to("cuda", dtype))]
+            if dtype == torch.float16:
+                cases.append(("torch.nn", nn_cls(H, H, **kw).to("cuda", dtype)))
+            for name, module in cases:
+                ms = []
+                for rep in range(8):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    run(module, x, dout, kernel)
+                    end.record()
+                    torch.cuda.synchronize()
+                    ms.append(start.elapsed_time(end))
+                best = min(ms[2:])
+                print(f"time {name:14s} {cell:9s} {str(dtype)[6:]:8s} T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
+                      f" = {1000 * best / T:.2f} us/step", flush=True)
+
+
+if __name__ == "__main__":
+    what, kernel = sys.argv[1:3]
+    sys.exit(0 if correctness(kernel) else 1) if what == "check" else timing(kernel)
