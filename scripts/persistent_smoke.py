@@ -19,7 +19,7 @@ import sys
 import torch
 
 import rnnkern
-from rnnkern import _cells
+from rnnkern import _cells, _ext
 
 CELLS = {"lstm": (rnnkern.LSTM, torch.nn.LSTM, {}), "gru": (rnnkern.GRU, torch.nn.GRU, {}),
          "rnn_tanh": (rnnkern.RNN, torch.nn.RNN, {"nonlinearity": "tanh"}),
@@ -45,6 +45,7 @@ def rel_err(got, want):
 
 
 def correctness(kernel):
+    _ext.load()  # the ops (cuda_kernel_plan) register when the extension loads
     ok = True
     for cell, (ours_cls, nn_cls, kw) in CELLS.items():
         for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):

@@ -637,7 +637,10 @@ def _max_err(res, want, keys):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_16bit_error_within_torch_nn(cell, dtype):
     """16-bit: the error against a float64 oracle is at most 2x torch.nn's own 16-bit error (plus a
-    floor of a few units of the dtype's resolution)."""
+    floor of a few units of the dtype's resolution). ReLU: a pre-activation within rounding of 0 can
+    land on the other side of the kink than in the oracle, in our kernels or in cuDNN, and its gradient
+    is then 0 on one side only; which units flip is chance, so there at most 5 % of the elements may
+    exceed that bound (a flipped unit is one row of grad_w_hh, 1.6 %); a real error breaks most."""
     case, grads, _ = make_case(cell, T=8, B=8, H=64, packed=False, seed=59)
     want = run_layer(oracle_fn, case, grads, False, 0.0)
     lo_case, lo_grads = _to(case, "cuda", dtype), _to(grads, "cuda", dtype)
@@ -647,7 +650,12 @@ def test_cuda_16bit_error_within_torch_nn(cell, dtype):
     ours, theirs = _max_err(got, want, keys), _max_err(nn_res, want, keys)
     floor = 4 * torch.finfo(dtype).eps
     for k in keys:
-        assert ours[k] <= 2 * theirs[k] + floor, (k, ours[k], theirs[k])
+        if cell == _cells.RNN_RELU:
+            diff = (got[k].detach().cpu().double() - want[k].detach().cpu().double()).abs()
+            beyond = int((diff > 2 * theirs[k] + floor).sum())
+            assert beyond <= 0.05 * diff.numel(), (k, beyond, diff.numel(), ours[k], theirs[k])
+        else:
+            assert ours[k] <= 2 * theirs[k] + floor, (k, ours[k], theirs[k])
     # norms in 16-bit: close to the float64 ones (bfloat16 has 3 fewer mantissa bits than float16)
     tol = 3e-2 if dtype == torch.float16 else 8e-2
     torch.testing.assert_close(got["norms"].cpu().double(), want["norms"].double(), rtol=tol, atol=tol)
