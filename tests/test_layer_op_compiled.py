@@ -567,7 +567,8 @@ PERSISTENT_KERNELS = ["persistent", "persistent-v4", "cluster"]
 @pytest.mark.parametrize("B,H", [(37, 37), (3, 5)], ids=["B37-H37", "B3-H5"])
 def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatch):
     """Each persistent kernel, forced, against the oracle: packed lengths, clipping, and shapes that
-    leave some blocks without hidden units (H = 37 over 16 blocks of 3; H = 5 over 4 blocks of 2) and,
+    leave some blocks without hidden units (grid kernels: H = 37 over 16 blocks of 3, H = 5 over 4
+    blocks of 2; cluster kernels: H = 37 in 10 of 16 blocks of 4 units, the last one part-filled) and,
     for the cluster kernels, several batch tiles (B = 37: 3 tiles of 13 rows). The plan must accept
     the layer: a silent fallback to the per-step kernels would test nothing."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)

@@ -11,7 +11,9 @@
 //
 // Forward step s: h_{t-1} of the tile is in stage[s % 2] (all H columns, as stored: type T); each
 // block multiplies it by its W_hh rows, applies the gate math for its units, writes h_t to `out`
-// (global) and into stage[(s + 1) % 2] of every block of the cluster; one cluster barrier.
+// (global) and into its own stage[(s + 1) % 2], then copies its columns of it into every other
+// block's stage[(s + 1) % 2] in 16-byte chunks (a remote store costs about as much per instruction
+// whatever its width: measured, scripts/persistent_probe.cu); one cluster barrier.
 //
 // Backward step (reverse order), with the same W_hh rows:
 //   A. g = grad_out + dh_next for own units; Σ g² over own units per row -> part_g[r] of every
@@ -54,9 +56,11 @@ __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / 
 // in the kernels (layout). The MMA operand tables are zero-padded to whole tiles (16 state rows, K in
 // steps of 16, N in steps of 8) and their rows keep 32-bit pairs aligned; the 8 extra elements per
 // row (16 bytes) put the 8 rows a fragment load touches in different banks. FMA rows get one
-// element of padding (the lane groups of a warp read different rows at the same column).
+// chunk of padding; padding columns are zeros in every table.
+constexpr int kChunk = 16;  // bytes: the vector width of the exchanges and of the FMA operand loads
+
 struct Tables {
-  int ld;          // forward: row length of the W_hh rows and of the state rows
+  int ld;          // row length of the W_hh rows and of the state rows (a whole number of chunks)
   int w_rows;      // forward: W_hh rows, n = g * U + ul (G * U, padded to 8 for MMA)
   int state_rows;  // rows of a state stage (Bt; 16 for MMA)
   int hp_ld;       // forward: columns of the product hp[b][n] (w_rows)
@@ -64,9 +68,12 @@ struct Tables {
   int wt_rows;     // backward, MMA: rows of wt (H padded to 8)
 };
 
-__host__ __device__ inline Tables make_tables(bool mma, int hidden, int gates, int units, int tile_rows) {
+__host__ __device__ inline Tables make_tables(int elem, int hidden, int gates, int units, int tile_rows) {
+  const bool mma = elem == 2;
+  const int chunk = kChunk / elem;
   Tables t;
-  t.ld = mma ? round_up(hidden, 16) + 8 : hidden + 1;
+  // FMA: a chunk of padding makes rows 4 apart (a register tile's rows) start 16 banks apart.
+  t.ld = mma ? round_up(hidden, 16) + 8 : round_up(hidden, chunk) + chunk;
   t.w_rows = mma ? round_up(gates * units, 8) : gates * units;
   t.state_rows = mma ? 16 : tile_rows;
   t.hp_ld = t.w_rows;
@@ -79,9 +86,71 @@ constexpr int kMaxClusterBlocks = 16;  // Hopper's limit (above 8 with the non-p
 constexpr int kTileRows = 16;          // batch rows per cluster where the batch allows
 
 struct ClusterShape {
-  int units;      // hidden units per block
+  int units;      // hidden units per block (a multiple of unit_grain)
   int tile_rows;  // batch rows per cluster
 };
+
+// Units per block are a multiple of this: a block's columns of a state row are whole 16-byte chunks
+// (the exchanges), and 4 consecutive units have one owner (the FMA backward's register tiles).
+__host__ __device__ constexpr int unit_grain(int elem) { return elem == 2 ? 8 : 4; }
+
+// Shared-memory regions, each starting on a 16-byte boundary, laid out the same way on the host (the
+// size) and in the kernels (the offsets).
+struct Carve {
+  size_t bytes = 0;
+  __host__ __device__ size_t take(size_t count, size_t elem) {
+    const size_t at = (bytes + kChunk - 1) / kChunk * kChunk;
+    bytes = at + count * elem;
+    return at;
+  }
+};
+
+struct ForwardLayout {
+  size_t bias, own_c, hp, w, stage, bytes;
+};
+
+__host__ __device__ inline ForwardLayout forward_layout(const Tables& tb, int gates, int units, int tile_rows,
+                                                        size_t acc, size_t elem) {
+  Carve c;
+  ForwardLayout l;
+  l.bias = c.take(static_cast<size_t>(gates) * units, acc);      // [G][U]: b_hh of own units
+  l.own_c = c.take(static_cast<size_t>(tile_rows) * units, acc);  // [Bt][U]: LSTM c_{t-1}
+  l.hp = c.take(static_cast<size_t>(tb.state_rows) * tb.hp_ld, acc);  // [state_rows][HP]
+  l.w = c.take(static_cast<size_t>(tb.w_rows) * tb.ld, elem);         // [w_rows][LD]
+  l.stage = c.take(2 * static_cast<size_t>(tb.state_rows) * tb.ld, elem);  // [2][state_rows][LD]
+  l.bytes = c.bytes;
+  return l;
+}
+
+struct BackwardLayout {
+  size_t part_g, part_c, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
+};
+
+__host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int gates, int units, int tile_rows,
+                                                          int blocks, size_t acc, size_t elem) {
+  const size_t rows = tile_rows, ru = static_cast<size_t>(tile_rows) * units, gu = static_cast<size_t>(gates) * units;
+  Carve c;
+  BackwardLayout l;
+  l.part_g = c.take(blocks * rows, sizeof(double));  // [blocks][Bt]: Σ g² over each block's units
+  l.part_c = c.take(blocks * rows, sizeof(double));  // [blocks][Bt]: Σ dc² (block 0 reads them)
+  l.row_norm = c.take(rows, acc);                    // [Bt]
+  l.dh_next = c.take(ru, acc);  // [Bt][U]: dh_prev of the step processed before, own units
+  l.dc_next = c.take(ru, acc);  // [Bt][U] (LSTM)
+  l.gbuf = c.take(ru, acc);     // [Bt][U]: g before clipping, then dc_t (LSTM)
+  l.direct = c.take(ru, acc);   // [Bt][U]: GRU z ⊙ g
+  l.inbox = c.take(blocks * ru, acc);  // [blocks][Bt][U]: each block's share of own units' dh_prev
+  if (elem == 2) {
+    l.dgate = l.w = 0;
+    l.dgate16 = c.take(16 * static_cast<size_t>(tb.ldn), elem);  // [16][LDN]
+    l.wt = c.take(static_cast<size_t>(tb.wt_rows) * tb.ldn, elem);  // [wt_rows][LDN]
+  } else {
+    l.dgate16 = l.wt = 0;
+    l.dgate = c.take(gu * round_up(tile_rows, 4), acc);  // [G * U][Bt rounded to 4]: transposed
+    l.w = c.take(gu * tb.ld, elem);                       // [G * U][LD]
+  }
+  l.bytes = c.bytes;
+  return l;
+}
 
 // The kernels' bodies are compiled for sm_90 and newer only (and parsed in the host pass).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
@@ -113,6 +182,39 @@ __device__ __forceinline__ void zero_words(void* p, int bytes) {
 }
 
 __device__ __forceinline__ uint32_t pair_at(const void* p) { return *static_cast<const uint32_t*>(p); }
+
+// Four consecutive float or double values at a 16-byte aligned address, in 16-byte accesses (`p` may
+// be a distributed-shared-memory address for the stores).
+__device__ __forceinline__ void load4(float (&v)[4], const float* p) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ void load4(double (&v)[4], const double* p) {
+  const double2 q0 = reinterpret_cast<const double2*>(p)[0], q1 = reinterpret_cast<const double2*>(p)[1];
+  v[0] = q0.x, v[1] = q0.y, v[2] = q1.x, v[3] = q1.y;
+}
+__device__ __forceinline__ void store4(float* p, const float (&v)[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(double* p, const double (&v)[4]) {
+  reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
+  reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+}
+
+// Copies the block's columns [u0, u0 + nu) of rows [0, rows) of `stage` (row length ld, type T) into
+// the same place of every other block of the cluster, in 16-byte chunks: u0 and ld are whole chunks,
+// and the last chunk of a row past nu holds padding columns (zeros), which it copies as they are.
+template <typename T>
+__device__ __forceinline__ void broadcast_columns(const cg::cluster_group& cluster, T* stage, int ld, int rows,
+                                                  int u0, int nu, int blocks, int rank) {
+  constexpr int V = kChunk / static_cast<int>(sizeof(T));
+  const int per_row = (nu + V - 1) / V, others = blocks - 1;
+  for (int i = threadIdx.x; i < rows * per_row * others; i += kThreads) {
+    const int chunk = i / others, dest = (rank + 1 + i % others) % blocks;  // spread the destinations
+    T* p = stage + (chunk / per_row) * ld + u0 + (chunk % per_row) * V;
+    *reinterpret_cast<uint4*>(cluster.map_shared_rank(p, dest)) = *reinterpret_cast<const uint4*>(p);
+  }
+}
 
 // Fragments of mma.m16n8k16 (PTX ISA, "matrix fragments for mma.m16n8k16"), lane = 4 * gid + tig.
 // A: rows [0, 16), columns [k0, k0 + 16) of the row-major `m` (leading dimension ld).
@@ -169,19 +271,20 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
   const auto [blocks, rank, U, Bt, u0, nu, tile0] = place(cluster, shape, H);
-  const Tables tb = make_tables(kMma<T>, H, G, U, Bt);
+  const Tables tb = make_tables(sizeof(T), H, G, U, Bt);
   const int LD = tb.ld, HP = tb.hp_ld;
+  const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T));
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* bias = reinterpret_cast<A*>(smem_raw);   // [G][U]: b_hh of own units
-  A* own_c = bias + G * U;                    // [Bt][U]: LSTM c_{t-1} of own units
-  A* hp = own_c + Bt * U;                     // [state_rows][HP]: h_{t-1} W_hhᵀ for own rows n
-  T* w = reinterpret_cast<T*>(hp + tb.state_rows * HP);  // [w_rows][LD]: W_hh rows g*H + u0 + ul
-  T* stage = w + tb.w_rows * LD;              // [2][state_rows][LD]: h_{t-1} of the tile, by parity
+  A* bias = reinterpret_cast<A*>(smem_raw + lay.bias);    // [G][U]: b_hh of own units
+  A* own_c = reinterpret_cast<A*>(smem_raw + lay.own_c);  // [Bt][U]: LSTM c_{t-1} of own units
+  A* hp = reinterpret_cast<A*>(smem_raw + lay.hp);        // [state_rows][HP]: h_{t-1} W_hhᵀ, own rows n
+  T* w = reinterpret_cast<T*>(smem_raw + lay.w);          // [w_rows][LD]: W_hh rows g*H + u0 + ul
+  T* stage = reinterpret_cast<T*>(smem_raw + lay.stage);  // [2][state_rows][LD]: h_{t-1}, by parity
   const auto [w_hh, xp, b_hh, h0, c0, out, ws, h_n, c_n] = typed<T, A>(a);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
-  // Zeros first: the MMA tiles read the padding (rows, columns) of both tables.
-  zero_words(w, (tb.w_rows + 2 * tb.state_rows) * LD * static_cast<int>(sizeof(T)));
+  // Zeros first: the product tiles read the padding (rows, columns) of both tables.
+  zero_words(w, static_cast<int>(lay.bytes - lay.w));
   __syncthreads();
   for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
     const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
@@ -232,31 +335,62 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
         hp[(gid + 8) * HP + n] = d[2];
         hp[(gid + 8) * HP + n + 1] = d[3];
       }
-    } else {
-      const int lanes = lanes_per_pair(pairs);
+    } else if (nu > 0) {
+      // Register tiles of 4 rows x 4 rows n of W_hh, K split over `lanes` lanes in chunks of 4
+      // columns (16-byte loads for float; one load then feeds 4 FMAs per operand instead of one).
+      // Tiles run row-fastest, so the lanes of a warp share W_hh chunks (broadcast reads).
+      const int ncols = G * U, rt = (rows + 3) / 4, tiles = rt * ((ncols + 3) / 4);
+      const int lanes = lanes_per_pair(tiles);
       const int groups = kThreads / lanes;
       const int lane = threadIdx.x % lanes;
-      for (int base = 0; base < pairs; base += groups) {  // uniform trip count: shuffles stay safe
-        const int pair = base + threadIdx.x / lanes;
-        const bool valid = pair < pairs;
-        const int b = valid ? pair / nu : 0;
-        const int ul = valid ? pair % nu : 0;
-        A acc[G];
+      for (int base = 0; base < tiles; base += groups) {  // uniform trip count: shuffles stay safe
+        const int tile = base + threadIdx.x / lanes;
+        const bool valid = tile < tiles;
+        const int r0 = valid ? tile % rt * 4 : 0, c0 = valid ? tile / rt * 4 : 0;
+        A acc[4][4];
 #pragma unroll
-        for (int g = 0; g < G; ++g) acc[g] = A(0);
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+        }
         if (valid) {
-          const T* h_row = cur + b * LD;
-          for (int k = lane; k < H; k += lanes) {
-            const A hv = A(load(h_row + k));
+          const T* h_rows[4];
+          const T* w_rows[4];
 #pragma unroll
-            for (int g = 0; g < G; ++g) acc[g] += hv * A(load(w + (g * U + ul) * LD + k));
+          for (int i = 0; i < 4; ++i) {  // clamped: the extra rows' results are not stored
+            h_rows[i] = cur + min(r0 + i, rows - 1) * LD;
+            w_rows[i] = w + min(c0 + i, ncols - 1) * LD;
+          }
+          for (int k = 4 * lane; k < H; k += 4 * lanes) {  // columns past H are zeros in both
+            A hv[4][4], wv[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              load4(hv[i], h_rows[i] + k);
+              load4(wv[i], w_rows[i] + k);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += hv[i][e] * wv[j][e];
+              }
+            }
           }
         }
 #pragma unroll
-        for (int g = 0; g < G; ++g) acc[g] = group_sum(acc[g], lanes);
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = group_sum(acc[i][j], lanes);
+        }
         if (valid && lane == 0) {
 #pragma unroll
-          for (int g = 0; g < G; ++g) hp[b * HP + g * U + ul] = acc[g];
+          for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              if (r0 + i < rows && c0 + j < ncols) hp[(r0 + i) * HP + c0 + j] = acc[i][j];
+            }
+          }
         }
       }
     }
@@ -287,13 +421,15 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
       }
       store(out + row * H + u, h);
       if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
-      if (s + 1 < a.steps) {
-        T stored;  // as the next step reads it from `out`
-        store(&stored, h);
-        for (int r = 0; r < blocks; ++r) *cluster.map_shared_rank(nxt + b * LD + u, r) = stored;
+      store(nxt + b * LD + u, h);  // as the next step would read it from `out`
+    }
+    if (s + 1 < a.steps) {
+      next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
+      if (blocks > 1 && nu > 0) {
+        __syncthreads();
+        broadcast_columns(cluster, nxt, LD, rows, u0, nu, blocks, rank);
       }
     }
-    if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
     cluster.sync();
   }
 #endif
@@ -311,36 +447,41 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
   const auto [blocks, rank, U, Bt, u0, nu, tile0] = place(cluster, shape, H);
-  const Tables tb = make_tables(kMma<T>, H, G, U, Bt);
-  const int LD = tb.ld, LDN = tb.ldn;
+  const Tables tb = make_tables(sizeof(T), H, G, U, Bt);
+  const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
+  const int used = (H + U - 1) / U;  // blocks that own units (the others' partials are all zero)
+  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T));
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  double* part_g = reinterpret_cast<double*>(smem_raw);  // [blocks][Bt]: Σ g² over each block's units
-  double* part_c = part_g + blocks * Bt;                 // [blocks][Bt]: Σ dc² (block 0 reads them)
-  A* row_norm = reinterpret_cast<A*>(part_c + blocks * Bt);  // [Bt]
-  A* dh_next = row_norm + Bt;          // [Bt][U]: dh_prev of the step processed before, own units
-  A* dc_next = dh_next + Bt * U;       // [Bt][U] (LSTM)
-  A* gbuf = dc_next + Bt * U;          // [Bt][U]: g before clipping, then dc_t (LSTM)
-  A* direct = gbuf + Bt * U;           // [Bt][U]: GRU z ⊙ g
-  A* inbox = direct + Bt * U;          // [blocks][Bt][U]: each block's share of own units' dh_prev
-  // The dh product's operands. FMA: dgate[b][n] (acc dtype) and W_hh rows w[n][k], n = g * U + ul.
-  // MMA: dgate[b][n] as stored (T, 16 rows x LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
-  A* dgate = inbox + blocks * Bt * U;  // FMA: [Bt][G * U]
-  T* w = reinterpret_cast<T*>(dgate + (kMma<T> ? 0 : Bt * G * U));  // FMA: [G * U][LD]
-  T* dgate16 = w;                      // MMA: [16][LDN]
-  T* wt = dgate16 + 16 * LDN;          // MMA: [wt_rows][LDN]
+  double* part_g = reinterpret_cast<double*>(smem_raw + lay.part_g);
+  double* part_c = reinterpret_cast<double*>(smem_raw + lay.part_c);
+  A* row_norm = reinterpret_cast<A*>(smem_raw + lay.row_norm);
+  A* dh_next = reinterpret_cast<A*>(smem_raw + lay.dh_next);
+  A* dc_next = reinterpret_cast<A*>(smem_raw + lay.dc_next);
+  A* gbuf = reinterpret_cast<A*>(smem_raw + lay.gbuf);
+  A* direct = reinterpret_cast<A*>(smem_raw + lay.direct);
+  A* inbox = reinterpret_cast<A*>(smem_raw + lay.inbox);
+  // The dh product's operands. FMA: dgate[n][b] (acc dtype, transposed: a register tile's 4 rows
+  // in one load) and W_hh rows w[n][k], n = g * U + ul. MMA: dgate16[b][n] as stored (T, 16 rows x
+  // LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
+  A* dgate = reinterpret_cast<A*>(smem_raw + lay.dgate);
+  T* w = reinterpret_cast<T*>(smem_raw + lay.w);
+  T* dgate16 = reinterpret_cast<T*>(smem_raw + lay.dgate16);
+  T* wt = reinterpret_cast<T*>(smem_raw + lay.wt);
   const auto [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] =
       typed<C, T, A>(a);
   const A clip = static_cast<A>(a.clip);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
   if constexpr (kMma<T>) {
-    zero_words(dgate16, (16 + tb.wt_rows) * LDN * static_cast<int>(sizeof(T)));  // the tiles' padding
+    zero_words(dgate16, static_cast<int>(lay.bytes - lay.dgate16));  // the tiles' padding
     __syncthreads();
     for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
       const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
       wt[k * LDN + g * U + ul] = w_hh[static_cast<int64_t>(g * H + u0 + ul) * H + k];
     }
   } else {
+    zero_words(w, static_cast<int>(lay.bytes - lay.w));  // padding columns and the rows of absent units
+    __syncthreads();
     for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
       const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
       w[(g * U + ul) * LD + k] = w_hh[static_cast<int64_t>(g * H + u0 + ul) * H + k];
@@ -408,7 +549,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
         if constexpr (kMma<T>) {
           store(dgate16 + b * LDN + g * U + ul, dg[g]);
         } else {
-          dgate[b * G * U + g * U + ul] = through<T>(dg[g]);
+          dgate[(g * U + ul) * BtP + b] = through<T>(dg[g]);
         }
       }
       if constexpr (C == Cell::LSTM) {
@@ -437,7 +578,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
     // the unit's owner.
     if constexpr (kMma<T>) {
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      for (int k0 = warp * 8; rows > 0 && k0 < H; k0 += kThreads / 4) {  // 8 output units per tile
+      for (int k0 = warp * 8; rows > 0 && nu > 0 && k0 < H; k0 += kThreads / 4) {  // 8 output units per tile
         float d[4] = {0.f, 0.f, 0.f, 0.f};
         for (int n0 = 0; n0 < G * U; n0 += 16) {  // columns past G * U are zeros in both operands
           uint32_t fa[4], fb[2];
@@ -445,22 +586,48 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
           load_b(fb, wt, LDN, k0, n0, gid, tig);
           mma_16816<T>(d, fa, fb);
         }
+        // Units k and k + 1 (k even, U even: one owner; past H, a slot nobody reads) in one store.
+        const int k = k0 + 2 * tig;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int b = gid + (j >= 2 ? 8 : 0), k = k0 + 2 * tig + (j & 1);
-          if (b < rows && k < H) *cluster.map_shared_rank(inbox + (rank * Bt + b) * U + k % U, k / U) = d[j];
+        for (int half = 0; half < 2; ++half) {
+          const int b = gid + 8 * half;
+          if (b < rows && k < H) {
+            *reinterpret_cast<float2*>(cluster.map_shared_rank(inbox + (rank * Bt + b) * U + k % U, k / U)) =
+                make_float2(d[2 * half], d[2 * half + 1]);
+          }
         }
       }
-    } else {  // consecutive threads take consecutive units: conflict-free W_hh reads
-      for (int i = threadIdx.x; i < rows * H; i += kThreads) {
-        const int b = i / H, k = i % H;
-        const A* dg = dgate + b * G * U;
-        A acc = A(0);
+    } else if (nu > 0) {
+      // Register tiles of 4 rows x 4 consecutive units k (units-fastest: a warp reads contiguous
+      // W_hh chunks); the 4 partials of a row go to their owner (U is a multiple of 4) in one
+      // 16-byte store.
+      const int kt = (H + 3) / 4;
+      for (int tile = threadIdx.x; tile < (rows + 3) / 4 * kt; tile += kThreads) {
+        const int r0 = tile / kt * 4, k0 = tile % kt * 4;
+        A acc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+        }
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          for (int ul = 0; ul < nu; ++ul) acc += dg[g * U + ul] * A(load(w + (g * U + ul) * LD + k));
+          for (int ul = 0; ul < nu; ++ul) {
+            const int n = g * U + ul;
+            A dv[4], wv[4];
+            load4(dv, dgate + n * BtP + r0);  // rows past `rows`: stale values, results not stored
+            load4(wv, w + n * LD + k0);       // columns past H: zeros
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+              for (int j = 0; j < 4; ++j) acc[i][j] += dv[i] * wv[j];
+            }
+          }
         }
-        *cluster.map_shared_rank(inbox + (rank * Bt + b) * U + k % U, k / U) = acc;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (r0 + i < rows) store4(cluster.map_shared_rank(inbox + (rank * Bt + r0 + i) * U + k0 % U, k0 / U), acc[i]);
+        }
       }
     }
     if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(a.steps - 2 - s), tile0, Bt);
@@ -470,7 +637,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
       const int b = pair / nu, ul = pair % nu;
       A sum = C == Cell::GRU ? direct[b * U + ul] : A(0);
-      for (int r = 0; r < blocks; ++r) sum += inbox[(r * Bt + b) * U + ul];
+      for (int r = 0; r < used; ++r) sum += inbox[(r * Bt + b) * U + ul];
       if (b < rows_prev) {
         dh_next[b * U + ul] = sum;
       } else {
@@ -525,23 +692,17 @@ size_t storage_size(DType dtype) {
   return dtype == DType::F64 ? 8 : (dtype == DType::F32 ? 4 : 2);
 }
 
-// Shared memory of the two kernels (the layouts at the top of each).
+// Shared memory of the two kernels (their layouts).
 size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType dtype) {
-  const size_t acc = acc_size(dtype), elem = storage_size(dtype);
-  const Tables tb = make_tables(elem == 2, static_cast<int>(hidden), gates, units, tile_rows);
-  return (static_cast<size_t>(gates) * units + static_cast<size_t>(tile_rows) * units +
-          static_cast<size_t>(tb.state_rows) * tb.hp_ld) * acc +
-         static_cast<size_t>(tb.w_rows + 2 * tb.state_rows) * tb.ld * elem;
+  const size_t elem = storage_size(dtype);
+  const Tables tb = make_tables(static_cast<int>(elem), static_cast<int>(hidden), gates, units, tile_rows);
+  return forward_layout(tb, gates, units, tile_rows, acc_size(dtype), elem).bytes;
 }
 
 size_t backward_smem(int gates, int units, int tile_rows, int blocks, int64_t hidden, DType dtype) {
-  const size_t acc = acc_size(dtype), elem = storage_size(dtype);
-  const bool mma = elem == 2;
-  const Tables tb = make_tables(mma, static_cast<int>(hidden), gates, units, tile_rows);
-  const size_t rows = tile_rows, u = units, g = gates;
-  const size_t tables = mma ? static_cast<size_t>(16 + tb.wt_rows) * tb.ldn * elem
-                            : rows * g * u * acc + g * u * tb.ld * elem;
-  return 2 * blocks * rows * sizeof(double) + (rows + 4 * rows * u + blocks * rows * u) * acc + tables;
+  const size_t elem = storage_size(dtype);
+  const Tables tb = make_tables(static_cast<int>(elem), static_cast<int>(hidden), gates, units, tile_rows);
+  return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem).bytes;
 }
 
 cudaLaunchConfig_t launch_config(const Plan& plan, size_t smem, cudaStream_t stream,
@@ -598,9 +759,14 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
   const int tile_rows = static_cast<int>((batch + tiles - 1) / tiles);
   plan.reason = Decline::SharedMemory;
   // The largest cluster that fits and can be scheduled: the smallest share of W_hh per block.
-  for (int blocks = kMaxClusterBlocks; blocks >= 1; blocks /= 2) {
-    if (blocks > hidden && blocks > 1) continue;
-    const int units = static_cast<int>((hidden + blocks - 1) / blocks);
+  const int grain = unit_grain(static_cast<int>(storage_size(dtype)));
+  for (int size = kMaxClusterBlocks; size >= 1; size /= 2) {
+    if (size > hidden && size > 1) continue;
+    // Units rounded up to the grain; then the smallest power of two of blocks that covers them.
+    const int units = round_up(static_cast<int>((hidden + size - 1) / size), grain);
+    const int needed = static_cast<int>((hidden + units - 1) / units);
+    int blocks = 1;
+    while (blocks < needed) blocks *= 2;
     const size_t smem_f = forward_smem(gates, units, tile_rows, hidden, dtype);
     const size_t smem_b = backward_smem(gates, units, tile_rows, blocks, hidden, dtype);
     if (std::max(smem_f, smem_b) > prop->sharedMemPerBlockOptin) continue;
