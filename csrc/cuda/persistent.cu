@@ -391,11 +391,9 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
   const size_t gates = static_cast<size_t>(cell_gates(cell));
   const size_t limit = prop.sharedMemPerBlockOptin;
   // Resident weights and per-row state first; the rest of shared memory stages operand tiles.
-  // Forward: W_hh rows [G][units][H + 1], then G*units + B*units accumulators the kernel does not use
-  // (the removed v4 kernels' b_hh and own-state rows), still reserved so that the plans (tile widths,
-  // declines) stay what they were measured with. Backward: W_hh columns [units][G*H + 1], four
-  // [B][units] state arrays and the row norms [B].
-  const size_t fixed_forward = (gates * units * (hidden + 1) + gates * units + batch * units) * acc;
+  // Forward: W_hh rows [G][units][H + 1]. Backward: W_hh columns [units][G*H + 1], four [B][units]
+  // state arrays and the row norms [B].
+  const size_t fixed_forward = gates * units * (hidden + 1) * acc;
   const size_t fixed_backward =
       (static_cast<size_t>(units) * (gates * hidden + 1) + 4 * batch * units + batch) * acc;
   auto widest_chunk = [&](size_t fixed, int64_t columns) -> int {
