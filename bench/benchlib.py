@@ -194,11 +194,10 @@ def device_description(device: torch.device) -> str:
 
 
 # Kernel variants timed as backends of their own: "name:variant" runs backend `name` with these
-# environment variables: the CUDA backend's persistent recurrences forced: v3 (which `auto` picks where
-# it measured faster), the experimental v4 and the thread-block-cluster kernels. A case whose shape the
+# environment variables: the CUDA backend's persistent recurrences forced: the grid-wide kernels (which
+# `auto` picks where they measured faster) and the thread-block-cluster kernels. A case whose shape the
 # forced kernel declines is skipped, not timed on the per-step fallback (bench_rnn.py).
 BACKEND_VARIANTS = {"cuda:persistent": ("cuda", {"RNNKERN_CUDA_KERNEL": "persistent"}),
-                    "cuda:persistent-v4": ("cuda", {"RNNKERN_CUDA_KERNEL": "persistent-v4"}),
                     "cuda:cluster": ("cuda", {"RNNKERN_CUDA_KERNEL": "cluster"})}
 
 

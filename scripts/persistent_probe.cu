@@ -3,7 +3,7 @@
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 scripts/persistent_probe.cu -o probe && ./probe
 // Each probe runs STEPS steps in one launch; the table gives microseconds per step (median of 7
 // launches after a warm-up) for a B=16, H=256 float32 state:
-//   grid-sync           cooperative_groups grid.sync() alone, 128 blocks (the v3/v4 kernels' barrier)
+//   grid-sync           cooperative_groups grid.sync() alone, 128 blocks (the grid-wide kernels' barrier)
 //   grid-flag           a hand-rolled grid barrier: one atomic arrive per block, spin on a generation flag
 //   grid-exchange       write own B x H/128 slice of h to global, grid.sync(), every block loads all of
 //                       h (B x H) through L2 into shared memory: the grid kernels' forward floor

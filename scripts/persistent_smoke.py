@@ -1,6 +1,6 @@
 """A fast first look at one CUDA recurrence kernel on a GPU (scripts/gpu_check.sh, stage "smoke").
 
-    python3 scripts/persistent_smoke.py check KERNEL   # KERNEL: step | persistent | persistent-v4 | cluster
+    python3 scripts/persistent_smoke.py check KERNEL   # KERNEL: step | persistent | cluster
     python3 scripts/persistent_smoke.py time KERNEL
 
 For every cell and dtype, one small case with norms on, forced onto KERNEL, is

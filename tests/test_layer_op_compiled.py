@@ -556,7 +556,7 @@ def test_cuda_float64_matches_oracle(cell, reverse, packed, clipping):
     assert_results_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-PERSISTENT_KERNELS = ["persistent", "persistent-v4", "cluster"]
+PERSISTENT_KERNELS = ["persistent", "cluster"]
 
 
 @gpu

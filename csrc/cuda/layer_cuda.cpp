@@ -18,21 +18,18 @@ namespace rnnkern {
 namespace {
 
 // RNNKERN_CUDA_KERNEL: "auto" (default: persistent where its plan allows and the shape heuristic
-// says it is faster), "persistent" (wherever its plan allows), "step" (never persistent),
-// "persistent-v4" (the experimental v4 persistent kernels wherever the plan allows), "cluster" (the
-// thread-block-cluster kernels wherever their plan allows, sm_90+). The last two are never chosen
-// by auto until they have passed the GPU tests and been timed.
-enum class KernelChoice { Auto, Step, Persistent, PersistentV4, Cluster };
+// says it is faster), "persistent" (wherever its plan allows), "step" (never persistent), "cluster"
+// (the thread-block-cluster kernels wherever their plan allows, sm_90+; never chosen by auto until
+// they have passed the GPU tests and been timed). Any other value is an error.
+enum class KernelChoice { Auto, Step, Persistent, Cluster };
 
 KernelChoice kernel_choice() {
   const char* value = std::getenv("RNNKERN_CUDA_KERNEL");
   if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return KernelChoice::Auto;
   if (std::strcmp(value, "step") == 0) return KernelChoice::Step;
   if (std::strcmp(value, "persistent") == 0) return KernelChoice::Persistent;
-  if (std::strcmp(value, "persistent-v4") == 0) return KernelChoice::PersistentV4;
   if (std::strcmp(value, "cluster") == 0) return KernelChoice::Cluster;
-  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent, persistent-v4, cluster or step, "
-              "not '", value, "'");
+  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent, cluster or step, not '", value, "'");
 }
 
 // Shapes where "auto" runs the persistent kernels: where they measured faster than the per-step
@@ -58,8 +55,7 @@ persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hi
   if (choice == KernelChoice::Cluster) {
     return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device);
   }
-  persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device,
-                                                choice == KernelChoice::PersistentV4);
+  persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device);
   if (plan.ok && choice == KernelChoice::Auto && !persistent_pays_off(cell, batch, hidden, plan)) {
     plan.ok = false;
     plan.reason = persistent::Decline::Heuristic;

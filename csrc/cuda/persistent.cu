@@ -40,46 +40,7 @@ using namespace detail;
 // (v2 used 64-column tiles: 16 to 48 round trips per step at H = 256..768, bench/NOTES.md).
 constexpr int kChunkAlign = 32;
 
-// v4 (experimental, RNNKERN_CUDA_KERNEL=persistent-v4): the same kernels with the per-step chains of
-// dependent global-memory round trips cut (bench/NOTES.md, "v4 plan"): operand tiles staged with
-// every load in flight at once; b_hh and each block's own state (LSTM c_t, GRU h_t) kept in shared
-// memory; x_t's projection loaded before the dot products; the cross-block row-norm partials reduced
-// by a warp per row. v3 (`V4 = false`) stays the default until v4 has passed the GPU tests.
-constexpr int kInFlight = 16;
-
-// Stages rows [0, rows) x columns [k0, k0 + chunk) of an operand into stage[row * (chunk + 1) + kk]
-// (zeros past `columns`): each thread issues up to kInFlight independent loads before it stores any.
-template <typename A, typename LoadAt>
-__device__ __forceinline__ void stage_tile(A* stage, int rows, int chunk, int k0, int columns,
-                                           const LoadAt& load_at) {
-  const int n = rows * chunk;
-  for (int i0 = 0; i0 < n; i0 += kThreads * kInFlight) {
-    A v[kInFlight];
-#pragma unroll
-    for (int r = 0; r < kInFlight; ++r) {
-      const int i = i0 + r * kThreads + static_cast<int>(threadIdx.x);
-      const int k = k0 + i % chunk;
-      v[r] = (i < n && k < columns) ? load_at(i / chunk, k) : A(0);
-    }
-#pragma unroll
-    for (int r = 0; r < kInFlight; ++r) {
-      const int i = i0 + r * kThreads + static_cast<int>(threadIdx.x);
-      if (i < n) stage[(i / chunk) * (chunk + 1) + i % chunk] = v[r];
-    }
-  }
-}
-
-// Σ over `count` float64 partials (stride `stride`) by one warp: each lane adds its share in order,
-// then a fixed xor-shuffle tree; every lane gets the same bits, in every block and every run.
-__device__ __forceinline__ double warp_sum_partials(const double* first, int count, int stride) {
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  double sum = 0.0;
-  for (int i = lane; i < count; i += 32) sum += __ldcg(first + static_cast<int64_t>(i) * stride);
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  return sum;
-}
-
-template <Cell C, typename T, bool V4>
+template <Cell C, typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int units, int chunk) {
   using A = typename AccOf<T>::type;
   constexpr int G = kGates<C>;
@@ -88,8 +49,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
   const int H = static_cast<int>(a.hidden);
   A* w = reinterpret_cast<A*>(smem_raw);  // [G][units][H + 1] (padded: no bank conflicts)
   A* stage = w + G * units * (H + 1);     // [B][chunk + 1]: a tile of h_{t-1} rows
-  A* bias = stage + a.batch * (chunk + 1);  // v4: [G][units] b_hh of own units
-  A* own = bias + G * units;                // v4: [B][units] own units' c_{t-1} (LSTM), h_{t-1} (GRU)
   const int GH = G * H;
   const int u0 = blockIdx.x * units;
   const int nu = min(units, H - u0);
@@ -99,12 +58,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
   for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
     const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
     w[(g * units + ul) * (H + 1) + k] = load(w_hh + static_cast<int64_t>(g * H + u0 + ul) * H + k);
-  }
-  if constexpr (V4) {
-    for (int i = threadIdx.x; i < G * nu; i += kThreads) {
-      const int g = i / nu, ul = i % nu;
-      bias[g * units + ul] = b_hh ? A(load(b_hh + g * H + u0 + ul)) : A(0);
-    }
   }
   __syncthreads();
   cg::grid_group grid = cg::this_grid();
@@ -122,37 +75,22 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
       const int ul = valid ? pair % nu : 0;
       const bool from_out = b < n_prev;
       const T* h_row = from_out ? out + (prev_row0 + b) * H : h0 + static_cast<int64_t>(b) * H;
-      A acc[G];
-      A xv[G];  // v4: x_t's projection, loaded before the dot products (its latency hidden by them)
+      A acc[G], xv[G];  // h_{t-1} W_hhᵀ; x_t's projection (loaded by lane 0 after the dot products)
 #pragma unroll
       for (int g = 0; g < G; ++g) acc[g] = xv[g] = A(0);
-      if constexpr (V4) {
-        if (valid && lane == 0) {
-          const T* x = xp + (row0 + b) * GH + u0 + ul;
-#pragma unroll
-          for (int g = 0; g < G; ++g) xv[g] = A(load(x + g * H));
-        }
-      }
       for (int k0 = 0; k0 < H; k0 += chunk) {
         // One tile covering the whole row is staged once per step, not once per pass over the pairs.
         if (base == 0 || chunk < H) {
           __syncthreads();  // the previous tile is consumed
-          if constexpr (V4) {
-            stage_tile(stage, bs, chunk, k0, H, [&](int sb, int k) {
-              return sb < n_prev ? load_cg(out + (prev_row0 + sb) * H + k)
-                                 : A(load(h0 + static_cast<int64_t>(sb) * H + k));
-            });
-          } else {
 #pragma unroll 4
-            for (int i = threadIdx.x; i < bs * chunk; i += kThreads) {
-              const int sb = i / chunk, kk = i % chunk, k = k0 + kk;
-              A v = A(0);
-              if (k < H) {
-                v = sb < n_prev ? load_cg(out + (prev_row0 + sb) * H + k)
-                                : A(load(h0 + static_cast<int64_t>(sb) * H + k));
-              }
-              stage[sb * (chunk + 1) + kk] = v;
+          for (int i = threadIdx.x; i < bs * chunk; i += kThreads) {
+            const int sb = i / chunk, kk = i % chunk, k = k0 + kk;
+            A v = A(0);
+            if (k < H) {
+              v = sb < n_prev ? load_cg(out + (prev_row0 + sb) * H + k)
+                              : A(load(h0 + static_cast<int64_t>(sb) * H + k));
             }
+            stage[sb * (chunk + 1) + kk] = v;
           }
           __syncthreads();
         }
@@ -174,29 +112,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
       A pre[G];
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        if constexpr (V4) {
-          pre[g] = acc[g] + bias[g * units + ul];
-        } else {
-          pre[g] = acc[g] + (b_hh ? A(load(b_hh + g * H + u)) : A(0));
-          xv[g] = A(load(x + g * H + u));
-        }
+        pre[g] = acc[g] + (b_hh ? A(load(b_hh + g * H + u)) : A(0));
+        xv[g] = A(load(x + g * H + u));
       }
       const bool last = b >= n_next;  // the sample ends here: h_n
-      A* own_state = own + b * units + ul;
       A prev = A(0), c = A(0);  // c_{t-1} (LSTM) or h_{t-1} (GRU); c_t
       if constexpr (C == Cell::LSTM) {
         prev = !from_out ? A(load(c0 + static_cast<int64_t>(b) * H + u))
-               : V4      ? *own_state
                          : load_cg(ws + (prev_row0 + b) * S * H + 4 * H + u);
       } else if constexpr (C == Cell::GRU) {
-        prev = !from_out ? A(load(h_row + u)) : V4 ? *own_state : load_cg(h_row + u);
+        prev = !from_out ? A(load(h_row + u)) : load_cg(h_row + u);
       }
       const A h = forward_unit<C, A>(xv, pre, prev, ws + row * S * H, H, u, c);
       if constexpr (C == Cell::LSTM) {
-        if constexpr (V4) *own_state = c;
         if (last) store(c_n + static_cast<int64_t>(b) * H + u, c);
-      } else if constexpr (C == Cell::GRU) {
-        if constexpr (V4) *own_state = through<T>(h);
       }
       store(out + row * H + u, h);
       if (last) store(h_n + static_cast<int64_t>(b) * H + u, h);
@@ -205,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
   }
 }
 
-template <Cell C, typename T, bool V4>
+template <Cell C, typename T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int units, int chunk) {
   using A = typename AccOf<T>::type;
   constexpr int G = kGates<C>;
@@ -242,17 +171,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
   auto reduce_dc = [&](int64_t t, int parity) {
     if (C != Cell::LSTM || a.norm_c == nullptr || blockIdx.x != 0) return;
     const int bs = static_cast<int>(a.sizes[t]);
-    if constexpr (V4) {
-      for (int b = threadIdx.x / 32; b < bs; b += kThreads / 32) {
-        const double sum = warp_sum_partials(partial + ((parity * 2 + 1) * blocks) * B + b, blocks, B);
-        if (threadIdx.x % 32 == 0) a.norm_c[a.offsets[t] + b] = static_cast<float>(sqrt(sum));
-      }
-    } else {
-      for (int b = threadIdx.x; b < bs; b += kThreads) {
-        double sum = 0.0;
-        for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2 + 1) * blocks + blk) * B + b);
-        a.norm_c[a.offsets[t] + b] = static_cast<float>(sqrt(sum));
-      }
+    for (int b = threadIdx.x; b < bs; b += kThreads) {
+      double sum = 0.0;
+      for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2 + 1) * blocks + blk) * B + b);
+      a.norm_c[a.offsets[t] + b] = static_cast<float>(sqrt(sum));
     }
   };
 
@@ -279,21 +201,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
     grid.sync();
 
     // B: the full norms (same order in every block), clip, gate gradients.
-    if constexpr (V4) {  // a warp per row: its partials' loads all in flight
-      for (int b = threadIdx.x / 32; b < bs; b += kThreads / 32) {
-        const double sum = warp_sum_partials(partial + ((parity * 2) * blocks) * B + b, blocks, B);
-        if (threadIdx.x % 32 == 0) {
-          row_norm[b] = static_cast<A>(sqrt(sum));
-          if (blockIdx.x == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
-        }
-      }
-    } else {
-      for (int b = threadIdx.x; b < bs; b += kThreads) {
-        double sum = 0.0;
-        for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2) * blocks + blk) * B + b);
-        row_norm[b] = static_cast<A>(sqrt(sum));
-        if (blockIdx.x == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
-      }
+    for (int b = threadIdx.x; b < bs; b += kThreads) {
+      double sum = 0.0;
+      for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2) * blocks + blk) * B + b);
+      row_norm[b] = static_cast<A>(sqrt(sum));
+      if (blockIdx.x == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
     }
     if (t_before >= 0) reduce_dc(t_before, parity ^ 1);
     __syncthreads();
@@ -350,15 +262,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
       for (int k0 = 0; k0 < GH; k0 += chunk) {
         if (base == 0 || chunk < GH) {  // a whole-row tile: staged once per step
           __syncthreads();  // the previous tile is consumed
-          if constexpr (V4) {
-            stage_tile(stage, bs, chunk, k0, GH,
-                       [&](int sb, int k) { return load_cg(dgates_h + (row0 + sb) * GH + k); });
-          } else {
 #pragma unroll 4
-            for (int i = threadIdx.x; i < bs * chunk; i += kThreads) {
-              const int sb = i / chunk, kk = i % chunk, k = k0 + kk;
-              stage[sb * (chunk + 1) + kk] = k < GH ? load_cg(dgates_h + (row0 + sb) * GH + k) : A(0);
-            }
+          for (int i = threadIdx.x; i < bs * chunk; i += kThreads) {
+            const int sb = i / chunk, kk = i % chunk, k = k0 + kk;
+            stage[sb * (chunk + 1) + kk] = k < GH ? load_cg(dgates_h + (row0 + sb) * GH + k) : A(0);
           }
           __syncthreads();
         }
@@ -390,23 +297,23 @@ using ForwardKernel = void (*)(ForwardArgs, int, int);
 template <typename T>
 using BackwardKernel = void (*)(BackwardArgs, int, int);
 
-template <typename T, bool V4>
+template <typename T>
 ForwardKernel<T> forward_for(Cell cell) {
   switch (cell) {
-    case Cell::LSTM: return forward_kernel<Cell::LSTM, T, V4>;
-    case Cell::GRU: return forward_kernel<Cell::GRU, T, V4>;
-    case Cell::RNN_TANH: return forward_kernel<Cell::RNN_TANH, T, V4>;
-    default: return forward_kernel<Cell::RNN_RELU, T, V4>;
+    case Cell::LSTM: return forward_kernel<Cell::LSTM, T>;
+    case Cell::GRU: return forward_kernel<Cell::GRU, T>;
+    case Cell::RNN_TANH: return forward_kernel<Cell::RNN_TANH, T>;
+    default: return forward_kernel<Cell::RNN_RELU, T>;
   }
 }
 
-template <typename T, bool V4>
+template <typename T>
 BackwardKernel<T> backward_for(Cell cell) {
   switch (cell) {
-    case Cell::LSTM: return backward_kernel<Cell::LSTM, T, V4>;
-    case Cell::GRU: return backward_kernel<Cell::GRU, T, V4>;
-    case Cell::RNN_TANH: return backward_kernel<Cell::RNN_TANH, T, V4>;
-    default: return backward_kernel<Cell::RNN_RELU, T, V4>;
+    case Cell::LSTM: return backward_kernel<Cell::LSTM, T>;
+    case Cell::GRU: return backward_kernel<Cell::GRU, T>;
+    case Cell::RNN_TANH: return backward_kernel<Cell::RNN_TANH, T>;
+    default: return backward_kernel<Cell::RNN_RELU, T>;
   }
 }
 
@@ -423,29 +330,25 @@ cudaError_t launch(const void* kernel, const Plan& plan, size_t smem, int chunk,
 }
 
 template <typename T>
-const void* forward_kernel_ptr(Cell cell, bool v4) {
-  return reinterpret_cast<const void*>(v4 ? forward_for<T, true>(cell) : forward_for<T, false>(cell));
-}
+const void* forward_kernel_ptr(Cell cell) { return reinterpret_cast<const void*>(forward_for<T>(cell)); }
 template <typename T>
-const void* backward_kernel_ptr(Cell cell, bool v4) {
-  return reinterpret_cast<const void*>(v4 ? backward_for<T, true>(cell) : backward_for<T, false>(cell));
-}
+const void* backward_kernel_ptr(Cell cell) { return reinterpret_cast<const void*>(backward_for<T>(cell)); }
 
-const void* forward_ptr(Cell cell, DType dtype, bool v4) {
+const void* forward_ptr(Cell cell, DType dtype) {
   switch (dtype) {
-    case DType::F32: return forward_kernel_ptr<float>(cell, v4);
-    case DType::F64: return forward_kernel_ptr<double>(cell, v4);
-    case DType::F16: return forward_kernel_ptr<__half>(cell, v4);
-    default: return forward_kernel_ptr<__nv_bfloat16>(cell, v4);
+    case DType::F32: return forward_kernel_ptr<float>(cell);
+    case DType::F64: return forward_kernel_ptr<double>(cell);
+    case DType::F16: return forward_kernel_ptr<__half>(cell);
+    default: return forward_kernel_ptr<__nv_bfloat16>(cell);
   }
 }
 
-const void* backward_ptr(Cell cell, DType dtype, bool v4) {
+const void* backward_ptr(Cell cell, DType dtype) {
   switch (dtype) {
-    case DType::F32: return backward_kernel_ptr<float>(cell, v4);
-    case DType::F64: return backward_kernel_ptr<double>(cell, v4);
-    case DType::F16: return backward_kernel_ptr<__half>(cell, v4);
-    default: return backward_kernel_ptr<__nv_bfloat16>(cell, v4);
+    case DType::F32: return backward_kernel_ptr<float>(cell);
+    case DType::F64: return backward_kernel_ptr<double>(cell);
+    case DType::F16: return backward_kernel_ptr<__half>(cell);
+    default: return backward_kernel_ptr<__nv_bfloat16>(cell);
   }
 }
 
@@ -472,10 +375,8 @@ const cudaDeviceProp* device_properties(int device) {
 
 }  // namespace detail
 
-Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj, int device,
-               bool v4) {
+Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj, int device) {
   Plan plan;
-  plan.v4 = v4;
   if (declines_layer(plan, has_proj, batch, hidden)) return plan;
   const cudaDeviceProp* found = device_properties(device);
   if (found == nullptr || !found->cooperativeLaunch) {
@@ -490,8 +391,9 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
   const size_t gates = static_cast<size_t>(cell_gates(cell));
   const size_t limit = prop.sharedMemPerBlockOptin;
   // Resident weights and per-row state first; the rest of shared memory stages operand tiles.
-  // W_hh rows [G][units][H + 1], then (v4) b_hh [G][units] and the own-state rows [B][units]
-  const size_t fixed_forward = (gates * units * (hidden + 1) + gates * units + batch * units) * acc;
+  // Forward: W_hh rows [G][units][H + 1]. Backward: W_hh columns [units][G*H + 1], four [B][units]
+  // state arrays and the row norms [B].
+  const size_t fixed_forward = gates * units * (hidden + 1) * acc;
   const size_t fixed_backward =
       (static_cast<size_t>(units) * (gates * hidden + 1) + 4 * batch * units + batch) * acc;
   auto widest_chunk = [&](size_t fixed, int64_t columns) -> int {
@@ -509,7 +411,7 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
   plan.smem_forward = fixed_forward + static_cast<size_t>(batch) * (plan.chunk_forward + 1) * acc;
   plan.smem_backward = fixed_backward + static_cast<size_t>(batch) * (plan.chunk_backward + 1) * acc;
   for (int pass = 0; pass < 2; ++pass) {
-    const void* kernel = pass == 0 ? forward_ptr(cell, dtype, v4) : backward_ptr(cell, dtype, v4);
+    const void* kernel = pass == 0 ? forward_ptr(cell, dtype) : backward_ptr(cell, dtype);
     const size_t smem = pass == 0 ? plan.smem_forward : plan.smem_backward;
     int per_sm = 0;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -535,14 +437,14 @@ size_t scratch_elements(const Plan& plan, int64_t batch) {
 cudaError_t forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   if (args.steps == 0 || args.batch == 0) return cudaSuccess;
   if (plan.cluster > 0) return cluster_forward(plan, args, stream);
-  return launch(forward_ptr(args.cell, args.dtype, plan.v4), plan, plan.smem_forward,
+  return launch(forward_ptr(args.cell, args.dtype), plan, plan.smem_forward,
                 plan.chunk_forward, args, stream);
 }
 
 cudaError_t backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   if (args.steps == 0 || args.batch == 0) return cudaSuccess;
   if (plan.cluster > 0) return cluster_backward(plan, args, stream);
-  return launch(backward_ptr(args.cell, args.dtype, plan.v4), plan, plan.smem_backward,
+  return launch(backward_ptr(args.cell, args.dtype), plan, plan.smem_backward,
                 plan.chunk_backward, args, stream);
 }
 

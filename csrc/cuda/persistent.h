@@ -36,15 +36,13 @@ struct Plan {
   size_t smem_backward = 0;
   int chunk_forward = 0;    // columns of h_{t-1} staged per tile (the whole row where it fits)
   int chunk_backward = 0;   // columns of the dgates rows staged per tile
-  bool v4 = false;          // the experimental v4 kernels (persistent.cu)
   int cluster = 0;          // > 0: the cluster kernels (persistent_cluster.cu), blocks per cluster
   int tile_rows = 0;        // cluster kernels: batch rows per cluster (blocks / cluster clusters)
 };
 
 // Plan for a layer of `hidden` units and a batch of `batch` rows on `device`. Projections
 // (proj_size > 0) are not handled here (the per-step path runs them).
-Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj, int device,
-               bool v4 = false);
+Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj, int device);
 
 // Plan for the thread-block-cluster kernels (sm_90+, persistent_cluster.cu): each cluster of up to
 // 16 blocks holds all of W_hh and runs the time loop for a tile of batch rows, exchanging state
