@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _cells
@@ -19,6 +21,13 @@ _DECLINE = {
 }
 # Decline 7 (auto's size rule): formatted with the layer's numbers, see _heuristic_reason.
 _HEURISTIC = 7
+
+
+def _why_cluster() -> str:
+    if os.environ.get("RNNKERN_CUDA_KERNEL", "auto") == "cluster":
+        return "RNNKERN_CUDA_KERNEL=cluster"
+    return ("chosen by auto: 16-bit, W_hh fits in one cluster and every cluster runs at once; "
+            "measured faster than the per-step and grid-wide kernels, bench/NOTES.md")
 
 
 def _heuristic_reason(batch, gates, units, hidden, limit) -> str:
@@ -52,7 +61,7 @@ def explain(module, input, hx=None) -> str:
         persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster = plan
         if persistent and cluster:
             lines.append(
-                f"  every layer: persistent cluster kernel (RNNKERN_CUDA_KERNEL=cluster), one launch per "
+                f"  every layer: persistent cluster kernel ({_why_cluster()}), one launch per "
                 f"layer and direction; {blocks // cluster} cluster(s) of {cluster} blocks, one per tile of "
                 f"batch rows, each block {units} hidden units with W_hh resident in shared memory "
                 f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block); state "

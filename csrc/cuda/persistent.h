@@ -38,6 +38,7 @@ struct Plan {
   int chunk_backward = 0;   // columns of the dgates rows staged per tile
   int cluster = 0;          // > 0: the cluster kernels (persistent_cluster.cu), blocks per cluster
   int tile_rows = 0;        // cluster kernels: batch rows per cluster (blocks / cluster clusters)
+  int resident_clusters = 0;  // cluster kernels: clusters of this plan the device runs at once
 };
 
 // Plan for a layer of `hidden` units and a batch of `batch` rows on `device`. Projections

@@ -779,6 +779,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     candidate.smem_forward = smem_f;
     candidate.smem_backward = smem_b;
     bool schedulable = true;
+    candidate.resident_clusters = prop->multiProcessorCount;
     for (int pass = 0; pass < 2 && schedulable; ++pass) {
       const void* kernel = kernel_for(pass == 0, cell, dtype);
       const size_t smem = pass == 0 ? smem_f : smem_b;
@@ -789,6 +790,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
       schedulable = prepare(kernel, smem) == cudaSuccess &&
                     cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess &&
                     clusters >= 1;
+      candidate.resident_clusters = std::min(candidate.resident_clusters, clusters);
     }
     if (!schedulable) {
       cudaGetLastError();
