@@ -26,7 +26,7 @@ _HEURISTIC = 7
 def _why_cluster() -> str:
     if os.environ.get("RNNKERN_CUDA_KERNEL", "auto") == "cluster":
         return "RNNKERN_CUDA_KERNEL=cluster"
-    return ("chosen by auto: 16-bit, W_hh fits in one cluster and every cluster runs at once; "
+    return ("chosen by auto: float32 or 16-bit, W_hh fits in one cluster and every cluster runs at once; "
             "measured faster than the per-step and grid-wide kernels, bench/NOTES.md")
 
 

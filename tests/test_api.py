@@ -210,18 +210,26 @@ def test_explain_names_the_backend_and_why():
 @pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in rnnkern.backends()),
                     reason="needs a CUDA GPU and rnnkern's CUDA kernels")
 def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
-    """auto: the persistent kernel for a small float32 layer, the cluster kernels for a 16-bit one (on
-    sm_90); for a large layer the per-step kernels, with the layer's work per block and step against
-    auto's limit; a forced choice names the variable."""
+    """auto: for a small layer the cluster kernels on sm_90 (float32 and 16-bit; float64 the grid-wide
+    persistent kernel), the grid-wide persistent kernel elsewhere; for a large layer the per-step
+    kernels, with the layer's work per block and step against auto's limit; a forced choice names the
+    variable."""
+    clusters = torch.cuda.get_device_capability()[0] >= 9
     small = rnnkern.LSTM(8, 256, backend="cuda").cuda()
     text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
-    assert "persistent kernel, one launch per layer and direction" in text
+    if clusters:
+        assert "persistent cluster kernel (chosen by auto" in text and "1 cluster(s) of 16 blocks" in text, text
+    else:
+        assert "persistent kernel, one launch per layer and direction" in text, text
+    small64 = rnnkern.LSTM(8, 256, backend="cuda").cuda().double()
+    text = rnnkern.explain(small64, torch.randn(5, 16, 8, device="cuda", dtype=torch.float64))
+    assert "persistent kernel, one launch per layer and direction" in text, text
     large = rnnkern.LSTM(8, 1024, backend="cuda").cuda()
     text = rnnkern.explain(large, torch.randn(5, 64, 8, device="cuda"))
     assert "per-step kernels" in text and "multiply-adds, is above" in text
     half = rnnkern.LSTM(8, 256, backend="cuda").cuda().half()
     text = rnnkern.explain(half, torch.randn(5, 16, 8, device="cuda", dtype=torch.float16))
-    if torch.cuda.get_device_capability()[0] >= 9:  # 16-bit where W_hh fits a cluster: the cluster kernels
+    if clusters:
         assert "persistent cluster kernel (chosen by auto" in text and "1 cluster(s) of 16 blocks" in text, text
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "step")
     assert "RNNKERN_CUDA_KERNEL=step" in rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))

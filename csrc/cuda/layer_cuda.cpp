@@ -45,12 +45,13 @@ bool persistent_pays_off(Cell cell, int64_t batch, int64_t hidden, const persist
 }
 
 // Where "auto" runs the cluster kernels (bench/NOTES.md, H200 runs of 2026-11-26): wherever their plan
-// accepts a 16-bit layer, they beat both the per-step and the grid-wide kernels (LSTM B=16 H=256
-// float16 forward+backward 11.5 us per step against 37.1; GRU H=512 20.6 against 26.8), provided
-// every cluster runs at once: each cluster runs the whole sequence, so a second wave doubles it.
+// accepts a float32 or 16-bit layer, they beat both the per-step and the grid-wide kernels (forward+
+// backward, us per step: LSTM B=16 H=256 float16 10.3 against 36.6, float32 16.0 against 36.3; LSTM
+// B=64 float32 18.4 against 42.7; GRU H=512 float16 17.8 against 41.9; RNN-tanh float32 11.2 against
+// 23.7), provided every cluster runs at once: each cluster runs the whole sequence, so a second wave
+// doubles it. float64 (a checking dtype) was not timed and keeps the grid-wide kernels' rule.
 bool cluster_pays_off(DType dtype, const persistent::Plan& plan) {
-  const bool sixteen_bit = dtype == DType::F16 || dtype == DType::BF16;
-  return plan.ok && sixteen_bit && plan.blocks / plan.cluster <= plan.resident_clusters;
+  return plan.ok && dtype != DType::F64 && plan.blocks / plan.cluster <= plan.resident_clusters;
 }
 
 persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool proj,
