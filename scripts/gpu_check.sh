@@ -147,12 +147,13 @@ if stage bench; then
 fi
 
 if stage profile; then
-  # Not in the default STAGES: STAGES=profile (with build) when a run has time for it. Kernel timelines
-  # (nsys) of the per-step RNN-tanh float32 forward and of the persistent LSTM, and Nsight Compute's
-  # view of one persistent forward launch (bench/NOTES.md says what each should explain).
+  # Not in the default STAGES: STAGES="build profile" when a run has time for it (~3 min). Kernel
+  # timelines (nsys) of the per-step and cluster LSTM, and Nsight Compute's view of one cluster
+  # forward and one cluster backward launch in float16 (B=16, H=256): where the fixed ~3.5 us per
+  # forward step goes (bench/NOTES.md, run 2: barrier fence, L2 latency after it, or the cell chain).
   start=$(date +%s)
   if command -v nsys >/dev/null 2>&1; then
-    for case in "rnn_tanh step float32" "lstm step float32" "lstm persistent float32"; do
+    for case in "lstm step float16" "lstm cluster float16" "lstm cluster float32"; do
       name=$(echo $case | tr ' ' '-')
       PYTHONPATH=$PWD timeout 120 nsys profile --capture-range=cudaProfilerApi --stats=true -o "$OUT/nsys-$name" \
         python3 scripts/profile_case.py $case > "$OUT/nsys-$name.txt" 2>&1 || status=1
@@ -162,9 +163,12 @@ if stage profile; then
     echo "profile: no nsys on this machine"
   fi
   if command -v ncu >/dev/null 2>&1; then
-    PYTHONPATH=$PWD timeout 180 ncu --profile-from-start off --kernel-name regex:forward_kernel --launch-count 1 \
-      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
-      python3 scripts/profile_case.py lstm persistent float32 > "$OUT/ncu-persistent-forward.txt" 2>&1 || status=1
+    for pass in forward backward; do
+      PYTHONPATH=$PWD timeout 150 ncu --profile-from-start off --kernel-name regex:cluster_${pass}_kernel \
+        --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --section MemoryWorkloadAnalysis --section LaunchStats \
+        python3 scripts/profile_case.py lstm cluster float16 > "$OUT/ncu-cluster-$pass.txt" 2>&1 || status=1
+    done
   else
     echo "profile: no ncu on this machine"
   fi
