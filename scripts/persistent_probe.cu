@@ -12,6 +12,12 @@
 //   cluster-exchange/N  every block stores its B x H/N slice of h into all N blocks' shared memory
 //                       (distributed shared memory), then cluster.sync(): the cluster kernels' floor
 //   cluster-exchange+store/N  the same plus one global store per value, as the kernels store rows
+//   cluster-chunks/N    the cluster kernels' v2 exchange: h written to the own stage, __syncthreads,
+//                       then the block's columns copied to the other blocks in 16-byte chunks
+//   cluster-chunks+6stores/N  the same plus 6 global stores per value (LSTM: out + 5 workspace slots)
+//   cluster-stasync/N   the chunks sent with st.async, each completing on the receiver's mbarrier
+//                       (expect_tx), no cluster barrier in the loop: the candidate next exchange.
+//                       Last in the table: a protocol error would hang it (gpu_check's timeout).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -123,6 +129,122 @@ __global__ void cluster_exchange_kernel(int steps, float* sink, float* global_ro
   if (threadIdx.x == 0) sink[blockIdx.x] = stage[kSteps & 1][rank];
 }
 
+// cluster_exchange_kernel's exchange as the cluster kernels (v2) do it: each value to the own stage,
+// then 16-byte chunks of the block's columns to the other blocks; `stores` global stores per value.
+__global__ void cluster_chunks_kernel(int steps, float* sink, float* global_rows, int stores) {
+  __shared__ __align__(16) float stage[2][kBatch * kHidden];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int units = kHidden / blocks;
+  for (int i = threadIdx.x; i < 2 * kBatch * kHidden; i += kThreads) (&stage[0][0])[i] = 1.0f;
+  cluster.sync();
+  for (int s = 0; s < steps; ++s) {
+    const float* cur = stage[s & 1];
+    float* nxt = stage[(s + 1) & 1];
+    for (int i = threadIdx.x; i < kBatch * units; i += kThreads) {
+      const int b = i / units, u = rank * units + i % units;
+      const float v = cur[b * kHidden + u] * 0.5f + 1.0f;
+      nxt[b * kHidden + u] = v;
+      for (int k = 0; k < stores; ++k) {
+        global_rows[((static_cast<int64_t>(s) * stores + k) * gridDim.x + blockIdx.x) * kBatch * units + i] = v;
+      }
+    }
+    __syncthreads();
+    const int per_row = units / 4, others = blocks - 1;
+    for (int i = threadIdx.x; i < kBatch * per_row * others; i += kThreads) {
+      const int chunk = i / others, dest = (rank + 1 + i % others) % blocks;
+      float* p = nxt + (chunk / per_row) * kHidden + rank * units + (chunk % per_row) * 4;
+      *reinterpret_cast<float4*>(cluster.map_shared_rank(p, dest)) = *reinterpret_cast<const float4*>(p);
+    }
+    cluster.sync();
+  }
+  if (threadIdx.x == 0) sink[blockIdx.x] = stage[kSteps & 1][rank];
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The same exchange with st.async: each 16-byte chunk goes to the receiver's stage and decrements the
+// transaction count of the receiver's mbarrier for that stage; the receiver's thread 0 announces the
+// bytes it expects (arrive.expect_tx), every thread waits on the stage's phase. No cluster barrier
+// per step: a block waits only for the data it reads. Double-buffered stages make the writes safe: a
+// sender writes stage (s+1)%2 of a receiver only after it has the receiver's step s-1 result, which the
+// receiver sent after a __syncthreads that follows its last read of that stage (step s-1).
+__global__ void cluster_stasync_kernel(int steps, float* sink) {
+  __shared__ __align__(16) float stage[2][kBatch * kHidden];
+  __shared__ __align__(8) uint64_t full[2];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int units = kHidden / blocks;
+  for (int i = threadIdx.x; i < 2 * kBatch * kHidden; i += kThreads) (&stage[0][0])[i] = 1.0f;
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < 2; ++k) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(&full[k])) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  cluster.sync();
+  const uint32_t bytes = static_cast<uint32_t>((blocks - 1) * kBatch * units * sizeof(float));
+  uint32_t parity[2] = {0u, 0u};
+  for (int s = 0; s < steps; ++s) {
+    const int c = s & 1, n = (s + 1) & 1;
+    if (s > 0 && blocks > 1) {  // stage c complete: every other block's chunks of step s - 1
+      uint32_t done = 0;
+      while (!done) {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            " selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(shared_address(&full[c])), "r"(parity[c])
+            : "memory");
+      }
+      parity[c] ^= 1u;
+    }
+    __syncthreads();  // the own columns (plain stores) too
+    const float* cur = stage[c];
+    float* nxt = stage[n];
+    const int per_row = units / 4;
+    float4 mine[kBatch * kHidden / 4 / kThreads + 1];
+    int count = 0;
+    for (int i = threadIdx.x; i < kBatch * per_row; i += kThreads, ++count) {
+      const float* p = cur + (i / per_row) * kHidden + rank * units + (i % per_row) * 4;
+      const float4 v = *reinterpret_cast<const float4*>(p);
+      mine[count] = make_float4(v.x * 0.5f + 1.0f, v.y * 0.5f + 1.0f, v.z * 0.5f + 1.0f, v.w * 0.5f + 1.0f);
+    }
+    __syncthreads();  // every read of stage c (and of n, last step) before any send
+    if (s + 1 < steps) {
+      if (threadIdx.x == 0 && blocks > 1) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(&full[n])),
+                     "r"(bytes)
+                     : "memory");
+      }
+      count = 0;
+      for (int i = threadIdx.x; i < kBatch * per_row; i += kThreads, ++count) {
+        float* p = nxt + (i / per_row) * kHidden + rank * units + (i % per_row) * 4;
+        *reinterpret_cast<float4*>(p) = mine[count];
+        const uint32_t local = shared_address(p), bar = shared_address(&full[n]);
+        for (int k = 1; k < blocks; ++k) {
+          const uint32_t dest = static_cast<uint32_t>((rank + k) % blocks);
+          uint32_t remote, remote_bar;
+          asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(dest));
+          asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_bar) : "r"(bar), "r"(dest));
+          asm volatile(
+              "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
+                  remote),
+              "r"(__float_as_uint(mine[count].x)), "r"(__float_as_uint(mine[count].y)),
+              "r"(__float_as_uint(mine[count].z)), "r"(__float_as_uint(mine[count].w)), "r"(remote_bar)
+              : "memory");
+        }
+      }
+    }
+  }
+  cluster.sync();  // no block leaves while another may still send to it
+  if (threadIdx.x == 0) sink[blockIdx.x] = stage[kSteps & 1][rank];
+}
+
 template <typename Launch>
 float per_step_us(Launch launch) {
   cudaEvent_t start, stop;
@@ -227,6 +349,31 @@ int main() {
                   per_step_us([&] { clustered(probe.kernel, cluster, probe.global_rows ? args_exchange : args_sync); }));
     }
   }
+  // The v2 exchange (16-byte chunks), with and without the LSTM's 6 global stores per value, then
+  // the st.async exchange, all sizes; the st.async ones last (see the header).
+  float* rows6;
+  CHECK(cudaMalloc(&rows6, static_cast<size_t>(kSteps) * 6 * kBatch * kHidden * sizeof(float)));
+  for (int stores : {0, 6}) {
+    for (int cluster : {4, 8, 16}) {
+      const void* kernel = reinterpret_cast<const void*>(cluster_chunks_kernel);
+      if (cluster > 8) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      void* args[] = {&steps, &sink, &rows6, &stores};
+      char name[40];
+      std::snprintf(name, sizeof(name), stores ? "cluster-chunks+6stores/%d" : "cluster-chunks/%d", cluster);
+      std::printf("%-28s %7d %12.3f\n", name, cluster, per_step_us([&] { clustered(kernel, cluster, args); }));
+    }
+  }
+  std::fflush(stdout);
+  for (int cluster : {4, 8, 16}) {
+    const void* kernel = reinterpret_cast<const void*>(cluster_stasync_kernel);
+    if (cluster > 8) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    void* args[] = {&steps, &sink};
+    char name[40];
+    std::snprintf(name, sizeof(name), "cluster-stasync/%d", cluster);
+    std::printf("%-28s %7d %12.3f\n", name, cluster, per_step_us([&] { clustered(kernel, cluster, args); }));
+    std::fflush(stdout);
+  }
+  CHECK(cudaFree(rows6));
   CHECK(cudaFree(sink));
   CHECK(cudaFree(rows));
   return 0;
