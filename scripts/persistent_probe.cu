@@ -105,33 +105,12 @@ __global__ void cluster_sync_relaxed_kernel(int steps) {
   }
 }
 
-// global_rows: when not null, each thread also stores one value per step to global memory (as the
-// rnnkern kernels store out / workspace rows), which the barrier's release fence waits for.
-__global__ void cluster_exchange_kernel(int steps, float* sink, float* global_rows) {
-  __shared__ float stage[2][kBatch * kHidden];
-  cg::cluster_group cluster = cg::this_cluster();
-  const int blocks = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int units = kHidden / blocks;
-  for (int i = threadIdx.x; i < 2 * kBatch * kHidden; i += kThreads) (&stage[0][0])[i] = 1.0f;
-  cluster.sync();
-  for (int s = 0; s < steps; ++s) {
-    const float* cur = stage[s & 1];
-    float* nxt = stage[(s + 1) & 1];
-    for (int i = threadIdx.x; i < kBatch * units; i += kThreads) {
-      const int b = i / units, u = rank * units + i % units;
-      const float v = cur[b * kHidden + u] * 0.5f + 1.0f;
-      for (int r = 0; r < blocks; ++r) *cluster.map_shared_rank(nxt + b * kHidden + u, r) = v;
-      if (global_rows) global_rows[(static_cast<int64_t>(s) * gridDim.x + blockIdx.x) * kBatch * units + i] = v;
-    }
-    cluster.sync();
-  }
-  if (threadIdx.x == 0) sink[blockIdx.x] = stage[kSteps & 1][rank];
-}
-
-// cluster_exchange_kernel's exchange as the cluster kernels (v2) do it: each value to the own stage,
-// then 16-byte chunks of the block's columns to the other blocks; `stores` global stores per value.
-__global__ void cluster_chunks_kernel(int steps, float* sink, float* global_rows, int stores) {
+// Each block computes its columns of h from the current stage and sends them to every block: with
+// `chunks` false one 4-byte remote store per value and block (the cluster kernels' v1), with `chunks`
+// true as the v2 kernels do (each value to the own stage, __syncthreads, then 16-byte chunks of the
+// block's columns to the other blocks). `stores` global stores per value beside it (the rnnkern
+// kernels store out and workspace rows), which the barrier's release fence waits for.
+__global__ void cluster_exchange_kernel(int steps, float* sink, float* global_rows, int stores, bool chunks) {
   __shared__ __align__(16) float stage[2][kBatch * kHidden];
   cg::cluster_group cluster = cg::this_cluster();
   const int blocks = static_cast<int>(cluster.num_blocks());
@@ -145,17 +124,23 @@ __global__ void cluster_chunks_kernel(int steps, float* sink, float* global_rows
     for (int i = threadIdx.x; i < kBatch * units; i += kThreads) {
       const int b = i / units, u = rank * units + i % units;
       const float v = cur[b * kHidden + u] * 0.5f + 1.0f;
-      nxt[b * kHidden + u] = v;
+      if (chunks) {
+        nxt[b * kHidden + u] = v;
+      } else {
+        for (int r = 0; r < blocks; ++r) *cluster.map_shared_rank(nxt + b * kHidden + u, r) = v;
+      }
       for (int k = 0; k < stores; ++k) {
         global_rows[((static_cast<int64_t>(s) * stores + k) * gridDim.x + blockIdx.x) * kBatch * units + i] = v;
       }
     }
-    __syncthreads();
-    const int per_row = units / 4, others = blocks - 1;
-    for (int i = threadIdx.x; i < kBatch * per_row * others; i += kThreads) {
-      const int chunk = i / others, dest = (rank + 1 + i % others) % blocks;
-      float* p = nxt + (chunk / per_row) * kHidden + rank * units + (chunk % per_row) * 4;
-      *reinterpret_cast<float4*>(cluster.map_shared_rank(p, dest)) = *reinterpret_cast<const float4*>(p);
+    if (chunks) {
+      __syncthreads();
+      const int per_row = units / 4, others = blocks - 1;
+      for (int i = threadIdx.x; i < kBatch * per_row * others; i += kThreads) {
+        const int chunk = i / others, dest = (rank + 1 + i % others) % blocks;
+        float* p = nxt + (chunk / per_row) * kHidden + rank * units + (chunk % per_row) * 4;
+        *reinterpret_cast<float4*>(cluster.map_shared_rank(p, dest)) = *reinterpret_cast<const float4*>(p);
+      }
     }
     cluster.sync();
   }
@@ -326,43 +311,34 @@ int main() {
   float* sink;
   float* rows;
   CHECK(cudaMalloc(&sink, 16 * sizeof(float)));
-  CHECK(cudaMalloc(&rows, static_cast<size_t>(kSteps) * kBatch * kHidden * sizeof(float)));
-  float* no_rows = nullptr;
+  CHECK(cudaMalloc(&rows, static_cast<size_t>(kSteps) * 6 * kBatch * kHidden * sizeof(float)));  // 6 per value
   for (int cluster : {2, 4, 8, 16}) {
     struct Probe {
       const char* name;
       const void* kernel;
-      float** global_rows;  // null: a barrier-only kernel (steps is its one argument)
+      int stores;   // -1: a barrier-only kernel (steps is its one argument)
+      bool chunks;
     };
     const Probe probes[] = {
-        {"cluster-sync", reinterpret_cast<const void*>(cluster_sync_kernel), nullptr},
-        {"cluster-sync-relaxed", reinterpret_cast<const void*>(cluster_sync_relaxed_kernel), nullptr},
-        {"cluster-exchange", reinterpret_cast<const void*>(cluster_exchange_kernel), &no_rows},
-        {"cluster-exchange+store", reinterpret_cast<const void*>(cluster_exchange_kernel), &rows}};
+        {"cluster-sync", reinterpret_cast<const void*>(cluster_sync_kernel), -1, false},
+        {"cluster-sync-relaxed", reinterpret_cast<const void*>(cluster_sync_relaxed_kernel), -1, false},
+        {"cluster-exchange", reinterpret_cast<const void*>(cluster_exchange_kernel), 0, false},
+        {"cluster-exchange+store", reinterpret_cast<const void*>(cluster_exchange_kernel), 1, false},
+        {"cluster-chunks", reinterpret_cast<const void*>(cluster_exchange_kernel), 0, true},
+        {"cluster-chunks+6stores", reinterpret_cast<const void*>(cluster_exchange_kernel), 6, true}};
     for (const Probe& probe : probes) {
       if (cluster > 8) CHECK(cudaFuncSetAttribute(probe.kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      int stores = probe.stores;
+      bool chunks = probe.chunks;
       void* args_sync[] = {&steps};
-      void* args_exchange[] = {&steps, &sink, probe.global_rows};
+      void* args_exchange[] = {&steps, &sink, &rows, &stores, &chunks};
       char name[40];
       std::snprintf(name, sizeof(name), "%s/%d", probe.name, cluster);
       std::printf("%-28s %7d %12.3f\n", name, cluster,
-                  per_step_us([&] { clustered(probe.kernel, cluster, probe.global_rows ? args_exchange : args_sync); }));
+                  per_step_us([&] { clustered(probe.kernel, cluster, stores < 0 ? args_sync : args_exchange); }));
     }
   }
-  // The v2 exchange (16-byte chunks), with and without the LSTM's 6 global stores per value, then
-  // the st.async exchange, all sizes; the st.async ones last (see the header).
-  float* rows6;
-  CHECK(cudaMalloc(&rows6, static_cast<size_t>(kSteps) * 6 * kBatch * kHidden * sizeof(float)));
-  for (int stores : {0, 6}) {
-    for (int cluster : {4, 8, 16}) {
-      const void* kernel = reinterpret_cast<const void*>(cluster_chunks_kernel);
-      if (cluster > 8) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-      void* args[] = {&steps, &sink, &rows6, &stores};
-      char name[40];
-      std::snprintf(name, sizeof(name), stores ? "cluster-chunks+6stores/%d" : "cluster-chunks/%d", cluster);
-      std::printf("%-28s %7d %12.3f\n", name, cluster, per_step_us([&] { clustered(kernel, cluster, args); }));
-    }
-  }
+  // The st.async exchange last (see the header).
   std::fflush(stdout);
   for (int cluster : {4, 8, 16}) {
     const void* kernel = reinterpret_cast<const void*>(cluster_stasync_kernel);
@@ -373,7 +349,6 @@ int main() {
     std::printf("%-28s %7d %12.3f\n", name, cluster, per_step_us([&] { clustered(kernel, cluster, args); }));
     std::fflush(stdout);
   }
-  CHECK(cudaFree(rows6));
   CHECK(cudaFree(sink));
   CHECK(cudaFree(rows));
   return 0;
