@@ -44,22 +44,24 @@ fi
 
 # Kernels that hang in the smoke stage are left out of the tests, the sanitizers and the bench, so that
 # one hung kernel does not cost the rest of the run (each is named in smoke.txt).
+KERNELS="step persistent cluster"  # RNNKERN_CUDA_KERNEL values
 HUNG=""
 if stage smoke; then
   # Each CUDA recurrence kernel on every cell and dtype against torch.nn in float64, one time-boxed process
   # per kernel side by side (scripts/persistent_smoke.py), then a few timings one kernel at a time.
   start=$(date +%s)
-  for k in step persistent cluster; do
+  declare -A smoke_pid
+  for k in $KERNELS; do
     PYTHONPATH=$PWD timeout 90 python3 scripts/persistent_smoke.py check $k > "$OUT/smoke-$k.txt" 2>&1 &
-    eval "smoke_pid_${k//-/_}=$!"
+    smoke_pid[$k]=$!
   done
-  for k in step persistent cluster; do
-    pid_var="smoke_pid_${k//-/_}"; wait ${!pid_var}; rc=$?
+  for k in $KERNELS; do
+    wait ${smoke_pid[$k]}; rc=$?
     [ $rc -eq 124 ] && HUNG="$HUNG $k"
     [ $rc -ne 0 ] && status=1
     echo "smoke $k: rc=$rc" >> "$OUT/smoke.txt"; cat "$OUT/smoke-$k.txt" >> "$OUT/smoke.txt"; rm -f "$OUT/smoke-$k.txt"
   done
-  for k in step persistent cluster; do
+  for k in $KERNELS; do
     case " $HUNG " in *" $k "*) continue;; esac
     PYTHONPATH=$PWD timeout 40 python3 scripts/persistent_smoke.py time $k >> "$OUT/smoke.txt" 2>&1
   done
