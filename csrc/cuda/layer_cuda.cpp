@@ -8,6 +8,9 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -17,10 +20,10 @@
 namespace rnnkern {
 namespace {
 
-// RNNKERN_CUDA_KERNEL: "auto" (default: persistent where its plan allows and the shape heuristic
-// says it is faster), "persistent" (wherever its plan allows), "step" (never persistent), "cluster"
-// (the thread-block-cluster kernels wherever their plan allows, sm_90+; never chosen by auto until
-// they have passed the GPU tests and been timed). Any other value is an error.
+// RNNKERN_CUDA_KERNEL: "auto" (default: the cluster or grid-wide persistent kernels where their plan
+// allows and the rules below say they are faster), "persistent" (the grid-wide kernels wherever their
+// plan allows), "step" (never persistent), "cluster" (the thread-block-cluster kernels wherever their
+// plan allows, sm_90+). Any other value is an error.
 enum class KernelChoice { Auto, Step, Persistent, Cluster };
 
 KernelChoice kernel_choice() {
@@ -54,9 +57,8 @@ bool cluster_pays_off(DType dtype, const persistent::Plan& plan) {
   return plan.ok && dtype != DType::F64 && plan.blocks / plan.cluster <= plan.resident_clusters;
 }
 
-persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool proj,
-                               int device) {
-  const KernelChoice choice = kernel_choice();
+persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int64_t batch, int64_t hidden,
+                               bool proj, int device) {
   if (choice == KernelChoice::Step) {
     persistent::Plan plan;
     plan.reason = persistent::Decline::Forced;
@@ -75,6 +77,26 @@ persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hi
     plan.reason = persistent::Decline::Heuristic;
   }
   return plan;
+}
+
+// decide_kernel, once per layer shape and device: a plan depends on nothing else, and making one
+// queries the occupancy of every candidate launch, which each layer call would otherwise repeat.
+// (The launches set their kernels' shared-memory attribute themselves.)
+persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool proj,
+                               int device) {
+  using Key = std::tuple<KernelChoice, Cell, DType, int64_t, int64_t, bool, int>;
+  static std::mutex mutex;
+  static std::map<Key, persistent::Plan> plans;
+  const KernelChoice choice = kernel_choice();
+  const Key key{choice, cell, dtype, batch, hidden, proj, device};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = plans.find(key);
+    if (it != plans.end()) return it->second;
+  }
+  const persistent::Plan plan = decide_kernel(choice, cell, dtype, batch, hidden, proj, device);
+  std::lock_guard<std::mutex> lock(mutex);
+  return plans.emplace(key, plan).first->second;
 }
 
 // batch_sizes and the row offset of each step, on the device: [2, T] int64.
