@@ -195,10 +195,12 @@ def device_description(device: torch.device) -> str:
 
 # Kernel variants timed as backends of their own: "name:variant" runs backend `name` with these
 # environment variables: the CUDA backend's persistent recurrences forced: the grid-wide kernels (which
-# `auto` picks where they measured faster) and the thread-block-cluster kernels. A case whose shape the
+# `auto` picks where they measured faster) and the thread-block-cluster kernels, with the cluster
+# barrier or with the st.async exchange ("cluster-async"). A case whose shape the
 # forced kernel declines is skipped, not timed on the per-step fallback (bench_rnn.py).
 BACKEND_VARIANTS = {"cuda:persistent": ("cuda", {"RNNKERN_CUDA_KERNEL": "persistent"}),
-                    "cuda:cluster": ("cuda", {"RNNKERN_CUDA_KERNEL": "cluster"})}
+                    "cuda:cluster": ("cuda", {"RNNKERN_CUDA_KERNEL": "cluster"}),
+                    "cuda:cluster-async": ("cuda", {"RNNKERN_CUDA_KERNEL": "cluster-async"})}
 
 
 def backend_variant(label: str):

@@ -24,8 +24,9 @@ _HEURISTIC = 7
 
 
 def _why_cluster() -> str:
-    if os.environ.get("RNNKERN_CUDA_KERNEL", "auto") == "cluster":
-        return "RNNKERN_CUDA_KERNEL=cluster"
+    forced = os.environ.get("RNNKERN_CUDA_KERNEL", "auto")
+    if forced in ("cluster", "cluster-async"):
+        return f"RNNKERN_CUDA_KERNEL={forced}"
     return ("chosen by auto: float32 or 16-bit, W_hh fits in one cluster and every cluster runs at once; "
             "measured faster than the per-step and grid-wide kernels, bench/NOTES.md")
 
@@ -58,14 +59,16 @@ def explain(module, input, hx=None) -> str:
         cell = _cells.from_mode(module.mode)
         plan = torch.ops.rnnkern.cuda_kernel_plan(cell, data.dtype, batch, module.hidden_size,
                                                  module.proj_size > 0, data.device.index or 0)
-        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster = plan
+        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster, async_exchange = plan
         if persistent and cluster:
             lines.append(
                 f"  every layer: persistent cluster kernel ({_why_cluster()}), one launch per "
                 f"layer and direction; {blocks // cluster} cluster(s) of {cluster} blocks, one per tile of "
                 f"batch rows, each block {units} hidden units with W_hh resident in shared memory "
                 f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block); state "
-                f"exchanged in distributed shared memory with the cluster barrier")
+                f"exchanged in distributed shared memory "
+                + ("by st.async stores completing on each receiver's mbarriers (no cluster barrier per step)"
+                   if async_exchange else "with the cluster barrier"))
         elif persistent:
             lines.append(
                 f"  every layer: persistent kernel, one launch per layer and direction; {blocks} "

@@ -44,7 +44,7 @@ fi
 
 # Kernels that hang in the smoke stage are left out of the tests, the sanitizers and the bench, so that
 # one hung kernel does not cost the rest of the run (each is named in smoke.txt).
-KERNELS="step persistent cluster"  # RNNKERN_CUDA_KERNEL values
+KERNELS="step persistent cluster cluster-async"  # RNNKERN_CUDA_KERNEL values
 HUNG=""
 if stage smoke; then
   # Each CUDA recurrence kernel on every cell and dtype against torch.nn in float64, one time-boxed process
@@ -72,7 +72,7 @@ SKIP_K=""; SKIP_BENCH=""; RACE_KERNELS=""
 for k in $HUNG; do
   SKIP_K="${SKIP_K:+$SKIP_K and }not $k"; SKIP_BENCH="$SKIP_BENCH,cuda:$k"
 done
-for k in persistent cluster; do
+for k in persistent cluster cluster-async; do
   case " $HUNG " in *" $k "*) ;; *) RACE_KERNELS="${RACE_KERNELS:+$RACE_KERNELS,}$k";; esac
 done
 export RNNKERN_BENCH_SKIP=${SKIP_BENCH#,}
@@ -155,7 +155,7 @@ if stage profile; then
   # forward step goes (bench/NOTES.md, run 2: barrier fence, L2 latency after it, or the cell chain).
   start=$(date +%s)
   if command -v nsys >/dev/null 2>&1; then
-    for case in "lstm step float16" "lstm cluster float16" "lstm cluster float32"; do
+    for case in "lstm step float16" "lstm cluster float16" "lstm cluster-async float16" "lstm cluster float32"; do
       name=$(echo $case | tr ' ' '-')
       PYTHONPATH=$PWD timeout 120 nsys profile --capture-range=cudaProfilerApi --stats=true -o "$OUT/nsys-$name" \
         python3 scripts/profile_case.py $case > "$OUT/nsys-$name.txt" 2>&1 || status=1
@@ -165,11 +165,13 @@ if stage profile; then
     echo "profile: no nsys on this machine"
   fi
   if command -v ncu >/dev/null 2>&1; then
-    for pass in forward backward; do
-      PYTHONPATH=$PWD timeout 150 ncu --profile-from-start off --kernel-name regex:cluster_${pass}_kernel \
-        --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-        --section MemoryWorkloadAnalysis --section LaunchStats \
-        python3 scripts/profile_case.py lstm cluster float16 > "$OUT/ncu-cluster-$pass.txt" 2>&1 || status=1
+    for kernel in cluster cluster-async; do
+      for pass in forward backward; do
+        PYTHONPATH=$PWD timeout 150 ncu --profile-from-start off --kernel-name regex:cluster_${pass}_kernel \
+          --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+          --section MemoryWorkloadAnalysis --section LaunchStats \
+          python3 scripts/profile_case.py lstm $kernel float16 > "$OUT/ncu-$kernel-$pass.txt" 2>&1 || status=1
+      done
     done
   else
     echo "profile: no ncu on this machine"

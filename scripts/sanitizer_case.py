@@ -3,7 +3,7 @@ forward and backward through the `cuda` backend's per-step and persistent kernel
 available).
 
     python3 scripts/sanitizer_case.py                       # memcheck: everything
-    python3 scripts/sanitizer_case.py --kernels persistent,cluster --dtypes float32
+    python3 scripts/sanitizer_case.py --kernels persistent,cluster,cluster-async --dtypes float32
                                                             # racecheck: the persistent kernels only
 """
 
@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import rnnkern
 
-CUDA_KERNELS = ("step", "persistent", "cluster")
+CUDA_KERNELS = ("step", "persistent", "cluster", "cluster-async")
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--kernels", default=",".join(CUDA_KERNELS),

@@ -556,7 +556,7 @@ def test_cuda_float64_matches_oracle(cell, reverse, packed, clipping):
     assert_results_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-PERSISTENT_KERNELS = ["persistent", "cluster"]
+PERSISTENT_KERNELS = ["persistent", "cluster", "cluster-async"]
 
 
 @gpu
@@ -573,10 +573,12 @@ def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatc
     the layer: a silent fallback to the per-step kernels would test nothing."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     plan = torch.ops.rnnkern.cuda_kernel_plan(cell, torch.float64, B, H, False, torch.cuda.current_device())
-    if kernel == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+    if kernel.startswith("cluster") and torch.cuda.get_device_capability()[0] < 9:
         assert not plan[0]
         pytest.skip("thread-block clusters need sm_90")
     assert plan[0], plan
+    # the kernel asked for, not another one: clusters (plan[7]) and the st.async exchange (plan[8])
+    assert (plan[7] > 0, plan[8]) == (kernel.startswith("cluster"), kernel == "cluster-async"), plan
     case, grads, _ = make_case(cell, T=7, B=B, H=H, P=0, packed=True, seed=65)
     clip = pick_clip(case, grads, reverse)
     want = run_layer(oracle_fn, case, grads, reverse, clip)

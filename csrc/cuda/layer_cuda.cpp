@@ -23,8 +23,9 @@ namespace {
 // RNNKERN_CUDA_KERNEL: "auto" (default: the cluster or grid-wide persistent kernels where their plan
 // allows and the rules below say they are faster), "persistent" (the grid-wide kernels wherever their
 // plan allows), "step" (never persistent), "cluster" (the thread-block-cluster kernels wherever their
-// plan allows, sm_90+). Any other value is an error.
-enum class KernelChoice { Auto, Step, Persistent, Cluster };
+// plan allows, sm_90+), "cluster-async" (the same with the st.async/mbarrier exchange,
+// Plan::async_exchange; auto does not choose it until it is measured). Any other value is an error.
+enum class KernelChoice { Auto, Step, Persistent, Cluster, ClusterAsync };
 
 KernelChoice kernel_choice() {
   const char* value = std::getenv("RNNKERN_CUDA_KERNEL");
@@ -32,7 +33,9 @@ KernelChoice kernel_choice() {
   if (std::strcmp(value, "step") == 0) return KernelChoice::Step;
   if (std::strcmp(value, "persistent") == 0) return KernelChoice::Persistent;
   if (std::strcmp(value, "cluster") == 0) return KernelChoice::Cluster;
-  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent, cluster or step, not '", value, "'");
+  if (std::strcmp(value, "cluster-async") == 0) return KernelChoice::ClusterAsync;
+  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent, cluster, cluster-async or step, not '",
+              value, "'");
 }
 
 // Shapes where "auto" runs the persistent kernels: where they measured faster than the per-step
@@ -64,8 +67,9 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
     plan.reason = persistent::Decline::Forced;
     return plan;
   }
-  if (choice == KernelChoice::Cluster) {
-    return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device);
+  if (choice == KernelChoice::Cluster || choice == KernelChoice::ClusterAsync) {
+    return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device,
+                                         choice == KernelChoice::ClusterAsync);
   }
   if (choice == KernelChoice::Auto) {
     persistent::Plan cluster = persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device);
@@ -220,7 +224,7 @@ std::vector<int64_t> cuda_kernel_plan(int64_t cell, at::ScalarType dtype, int64_
                                               static_cast<int>(device));
   return {plan.ok ? 1 : 0, static_cast<int64_t>(plan.reason), plan.blocks, plan.units,
           static_cast<int64_t>(plan.smem_forward), static_cast<int64_t>(plan.smem_backward),
-          kPersistentMaxBlockWork, plan.cluster};
+          kPersistentMaxBlockWork, plan.cluster, plan.async_exchange ? 1 : 0};
 }
 
 const StepKernels& step_kernels_cuda() {

@@ -39,6 +39,10 @@ struct Plan {
   int cluster = 0;          // > 0: the cluster kernels (persistent_cluster.cu), blocks per cluster
   int tile_rows = 0;        // cluster kernels: batch rows per cluster (blocks / cluster clusters)
   int resident_clusters = 0;  // cluster kernels: clusters of this plan the device runs at once
+  // Cluster kernels: exchange with st.async stores completing on each receiver's mbarriers, with no
+  // cluster barrier per step (each block waits only for the data it reads), instead of remote stores
+  // followed by the cluster barrier (whose GPU-scope fence also waits for the step's global stores).
+  bool async_exchange = false;
 };
 
 // Plan for a layer of `hidden` units and a batch of `batch` rows on `device`. Projections
@@ -48,9 +52,9 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
 // Plan for the thread-block-cluster kernels (sm_90+, persistent_cluster.cu): each cluster of up to
 // 16 blocks holds all of W_hh and runs the time loop for a tile of batch rows, exchanging state
 // through distributed shared memory with the cluster's barrier. Declines (SharedMemory) where W_hh
-// and the tile's rows do not fit in one cluster's shared memory.
+// and the tile's rows do not fit in one cluster's shared memory. `async_exchange`: Plan::async_exchange.
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device);
+                       int device, bool async_exchange = false);
 
 struct ForwardArgs {
   Cell cell = Cell::LSTM;

@@ -106,13 +106,15 @@ struct Carve {
 };
 
 struct ForwardLayout {
-  size_t bias, own_c, hp, w, stage, bytes;
+  size_t bars, bias, own_c, hp, w, stage, bytes;
 };
 
+// `async_exchange`: the st.async kernels' mbarriers (persistent.h, Plan::async_exchange).
 __host__ __device__ inline ForwardLayout forward_layout(const Tables& tb, int gates, int units, int tile_rows,
-                                                        size_t acc, size_t elem) {
+                                                        size_t acc, size_t elem, bool async_exchange) {
   Carve c;
   ForwardLayout l;
+  l.bars = c.take(async_exchange ? 2 : 0, sizeof(uint64_t));     // [2]: stage s % 2 complete
   l.bias = c.take(static_cast<size_t>(gates) * units, acc);      // [G][U]: b_hh of own units
   l.own_c = c.take(static_cast<size_t>(tile_rows) * units, acc);  // [Bt][U]: LSTM c_{t-1}
   l.hp = c.take(static_cast<size_t>(tb.state_rows) * tb.hp_ld, acc);  // [state_rows][HP]
@@ -123,15 +125,18 @@ __host__ __device__ inline ForwardLayout forward_layout(const Tables& tb, int ga
 }
 
 struct BackwardLayout {
-  size_t part_g, part_c, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
+  size_t bars, part_g, part_c, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
 };
 
 __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int gates, int units, int tile_rows,
-                                                          int blocks, size_t acc, size_t elem) {
+                                                          int blocks, size_t acc, size_t elem, bool async_exchange) {
   const size_t rows = tile_rows, ru = static_cast<size_t>(tile_rows) * units, gu = static_cast<size_t>(gates) * units;
   Carve c;
   BackwardLayout l;
-  l.part_g = c.take(blocks * rows, sizeof(double));  // [blocks][Bt]: Σ g² over each block's units
+  l.bars = c.take(async_exchange ? 3 : 0, sizeof(uint64_t));  // [3]: part_g[0], part_g[1], inbox complete
+  // [parities][blocks][Bt]: Σ g² over each block's units; the st.async exchange double-buffers it
+  // by step parity (a block with no units can run a step ahead: see the backward kernel).
+  l.part_g = c.take((async_exchange ? 2 : 1) * blocks * rows, sizeof(double));
   l.part_c = c.take(blocks * rows, sizeof(double));  // [blocks][Bt]: Σ dc² (block 0 reads them)
   l.row_norm = c.take(rows, acc);                    // [Bt]
   l.dh_next = c.take(ru, acc);  // [Bt][U]: dh_prev of the step processed before, own units
@@ -216,6 +221,96 @@ __device__ __forceinline__ void broadcast_columns(const cg::cluster_group& clust
   }
 }
 
+// The st.async exchange (Plan::async_exchange). A receiver's mbarrier completes a phase when its own
+// thread 0 has arrived (announcing the bytes it expects that phase, arrive.expect_tx) and the senders'
+// st.async stores have delivered those bytes (each decrements the transaction count by its size, which
+// may run ahead of the announcement: the count may go negative within a phase). The receiver then
+// waits for the phase, not for the whole cluster, and no GPU-scope fence is involved: each block
+// waits only for the data it reads. (PTX ISA: mbarrier, st.async.)
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// One arrival per phase: the receiver's own expect_tx.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(bar)) : "memory");
+}
+
+// Makes the initialisations visible to the cluster's other blocks (before the cluster barrier that
+// precedes any send).
+__device__ __forceinline__ void mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbarrier_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)), "r"(bytes)
+               : "memory");
+}
+
+// Waits for the phase of `bar` with this parity, with acquire semantics at cluster scope: the data
+// came from the cluster's other blocks (their st.async completes with release at cluster scope).
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Where the shared-memory object at `local` (this block) is in block `rank` of the cluster.
+__device__ __forceinline__ uint32_t remote_address(const void* local, int rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
+  return remote;
+}
+
+// st.async of 16, 8 (two words) or 8 (one double) bytes to `dst` in block `rank`, completing on that
+// block's twin of `bar`.
+__device__ __forceinline__ void send_async(void* dst, const uint4& v, int rank, uint64_t* bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
+                   remote_address(dst, rank)),
+               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(remote_address(bar, rank))
+               : "memory");
+}
+__device__ __forceinline__ void send_async(void* dst, float2 v, int rank, uint64_t* bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(
+                   remote_address(dst, rank)),
+               "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(remote_address(bar, rank))
+               : "memory");
+}
+__device__ __forceinline__ void send_async(void* dst, double v, int rank, uint64_t* bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b64 [%0], %1, [%2];\n" ::"r"(
+                   remote_address(dst, rank)),
+               "l"(__double_as_longlong(v)), "r"(remote_address(bar, rank))
+               : "memory");
+}
+// Four float or double values (16 or 32 bytes, 16-byte aligned) in 16-byte pieces.
+template <typename A>
+__device__ __forceinline__ void send4_async(A* dst, const A (&v)[4], int rank, uint64_t* bar) {
+  static_assert(sizeof(A) == 4 || sizeof(A) == 8);
+  const uint4* words = reinterpret_cast<const uint4*>(v);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(A)) / 4; ++i) send_async(reinterpret_cast<uint4*>(dst) + i, words[i], rank, bar);
+}
+
+// broadcast_columns with st.async: each chunk completes on the receiver's `bar` (its twin in each
+// block). A receiver expects rows * (Σ over the other blocks of their chunks per row) * 16 bytes.
+template <typename T>
+__device__ __forceinline__ void broadcast_columns_async(T* stage, int ld, int rows, int u0, int nu, int blocks,
+                                                        int rank, uint64_t* bar) {
+  constexpr int V = kChunk / static_cast<int>(sizeof(T));
+  const int per_row = (nu + V - 1) / V, others = blocks - 1;
+  for (int i = threadIdx.x; i < rows * per_row * others; i += kThreads) {
+    const int chunk = i / others, dest = (rank + 1 + i % others) % blocks;
+    T* p = stage + (chunk / per_row) * ld + u0 + (chunk % per_row) * V;
+    send_async(p, *reinterpret_cast<const uint4*>(p), dest, bar);
+  }
+}
+
 // Fragments of mma.m16n8k16 (PTX ISA, "matrix fragments for mma.m16n8k16"), lane = 4 * gid + tig.
 // A: rows [0, 16), columns [k0, k0 + 16) of the row-major `m` (leading dimension ld).
 template <typename T>
@@ -259,7 +354,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 
 #endif  // RNNKERN_HAS_CLUSTERS
 
-template <Cell C, typename T>
+// Async: the st.async exchange (mbarriers, no cluster barrier per step; Plan::async_exchange).
+template <Cell C, typename T, bool Async>
 __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
@@ -273,8 +369,9 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
   const auto [blocks, rank, U, Bt, u0, nu, tile0] = place(cluster, shape, H);
   const Tables tb = make_tables(sizeof(T), H, G, U, Bt);
   const int LD = tb.ld, HP = tb.hp_ld;
-  const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T));
+  const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T), Async);
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);  // Async: [2], stage[k] complete
   A* bias = reinterpret_cast<A*>(smem_raw + lay.bias);    // [G][U]: b_hh of own units
   A* own_c = reinterpret_cast<A*>(smem_raw + lay.own_c);  // [Bt][U]: LSTM c_{t-1} of own units
   A* hp = reinterpret_cast<A*>(smem_raw + lay.hp);        // [state_rows][HP]: h_{t-1} W_hhᵀ, own rows n
@@ -294,6 +391,20 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
     const int g = i / nu, ul = i % nu;
     bias[g * U + ul] = b_hh ? A(load(b_hh + g * H + u0 + ul)) : A(0);
   }
+  // Async: the chunks of a state row the other blocks send (a block owns ceil(its units / V) chunks).
+  int others_chunks = 0;
+  if constexpr (Async) {
+    constexpr int V = kChunk / static_cast<int>(sizeof(T));
+    for (int r = 0; r < blocks; ++r) {
+      if (r != rank) others_chunks += (max(0, min(U, H - r * U)) + V - 1) / V;
+    }
+    if (threadIdx.x == 0) {
+      mbarrier_init(&full[0]);
+      mbarrier_init(&full[1]);
+      mbarrier_init_fence();
+    }
+  }
+  uint32_t parity = 0u;  // Async: bit k, the parity of stage k's next phase
   cluster.sync();  // every block runs (and has its tables) before any block writes into it
 
   // Each step's geometry is read before the barrier that opens it: cluster.sync() invalidates L1
@@ -312,11 +423,26 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
 #pragma unroll
       for (int g = 0; g < G; ++g) xv[g] = A(load(x + g * H));
     }
+    if constexpr (Async) {
+      // h_{t-1}: the other blocks' columns of stage s % 2 (sent at step s - 1; step 0 reads h0).
+      // x_t's loads above are in flight meanwhile.
+      if (s > 0 && blocks > 1) {
+        mbarrier_wait(&full[s & 1], (parity >> (s & 1)) & 1u);
+        parity ^= 1u << (s & 1);
+      }
+    }
     for (int i = threadIdx.x; i < (rows - rows_prev) * H; i += kThreads) {  // samples starting here
       const int b = rows_prev + i / H, k = i % H;
       cur[b * LD + k] = h0[static_cast<int64_t>(tile0 + b) * H + k];
     }
     __syncthreads();
+    if constexpr (Async) {
+      // What this block will receive into stage (s + 1) % 2: the others' columns of this step's rows.
+      // That stage's previous phase completed at step s - 1 (waited for before the barrier above).
+      if (threadIdx.x == 0 && blocks > 1 && s + 1 < a.steps) {
+        mbarrier_expect(&full[(s + 1) & 1], static_cast<uint32_t>(rows * others_chunks * kChunk));
+      }
+    }
 
     // hp = h_{t-1} W_hhᵀ for the block's rows n = g * U + ul.
     if constexpr (kMma<T>) {
@@ -427,15 +553,27 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
       next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
       if (blocks > 1 && nu > 0) {
         __syncthreads();
-        broadcast_columns(cluster, nxt, LD, rows, u0, nu, blocks, rank);
+        if constexpr (Async) {
+          broadcast_columns_async(nxt, LD, rows, u0, nu, blocks, rank, &full[(s + 1) & 1]);
+        } else {
+          broadcast_columns(cluster, nxt, LD, rows, u0, nu, blocks, rank);
+        }
       }
     }
-    cluster.sync();
+    // Async: no barrier. A block sends into stage (s + 1) % 2 of another only at the end of step s;
+    // that stage was last read there at step s - 1, which ended (its reads, then its own sends of
+    // step s - 1 after a __syncthreads) before this block could receive them and start step s. hp is
+    // rewritten only after the next step's first __syncthreads, which every thread reaches after its
+    // last read of it here.
+    if constexpr (!Async) cluster.sync();
   }
+  // Async: every block has received everything sent to it (each waited for its stages); the barrier
+  // keeps the cluster's shared memory alive until no block can still address it.
+  if constexpr (Async) cluster.sync();
 #endif
 }
 
-template <Cell C, typename T>
+template <Cell C, typename T, bool Async>
 __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
@@ -450,9 +588,13 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   const Tables tb = make_tables(sizeof(T), H, G, U, Bt);
   const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
   const int used = (H + U - 1) / U;  // blocks that own units (the others' partials are all zero)
-  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T));
+  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Async);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  double* part_g = reinterpret_cast<double*>(smem_raw + lay.part_g);
+  // Async: full_g[k] completes when the partials of a step of parity k are in; full_in when this
+  // block's inbox (and, in block 0, part_c) is.
+  uint64_t* full_g = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);
+  uint64_t* full_in = full_g + 2;
+  double* part_g_base = reinterpret_cast<double*>(smem_raw + lay.part_g);
   double* part_c = reinterpret_cast<double*>(smem_raw + lay.part_c);
   A* row_norm = reinterpret_cast<A*>(smem_raw + lay.row_norm);
   A* dh_next = reinterpret_cast<A*>(smem_raw + lay.dh_next);
@@ -488,7 +630,22 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
     }
   }
   for (int i = threadIdx.x; i < 2 * Bt * U; i += kThreads) dh_next[i] = A(0);  // dh_next, dc_next
-  cluster.sync();  // every block runs before any block writes into it
+  // Async: the bytes per batch row this block receives in its inbox each step: the partials of its
+  // units from every other block that owns units (MMA: unit pairs of 8 bytes; FMA: 4-unit chunks),
+  // and in block 0 the other such blocks' Σ dc² (LSTM, recorded norms).
+  uint32_t inbox_row_bytes = 0;
+  uint32_t parity = 0u;  // Async: bits 0, 1: full_g[0], full_g[1]; bit 2: full_in
+  if constexpr (Async) {
+    if (nu > 0) {
+      inbox_row_bytes = kMma<T> ? (used - 1) * ((nu + 1) / 2) * 8 : (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);
+      if (C == Cell::LSTM && a.norm_c != nullptr && rank == 0) inbox_row_bytes += (used - 1) * sizeof(double);
+    }
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < 3; ++k) mbarrier_init(&full_g[k]);
+      mbarrier_init_fence();
+    }
+  }
+  cluster.sync();  // every block runs (and its mbarriers exist) before any block writes into it
 
 
   // The steps in reverse of the forward order; each one's geometry read before the barrier that
@@ -497,6 +654,15 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   for (int64_t s = 0; s < a.steps; ++s) {
     const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;
     const int pairs = rows * nu;
+    double* part_g = part_g_base + (Async ? (s & 1) * blocks * Bt : 0);
+    if constexpr (Async) {
+      // This step's phases: each barrier's previous phase was waited for before the __syncthreads
+      // that ended the step before (full_g[s % 2] two steps back).
+      if (threadIdx.x == 0) {
+        if (blocks > 1) mbarrier_expect(&full_g[s & 1], static_cast<uint32_t>((blocks - 1) * rows * sizeof(double)));
+        if (inbox_row_bytes > 0) mbarrier_expect(full_in, static_cast<uint32_t>(rows) * inbox_row_bytes);
+      }
+    }
 
     // A: g for own units; its squares summed over own units, to every block.
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
@@ -510,9 +676,25 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
       const int b = i / blocks, r = i % blocks;
       double sum = 0.0;
       for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
-      *cluster.map_shared_rank(part_g + rank * Bt + b, r) = sum;
+      if constexpr (Async) {
+        if (r == rank) {
+          part_g[rank * Bt + b] = sum;
+        } else {
+          send_async(part_g + rank * Bt + b, sum, r, &full_g[s & 1]);
+        }
+      } else {
+        *cluster.map_shared_rank(part_g + rank * Bt + b, r) = sum;
+      }
     }
-    cluster.sync();
+    if constexpr (Async) {
+      __syncthreads();  // the own partials
+      if (blocks > 1) {
+        mbarrier_wait(&full_g[s & 1], (parity >> (s & 1)) & 1u);
+        parity ^= 1u << (s & 1);
+      }
+    } else {
+      cluster.sync();
+    }
 
     // B: the full norms, clipping, gate gradients of own units.
     for (int b = threadIdx.x; b < rows; b += kThreads) {
@@ -565,11 +747,19 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
     }
     __syncthreads();
     if constexpr (C == Cell::LSTM) {
-      if (a.norm_c != nullptr) {
+      if (a.norm_c != nullptr && nu > 0) {  // blocks without units add nothing
         for (int b = threadIdx.x; b < rows; b += kThreads) {
           double sum = 0.0;
           for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
-          *cluster.map_shared_rank(part_c + rank * Bt + b, 0) = sum;
+          if constexpr (Async) {
+            if (rank == 0) {
+              part_c[b] = sum;
+            } else {
+              send_async(part_c + rank * Bt + b, sum, 0, full_in);
+            }
+          } else {
+            *cluster.map_shared_rank(part_c + rank * Bt + b, 0) = sum;
+          }
         }
       }
     }
@@ -592,8 +782,17 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
         for (int half = 0; half < 2; ++half) {
           const int b = gid + 8 * half;
           if (b < rows && k < H) {
-            *reinterpret_cast<float2*>(cluster.map_shared_rank(inbox + (rank * Bt + b) * U + k % U, k / U)) =
-                make_float2(d[2 * half], d[2 * half + 1]);
+            A* slot = inbox + (rank * Bt + b) * U + k % U;
+            const float2 v = make_float2(d[2 * half], d[2 * half + 1]);
+            if constexpr (Async) {
+              if (k / U == rank) {
+                *reinterpret_cast<float2*>(slot) = v;
+              } else {
+                send_async(slot, v, k / U, full_in);
+              }
+            } else {
+              *reinterpret_cast<float2*>(cluster.map_shared_rank(slot, k / U)) = v;
+            }
           }
         }
       }
@@ -626,12 +825,30 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          if (r0 + i < rows) store4(cluster.map_shared_rank(inbox + (rank * Bt + r0 + i) * U + k0 % U, k0 / U), acc[i]);
+          if (r0 + i >= rows) continue;
+          A* slot = inbox + (rank * Bt + r0 + i) * U + k0 % U;
+          if constexpr (Async) {
+            if (k0 / U == rank) {
+              store4(slot, acc[i]);
+            } else {
+              send4_async(slot, acc[i], k0 / U, full_in);
+            }
+          } else {
+            store4(cluster.map_shared_rank(slot, k0 / U), acc[i]);
+          }
         }
       }
     }
     if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(a.steps - 2 - s), tile0, Bt);
-    cluster.sync();
+    if constexpr (Async) {
+      __syncthreads();  // the own partials (and block 0's own Σ dc²)
+      if (inbox_row_bytes > 0) {
+        mbarrier_wait(full_in, (parity >> 2) & 1u);
+        parity ^= 4u;
+      }
+    } else {
+      cluster.sync();
+    }
 
     // D: own units' dh_prev, summed over the blocks in rank order.
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
@@ -648,43 +865,50 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
       if (a.norm_c != nullptr && rank == 0) {
         for (int b = threadIdx.x; b < rows; b += kThreads) {
           double sum = 0.0;
-          for (int r = 0; r < blocks; ++r) sum += part_c[r * Bt + b];
+          for (int r = 0; r < used; ++r) sum += part_c[r * Bt + b];
           a.norm_c[row0 + b] = static_cast<float>(sqrt(sum));
         }
       }
     }
     __syncthreads();
   }
+  // Async: as in the forward, no block leaves while another can still address its shared memory.
+  if constexpr (Async) cluster.sync();
 #endif
 }
 
-template <typename T>
+template <typename T, bool Async>
 const void* forward_kernel_for(Cell cell) {
   switch (cell) {
-    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::LSTM, T>);
-    case Cell::GRU: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::GRU, T>);
-    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_TANH, T>);
-    default: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_RELU, T>);
+    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::LSTM, T, Async>);
+    case Cell::GRU: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::GRU, T, Async>);
+    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_TANH, T, Async>);
+    default: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_RELU, T, Async>);
+  }
+}
+
+template <typename T, bool Async>
+const void* backward_kernel_for(Cell cell) {
+  switch (cell) {
+    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::LSTM, T, Async>);
+    case Cell::GRU: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::GRU, T, Async>);
+    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_TANH, T, Async>);
+    default: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_RELU, T, Async>);
   }
 }
 
 template <typename T>
-const void* backward_kernel_for(Cell cell) {
-  switch (cell) {
-    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::LSTM, T>);
-    case Cell::GRU: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::GRU, T>);
-    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_TANH, T>);
-    default: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_RELU, T>);
-  }
+const void* kernel_for(bool forward, Cell cell, bool async_exchange) {
+  if (async_exchange) return forward ? forward_kernel_for<T, true>(cell) : backward_kernel_for<T, true>(cell);
+  return forward ? forward_kernel_for<T, false>(cell) : backward_kernel_for<T, false>(cell);
 }
 
-const void* kernel_for(bool forward, Cell cell, DType dtype) {
+const void* kernel_for(bool forward, Cell cell, DType dtype, bool async_exchange) {
   switch (dtype) {
-    case DType::F32: return forward ? forward_kernel_for<float>(cell) : backward_kernel_for<float>(cell);
-    case DType::F64: return forward ? forward_kernel_for<double>(cell) : backward_kernel_for<double>(cell);
-    case DType::F16: return forward ? forward_kernel_for<__half>(cell) : backward_kernel_for<__half>(cell);
-    default:
-      return forward ? forward_kernel_for<__nv_bfloat16>(cell) : backward_kernel_for<__nv_bfloat16>(cell);
+    case DType::F32: return kernel_for<float>(forward, cell, async_exchange);
+    case DType::F64: return kernel_for<double>(forward, cell, async_exchange);
+    case DType::F16: return kernel_for<__half>(forward, cell, async_exchange);
+    default: return kernel_for<__nv_bfloat16>(forward, cell, async_exchange);
   }
 }
 
@@ -693,16 +917,17 @@ size_t storage_size(DType dtype) {
 }
 
 // Shared memory of the two kernels (their layouts).
-size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType dtype) {
+size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType dtype, bool async_exchange) {
   const size_t elem = storage_size(dtype);
   const Tables tb = make_tables(static_cast<int>(elem), static_cast<int>(hidden), gates, units, tile_rows);
-  return forward_layout(tb, gates, units, tile_rows, acc_size(dtype), elem).bytes;
+  return forward_layout(tb, gates, units, tile_rows, acc_size(dtype), elem, async_exchange).bytes;
 }
 
-size_t backward_smem(int gates, int units, int tile_rows, int blocks, int64_t hidden, DType dtype) {
+size_t backward_smem(int gates, int units, int tile_rows, int blocks, int64_t hidden, DType dtype,
+                     bool async_exchange) {
   const size_t elem = storage_size(dtype);
   const Tables tb = make_tables(static_cast<int>(elem), static_cast<int>(hidden), gates, units, tile_rows);
-  return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem).bytes;
+  return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem, async_exchange).bytes;
 }
 
 cudaLaunchConfig_t launch_config(const Plan& plan, size_t smem, cudaStream_t stream,
@@ -731,7 +956,7 @@ cudaError_t prepare(const void* kernel, size_t smem) {
 
 template <typename Args>
 cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_t stream) {
-  const void* kernel = kernel_for(forward, args.cell, args.dtype);
+  const void* kernel = kernel_for(forward, args.cell, args.dtype, plan.async_exchange);
   const size_t smem = forward ? plan.smem_forward : plan.smem_backward;
   cudaError_t err = prepare(kernel, smem);
   if (err != cudaSuccess) return err;
@@ -746,7 +971,7 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
 }  // namespace
 
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device) {
+                       int device, bool async_exchange) {
   Plan plan;
   if (declines_layer(plan, has_proj, batch, hidden)) return plan;
   const cudaDeviceProp* prop = device_properties(device);
@@ -767,8 +992,8 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     const int needed = static_cast<int>((hidden + units - 1) / units);
     int blocks = 1;
     while (blocks < needed) blocks *= 2;
-    const size_t smem_f = forward_smem(gates, units, tile_rows, hidden, dtype);
-    const size_t smem_b = backward_smem(gates, units, tile_rows, blocks, hidden, dtype);
+    const size_t smem_f = forward_smem(gates, units, tile_rows, hidden, dtype, async_exchange);
+    const size_t smem_b = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, async_exchange);
     if (std::max(smem_f, smem_b) > prop->sharedMemPerBlockOptin) continue;
     Plan candidate;
     candidate.cluster = blocks;
@@ -778,10 +1003,11 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     candidate.threads = kThreads;
     candidate.smem_forward = smem_f;
     candidate.smem_backward = smem_b;
+    candidate.async_exchange = async_exchange;
     bool schedulable = true;
     candidate.resident_clusters = prop->multiProcessorCount;
     for (int pass = 0; pass < 2 && schedulable; ++pass) {
-      const void* kernel = kernel_for(pass == 0, cell, dtype);
+      const void* kernel = kernel_for(pass == 0, cell, dtype, async_exchange);
       const size_t smem = pass == 0 ? smem_f : smem_b;
       cudaLaunchAttribute attribute;
       cudaLaunchConfig_t config = launch_config(candidate, smem, nullptr, &attribute);
