@@ -8,7 +8,8 @@ layers as torch.nn does. Argument parsing and validation live in rnnkern/modules
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,25 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
     if b_ih is None:
         return torch.mm(x, w_ih.t())
     return torch.addmm(b_ih, x, w_ih.t())
+
+
+_SIDE_STREAMS: Dict[int, "torch.cuda.Stream"] = {}
+
+
+def concurrent_directions(rows: Tensor, num_directions: int) -> bool:
+    """Whether run_stack runs a bidirectional layer's reverse direction on a side stream, beside the
+    forward one: CUDA input, RNNKERN_CONCURRENT_DIRECTIONS=1 (off by default until measured, bench/
+    NOTES.md), and not while torch.compile traces (its graph orders the ops itself)."""
+    return (num_directions == 2 and rows.is_cuda
+            and os.environ.get("RNNKERN_CONCURRENT_DIRECTIONS", "0") == "1"
+            and not torch.compiler.is_compiling())
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 def run_stack(
@@ -57,32 +77,50 @@ def run_stack(
 
     Returns:
         out [N, D * P], h_n [L * D, B, P], c_n [L * D, B, H] (LSTM) or None.
+
+    With concurrent_directions(), each layer's reverse direction (its input projection, recurrence
+    and, through autograd, which runs a backward op on its forward op's stream, their backward) runs
+    on a side stream beside the forward direction: the persistent kernels occupy a few SMs each.
     """
     num_layers = len(weights)
     num_directions = len(weights[0])
+    concurrent = concurrent_directions(rows, num_directions)
     x = rows
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
+
+    def direction_layer(layer: int, direction: int):
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights[layer][direction]
+        index = layer * num_directions + direction
+        if cell != _cells.GRU and b_ih is not None and b_hh is not None:
+            # LSTM/RNN: both biases add to the same pre-activations, so the step kernels add
+            # their sum and the input projection is a plain GEMM (a CPU addmm first copies the
+            # broadcast bias into its whole [N, G*H] output, and its backward sums that gradient
+            # again); autograd hands the one bias gradient to both. GRU's b_hn is inside r ⊙ (…).
+            xp, bias = input_projection(x, w_ih, None), b_ih + b_hh
+        else:
+            xp, bias = input_projection(x, w_ih, b_ih), b_hh
+        return backend.layer(
+            cell, xp, batch_sizes, h0[index], None if c0 is None else c0[index],
+            w_hh, bias, w_hr, direction == 1, clip,
+            None if norm_probe is None else norm_probe[layer, direction])
+
     for layer in range(num_layers):
-        outs = []
-        for direction in range(num_directions):
-            w_ih, w_hh, b_ih, b_hh, w_hr = weights[layer][direction]
-            index = layer * num_directions + direction
-            if cell != _cells.GRU and b_ih is not None and b_hh is not None:
-                # LSTM/RNN: both biases add to the same pre-activations, so the step kernels add
-                # their sum and the input projection is a plain GEMM (a CPU addmm first copies the
-                # broadcast bias into its whole [N, G*H] output, and its backward sums that gradient
-                # again); autograd hands the one bias gradient to both. GRU's b_hn is inside r ⊙ (…).
-                xp, bias = input_projection(x, w_ih, None), b_ih + b_hh
-            else:
-                xp, bias = input_projection(x, w_ih, b_ih), b_hh
-            out, hn, cn = backend.layer(
-                cell, xp, batch_sizes, h0[index], None if c0 is None else c0[index],
-                w_hh, bias, w_hr, direction == 1, clip,
-                None if norm_probe is None else norm_probe[layer, direction])
-            outs.append(out)
-            h_n.append(hn)
-            c_n.append(cn)
+        if concurrent:
+            main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+            side.wait_stream(main)  # the layer's inputs, made on the main stream
+            with torch.cuda.stream(side):
+                reverse = direction_layer(layer, 1)
+            results = [direction_layer(layer, 0), reverse]
+            main.wait_stream(side)
+            for t in reverse:  # made on the side stream, used (and freed) on the main one
+                if t is not None and t.numel() > 0:
+                    t.record_stream(main)
+        else:
+            results = [direction_layer(layer, d) for d in range(num_directions)]
+        outs = [out for out, _, _ in results]
+        h_n += [hn for _, hn, _ in results]
+        c_n += [cn for _, _, cn in results]
         x = outs[0] if num_directions == 1 else torch.cat(outs, dim=1)
         if dropout > 0 and training and layer < num_layers - 1:
             x = F.dropout(x, dropout, training=True)

@@ -1,6 +1,6 @@
 """A fast first look at one CUDA recurrence kernel on a GPU (scripts/gpu_check.sh, stage "smoke").
 
-    python3 scripts/persistent_smoke.py check KERNEL   # KERNEL: step | persistent | cluster
+    python3 scripts/persistent_smoke.py check KERNEL   # KERNEL: step | persistent | cluster | cluster-async
     python3 scripts/persistent_smoke.py time KERNEL
 
 For every cell and dtype, one small case with norms on, forced onto KERNEL, is
@@ -78,8 +78,36 @@ def correctness(kernel):
     return ok
 
 
+def best_ms(module, x, dout, kernel):
+    """The fastest of 6 timed forward+backward runs after 2 warm-ups, in ms."""
+    ms = []
+    for rep in range(8):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run(module, x, dout, kernel)
+        end.record()
+        torch.cuda.synchronize()
+        ms.append(start.elapsed_time(end))
+    return min(ms[2:])
+
+
 def timing(kernel):
     torch.backends.cuda.matmul.allow_tf32 = False
+    # A bidirectional float16 LSTM with its directions on one stream, then on two (rnnkern/functional.py,
+    # RNNKERN_CONCURRENT_DIRECTIONS), against torch.nn's bidirectional LSTM.
+    T, B, H = 256, 16, 256
+    x = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
+    dout = torch.randn(T, B, 2 * H, device="cuda", dtype=torch.float16)
+    ours = rnnkern.LSTM(H, H, bidirectional=True, backend="cuda", record_grad_norms=True).to("cuda", torch.float16)
+    for flag in ("0", "1"):
+        os.environ["RNNKERN_CONCURRENT_DIRECTIONS"] = flag
+        best = best_ms(ours, x, dout, kernel)
+        print(f"time {kernel:14s} lstm-bidir streams={int(flag) + 1} float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
+              f" = {1000 * best / T:.2f} us/step", flush=True)
+    os.environ["RNNKERN_CONCURRENT_DIRECTIONS"] = "0"
+    best = best_ms(torch.nn.LSTM(H, H, bidirectional=True).to("cuda", torch.float16), x, dout, kernel)
+    print(f"time {'torch.nn':14s} lstm-bidir float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
+          f" = {1000 * best / T:.2f} us/step", flush=True)
     for cell in ("lstm", "gru", "rnn_tanh"):
         ours_cls, nn_cls, kw = CELLS[cell]
         T, B, H = 256, 16, 256
@@ -90,15 +118,7 @@ def timing(kernel):
             if dtype == torch.float16:
                 cases.append(("torch.nn", nn_cls(H, H, **kw).to("cuda", dtype)))
             for name, module in cases:
-                ms = []
-                for rep in range(8):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    run(module, x, dout, kernel)
-                    end.record()
-                    torch.cuda.synchronize()
-                    ms.append(start.elapsed_time(end))
-                best = min(ms[2:])
+                best = best_ms(module, x, dout, kernel)
                 print(f"time {name:14s} {cell:9s} {str(dtype)[6:]:8s} T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
                       f" = {1000 * best / T:.2f} us/step", flush=True)
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import rnnkern
 from conftest import SLOW_ON_CPU, TOLERANCE, make_pair
+from rnnkern.functional import concurrent_directions
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KINDS = ["padded", "packed_sorted", "packed_unsorted", "unbatched"]
@@ -191,3 +193,65 @@ def test_gradcheck(target, cell):
         return (out,) + hidden
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7)
+
+
+# Both directions of a bidirectional layer at once (rnnkern/functional.py, concurrent_directions): the
+# reverse direction's forward, and through autograd its backward, on a side stream.
+_CUDA_BACKEND = torch.cuda.is_available() and "cuda" in rnnkern.backends()
+BIDIRECTIONAL = [c for c in CONFIGS if c["bidirectional"]]
+
+
+def test_concurrent_directions_only_when_asked(monkeypatch):
+    """Off by default, never for CPU tensors or one direction."""
+    rows = torch.randn(4, 3)
+    monkeypatch.setenv("RNNKERN_CONCURRENT_DIRECTIONS", "1")
+    assert not concurrent_directions(rows, 2)
+    if torch.cuda.is_available():
+        assert concurrent_directions(rows.cuda(), 2) and not concurrent_directions(rows.cuda(), 1)
+        monkeypatch.delenv("RNNKERN_CONCURRENT_DIRECTIONS")
+        assert not concurrent_directions(rows.cuda(), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA_BACKEND, reason="needs a CUDA GPU and rnnkern's CUDA kernels")
+@pytest.mark.parametrize("kernel", ["step", "cluster-async"])
+@pytest.mark.parametrize("cfg", BIDIRECTIONAL, ids=[_case_id(c) for c in BIDIRECTIONAL])
+@pytest.mark.parametrize("cell", CELLS)
+def test_concurrent_directions_match_torch_nn(cell, cfg, kernel, monkeypatch):
+    """test_matches_torch_nn (float64) with the directions on two streams, on the per-step and on a
+    persistent recurrence."""
+    monkeypatch.setenv("RNNKERN_CONCURRENT_DIRECTIONS", "1")
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    test_matches_torch_nn(("cuda", "cuda", torch.float64), cell, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA_BACKEND, reason="needs a CUDA GPU and rnnkern's CUDA kernels")
+@pytest.mark.parametrize("kernel", ["step", "cluster", "cluster-async"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_concurrent_directions_identical(cell, kernel, monkeypatch):
+    """The same kernels on two streams: outputs, every gradient and the recorded norms bit for bit
+    equal to the one-stream run (float32, packed unsorted input, clipping, 3 layers)."""
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    _, ours = make_pair(cell, 6, 33, backend="cuda", dtype=torch.float32, device="cuda", num_layers=3,
+                        bidirectional=True)
+    ours.record_grad_norms, ours.hidden_grad_clip = True, 0.7
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randn(n, 6, generator=gen).cuda() for n in (7, 3, 9, 5)]
+    upstream = torch.randn(sum(len(s) for s in seqs), 66, generator=gen).cuda()
+
+    def run(flag):
+        monkeypatch.setenv("RNNKERN_CONCURRENT_DIRECTIONS", flag)
+        ours.zero_grad()
+        xs = [s.clone().requires_grad_(True) for s in seqs]
+        out, hidden = ours(torch.nn.utils.rnn.pack_sequence(xs, enforce_sorted=False))
+        hidden = list(hidden) if isinstance(hidden, tuple) else [hidden]
+        (out.data * upstream).sum().add(sum(h.square().sum() for h in hidden)).backward()
+        norms = ours.grad_norms
+        got = [out.data, *hidden, *(x.grad for x in xs), *(p.grad for p in ours.parameters()),
+               norms.h_per_sample] + ([norms.c_per_sample] if cell == "lstm" else [])
+        return [t.detach().clone() for t in got]
+
+    one_stream, two_streams = run("0"), run("1")
+    for i, (a, b) in enumerate(zip(two_streams, one_stream)):
+        assert torch.equal(a, b), i
