@@ -238,6 +238,13 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
     if torch.cuda.get_device_capability()[0] >= 9:
         # 40 rows: 3 tiles of at most 16; H = 256 over 16 blocks.
         assert "3 cluster(s) of 16 blocks" in text and "16 hidden units" in text, text
+        assert "with the cluster barrier" in text, text
+    else:
+        assert "no thread-block clusters" in text, text
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "cluster-async")
+    text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
+    if clusters:
+        assert "RNNKERN_CUDA_KERNEL=cluster-async" in text and "st.async" in text, text
     else:
         assert "no thread-block clusters" in text, text
     assert "per-step kernels" in rnnkern.explain(large, torch.randn(5, 64, 8, device="cuda"))
