@@ -59,16 +59,18 @@ def explain(module, input, hx=None) -> str:
         cell = _cells.from_mode(module.mode)
         plan = torch.ops.rnnkern.cuda_kernel_plan(cell, data.dtype, batch, module.hidden_size,
                                                  module.proj_size > 0, data.device.index or 0)
-        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster, async_exchange = plan
+        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster, async_exchange, tf32 = plan
         if persistent and cluster:
+            products = ("the recurrent products on TF32 tensor cores (torch allows TF32 matmuls); "
+                        if tf32 else "")
+            exchange = ("by st.async stores completing on each receiver's mbarriers (no cluster barrier "
+                        "per step)" if async_exchange else "with the cluster barrier")
             lines.append(
                 f"  every layer: persistent cluster kernel ({_why_cluster()}), one launch per "
                 f"layer and direction; {blocks // cluster} cluster(s) of {cluster} blocks, one per tile of "
                 f"batch rows, each block {units} hidden units with W_hh resident in shared memory "
-                f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block); state "
-                f"exchanged in distributed shared memory "
-                + ("by st.async stores completing on each receiver's mbarriers (no cluster barrier per step)"
-                   if async_exchange else "with the cluster barrier"))
+                f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block); {products}"
+                f"state exchanged in distributed shared memory {exchange}")
         elif persistent:
             lines.append(
                 f"  every layer: persistent kernel, one launch per layer and direction; {blocks} "

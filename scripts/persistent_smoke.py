@@ -26,6 +26,7 @@ CELLS = {"lstm": (rnnkern.LSTM, torch.nn.LSTM, {}), "gru": (rnnkern.GRU, torch.n
          "rnn_relu": (rnnkern.RNN, torch.nn.RNN, {"nonlinearity": "relu"})}
 # Largest error relative to the reference's largest magnitude that counts as agreement.
 AGREE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+AGREE_TF32 = 1e-2  # float32 on TF32 tensor cores (10-bit mantissa operands)
 
 
 def run(module, x, dout, kernel):
@@ -47,8 +48,12 @@ def rel_err(got, want):
 def correctness(kernel):
     _ext.load()  # the ops (cuda_kernel_plan) register when the extension loads
     ok = True
+    variants = [(torch.float64, False), (torch.float32, False), (torch.float16, False), (torch.bfloat16, False)]
+    if kernel.startswith("cluster"):
+        variants.insert(2, (torch.float32, True))  # TF32 tensor cores (Plan::tf32)
     for cell, (ours_cls, nn_cls, kw) in CELLS.items():
-        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        for dtype, tf32 in variants:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.manual_seed(7)
             T, B, I, H = 9, 20, 11, 48
             ours = ours_cls(I, H, backend="cuda", record_grad_norms=True, hidden_grad_clip=None, **kw)
@@ -60,6 +65,7 @@ def correctness(kernel):
             dout = torch.randn(T, B, H, device="cuda", dtype=torch.float64)
             got = run(ours, x.to(dtype), dout.to(dtype), kernel)  # sets RNNKERN_CUDA_KERNEL=kernel
             plan = torch.ops.rnnkern.cuda_kernel_plan(_cells.from_mode(ours.mode), dtype, B, H, False, 0)
+            torch.backends.cuda.matmul.allow_tf32 = False
             norms = ours.grad_norms.h_per_sample.clone()
             want = run(ref, x, dout, "step")
             err = rel_err(got, want)
@@ -71,9 +77,12 @@ def correctness(kernel):
             # kink than in float64 (its gradient then 0 on one side only): measured 0.096-0.099 for
             # bfloat16 on every kernel, the per-step one included (H200, 2026-11-26).
             agree = AGREE[dtype] * (2 if cell == "rnn_relu" and dtype.itemsize == 2 else 1)
-            good = err <= agree and norm_err <= AGREE[dtype]
+            agree = AGREE_TF32 if tf32 else agree
+            good = err <= agree and norm_err <= (AGREE_TF32 if tf32 else AGREE[dtype])
+            label = str(dtype)[6:] + ("-tf32" if tf32 else "") + ("" if plan[9] == tf32 else "(NOT TF32)")
+            good &= plan[9] == tf32 or not plan[0]
             ok &= good
-            print(f"{kernel:14s} {cell:9s} {str(dtype)[6:]:9s} plan={('cluster/' + str(plan[7])) if plan[0] and plan[7] else 'persistent' if plan[0] else 'declined:' + str(plan[1]):12s}"
+            print(f"{kernel:14s} {cell:9s} {label:12s} plan={('cluster/' + str(plan[7])) if plan[0] and plan[7] else 'persistent' if plan[0] else 'declined:' + str(plan[1]):12s}"
                   f" err={err:.2e} norm_err={norm_err:.2e} {'ok' if good else 'MISMATCH'}", flush=True)
     return ok
 
@@ -108,10 +117,16 @@ def timing(kernel):
     best = best_ms(torch.nn.LSTM(H, H, bidirectional=True).to("cuda", torch.float16), x, dout, kernel)
     print(f"time {'torch.nn':14s} lstm-bidir float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
           f" = {1000 * best / T:.2f} us/step", flush=True)
+    # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
+    # run their products on TF32 tensor cores (Plan::tf32); the others ignore it in the recurrence.
+    variants = [(torch.float32, False), (torch.float16, False)]
+    if kernel.startswith("cluster"):
+        variants.insert(1, (torch.float32, True))
     for cell in ("lstm", "gru", "rnn_tanh"):
         ours_cls, nn_cls, kw = CELLS[cell]
         T, B, H = 256, 16, 256
-        for dtype in (torch.float32, torch.float16):
+        for dtype, tf32 in variants:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
             x = torch.randn(T, B, H, device="cuda", dtype=dtype)
             dout = torch.randn(T, B, H, device="cuda", dtype=dtype)
             cases = [(kernel, ours_cls(H, H, backend="cuda", record_grad_norms=True, **kw).to("cuda", dtype))]
@@ -119,8 +134,10 @@ def timing(kernel):
                 cases.append(("torch.nn", nn_cls(H, H, **kw).to("cuda", dtype)))
             for name, module in cases:
                 best = best_ms(module, x, dout, kernel)
-                print(f"time {name:14s} {cell:9s} {str(dtype)[6:]:8s} T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
+                label = str(dtype)[6:] + ("-tf32" if tf32 else "")
+                print(f"time {name:14s} {cell:9s} {label:12s} T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
                       f" = {1000 * best / T:.2f} us/step", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 if __name__ == "__main__":

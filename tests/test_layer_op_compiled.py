@@ -588,6 +588,39 @@ def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatc
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cuda_cluster_tf32(kernel, cell, monkeypatch):
+    """float32 with torch's TF32 matmuls allowed and a cluster kernel forced: the plan takes TF32
+    tensor cores (plan[9]); every result within TF32's precision of the float64 oracle (normalised
+    error <= 1e-2: a wrong fragment layout errs by O(1)), and `out` (the recurrence alone: xp is an
+    input) measurably less exact than the exact float32 kernel's (TF32 rounding did happen)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    B, H = 13, 37
+    case, grads, _ = make_case(cell, T=8, B=B, H=H, P=0, packed=True, seed=67)
+    clip = pick_clip(case, grads, False)
+    want = run_layer(oracle_fn, case, grads, False, clip)
+    c32, g32 = _to(case, "cuda", torch.float32), _to(grads, "cuda", torch.float32)
+    exact = run_layer(backend_fn("cuda"), c32, g32, False, clip)  # TF32 off (conftest's _no_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        plan = torch.ops.rnnkern.cuda_kernel_plan(cell, torch.float32, B, H, False, torch.cuda.current_device())
+        assert plan[0] and plan[7] > 0 and plan[9] == 1, plan
+        got = run_layer(backend_fn("cuda"), c32, g32, False, clip)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    keys = [k for k in want if want[k].numel() > 0]
+    scale = {k: want[k].abs().max().item() or 1.0 for k in keys}
+    err = {k: v / scale[k] for k, v in _max_err(got, want, keys).items()}
+    exact_err = {k: v / scale[k] for k, v in _max_err(exact, want, keys).items()}
+    assert all(e <= 1e-2 for e in err.values()), err
+    assert err["out"] > 10 * exact_err["out"], (err["out"], exact_err["out"])
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("clipping", [False, True], ids=["noclip", "clip"])
 def test_cuda_lstm_projection_float64(reverse, clipping):

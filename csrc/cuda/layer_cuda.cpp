@@ -60,8 +60,12 @@ bool cluster_pays_off(DType dtype, const persistent::Plan& plan) {
   return plan.ok && dtype != DType::F64 && plan.blocks / plan.cluster <= plan.resident_clusters;
 }
 
+// tf32: torch allows TF32 for float32 matmuls (torch.backends.cuda.matmul.allow_tf32); a forced
+// cluster kernel then runs float32 products on TF32 tensor cores (Plan::tf32), as the per-step
+// path's cuBLAS GEMMs do. auto keeps the exact float32 cluster kernels until the TF32 ones are
+// measured (bench/NOTES.md).
 persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int64_t batch, int64_t hidden,
-                               bool proj, int device) {
+                               bool proj, int device, bool tf32) {
   if (choice == KernelChoice::Step) {
     persistent::Plan plan;
     plan.reason = persistent::Decline::Forced;
@@ -69,7 +73,7 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
   }
   if (choice == KernelChoice::Cluster || choice == KernelChoice::ClusterAsync) {
     return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device,
-                                         choice == KernelChoice::ClusterAsync);
+                                         choice == KernelChoice::ClusterAsync, tf32);
   }
   if (choice == KernelChoice::Auto) {
     persistent::Plan cluster = persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device);
@@ -88,17 +92,18 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
 // (The launches set their kernels' shared-memory attribute themselves.)
 persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool proj,
                                int device) {
-  using Key = std::tuple<KernelChoice, Cell, DType, int64_t, int64_t, bool, int>;
+  using Key = std::tuple<KernelChoice, Cell, DType, int64_t, int64_t, bool, int, bool>;
   static std::mutex mutex;
   static std::map<Key, persistent::Plan> plans;
   const KernelChoice choice = kernel_choice();
-  const Key key{choice, cell, dtype, batch, hidden, proj, device};
+  const bool tf32 = dtype == DType::F32 && at::globalContext().allowTF32CuBLAS();
+  const Key key{choice, cell, dtype, batch, hidden, proj, device, tf32};
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto it = plans.find(key);
     if (it != plans.end()) return it->second;
   }
-  const persistent::Plan plan = decide_kernel(choice, cell, dtype, batch, hidden, proj, device);
+  const persistent::Plan plan = decide_kernel(choice, cell, dtype, batch, hidden, proj, device, tf32);
   std::lock_guard<std::mutex> lock(mutex);
   return plans.emplace(key, plan).first->second;
 }
@@ -224,7 +229,7 @@ std::vector<int64_t> cuda_kernel_plan(int64_t cell, at::ScalarType dtype, int64_
                                               static_cast<int>(device));
   return {plan.ok ? 1 : 0, static_cast<int64_t>(plan.reason), plan.blocks, plan.units,
           static_cast<int64_t>(plan.smem_forward), static_cast<int64_t>(plan.smem_backward),
-          kPersistentMaxBlockWork, plan.cluster, plan.async_exchange ? 1 : 0};
+          kPersistentMaxBlockWork, plan.cluster, plan.async_exchange ? 1 : 0, plan.tf32 ? 1 : 0};
 }
 
 const StepKernels& step_kernels_cuda() {

@@ -43,6 +43,9 @@ struct Plan {
   // cluster barrier per step (each block waits only for the data it reads), instead of remote stores
   // followed by the cluster barrier (whose GPU-scope fence also waits for the step's global stores).
   bool async_exchange = false;
+  // Cluster kernels, float32: the recurrent products on TF32 tensor cores (operands rounded to TF32,
+  // float32 accumulation) instead of exact FMA dot products.
+  bool tf32 = false;
 };
 
 // Plan for a layer of `hidden` units and a batch of `batch` rows on `device`. Projections
@@ -52,9 +55,10 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
 // Plan for the thread-block-cluster kernels (sm_90+, persistent_cluster.cu): each cluster of up to
 // 16 blocks holds all of W_hh and runs the time loop for a tile of batch rows, exchanging state
 // through distributed shared memory with the cluster's barrier. Declines (SharedMemory) where W_hh
-// and the tile's rows do not fit in one cluster's shared memory. `async_exchange`: Plan::async_exchange.
+// and the tile's rows do not fit in one cluster's shared memory. `async_exchange`, `tf32` (float32
+// only; ignored otherwise): Plan::async_exchange, Plan::tf32.
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device, bool async_exchange = false);
+                       int device, bool async_exchange = false, bool tf32 = false);
 
 struct ForwardArgs {
   Cell cell = Cell::LSTM;

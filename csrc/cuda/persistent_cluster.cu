@@ -45,18 +45,23 @@ namespace {
 
 using namespace detail;
 
-// 16-bit layers run the recurrent products on tensor cores (mma.sync m16n8k16, float32
-// accumulation); float32 and float64 keep exact FMA dot products.
+// Where the recurrent products run on tensor cores (the kernels' `Mma` parameter, float32
+// accumulation): 16-bit layers always (mma.sync m16n8k16); float32 layers with Plan::tf32 (m16n8k8
+// on TF32 operands, rounded to nearest); otherwise exact FMA dot products (float32 by default,
+// float64 always).
+__host__ __device__ constexpr bool uses_mma(int elem, bool tf32) { return elem == 2 || (elem == 4 && tf32); }
+
+// The K step of one mma.sync: 16 for 16-bit operands, 8 for TF32.
 template <typename T>
-constexpr bool kMma = sizeof(T) == 2;
+constexpr int kMmaK = sizeof(T) == 2 ? 16 : 8;
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
 // Shapes (in elements) of the shared-memory tables, computed the same way on the host (sizes) and
 // in the kernels (layout). The MMA operand tables are zero-padded to whole tiles (16 state rows, K in
-// steps of 16, N in steps of 8) and their rows keep 32-bit pairs aligned; the 8 extra elements per
-// row (16 bytes) put the 8 rows a fragment load touches in different banks. FMA rows get one
-// chunk of padding; padding columns are zeros in every table.
+// steps of 16 (16-bit) or 8 (TF32), N in steps of 8) and their rows keep 32-bit words aligned; the
+// 16 extra bytes per row put the 8 rows a fragment load touches in different banks (a row stride of
+// 4 mod 8 words). FMA rows get one chunk of padding; padding columns are zeros in every table.
 constexpr int kChunk = 16;  // bytes: the vector width of the exchanges and of the FMA operand loads
 
 struct Tables {
@@ -68,16 +73,16 @@ struct Tables {
   int wt_rows;     // backward, MMA: rows of wt (H padded to 8)
 };
 
-__host__ __device__ inline Tables make_tables(int elem, int hidden, int gates, int units, int tile_rows) {
-  const bool mma = elem == 2;
+__host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, int gates, int units, int tile_rows) {
   const int chunk = kChunk / elem;
+  const int k_step = elem == 2 ? 16 : 8;  // MMA: kMmaK
   Tables t;
   // FMA: a chunk of padding makes rows 4 apart (a register tile's rows) start 16 banks apart.
-  t.ld = mma ? round_up(hidden, 16) + 8 : round_up(hidden, chunk) + chunk;
+  t.ld = mma ? round_up(hidden, k_step) + chunk : round_up(hidden, chunk) + chunk;
   t.w_rows = mma ? round_up(gates * units, 8) : gates * units;
   t.state_rows = mma ? 16 : tile_rows;
   t.hp_ld = t.w_rows;
-  t.ldn = mma ? round_up(gates * units, 16) + 8 : 0;
+  t.ldn = mma ? round_up(gates * units, k_step) + chunk : 0;
   t.wt_rows = mma ? round_up(hidden, 8) : 0;
   return t;
 }
@@ -129,7 +134,8 @@ struct BackwardLayout {
 };
 
 __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int gates, int units, int tile_rows,
-                                                          int blocks, size_t acc, size_t elem, bool async_exchange) {
+                                                          int blocks, size_t acc, size_t elem, bool mma,
+                                                          bool async_exchange) {
   const size_t rows = tile_rows, ru = static_cast<size_t>(tile_rows) * units, gu = static_cast<size_t>(gates) * units;
   Carve c;
   BackwardLayout l;
@@ -144,7 +150,7 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
   l.gbuf = c.take(ru, acc);     // [Bt][U]: g before clipping, then dc_t (LSTM)
   l.direct = c.take(ru, acc);   // [Bt][U]: GRU z ⊙ g
   l.inbox = c.take(blocks * ru, acc);  // [blocks][Bt][U]: each block's share of own units' dh_prev
-  if (elem == 2) {
+  if (mma) {
     l.dgate = l.w = 0;
     l.dgate16 = c.take(16 * static_cast<size_t>(tb.ldn), elem);  // [16][LDN]
     l.wt = c.take(static_cast<size_t>(tb.wt_rows) * tb.ldn, elem);  // [wt_rows][LDN]
@@ -311,32 +317,61 @@ __device__ __forceinline__ void broadcast_columns_async(T* stage, int ld, int ro
   }
 }
 
-// Fragments of mma.m16n8k16 (PTX ISA, "matrix fragments for mma.m16n8k16"), lane = 4 * gid + tig.
-// A: rows [0, 16), columns [k0, k0 + 16) of the row-major `m` (leading dimension ld).
+// A float32 value as a TF32 operand, rounded to nearest (ties away), as cuBLAS's TF32 mode rounds.
+__device__ __forceinline__ uint32_t tf32_at(const float* p) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(*p));
+  return r;
+}
+
+// Fragments of mma.m16n8k16 (16-bit) and mma.m16n8k8 (TF32) (PTX ISA, "matrix fragments for mma"),
+// lane = 4 * gid + tig. A: rows [0, 16), columns [k0, k0 + kMmaK) of the row-major `m` (leading
+// dimension ld).
 template <typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* m, int ld, int k0, int gid, int tig) {
-  const T* r0 = m + gid * ld + k0 + 2 * tig;
-  const T* r8 = r0 + 8 * ld;
-  a[0] = pair_at(r0);
-  a[1] = pair_at(r8);
-  a[2] = pair_at(r0 + 8);
-  a[3] = pair_at(r8 + 8);
+  if constexpr (sizeof(T) == 4) {  // TF32: one element per register, columns tig and tig + 4
+    const float* r0 = m + gid * ld + k0 + tig;
+    const float* r8 = r0 + 8 * ld;
+    a[0] = tf32_at(r0);
+    a[1] = tf32_at(r8);
+    a[2] = tf32_at(r0 + 4);
+    a[3] = tf32_at(r8 + 4);
+  } else {  // 16-bit: element pairs, columns 2 tig (+1) and 2 tig + 8 (+1)
+    const T* r0 = m + gid * ld + k0 + 2 * tig;
+    const T* r8 = r0 + 8 * ld;
+    a[0] = pair_at(r0);
+    a[1] = pair_at(r8);
+    a[2] = pair_at(r0 + 8);
+    a[3] = pair_at(r8 + 8);
+  }
 }
 
-// B (16 x 8, "col"): element (k, n) at m[n * ld + k], n in [n0, n0 + 8), k in [k0, k0 + 16).
+// B (kMmaK x 8, "col"): element (k, n) at m[n * ld + k], n in [n0, n0 + 8), k in [k0, k0 + kMmaK).
 template <typename T>
 __device__ __forceinline__ void load_b(uint32_t (&b)[2], const T* m, int ld, int n0, int k0, int gid, int tig) {
-  const T* r = m + (n0 + gid) * ld + k0 + 2 * tig;
-  b[0] = pair_at(r);
-  b[1] = pair_at(r + 8);
+  if constexpr (sizeof(T) == 4) {
+    const float* r = m + (n0 + gid) * ld + k0 + tig;
+    b[0] = tf32_at(r);
+    b[1] = tf32_at(r + 4);
+  } else {
+    const T* r = m + (n0 + gid) * ld + k0 + 2 * tig;
+    b[0] = pair_at(r);
+    b[1] = pair_at(r + 8);
+  }
 }
 
-// d += A B on the tensor cores, float32 accumulation. d[0], d[1]: row gid, columns 2 tig + {0, 1};
-// d[2], d[3]: row gid + 8.
+// d += A B (one K step) on the tensor cores, float32 accumulation. d[0], d[1]: row gid, columns
+// 2 tig + {0, 1}; d[2], d[3]: row gid + 8.
 template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+__device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __half>) {
+  if constexpr (std::is_same_v<T, float>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else if constexpr (std::is_same_v<T, __half>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
@@ -355,7 +390,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif  // RNNKERN_HAS_CLUSTERS
 
 // Async: the st.async exchange (mbarriers, no cluster barrier per step; Plan::async_exchange).
-template <Cell C, typename T, bool Async>
+// Mma: the products on tensor cores (uses_mma).
+template <Cell C, typename T, bool Async, bool Mma>
 __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
@@ -367,7 +403,7 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
   const auto [blocks, rank, U, Bt, u0, nu, tile0] = place(cluster, shape, H);
-  const Tables tb = make_tables(sizeof(T), H, G, U, Bt);
+  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, HP = tb.hp_ld;
   const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T), Async);
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -445,15 +481,15 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
     }
 
     // hp = h_{t-1} W_hhᵀ for the block's rows n = g * U + ul.
-    if constexpr (kMma<T>) {
+    if constexpr (Mma) {
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
       for (int n0 = warp * 8; rows > 0 && n0 < tb.w_rows; n0 += kThreads / 4) {
         float d[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int k0 = 0; k0 < H; k0 += 16) {  // columns past H are zeros in both operands
+        for (int k0 = 0; k0 < H; k0 += kMmaK<T>) {  // columns past H are zeros in both operands
           uint32_t fa[4], fb[2];
           load_a(fa, cur, LD, k0, gid, tig);
           load_b(fb, w, LD, n0, k0, gid, tig);
-          mma_16816<T>(d, fa, fb);
+          mma_step<T>(d, fa, fb);
         }
         const int n = n0 + 2 * tig;
         hp[gid * HP + n] = d[0];
@@ -573,7 +609,7 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
 #endif
 }
 
-template <Cell C, typename T, bool Async>
+template <Cell C, typename T, bool Async, bool Mma>
 __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
@@ -585,10 +621,10 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
   const auto [blocks, rank, U, Bt, u0, nu, tile0] = place(cluster, shape, H);
-  const Tables tb = make_tables(sizeof(T), H, G, U, Bt);
+  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
   const int used = (H + U - 1) / U;  // blocks that own units (the others' partials are all zero)
-  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Async);
+  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, Async);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Async: full_g[k] completes when the partials of a step of parity k are in; full_in when this
   // block's inbox (and, in block 0, part_c) is.
@@ -614,7 +650,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   const A clip = static_cast<A>(a.clip);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
-  if constexpr (kMma<T>) {
+  if constexpr (Mma) {
     zero_words(dgate16, static_cast<int>(lay.bytes - lay.dgate16));  // the tiles' padding
     __syncthreads();
     for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
@@ -637,7 +673,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   uint32_t parity = 0u;  // Async: bits 0, 1: full_g[0], full_g[1]; bit 2: full_in
   if constexpr (Async) {
     if (nu > 0) {
-      inbox_row_bytes = kMma<T> ? (used - 1) * ((nu + 1) / 2) * 8 : (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);
+      inbox_row_bytes = Mma ? (used - 1) * ((nu + 1) / 2) * 8 : (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);
       if (C == Cell::LSTM && a.norm_c != nullptr && rank == 0) inbox_row_bytes += (used - 1) * sizeof(double);
     }
     if (threadIdx.x == 0) {
@@ -728,7 +764,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
       // The product's operand, as stored (the per-step path reads the dgates rows back).
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        if constexpr (kMma<T>) {
+        if constexpr (Mma) {
           store(dgate16 + b * LDN + g * U + ul, dg[g]);
         } else {
           dgate[(g * U + ul) * BtP + b] = through<T>(dg[g]);
@@ -766,15 +802,15 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
 
     // C: this block's gate columns times its W_hh rows: a partial dh_prev for every unit k, sent to
     // the unit's owner.
-    if constexpr (kMma<T>) {
+    if constexpr (Mma) {
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
       for (int k0 = warp * 8; rows > 0 && nu > 0 && k0 < H; k0 += kThreads / 4) {  // 8 output units per tile
         float d[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int n0 = 0; n0 < G * U; n0 += 16) {  // columns past G * U are zeros in both operands
+        for (int n0 = 0; n0 < G * U; n0 += kMmaK<T>) {  // columns past G * U are zeros in both operands
           uint32_t fa[4], fb[2];
           load_a(fa, dgate16, LDN, n0, gid, tig);
           load_b(fb, wt, LDN, k0, n0, gid, tig);
-          mma_16816<T>(d, fa, fb);
+          mma_step<T>(d, fa, fb);
         }
         // Units k and k + 1 (k even, U even: one owner; past H, a slot nobody reads) in one store.
         const int k = k0 + 2 * tig;
@@ -877,38 +913,41 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
 #endif
 }
 
-template <typename T, bool Async>
+template <typename T, bool Async, bool Mma>
 const void* forward_kernel_for(Cell cell) {
   switch (cell) {
-    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::LSTM, T, Async>);
-    case Cell::GRU: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::GRU, T, Async>);
-    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_TANH, T, Async>);
-    default: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_RELU, T, Async>);
+    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::LSTM, T, Async, Mma>);
+    case Cell::GRU: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::GRU, T, Async, Mma>);
+    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_TANH, T, Async, Mma>);
+    default: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_RELU, T, Async, Mma>);
   }
 }
 
-template <typename T, bool Async>
+template <typename T, bool Async, bool Mma>
 const void* backward_kernel_for(Cell cell) {
   switch (cell) {
-    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::LSTM, T, Async>);
-    case Cell::GRU: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::GRU, T, Async>);
-    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_TANH, T, Async>);
-    default: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_RELU, T, Async>);
+    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::LSTM, T, Async, Mma>);
+    case Cell::GRU: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::GRU, T, Async, Mma>);
+    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_TANH, T, Async, Mma>);
+    default: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_RELU, T, Async, Mma>);
   }
 }
 
-template <typename T>
+template <typename T, bool Mma>
 const void* kernel_for(bool forward, Cell cell, bool async_exchange) {
-  if (async_exchange) return forward ? forward_kernel_for<T, true>(cell) : backward_kernel_for<T, true>(cell);
-  return forward ? forward_kernel_for<T, false>(cell) : backward_kernel_for<T, false>(cell);
+  if (async_exchange) return forward ? forward_kernel_for<T, true, Mma>(cell) : backward_kernel_for<T, true, Mma>(cell);
+  return forward ? forward_kernel_for<T, false, Mma>(cell) : backward_kernel_for<T, false, Mma>(cell);
 }
 
-const void* kernel_for(bool forward, Cell cell, DType dtype, bool async_exchange) {
+// The kernel of a plan's choices: 16-bit always on tensor cores, float32 there with `tf32`, float64 never.
+const void* kernel_for(bool forward, Cell cell, DType dtype, bool async_exchange, bool tf32) {
   switch (dtype) {
-    case DType::F32: return kernel_for<float>(forward, cell, async_exchange);
-    case DType::F64: return kernel_for<double>(forward, cell, async_exchange);
-    case DType::F16: return kernel_for<__half>(forward, cell, async_exchange);
-    default: return kernel_for<__nv_bfloat16>(forward, cell, async_exchange);
+    case DType::F32:
+      return tf32 ? kernel_for<float, true>(forward, cell, async_exchange)
+                  : kernel_for<float, false>(forward, cell, async_exchange);
+    case DType::F64: return kernel_for<double, false>(forward, cell, async_exchange);
+    case DType::F16: return kernel_for<__half, true>(forward, cell, async_exchange);
+    default: return kernel_for<__nv_bfloat16, true>(forward, cell, async_exchange);
   }
 }
 
@@ -917,17 +956,20 @@ size_t storage_size(DType dtype) {
 }
 
 // Shared memory of the two kernels (their layouts).
-size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType dtype, bool async_exchange) {
+size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType dtype, bool async_exchange,
+                    bool tf32) {
   const size_t elem = storage_size(dtype);
-  const Tables tb = make_tables(static_cast<int>(elem), static_cast<int>(hidden), gates, units, tile_rows);
+  const bool mma = uses_mma(static_cast<int>(elem), tf32);
+  const Tables tb = make_tables(static_cast<int>(elem), mma, static_cast<int>(hidden), gates, units, tile_rows);
   return forward_layout(tb, gates, units, tile_rows, acc_size(dtype), elem, async_exchange).bytes;
 }
 
 size_t backward_smem(int gates, int units, int tile_rows, int blocks, int64_t hidden, DType dtype,
-                     bool async_exchange) {
+                     bool async_exchange, bool tf32) {
   const size_t elem = storage_size(dtype);
-  const Tables tb = make_tables(static_cast<int>(elem), static_cast<int>(hidden), gates, units, tile_rows);
-  return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem, async_exchange).bytes;
+  const bool mma = uses_mma(static_cast<int>(elem), tf32);
+  const Tables tb = make_tables(static_cast<int>(elem), mma, static_cast<int>(hidden), gates, units, tile_rows);
+  return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem, mma, async_exchange).bytes;
 }
 
 cudaLaunchConfig_t launch_config(const Plan& plan, size_t smem, cudaStream_t stream,
@@ -956,7 +998,7 @@ cudaError_t prepare(const void* kernel, size_t smem) {
 
 template <typename Args>
 cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_t stream) {
-  const void* kernel = kernel_for(forward, args.cell, args.dtype, plan.async_exchange);
+  const void* kernel = kernel_for(forward, args.cell, args.dtype, plan.async_exchange, plan.tf32);
   const size_t smem = forward ? plan.smem_forward : plan.smem_backward;
   cudaError_t err = prepare(kernel, smem);
   if (err != cudaSuccess) return err;
@@ -971,7 +1013,7 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
 }  // namespace
 
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device, bool async_exchange) {
+                       int device, bool async_exchange, bool tf32) {
   Plan plan;
   if (declines_layer(plan, has_proj, batch, hidden)) return plan;
   const cudaDeviceProp* prop = device_properties(device);
@@ -980,6 +1022,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     return plan;
   }
   const int gates = cell_gates(cell);
+  tf32 = tf32 && dtype == DType::F32;
   const int64_t tiles = (batch + kTileRows - 1) / kTileRows;
   const int tile_rows = static_cast<int>((batch + tiles - 1) / tiles);
   plan.reason = Decline::SharedMemory;
@@ -992,8 +1035,8 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     const int needed = static_cast<int>((hidden + units - 1) / units);
     int blocks = 1;
     while (blocks < needed) blocks *= 2;
-    const size_t smem_f = forward_smem(gates, units, tile_rows, hidden, dtype, async_exchange);
-    const size_t smem_b = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, async_exchange);
+    const size_t smem_f = forward_smem(gates, units, tile_rows, hidden, dtype, async_exchange, tf32);
+    const size_t smem_b = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, async_exchange, tf32);
     if (std::max(smem_f, smem_b) > prop->sharedMemPerBlockOptin) continue;
     Plan candidate;
     candidate.cluster = blocks;
@@ -1004,10 +1047,11 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     candidate.smem_forward = smem_f;
     candidate.smem_backward = smem_b;
     candidate.async_exchange = async_exchange;
+    candidate.tf32 = tf32;
     bool schedulable = true;
     candidate.resident_clusters = prop->multiProcessorCount;
     for (int pass = 0; pass < 2 && schedulable; ++pass) {
-      const void* kernel = kernel_for(pass == 0, cell, dtype, async_exchange);
+      const void* kernel = kernel_for(pass == 0, cell, dtype, async_exchange, tf32);
       const size_t smem = pass == 0 ? smem_f : smem_b;
       cudaLaunchAttribute attribute;
       cudaLaunchConfig_t config = launch_config(candidate, smem, nullptr, &attribute);
