@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
   A* row_norm = direct + B * units;        // [B]
   A* stage = row_norm + B;                 // [B][chunk + 1]: a tile of dgates rows
   double* partial = static_cast<double*>(a.scratch);  // [2 parity][2 (g, c)][blocks][B]: Σ squares
-  const auto [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] =
-      typed<C, T, A>(a);
+  const BackwardPointers<T, A> ptrs = typed<C, T, A>(a);
+  const auto& [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] = ptrs;
   const A clip = static_cast<A>(a.clip);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
@@ -214,16 +214,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
       const int64_t row = row0 + b;
       const A dh = gbuf[b * units + ul] * clip_scale(row_norm[b], clip);
       const bool starts = b >= n_prev;  // the sample's first step: gradients go to h0/c0
-      A prev = A(0), h = A(0), dc_in = A(0);
-      if constexpr (C == Cell::LSTM) {
-        prev = starts ? A(load(c0 + static_cast<int64_t>(b) * H + u)) : ws[(prev_row0 + b) * S * H + 4 * H + u];
-        dc_in = b < n_next ? dc_next[b * units + ul]
-                           : (grad_c_n ? A(load(grad_c_n + static_cast<int64_t>(b) * H + u)) : A(0));
-      } else if constexpr (C == Cell::GRU) {
-        prev = starts ? A(load(h0 + static_cast<int64_t>(b) * H + u)) : A(load(out + (prev_row0 + b) * H + u));
-      } else {
-        h = A(load(out + row * H + u));
-      }
+      A prev, h, dc_in;
+      backward_unit_inputs<C, T, A>(ptrs, b, row, prev_row0 + b, starts, b < n_next, dc_next + b * units + ul, H,
+                                    u, prev, h, dc_in);
       A dg[G], dc_total, dc_prev, dh_direct;
       backward_unit<C, T, A>(dh, dc_in, ws + row * S * H, prev, h, H, u, dgates_x + row * GH,
                              dgates_h + row * GH, dg, dc_total, dc_prev, dh_direct);

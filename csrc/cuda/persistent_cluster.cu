@@ -645,8 +645,8 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   T* w = reinterpret_cast<T*>(smem_raw + lay.w);
   T* dgate16 = reinterpret_cast<T*>(smem_raw + lay.dgate16);
   T* wt = reinterpret_cast<T*>(smem_raw + lay.wt);
-  const auto [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] =
-      typed<C, T, A>(a);
+  const BackwardPointers<T, A> ptrs = typed<C, T, A>(a);
+  const auto& [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] = ptrs;
   const A clip = static_cast<A>(a.clip);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
@@ -745,19 +745,9 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
       const int64_t row = row0 + b;
       const A dh = gbuf[b * U + ul] * clip_scale(row_norm[b], clip);
       const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
-      A prev = A(0), h = A(0), dc_in = A(0);
-      if constexpr (C == Cell::LSTM) {
-        prev = starts ? A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u))
-                      : ws[(prev_row0 + b) * S * H + 4 * H + u];
-        dc_in = b < rows_next
-                    ? dc_next[b * U + ul]
-                    : (grad_c_n ? A(load(grad_c_n + static_cast<int64_t>(tile0 + b) * H + u)) : A(0));
-      } else if constexpr (C == Cell::GRU) {
-        prev = starts ? A(load(h0 + static_cast<int64_t>(tile0 + b) * H + u))
-                      : A(load(out + (prev_row0 + b) * H + u));
-      } else {
-        h = A(load(out + row * H + u));
-      }
+      A prev, h, dc_in;
+      backward_unit_inputs<C, T, A>(ptrs, tile0 + b, row, prev_row0 + b, starts, b < rows_next, dc_next + b * U + ul,
+                                    H, u, prev, h, dc_in);
       A dg[G], dc_total, dc_prev, dh_direct;
       backward_unit<C, T, A>(dh, dc_in, ws + row * S * H, prev, h, H, u, dgates_x + row * GH,
                              dgates_h + row * GH, dg, dc_total, dc_prev, dh_direct);

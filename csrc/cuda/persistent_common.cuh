@@ -221,6 +221,26 @@ __device__ __forceinline__ void backward_unit(A dh, A dc_in, const A* wr, A prev
   for (int g = 0; g < kGates<C>; ++g) store(dx + g * H + u, dg[g]);
 }
 
+// backward_unit's state inputs for one (sample, unit u) at step t, where `row` is the sample's row at t
+// and `prev_row` its row at the step the forward processed before t: prev = c_{t-1} (LSTM, from the
+// workspace, or c0 where the sample starts at t) or h_{t-1} (GRU, from `out`, or h0), h = h_t (RNN);
+// the LSTM's incoming cell-state gradient dc_in = *dc_next where the sample continues into the next
+// step, else grad_c_n (or 0).
+template <Cell C, typename T, typename A>
+__device__ __forceinline__ void backward_unit_inputs(const BackwardPointers<T, A>& p, int64_t sample, int64_t row,
+                                                     int64_t prev_row, bool starts, bool continues,
+                                                     const A* dc_next, int H, int u, A& prev, A& h, A& dc_in) {
+  prev = h = dc_in = A(0);
+  if constexpr (C == Cell::LSTM) {
+    prev = starts ? A(load(p.c0 + sample * H + u)) : p.ws[prev_row * kSlots<C> * H + 4 * H + u];
+    dc_in = continues ? *dc_next : (p.grad_c_n ? A(load(p.grad_c_n + sample * H + u)) : A(0));
+  } else if constexpr (C == Cell::GRU) {
+    prev = starts ? A(load(p.h0 + sample * H + u)) : A(load(p.out + prev_row * H + u));
+  } else {
+    h = A(load(p.out + row * H + u));
+  }
+}
+
 // The declines every persistent plan shares (projections, empty layers): true when `plan` declines.
 inline bool declines_layer(Plan& plan, bool has_proj, int64_t batch, int64_t hidden) {
   plan.reason = has_proj ? Decline::Projection : (hidden <= 0 || batch <= 0) ? Decline::Empty : Decline::None;
