@@ -80,7 +80,7 @@ GRIDS: Dict[str, Dict[str, object]] = {
     "gpu-quick": {
         "device": "cuda",
         "shapes": [Shape("lstm", 256, 16, 256), Shape("gru", 256, 16, 256), Shape("rnn_tanh", 256, 16, 256),
-                   Shape("lstm", 1024, 16, 768), Shape("lstm", 256, 64, 256), Shape("gru", 256, 16, 512),
+                   Shape("lstm", 256, 256, 256), Shape("lstm", 1024, 16, 768), Shape("lstm", 256, 64, 256), Shape("gru", 256, 16, 512),
                    Shape("lstm", 512, 64, 1024)],
         "dtypes": ["float32", "float16"],
         "budget_s": 170.0,

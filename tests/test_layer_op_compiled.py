@@ -678,6 +678,11 @@ def test_cuda_16bit_error_within_torch_nn(cell, dtype):
     is then 0 on one side only; which units flip is chance, so there at most 5 % of the elements may
     exceed that bound (a flipped unit is one row of grad_w_hh, 1.6 %); a real error breaks most."""
     case, grads, _ = make_case(cell, T=8, B=8, H=64, packed=False, seed=59)
+    _assert_16bit_within_torch_nn(cell, dtype, case, grads)
+
+
+def _assert_16bit_within_torch_nn(cell, dtype, case, grads):
+    """test_cuda_16bit_error_within_torch_nn's criterion for one case (packed or padded)."""
     want = run_layer(oracle_fn, case, grads, False, 0.0)
     lo_case, lo_grads = _to(case, "cuda", dtype), _to(grads, "cuda", dtype)
     got = run_layer(backend_fn("cuda"), lo_case, lo_grads, False, 0.0)
@@ -695,6 +700,36 @@ def test_cuda_16bit_error_within_torch_nn(cell, dtype):
     # norms in 16-bit: close to the float64 ones (bfloat16 has 3 fewer mantissa bits than float16)
     tol = 3e-2 if dtype == torch.float16 else 8e-2
     torch.testing.assert_close(got["norms"].cpu().double(), want["norms"].double(), rtol=tol, atol=tol)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cuda_cluster_large_batch(kernel, dtype, cell, monkeypatch):
+    """A batch that needs more clusters of 16-row tiles than the device runs at once: the plan takes
+    larger tiles, all resident (float16, clusters of 8 blocks: B = 300, 19 tiles of 16 rows against at
+    most 16 resident clusters, so tiles of 30 rows, two MMA row tiles per block, or more; float64,
+    clusters of 16 blocks: B = 200, 13 tiles against at most 8, so 7 or 4 tiles of 29 or 50 rows on the
+    FMA register tiles); against the oracle (float64 at 1e-10; float16 within torch.nn's own error, as
+    test_cuda_16bit_error_within_torch_nn)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    B, H = (300 if dtype == torch.float16 else 200), 64
+    plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, torch.cuda.current_device())
+    assert plan[0] and plan[7] > 0, plan
+    tiles = plan[2] // plan[7]
+    assert tiles < -(-B // 16), plan  # tiles of more than 16 rows
+    case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=True, seed=71)
+    if dtype == torch.float64:
+        clip = pick_clip(case, grads, True)
+        want = run_layer(oracle_fn, case, grads, True, clip)
+        got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), True, clip)
+        assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+    else:
+        _assert_16bit_within_torch_nn(cell, dtype, case, grads)
 
 
 def torch_nn_fn_cuda(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):

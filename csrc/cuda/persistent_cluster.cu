@@ -67,7 +67,7 @@ constexpr int kChunk = 16;  // bytes: the vector width of the exchanges and of t
 struct Tables {
   int ld;          // row length of the W_hh rows and of the state rows (a whole number of chunks)
   int w_rows;      // forward: W_hh rows, n = g * U + ul (G * U, padded to 8 for MMA)
-  int state_rows;  // rows of a state stage (Bt; 16 for MMA)
+  int state_rows;  // rows of a state stage (Bt; for MMA rounded up to 16)
   int hp_ld;       // forward: columns of the product hp[b][n] (w_rows)
   int ldn;         // backward, MMA: row length of dgate[b][n] and of W_hhᵀ rows wt[k][n]
   int wt_rows;     // backward, MMA: rows of wt (H padded to 8)
@@ -80,7 +80,7 @@ __host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, in
   // FMA: a chunk of padding makes rows 4 apart (a register tile's rows) start 16 banks apart.
   t.ld = mma ? round_up(hidden, k_step) + chunk : round_up(hidden, chunk) + chunk;
   t.w_rows = mma ? round_up(gates * units, 8) : gates * units;
-  t.state_rows = mma ? 16 : tile_rows;
+  t.state_rows = mma ? round_up(tile_rows, 16) : tile_rows;  // MMA: whole 16-row tiles
   t.hp_ld = t.w_rows;
   t.ldn = mma ? round_up(gates * units, k_step) + chunk : 0;
   t.wt_rows = mma ? round_up(hidden, 8) : 0;
@@ -89,6 +89,7 @@ __host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, in
 
 constexpr int kMaxClusterBlocks = 16;  // Hopper's limit (above 8 with the non-portable attribute)
 constexpr int kTileRows = 16;          // batch rows per cluster where the batch allows
+constexpr int kMaxTileRows = 64;       // where a batch needs more clusters than run at once
 
 struct ClusterShape {
   int units;      // hidden units per block (a multiple of unit_grain)
@@ -152,7 +153,7 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
   l.inbox = c.take(blocks * ru, acc);  // [blocks][Bt][U]: each block's share of own units' dh_prev
   if (mma) {
     l.dgate = l.w = 0;
-    l.dgate16 = c.take(16 * static_cast<size_t>(tb.ldn), elem);  // [16][LDN]
+    l.dgate16 = c.take(static_cast<size_t>(tb.state_rows) * tb.ldn, elem);  // [state_rows][LDN]
     l.wt = c.take(static_cast<size_t>(tb.wt_rows) * tb.ldn, elem);  // [wt_rows][LDN]
   } else {
     l.dgate16 = l.wt = 0;
@@ -482,20 +483,24 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
 
     // hp = h_{t-1} W_hhᵀ for the block's rows n = g * U + ul.
     if constexpr (Mma) {
+      // One warp per 16 x 8 tile of hp: 16 state rows from m0, 8 rows n of W_hh from n0.
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      for (int n0 = warp * 8; rows > 0 && n0 < tb.w_rows; n0 += kThreads / 4) {
+      const int n_tiles = tb.w_rows / 8, tiles = (rows + 15) / 16 * n_tiles;
+      for (int tile = warp; tile < tiles; tile += kThreads / 32) {
+        const int m0 = tile / n_tiles * 16, n0 = tile % n_tiles * 8;
         float d[4] = {0.f, 0.f, 0.f, 0.f};
         for (int k0 = 0; k0 < H; k0 += kMmaK<T>) {  // columns past H are zeros in both operands
           uint32_t fa[4], fb[2];
-          load_a(fa, cur, LD, k0, gid, tig);
+          load_a(fa, cur + m0 * LD, LD, k0, gid, tig);
           load_b(fb, w, LD, n0, k0, gid, tig);
           mma_step<T>(d, fa, fb);
         }
         const int n = n0 + 2 * tig;
-        hp[gid * HP + n] = d[0];
-        hp[gid * HP + n + 1] = d[1];
-        hp[(gid + 8) * HP + n] = d[2];
-        hp[(gid + 8) * HP + n + 1] = d[3];
+        A* r0 = hp + (m0 + gid) * HP + n;  // rows past `rows` (stale or padding state): not read
+        r0[0] = d[0];
+        r0[1] = d[1];
+        r0[8 * HP] = d[2];
+        r0[8 * HP + 1] = d[3];
       }
     } else if (nu > 0) {
       // Register tiles of 4 rows x 4 rows n of W_hh, K split over `lanes` lanes in chunks of 4
@@ -639,7 +644,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   A* direct = reinterpret_cast<A*>(smem_raw + lay.direct);
   A* inbox = reinterpret_cast<A*>(smem_raw + lay.inbox);
   // The dh product's operands. FMA: dgate[n][b] (acc dtype, transposed: a register tile's 4 rows
-  // in one load) and W_hh rows w[n][k], n = g * U + ul. MMA: dgate16[b][n] as stored (T, 16 rows x
+  // in one load) and W_hh rows w[n][k], n = g * U + ul. MMA: dgate16[b][n] as stored (T, state_rows x
   // LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
   A* dgate = reinterpret_cast<A*>(smem_raw + lay.dgate);
   T* w = reinterpret_cast<T*>(smem_raw + lay.w);
@@ -793,12 +798,15 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
     // C: this block's gate columns times its W_hh rows: a partial dh_prev for every unit k, sent to
     // the unit's owner.
     if constexpr (Mma) {
+      // One warp per 16 x 8 tile: 16 rows b from m0, 8 output units k from k0.
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      for (int k0 = warp * 8; rows > 0 && nu > 0 && k0 < H; k0 += kThreads / 4) {  // 8 output units per tile
+      const int k_tiles = (H + 7) / 8, tiles = nu > 0 ? (rows + 15) / 16 * k_tiles : 0;
+      for (int tile = warp; tile < tiles; tile += kThreads / 32) {
+        const int m0 = tile / k_tiles * 16, k0 = tile % k_tiles * 8;
         float d[4] = {0.f, 0.f, 0.f, 0.f};
         for (int n0 = 0; n0 < G * U; n0 += kMmaK<T>) {  // columns past G * U are zeros in both operands
           uint32_t fa[4], fb[2];
-          load_a(fa, dgate16, LDN, n0, gid, tig);
+          load_a(fa, dgate16 + m0 * LDN, LDN, n0, gid, tig);
           load_b(fb, wt, LDN, k0, n0, gid, tig);
           mma_step<T>(d, fa, fb);
         }
@@ -806,7 +814,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
         const int k = k0 + 2 * tig;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int b = gid + 8 * half;
+          const int b = m0 + gid + 8 * half;
           if (b < rows && k < H) {
             A* slot = inbox + (rank * Bt + b) * U + k % U;
             const float2 v = make_float2(d[2 * half], d[2 * half + 1]);
@@ -1000,23 +1008,14 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
   return cudaLaunchKernelExC(&config, kernel, params);
 }
 
-}  // namespace
 
-Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device, bool async_exchange, bool tf32) {
-  Plan plan;
-  if (declines_layer(plan, has_proj, batch, hidden)) return plan;
-  const cudaDeviceProp* prop = device_properties(device);
-  if (prop == nullptr || prop->major < 9) {
-    plan.reason = Decline::NoClusters;
-    return plan;
-  }
+// The cluster plan for tiles of `tile_rows` batch rows (`tiles` of them): the largest cluster that
+// fits and can be scheduled, i.e. the smallest share of W_hh per block.
+Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_rows, bool async_exchange,
+                    bool tf32, const cudaDeviceProp& prop) {
   const int gates = cell_gates(cell);
-  tf32 = tf32 && dtype == DType::F32;
-  const int64_t tiles = (batch + kTileRows - 1) / kTileRows;
-  const int tile_rows = static_cast<int>((batch + tiles - 1) / tiles);
+  Plan plan;
   plan.reason = Decline::SharedMemory;
-  // The largest cluster that fits and can be scheduled: the smallest share of W_hh per block.
   const int grain = unit_grain(static_cast<int>(storage_size(dtype)));
   for (int size = kMaxClusterBlocks; size >= 1; size /= 2) {
     if (size > hidden && size > 1) continue;
@@ -1027,7 +1026,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     while (blocks < needed) blocks *= 2;
     const size_t smem_f = forward_smem(gates, units, tile_rows, hidden, dtype, async_exchange, tf32);
     const size_t smem_b = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, async_exchange, tf32);
-    if (std::max(smem_f, smem_b) > prop->sharedMemPerBlockOptin) continue;
+    if (std::max(smem_f, smem_b) > prop.sharedMemPerBlockOptin) continue;
     Plan candidate;
     candidate.cluster = blocks;
     candidate.tile_rows = tile_rows;
@@ -1039,7 +1038,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     candidate.async_exchange = async_exchange;
     candidate.tf32 = tf32;
     bool schedulable = true;
-    candidate.resident_clusters = prop->multiProcessorCount;
+    candidate.resident_clusters = prop.multiProcessorCount;
     for (int pass = 0; pass < 2 && schedulable; ++pass) {
       const void* kernel = kernel_for(pass == 0, cell, dtype, async_exchange, tf32);
       const size_t smem = pass == 0 ? smem_f : smem_b;
@@ -1059,6 +1058,33 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     }
     candidate.ok = true;
     return candidate;
+  }
+  return plan;
+}
+
+}  // namespace
+
+Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
+                       int device, bool async_exchange, bool tf32) {
+  Plan plan;
+  if (declines_layer(plan, has_proj, batch, hidden)) return plan;
+  const cudaDeviceProp* prop = device_properties(device);
+  if (prop == nullptr || prop->major < 9) {
+    plan.reason = Decline::NoClusters;
+    return plan;
+  }
+  tf32 = tf32 && dtype == DType::F32;
+  // Tiles of at most 16 rows (one MMA row tile) where all their clusters run at once; for larger
+  // batches, tiles of up to 32 or 64 rows (each cluster does more work per step, but a second wave of
+  // clusters would double the whole sequence), the smallest that makes every cluster resident.
+  for (int cap = kTileRows; cap <= kMaxTileRows; cap *= 2) {
+    const int64_t tiles = (batch + cap - 1) / cap;
+    const Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, static_cast<int>((batch + tiles - 1) / tiles),
+                                          async_exchange, tf32, *prop);
+    if (cap == kTileRows) plan = candidate;
+    if (!candidate.ok) break;  // larger tiles need more shared memory still
+    if (tiles <= candidate.resident_clusters) return candidate;
+    if (tiles == 1) break;
   }
   return plan;
 }
