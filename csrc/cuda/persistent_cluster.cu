@@ -304,15 +304,16 @@ __device__ __forceinline__ void send4_async(A* dst, const A (&v)[4], int rank, u
   for (int i = 0; i < static_cast<int>(sizeof(A)) / 4; ++i) send_async(reinterpret_cast<uint4*>(dst) + i, words[i], rank, bar);
 }
 
-// broadcast_columns with st.async: each chunk completes on the receiver's `bar` (its twin in each
-// block). A receiver expects rows * (Σ over the other blocks of their chunks per row) * 16 bytes.
+// broadcast_columns with st.async to the blocks [0, used) that own units (the others take no part in
+// the st.async forward): each chunk completes on the receiver's `bar` (its twin in each block). A
+// receiver expects rows * (Σ over the other blocks of their chunks per row) * 16 bytes.
 template <typename T>
-__device__ __forceinline__ void broadcast_columns_async(T* stage, int ld, int rows, int u0, int nu, int blocks,
+__device__ __forceinline__ void broadcast_columns_async(T* stage, int ld, int rows, int u0, int nu, int used,
                                                         int rank, uint64_t* bar) {
   constexpr int V = kChunk / static_cast<int>(sizeof(T));
-  const int per_row = (nu + V - 1) / V, others = blocks - 1;
+  const int per_row = (nu + V - 1) / V, others = used - 1;
   for (int i = threadIdx.x; i < rows * per_row * others; i += kThreads) {
-    const int chunk = i / others, dest = (rank + 1 + i % others) % blocks;
+    const int chunk = i / others, dest = (rank + 1 + i % others) % used;
     T* p = stage + (chunk / per_row) * ld + u0 + (chunk % per_row) * V;
     send_async(p, *reinterpret_cast<const uint4*>(p), dest, bar);
   }
@@ -428,12 +429,15 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
     const int g = i / nu, ul = i % nu;
     bias[g * U + ul] = b_hh ? A(load(b_hh + g * H + u0 + ul)) : A(0);
   }
-  // Async: the chunks of a state row the other blocks send (a block owns ceil(its units / V) chunks).
+  // Async: only the blocks [0, used) that own units take part (a block without units would only
+  // receive, so nothing would keep the senders from running more than a step ahead of it and into
+  // its next phase); the chunks of a state row the others send (a block owns ceil(its units / V)).
+  const int used = (H + U - 1) / U;
   int others_chunks = 0;
   if constexpr (Async) {
     constexpr int V = kChunk / static_cast<int>(sizeof(T));
-    for (int r = 0; r < blocks; ++r) {
-      if (r != rank) others_chunks += (max(0, min(U, H - r * U)) + V - 1) / V;
+    for (int r = 0; r < used; ++r) {
+      if (r != rank) others_chunks += (min(U, H - r * U) + V - 1) / V;
     }
     if (threadIdx.x == 0) {
       mbarrier_init(&full[0]);
@@ -442,12 +446,17 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
     }
   }
   uint32_t parity = 0u;  // Async: bit k, the parity of stage k's next phase
+  // Async: rows the blocks sent at the step before (0: none, so no phase to wait for). A tile's rows
+  // are monotone in time, so steps without rows come first or last and the steps that exchange
+  // follow each other: each block's phases stay in step with every other's.
+  int rows_sent = 0;
   cluster.sync();  // every block runs (and has its tables) before any block writes into it
 
   // Each step's geometry is read before the barrier that opens it: cluster.sync() invalidates L1
   // (CCTL.IVALL), so reading it after would put an L2 round trip at the head of every step.
   TileStep next_step = tile_step(geo, geo.t_of(0), tile0, Bt);
-  for (int64_t s = 0; s < a.steps; ++s) {
+  const int64_t steps = (Async && nu == 0) ? 0 : a.steps;
+  for (int64_t s = 0; s < steps; ++s) {
     [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;
     const int pairs = rows * nu;
     T* cur = stage + (s & 1) * tb.state_rows * LD;
@@ -463,7 +472,7 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
     if constexpr (Async) {
       // h_{t-1}: the other blocks' columns of stage s % 2 (sent at step s - 1; step 0 reads h0).
       // x_t's loads above are in flight meanwhile.
-      if (s > 0 && blocks > 1) {
+      if (rows_sent > 0) {
         mbarrier_wait(&full[s & 1], (parity >> (s & 1)) & 1u);
         parity ^= 1u << (s & 1);
       }
@@ -476,7 +485,7 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
     if constexpr (Async) {
       // What this block will receive into stage (s + 1) % 2: the others' columns of this step's rows.
       // That stage's previous phase completed at step s - 1 (waited for before the barrier above).
-      if (threadIdx.x == 0 && blocks > 1 && s + 1 < a.steps) {
+      if (threadIdx.x == 0 && used > 1 && s + 1 < a.steps && rows > 0) {
         mbarrier_expect(&full[(s + 1) & 1], static_cast<uint32_t>(rows * others_chunks * kChunk));
       }
     }
@@ -595,12 +604,13 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
       if (blocks > 1 && nu > 0) {
         __syncthreads();
         if constexpr (Async) {
-          broadcast_columns_async(nxt, LD, rows, u0, nu, blocks, rank, &full[(s + 1) & 1]);
+          broadcast_columns_async(nxt, LD, rows, u0, nu, used, rank, &full[(s + 1) & 1]);
         } else {
           broadcast_columns(cluster, nxt, LD, rows, u0, nu, blocks, rank);
         }
       }
     }
+    rows_sent = (used > 1 && s + 1 < a.steps) ? rows : 0;
     // Async: no barrier. A block sends into stage (s + 1) % 2 of another only at the end of step s;
     // that stage was last read there at step s - 1, which ended (its reads, then its own sends of
     // step s - 1 after a __syncthreads) before this block could receive them and start step s. hp is
@@ -698,8 +708,10 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
     double* part_g = part_g_base + (Async ? (s & 1) * blocks * Bt : 0);
     if constexpr (Async) {
       // This step's phases: each barrier's previous phase was waited for before the __syncthreads
-      // that ended the step before (full_g[s % 2] two steps back).
-      if (threadIdx.x == 0) {
+      // that ended the step before (full_g[s % 2] two steps back). Steps without rows exchange
+      // nothing and have no phases; they come first or last (a tile's rows are monotone in time), so
+      // the steps that exchange follow each other and every block's phases stay in step.
+      if (threadIdx.x == 0 && rows > 0) {
         if (blocks > 1) mbarrier_expect(&full_g[s & 1], static_cast<uint32_t>((blocks - 1) * rows * sizeof(double)));
         if (inbox_row_bytes > 0) mbarrier_expect(full_in, static_cast<uint32_t>(rows) * inbox_row_bytes);
       }
@@ -729,7 +741,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
     }
     if constexpr (Async) {
       __syncthreads();  // the own partials
-      if (blocks > 1) {
+      if (blocks > 1 && rows > 0) {
         mbarrier_wait(&full_g[s & 1], (parity >> (s & 1)) & 1u);
         parity ^= 1u << (s & 1);
       }
@@ -876,7 +888,7 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
     if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(a.steps - 2 - s), tile0, Bt);
     if constexpr (Async) {
       __syncthreads();  // the own partials (and block 0's own Σ dc²)
-      if (inbox_row_bytes > 0) {
+      if (inbox_row_bytes > 0 && rows > 0) {
         mbarrier_wait(full_in, (parity >> 2) & 1u);
         parity ^= 4u;
       }
