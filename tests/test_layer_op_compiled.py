@@ -542,6 +542,13 @@ def test_cpu_threads_agree():
 GPU_SWEEP = list(itertools.product(CELLS, [False, True], [False, True]))
 
 
+def _assert_cuda_matches_oracle(case, grads, reverse, clip, tol=1e-10):
+    """The CUDA backend against the float64 oracle on one float64 case."""
+    want = run_layer(oracle_fn, case, grads, reverse, clip)
+    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), reverse, clip)
+    assert_results_close(got, want, rtol=tol, atol=tol)
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("cell,reverse,packed", GPU_SWEEP,
@@ -551,9 +558,7 @@ GPU_SWEEP = list(itertools.product(CELLS, [False, True], [False, True]))
 def test_cuda_float64_matches_oracle(cell, reverse, packed, clipping):
     case, grads, _ = make_case(cell, T=6, B=5, H=37, P=0, packed=packed, seed=51)
     clip = pick_clip(case, grads, reverse) if clipping else 0.0
-    want = run_layer(oracle_fn, case, grads, reverse, clip)
-    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), reverse, clip)
-    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+    _assert_cuda_matches_oracle(case, grads, reverse, clip)
 
 
 PERSISTENT_KERNELS = ["persistent", "cluster", "cluster-async"]
@@ -581,9 +586,7 @@ def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatc
     assert (plan[7] > 0, plan[8]) == (kernel.startswith("cluster"), kernel == "cluster-async"), plan
     case, grads, _ = make_case(cell, T=7, B=B, H=H, P=0, packed=True, seed=65)
     clip = pick_clip(case, grads, reverse)
-    want = run_layer(oracle_fn, case, grads, reverse, clip)
-    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), reverse, clip)
-    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+    _assert_cuda_matches_oracle(case, grads, reverse, clip)
 
 
 @gpu
@@ -626,9 +629,7 @@ def test_cuda_cluster_tf32(kernel, cell, monkeypatch):
 def test_cuda_lstm_projection_float64(reverse, clipping):
     case, grads, _ = make_case(_cells.LSTM, T=6, B=5, H=40, P=17, packed=True, seed=53)
     clip = pick_clip(case, grads, reverse) if clipping else 0.0
-    want = run_layer(oracle_fn, case, grads, reverse, clip)
-    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), reverse, clip)
-    assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+    _assert_cuda_matches_oracle(case, grads, reverse, clip)
 
 
 @gpu
@@ -638,9 +639,7 @@ def test_cuda_large_hidden_float64(cell):
     """A hidden size larger than one block's threads, and a batch larger than one row per block."""
     case, grads, _ = make_case(cell, T=3, B=70, H=1100, packed=True, seed=55)
     clip = pick_clip(case, grads, False)
-    want = run_layer(oracle_fn, case, grads, False, clip)
-    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), False, clip)
-    assert_results_close(got, want, rtol=1e-9, atol=1e-9)
+    _assert_cuda_matches_oracle(case, grads, False, clip, tol=1e-9)
 
 
 @gpu
@@ -725,9 +724,7 @@ def test_cuda_cluster_large_batch(kernel, dtype, cell, monkeypatch):
     case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=True, seed=71)
     if dtype == torch.float64:
         clip = pick_clip(case, grads, True)
-        want = run_layer(oracle_fn, case, grads, True, clip)
-        got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), True, clip)
-        assert_results_close(got, want, rtol=1e-10, atol=1e-10)
+        _assert_cuda_matches_oracle(case, grads, True, clip)
     else:
         _assert_16bit_within_torch_nn(cell, dtype, case, grads)
 
