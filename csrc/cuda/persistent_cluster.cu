@@ -393,8 +393,12 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 
 // Async: the st.async exchange (mbarriers, no cluster barrier per step; Plan::async_exchange).
 // Mma: the products on tensor cores (uses_mma).
+// __launch_bounds__(kThreads, 1): one block per SM is all these kernels need (a tile's cluster runs
+// the whole sequence; the plan counts resident clusters), so registers may go up to 255 a thread.
+// With the default heuristic ptxas held some kernels to 64 and spilled, to local memory whose L1
+// lines each step's barrier (or acquire) invalidates. Now: no spills, at most 166 registers.
 template <Cell C, typename T, bool Async, bool Mma>
-__global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
+__global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
 #else
@@ -625,7 +629,7 @@ __global__ void __launch_bounds__(kThreads) cluster_forward_kernel(ForwardArgs a
 }
 
 template <Cell C, typename T, bool Async, bool Mma>
-__global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs a, ClusterShape shape) {
+__global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
 #else
@@ -699,9 +703,29 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
   cluster.sync();  // every block runs (and its mbarriers exist) before any block writes into it
 
 
+  // Each thread's first (row, unit) pair of a step: what phases A and B read of it from global memory
+  // (grad_out, the saved workspace slots, c/h of the step before, h_t), loaded during the step before
+  // (after its phase C), so that their latency overlaps that step's exchange instead of opening this
+  // one. Nothing in this launch writes them.
+  struct FirstPair {
+    A g_out, prev, h;
+    A saved[S > 0 ? S : 1];
+  } first;
+  const auto load_first = [&](const TileStep& st) {
+    if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
+    const int b = threadIdx.x / nu, u = u0 + threadIdx.x % nu;
+    const int64_t row = st.row0 + b;
+    first.g_out = A(load(ptrs.grad_out + row * H + u));
+#pragma unroll
+    for (int k = 0; k < S; ++k) first.saved[k] = ptrs.ws[(row * S + k) * H + u];
+    backward_unit_state<C, T, A>(ptrs, tile0 + b, row, st.prev_row0 + b, b >= st.rows_prev, H, u, first.prev,
+                                 first.h);
+  };
+
   // The steps in reverse of the forward order; each one's geometry read before the barrier that
   // opens it (see the forward).
   TileStep next_step = tile_step(geo, geo.t_of(a.steps - 1), tile0, Bt);
+  load_first(next_step);
   for (int64_t s = 0; s < a.steps; ++s) {
     const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;
     const int pairs = rows * nu;
@@ -722,7 +746,9 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const A incoming = b < rows_next ? dh_next[b * U + ul]
                                        : A(load(grad_h_n + static_cast<int64_t>(tile0 + b) * H + u));
-      gbuf[b * U + ul] = A(load(grad_out + (row0 + b) * H + u)) + incoming;
+      const A out_grad =
+          pair == static_cast<int>(threadIdx.x) ? first.g_out : A(load(grad_out + (row0 + b) * H + u));
+      gbuf[b * U + ul] = out_grad + incoming;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < rows * blocks; i += kThreads) {
@@ -762,12 +788,21 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
       const int64_t row = row0 + b;
       const A dh = gbuf[b * U + ul] * clip_scale(row_norm[b], clip);
       const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
-      A prev, h, dc_in;
-      backward_unit_inputs<C, T, A>(ptrs, tile0 + b, row, prev_row0 + b, starts, b < rows_next, dc_next + b * U + ul,
-                                    H, u, prev, h, dc_in);
+      A saved[S > 0 ? S : 1], prev, h;
+      if (pair == static_cast<int>(threadIdx.x)) {
+#pragma unroll
+        for (int k = 0; k < S; ++k) saved[k] = first.saved[k];
+        prev = first.prev;
+        h = first.h;
+      } else {
+#pragma unroll
+        for (int k = 0; k < S; ++k) saved[k] = ws[(row * S + k) * H + u];
+        backward_unit_state<C, T, A>(ptrs, tile0 + b, row, prev_row0 + b, starts, H, u, prev, h);
+      }
+      const A dc_in = C == Cell::LSTM ? incoming_dc(ptrs, tile0 + b, b < rows_next, dc_next + b * U + ul, H, u) : A(0);
       A dg[G], dc_total, dc_prev, dh_direct;
-      backward_unit<C, T, A>(dh, dc_in, ws + row * S * H, prev, h, H, u, dgates_x + row * GH,
-                             dgates_h + row * GH, dg, dc_total, dc_prev, dh_direct);
+      backward_unit<C, T, A>(dh, dc_in, saved, 1, prev, h, H, u, dgates_x + row * GH, dgates_h + row * GH, dg,
+                             dc_total, dc_prev, dh_direct);
       // The product's operand, as stored (the per-step path reads the dgates rows back).
 #pragma unroll
       for (int g = 0; g < G; ++g) {
@@ -885,7 +920,10 @@ __global__ void __launch_bounds__(kThreads) cluster_backward_kernel(BackwardArgs
         }
       }
     }
-    if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(a.steps - 2 - s), tile0, Bt);
+    if (s + 1 < a.steps) {
+      next_step = tile_step(geo, geo.t_of(a.steps - 2 - s), tile0, Bt);
+      load_first(next_step);
+    }
     if constexpr (Async) {
       __syncthreads();  // the own partials (and block 0's own Σ dc²)
       if (inbox_row_bytes > 0 && rows > 0) {

@@ -187,26 +187,27 @@ __device__ __forceinline__ A forward_unit(const A* x, const A* hh, A prev, A* wr
 }
 
 // The gate gradients of one (row, unit) in a persistent backward step, from dh, the gradient at
-// h_t after clipping. wr: the workspace row; prev: c_{t-1} (LSTM) or h_{t-1} (GRU); h: h_t (RNN);
+// h_t after clipping. saved[k * stride]: the unit's workspace slot k (its row in the workspace with
+// stride H, or a copy in registers with stride 1); prev: c_{t-1} (LSTM) or h_{t-1} (GRU); h: h_t (RNN);
 // dc_in: the cell-state gradient arriving from t+1 (LSTM). Stores the input-side gate gradients in
 // the grad_xp row `dx` and (GRU) the recurrent-side ones in `dhh`; returns in dg[g] what the dh
 // product multiplies by W_hh, in dc / dc_prev the LSTM's total and propagated cell-state
 // gradients, and in direct GRU's z ⊙ dh.
 template <Cell C, typename T, typename A>
-__device__ __forceinline__ void backward_unit(A dh, A dc_in, const A* wr, A prev, A h, int H, int u,
-                                              T* dx, T* dhh, A* dg, A& dc, A& dc_prev, A& direct) {
+__device__ __forceinline__ void backward_unit(A dh, A dc_in, const A* saved, int stride, A prev, A h, int H,
+                                              int u, T* dx, T* dhh, A* dg, A& dc, A& dc_prev, A& direct) {
   if constexpr (C == Cell::LSTM) {
-    const LstmGates<A> gates{wr[u], wr[H + u], wr[2 * H + u], wr[3 * H + u]};
+    const LstmGates<A> gates{saved[0], saved[stride], saved[2 * stride], saved[3 * stride]};
     LstmGates<A> d;
-    lstm_backward_unit<A>(dh, dc_in, gates, wr[4 * H + u], prev, d, dc, dc_prev);
+    lstm_backward_unit<A>(dh, dc_in, gates, saved[4 * stride], prev, d, dc, dc_prev);
     dg[0] = d.i;
     dg[1] = d.f;
     dg[2] = d.g;
     dg[3] = d.o;
   } else if constexpr (C == Cell::GRU) {
-    const GruGates<A> gates{wr[u], wr[H + u], wr[2 * H + u]};
+    const GruGates<A> gates{saved[0], saved[stride], saved[2 * stride]};
     GruGates<A> gx, gh;
-    gru_backward_unit<A>(dh, gates, wr[3 * H + u], prev, gx, gh, direct);
+    gru_backward_unit<A>(dh, gates, saved[3 * stride], prev, gx, gh, direct);
     store(dx + u, gx.r);
     store(dx + H + u, gx.z);
     store(dx + 2 * H + u, gx.n);
@@ -223,22 +224,26 @@ __device__ __forceinline__ void backward_unit(A dh, A dc_in, const A* wr, A prev
 
 // backward_unit's state inputs for one (sample, unit u) at step t, where `row` is the sample's row at t
 // and `prev_row` its row at the step the forward processed before t: prev = c_{t-1} (LSTM, from the
-// workspace, or c0 where the sample starts at t) or h_{t-1} (GRU, from `out`, or h0), h = h_t (RNN);
-// the LSTM's incoming cell-state gradient dc_in = *dc_next where the sample continues into the next
-// step, else grad_c_n (or 0).
+// workspace, or c0 where the sample starts at t) or h_{t-1} (GRU, from `out`, or h0), h = h_t (RNN).
 template <Cell C, typename T, typename A>
-__device__ __forceinline__ void backward_unit_inputs(const BackwardPointers<T, A>& p, int64_t sample, int64_t row,
-                                                     int64_t prev_row, bool starts, bool continues,
-                                                     const A* dc_next, int H, int u, A& prev, A& h, A& dc_in) {
-  prev = h = dc_in = A(0);
+__device__ __forceinline__ void backward_unit_state(const BackwardPointers<T, A>& p, int64_t sample, int64_t row,
+                                                    int64_t prev_row, bool starts, int H, int u, A& prev, A& h) {
+  prev = h = A(0);
   if constexpr (C == Cell::LSTM) {
     prev = starts ? A(load(p.c0 + sample * H + u)) : p.ws[prev_row * kSlots<C> * H + 4 * H + u];
-    dc_in = continues ? *dc_next : (p.grad_c_n ? A(load(p.grad_c_n + sample * H + u)) : A(0));
   } else if constexpr (C == Cell::GRU) {
     prev = starts ? A(load(p.h0 + sample * H + u)) : A(load(p.out + prev_row * H + u));
   } else {
     h = A(load(p.out + row * H + u));
   }
+}
+
+// The LSTM's cell-state gradient arriving at step t for (sample, unit u): *dc_next where the sample
+// continues into the next step, else grad_c_n (or 0).
+template <typename T, typename A>
+__device__ __forceinline__ A incoming_dc(const BackwardPointers<T, A>& p, int64_t sample, bool continues,
+                                         const A* dc_next, int H, int u) {
+  return continues ? *dc_next : (p.grad_c_n ? A(load(p.grad_c_n + sample * H + u)) : A(0));
 }
 
 // The declines every persistent plan shares (projections, empty layers): true when `plan` declines.
