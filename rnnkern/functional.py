@@ -8,6 +8,8 @@ layers as torch.nn does. Argument parsing and validation live in rnnkern/modules
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,7 +31,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
     return torch.addmm(b_ih, x, w_ih.t())
 
 
-_SIDE_STREAMS: Dict[int, "torch.cuda.Stream"] = {}
+_SIDE_STREAMS: Dict[Tuple[int, int], "torch.cuda.Stream"] = {}
 
 
 def concurrent_directions(rows: Tensor, num_directions: int) -> bool:
@@ -41,11 +43,110 @@ def concurrent_directions(rows: Tensor, num_directions: int) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+def _side_stream(device: torch.device, slot: int = 0) -> "torch.cuda.Stream":
+    """The side stream number `slot` of a CUDA device (made once)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
+    if (index, slot) not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index, slot] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index, slot]
+
+
+def layer_wavefront_steps(rows: Tensor, num_layers: int, num_directions: int, dropout: float,
+                          training: bool) -> int:
+    """The chunk length (in steps) of run_stack's layer wavefront, or 0 for none.
+
+    RNNKERN_LAYER_WAVEFRONT=S (S > 0; off by default until measured, bench/NOTES.md) cuts each layer's
+    sequence into chunks of S steps, each one layer op whose initial state is the previous chunk's
+    final state, so that layer l runs chunk k while layer l + 1 runs chunk k - 1: on CUDA each layer
+    on its own stream (and, by autograd's stream rule, the backward in the reverse wavefront); on the
+    CPU one after the other (the same results: that is how the tests check it). Only where a layer's
+    chunk depends on the layer below's same chunk alone: one direction, several layers, no dropout
+    between them (its random draws would follow the chunks, not torch.nn's order), not while
+    torch.compile traces.
+    """
+    value = os.environ.get("RNNKERN_LAYER_WAVEFRONT", "0")
+    try:
+        steps = int(value)
+    except ValueError:
+        raise ValueError(f"RNNKERN_LAYER_WAVEFRONT must be a number of steps (0: off), not {value!r}") from None
+    if (steps <= 0 or num_directions != 1 or num_layers < 2 or (dropout > 0 and training)
+            or torch.compiler.is_compiling()):
+        return 0
+    return steps
+
+
+def _projected(cell: int, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
+    """(xp, the bias the layer op adds): the input projection of rows x and the recurrent bias."""
+    if cell != _cells.GRU and b_ih is not None and b_hh is not None:
+        # LSTM/RNN: both biases add to the same pre-activations, so the step kernels add their sum and
+        # the input projection is a plain GEMM (a CPU addmm first copies the broadcast bias into its
+        # whole [N, G*H] output, and its backward sums that gradient again); autograd hands the one
+        # bias gradient to both. GRU's b_hn is inside r ⊙ (…).
+        return input_projection(x, w_ih, None), b_ih + b_hh
+    return input_projection(x, w_ih, b_ih), b_hh
+
+
+def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm_probe, steps):
+    """run_stack for one direction and several layers, in chunks of `steps` steps
+    (layer_wavefront_steps). Returns what run_stack returns."""
+    sizes = batch_sizes.tolist()
+    T = len(sizes)
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    chunks = [(t0, min(t0 + steps, T)) for t0 in range(0, T, steps)]
+    cuda = rows.is_cuda
+    main = torch.cuda.current_stream(rows.device) if cuda else None
+    x_chunks = [rows[offsets[t0]:offsets[t1]] for t0, t1 in chunks]
+    below: List = [None] * len(chunks)  # CUDA: the event after the layer below's chunk k
+    on_side: List[Tensor] = []          # made on a layer's stream, used (and freed) on the main one
+    h_n: List[Tensor] = []
+    c_n: List[Tensor] = []
+    for layer, ((w_ih, w_hh, b_ih, b_hh, w_hr),) in enumerate(weights):
+        stream = _side_stream(rows.device, 1 + layer) if cuda else None
+        if cuda:
+            stream.wait_stream(main)  # the layer's states and weights, made on the main stream
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            h_state, c_state = h0[layer], None if c0 is None else c0[layer]
+            outs: List[Tensor] = []
+            ended_h: List[Tensor] = []
+            ended_c: List[Tensor] = []
+            for k, (t0, t1) in enumerate(chunks):
+                if below[k] is not None:
+                    stream.wait_event(below[k])
+                    x_chunks[k].record_stream(stream)
+                xp, bias = _projected(cell, x_chunks[k], w_ih, b_ih, b_hh)
+                alive = sizes[t0]  # samples at the chunk's first step (sorted by length: a prefix)
+                probe = None if norm_probe is None else norm_probe[layer, 0][:, offsets[t0]:offsets[t1]]
+                out, hn, cn = backend.layer(
+                    cell, xp, batch_sizes[t0:t1], h_state[:alive], None if c_state is None else c_state[:alive],
+                    w_hh, bias, w_hr, False, clip, probe)
+                if cuda:
+                    below[k] = torch.cuda.Event()
+                    below[k].record(stream)
+                # The samples alive after the chunk go on from its final state; the others ended in it.
+                after = sizes[t1] if t1 < T else 0
+                outs.append(out)
+                ended_h.append(hn[after:alive])
+                h_state = hn
+                if cell == _cells.LSTM:
+                    ended_c.append(cn[after:alive])
+                    c_state = cn
+            # Final states in sample order: the samples of later chunks lived longer (sorted by length).
+            h_n.append(torch.cat(ended_h[::-1], 0))
+            c_n.append(torch.cat(ended_c[::-1], 0) if cell == _cells.LSTM else hn.new_zeros(0))
+            if layer == len(weights) - 1:
+                x = torch.cat(outs, 0)
+        x_chunks = outs
+        on_side += [h_n[-1], c_n[-1]]
+    if cuda:
+        on_side.append(x)
+        for layer in range(len(weights)):
+            main.wait_stream(_side_stream(rows.device, 1 + layer))
+        for t in on_side:
+            if t.numel() > 0:
+                t.record_stream(main)
+    h_stack = torch.stack(h_n, 0)
+    c_stack = torch.stack(c_n, 0) if cell == _cells.LSTM else None
+    return x, h_stack, c_stack
 
 
 def run_stack(
@@ -78,12 +179,16 @@ def run_stack(
     Returns:
         out [N, D * P], h_n [L * D, B, P], c_n [L * D, B, H] (LSTM) or None.
 
-    With concurrent_directions(), each layer's reverse direction (its input projection, recurrence
+    With layer_wavefront_steps(), the layers of a one-direction stack run in a wavefront of chunks
+    (_run_wavefront). With concurrent_directions(), each layer's reverse direction (its input projection, recurrence
     and, through autograd, which runs a backward op on its forward op's stream, their backward) runs
     on a side stream beside the forward direction: the persistent kernels occupy a few SMs each.
     """
     num_layers = len(weights)
     num_directions = len(weights[0])
+    wavefront = layer_wavefront_steps(rows, num_layers, num_directions, dropout, training)
+    if wavefront and batch_sizes.numel() > 0:
+        return _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm_probe, wavefront)
     concurrent = concurrent_directions(rows, num_directions)
     x = rows
     h_n: List[Tensor] = []
@@ -92,14 +197,7 @@ def run_stack(
     def direction_layer(layer: int, direction: int):
         w_ih, w_hh, b_ih, b_hh, w_hr = weights[layer][direction]
         index = layer * num_directions + direction
-        if cell != _cells.GRU and b_ih is not None and b_hh is not None:
-            # LSTM/RNN: both biases add to the same pre-activations, so the step kernels add
-            # their sum and the input projection is a plain GEMM (a CPU addmm first copies the
-            # broadcast bias into its whole [N, G*H] output, and its backward sums that gradient
-            # again); autograd hands the one bias gradient to both. GRU's b_hn is inside r ⊙ (…).
-            xp, bias = input_projection(x, w_ih, None), b_ih + b_hh
-        else:
-            xp, bias = input_projection(x, w_ih, b_ih), b_hh
+        xp, bias = _projected(cell, x, w_ih, b_ih, b_hh)
         return backend.layer(
             cell, xp, batch_sizes, h0[index], None if c0 is None else c0[index],
             w_hh, bias, w_hr, direction == 1, clip,

@@ -117,6 +117,19 @@ def timing(kernel):
     best = best_ms(torch.nn.LSTM(H, H, bidirectional=True).to("cuda", torch.float16), x, dout, kernel)
     print(f"time {'torch.nn':14s} lstm-bidir float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
           f" = {1000 * best / T:.2f} us/step", flush=True)
+    # A 3-layer float16 LSTM with its layers one after another, then as a wavefront of 32-step chunks
+    # (RNNKERN_LAYER_WAVEFRONT), against torch.nn's 3-layer LSTM.
+    dout = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
+    ours = rnnkern.LSTM(H, H, num_layers=3, backend="cuda", record_grad_norms=True).to("cuda", torch.float16)
+    for chunk in ("0", "32"):
+        os.environ["RNNKERN_LAYER_WAVEFRONT"] = chunk
+        best = best_ms(ours, x, dout, kernel)
+        print(f"time {kernel:14s} lstm-3layers wavefront={chunk} float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
+              f" = {1000 * best / T:.2f} us/step", flush=True)
+    os.environ["RNNKERN_LAYER_WAVEFRONT"] = "0"
+    best = best_ms(torch.nn.LSTM(H, H, num_layers=3).to("cuda", torch.float16), x, dout, kernel)
+    print(f"time {'torch.nn':14s} lstm-3layers float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
+          f" = {1000 * best / T:.2f} us/step", flush=True)
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
     # run their products on TF32 tensor cores (Plan::tf32); the others ignore it in the recurrence.
     variants = [(torch.float32, False), (torch.float16, False)]

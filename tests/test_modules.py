@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnkern
 from conftest import SLOW_ON_CPU, TOLERANCE, make_pair
-from rnnkern.functional import concurrent_directions
+from rnnkern.functional import concurrent_directions, layer_wavefront_steps
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KINDS = ["padded", "packed_sorted", "packed_unsorted", "unbatched"]
@@ -255,3 +255,100 @@ def test_concurrent_directions_identical(cell, kernel, monkeypatch):
     one_stream, two_streams = run("0"), run("1")
     for i, (a, b) in enumerate(zip(two_streams, one_stream)):
         assert torch.equal(a, b), i
+
+
+# The layer wavefront (rnnkern/functional.py, layer_wavefront_steps): a one-direction stack in chunks
+# of steps, each layer on its own stream on CUDA; on the CPU the same chunks one after another.
+WAVEFRONT = [c for c in CONFIGS if not c["bidirectional"] and c["num_layers"] > 1]
+
+
+def test_layer_wavefront_only_where_it_applies(monkeypatch):
+    """Off by default; only for one direction, several layers and no training-mode dropout; a value
+    that is not a number of steps is an error."""
+    rows = torch.randn(4, 3)
+    assert layer_wavefront_steps(rows, 3, 1, 0.0, True) == 0
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "4")
+    assert layer_wavefront_steps(rows, 3, 1, 0.0, True) == 4
+    assert layer_wavefront_steps(rows, 3, 1, 0.5, False) == 4
+    assert layer_wavefront_steps(rows, 3, 2, 0.0, True) == 0
+    assert layer_wavefront_steps(rows, 1, 1, 0.0, True) == 0
+    assert layer_wavefront_steps(rows, 3, 1, 0.5, True) == 0
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "many")
+    with pytest.raises(ValueError, match="RNNKERN_LAYER_WAVEFRONT"):
+        layer_wavefront_steps(rows, 3, 1, 0.0, True)
+
+
+@pytest.mark.parametrize("steps", ["1", "2", "4"])
+@pytest.mark.parametrize("cfg", WAVEFRONT, ids=[_case_id(c) for c in WAVEFRONT])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_layer_wavefront_matches_torch_nn(backend, cell, cfg, steps, monkeypatch):
+    """test_matches_torch_nn (float64) with the stack run in chunks of 1, 2 and 4 steps (5-step
+    sequences: chunks that split it evenly or not, and packed samples that end inside a chunk)."""
+    if backend not in rnnkern.backends():
+        pytest.skip(f"{backend} is not available here")
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", steps)
+    test_matches_torch_nn((backend, "cpu", torch.float64), cell, cfg)
+
+
+def _norms_and_grads(module, seqs, upstream):
+    """Outputs, every gradient and the recorded norms of one forward + backward on packed input."""
+    module.zero_grad()
+    xs = [s.clone().requires_grad_(True) for s in seqs]
+    out, hidden = module(torch.nn.utils.rnn.pack_sequence(xs, enforce_sorted=False))
+    hidden = list(hidden) if isinstance(hidden, tuple) else [hidden]
+    (out.data * upstream).sum().add(sum(h.square().sum() for h in hidden)).backward()
+    norms = module.grad_norms
+    got = [out.data, *hidden, *(x.grad for x in xs), *(p.grad for p in module.parameters()),
+           norms.h_per_sample] + ([norms.c_per_sample] if norms.c_per_sample is not None else [])
+    return [t.detach().clone() for t in got]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_wavefront_keeps_norms_and_clipping(cell, monkeypatch):
+    """Recorded norms and per-step clipping across chunk boundaries (where the gradient arrives as
+    the chunk's grad_h_n): the same as without chunks, on the CPU backend in float64."""
+    _, ours = make_pair(cell, 6, 9, backend="cpu", num_layers=3)
+    ours.record_grad_norms, ours.hidden_grad_clip = True, 0.4
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randn(n, 6, generator=gen, dtype=torch.float64) for n in (7, 2, 9, 5)]
+    upstream = torch.randn(sum(len(s) for s in seqs), 9, generator=gen, dtype=torch.float64)
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "0")
+    whole = _norms_and_grads(ours, seqs, upstream)
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "3")
+    chunked = _norms_and_grads(ours, seqs, upstream)
+    for i, (a, b) in enumerate(zip(chunked, whole)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"result {i}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA_BACKEND, reason="needs a CUDA GPU and rnnkern's CUDA kernels")
+@pytest.mark.parametrize("kernel", ["step", "cluster", "cluster-async"])
+@pytest.mark.parametrize("cfg", WAVEFRONT, ids=[_case_id(c) for c in WAVEFRONT])
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_wavefront_on_streams_matches_torch_nn(cell, cfg, kernel, monkeypatch):
+    """The wavefront on CUDA, each layer on its own stream (chunks of 2 steps), against torch.nn."""
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "2")
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    test_matches_torch_nn(("cuda", "cuda", torch.float64), cell, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA_BACKEND, reason="needs a CUDA GPU and rnnkern's CUDA kernels")
+@pytest.mark.parametrize("kernel", ["step", "cluster-async"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_wavefront_on_streams_keeps_norms(cell, kernel, monkeypatch):
+    """Norms, clipping and every gradient with the layers on streams (float32, 3 layers, chunks of 3
+    steps), as without chunks."""
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    _, ours = make_pair(cell, 6, 33, backend="cuda", dtype=torch.float32, device="cuda", num_layers=3)
+    ours.record_grad_norms, ours.hidden_grad_clip = True, 0.7
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randn(n, 6, generator=gen).cuda() for n in (7, 3, 9, 5)]
+    upstream = torch.randn(sum(len(s) for s in seqs), 33, generator=gen).cuda()
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "0")
+    whole = _norms_and_grads(ours, seqs, upstream)
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "3")
+    chunked = _norms_and_grads(ours, seqs, upstream)
+    for i, (a, b) in enumerate(zip(chunked, whole)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"result {i}: {m}")
