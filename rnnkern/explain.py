@@ -8,6 +8,7 @@ import torch
 
 from . import _cells
 from . import backends as _backends
+from .functional import concurrent_directions, layer_wavefront_steps
 
 # csrc/cuda/persistent.h, enum Decline.
 _DECLINE = {
@@ -83,4 +84,17 @@ def explain(module, input, hx=None) -> str:
     elif backend.name == "cpu":
         lines.append("  per step: a BLAS GEMM (torch's own BLAS) into a preallocated buffer + one fused "
                      "parallel pass")
+    lines += _stack_lines(module, data)
     return "\n".join(lines)
+
+
+def _stack_lines(module, data) -> list:
+    """How the layers and directions are scheduled (rnnkern/functional.py), where not one after another."""
+    directions = 2 if module.bidirectional else 1
+    steps = layer_wavefront_steps(data, module.num_layers, directions, float(module.dropout), module.training)
+    if steps:
+        where = "each layer on its own CUDA stream" if data.is_cuda else "one after another on the CPU"
+        return [f"  layers: a wavefront of {steps}-step chunks ({where}; RNNKERN_LAYER_WAVEFRONT={steps})"]
+    if concurrent_directions(data, directions):
+        return ["  directions: both at once, the reverse one on a side stream (RNNKERN_CONCURRENT_DIRECTIONS=1)"]
+    return []

@@ -206,6 +206,17 @@ def test_explain_names_the_backend_and_why():
         rnnkern.explain(m, x)
 
 
+def test_explain_names_the_layer_schedule(monkeypatch):
+    """The layer wavefront where it applies (not for one layer, nor bidirectional stacks)."""
+    x = torch.randn(5, 2, 3)
+    deep, one = rnnkern.LSTM(3, 4, num_layers=3), rnnkern.LSTM(3, 4)
+    assert "wavefront" not in rnnkern.explain(deep, x)
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "16")
+    assert "layers: a wavefront of 16-step chunks (one after another on the CPU" in rnnkern.explain(deep, x)
+    assert "wavefront" not in rnnkern.explain(one, x)
+    assert "wavefront" not in rnnkern.explain(rnnkern.LSTM(3, 4, num_layers=3, bidirectional=True), x)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in rnnkern.backends()),
                     reason="needs a CUDA GPU and rnnkern's CUDA kernels")
