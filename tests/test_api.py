@@ -259,6 +259,12 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
     else:
         assert "no thread-block clusters" in text, text
     assert "per-step kernels" in rnnkern.explain(large, torch.randn(5, 64, 8, device="cuda"))
+    monkeypatch.setenv("RNNKERN_CONCURRENT_DIRECTIONS", "1")
+    both = rnnkern.LSTM(8, 16, bidirectional=True, backend="cuda").cuda()
+    assert "directions: both at once" in rnnkern.explain(both, torch.randn(5, 3, 8, device="cuda"))
+    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "8")
+    deep = rnnkern.LSTM(8, 16, num_layers=2, backend="cuda").cuda()
+    assert "each layer on its own CUDA stream" in rnnkern.explain(deep, torch.randn(5, 3, 8, device="cuda"))
 
 
 def test_built_extension_loads():
