@@ -100,36 +100,30 @@ def best_ms(module, x, dout, kernel):
     return min(ms[2:])
 
 
+def time_schedule(kernel, variable, values, label, **lstm_args):
+    """A float16 LSTM (T256 B16 H256, `lstm_args`) with the schedule variable at each value, then
+    torch.nn's same LSTM: the streams' effect (rnnkern/functional.py)."""
+    T, B, H = 256, 16, 256
+    directions = 2 if lstm_args.get("bidirectional") else 1
+    x = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
+    dout = torch.randn(T, B, directions * H, device="cuda", dtype=torch.float16)
+    ours = rnnkern.LSTM(H, H, backend="cuda", record_grad_norms=True, **lstm_args).to("cuda", torch.float16)
+    cases = [(kernel, f"{variable}={value}", ours, value) for value in values]
+    cases.append(("torch.nn", "", torch.nn.LSTM(H, H, **lstm_args).to("cuda", torch.float16), "0"))
+    for name, setting, module, value in cases:
+        os.environ[variable] = value
+        best = best_ms(module, x, dout, kernel)
+        print(f"time {name:14s} {label} {setting} float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
+              f" = {1000 * best / T:.2f} us/step", flush=True)
+    os.environ[variable] = "0"
+
+
 def timing(kernel):
     torch.backends.cuda.matmul.allow_tf32 = False
-    # A bidirectional float16 LSTM with its directions on one stream, then on two (rnnkern/functional.py,
-    # RNNKERN_CONCURRENT_DIRECTIONS), against torch.nn's bidirectional LSTM.
-    T, B, H = 256, 16, 256
-    x = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
-    dout = torch.randn(T, B, 2 * H, device="cuda", dtype=torch.float16)
-    ours = rnnkern.LSTM(H, H, bidirectional=True, backend="cuda", record_grad_norms=True).to("cuda", torch.float16)
-    for flag in ("0", "1"):
-        os.environ["RNNKERN_CONCURRENT_DIRECTIONS"] = flag
-        best = best_ms(ours, x, dout, kernel)
-        print(f"time {kernel:14s} lstm-bidir streams={int(flag) + 1} float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
-              f" = {1000 * best / T:.2f} us/step", flush=True)
-    os.environ["RNNKERN_CONCURRENT_DIRECTIONS"] = "0"
-    best = best_ms(torch.nn.LSTM(H, H, bidirectional=True).to("cuda", torch.float16), x, dout, kernel)
-    print(f"time {'torch.nn':14s} lstm-bidir float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
-          f" = {1000 * best / T:.2f} us/step", flush=True)
-    # A 3-layer float16 LSTM with its layers one after another, then as a wavefront of 32-step chunks
-    # (RNNKERN_LAYER_WAVEFRONT), against torch.nn's 3-layer LSTM.
-    dout = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
-    ours = rnnkern.LSTM(H, H, num_layers=3, backend="cuda", record_grad_norms=True).to("cuda", torch.float16)
-    for chunk in ("0", "32"):
-        os.environ["RNNKERN_LAYER_WAVEFRONT"] = chunk
-        best = best_ms(ours, x, dout, kernel)
-        print(f"time {kernel:14s} lstm-3layers wavefront={chunk} float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
-              f" = {1000 * best / T:.2f} us/step", flush=True)
-    os.environ["RNNKERN_LAYER_WAVEFRONT"] = "0"
-    best = best_ms(torch.nn.LSTM(H, H, num_layers=3).to("cuda", torch.float16), x, dout, kernel)
-    print(f"time {'torch.nn':14s} lstm-3layers float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
-          f" = {1000 * best / T:.2f} us/step", flush=True)
+    # A bidirectional LSTM with its directions on one stream, then on two; a 3-layer LSTM with its
+    # layers one after another, then as a wavefront of 32-step chunks.
+    time_schedule(kernel, "RNNKERN_CONCURRENT_DIRECTIONS", ("0", "1"), "lstm-bidir", bidirectional=True)
+    time_schedule(kernel, "RNNKERN_LAYER_WAVEFRONT", ("0", "32"), "lstm-3layers", num_layers=3)
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
     # run their products on TF32 tensor cores (Plan::tf32); the others ignore it in the recurrence.
     variants = [(torch.float32, False), (torch.float16, False)]

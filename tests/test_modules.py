@@ -242,15 +242,7 @@ def test_concurrent_directions_identical(cell, kernel, monkeypatch):
 
     def run(flag):
         monkeypatch.setenv("RNNKERN_CONCURRENT_DIRECTIONS", flag)
-        ours.zero_grad()
-        xs = [s.clone().requires_grad_(True) for s in seqs]
-        out, hidden = ours(torch.nn.utils.rnn.pack_sequence(xs, enforce_sorted=False))
-        hidden = list(hidden) if isinstance(hidden, tuple) else [hidden]
-        (out.data * upstream).sum().add(sum(h.square().sum() for h in hidden)).backward()
-        norms = ours.grad_norms
-        got = [out.data, *hidden, *(x.grad for x in xs), *(p.grad for p in ours.parameters()),
-               norms.h_per_sample] + ([norms.c_per_sample] if cell == "lstm" else [])
-        return [t.detach().clone() for t in got]
+        return _norms_and_grads(ours, seqs, upstream)
 
     one_stream, two_streams = run("0"), run("1")
     for i, (a, b) in enumerate(zip(two_streams, one_stream)):
@@ -304,21 +296,27 @@ def _norms_and_grads(module, seqs, upstream):
     return [t.detach().clone() for t in got]
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_layer_wavefront_keeps_norms_and_clipping(cell, monkeypatch):
-    """Recorded norms and per-step clipping across chunk boundaries (where the gradient arrives as
-    the chunk's grad_h_n): the same as without chunks, on the CPU backend in float64."""
-    _, ours = make_pair(cell, 6, 9, backend="cpu", num_layers=3)
-    ours.record_grad_norms, ours.hidden_grad_clip = True, 0.4
+def _assert_wavefront_keeps_results(cell, backend, device, dtype, hidden, clip, tol, monkeypatch):
+    """A 3-layer stack with recorded norms and clipping, on packed input, run whole and in chunks
+    of 3 steps: the same outputs, gradients and norms (within `tol`)."""
+    _, ours = make_pair(cell, 6, hidden, backend=backend, dtype=dtype, device=device, num_layers=3)
+    ours.record_grad_norms, ours.hidden_grad_clip = True, clip
     gen = torch.Generator().manual_seed(3)
-    seqs = [torch.randn(n, 6, generator=gen, dtype=torch.float64) for n in (7, 2, 9, 5)]
-    upstream = torch.randn(sum(len(s) for s in seqs), 9, generator=gen, dtype=torch.float64)
+    seqs = [torch.randn(n, 6, generator=gen, dtype=dtype).to(device) for n in (7, 2, 9, 5)]
+    upstream = torch.randn(sum(len(s) for s in seqs), hidden, generator=gen, dtype=dtype).to(device)
     monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "0")
     whole = _norms_and_grads(ours, seqs, upstream)
     monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "3")
     chunked = _norms_and_grads(ours, seqs, upstream)
     for i, (a, b) in enumerate(zip(chunked, whole)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"result {i}: {m}")
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"result {i}: {m}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_wavefront_keeps_norms_and_clipping(cell, monkeypatch):
+    """Recorded norms and per-step clipping across chunk boundaries (where the gradient arrives as
+    the chunk's grad_h_n): the same as without chunks, on the CPU backend in float64."""
+    _assert_wavefront_keeps_results(cell, "cpu", "cpu", torch.float64, 9, 0.4, 1e-10, monkeypatch)
 
 
 @pytest.mark.gpu
@@ -341,14 +339,4 @@ def test_layer_wavefront_on_streams_keeps_norms(cell, kernel, monkeypatch):
     """Norms, clipping and every gradient with the layers on streams (float32, 3 layers, chunks of 3
     steps), as without chunks."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
-    _, ours = make_pair(cell, 6, 33, backend="cuda", dtype=torch.float32, device="cuda", num_layers=3)
-    ours.record_grad_norms, ours.hidden_grad_clip = True, 0.7
-    gen = torch.Generator().manual_seed(4)
-    seqs = [torch.randn(n, 6, generator=gen).cuda() for n in (7, 3, 9, 5)]
-    upstream = torch.randn(sum(len(s) for s in seqs), 33, generator=gen).cuda()
-    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "0")
-    whole = _norms_and_grads(ours, seqs, upstream)
-    monkeypatch.setenv("RNNKERN_LAYER_WAVEFRONT", "3")
-    chunked = _norms_and_grads(ours, seqs, upstream)
-    for i, (a, b) in enumerate(zip(chunked, whole)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"result {i}: {m}")
+    _assert_wavefront_keeps_results(cell, "cuda", "cuda", torch.float32, 33, 0.7, 1e-4, monkeypatch)
