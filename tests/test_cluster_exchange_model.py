@@ -119,7 +119,7 @@ def forward_block(c, r, *, hidden, units, rows, vec):
                 for b in range(rows_prev):
                     for j in range(-(-units_of(q, units, hidden) // vec)):
                         c.read(r, ("stage", s & 1, b, q, j), s - 1, "h_{t-1}")
-        if s + 1 < steps and used > 1:  # broadcast_columns_async (nu > 0 here)
+        if s + 1 < steps and used > 1:  # broadcast_columns<Async = true> (nu > 0 here)
             for chunk in range(rows[s] * -(-nu // vec)):
                 b, j = divmod(chunk, -(-nu // vec))
                 for q in range(used):

@@ -27,6 +27,8 @@ CELL_IDS = [_cells.NAMES[c] for c in CELLS]
 HAS_GPU = torch.cuda.is_available() and _ext.has_cuda_kernels()
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and rnnkern's CUDA kernels")
+needs_clusters = pytest.mark.skipif(not HAS_GPU or torch.cuda.get_device_capability()[0] < 9,
+                                    reason="thread-block clusters need an sm_90 GPU")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,7 +592,7 @@ def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatc
 
 
 @gpu
-@needs_gpu
+@needs_clusters
 @pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 def test_cuda_cluster_tf32(kernel, cell, monkeypatch):
@@ -598,8 +600,6 @@ def test_cuda_cluster_tf32(kernel, cell, monkeypatch):
     tensor cores (plan[9]); every result within TF32's precision of the float64 oracle (normalised
     error <= 1e-2: a wrong fragment layout errs by O(1)), and `out` (the recurrence alone: xp is an
     input) measurably less exact than the exact float32 kernel's (TF32 rounding did happen)."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("thread-block clusters need sm_90")
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     B, H = 13, 37
     case, grads, _ = make_case(cell, T=8, B=B, H=H, P=0, packed=True, seed=67)
@@ -702,7 +702,7 @@ def _assert_16bit_within_torch_nn(cell, dtype, case, grads):
 
 
 @gpu
-@needs_gpu
+@needs_clusters
 @pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
@@ -713,8 +713,6 @@ def test_cuda_cluster_large_batch(kernel, dtype, cell, monkeypatch):
     clusters of 16 blocks: B = 200, 13 tiles against at most 8, so 7 or 4 tiles of 29 or 50 rows on the
     FMA register tiles); against the oracle (float64 at 1e-10; float16 within torch.nn's own error, as
     test_cuda_16bit_error_within_torch_nn)."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("thread-block clusters need sm_90")
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     B, H = (300 if dtype == torch.float16 else 200), 64
     plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, torch.cuda.current_device())

@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
       const bool starts = b >= n_prev;  // the sample's first step: gradients go to h0/c0
       A prev, h;
       backward_unit_state<C, T, A>(ptrs, b, row, prev_row0 + b, starts, H, u, prev, h);
-      const A dc_in = C == Cell::LSTM ? incoming_dc(ptrs, b, b < n_next, dc_next + b * units + ul, H, u) : A(0);
+      const A dc_in = incoming_dc<C>(ptrs, b, b < n_next, dc_next + b * units + ul, H, u);
       A dg[G], dc_total, dc_prev, dh_direct;
       backward_unit<C, T, A>(dh, dc_in, ws + row * S * H + u, H, prev, h, H, u, dgates_x + row * GH,
                              dgates_h + row * GH, dg, dc_total, dc_prev, dh_direct);

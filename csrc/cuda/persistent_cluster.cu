@@ -174,6 +174,7 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
 // 0 in the last blocks) of `units` per block, and its cluster's batch rows [tile0, tile0 + tile_rows).
 struct Place {
   int blocks, rank, units, tile_rows, u0, nu, tile0;
+  int used;  // blocks [0, used) own units; the others (the cluster is a power of two of blocks) none
 };
 
 __device__ __forceinline__ Place place(const cg::cluster_group& cluster, const ClusterShape& shape, int hidden) {
@@ -181,7 +182,7 @@ __device__ __forceinline__ Place place(const cg::cluster_group& cluster, const C
   const int rank = static_cast<int>(cluster.block_rank());
   const int u0 = rank * shape.units;
   return {blocks, rank, shape.units, shape.tile_rows, u0, max(0, min(shape.units, hidden - u0)),
-          static_cast<int>(blockIdx.x) / blocks * shape.tile_rows};
+          static_cast<int>(blockIdx.x) / blocks * shape.tile_rows, (hidden + shape.units - 1) / shape.units};
 }
 
 
@@ -213,20 +214,6 @@ __device__ __forceinline__ void store4(double* p, const double (&v)[4]) {
   reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
 }
 
-// Copies the block's columns [u0, u0 + nu) of rows [0, rows) of `stage` (row length ld, type T) into
-// the same place of every other block of the cluster, in 16-byte chunks: u0 and ld are whole chunks,
-// and the last chunk of a row past nu holds padding columns (zeros), which it copies as they are.
-template <typename T>
-__device__ __forceinline__ void broadcast_columns(const cg::cluster_group& cluster, T* stage, int ld, int rows,
-                                                  int u0, int nu, int blocks, int rank) {
-  constexpr int V = kChunk / static_cast<int>(sizeof(T));
-  const int per_row = (nu + V - 1) / V, others = blocks - 1;
-  for (int i = threadIdx.x; i < rows * per_row * others; i += kThreads) {
-    const int chunk = i / others, dest = (rank + 1 + i % others) % blocks;  // spread the destinations
-    T* p = stage + (chunk / per_row) * ld + u0 + (chunk % per_row) * V;
-    *reinterpret_cast<uint4*>(cluster.map_shared_rank(p, dest)) = *reinterpret_cast<const uint4*>(p);
-  }
-}
 
 // The st.async exchange (Plan::async_exchange). A receiver's mbarrier completes a phase when its own
 // thread 0 has arrived (announcing the bytes it expects that phase, arrive.expect_tx) and the senders'
@@ -304,18 +291,26 @@ __device__ __forceinline__ void send4_async(A* dst, const A (&v)[4], int rank, u
   for (int i = 0; i < static_cast<int>(sizeof(A)) / 4; ++i) send_async(reinterpret_cast<uint4*>(dst) + i, words[i], rank, bar);
 }
 
-// broadcast_columns with st.async to the blocks [0, used) that own units (the others take no part in
-// the st.async forward): each chunk completes on the receiver's `bar` (its twin in each block). A
-// receiver expects rows * (Σ over the other blocks of their chunks per row) * 16 bytes.
-template <typename T>
-__device__ __forceinline__ void broadcast_columns_async(T* stage, int ld, int rows, int u0, int nu, int used,
-                                                        int rank, uint64_t* bar) {
+// Copies the block's columns [u0, u0 + nu) of rows [0, rows) of `stage` (row length ld, type T) into
+// the same place of the other blocks [0, receivers), in 16-byte chunks: u0 and ld are whole chunks,
+// and the last chunk of a row past nu holds padding columns (zeros), which it copies as they are.
+// Async: each chunk an st.async completing on the receiver's twin of `bar` (a receiver expects rows *
+// (Σ over the other blocks of their chunks per row) * 16 bytes); otherwise a plain remote store, which
+// the cluster barrier that follows makes visible.
+template <bool Async, typename T>
+__device__ __forceinline__ void broadcast_columns(const cg::cluster_group& cluster, T* stage, int ld, int rows,
+                                                  int u0, int nu, int receivers, int rank, uint64_t* bar) {
   constexpr int V = kChunk / static_cast<int>(sizeof(T));
-  const int per_row = (nu + V - 1) / V, others = used - 1;
+  const int per_row = (nu + V - 1) / V, others = receivers - 1;
   for (int i = threadIdx.x; i < rows * per_row * others; i += kThreads) {
-    const int chunk = i / others, dest = (rank + 1 + i % others) % used;
+    const int chunk = i / others, dest = (rank + 1 + i % others) % receivers;  // spread the destinations
     T* p = stage + (chunk / per_row) * ld + u0 + (chunk % per_row) * V;
-    send_async(p, *reinterpret_cast<const uint4*>(p), dest, bar);
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    if constexpr (Async) {
+      send_async(p, v, dest, bar);
+    } else {
+      *reinterpret_cast<uint4*>(cluster.map_shared_rank(p, dest)) = v;
+    }
   }
 }
 
@@ -408,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
-  const auto [blocks, rank, U, Bt, u0, nu, tile0] = place(cluster, shape, H);
+  const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = place(cluster, shape, H);
   const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, HP = tb.hp_ld;
   const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T), Async);
@@ -436,7 +431,6 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   // Async: only the blocks [0, used) that own units take part (a block without units would only
   // receive, so nothing would keep the senders from running more than a step ahead of it and into
   // its next phase); the chunks of a state row the others send (a block owns ceil(its units / V)).
-  const int used = (H + U - 1) / U;
   int others_chunks = 0;
   if constexpr (Async) {
     constexpr int V = kChunk / static_cast<int>(sizeof(T));
@@ -607,11 +601,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
       if (blocks > 1 && nu > 0) {
         __syncthreads();
-        if constexpr (Async) {
-          broadcast_columns_async(nxt, LD, rows, u0, nu, used, rank, &full[(s + 1) & 1]);
-        } else {
-          broadcast_columns(cluster, nxt, LD, rows, u0, nu, blocks, rank);
-        }
+        // Async: only to the blocks that own units (see `used`).
+        broadcast_columns<Async>(cluster, nxt, LD, rows, u0, nu, Async ? used : blocks, rank, &full[(s + 1) & 1]);
       }
     }
     rows_sent = (used > 1 && s + 1 < a.steps) ? rows : 0;
@@ -639,10 +630,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
-  const auto [blocks, rank, U, Bt, u0, nu, tile0] = place(cluster, shape, H);
+  const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = place(cluster, shape, H);
   const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
-  const int used = (H + U - 1) / U;  // blocks that own units (the others' partials are all zero)
   const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, Async);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Async: full_g[k] completes when the partials of a step of parity k are in; full_in when this
@@ -799,7 +789,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         for (int k = 0; k < S; ++k) saved[k] = ws[(row * S + k) * H + u];
         backward_unit_state<C, T, A>(ptrs, tile0 + b, row, prev_row0 + b, starts, H, u, prev, h);
       }
-      const A dc_in = C == Cell::LSTM ? incoming_dc(ptrs, tile0 + b, b < rows_next, dc_next + b * U + ul, H, u) : A(0);
+      const A dc_in = incoming_dc<C>(ptrs, tile0 + b, b < rows_next, dc_next + b * U + ul, H, u);
       A dg[G], dc_total, dc_prev, dh_direct;
       backward_unit<C, T, A>(dh, dc_in, saved, 1, prev, h, H, u, dgates_x + row * GH, dgates_h + row * GH, dg,
                              dc_total, dc_prev, dh_direct);

@@ -239,10 +239,11 @@ __device__ __forceinline__ void backward_unit_state(const BackwardPointers<T, A>
 }
 
 // The LSTM's cell-state gradient arriving at step t for (sample, unit u): *dc_next where the sample
-// continues into the next step, else grad_c_n (or 0).
-template <typename T, typename A>
+// continues into the next step, else grad_c_n (or 0). Other cells: 0 (backward_unit ignores it).
+template <Cell C, typename T, typename A>
 __device__ __forceinline__ A incoming_dc(const BackwardPointers<T, A>& p, int64_t sample, bool continues,
                                          const A* dc_next, int H, int u) {
+  if constexpr (C != Cell::LSTM) return A(0);
   return continues ? *dc_next : (p.grad_c_n ? A(load(p.grad_c_n + sample * H + u)) : A(0));
 }
 
