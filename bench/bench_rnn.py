@@ -162,6 +162,13 @@ def _environment(variables):
                 os.environ[k] = v
 
 
+def _per_step_reason(module, sets):
+    """Why the CUDA backend runs `module` on the per-step kernels (rnnkern.explain's line), or None
+    when a persistent kernel runs it."""
+    explanation = rnnkern.explain(module, sets[0][0], sets[0][1])
+    return explanation.splitlines()[-1].strip() if "per-step kernels" in explanation else None
+
+
 def test_rnn(benchmark, bench_session, bench_case):
     shape, dtype_name, pass_, backend, norms = bench_case
     session = bench_session
@@ -181,13 +188,19 @@ def test_rnn(benchmark, bench_session, bench_case):
         base_ms = torch_nn_ms(session, shape, dtype_name, pass_)[0]
         device, dtype = session.device, benchlib.DTYPES[dtype_name]
         name, variables = benchlib.backend_variant(backend)
+        other = benchlib.ONLY_WHERE_DECLINED.get(backend)
+        if other is not None:
+            with _environment({"RNNKERN_CUDA_KERNEL": other}):
+                module = build_module(shape, name, dtype, device, norms)
+                if _per_step_reason(module, make_inputs(shape, dtype, device)) is None:
+                    pytest.skip(f"{backend} is timed only where RNNKERN_CUDA_KERNEL={other} declines the layer")
         with _environment(variables):
             module = build_module(shape, name, dtype, device, norms)
             sets = make_inputs(shape, dtype, device)
             if variables and name == "cuda":  # a forced kernel whose plan declines: not this variant
-                explanation = rnnkern.explain(module, sets[0][0], sets[0][1])
-                if "per-step kernels" in explanation:
-                    pytest.skip(f"{backend} does not run at this shape: {explanation.splitlines()[-1].strip()}")
+                reason = _per_step_reason(module, sets)
+                if reason is not None:
+                    pytest.skip(f"{backend} does not run at this shape: {reason}")
             step = make_step(module, pass_)
             ms, peak_mb = measure(benchmark, step, sets, device)
             if norms and pass_ == "fwdbwd":  # recording costs only in the backward

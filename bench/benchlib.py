@@ -196,11 +196,17 @@ def device_description(device: torch.device) -> str:
 # Kernel variants timed as backends of their own: "name:variant" runs backend `name` with these
 # environment variables: the CUDA backend's persistent recurrences forced: the grid-wide kernels (which
 # `auto` picks where they measured faster) and the thread-block-cluster kernels, with the cluster
-# barrier or with the st.async exchange ("cluster-async"). A case whose shape the
-# forced kernel declines is skipped, not timed on the per-step fallback (bench_rnn.py).
+# barrier or with the st.async exchange ("cluster-async"), and the same kernels spread over more blocks
+# than a cluster holds ("wide"). A case whose shape the forced kernel declines is skipped, not timed on
+# the per-step fallback (bench_rnn.py).
 BACKEND_VARIANTS = {"cuda:persistent": ("cuda", {"RNNKERN_CUDA_KERNEL": "persistent"}),
                     "cuda:cluster": ("cuda", {"RNNKERN_CUDA_KERNEL": "cluster"}),
-                    "cuda:cluster-async": ("cuda", {"RNNKERN_CUDA_KERNEL": "cluster-async"})}
+                    "cuda:cluster-async": ("cuda", {"RNNKERN_CUDA_KERNEL": "cluster-async"}),
+                    "cuda:wide": ("cuda", {"RNNKERN_CUDA_KERNEL": "wide"})}
+# Variants timed only where another kernel choice declines the layer: "wide" is for layers too large
+# for one cluster (elsewhere the cluster kernels run; the smoke stage of scripts/gpu_check.sh times
+# both at B=16 H=256), which keeps the time-boxed grid's budget for the cases that decide `auto`.
+ONLY_WHERE_DECLINED = {"cuda:wide": "cluster"}
 
 
 def backend_variant(label: str):

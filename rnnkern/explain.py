@@ -18,15 +18,25 @@ _DECLINE = {
     4: "W_hh does not fit in the multiprocessors' shared memory",
     5: "not enough co-resident blocks for a grid-wide barrier",
     6: "RNNKERN_CUDA_KERNEL=step",
-    8: "the device has no thread-block clusters (RNNKERN_CUDA_KERNEL=cluster needs sm_90 or newer)",
+    8: "the device has no thread-block clusters (RNNKERN_CUDA_KERNEL=cluster, cluster-async and wide need "
+       "sm_90 or newer)",
 }
+# csrc/cuda/persistent.h, enum Exchange: how a cluster kernel's blocks exchange state each step.
+_EXCHANGE = {
+    0: "in distributed shared memory with the cluster barrier",
+    1: "in distributed shared memory by st.async stores completing on each receiver's mbarriers (no "
+       "cluster barrier per step)",
+    2: "through L2 with grid barriers (cooperative launch; the layer's W_hh is spread over more blocks "
+       "than one cluster holds)",
+}
+_GRID_EXCHANGE = 2
 # Decline 7 (auto's size rule): formatted with the layer's numbers, see _heuristic_reason.
 _HEURISTIC = 7
 
 
 def _why_cluster() -> str:
     forced = os.environ.get("RNNKERN_CUDA_KERNEL", "auto")
-    if forced in ("cluster", "cluster-async"):
+    if forced in ("cluster", "cluster-async", "wide"):
         return f"RNNKERN_CUDA_KERNEL={forced}"
     return ("chosen by auto: float32 or 16-bit, W_hh fits in one cluster and every cluster runs at once; "
             "measured faster than the per-step and grid-wide kernels, bench/NOTES.md")
@@ -60,18 +70,17 @@ def explain(module, input, hx=None) -> str:
         cell = _cells.from_mode(module.mode)
         plan = torch.ops.rnnkern.cuda_kernel_plan(cell, data.dtype, batch, module.hidden_size,
                                                  module.proj_size > 0, data.device.index or 0)
-        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster, async_exchange, tf32 = plan
+        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster, exchange, tf32 = plan
         if persistent and cluster:
             products = ("the recurrent products on TF32 tensor cores (torch allows TF32 matmuls); "
                         if tf32 else "")
-            exchange = ("by st.async stores completing on each receiver's mbarriers (no cluster barrier "
-                        "per step)" if async_exchange else "with the cluster barrier")
+            kind, group = (("wide", "group") if exchange == _GRID_EXCHANGE else ("cluster", "cluster"))
             lines.append(
-                f"  every layer: persistent cluster kernel ({_why_cluster()}), one launch per "
-                f"layer and direction; {blocks // cluster} cluster(s) of {cluster} blocks, one per tile of "
+                f"  every layer: persistent {kind} kernel ({_why_cluster()}), one launch per "
+                f"layer and direction; {blocks // cluster} {group}(s) of {cluster} blocks, one per tile of "
                 f"batch rows, each block {units} hidden units with W_hh resident in shared memory "
                 f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block); {products}"
-                f"state exchanged in distributed shared memory {exchange}")
+                f"state exchanged {_EXCHANGE.get(exchange, f'by exchange {exchange}')}")
         elif persistent:
             lines.append(
                 f"  every layer: persistent kernel, one launch per layer and direction; {blocks} "

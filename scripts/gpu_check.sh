@@ -45,7 +45,7 @@ fi
 
 # Kernels that hang in the smoke stage are left out of the tests, the sanitizers and the bench, so that
 # one hung kernel does not cost the rest of the run (each is named in smoke.txt).
-KERNELS="step persistent cluster cluster-async"  # RNNKERN_CUDA_KERNEL values
+KERNELS="step persistent cluster cluster-async wide"  # RNNKERN_CUDA_KERNEL values
 HUNG=""
 if stage smoke; then
   # Each CUDA recurrence kernel on every cell and dtype against torch.nn in float64, one time-boxed process
@@ -73,7 +73,7 @@ SKIP_K=""; SKIP_BENCH=""; RACE_KERNELS=""
 for k in $HUNG; do
   SKIP_K="${SKIP_K:+$SKIP_K and }not $k"; SKIP_BENCH="$SKIP_BENCH,cuda:$k"
 done
-for k in persistent cluster cluster-async; do
+for k in persistent cluster cluster-async wide; do
   case " $HUNG " in *" $k "*) ;; *) RACE_KERNELS="${RACE_KERNELS:+$RACE_KERNELS,}$k";; esac
 done
 export RNNKERN_BENCH_SKIP=${SKIP_BENCH#,}

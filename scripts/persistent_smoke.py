@@ -1,6 +1,6 @@
 """A fast first look at one CUDA recurrence kernel on a GPU (scripts/gpu_check.sh, stage "smoke").
 
-    python3 scripts/persistent_smoke.py check KERNEL   # KERNEL: step | persistent | cluster | cluster-async
+    python3 scripts/persistent_smoke.py check KERNEL   # KERNEL: step | persistent | cluster | cluster-async | wide
     python3 scripts/persistent_smoke.py time KERNEL
 
 For every cell and dtype, one small case with norms on, forced onto KERNEL, is
@@ -9,8 +9,11 @@ norms with the per-step kernel in float64. It prints one line per case (flushed)
 relative to the reference's scale, so that a kernel that hangs or faults is named by the last line
 printed, and gpu_check.sh runs each kernel in its own time-boxed process before the test suite. "time"
 times forward+backward of a few B=16, H=256 layers (CUDA events) beside torch.nn in float16 (one
-kernel at a time: processes sharing the GPU would distort each other's times).
+kernel at a time: processes sharing the GPU would distort each other's times); "wide" also at H=768,
+the size it is for.
 """
+# The kernels on thread-block clusters' code (persistent_cluster.cu): they take TF32 (Plan::tf32).
+CLUSTER_CODE = ("cluster", "cluster-async", "wide")
 
 import copy
 import os
@@ -49,7 +52,7 @@ def correctness(kernel):
     _ext.load()  # the ops (cuda_kernel_plan) register when the extension loads
     ok = True
     variants = [(torch.float64, False), (torch.float32, False), (torch.float16, False), (torch.bfloat16, False)]
-    if kernel.startswith("cluster"):
+    if kernel in CLUSTER_CODE:
         variants.insert(2, (torch.float32, True))  # TF32 tensor cores (Plan::tf32)
     for cell, (ours_cls, nn_cls, kw) in CELLS.items():
         for dtype, tf32 in variants:
@@ -82,7 +85,9 @@ def correctness(kernel):
             label = str(dtype)[6:] + ("-tf32" if tf32 else "") + ("" if plan[9] == tf32 else "(NOT TF32)")
             good &= plan[9] == tf32 or not plan[0]
             ok &= good
-            print(f"{kernel:14s} {cell:9s} {label:12s} plan={('cluster/' + str(plan[7])) if plan[0] and plan[7] else 'persistent' if plan[0] else 'declined:' + str(plan[1]):12s}"
+            where = (("wide/" if plan[8] == 2 else "cluster/") + str(plan[7]) if plan[0] and plan[7]
+                     else "persistent" if plan[0] else "declined:" + str(plan[1]))
+            print(f"{kernel:14s} {cell:9s} {label:12s} plan={where:12s}"
                   f" err={err:.2e} norm_err={norm_err:.2e} {'ok' if good else 'MISMATCH'}", flush=True)
     return ok
 
@@ -122,16 +127,18 @@ def timing(kernel):
     torch.backends.cuda.matmul.allow_tf32 = False
     # A bidirectional LSTM with its directions on one stream, then on two; a 3-layer LSTM with its
     # layers one after another, then as a wavefront of 32-step chunks.
-    time_schedule(kernel, "RNNKERN_CONCURRENT_DIRECTIONS", ("0", "1"), "lstm-bidir", bidirectional=True)
-    time_schedule(kernel, "RNNKERN_LAYER_WAVEFRONT", ("0", "32"), "lstm-3layers", num_layers=3)
+    if kernel != "wide":  # (wide holds most SMs: nothing to run beside it)
+        time_schedule(kernel, "RNNKERN_CONCURRENT_DIRECTIONS", ("0", "1"), "lstm-bidir", bidirectional=True)
+        time_schedule(kernel, "RNNKERN_LAYER_WAVEFRONT", ("0", "32"), "lstm-3layers", num_layers=3)
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
     # run their products on TF32 tensor cores (Plan::tf32); the others ignore it in the recurrence.
     variants = [(torch.float32, False), (torch.float16, False)]
-    if kernel.startswith("cluster"):
+    if kernel in CLUSTER_CODE:
         variants.insert(1, (torch.float32, True))
-    for cell in ("lstm", "gru", "rnn_tanh"):
+    sizes = [("lstm", 256), ("gru", 256), ("rnn_tanh", 256)] + ([("lstm", 768), ("gru", 768)] if kernel == "wide" else [])
+    for cell, H in sizes:
         ours_cls, nn_cls, kw = CELLS[cell]
-        T, B, H = 256, 16, 256
+        T, B = 256, 16
         for dtype, tf32 in variants:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             x = torch.randn(T, B, H, device="cuda", dtype=dtype)

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import rnnkern
 
-CUDA_KERNELS = ("step", "persistent", "cluster", "cluster-async")
+CUDA_KERNELS = ("step", "persistent", "cluster", "cluster-async", "wide")
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--kernels", default=",".join(CUDA_KERNELS),
@@ -32,10 +32,13 @@ if "triton" in rnnkern.backends() and args.kernels == parser.get_default("kernel
 for backend, kernel in runs:
     if kernel:
         os.environ["RNNKERN_CUDA_KERNEL"] = kernel
-    for cls, kw in [(rnnkern.LSTM, {}), (rnnkern.LSTM, {"proj_size": 3}), (rnnkern.GRU, {}),
-                    (rnnkern.RNN, {}), (rnnkern.RNN, {"nonlinearity": "relu"})]:
+    layers = [(rnnkern.LSTM, {}, 7), (rnnkern.LSTM, {"proj_size": 3}, 7), (rnnkern.GRU, {}, 7),
+              (rnnkern.RNN, {}, 7), (rnnkern.RNN, {"nonlinearity": "relu"}, 7)]
+    if kernel == "wide":  # H = 7 fits one block: also layers over several (16 units each; GRU 24, RNN 64)
+        layers += [(rnnkern.LSTM, {}, 40), (rnnkern.GRU, {}, 56), (rnnkern.RNN, {}, 136)]
+    for cls, kw, hidden in layers:
         for dtype in dtypes:
-            m = cls(5, 7, num_layers=2, bidirectional=True, backend=backend, record_grad_norms=True,
+            m = cls(5, hidden, num_layers=2, bidirectional=True, backend=backend, record_grad_norms=True,
                     hidden_grad_clip=0.5, **kw).to("cuda", dtype)
             seqs = [torch.randn(n, 5, device="cuda", dtype=dtype, requires_grad=True) for n in (6, 3, 5)]
             out, _ = m(pack_sequence(seqs, enforce_sorted=False))

@@ -29,7 +29,7 @@ SLOW_ON_CPU = {"triton"}
 # The CPU backend's time loop runs either over all samples at once (GEMMs and pointwise passes
 # parallel inside each step) or per thread over its own samples (csrc/cpu/layer_driver.cpp,
 # for_sample_ranges); "auto" picks by size, the tests force each on the suite's small batches.
-VARIANTS = {("cuda", "cuda"): ("RNNKERN_CUDA_KERNEL", ("step", "persistent", "cluster", "cluster-async")),
+VARIANTS = {("cuda", "cuda"): ("RNNKERN_CUDA_KERNEL", ("step", "persistent", "cluster", "cluster-async", "wide")),
             ("triton", "cuda"): ("RNNKERN_TRITON_VARIANT", ("step", "loop")),
             ("cpu", "cpu"): ("RNNKERN_CPU_SAMPLE_SPLIT", ("0", "1"))}
 VARIANT_IDS = {("RNNKERN_CPU_SAMPLE_SPLIT", "0"): "allrows", ("RNNKERN_CPU_SAMPLE_SPLIT", "1"): "split"}

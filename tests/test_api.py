@@ -258,6 +258,15 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
         assert "RNNKERN_CUDA_KERNEL=cluster-async" in text and "st.async" in text, text
     else:
         assert "no thread-block clusters" in text, text
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "wide")
+    wide = rnnkern.LSTM(8, 768, backend="cuda").cuda().half()
+    text = rnnkern.explain(wide, torch.randn(5, 16, 8, device="cuda", dtype=torch.float16))
+    if clusters:
+        # Too large for one cluster; 16 units (64 rows of W_hh) per block: 48 blocks through L2.
+        assert "persistent wide kernel (RNNKERN_CUDA_KERNEL=wide)" in text, text
+        assert "1 group(s) of 48 blocks" in text and "through L2 with grid barriers" in text, text
+    else:
+        assert "no thread-block clusters" in text, text
     assert "per-step kernels" in rnnkern.explain(large, torch.randn(5, 64, 8, device="cuda"))
     monkeypatch.setenv("RNNKERN_CONCURRENT_DIRECTIONS", "1")
     both = rnnkern.LSTM(8, 16, bidirectional=True, backend="cuda").cuda()

@@ -563,7 +563,9 @@ def test_cuda_float64_matches_oracle(cell, reverse, packed, clipping):
     _assert_cuda_matches_oracle(case, grads, reverse, clip)
 
 
-PERSISTENT_KERNELS = ["persistent", "cluster", "cluster-async"]
+PERSISTENT_KERNELS = ["persistent", "cluster", "cluster-async", "wide"]
+# csrc/cuda/persistent.h, enum Exchange (plan[8]) of each kernel on clusters.
+EXCHANGE = {"cluster": 0, "cluster-async": 1, "wide": 2}
 
 
 @gpu
@@ -575,17 +577,18 @@ PERSISTENT_KERNELS = ["persistent", "cluster", "cluster-async"]
 def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatch):
     """Each persistent kernel, forced, against the oracle: packed lengths, clipping, and shapes that
     leave some blocks without hidden units (grid kernels: H = 37 over 16 blocks of 3, H = 5 over 4
-    blocks of 2; cluster kernels: H = 37 in 10 of 16 blocks of 4 units, the last one part-filled) and,
-    for the cluster kernels, several batch tiles (B = 37: 3 tiles of 13 rows). The plan must accept
-    the layer: a silent fallback to the per-step kernels would test nothing."""
+    blocks of 2; cluster kernels: H = 37 in 10 of 16 blocks of 4 units, the last one part-filled; wide:
+    the last block part-filled) and, for the kernels on clusters, several batch tiles (B = 37: 3 tiles
+    of 13 rows). The plan must accept the layer: a silent fallback to the per-step kernels would test
+    nothing."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     plan = torch.ops.rnnkern.cuda_kernel_plan(cell, torch.float64, B, H, False, torch.cuda.current_device())
-    if kernel.startswith("cluster") and torch.cuda.get_device_capability()[0] < 9:
+    if kernel in EXCHANGE and torch.cuda.get_device_capability()[0] < 9:
         assert not plan[0]
-        pytest.skip("thread-block clusters need sm_90")
+        pytest.skip("the kernels on clusters need sm_90")
     assert plan[0], plan
-    # the kernel asked for, not another one: clusters (plan[7]) and the st.async exchange (plan[8])
-    assert (plan[7] > 0, plan[8]) == (kernel.startswith("cluster"), kernel == "cluster-async"), plan
+    # the kernel asked for, not another one: clusters (plan[7]) and their exchange (plan[8])
+    assert (plan[7] > 0, plan[8]) == (kernel in EXCHANGE, EXCHANGE.get(kernel, 0)), plan
     case, grads, _ = make_case(cell, T=7, B=B, H=H, P=0, packed=True, seed=65)
     clip = pick_clip(case, grads, reverse)
     _assert_cuda_matches_oracle(case, grads, reverse, clip)
@@ -593,7 +596,7 @@ def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatc
 
 @gpu
 @needs_clusters
-@pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
+@pytest.mark.parametrize("kernel", ["cluster", "cluster-async", "wide"])
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 def test_cuda_cluster_tf32(kernel, cell, monkeypatch):
     """float32 with torch's TF32 matmuls allowed and a cluster kernel forced: the plan takes TF32
@@ -725,6 +728,42 @@ def test_cuda_cluster_large_batch(kernel, dtype, cell, monkeypatch):
         _assert_cuda_matches_oracle(case, grads, True, clip)
     else:
         _assert_16bit_within_torch_nn(cell, dtype, case, grads)
+
+
+@gpu
+@needs_clusters
+@pytest.mark.parametrize("dtype,B,H", [(torch.float64, 20, 300), (torch.float32, 37, 300),
+                                       (torch.float16, 37, 600), (torch.float16, 100, 600)],
+                         ids=["fp64-B20-H300", "fp32-B37-H300", "fp16-B37-H600", "fp16-B100-H600"])
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cuda_wide(dtype, B, H, cell, monkeypatch):
+    """RNNKERN_CUDA_KERNEL=wide (Exchange::Grid): layers spread over more blocks than one cluster holds,
+    exchanging through L2 with grid barriers, on each product path (float64 and float32 FMA register
+    tiles, float16 tensor cores), with several batch tiles (B = 20: 2 tiles; 37: 3; 100: tiles of more
+    than 16 rows, two MMA row tiles), packed lengths, reverse direction and clipping. float16 LSTM at
+    H = 600 is a layer the cluster kernels decline (W_hh too large for one cluster). Against the oracle:
+    float64 at 1e-10, float32 at 1e-5, float16 within torch.nn's own error."""
+    device = torch.cuda.current_device()
+    if dtype == torch.float16 and cell == _cells.LSTM:
+        monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "cluster")
+        assert not torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, device)[0]
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "wide")
+    plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, device)
+    assert plan[0] and plan[8] == EXCHANGE["wide"] and plan[7] > 1, plan  # several blocks per tile
+    if B == 100:
+        assert plan[2] // plan[7] < -(-B // 16), plan  # tiles of more than 16 rows
+    case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=True, seed=73)
+    if dtype == torch.float16:
+        _assert_16bit_within_torch_nn(cell, dtype, case, grads)
+        return
+    clip = pick_clip(case, grads, True)
+    if dtype == torch.float64:
+        _assert_cuda_matches_oracle(case, grads, True, clip)
+    else:
+        want = run_layer(oracle_fn, case, grads, True, clip)
+        got = run_layer(backend_fn("cuda"), _to(case, "cuda", torch.float32), _to(grads, "cuda", torch.float32),
+                        True, clip)
+        assert_results_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def torch_nn_fn_cuda(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):

@@ -24,8 +24,10 @@ namespace {
 // allows and the rules below say they are faster), "persistent" (the grid-wide kernels wherever their
 // plan allows), "step" (never persistent), "cluster" (the thread-block-cluster kernels wherever their
 // plan allows, sm_90+), "cluster-async" (the same with the st.async/mbarrier exchange,
-// Plan::async_exchange; auto does not choose it until it is measured). Any other value is an error.
-enum class KernelChoice { Auto, Step, Persistent, Cluster, ClusterAsync };
+// Exchange::ClusterAsync), "wide" (the same kernels spread over up to every SM, exchanging through
+// L2 with grid barriers: Exchange::Grid, for layers too large for one cluster). auto chooses neither
+// of the last two until they are measured. Any other value is an error.
+enum class KernelChoice { Auto, Step, Persistent, Cluster, ClusterAsync, Wide };
 
 KernelChoice kernel_choice() {
   const char* value = std::getenv("RNNKERN_CUDA_KERNEL");
@@ -34,7 +36,8 @@ KernelChoice kernel_choice() {
   if (std::strcmp(value, "persistent") == 0) return KernelChoice::Persistent;
   if (std::strcmp(value, "cluster") == 0) return KernelChoice::Cluster;
   if (std::strcmp(value, "cluster-async") == 0) return KernelChoice::ClusterAsync;
-  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent, cluster, cluster-async or step, not '",
+  if (std::strcmp(value, "wide") == 0) return KernelChoice::Wide;
+  TORCH_CHECK(false, "RNNKERN_CUDA_KERNEL must be auto, persistent, cluster, cluster-async, wide or step, not '",
               value, "'");
 }
 
@@ -73,9 +76,11 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
     plan.reason = persistent::Decline::Forced;
     return plan;
   }
-  if (choice == KernelChoice::Cluster || choice == KernelChoice::ClusterAsync) {
-    return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device,
-                                         choice == KernelChoice::ClusterAsync, tf32);
+  if (choice == KernelChoice::Cluster || choice == KernelChoice::ClusterAsync || choice == KernelChoice::Wide) {
+    const persistent::Exchange exchange = choice == KernelChoice::Cluster ? persistent::Exchange::ClusterBarrier
+                                          : choice == KernelChoice::ClusterAsync ? persistent::Exchange::ClusterAsync
+                                                                                 : persistent::Exchange::Grid;
+    return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32);
   }
   if (choice == KernelChoice::Auto) {
     persistent::Plan cluster = persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device);
@@ -231,7 +236,7 @@ std::vector<int64_t> cuda_kernel_plan(int64_t cell, at::ScalarType dtype, int64_
                                               static_cast<int>(device));
   return {plan.ok ? 1 : 0, static_cast<int64_t>(plan.reason), plan.blocks, plan.units,
           static_cast<int64_t>(plan.smem_forward), static_cast<int64_t>(plan.smem_backward),
-          kPersistentMaxBlockWork, plan.cluster, plan.async_exchange ? 1 : 0, plan.tf32 ? 1 : 0};
+          kPersistentMaxBlockWork, plan.cluster, static_cast<int64_t>(plan.exchange), plan.tf32 ? 1 : 0};
 }
 
 const StepKernels& step_kernels_cuda() {

@@ -424,7 +424,8 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
 }
 
 size_t scratch_elements(const Plan& plan, int64_t batch) {
-  return plan.cluster > 0 ? 0 : static_cast<size_t>(4) * plan.blocks * batch;
+  if (plan.cluster > 0) return plan.exchange == Exchange::Grid ? grid_scratch_elements(plan) : 0;
+  return static_cast<size_t>(4) * plan.blocks * batch;
 }
 
 cudaError_t forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {

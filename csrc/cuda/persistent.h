@@ -26,6 +26,18 @@ enum class Decline : int {
   Forced = 6, Heuristic = 7, NoClusters = 8
 };
 
+// How the blocks of the cluster kernels (persistent_cluster.cu) exchange state each step.
+enum class Exchange : int {
+  ClusterBarrier = 0,  // remote shared-memory stores, then the cluster's barrier
+  // st.async stores completing on each receiver's mbarriers, with no cluster barrier per step (each
+  // block waits only for the data it reads; the barrier's GPU-scope fence also waits for the step's
+  // global stores)
+  ClusterAsync = 1,
+  // Through L2 with grid barriers, for a layer spread over more blocks than one cluster holds (up to
+  // every SM, cooperative launch): "wide". The same work split and products as in a cluster.
+  Grid = 2,
+};
+
 struct Plan {
   bool ok = false;
   Decline reason = Decline::None;  // when !ok
@@ -36,13 +48,12 @@ struct Plan {
   size_t smem_backward = 0;
   int chunk_forward = 0;    // columns of h_{t-1} staged per tile (the whole row where it fits)
   int chunk_backward = 0;   // columns of the dgates rows staged per tile
-  int cluster = 0;          // > 0: the cluster kernels (persistent_cluster.cu), blocks per cluster
+  // > 0: the cluster kernels (persistent_cluster.cu), blocks per cluster (Exchange::Grid: per tile,
+  // the blocks that share a tile's time loop, launched without clusters)
+  int cluster = 0;
   int tile_rows = 0;        // cluster kernels: batch rows per cluster (blocks / cluster clusters)
   int resident_clusters = 0;  // cluster kernels: clusters of this plan the device runs at once
-  // Cluster kernels: exchange with st.async stores completing on each receiver's mbarriers, with no
-  // cluster barrier per step (each block waits only for the data it reads), instead of remote stores
-  // followed by the cluster barrier (whose GPU-scope fence also waits for the step's global stores).
-  bool async_exchange = false;
+  Exchange exchange = Exchange::ClusterBarrier;  // cluster kernels
   // Cluster kernels, float32: the recurrent products on TF32 tensor cores (operands rounded to TF32,
   // float32 accumulation) instead of exact FMA dot products.
   bool tf32 = false;
@@ -54,11 +65,12 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
 
 // Plan for the thread-block-cluster kernels (sm_90+, persistent_cluster.cu): each cluster of up to
 // 16 blocks holds all of W_hh and runs the time loop for a tile of batch rows, exchanging state
-// through distributed shared memory with the cluster's barrier. Declines (SharedMemory) where W_hh
-// and the tile's rows do not fit in one cluster's shared memory. `async_exchange`, `tf32` (float32
-// only; ignored otherwise): Plan::async_exchange, Plan::tf32.
+// through distributed shared memory (`exchange`: Plan::exchange). Declines (SharedMemory) where W_hh
+// and the tile's rows do not fit in one cluster's shared memory. Exchange::Grid ("wide") spreads each
+// tile over as many blocks as the device runs at once instead, and declines where even that does not
+// fit. `tf32` (float32 only; ignored otherwise): Plan::tf32.
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device, bool async_exchange = false, bool tf32 = false);
+                       int device, Exchange exchange = Exchange::ClusterBarrier, bool tf32 = false);
 
 struct ForwardArgs {
   Cell cell = Cell::LSTM;
@@ -103,8 +115,9 @@ struct BackwardArgs {
   void* scratch = nullptr;         // float64, scratch_elements(plan, batch) elements
 };
 
-// Elements (float64) of the backward's cross-block scratch buffer (partial sums of squares; none
-// for the cluster kernels, which exchange them in shared memory).
+// Elements (float64) of the backward's cross-block scratch buffer (partial sums of squares; for
+// the wide kernels also the reduce-scatter of dh; none for the kernels on clusters, which exchange
+// them in shared memory).
 size_t scratch_elements(const Plan& plan, int64_t batch);
 
 // Run the kernels `plan` chose (grid-wide or cluster).

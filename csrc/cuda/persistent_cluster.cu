@@ -94,6 +94,7 @@ constexpr int kMaxTileRows = 64;       // where a batch needs more clusters than
 struct ClusterShape {
   int units;      // hidden units per block (a multiple of unit_grain)
   int tile_rows;  // batch rows per cluster
+  int group;      // blocks per tile (Plan::cluster; read by Exchange::Grid, where there is no cluster)
 };
 
 // Units per block are a multiple of this: a block's columns of a state row are whole 16-byte chunks
@@ -115,17 +116,17 @@ struct ForwardLayout {
   size_t bars, bias, own_c, hp, w, stage, bytes;
 };
 
-// `async_exchange`: the st.async kernels' mbarriers (persistent.h, Plan::async_exchange).
+// ClusterAsync: the mbarriers. Grid: one stage (filled from `out` after each step's grid barrier).
 __host__ __device__ inline ForwardLayout forward_layout(const Tables& tb, int gates, int units, int tile_rows,
-                                                        size_t acc, size_t elem, bool async_exchange) {
+                                                        size_t acc, size_t elem, Exchange x) {
   Carve c;
   ForwardLayout l;
-  l.bars = c.take(async_exchange ? 2 : 0, sizeof(uint64_t));     // [2]: stage s % 2 complete
+  l.bars = c.take(x == Exchange::ClusterAsync ? 2 : 0, sizeof(uint64_t));  // [2]: stage s % 2 complete
   l.bias = c.take(static_cast<size_t>(gates) * units, acc);      // [G][U]: b_hh of own units
   l.own_c = c.take(static_cast<size_t>(tile_rows) * units, acc);  // [Bt][U]: LSTM c_{t-1}
   l.hp = c.take(static_cast<size_t>(tb.state_rows) * tb.hp_ld, acc);  // [state_rows][HP]
   l.w = c.take(static_cast<size_t>(tb.w_rows) * tb.ld, elem);         // [w_rows][LD]
-  l.stage = c.take(2 * static_cast<size_t>(tb.state_rows) * tb.ld, elem);  // [2][state_rows][LD]
+  l.stage = c.take((x == Exchange::Grid ? 1 : 2) * static_cast<size_t>(tb.state_rows) * tb.ld, elem);  // [2][state_rows][LD]
   l.bytes = c.bytes;
   return l;
 }
@@ -134,23 +135,25 @@ struct BackwardLayout {
   size_t bars, part_g, part_c, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
 };
 
+// Grid: part_g, part_c and the inbox are in global memory (BackwardArgs::scratch, grid_scratch).
 __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int gates, int units, int tile_rows,
                                                           int blocks, size_t acc, size_t elem, bool mma,
-                                                          bool async_exchange) {
+                                                          Exchange x) {
   const size_t rows = tile_rows, ru = static_cast<size_t>(tile_rows) * units, gu = static_cast<size_t>(gates) * units;
+  const bool async_exchange = x == Exchange::ClusterAsync, in_smem = x != Exchange::Grid;
   Carve c;
   BackwardLayout l;
   l.bars = c.take(async_exchange ? 3 : 0, sizeof(uint64_t));  // [3]: part_g[0], part_g[1], inbox complete
   // [parities][blocks][Bt]: Σ g² over each block's units; the st.async exchange double-buffers it
   // by step parity (a block with no units can run a step ahead: see the backward kernel).
-  l.part_g = c.take((async_exchange ? 2 : 1) * blocks * rows, sizeof(double));
-  l.part_c = c.take(blocks * rows, sizeof(double));  // [blocks][Bt]: Σ dc² (block 0 reads them)
+  l.part_g = c.take(in_smem ? (async_exchange ? 2 : 1) * blocks * rows : 0, sizeof(double));
+  l.part_c = c.take(in_smem ? blocks * rows : 0, sizeof(double));  // [blocks][Bt]: Σ dc² (block 0 reads them)
   l.row_norm = c.take(rows, acc);                    // [Bt]
   l.dh_next = c.take(ru, acc);  // [Bt][U]: dh_prev of the step processed before, own units
   l.dc_next = c.take(ru, acc);  // [Bt][U] (LSTM)
   l.gbuf = c.take(ru, acc);     // [Bt][U]: g before clipping, then dc_t (LSTM)
   l.direct = c.take(ru, acc);   // [Bt][U]: GRU z ⊙ g
-  l.inbox = c.take(blocks * ru, acc);  // [blocks][Bt][U]: each block's share of own units' dh_prev
+  l.inbox = c.take(in_smem ? blocks * ru : 0, acc);  // [blocks][Bt][U]: each block's share of own units' dh_prev
   if (mma) {
     l.dgate = l.w = 0;
     l.dgate16 = c.take(static_cast<size_t>(tb.state_rows) * tb.ldn, elem);  // [state_rows][LDN]
@@ -162,6 +165,19 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
   }
   l.bytes = c.bytes;
   return l;
+}
+
+// Exchange::Grid: what the backward's blocks exchange, in global memory (BackwardArgs::scratch; the
+// offsets and the size in float64 elements) for `tiles` tiles of `blocks` blocks: the partial sums of
+// g² and dc² ([tiles][blocks][Bt] each) and the inboxes ([tiles][owner][sender][Bt][U] in the acc
+// dtype, counted as float64: room for float32 too).
+struct GridScratch {
+  size_t part_g, part_c, inbox, elements;
+};
+
+__host__ __device__ inline GridScratch grid_scratch(int tiles, int blocks, int tile_rows, int units) {
+  const size_t partials = static_cast<size_t>(tiles) * blocks * tile_rows;
+  return {0, partials, 2 * partials, 2 * partials + partials * blocks * units};
 }
 
 // The kernels' bodies are compiled for sm_90 and newer only (and parsed in the host pass).
@@ -183,6 +199,24 @@ __device__ __forceinline__ Place place(const cg::cluster_group& cluster, const C
   const int u0 = rank * shape.units;
   return {blocks, rank, shape.units, shape.tile_rows, u0, max(0, min(shape.units, hidden - u0)),
           static_cast<int>(blockIdx.x) / blocks * shape.tile_rows, (hidden + shape.units - 1) / shape.units};
+}
+
+// Exchange::Grid: the same in a cooperative grid without clusters, `shape.group` blocks per tile (all
+// of them own units).
+__device__ __forceinline__ Place place_in_grid(const ClusterShape& shape, int hidden) {
+  const int blocks = shape.group, rank = static_cast<int>(blockIdx.x) % blocks, u0 = rank * shape.units;
+  return {blocks, rank, shape.units, shape.tile_rows, u0, max(0, min(shape.units, hidden - u0)),
+          static_cast<int>(blockIdx.x) / blocks * shape.tile_rows, blocks};
+}
+
+// The barrier that ends an exchange: the cluster's, or (Exchange::Grid) the cooperative grid's.
+template <Exchange X>
+__device__ __forceinline__ void exchange_barrier(const cg::cluster_group& cluster) {
+  if constexpr (X == Exchange::Grid) {
+    cg::this_grid().sync();
+  } else {
+    cluster.sync();
+  }
 }
 
 
@@ -212,6 +246,56 @@ __device__ __forceinline__ void store4(float* p, const float (&v)[4]) {
 __device__ __forceinline__ void store4(double* p, const double (&v)[4]) {
   reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
   reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+}
+
+// Exchange::Grid reads what other blocks stored before the last grid barrier: through L2 (L1 is not
+// coherent), and several loads in flight per thread (an L2 round trip each).
+__device__ __forceinline__ void load4_cg(float (&v)[4], const float* p) {
+  const float4 q = __ldcg(reinterpret_cast<const float4*>(p));
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ void load4_cg(double (&v)[4], const double* p) {
+  const double2 q0 = __ldcg(reinterpret_cast<const double2*>(p)), q1 = __ldcg(reinterpret_cast<const double2*>(p) + 1);
+  v[0] = q0.x, v[1] = q0.y, v[2] = q1.x, v[3] = q1.y;
+}
+
+// Σ_{r < count} p[r * stride], added in the order r = 0, 1, ...; the loads eight at a time.
+__device__ __forceinline__ double sum_cg(const double* p, int count, int stride) {
+  constexpr int kBatch = 8;
+  double sum = 0.0;
+  for (int r0 = 0; r0 < count; r0 += kBatch) {
+    double v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) v[j] = r0 + j < count ? __ldcg(p + (r0 + j) * stride) : 0.0;
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) sum += v[j];  // the padding adds +0.0 to a sum of squares: no change
+  }
+  return sum;
+}
+
+// Rows [0, rows) of the row-major [*, cols] `src` into `dst` (row length ld), block-wide: 16-byte
+// loads where the rows are whole 16-byte chunks, four in flight per thread.
+template <typename T>
+__device__ __forceinline__ void load_rows_cg(T* dst, int ld, const T* src, int cols, int rows) {
+  constexpr int V = kChunk / static_cast<int>(sizeof(T)), kBatch = 4;
+  if (cols % V == 0 && reinterpret_cast<uintptr_t>(src) % kChunk == 0) {
+    const int per_row = cols / V, total = rows * per_row;
+    for (int base = 0; base < total; base += kBatch * kThreads) {
+      uint4 v[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
+        if (i < total) v[j] = __ldcg(reinterpret_cast<const uint4*>(src + static_cast<int64_t>(i / per_row) * cols) + i % per_row);
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
+        if (i < total) reinterpret_cast<uint4*>(dst + (i / per_row) * ld)[i % per_row] = v[j];
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows * cols; i += kThreads) dst[i / cols * ld + i % cols] = __ldcg(src + i);
+  }
 }
 
 
@@ -386,13 +470,15 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 
 #endif  // RNNKERN_HAS_CLUSTERS
 
-// Async: the st.async exchange (mbarriers, no cluster barrier per step; Plan::async_exchange).
-// Mma: the products on tensor cores (uses_mma).
+// X: how the blocks exchange state (Plan::exchange). Async: the st.async exchange (mbarriers, no
+// cluster barrier per step). Grid: through global memory (`out`; the backward's scratch) with the
+// grid's barrier where the others have the cluster's ("wide": a tile's blocks need not fit in one
+// cluster). Mma: the products on tensor cores (uses_mma).
 // __launch_bounds__(kThreads, 1): one block per SM is all these kernels need (a tile's cluster runs
 // the whole sequence; the plan counts resident clusters), so registers may go up to 255 a thread.
 // With the default heuristic ptxas held some kernels to 64 and spilled, to local memory whose L1
 // lines each step's barrier (or acquire) invalidates. Now: no spills, at most 166 registers.
-template <Cell C, typename T, bool Async, bool Mma>
+template <Cell C, typename T, Exchange X, bool Mma>
 __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
@@ -400,20 +486,21 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   using A = typename AccOf<T>::type;
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
+  constexpr bool Async = X == Exchange::ClusterAsync, Grid = X == Exchange::Grid;
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
-  const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = place(cluster, shape, H);
+  const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = Grid ? place_in_grid(shape, H) : place(cluster, shape, H);
   const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, HP = tb.hp_ld;
-  const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T), Async);
+  const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T), X);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);  // Async: [2], stage[k] complete
   A* bias = reinterpret_cast<A*>(smem_raw + lay.bias);    // [G][U]: b_hh of own units
   A* own_c = reinterpret_cast<A*>(smem_raw + lay.own_c);  // [Bt][U]: LSTM c_{t-1} of own units
   A* hp = reinterpret_cast<A*>(smem_raw + lay.hp);        // [state_rows][HP]: h_{t-1} W_hhᵀ, own rows n
   T* w = reinterpret_cast<T*>(smem_raw + lay.w);          // [w_rows][LD]: W_hh rows g*H + u0 + ul
-  T* stage = reinterpret_cast<T*>(smem_raw + lay.stage);  // [2][state_rows][LD]: h_{t-1}, by parity
+  T* stage = reinterpret_cast<T*>(smem_raw + lay.stage);  // [2][state_rows][LD]: h_{t-1}, by parity (Grid: [1])
   const auto [w_hh, xp, b_hh, h0, c0, out, ws, h_n, c_n] = typed<T, A>(a);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
@@ -448,7 +535,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   // are monotone in time, so steps without rows come first or last and the steps that exchange
   // follow each other: each block's phases stay in step with every other's.
   int rows_sent = 0;
-  cluster.sync();  // every block runs (and has its tables) before any block writes into it
+  // Every block runs (and has its tables) before any block writes into it. Grid: nobody writes into
+  // another block's shared memory.
+  if constexpr (!Grid) cluster.sync();
 
   // Each step's geometry is read before the barrier that opens it: cluster.sync() invalidates L1
   // (CCTL.IVALL), so reading it after would put an L2 round trip at the head of every step.
@@ -457,8 +546,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   for (int64_t s = 0; s < steps; ++s) {
     [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;
     const int pairs = rows * nu;
-    T* cur = stage + (s & 1) * tb.state_rows * LD;
-    T* nxt = stage + ((s + 1) & 1) * tb.state_rows * LD;
+    T* cur = stage + (Grid ? 0 : (s & 1) * tb.state_rows * LD);
+    T* nxt = stage + (Grid ? 0 : ((s + 1) & 1) * tb.state_rows * LD);
     // x_t's projection for this thread's first (row, unit) pair, loaded before the product (its
     // latency hidden by it).
     A xv[G];
@@ -474,6 +563,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
         mbarrier_wait(&full[s & 1], (parity >> (s & 1)) & 1u);
         parity ^= 1u << (s & 1);
       }
+    }
+    if constexpr (Grid) {
+      // h_{t-1} of the continuing samples, all H columns, as every block stored it to `out` before the
+      // grid barrier that ended the step before. (Columns past H keep their zeros.)
+      load_rows_cg(cur, LD, out + prev_row0 * H, H, rows_prev);
     }
     for (int i = threadIdx.x; i < (rows - rows_prev) * H; i += kThreads) {  // samples starting here
       const int b = rows_prev + i / H, k = i % H;
@@ -495,13 +589,22 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       const int n_tiles = tb.w_rows / 8, tiles = (rows + 15) / 16 * n_tiles;
       for (int tile = warp; tile < tiles; tile += kThreads / 32) {
         const int m0 = tile / n_tiles * 16, n0 = tile % n_tiles * 8;
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int k0 = 0; k0 < H; k0 += kMmaK<T>) {  // columns past H are zeros in both operands
+        // Two accumulators over alternate K steps: each mma.sync waits for the one before on the
+        // same accumulator, and K = H is long (up to 64 steps in the wide kernels).
+        float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int k0 = 0; k0 < H; k0 += 2 * kMmaK<T>) {  // columns past H are zeros in both operands
           uint32_t fa[4], fb[2];
           load_a(fa, cur + m0 * LD, LD, k0, gid, tig);
           load_b(fb, w, LD, n0, k0, gid, tig);
           mma_step<T>(d, fa, fb);
+          if (k0 + kMmaK<T> < H) {
+            load_a(fa, cur + m0 * LD, LD, k0 + kMmaK<T>, gid, tig);
+            load_b(fb, w, LD, n0, k0 + kMmaK<T>, gid, tig);
+            mma_step<T>(e, fa, fb);
+          }
         }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d[i] += e[i];
         const int n = n0 + 2 * tig;
         A* r0 = hp + (m0 + gid) * HP + n;  // rows past `rows` (stale or padding state): not read
         r0[0] = d[0];
@@ -595,11 +698,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       }
       store(out + row * H + u, h);
       if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
-      store(nxt + b * LD + u, h);  // as the next step would read it from `out`
+      if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
     }
     if (s + 1 < a.steps) {
       next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
-      if (blocks > 1 && nu > 0) {
+      if (!Grid && blocks > 1 && nu > 0) {
         __syncthreads();
         // Async: only to the blocks that own units (see `used`).
         broadcast_columns<Async>(cluster, nxt, LD, rows, u0, nu, Async ? used : blocks, rank, &full[(s + 1) & 1]);
@@ -611,7 +714,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     // step s - 1 after a __syncthreads) before this block could receive them and start step s. hp is
     // rewritten only after the next step's first __syncthreads, which every thread reaches after its
     // last read of it here.
-    if constexpr (!Async) cluster.sync();
+    if constexpr (Grid) {
+      if (s + 1 < a.steps) exchange_barrier<X>(cluster);  // no shared memory to keep alive after the last step
+    } else if constexpr (!Async) {
+      cluster.sync();
+    }
   }
   // Async: every block has received everything sent to it (each waited for its stages); the barrier
   // keeps the cluster's shared memory alive until no block can still address it.
@@ -619,7 +726,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
 #endif
 }
 
-template <Cell C, typename T, bool Async, bool Mma>
+template <Cell C, typename T, Exchange X, bool Mma>
 __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
@@ -627,13 +734,14 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   using A = typename AccOf<T>::type;
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
+  constexpr bool Async = X == Exchange::ClusterAsync, Grid = X == Exchange::Grid;
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
-  const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = place(cluster, shape, H);
+  const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = Grid ? place_in_grid(shape, H) : place(cluster, shape, H);
   const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
-  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, Async);
+  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, X);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Async: full_g[k] completes when the partials of a step of parity k are in; full_in when this
   // block's inbox (and, in block 0, part_c) is.
@@ -647,6 +755,17 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   A* gbuf = reinterpret_cast<A*>(smem_raw + lay.gbuf);
   A* direct = reinterpret_cast<A*>(smem_raw + lay.direct);
   A* inbox = reinterpret_cast<A*>(smem_raw + lay.inbox);
+  if constexpr (Grid) {  // the tile's part of the global scratch (grid_scratch)
+    const GridScratch gs = grid_scratch(static_cast<int>(gridDim.x) / blocks, blocks, Bt, U);
+    double* scratch = static_cast<double*>(a.scratch);
+    const size_t tile = blockIdx.x / blocks;
+    part_g_base = scratch + gs.part_g + tile * blocks * Bt;
+    part_c = scratch + gs.part_c + tile * blocks * Bt;
+    inbox = reinterpret_cast<A*>(scratch + gs.inbox) + tile * blocks * blocks * Bt * U;
+  }
+  // Where block `owner`'s inbox is: in its shared memory (the same offset as here), or (Grid) its own
+  // [blocks][Bt][U] of the tile's scratch.
+  const auto inbox_of = [&](int owner) { return Grid ? inbox + static_cast<size_t>(owner) * blocks * Bt * U : inbox; };
   // The dh product's operands. FMA: dgate[n][b] (acc dtype, transposed: a register tile's 4 rows
   // in one load) and W_hh rows w[n][k], n = g * U + ul. MMA: dgate16[b][n] as stored (T, state_rows x
   // LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
@@ -690,8 +809,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       mbarrier_init_fence();
     }
   }
-  cluster.sync();  // every block runs (and its mbarriers exist) before any block writes into it
-
+  // Every block runs (and its mbarriers exist) before any block writes into it. Grid: the exchanged
+  // buffers are global; each is written before it is read in every step.
+  if constexpr (!Grid) cluster.sync();
 
   // Each thread's first (row, unit) pair of a step: what phases A and B read of it from global memory
   // (grad_out, the saved workspace slots, c/h of the step before, h_t), loaded during the step before
@@ -741,11 +861,13 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       gbuf[b * U + ul] = out_grad + incoming;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < rows * blocks; i += kThreads) {
-      const int b = i / blocks, r = i % blocks;
+    for (int i = threadIdx.x; i < rows * (Grid ? 1 : blocks); i += kThreads) {
+      const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
       double sum = 0.0;
       for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
-      if constexpr (Async) {
+      if constexpr (Grid) {
+        part_g[rank * Bt + b] = sum;
+      } else if constexpr (Async) {
         if (r == rank) {
           part_g[rank * Bt + b] = sum;
         } else {
@@ -762,13 +884,17 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         parity ^= 1u << (s & 1);
       }
     } else {
-      cluster.sync();
+      exchange_barrier<X>(cluster);
     }
 
     // B: the full norms, clipping, gate gradients of own units.
     for (int b = threadIdx.x; b < rows; b += kThreads) {
       double sum = 0.0;
-      for (int r = 0; r < blocks; ++r) sum += part_g[r * Bt + b];
+      if constexpr (Grid) {
+        sum = sum_cg(part_g + b, blocks, Bt);
+      } else {
+        for (int r = 0; r < blocks; ++r) sum += part_g[r * Bt + b];
+      }
       row_norm[b] = static_cast<A>(sqrt(sum));
       if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
     }
@@ -819,7 +945,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         for (int b = threadIdx.x; b < rows; b += kThreads) {
           double sum = 0.0;
           for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
-          if constexpr (Async) {
+          if constexpr (Grid) {
+            part_c[rank * Bt + b] = sum;
+          } else if constexpr (Async) {
             if (rank == 0) {
               part_c[b] = sum;
             } else {
@@ -853,9 +981,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         for (int half = 0; half < 2; ++half) {
           const int b = m0 + gid + 8 * half;
           if (b < rows && k < H) {
-            A* slot = inbox + (rank * Bt + b) * U + k % U;
+            A* slot = inbox_of(k / U) + (rank * Bt + b) * U + k % U;
             const float2 v = make_float2(d[2 * half], d[2 * half + 1]);
-            if constexpr (Async) {
+            if constexpr (Grid) {
+              *reinterpret_cast<float2*>(slot) = v;
+            } else if constexpr (Async) {
               if (k / U == rank) {
                 *reinterpret_cast<float2*>(slot) = v;
               } else {
@@ -897,8 +1027,10 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           if (r0 + i >= rows) continue;
-          A* slot = inbox + (rank * Bt + r0 + i) * U + k0 % U;
-          if constexpr (Async) {
+          A* slot = inbox_of(k0 / U) + (rank * Bt + r0 + i) * U + k0 % U;
+          if constexpr (Grid) {
+            store4(slot, acc[i]);
+          } else if constexpr (Async) {
             if (k0 / U == rank) {
               store4(slot, acc[i]);
             } else {
@@ -921,25 +1053,75 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         parity ^= 4u;
       }
     } else {
-      cluster.sync();
+      exchange_barrier<X>(cluster);
     }
 
-    // D: own units' dh_prev, summed over the blocks in rank order.
-    for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
-      const int b = pair / nu, ul = pair % nu;
-      A sum = C == Cell::GRU ? direct[b * U + ul] : A(0);
-      for (int r = 0; r < used; ++r) sum += inbox[(r * Bt + b) * U + ul];
+    // D: own units' dh_prev, summed over the blocks in rank order (+ GRU's direct term).
+    const auto finish_unit = [&](int b, int ul, A sum) {
       if (b < rows_prev) {
         dh_next[b * U + ul] = sum;
       } else {
         store(grad_h0 + static_cast<int64_t>(tile0 + b) * H + u0 + ul, sum);
+      }
+    };
+    if constexpr (Grid) {
+      // The inbox is in L2: each thread sums 4 consecutive units of a row over a range of senders,
+      // with eight 16-byte loads in flight, and `parts` adjacent lanes split the senders (a fixed
+      // shuffle tree combines their ranges, so the sum is the same in every run).
+      const A* own = inbox_of(rank);
+      const int quads = (nu + 3) / 4, items = rows * quads;
+      int parts = 1;
+      while (parts < 8 && items * parts * 2 <= kThreads) parts *= 2;
+      const int per_part = (used + parts - 1) / parts;
+      for (int base = 0; base < items * parts; base += kThreads) {  // uniform trip count: shuffles stay safe
+        const int i = base + static_cast<int>(threadIdx.x), part = i % parts;
+        const bool valid = i < items * parts;
+        const int b = valid ? i / parts / quads : 0, q = valid ? i / parts % quads : 0;
+        A acc[4] = {A(0), A(0), A(0), A(0)};
+        const int r_end = valid ? min(used, (part + 1) * per_part) : 0;
+        for (int r0 = part * per_part; r0 < r_end; r0 += 8) {
+          A v[8][4];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (r0 + j < r_end) {
+              load4_cg(v[j], own + ((r0 + j) * Bt + b) * U + 4 * q);
+            } else {
+              v[j][0] = v[j][1] = v[j][2] = v[j][3] = A(0);
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[e] += v[j][e];
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[e] = group_sum(acc[e], parts);
+        if (valid && part == 0) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int ul = 4 * q + e;
+            if (ul < nu) finish_unit(b, ul, acc[e] + (C == Cell::GRU ? direct[b * U + ul] : A(0)));
+          }
+        }
+      }
+    } else {
+      for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
+        const int b = pair / nu, ul = pair % nu;
+        A sum = C == Cell::GRU ? direct[b * U + ul] : A(0);
+        for (int r = 0; r < used; ++r) sum += inbox[(r * Bt + b) * U + ul];
+        finish_unit(b, ul, sum);
       }
     }
     if constexpr (C == Cell::LSTM) {
       if (a.norm_c != nullptr && rank == 0) {
         for (int b = threadIdx.x; b < rows; b += kThreads) {
           double sum = 0.0;
-          for (int r = 0; r < used; ++r) sum += part_c[r * Bt + b];
+          if constexpr (Grid) {
+            sum = sum_cg(part_c + b, used, Bt);
+          } else {
+            for (int r = 0; r < used; ++r) sum += part_c[r * Bt + b];
+          }
           a.norm_c[row0 + b] = static_cast<float>(sqrt(sum));
         }
       }
@@ -951,41 +1133,48 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
 #endif
 }
 
-template <typename T, bool Async, bool Mma>
+template <typename T, Exchange X, bool Mma>
 const void* forward_kernel_for(Cell cell) {
   switch (cell) {
-    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::LSTM, T, Async, Mma>);
-    case Cell::GRU: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::GRU, T, Async, Mma>);
-    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_TANH, T, Async, Mma>);
-    default: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_RELU, T, Async, Mma>);
+    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::LSTM, T, X, Mma>);
+    case Cell::GRU: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::GRU, T, X, Mma>);
+    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_TANH, T, X, Mma>);
+    default: return reinterpret_cast<const void*>(cluster_forward_kernel<Cell::RNN_RELU, T, X, Mma>);
   }
 }
 
-template <typename T, bool Async, bool Mma>
+template <typename T, Exchange X, bool Mma>
 const void* backward_kernel_for(Cell cell) {
   switch (cell) {
-    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::LSTM, T, Async, Mma>);
-    case Cell::GRU: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::GRU, T, Async, Mma>);
-    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_TANH, T, Async, Mma>);
-    default: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_RELU, T, Async, Mma>);
+    case Cell::LSTM: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::LSTM, T, X, Mma>);
+    case Cell::GRU: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::GRU, T, X, Mma>);
+    case Cell::RNN_TANH: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_TANH, T, X, Mma>);
+    default: return reinterpret_cast<const void*>(cluster_backward_kernel<Cell::RNN_RELU, T, X, Mma>);
   }
+}
+
+template <typename T, Exchange X, bool Mma>
+const void* kernel_for(bool forward, Cell cell) {
+  return forward ? forward_kernel_for<T, X, Mma>(cell) : backward_kernel_for<T, X, Mma>(cell);
 }
 
 template <typename T, bool Mma>
-const void* kernel_for(bool forward, Cell cell, bool async_exchange) {
-  if (async_exchange) return forward ? forward_kernel_for<T, true, Mma>(cell) : backward_kernel_for<T, true, Mma>(cell);
-  return forward ? forward_kernel_for<T, false, Mma>(cell) : backward_kernel_for<T, false, Mma>(cell);
+const void* kernel_for(bool forward, Cell cell, Exchange exchange) {
+  switch (exchange) {
+    case Exchange::ClusterAsync: return kernel_for<T, Exchange::ClusterAsync, Mma>(forward, cell);
+    case Exchange::Grid: return kernel_for<T, Exchange::Grid, Mma>(forward, cell);
+    default: return kernel_for<T, Exchange::ClusterBarrier, Mma>(forward, cell);
+  }
 }
 
 // The kernel of a plan's choices: 16-bit always on tensor cores, float32 there with `tf32`, float64 never.
-const void* kernel_for(bool forward, Cell cell, DType dtype, bool async_exchange, bool tf32) {
+const void* kernel_for(bool forward, Cell cell, DType dtype, Exchange exchange, bool tf32) {
   switch (dtype) {
     case DType::F32:
-      return tf32 ? kernel_for<float, true>(forward, cell, async_exchange)
-                  : kernel_for<float, false>(forward, cell, async_exchange);
-    case DType::F64: return kernel_for<double, false>(forward, cell, async_exchange);
-    case DType::F16: return kernel_for<__half, true>(forward, cell, async_exchange);
-    default: return kernel_for<__nv_bfloat16, true>(forward, cell, async_exchange);
+      return tf32 ? kernel_for<float, true>(forward, cell, exchange) : kernel_for<float, false>(forward, cell, exchange);
+    case DType::F64: return kernel_for<double, false>(forward, cell, exchange);
+    case DType::F16: return kernel_for<__half, true>(forward, cell, exchange);
+    default: return kernel_for<__nv_bfloat16, true>(forward, cell, exchange);
   }
 }
 
@@ -994,22 +1183,23 @@ size_t storage_size(DType dtype) {
 }
 
 // Shared memory of the two kernels (their layouts).
-size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType dtype, bool async_exchange,
+size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType dtype, Exchange exchange,
                     bool tf32) {
   const size_t elem = storage_size(dtype);
   const bool mma = uses_mma(static_cast<int>(elem), tf32);
   const Tables tb = make_tables(static_cast<int>(elem), mma, static_cast<int>(hidden), gates, units, tile_rows);
-  return forward_layout(tb, gates, units, tile_rows, acc_size(dtype), elem, async_exchange).bytes;
+  return forward_layout(tb, gates, units, tile_rows, acc_size(dtype), elem, exchange).bytes;
 }
 
 size_t backward_smem(int gates, int units, int tile_rows, int blocks, int64_t hidden, DType dtype,
-                     bool async_exchange, bool tf32) {
+                     Exchange exchange, bool tf32) {
   const size_t elem = storage_size(dtype);
   const bool mma = uses_mma(static_cast<int>(elem), tf32);
   const Tables tb = make_tables(static_cast<int>(elem), mma, static_cast<int>(hidden), gates, units, tile_rows);
-  return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem, mma, async_exchange).bytes;
+  return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem, mma, exchange).bytes;
 }
 
+// Clusters of plan.cluster blocks, or (Exchange::Grid) a cooperative launch without clusters.
 cudaLaunchConfig_t launch_config(const Plan& plan, size_t smem, cudaStream_t stream,
                                  cudaLaunchAttribute* attribute) {
   cudaLaunchConfig_t config = {};
@@ -1017,10 +1207,15 @@ cudaLaunchConfig_t launch_config(const Plan& plan, size_t smem, cudaStream_t str
   config.blockDim = dim3(static_cast<unsigned>(kThreads));
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  attribute->id = cudaLaunchAttributeClusterDimension;
-  attribute->val.clusterDim.x = static_cast<unsigned>(plan.cluster);
-  attribute->val.clusterDim.y = 1;
-  attribute->val.clusterDim.z = 1;
+  if (plan.exchange == Exchange::Grid) {
+    attribute->id = cudaLaunchAttributeCooperative;
+    attribute->val.cooperative = 1;
+  } else {
+    attribute->id = cudaLaunchAttributeClusterDimension;
+    attribute->val.clusterDim.x = static_cast<unsigned>(plan.cluster);
+    attribute->val.clusterDim.y = 1;
+    attribute->val.clusterDim.z = 1;
+  }
   config.attrs = attribute;
   config.numAttrs = 1;
   return config;
@@ -1036,14 +1231,14 @@ cudaError_t prepare(const void* kernel, size_t smem) {
 
 template <typename Args>
 cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_t stream) {
-  const void* kernel = kernel_for(forward, args.cell, args.dtype, plan.async_exchange, plan.tf32);
+  const void* kernel = kernel_for(forward, args.cell, args.dtype, plan.exchange, plan.tf32);
   const size_t smem = forward ? plan.smem_forward : plan.smem_backward;
   cudaError_t err = prepare(kernel, smem);
   if (err != cudaSuccess) return err;
   cudaLaunchAttribute attribute;
   cudaLaunchConfig_t config = launch_config(plan, smem, stream, &attribute);
   Args copy = args;
-  ClusterShape shape{plan.units, plan.tile_rows};
+  ClusterShape shape{plan.units, plan.tile_rows, plan.cluster};
   void* params[] = {&copy, &shape};
   return cudaLaunchKernelExC(&config, kernel, params);
 }
@@ -1051,7 +1246,7 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
 
 // The cluster plan for tiles of `tile_rows` batch rows (`tiles` of them): the largest cluster that
 // fits and can be scheduled, i.e. the smallest share of W_hh per block.
-Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_rows, bool async_exchange,
+Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_rows, Exchange exchange,
                     bool tf32, const cudaDeviceProp& prop) {
   const int gates = cell_gates(cell);
   Plan plan;
@@ -1064,8 +1259,8 @@ Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int t
     const int needed = static_cast<int>((hidden + units - 1) / units);
     int blocks = 1;
     while (blocks < needed) blocks *= 2;
-    const size_t smem_f = forward_smem(gates, units, tile_rows, hidden, dtype, async_exchange, tf32);
-    const size_t smem_b = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, async_exchange, tf32);
+    const size_t smem_f = forward_smem(gates, units, tile_rows, hidden, dtype, exchange, tf32);
+    const size_t smem_b = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, exchange, tf32);
     if (std::max(smem_f, smem_b) > prop.sharedMemPerBlockOptin) continue;
     Plan candidate;
     candidate.cluster = blocks;
@@ -1075,12 +1270,12 @@ Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int t
     candidate.threads = kThreads;
     candidate.smem_forward = smem_f;
     candidate.smem_backward = smem_b;
-    candidate.async_exchange = async_exchange;
+    candidate.exchange = exchange;
     candidate.tf32 = tf32;
     bool schedulable = true;
     candidate.resident_clusters = prop.multiProcessorCount;
     for (int pass = 0; pass < 2 && schedulable; ++pass) {
-      const void* kernel = kernel_for(pass == 0, cell, dtype, async_exchange, tf32);
+      const void* kernel = kernel_for(pass == 0, cell, dtype, exchange, tf32);
       const size_t smem = pass == 0 ? smem_f : smem_b;
       cudaLaunchAttribute attribute;
       cudaLaunchConfig_t config = launch_config(candidate, smem, nullptr, &attribute);
@@ -1102,25 +1297,79 @@ Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int t
   return plan;
 }
 
+// Exchange::Grid ("wide"): each tile's blocks in one cooperative grid (one block per SM, all resident),
+// for layers whose W_hh does not fit in one cluster. Tiles of 16 rows where their blocks fit in the
+// device, else fewer, larger tiles (each with more blocks, so a smaller share of W_hh per block).
+Plan plan_wide(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool tf32, const cudaDeviceProp& prop) {
+  const int gates = cell_gates(cell), sms = prop.multiProcessorCount;
+  const int grain = unit_grain(static_cast<int>(storage_size(dtype)));
+  Plan plan;
+  plan.reason = prop.cooperativeLaunch ? Decline::SharedMemory : Decline::NoCooperativeLaunch;
+  if (!prop.cooperativeLaunch) return plan;
+  for (int cap = kTileRows; cap <= kMaxTileRows; cap *= 2) {
+    const int64_t tiles = (batch + cap - 1) / cap;
+    if (tiles > sms) continue;
+    const int tile_rows = static_cast<int>((batch + tiles - 1) / tiles);
+    const int per_tile = static_cast<int>(sms / tiles);
+    // The fewest units per block that leave every tile its blocks; 64 rows of W_hh per block where
+    // that fits (the forward product's 16 x 8 tiles then keep all 8 warps busy).
+    const int fewest = round_up(static_cast<int>((hidden + per_tile - 1) / per_tile), grain);
+    const int busy = std::max(fewest, round_up((64 + gates - 1) / gates, grain));
+    for (const int units : {busy, fewest}) {
+      const int blocks = static_cast<int>((hidden + units - 1) / units);
+      Plan candidate;
+      candidate.cluster = blocks;
+      candidate.tile_rows = tile_rows;
+      candidate.blocks = static_cast<int>(tiles) * blocks;
+      candidate.units = units;
+      candidate.threads = kThreads;
+      candidate.smem_forward = forward_smem(gates, units, tile_rows, hidden, dtype, Exchange::Grid, tf32);
+      candidate.smem_backward = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, Exchange::Grid, tf32);
+      candidate.exchange = Exchange::Grid;
+      candidate.tf32 = tf32;
+      candidate.resident_clusters = static_cast<int>(tiles);  // all of them: a cooperative launch
+      if (std::max(candidate.smem_forward, candidate.smem_backward) > prop.sharedMemPerBlockOptin) continue;
+      bool resident = true;
+      for (int pass = 0; pass < 2 && resident; ++pass) {
+        const void* kernel = kernel_for(pass == 0, cell, dtype, Exchange::Grid, tf32);
+        const size_t smem = pass == 0 ? candidate.smem_forward : candidate.smem_backward;
+        int per_sm = 0;
+        resident = prepare(kernel, smem) == cudaSuccess &&
+                   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) == cudaSuccess &&
+                   static_cast<int64_t>(per_sm) * sms >= candidate.blocks;
+      }
+      if (!resident) {
+        cudaGetLastError();
+        plan.reason = Decline::Occupancy;
+        continue;
+      }
+      candidate.ok = true;
+      return candidate;
+    }
+  }
+  return plan;
+}
+
 }  // namespace
 
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device, bool async_exchange, bool tf32) {
+                       int device, Exchange exchange, bool tf32) {
   Plan plan;
   if (declines_layer(plan, has_proj, batch, hidden)) return plan;
   const cudaDeviceProp* prop = device_properties(device);
-  if (prop == nullptr || prop->major < 9) {
+  if (prop == nullptr || prop->major < 9) {  // the kernels' bodies exist for sm_90 and newer only
     plan.reason = Decline::NoClusters;
     return plan;
   }
   tf32 = tf32 && dtype == DType::F32;
+  if (exchange == Exchange::Grid) return plan_wide(cell, dtype, batch, hidden, tf32, *prop);
   // Tiles of at most 16 rows (one MMA row tile) where all their clusters run at once; for larger
   // batches, tiles of up to 32 or 64 rows (each cluster does more work per step, but a second wave of
   // clusters would double the whole sequence), the smallest that makes every cluster resident.
   for (int cap = kTileRows; cap <= kMaxTileRows; cap *= 2) {
     const int64_t tiles = (batch + cap - 1) / cap;
     const Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, static_cast<int>((batch + tiles - 1) / tiles),
-                                          async_exchange, tf32, *prop);
+                                          exchange, tf32, *prop);
     if (cap == kTileRows) plan = candidate;
     if (!candidate.ok) break;  // larger tiles need more shared memory still
     if (tiles <= candidate.resident_clusters) return candidate;
@@ -1130,6 +1379,11 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
 }
 
 namespace detail {
+
+size_t grid_scratch_elements(const Plan& plan) {
+  const int tiles = plan.blocks / plan.cluster;
+  return grid_scratch(tiles, plan.cluster, plan.tile_rows, plan.units).elements;
+}
 
 cudaError_t cluster_forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   return launch(true, plan, args, stream);

@@ -260,6 +260,9 @@ inline size_t acc_size(DType dtype) { return dtype == DType::F64 ? sizeof(double
 // when they cannot be read. Defined in persistent.cu.
 const cudaDeviceProp* device_properties(int device);
 
+// Float64 elements of the wide kernels' (Exchange::Grid) backward scratch (persistent_cluster.cu).
+size_t grid_scratch_elements(const Plan& plan);
+
 // The cluster kernels' launches (persistent_cluster.cu); forward()/backward() dispatch to them.
 cudaError_t cluster_forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream);
 cudaError_t cluster_backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream);
