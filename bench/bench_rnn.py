@@ -185,15 +185,15 @@ def test_rnn(benchmark, bench_session, bench_case):
         ms, peak_mb = torch_nn_ms(session, shape, dtype_name, pass_, benchmark)
         base_ms = ms
     else:
-        base_ms = torch_nn_ms(session, shape, dtype_name, pass_)[0]
         device, dtype = session.device, benchlib.DTYPES[dtype_name]
-        name, variables = benchlib.backend_variant(backend)
         other = benchlib.ONLY_WHERE_DECLINED.get(backend)
-        if other is not None:
+        if other is not None:  # decided before anything is timed
             with _environment({"RNNKERN_CUDA_KERNEL": other}):
-                module = build_module(shape, name, dtype, device, norms)
+                module = build_module(shape, benchlib.backend_variant(backend)[0], dtype, device, False)
                 if _per_step_reason(module, make_inputs(shape, dtype, device)) is None:
                     pytest.skip(f"{backend} is timed only where RNNKERN_CUDA_KERNEL={other} declines the layer")
+        base_ms = torch_nn_ms(session, shape, dtype_name, pass_)[0]
+        name, variables = benchlib.backend_variant(backend)
         with _environment(variables):
             module = build_module(shape, name, dtype, device, norms)
             sets = make_inputs(shape, dtype, device)

@@ -13,7 +13,9 @@
 # start. Since then the cluster variant (tests and bench), the paired norm-cost timings, the probe
 # (~15 s) and racecheck (beside the tests) were added: ~5.5 min measured (2026-11-26, run 2). Then the
 # cluster-async kernels (a fourth CUDA variant of the module suite, smoke, racecheck, bench), TF32
-# cluster cases and the bidirectional timings: expect ~6.5 min with T_TESTS=240.
+# cluster cases and the bidirectional timings: expect ~6.5 min with T_TESTS=240. Then the wide kernels
+# (a fifth variant; the bench times them only where the cluster kernels decline): ~7.5 min with
+# T_TESTS=300.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"

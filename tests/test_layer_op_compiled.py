@@ -733,16 +733,17 @@ def test_cuda_cluster_large_batch(kernel, dtype, cell, monkeypatch):
 @gpu
 @needs_clusters
 @pytest.mark.parametrize("dtype,B,H", [(torch.float64, 20, 300), (torch.float32, 37, 300),
-                                       (torch.float16, 37, 600), (torch.float16, 100, 600)],
-                         ids=["fp64-B20-H300", "fp32-B37-H300", "fp16-B37-H600", "fp16-B100-H600"])
+                                       (torch.float16, 37, 600), (torch.float16, 200, 600)],
+                         ids=["fp64-B20-H300", "fp32-B37-H300", "fp16-B37-H600", "fp16-B200-H600"])
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 def test_cuda_wide(dtype, B, H, cell, monkeypatch):
     """RNNKERN_CUDA_KERNEL=wide (Exchange::Grid): layers spread over more blocks than one cluster holds,
     exchanging through L2 with grid barriers, on each product path (float64 and float32 FMA register
-    tiles, float16 tensor cores), with several batch tiles (B = 20: 2 tiles; 37: 3; 100: tiles of more
-    than 16 rows, two MMA row tiles), packed lengths, reverse direction and clipping. float16 LSTM at
-    H = 600 is a layer the cluster kernels decline (W_hh too large for one cluster). Against the oracle:
-    float64 at 1e-10, float32 at 1e-5, float16 within torch.nn's own error."""
+    tiles, float16 tensor cores), with several batch tiles (B = 20: 2 tiles; 37: 3; 200: for the LSTM
+    and GRU fewer tiles of more than 16 rows, i.e. two or more MMA row tiles, since 13 tiles of 16 would
+    leave each too few blocks), packed lengths, reverse direction and clipping. float16 LSTM at H = 600
+    is a layer the cluster kernels decline (W_hh too large for one cluster). Against the oracle: float64
+    at 1e-10, float32 at 1e-4 (H = 300 products), float16 within torch.nn's own error."""
     device = torch.cuda.current_device()
     if dtype == torch.float16 and cell == _cells.LSTM:
         monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "cluster")
@@ -750,7 +751,7 @@ def test_cuda_wide(dtype, B, H, cell, monkeypatch):
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "wide")
     plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, device)
     assert plan[0] and plan[8] == EXCHANGE["wide"] and plan[7] > 1, plan  # several blocks per tile
-    if B == 100:
+    if B == 200 and cell in (_cells.LSTM, _cells.GRU):
         assert plan[2] // plan[7] < -(-B // 16), plan  # tiles of more than 16 rows
     case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=True, seed=73)
     if dtype == torch.float16:
@@ -763,7 +764,7 @@ def test_cuda_wide(dtype, B, H, cell, monkeypatch):
         want = run_layer(oracle_fn, case, grads, True, clip)
         got = run_layer(backend_fn("cuda"), _to(case, "cuda", torch.float32), _to(grads, "cuda", torch.float32),
                         True, clip)
-        assert_results_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_results_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def torch_nn_fn_cuda(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):

@@ -51,7 +51,7 @@ struct Plan {
   // > 0: the cluster kernels (persistent_cluster.cu), blocks per cluster (Exchange::Grid: per tile,
   // the blocks that share a tile's time loop, launched without clusters)
   int cluster = 0;
-  int tile_rows = 0;        // cluster kernels: batch rows per cluster (blocks / cluster clusters)
+  int tile_rows = 0;        // cluster kernels: batch rows per tile (one cluster, or a group of blocks for Grid)
   int resident_clusters = 0;  // cluster kernels: clusters of this plan the device runs at once
   Exchange exchange = Exchange::ClusterBarrier;  // cluster kernels
   // Cluster kernels, float32: the recurrent products on TF32 tensor cores (operands rounded to TF32,

@@ -1,5 +1,8 @@
 // Persistent recurrence on thread-block clusters (issue 9; sm_90 and newer), selected with
-// RNNKERN_CUDA_KERNEL=cluster; see persistent.h.
+// RNNKERN_CUDA_KERNEL=cluster (or auto), cluster-async and wide (Exchange, persistent.h): the same
+// kernels with three ways to exchange state; the description below is the cluster barrier's, the
+// others differ as the kernels' comments say (st.async: docs/internals.md; wide: through L2 with
+// grid barriers, a tile's blocks spread over a cooperative grid for layers beyond one cluster).
 //
 // Where a layer's W_hh fits in the shared memory of one cluster (up to 16 blocks on Hopper), each
 // cluster runs the whole time loop of a tile of batch rows. Its blocks split the hidden units as the
@@ -126,7 +129,8 @@ __host__ __device__ inline ForwardLayout forward_layout(const Tables& tb, int ga
   l.own_c = c.take(static_cast<size_t>(tile_rows) * units, acc);  // [Bt][U]: LSTM c_{t-1}
   l.hp = c.take(static_cast<size_t>(tb.state_rows) * tb.hp_ld, acc);  // [state_rows][HP]
   l.w = c.take(static_cast<size_t>(tb.w_rows) * tb.ld, elem);         // [w_rows][LD]
-  l.stage = c.take((x == Exchange::Grid ? 1 : 2) * static_cast<size_t>(tb.state_rows) * tb.ld, elem);  // [2][state_rows][LD]
+  // [2][state_rows][LD] (Grid: [1][state_rows][LD])
+  l.stage = c.take((x == Exchange::Grid ? 1 : 2) * static_cast<size_t>(tb.state_rows) * tb.ld, elem);
   l.bytes = c.bytes;
   return l;
 }
@@ -299,7 +303,7 @@ __device__ __forceinline__ void load_rows_cg(T* dst, int ld, const T* src, int c
 }
 
 
-// The st.async exchange (Plan::async_exchange). A receiver's mbarrier completes a phase when its own
+// The st.async exchange (Exchange::ClusterAsync). A receiver's mbarrier completes a phase when its own
 // thread 0 has arrived (announcing the bytes it expects that phase, arrive.expect_tx) and the senders'
 // st.async stores have delivered those bytes (each decrements the transaction count by its size, which
 // may run ahead of the announcement: the count may go negative within a phase). The receiver then
@@ -1243,12 +1247,67 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
   return cudaLaunchKernelExC(&config, kernel, params);
 }
 
+// Whether both kernels of `candidate` can run with all its blocks resident as it needs them: at least one
+// cluster (then candidate.resident_clusters: how many the device runs at once), or (Exchange::Grid)
+// the whole cooperative grid. Clears the CUDA error state when not.
+bool schedulable(Plan& candidate, Cell cell, DType dtype, const cudaDeviceProp& prop) {
+  const bool grid = candidate.exchange == Exchange::Grid;
+  const int tiles = candidate.blocks / candidate.cluster;
+  candidate.resident_clusters = grid ? tiles : prop.multiProcessorCount;
+  for (int pass = 0; pass < 2; ++pass) {
+    const void* kernel = kernel_for(pass == 0, cell, dtype, candidate.exchange, candidate.tf32);
+    const size_t smem = pass == 0 ? candidate.smem_forward : candidate.smem_backward;
+    bool ok = prepare(kernel, smem) == cudaSuccess;
+    if (grid) {
+      int per_sm = 0;
+      ok = ok && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) == cudaSuccess &&
+           static_cast<int64_t>(per_sm) * prop.multiProcessorCount >= candidate.blocks;
+    } else {
+      cudaLaunchAttribute attribute;
+      cudaLaunchConfig_t config = launch_config(candidate, smem, nullptr, &attribute);
+      config.gridDim = dim3(static_cast<unsigned>(candidate.cluster));  // one cluster: can it run at all?
+      int clusters = 0;
+      ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters >= 1;
+      candidate.resident_clusters = std::min(candidate.resident_clusters, clusters);
+    }
+    if (!ok) {
+      cudaGetLastError();
+      return false;
+    }
+  }
+  return true;
+}
+
+// The plan of `tiles` tiles of `tile_rows` batch rows, each on `blocks` blocks of `units` hidden units:
+// ok where both kernels' shared memory fits and they are schedulable, else the reason (SharedMemory,
+// Occupancy).
+Plan try_plan(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_rows, int blocks, int units,
+              Exchange exchange, bool tf32, const cudaDeviceProp& prop) {
+  const int gates = cell_gates(cell);
+  Plan c;
+  c.cluster = blocks;
+  c.tile_rows = tile_rows;
+  c.blocks = static_cast<int>(tiles) * blocks;
+  c.units = units;
+  c.threads = kThreads;
+  c.smem_forward = forward_smem(gates, units, tile_rows, hidden, dtype, exchange, tf32);
+  c.smem_backward = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, exchange, tf32);
+  c.exchange = exchange;
+  c.tf32 = tf32;
+  if (std::max(c.smem_forward, c.smem_backward) > prop.sharedMemPerBlockOptin) {
+    c.reason = Decline::SharedMemory;
+  } else if (!schedulable(c, cell, dtype, prop)) {
+    c.reason = Decline::Occupancy;
+  } else {
+    c.ok = true;
+  }
+  return c;
+}
 
 // The cluster plan for tiles of `tile_rows` batch rows (`tiles` of them): the largest cluster that
 // fits and can be scheduled, i.e. the smallest share of W_hh per block.
 Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_rows, Exchange exchange,
                     bool tf32, const cudaDeviceProp& prop) {
-  const int gates = cell_gates(cell);
   Plan plan;
   plan.reason = Decline::SharedMemory;
   const int grain = unit_grain(static_cast<int>(storage_size(dtype)));
@@ -1259,40 +1318,9 @@ Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int t
     const int needed = static_cast<int>((hidden + units - 1) / units);
     int blocks = 1;
     while (blocks < needed) blocks *= 2;
-    const size_t smem_f = forward_smem(gates, units, tile_rows, hidden, dtype, exchange, tf32);
-    const size_t smem_b = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, exchange, tf32);
-    if (std::max(smem_f, smem_b) > prop.sharedMemPerBlockOptin) continue;
-    Plan candidate;
-    candidate.cluster = blocks;
-    candidate.tile_rows = tile_rows;
-    candidate.blocks = static_cast<int>(tiles) * blocks;
-    candidate.units = units;
-    candidate.threads = kThreads;
-    candidate.smem_forward = smem_f;
-    candidate.smem_backward = smem_b;
-    candidate.exchange = exchange;
-    candidate.tf32 = tf32;
-    bool schedulable = true;
-    candidate.resident_clusters = prop.multiProcessorCount;
-    for (int pass = 0; pass < 2 && schedulable; ++pass) {
-      const void* kernel = kernel_for(pass == 0, cell, dtype, exchange, tf32);
-      const size_t smem = pass == 0 ? smem_f : smem_b;
-      cudaLaunchAttribute attribute;
-      cudaLaunchConfig_t config = launch_config(candidate, smem, nullptr, &attribute);
-      config.gridDim = dim3(static_cast<unsigned>(blocks));  // one cluster: can it run at all?
-      int clusters = 0;
-      schedulable = prepare(kernel, smem) == cudaSuccess &&
-                    cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess &&
-                    clusters >= 1;
-      candidate.resident_clusters = std::min(candidate.resident_clusters, clusters);
-    }
-    if (!schedulable) {
-      cudaGetLastError();
-      plan.reason = Decline::Occupancy;
-      continue;
-    }
-    candidate.ok = true;
-    return candidate;
+    const Plan candidate = try_plan(cell, dtype, hidden, tiles, tile_rows, blocks, units, exchange, tf32, prop);
+    if (candidate.ok) return candidate;
+    if (candidate.reason == Decline::Occupancy) plan.reason = Decline::Occupancy;
   }
   return plan;
 }
@@ -1308,43 +1336,22 @@ Plan plan_wide(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool tf32,
   if (!prop.cooperativeLaunch) return plan;
   for (int cap = kTileRows; cap <= kMaxTileRows; cap *= 2) {
     const int64_t tiles = (batch + cap - 1) / cap;
-    if (tiles > sms) continue;
+    if (tiles > sms) {  // not even one block per tile
+      plan.reason = Decline::Occupancy;
+      continue;
+    }
     const int tile_rows = static_cast<int>((batch + tiles - 1) / tiles);
     const int per_tile = static_cast<int>(sms / tiles);
-    // The fewest units per block that leave every tile its blocks; 64 rows of W_hh per block where
-    // that fits (the forward product's 16 x 8 tiles then keep all 8 warps busy).
+    // From 64 rows of W_hh per block (the forward product's 16 x 8 tiles then keep all 8 warps busy)
+    // down to the fewest units that leave every tile its blocks: the most units that fit in shared
+    // memory.
     const int fewest = round_up(static_cast<int>((hidden + per_tile - 1) / per_tile), grain);
     const int busy = std::max(fewest, round_up((64 + gates - 1) / gates, grain));
-    for (const int units : {busy, fewest}) {
+    for (int units = busy; units >= fewest; units -= grain) {
       const int blocks = static_cast<int>((hidden + units - 1) / units);
-      Plan candidate;
-      candidate.cluster = blocks;
-      candidate.tile_rows = tile_rows;
-      candidate.blocks = static_cast<int>(tiles) * blocks;
-      candidate.units = units;
-      candidate.threads = kThreads;
-      candidate.smem_forward = forward_smem(gates, units, tile_rows, hidden, dtype, Exchange::Grid, tf32);
-      candidate.smem_backward = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, Exchange::Grid, tf32);
-      candidate.exchange = Exchange::Grid;
-      candidate.tf32 = tf32;
-      candidate.resident_clusters = static_cast<int>(tiles);  // all of them: a cooperative launch
-      if (std::max(candidate.smem_forward, candidate.smem_backward) > prop.sharedMemPerBlockOptin) continue;
-      bool resident = true;
-      for (int pass = 0; pass < 2 && resident; ++pass) {
-        const void* kernel = kernel_for(pass == 0, cell, dtype, Exchange::Grid, tf32);
-        const size_t smem = pass == 0 ? candidate.smem_forward : candidate.smem_backward;
-        int per_sm = 0;
-        resident = prepare(kernel, smem) == cudaSuccess &&
-                   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) == cudaSuccess &&
-                   static_cast<int64_t>(per_sm) * sms >= candidate.blocks;
-      }
-      if (!resident) {
-        cudaGetLastError();
-        plan.reason = Decline::Occupancy;
-        continue;
-      }
-      candidate.ok = true;
-      return candidate;
+      const Plan candidate = try_plan(cell, dtype, hidden, tiles, tile_rows, blocks, units, Exchange::Grid, tf32, prop);
+      if (candidate.ok) return candidate;
+      if (candidate.reason == Decline::Occupancy) plan.reason = Decline::Occupancy;
     }
   }
   return plan;
