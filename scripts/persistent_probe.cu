@@ -7,6 +7,10 @@
 //   grid-flag           a hand-rolled grid barrier: one atomic arrive per block, spin on a generation flag
 //   grid-exchange       write own B x H/128 slice of h to global, grid.sync(), every block loads all of
 //                       h (B x H) through L2 into shared memory: the grid kernels' forward floor
+//   grid-sync/N         grid.sync() alone with N blocks (how the barrier grows with the grid)
+//   grid-reduce-scatter/N  the wide kernels' backward exchange at H = 768 (Exchange::Grid): every block
+//                       writes B x H float32 partial sums into the owners' inboxes in global memory,
+//                       grid.sync(), sums its own inbox (N x B x H/N values) through L2, grid.sync()
 //   cluster-sync/N      barrier.cluster alone, clusters of N blocks
 //   cluster-sync-relaxed/N  the same with a relaxed arrive (no MEMBAR.ALL.GPU, no L1 invalidation)
 //   cluster-exchange/N  every block stores its B x H/N slice of h into all N blocks' shared memory
@@ -88,6 +92,37 @@ __global__ void grid_exchange_kernel(int steps, float* h) {
     }
     grid.sync();
   }
+}
+
+constexpr int kWideHidden = 768;
+
+// grid-reduce-scatter (see the header): inbox [owner][sender][B][units] float32, units = H / N.
+__global__ void grid_reduce_scatter_kernel(int steps, float* inbox, float* sink) {
+  cg::grid_group grid = cg::this_grid();
+  const int blocks = gridDim.x, units = kWideHidden / blocks, rank = blockIdx.x;
+  float total = 0.f;
+  for (int s = 0; s < steps; ++s) {
+    for (int i = threadIdx.x; i < kBatch * kWideHidden / 4; i += kThreads) {
+      const int b = i / (kWideHidden / 4), k = i % (kWideHidden / 4) * 4, owner = k / units;
+      *reinterpret_cast<float4*>(inbox + ((static_cast<size_t>(owner) * blocks + rank) * kBatch + b) * units + k % units) =
+          make_float4(static_cast<float>(s), static_cast<float>(b), static_cast<float>(k), static_cast<float>(rank));
+    }
+    grid.sync();
+    const float4* own = reinterpret_cast<const float4*>(inbox + static_cast<size_t>(rank) * blocks * kBatch * units);
+    constexpr int kBatchLoads = 8;  // loads in flight per thread, as the kernels issue them
+    for (int i0 = 0; i0 < blocks * kBatch * units / 4; i0 += kBatchLoads * kThreads) {
+      float4 v[kBatchLoads];
+#pragma unroll
+      for (int j = 0; j < kBatchLoads; ++j) {
+        const int i = i0 + j * kThreads + threadIdx.x;
+        v[j] = i < blocks * kBatch * units / 4 ? __ldcg(own + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int j = 0; j < kBatchLoads; ++j) total += v[j].x + v[j].y + v[j].z + v[j].w;
+    }
+    grid.sync();
+  }
+  if (total == -1.0f) sink[0] = total;  // keeps the loads
 }
 
 __global__ void cluster_sync_kernel(int steps) {
@@ -311,6 +346,25 @@ int main() {
   float* sink;
   float* rows;
   CHECK(cudaMalloc(&sink, 16 * sizeof(float)));
+  for (int blocks : {48, 96, prop.multiProcessorCount}) {
+    void* args[] = {&steps};
+    char name[40];
+    std::snprintf(name, sizeof(name), "grid-sync/%d", blocks);
+    std::printf("%-28s %7d %12.3f\n", name, blocks,
+                per_step_us([&] { cooperative(reinterpret_cast<const void*>(grid_sync_kernel), blocks, args); }));
+  }
+  {
+    float* inbox;
+    CHECK(cudaMalloc(&inbox, static_cast<size_t>(kBatch) * kWideHidden * 96 * sizeof(float)));  // N x B x H
+    for (int blocks : {48, 96}) {
+      void* args[] = {&steps, &inbox, &sink};
+      char name[40];
+      std::snprintf(name, sizeof(name), "grid-reduce-scatter/%d", blocks);
+      std::printf("%-28s %7d %12.3f\n", name, blocks,
+                  per_step_us([&] { cooperative(reinterpret_cast<const void*>(grid_reduce_scatter_kernel), blocks, args); }));
+    }
+    CHECK(cudaFree(inbox));
+  }
   CHECK(cudaMalloc(&rows, static_cast<size_t>(kSteps) * 6 * kBatch * kHidden * sizeof(float)));  // 6 per value
   for (int cluster : {2, 4, 8, 16}) {
     struct Probe {
