@@ -4,6 +4,7 @@
     python bench/plot.py bench/results/h100.json --out speedup.png
     python bench/plot.py bench/results/h100.json --markdown            # prints the Markdown table
     python bench/plot.py bench/results/h100.json --readme README.md    # regenerates its table there
+    python bench/plot.py bench/results/h100.json --per-step            # µs per step, as bench/NOTES.md
 
 The figure: per shape (cell, T, B, H, dtype), the speed-up over torch.nn (torch_nn_ms / ms) of every
 backend, with and without norm recording, forward and forward+backward; 1 = as fast as torch.nn.
@@ -69,6 +70,55 @@ def markdown_table(doc: Dict[str, object]) -> str:
             cells.append(cell)
         best = max(c["fraction_of_floor"] for c in by_variant.values())
         cells.append(f"{100 * best:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _layer_label(layer) -> str:
+    cell, T, B, H = layer
+    return f"{CELL_NAMES.get(cell, cell)} T{T} B{B} H{H}"
+
+
+def per_step_table(doc: Dict[str, object]) -> str:
+    """Microseconds per step (ms / T), forward+backward with the forward in brackets, one row per layer
+    shape: torch.nn and every backend variant (with norms recorded, as issue 9's targets count them) in
+    each dtype; then, per dtype, the fastest variant's forward+backward speed-up over torch.nn float16
+    (torch.nn's fastest: the 16-bit target) and over torch.nn in the same dtype (the float32 target)."""
+    cases = doc["cases"]
+    by = {}
+    for c in cases:
+        if c["backend"] == "torch.nn" or c["norms"]:
+            by[((c["cell"], c["T"], c["B"], c["H"]), c["dtype"], c["backend"], c["pass"])] = c
+    layers = list(OrderedDict.fromkeys((c["cell"], c["T"], c["B"], c["H"]) for c in cases))
+    dtypes = list(OrderedDict.fromkeys(c["dtype"] for c in cases))
+    backends = ["torch.nn"] + list(OrderedDict.fromkeys(b for b, _ in _variants(cases)))
+    columns = [(b, d) for d in dtypes for b in backends if any(k[1] == d and k[2] == b for k in by)]
+
+    def us(layer, dtype, backend, pass_):
+        c = by.get((layer, dtype, backend, pass_))
+        return None if c is None else 1000.0 * c["ms"] / c["T"]
+
+    header = ["layer"] + [f"{b} {d}" for b, d in columns] + ["fastest: × torch.nn float16, × torch.nn same dtype"]
+    lines = [f"µs per step, forward+backward (forward); norms recorded by rnnkern. Device: {doc['device']}; "
+             f"commit {doc['commit']}.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for layer in layers:
+        cells = [_layer_label(layer)]
+        for b, d in columns:
+            fb, f = us(layer, d, b, "fwdbwd"), us(layer, d, b, "fwd")
+            cells.append("–" if fb is None and f is None else
+                         (f"{fb:.2f}" if fb is not None else "–") + (f" ({f:.2f})" if f is not None else ""))
+        best = []
+        half = us(layer, "float16", "torch.nn", "fwdbwd")
+        for d in dtypes:
+            timed = [(us(layer, d, b, "fwdbwd"), b) for b, dd in columns if dd == d and b != "torch.nn"]
+            timed = [(t, b) for t, b in timed if t is not None]
+            if not timed:
+                continue
+            t, b = min(timed)
+            own = us(layer, d, "torch.nn", "fwdbwd")
+            ratios = [f"{half / t:.2f}×" if half is not None else "–", f"{own / t:.2f}×" if own is not None else "–"]
+            best.append(f"{d}: {b} {', '.join(ratios)}")
+        cells.append("; ".join(best) or "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -141,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("results", help="a bench/results/<device>.json file")
     parser.add_argument("--out", help="PNG path (default: the results path with .png)")
     parser.add_argument("--markdown", action="store_true", help="print the Markdown table instead of plotting")
+    parser.add_argument("--per-step", action="store_true",
+                        help="print microseconds per step per layer, dtype and variant (bench/NOTES.md's tables)")
     parser.add_argument("--readme", help="replace the table between <!-- bench:NAME --> and <!-- /bench:NAME --> "
                                          "in this file (NAME: the results file's stem)")
     args = parser.parse_args(argv)
@@ -151,6 +203,9 @@ def main(argv=None) -> int:
         return 0
     if args.markdown:
         sys.stdout.write(markdown_table(doc))
+        return 0
+    if args.per_step:
+        sys.stdout.write(per_step_table(doc))
         return 0
     out = plot_speedups(doc, args.out or Path(args.results).with_suffix(".png"))
     print(f"wrote {out}")

@@ -135,6 +135,18 @@ def test_markdown_table():
     assert "RNN-tanh T=50 B=16 H=128 float32 | fwdbwd | 30 | 15 (2.00×)" in text
 
 
+def test_per_step_table():
+    """µs per step (ms / T), the variants with norms recorded, and the fastest one's speed-ups (no
+    torch.nn float16 in this file: '–')."""
+    text = plot.per_step_table(_synthetic_results())
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert lines[0] == ("| layer | torch.nn float32 | cpu float32 | "
+                        "fastest: × torch.nn float16, × torch.nn same dtype |")
+    assert len(lines) == 2 + 2
+    assert "| LSTM T100 B64 H256 | 300.00 (100.00) | 187.50 (62.50) | float32: cpu –, 1.60× |" in text
+    assert "| RNN-tanh T50 B16 H128 | 600.00 (200.00) | 375.00 (125.00) |" in text
+
+
 def test_plot_png_and_cli(tmp_path, capsys):
     results = tmp_path / "test-device.json"
     results.write_text(json.dumps(_synthetic_results()))
@@ -144,6 +156,8 @@ def test_plot_png_and_cli(tmp_path, capsys):
     capsys.readouterr()
     assert plot.main([str(results), "--markdown"]) == 0
     assert "| shape | pass |" in capsys.readouterr().out
+    assert plot.main([str(results), "--per-step"]) == 0
+    assert "| layer | torch.nn float32 |" in capsys.readouterr().out
     out = subprocess.run([sys.executable, str(Path(plot.__file__)), str(results), "--markdown"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "speed-up" in out.stdout, out.stderr
