@@ -546,23 +546,25 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   // Each step's geometry is read before the barrier that opens it: cluster.sync() invalidates L1
   // (CCTL.IVALL), so reading it after would put an L2 round trip at the head of every step.
   TileStep next_step = tile_step(geo, geo.t_of(0), tile0, Bt);
+  // x_t's projection for this thread's first (row, unit) pair of a step, loaded during the step before
+  // (after its cell phase), so that its L2 latency overlaps that step's exchange and barrier instead
+  // of this step's product. Nothing in this launch writes xp.
+  A xv[G];
+  const auto load_x = [&](const TileStep& st) {
+    if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
+    const T* x = xp + (st.row0 + threadIdx.x / nu) * GH + u0 + threadIdx.x % nu;
+#pragma unroll
+    for (int g = 0; g < G; ++g) xv[g] = A(load(x + g * H));
+  };
+  load_x(next_step);
   const int64_t steps = (Async && nu == 0) ? 0 : a.steps;
   for (int64_t s = 0; s < steps; ++s) {
     [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;
     const int pairs = rows * nu;
     T* cur = stage + (Grid ? 0 : (s & 1) * tb.state_rows * LD);
     T* nxt = stage + (Grid ? 0 : ((s + 1) & 1) * tb.state_rows * LD);
-    // x_t's projection for this thread's first (row, unit) pair, loaded before the product (its
-    // latency hidden by it).
-    A xv[G];
-    if (static_cast<int>(threadIdx.x) < pairs) {
-      const T* x = xp + (row0 + threadIdx.x / nu) * GH + u0 + threadIdx.x % nu;
-#pragma unroll
-      for (int g = 0; g < G; ++g) xv[g] = A(load(x + g * H));
-    }
     if constexpr (Async) {
       // h_{t-1}: the other blocks' columns of stage s % 2 (sent at step s - 1; step 0 reads h0).
-      // x_t's loads above are in flight meanwhile.
       if (rows_sent > 0) {
         mbarrier_wait(&full[s & 1], (parity >> (s & 1)) & 1u);
         parity ^= 1u << (s & 1);
@@ -706,6 +708,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     }
     if (s + 1 < a.steps) {
       next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
+      load_x(next_step);
       if (!Grid && blocks > 1 && nu > 0) {
         __syncthreads();
         // Async: only to the blocks that own units (see `used`).
