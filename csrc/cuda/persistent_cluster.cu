@@ -543,8 +543,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   // another block's shared memory.
   if constexpr (!Grid) cluster.sync();
 
-  // Each step's geometry is read before the barrier that opens it: cluster.sync() invalidates L1
-  // (CCTL.IVALL), so reading it after would put an L2 round trip at the head of every step.
+  // Each step's geometry is read at the top of the step before it: the barrier (or the acquire) that
+  // opens a step invalidates L1 (CCTL.IVALL), so every read of it is an L2 round trip, which this way
+  // overlaps a step's work instead of opening a step or holding up the prefetches at its end.
   TileStep next_step = tile_step(geo, geo.t_of(0), tile0, Bt);
   // x_t's projection for this thread's first (row, unit) pair of a step, loaded during the step before
   // (after its cell phase), so that its L2 latency overlaps that step's exchange and barrier instead
@@ -559,7 +560,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   load_x(next_step);
   const int64_t steps = (Async && nu == 0) ? 0 : a.steps;
   for (int64_t s = 0; s < steps; ++s) {
-    [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;
+    [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
+    if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
     const int pairs = rows * nu;
     T* cur = stage + (Grid ? 0 : (s & 1) * tb.state_rows * LD);
     T* nxt = stage + (Grid ? 0 : ((s + 1) & 1) * tb.state_rows * LD);
@@ -707,7 +709,6 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
     }
     if (s + 1 < a.steps) {
-      next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
       load_x(next_step);
       if (!Grid && blocks > 1 && nu > 0) {
         __syncthreads();
@@ -839,12 +840,13 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
                                  first.h);
   };
 
-  // The steps in reverse of the forward order; each one's geometry read before the barrier that
-  // opens it (see the forward).
+  // The steps in reverse of the forward order; each one's geometry read at the top of the step before
+  // (see the forward).
   TileStep next_step = tile_step(geo, geo.t_of(a.steps - 1), tile0, Bt);
   load_first(next_step);
   for (int64_t s = 0; s < a.steps; ++s) {
-    const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;
+    const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
+    if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(a.steps - 2 - s), tile0, Bt);
     const int pairs = rows * nu;
     double* part_g = part_g_base + (Async ? (s & 1) * blocks * Bt : 0);
     if constexpr (Async) {
@@ -1049,10 +1051,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         }
       }
     }
-    if (s + 1 < a.steps) {
-      next_step = tile_step(geo, geo.t_of(a.steps - 2 - s), tile0, Bt);
-      load_first(next_step);
-    }
+    if (s + 1 < a.steps) load_first(next_step);
     if constexpr (Async) {
       __syncthreads();  // the own partials (and block 0's own Σ dc²)
       if (inbox_row_bytes > 0 && rows > 0) {
