@@ -139,7 +139,8 @@ struct BackwardLayout {
   size_t bars, part_g, part_c, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
 };
 
-// Grid: part_g, part_c and the inbox are in global memory (BackwardArgs::scratch, grid_scratch).
+// Grid: part_g, part_c and the inbox are in global memory (BackwardArgs::scratch, grid_scratch); part_g
+// here holds a copy of the step's partials (g², then in block 0 dc²), loaded all at once.
 __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int gates, int units, int tile_rows,
                                                           int blocks, size_t acc, size_t elem, bool mma,
                                                           Exchange x) {
@@ -150,7 +151,7 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
   l.bars = c.take(async_exchange ? 3 : 0, sizeof(uint64_t));  // [3]: part_g[0], part_g[1], inbox complete
   // [parities][blocks][Bt]: Σ g² over each block's units; the st.async exchange double-buffers it
   // by step parity (a block with no units can run a step ahead: see the backward kernel).
-  l.part_g = c.take(in_smem ? (async_exchange ? 2 : 1) * blocks * rows : 0, sizeof(double));
+  l.part_g = c.take((async_exchange ? 2 : 1) * blocks * rows, sizeof(double));
   l.part_c = c.take(in_smem ? blocks * rows : 0, sizeof(double));  // [blocks][Bt]: Σ dc² (block 0 reads them)
   l.row_norm = c.take(rows, acc);                    // [Bt]
   l.dh_next = c.take(ru, acc);  // [Bt][U]: dh_prev of the step processed before, own units
@@ -263,45 +264,42 @@ __device__ __forceinline__ void load4_cg(double (&v)[4], const double* p) {
   v[0] = q0.x, v[1] = q0.y, v[2] = q1.x, v[3] = q1.y;
 }
 
-// Σ_{r < count} p[r * stride], added in the order r = 0, 1, ...; the loads eight at a time.
-__device__ __forceinline__ double sum_cg(const double* p, int count, int stride) {
-  constexpr int kBatch = 8;
-  double sum = 0.0;
-  for (int r0 = 0; r0 < count; r0 += kBatch) {
-    double v[kBatch];
+// Copies elements [0, total) block-wide, `kBatch` loads in flight per thread: load(i) then store(i, v).
+template <int kBatch, typename Load, typename Store>
+__device__ __forceinline__ void copy_batched(int total, Load load, Store store) {
+  for (int base = 0; base < total; base += kBatch * kThreads) {
+    decltype(load(0)) v[kBatch];
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) v[j] = r0 + j < count ? __ldcg(p + (r0 + j) * stride) : 0.0;
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) sum += v[j];  // the padding adds +0.0 to a sum of squares: no change
-  }
-  return sum;
-}
-
-// Rows [0, rows) of the row-major [*, cols] `src` into `dst` (row length ld), block-wide: 16-byte
-// loads where the rows are whole 16-byte chunks, four in flight per thread.
-template <typename T>
-__device__ __forceinline__ void load_rows_cg(T* dst, int ld, const T* src, int cols, int rows) {
-  constexpr int V = kChunk / static_cast<int>(sizeof(T)), kBatch = 4;
-  if (cols % V == 0 && reinterpret_cast<uintptr_t>(src) % kChunk == 0) {
-    const int per_row = cols / V, total = rows * per_row;
-    for (int base = 0; base < total; base += kBatch * kThreads) {
-      uint4 v[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
-        if (i < total) v[j] = __ldcg(reinterpret_cast<const uint4*>(src + static_cast<int64_t>(i / per_row) * cols) + i % per_row);
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
-        if (i < total) reinterpret_cast<uint4*>(dst + (i / per_row) * ld)[i % per_row] = v[j];
-      }
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
+      if (i < total) v[j] = load(i);
     }
-  } else {
-    for (int i = threadIdx.x; i < rows * cols; i += kThreads) dst[i / cols * ld + i % cols] = __ldcg(src + i);
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
+      if (i < total) store(i, v[j]);
+    }
   }
 }
 
+// Rows [0, rows) of `cols` columns of the row-major `src` (row length src_ld; global memory written by
+// other blocks before the last grid barrier, so read through L2) into `dst` (row length ld),
+// block-wide: 16-byte loads where the rows are whole 16-byte chunks, four loads in flight per thread.
+template <typename T>
+__device__ __forceinline__ void load_rows_cg(T* dst, int ld, const T* src, int src_ld, int cols, int rows) {
+  constexpr int V = kChunk / static_cast<int>(sizeof(T));
+  if (cols % V == 0 && src_ld % V == 0 && reinterpret_cast<uintptr_t>(src) % kChunk == 0) {
+    const int per_row = cols / V;
+    copy_batched<4>(
+        rows * per_row,
+        [&](int i) { return __ldcg(reinterpret_cast<const uint4*>(src + static_cast<int64_t>(i / per_row) * src_ld) + i % per_row); },
+        [&](int i, const uint4& v) { reinterpret_cast<uint4*>(dst + (i / per_row) * ld)[i % per_row] = v; });
+  } else {
+    copy_batched<4>(
+        rows * cols, [&](int i) { return __ldcg(src + static_cast<int64_t>(i / cols) * src_ld + i % cols); },
+        [&](int i, const T& v) { dst[i / cols * ld + i % cols] = v; });
+  }
+}
 
 // The st.async exchange (Exchange::ClusterAsync). A receiver's mbarrier completes a phase when its own
 // thread 0 has arrived (announcing the bytes it expects that phase, arrive.expect_tx) and the senders'
@@ -575,7 +573,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     if constexpr (Grid) {
       // h_{t-1} of the continuing samples, all H columns, as every block stored it to `out` before the
       // grid barrier that ended the step before. (Columns past H keep their zeros.)
-      load_rows_cg(cur, LD, out + prev_row0 * H, H, rows_prev);
+      load_rows_cg(cur, LD, out + prev_row0 * H, H, H, rows_prev);
     }
     for (int i = threadIdx.x; i < (rows - rows_prev) * H; i += kThreads) {  // samples starting here
       const int b = rows_prev + i / H, k = i % H;
@@ -763,12 +761,16 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   A* gbuf = reinterpret_cast<A*>(smem_raw + lay.gbuf);
   A* direct = reinterpret_cast<A*>(smem_raw + lay.direct);
   A* inbox = reinterpret_cast<A*>(smem_raw + lay.inbox);
-  if constexpr (Grid) {  // the tile's part of the global scratch (grid_scratch)
+  // Grid: the tile's part of the global scratch (grid_scratch): the [blocks][Bt] partial sums of g²
+  // and dc² (copied into part_g to be summed), the inboxes.
+  double* grid_part_g = nullptr;
+  double* grid_part_c = nullptr;
+  if constexpr (Grid) {
     const GridScratch gs = grid_scratch(static_cast<int>(gridDim.x) / blocks, blocks, Bt, U);
     double* scratch = static_cast<double*>(a.scratch);
     const size_t tile = blockIdx.x / blocks;
-    part_g_base = scratch + gs.part_g + tile * blocks * Bt;
-    part_c = scratch + gs.part_c + tile * blocks * Bt;
+    grid_part_g = scratch + gs.part_g + tile * blocks * Bt;
+    grid_part_c = scratch + gs.part_c + tile * blocks * Bt;
     inbox = reinterpret_cast<A*>(scratch + gs.inbox) + tile * blocks * blocks * Bt * U;
   }
   // Where block `owner`'s inbox is: in its shared memory (the same offset as here), or (Grid) its own
@@ -875,7 +877,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       double sum = 0.0;
       for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
       if constexpr (Grid) {
-        part_g[rank * Bt + b] = sum;
+        grid_part_g[rank * Bt + b] = sum;
       } else if constexpr (Async) {
         if (r == rank) {
           part_g[rank * Bt + b] = sum;
@@ -895,15 +897,15 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     } else {
       exchange_barrier<X>(cluster);
     }
+    if constexpr (Grid) {  // every block's partials at once (one L2 round trip), then as in a cluster
+      load_rows_cg(part_g, Bt, grid_part_g, Bt, rows, blocks);
+      __syncthreads();
+    }
 
     // B: the full norms, clipping, gate gradients of own units.
     for (int b = threadIdx.x; b < rows; b += kThreads) {
       double sum = 0.0;
-      if constexpr (Grid) {
-        sum = sum_cg(part_g + b, blocks, Bt);
-      } else {
-        for (int r = 0; r < blocks; ++r) sum += part_g[r * Bt + b];
-      }
+      for (int r = 0; r < blocks; ++r) sum += part_g[r * Bt + b];
       row_norm[b] = static_cast<A>(sqrt(sum));
       if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
     }
@@ -955,7 +957,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
           double sum = 0.0;
           for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
           if constexpr (Grid) {
-            part_c[rank * Bt + b] = sum;
+            grid_part_c[rank * Bt + b] = sum;
           } else if constexpr (Async) {
             if (rank == 0) {
               part_c[b] = sum;
@@ -1072,8 +1074,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     };
     if constexpr (Grid) {
       // The inbox is in L2: each thread sums 4 consecutive units of a row over a range of senders,
-      // with eight 16-byte loads in flight, and `parts` adjacent lanes split the senders (a fixed
-      // shuffle tree combines their ranges, so the sum is the same in every run).
+      // with up to kLoads 16-byte loads in flight (64 registers), and `parts` adjacent lanes split
+      // the senders (a fixed shuffle tree combines their ranges, so the sum is the same in every run):
+      // at B = 16, H = 768 over 48 blocks, 12 senders a thread, one L2 round trip.
       const A* own = inbox_of(rank);
       const int quads = (nu + 3) / 4, items = rows * quads;
       int parts = 1;
@@ -1085,10 +1088,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         const int b = valid ? i / parts / quads : 0, q = valid ? i / parts % quads : 0;
         A acc[4] = {A(0), A(0), A(0), A(0)};
         const int r_end = valid ? min(used, (part + 1) * per_part) : 0;
-        for (int r0 = part * per_part; r0 < r_end; r0 += 8) {
-          A v[8][4];
+        constexpr int kLoads = 64 / static_cast<int>(sizeof(A));
+        for (int r0 = part * per_part; r0 < r_end; r0 += kLoads) {
+          A v[kLoads][4];
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
+          for (int j = 0; j < kLoads; ++j) {
             if (r0 + j < r_end) {
               load4_cg(v[j], own + ((r0 + j) * Bt + b) * U + 4 * q);
             } else {
@@ -1096,7 +1100,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
             }
           }
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
+          for (int j = 0; j < kLoads; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[e] += v[j][e];
           }
@@ -1121,13 +1125,15 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
     if constexpr (C == Cell::LSTM) {
       if (a.norm_c != nullptr && rank == 0) {
+        const double* parts = part_c;
+        if constexpr (Grid) {  // copied as in phase B, into part_g (read there already)
+          load_rows_cg(part_g, Bt, grid_part_c, Bt, rows, used);
+          __syncthreads();
+          parts = part_g;
+        }
         for (int b = threadIdx.x; b < rows; b += kThreads) {
           double sum = 0.0;
-          if constexpr (Grid) {
-            sum = sum_cg(part_c + b, used, Bt);
-          } else {
-            for (int r = 0; r < used; ++r) sum += part_c[r * Bt + b];
-          }
+          for (int r = 0; r < used; ++r) sum += parts[r * Bt + b];
           a.norm_c[row0 + b] = static_cast<float>(sqrt(sum));
         }
       }
