@@ -145,12 +145,14 @@ def backward_block(c, r, *, hidden, units, rows, mma, acc_bytes, norm_c):
     used = -(-hidden // units)
     inbox_row_bytes = 0
     if nu > 0:  # the kernel's formula
-        inbox_row_bytes = (used - 1) * ((nu + 1) // 2) * 8 if mma else (used - 1) * ((nu + 3) // 4) * 4 * acc_bytes
+        inbox_row_bytes = (used - 1) * ((nu + 3) // 4) * 4 * acc_bytes
         if norm_c and r == 0:
             inbox_row_bytes += (used - 1) * 8
-    # The reduce-scatter's stores, as the kernel's loops issue them: MMA, unit pairs k, k + 1 for
-    # every even k < H (8 bytes); FMA, 4-unit chunks for every k0 < H in steps of 4.
-    pieces = [(k, 8) for k in range(0, hidden, 2)] if mma else [(k, 4 * acc_bytes) for k in range(0, hidden, 4)]
+    # The reduce-scatter's stores, as the kernel's loops issue them (send_partials): 4-unit chunks for
+    # every k < H in steps of 4 (MMA: two lanes' accumulator pairs traded by a shuffle; float32 on
+    # the tensor cores).
+    assert not mma or acc_bytes == 4
+    pieces = [(k, 4 * acc_bytes) for k in range(0, hidden, 4)]
     for s in range(len(rows)):
         p = s & 1
         g_phase = sum(1 for q in range(s) if rows[q] > 0 and q & 1 == p)  # steps with rows only

@@ -288,7 +288,8 @@ __device__ __forceinline__ void copy_batched(int total, Load load, Store store) 
 template <typename T>
 __device__ __forceinline__ void load_rows_cg(T* dst, int ld, const T* src, int src_ld, int cols, int rows) {
   constexpr int V = kChunk / static_cast<int>(sizeof(T));
-  if (cols % V == 0 && src_ld % V == 0 && reinterpret_cast<uintptr_t>(src) % kChunk == 0) {
+  if (cols % V == 0 && src_ld % V == 0 && ld % V == 0 && reinterpret_cast<uintptr_t>(src) % kChunk == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % kChunk == 0) {
     const int per_row = cols / V;
     copy_batched<4>(
         rows * per_row,
@@ -348,18 +349,12 @@ __device__ __forceinline__ uint32_t remote_address(const void* local, int rank) 
   return remote;
 }
 
-// st.async of 16, 8 (two words) or 8 (one double) bytes to `dst` in block `rank`, completing on that
-// block's twin of `bar`.
+// st.async of 16 bytes or of one double to `dst` in block `rank`, completing on that block's twin of
+// `bar`.
 __device__ __forceinline__ void send_async(void* dst, const uint4& v, int rank, uint64_t* bar) {
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
                    remote_address(dst, rank)),
                "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(remote_address(bar, rank))
-               : "memory");
-}
-__device__ __forceinline__ void send_async(void* dst, float2 v, int rank, uint64_t* bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(
-                   remote_address(dst, rank)),
-               "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(remote_address(bar, rank))
                : "memory");
 }
 __device__ __forceinline__ void send_async(void* dst, double v, int rank, uint64_t* bar) {
@@ -479,7 +474,8 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 // __launch_bounds__(kThreads, 1): one block per SM is all these kernels need (a tile's cluster runs
 // the whole sequence; the plan counts resident clusters), so registers may go up to 255 a thread.
 // With the default heuristic ptxas held some kernels to 64 and spilled, to local memory whose L1
-// lines each step's barrier (or acquire) invalidates. Now: no spills, at most 166 registers.
+// lines each step's barrier (or acquire) invalidates. Now: no spills, at most 204 registers (the wide
+// backward's 16 loads in flight).
 template <Cell C, typename T, Exchange X, bool Mma>
 __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
@@ -541,25 +537,30 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   // another block's shared memory.
   if constexpr (!Grid) cluster.sync();
 
-  // Each step's geometry is read at the top of the step before it: the barrier (or the acquire) that
+  // Each step's geometry is loaded at the top of the step before it (the barrier or the acquire that
   // opens a step invalidates L1 (CCTL.IVALL), so every read of it is an L2 round trip, which this way
-  // overlaps a step's work instead of opening a step or holding up the prefetches at its end.
+  // overlaps a step's work), and turned into a TileStep at the end of that step, where the prefetches
+  // need it (the arithmetic would wait for the loads).
   TileStep next_step = tile_step(geo, geo.t_of(0), tile0, Bt);
+  StepLoads upcoming{};
   // x_t's projection for this thread's first (row, unit) pair of a step, loaded during the step before
   // (after its cell phase), so that its L2 latency overlaps that step's exchange and barrier instead
-  // of this step's product. Nothing in this launch writes xp.
-  A xv[G];
+  // of this step's product; kept in the storage dtype until the cell phase (a conversion would wait for
+  // the loads). Nothing in this launch writes xp.
+  T x_first[G];
   const auto load_x = [&](const TileStep& st) {
     if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
     const T* x = xp + (st.row0 + threadIdx.x / nu) * GH + u0 + threadIdx.x % nu;
 #pragma unroll
-    for (int g = 0; g < G; ++g) xv[g] = A(load(x + g * H));
+    for (int g = 0; g < G; ++g) x_first[g] = x[g * H];
   };
   load_x(next_step);
   const int64_t steps = (Async && nu == 0) ? 0 : a.steps;
   for (int64_t s = 0; s < steps; ++s) {
     [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
-    if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(s + 1), tile0, Bt);
+    // (Unconditional, the last step reloading itself: a branch around loads makes ptxas wait for every
+    // load in flight on the same scoreboard, the x_t prefetch included.)
+    upcoming = load_step(geo, geo.t_of(min(s + 1, a.steps - 1)));
     const int pairs = rows * nu;
     T* cur = stage + (Grid ? 0 : (s & 1) * tb.state_rows * LD);
     T* nxt = stage + (Grid ? 0 : ((s + 1) & 1) * tb.state_rows * LD);
@@ -683,7 +684,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const int64_t row = row0 + b;
-      if (pair != static_cast<int>(threadIdx.x)) {
+      A xv[G];  // x_t's projection
+      if (pair == static_cast<int>(threadIdx.x)) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) xv[g] = A(load(&x_first[g]));
+      } else {
 #pragma unroll
         for (int g = 0; g < G; ++g) xv[g] = A(load(xp + row * GH + g * H + u));
       }
@@ -707,6 +712,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
     }
     if (s + 1 < a.steps) {
+      next_step = tile_step(upcoming, tile0, Bt);
       load_x(next_step);
       if (!Grid && blocks > 1 && nu > 0) {
         __syncthreads();
@@ -811,7 +817,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   uint32_t parity = 0u;  // Async: bits 0, 1: full_g[0], full_g[1]; bit 2: full_in
   if constexpr (Async) {
     if (nu > 0) {
-      inbox_row_bytes = Mma ? (used - 1) * ((nu + 1) / 2) * 8 : (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);
+      inbox_row_bytes = (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);  // 4-unit pieces: send_partials
       if (C == Cell::LSTM && a.norm_c != nullptr && rank == 0) inbox_row_bytes += (used - 1) * sizeof(double);
     }
     if (threadIdx.x == 0) {
@@ -827,28 +833,30 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   // (grad_out, the saved workspace slots, c/h of the step before, h_t), loaded during the step before
   // (after its phase C), so that their latency overlaps that step's exchange instead of opening this
   // one. Nothing in this launch writes them.
+  // They stay in their storage dtypes until used (a conversion would wait for the loads).
   struct FirstPair {
-    A g_out, prev, h;
+    T g_out;
+    UnitStateLoads<T, A> state;
     A saved[S > 0 ? S : 1];
   } first;
   const auto load_first = [&](const TileStep& st) {
     if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
     const int b = threadIdx.x / nu, u = u0 + threadIdx.x % nu;
     const int64_t row = st.row0 + b;
-    first.g_out = A(load(ptrs.grad_out + row * H + u));
+    first.g_out = ptrs.grad_out[row * H + u];
 #pragma unroll
     for (int k = 0; k < S; ++k) first.saved[k] = ptrs.ws[(row * S + k) * H + u];
-    backward_unit_state<C, T, A>(ptrs, tile0 + b, row, st.prev_row0 + b, b >= st.rows_prev, H, u, first.prev,
-                                 first.h);
+    first.state = load_unit_state<C, T, A>(ptrs, tile0 + b, row, st.prev_row0 + b, b >= st.rows_prev, H, u);
   };
 
-  // The steps in reverse of the forward order; each one's geometry read at the top of the step before
-  // (see the forward).
+  // The steps in reverse of the forward order; each one's geometry loaded at the top of the step
+  // before and turned into a TileStep at its end (see the forward).
   TileStep next_step = tile_step(geo, geo.t_of(a.steps - 1), tile0, Bt);
+  StepLoads upcoming{};
   load_first(next_step);
   for (int64_t s = 0; s < a.steps; ++s) {
     const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
-    if (s + 1 < a.steps) next_step = tile_step(geo, geo.t_of(a.steps - 2 - s), tile0, Bt);
+    upcoming = load_step(geo, geo.t_of(a.steps - 1 - min(s + 1, a.steps - 1)));  // unconditional: see the forward
     const int pairs = rows * nu;
     double* part_g = part_g_base + (Async ? (s & 1) * blocks * Bt : 0);
     if constexpr (Async) {
@@ -867,8 +875,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const A incoming = b < rows_next ? dh_next[b * U + ul]
                                        : A(load(grad_h_n + static_cast<int64_t>(tile0 + b) * H + u));
-      const A out_grad =
-          pair == static_cast<int>(threadIdx.x) ? first.g_out : A(load(grad_out + (row0 + b) * H + u));
+      const A out_grad = pair == static_cast<int>(threadIdx.x) ? A(load(&first.g_out))
+                                                               : A(load(grad_out + (row0 + b) * H + u));
       gbuf[b * U + ul] = out_grad + incoming;
     }
     __syncthreads();
@@ -919,8 +927,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       if (pair == static_cast<int>(threadIdx.x)) {
 #pragma unroll
         for (int k = 0; k < S; ++k) saved[k] = first.saved[k];
-        prev = first.prev;
-        h = first.h;
+        unit_state<C, T, A>(first.state, starts, prev, h);
       } else {
 #pragma unroll
         for (int k = 0; k < S; ++k) saved[k] = ws[(row * S + k) * H + u];
@@ -972,7 +979,23 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
 
     // C: this block's gate columns times its W_hh rows: a partial dh_prev for every unit k, sent to
-    // the unit's owner.
+    // the unit's owner, four units (16 bytes for float) per store: a remote store costs about the
+    // same per instruction whatever its width (scripts/persistent_probe.cu). Units k..k + 3 (k a
+    // multiple of 4, and so is U: one owner; past H, slots nobody reads) of row b.
+    const auto send_partials = [&](int b, int k, const A (&v)[4]) {
+      A* slot = inbox_of(k / U) + (rank * Bt + b) * U + k % U;
+      if constexpr (Grid) {
+        store4(slot, v);
+      } else if constexpr (Async) {
+        if (k / U == rank) {
+          store4(slot, v);
+        } else {
+          send4_async(slot, v, k / U, full_in);
+        }
+      } else {
+        store4(cluster.map_shared_rank(slot, k / U), v);
+      }
+    };
     if constexpr (Mma) {
       // One warp per 16 x 8 tile: 16 rows b from m0, 8 output units k from k0.
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
@@ -986,27 +1009,15 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
           load_b(fb, wt, LDN, k0, n0, gid, tig);
           mma_step<T>(d, fa, fb);
         }
-        // Units k and k + 1 (k even, U even: one owner; past H, a slot nobody reads) in one store.
-        const int k = k0 + 2 * tig;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int b = m0 + gid + 8 * half;
-          if (b < rows && k < H) {
-            A* slot = inbox_of(k / U) + (rank * Bt + b) * U + k % U;
-            const float2 v = make_float2(d[2 * half], d[2 * half + 1]);
-            if constexpr (Grid) {
-              *reinterpret_cast<float2*>(slot) = v;
-            } else if constexpr (Async) {
-              if (k / U == rank) {
-                *reinterpret_cast<float2*>(slot) = v;
-              } else {
-                send_async(slot, v, k / U, full_in);
-              }
-            } else {
-              *reinterpret_cast<float2*>(cluster.map_shared_rank(slot, k / U)) = v;
-            }
-          }
-        }
+        // A lane holds columns 2 tig, 2 tig + 1 of rows gid and gid + 8; lanes tig and tig ^ 1 trade
+        // halves so that the even one holds columns 4 (tig / 2) .. + 3 of row gid, the odd one those
+        // of row gid + 8. (The loop is warp-uniform: every lane shuffles.)
+        const bool odd = tig & 1;
+        const float got0 = __shfl_xor_sync(0xffffffffu, odd ? d[0] : d[2], 1);
+        const float got1 = __shfl_xor_sync(0xffffffffu, odd ? d[1] : d[3], 1);
+        const float v[4] = {odd ? got0 : d[0], odd ? got1 : d[1], odd ? d[2] : got0, odd ? d[3] : got1};
+        const int b = m0 + gid + (odd ? 8 : 0), k = k0 + 4 * (tig / 2);
+        if (b < rows && k < H) send_partials(b, k, v);
       }
     } else if (nu > 0) {
       // Register tiles of 4 rows x 4 consecutive units k (units-fastest: a warp reads contiguous
@@ -1037,23 +1048,14 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          if (r0 + i >= rows) continue;
-          A* slot = inbox_of(k0 / U) + (rank * Bt + r0 + i) * U + k0 % U;
-          if constexpr (Grid) {
-            store4(slot, acc[i]);
-          } else if constexpr (Async) {
-            if (k0 / U == rank) {
-              store4(slot, acc[i]);
-            } else {
-              send4_async(slot, acc[i], k0 / U, full_in);
-            }
-          } else {
-            store4(cluster.map_shared_rank(slot, k0 / U), acc[i]);
-          }
+          if (r0 + i < rows) send_partials(r0 + i, k0, acc[i]);
         }
       }
     }
-    if (s + 1 < a.steps) load_first(next_step);
+    if (s + 1 < a.steps) {
+      next_step = tile_step(upcoming, tile0, Bt);
+      load_first(next_step);
+    }
     if constexpr (Async) {
       __syncthreads();  // the own partials (and block 0's own Σ dc²)
       if (inbox_row_bytes > 0 && rows > 0) {

@@ -73,18 +73,9 @@ struct Geometry {
   int64_t steps;
   bool reverse;
   __device__ int64_t t_of(int64_t k) const { return reverse ? steps - 1 - k : k; }
-  // Step processed before t in the forward recurrence (-1: none) and rows continuing from it.
+  // The steps processed before and after t in the forward recurrence (-1: none).
   __device__ int64_t prev(int64_t t) const { return reverse ? (t + 1 < steps ? t + 1 : -1) : t - 1; }
-  __device__ int64_t n_prev(int64_t t) const {
-    const int64_t p = prev(t);
-    return p < 0 ? 0 : min(sizes[t], sizes[p]);
-  }
-  // Step processed after t in the forward recurrence (-1: none) and rows continuing into it.
   __device__ int64_t next(int64_t t) const { return reverse ? t - 1 : (t + 1 < steps ? t + 1 : -1); }
-  __device__ int64_t n_next(int64_t t) const {
-    const int64_t n = next(t);
-    return n < 0 ? 0 : min(sizes[t], sizes[n]);
-  }
 };
 
 
@@ -151,11 +142,27 @@ struct TileStep {
   int rows, rows_prev, rows_next;
 };
 
+// What tile_step reads of the geometry (global memory) for step t, as loaded: a kernel that reads a
+// step ahead issues these loads early and does the arithmetic, which waits for them, later.
+struct StepLoads {
+  int64_t offset, prev_offset;           // first rows of t and of the step processed before it
+  int64_t size, prev_size, next_size;    // batch sizes of t and of the steps before and after (0: none)
+};
+
+__device__ __forceinline__ StepLoads load_step(const Geometry& geo, int64_t t) {
+  const int64_t p = geo.prev(t), n = geo.next(t);
+  return {geo.offsets[t], p < 0 ? 0 : geo.offsets[p], geo.sizes[t], p < 0 ? 0 : geo.sizes[p],
+          n < 0 ? 0 : geo.sizes[n]};
+}
+
+__device__ __forceinline__ TileStep tile_step(const StepLoads& l, int tile0, int tile_rows) {
+  return {l.offset + tile0, l.prev_offset + tile0, rows_below(l.size, tile0, tile_rows),
+          rows_below(min(l.size, l.prev_size), tile0, tile_rows),
+          rows_below(min(l.size, l.next_size), tile0, tile_rows)};
+}
+
 __device__ __forceinline__ TileStep tile_step(const Geometry& geo, int64_t t, int tile0, int tile_rows) {
-  const int64_t p = geo.prev(t);
-  return {geo.offsets[t] + tile0, (p < 0 ? 0 : geo.offsets[p]) + tile0,
-          rows_below(geo.sizes[t], tile0, tile_rows), rows_below(geo.n_prev(t), tile0, tile_rows),
-          rows_below(geo.n_next(t), tile0, tile_rows)};
+  return tile_step(load_step(geo, t), tile0, tile_rows);
 }
 
 // The cell of one (row, unit) in a persistent forward step. x: x_t's projection (b_ih included) and
@@ -222,20 +229,54 @@ __device__ __forceinline__ void backward_unit(A dh, A dc_in, const A* saved, int
   for (int g = 0; g < kGates<C>; ++g) store(dx + g * H + u, dg[g]);
 }
 
-// backward_unit's state inputs for one (sample, unit u) at step t, where `row` is the sample's row at t
-// and `prev_row` its row at the step the forward processed before t: prev = c_{t-1} (LSTM, from the
-// workspace, or c0 where the sample starts at t) or h_{t-1} (GRU, from `out`, or h0), h = h_t (RNN).
+// backward_unit's state inputs for one (sample, unit u) at step t as loaded, before any conversion (a
+// conversion waits for its load, so a kernel that prefetches them keeps them raw until they are used):
+// `stored` in the storage dtype (LSTM: c0 where the sample starts; GRU: h_{t-1}, from `out` or h0;
+// RNN: h_t), `acc` the LSTM's c_{t-1} from the workspace where the sample continues. `row` is the
+// sample's row at t, `prev_row` its row at the step the forward processed before t.
+template <typename T, typename A>
+struct UnitStateLoads {
+  T stored;
+  A acc;
+};
+
+template <Cell C, typename T, typename A>
+__device__ __forceinline__ UnitStateLoads<T, A> load_unit_state(const BackwardPointers<T, A>& p, int64_t sample,
+                                                                int64_t row, int64_t prev_row, bool starts, int H,
+                                                                int u) {
+  UnitStateLoads<T, A> l{};
+  if constexpr (C == Cell::LSTM) {
+    if (starts) {
+      l.stored = p.c0[sample * H + u];
+    } else {
+      l.acc = p.ws[prev_row * kSlots<C> * H + 4 * H + u];
+    }
+  } else if constexpr (C == Cell::GRU) {
+    l.stored = starts ? p.h0[sample * H + u] : p.out[prev_row * H + u];
+  } else {
+    l.stored = p.out[row * H + u];
+  }
+  return l;
+}
+
+// The state inputs from their loads: prev = c_{t-1} (LSTM) or h_{t-1} (GRU), h = h_t (RNN).
+template <Cell C, typename T, typename A>
+__device__ __forceinline__ void unit_state(const UnitStateLoads<T, A>& l, bool starts, A& prev, A& h) {
+  prev = h = A(0);
+  if constexpr (C == Cell::LSTM) {
+    prev = starts ? A(load(&l.stored)) : l.acc;
+  } else if constexpr (C == Cell::GRU) {
+    prev = A(load(&l.stored));
+  } else {
+    h = A(load(&l.stored));
+  }
+}
+
+// Both at once.
 template <Cell C, typename T, typename A>
 __device__ __forceinline__ void backward_unit_state(const BackwardPointers<T, A>& p, int64_t sample, int64_t row,
                                                     int64_t prev_row, bool starts, int H, int u, A& prev, A& h) {
-  prev = h = A(0);
-  if constexpr (C == Cell::LSTM) {
-    prev = starts ? A(load(p.c0 + sample * H + u)) : p.ws[prev_row * kSlots<C> * H + 4 * H + u];
-  } else if constexpr (C == Cell::GRU) {
-    prev = starts ? A(load(p.h0 + sample * H + u)) : A(load(p.out + prev_row * H + u));
-  } else {
-    h = A(load(p.out + row * H + u));
-  }
+  unit_state<C, T, A>(load_unit_state<C, T, A>(p, sample, row, prev_row, starts, H, u), starts, prev, h);
 }
 
 // The LSTM's cell-state gradient arriving at step t for (sample, unit u): *dc_next where the sample
