@@ -168,12 +168,14 @@ if stage profile; then
     echo "profile: no nsys on this machine"
   fi
   if command -v ncu >/dev/null 2>&1; then
-    for kernel in cluster cluster-async; do
+    # (wide at H=768, the size it is for: 48 blocks; the others at H=256)
+    for kernel in cluster cluster-async wide; do
+      shape=""; [ $kernel = wide ] && shape="64 16 768"
       for pass in forward backward; do
         PYTHONPATH=$PWD timeout 150 ncu --profile-from-start off --kernel-name regex:cluster_${pass}_kernel \
           --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
           --section MemoryWorkloadAnalysis --section LaunchStats \
-          python3 scripts/profile_case.py lstm $kernel float16 > "$OUT/ncu-$kernel-$pass.txt" 2>&1 || status=1
+          python3 scripts/profile_case.py lstm $kernel float16 $shape > "$OUT/ncu-$kernel-$pass.txt" 2>&1 || status=1
       done
     done
   else

@@ -1,7 +1,7 @@
 """One small, repeatable GPU case for the profilers (scripts/gpu_check.sh, stage "profile").
 
     python3 scripts/profile_case.py CELL KERNEL DTYPE [T B H]
-      CELL: lstm | gru | rnn_tanh;  KERNEL: step | persistent | cluster;  DTYPE: float32 | float16
+      CELL: lstm | gru | rnn_tanh;  KERNEL: an RNNKERN_CUDA_KERNEL value;  DTYPE: float32 | float16
 
 Runs a few warm-up forward+backward calls, then three more between cudaProfilerStart/Stop, so that
 `nsys profile --capture-range=cudaProfilerApi` and `ncu --profile-from-start off` see only those.
