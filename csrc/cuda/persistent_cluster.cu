@@ -474,7 +474,7 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 // __launch_bounds__(kThreads, 1): one block per SM is all these kernels need (a tile's cluster runs
 // the whole sequence; the plan counts resident clusters), so registers may go up to 255 a thread.
 // With the default heuristic ptxas held some kernels to 64 and spilled, to local memory whose L1
-// lines each step's barrier (or acquire) invalidates. Now: no spills, at most 204 registers (the wide
+// lines each step's barrier (or acquire) invalidates. Now: no spills, at most 216 registers (the wide
 // backward's 16 loads in flight).
 template <Cell C, typename T, Exchange X, bool Mma>
 __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
@@ -811,13 +811,13 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   }
   for (int i = threadIdx.x; i < 2 * Bt * U; i += kThreads) dh_next[i] = A(0);  // dh_next, dc_next
   // Async: the bytes per batch row this block receives in its inbox each step: the partials of its
-  // units from every other block that owns units (MMA: unit pairs of 8 bytes; FMA: 4-unit chunks),
-  // and in block 0 the other such blocks' Σ dc² (LSTM, recorded norms).
+  // units from every other block that owns units (4-unit pieces: send_partials), and in block 0 the
+  // other such blocks' Σ dc² (LSTM, recorded norms).
   uint32_t inbox_row_bytes = 0;
   uint32_t parity = 0u;  // Async: bits 0, 1: full_g[0], full_g[1]; bit 2: full_in
   if constexpr (Async) {
     if (nu > 0) {
-      inbox_row_bytes = (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);  // 4-unit pieces: send_partials
+      inbox_row_bytes = (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);
       if (C == Cell::LSTM && a.norm_c != nullptr && rank == 0) inbox_row_bytes += (used - 1) * sizeof(double);
     }
     if (threadIdx.x == 0) {

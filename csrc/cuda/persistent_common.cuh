@@ -161,8 +161,13 @@ __device__ __forceinline__ TileStep tile_step(const StepLoads& l, int tile0, int
           rows_below(min(l.size, l.next_size), tile0, tile_rows)};
 }
 
+// The same read where it is used (the grid-wide kernels: with the loads all issued first, as in
+// load_step, ptxas spilled three of their float64 backward kernels).
 __device__ __forceinline__ TileStep tile_step(const Geometry& geo, int64_t t, int tile0, int tile_rows) {
-  return tile_step(load_step(geo, t), tile0, tile_rows);
+  const int64_t p = geo.prev(t), n = geo.next(t);
+  return {geo.offsets[t] + tile0, (p < 0 ? 0 : geo.offsets[p]) + tile0, rows_below(geo.sizes[t], tile0, tile_rows),
+          rows_below(p < 0 ? 0 : min(geo.sizes[t], geo.sizes[p]), tile0, tile_rows),
+          rows_below(n < 0 ? 0 : min(geo.sizes[t], geo.sizes[n]), tile0, tile_rows)};
 }
 
 // The cell of one (row, unit) in a persistent forward step. x: x_t's projection (b_ih included) and
