@@ -20,18 +20,21 @@
 //
 // Backward step (reverse order), with the same W_hh rows:
 //   A. g = grad_out + dh_next for own units; Σ g² over own units per row -> part_g[r] of every
-//      block;                                                                      cluster barrier
-//   B. ‖g‖ per row (the partials summed in rank order: the same bits in every block), clipping, the
-//      gate gradients of own units -> dgates rows (global, for the weight GEMMs) and `dgate` (local);
-//      LSTM: Σ dc² over own units -> part_c[r] of block 0;
+//      block (with clipping, which needs ‖g‖ before the cell);                     cluster barrier
+//      (without clipping, to block 0 only, with no barrier: it records ‖g‖ in D)
+//   B. with clipping, ‖g‖ per row (the partials summed in rank order: the same bits in every
+//      block) and the clipping; the gate gradients of own units -> dgates rows (global, for the
+//      weight GEMMs) and `dgate` (local); LSTM: Σ dc² over own units -> part_c[r] of block 0;
 //   C. this block's share of dh_prev = dgates @ W_hh: the product of its own gate columns with its
 //      W_hh rows, a partial sum for ALL H units, each sent to the unit's owner (inbox[r]): a
 //      reduce-scatter of B×H values per block instead of gathering all B×G×H gate gradients;
 //                                                                                  cluster barrier
 //   D. dh_prev of own units = Σ_r inbox[r] in rank order (+ GRU's direct term) -> dh_next, or
-//      grad_h0 where a sample starts; block 0 turns part_c into ‖dc_t‖.
-// Each exchanged buffer is written only in the phase after the barrier that ends its readers'
-// phase, so none needs double-buffering except the forward's stage.
+//      grad_h0 where a sample starts; block 0 turns part_c into ‖dc_t‖ (and part_g into ‖g_t‖
+//      without clipping).
+// Without clipping a step has one barrier, so the exchanged buffers have two copies by step parity:
+// a block writes step s + 2's only after the barrier of step s + 1, which every reader of step s's
+// passes after reading it. (The forward's stage is double-buffered the same way.)
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -139,8 +142,9 @@ struct BackwardLayout {
   size_t bars, part_g, part_c, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
 };
 
-// Grid: part_g, part_c and the inbox are in global memory (BackwardArgs::scratch, grid_scratch); part_g
-// here holds a copy of the step's partials (g², then in block 0 dc²), loaded all at once.
+// Every exchanged buffer has two copies, by step parity (see the backward kernel). Grid: part_g, part_c
+// and the inbox are in global memory (BackwardArgs::scratch, grid_scratch); part_g here holds a copy
+// of the step's partials ([0]: g², [1]: dc² in block 0), loaded all at once.
 __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int gates, int units, int tile_rows,
                                                           int blocks, size_t acc, size_t elem, bool mma,
                                                           Exchange x) {
@@ -148,17 +152,15 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
   const bool async_exchange = x == Exchange::ClusterAsync, in_smem = x != Exchange::Grid;
   Carve c;
   BackwardLayout l;
-  l.bars = c.take(async_exchange ? 3 : 0, sizeof(uint64_t));  // [3]: part_g[0], part_g[1], inbox complete
-  // [parities][blocks][Bt]: Σ g² over each block's units; the st.async exchange double-buffers it
-  // by step parity (a block with no units can run a step ahead: see the backward kernel).
-  l.part_g = c.take((async_exchange ? 2 : 1) * blocks * rows, sizeof(double));
-  l.part_c = c.take(in_smem ? blocks * rows : 0, sizeof(double));  // [blocks][Bt]: Σ dc² (block 0 reads them)
+  l.bars = c.take(async_exchange ? 4 : 0, sizeof(uint64_t));  // full_g[2], full_in[2]
+  l.part_g = c.take(2 * blocks * rows, sizeof(double));  // [2][blocks][Bt]: Σ g² over each block's units
+  l.part_c = c.take(in_smem ? 2 * blocks * rows : 0, sizeof(double));  // [2][blocks][Bt]: Σ dc² (to block 0)
   l.row_norm = c.take(rows, acc);                    // [Bt]
   l.dh_next = c.take(ru, acc);  // [Bt][U]: dh_prev of the step processed before, own units
   l.dc_next = c.take(ru, acc);  // [Bt][U] (LSTM)
   l.gbuf = c.take(ru, acc);     // [Bt][U]: g before clipping, then dc_t (LSTM)
   l.direct = c.take(ru, acc);   // [Bt][U]: GRU z ⊙ g
-  l.inbox = c.take(in_smem ? blocks * ru : 0, acc);  // [blocks][Bt][U]: each block's share of own units' dh_prev
+  l.inbox = c.take(in_smem ? 2 * blocks * ru : 0, acc);  // [2][blocks][Bt][U]: each block's share of own dh_prev
   if (mma) {
     l.dgate = l.w = 0;
     l.dgate16 = c.take(static_cast<size_t>(tb.state_rows) * tb.ldn, elem);  // [state_rows][LDN]
@@ -173,16 +175,17 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
 }
 
 // Exchange::Grid: what the backward's blocks exchange, in global memory (BackwardArgs::scratch; the
-// offsets and the size in float64 elements) for `tiles` tiles of `blocks` blocks: the partial sums of
-// g² and dc² ([tiles][blocks][Bt] each) and the inboxes ([tiles][owner][sender][Bt][U] in the acc
-// dtype, counted as float64: room for float32 too).
+// offsets and the size in float64 elements) for `tiles` tiles of `blocks` blocks, two copies of each
+// by step parity: the partial sums of g² and dc² ([2][tiles][blocks][Bt] each) and the inboxes
+// ([2][tiles][owner][sender][Bt][U] in the acc dtype, counted as float64: room for float32 too).
 struct GridScratch {
   size_t part_g, part_c, inbox, elements;
+  size_t partials, inboxes;  // the elements of one copy
 };
 
 __host__ __device__ inline GridScratch grid_scratch(int tiles, int blocks, int tile_rows, int units) {
-  const size_t partials = static_cast<size_t>(tiles) * blocks * tile_rows;
-  return {0, partials, 2 * partials, 2 * partials + partials * blocks * units};
+  const size_t partials = static_cast<size_t>(tiles) * blocks * tile_rows, inboxes = partials * blocks * units;
+  return {0, 2 * partials, 4 * partials, 4 * partials + 2 * inboxes, partials, inboxes};
 }
 
 // The kernels' bodies are compiled for sm_90 and newer only (and parsed in the host pass).
@@ -755,8 +758,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
   const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, X);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // Async: full_g[k] completes when the partials of a step of parity k are in; full_in when this
-  // block's inbox (and, in block 0, part_c) is.
+  // Async: full_g[k] completes when the partials of Σ g² of a step of parity k are in (clipping);
+  // full_in[k] when this block's inbox of that step is (and, in block 0, the partials of Σ dc² and,
+  // without clipping, of Σ g²).
   uint64_t* full_g = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);
   uint64_t* full_in = full_g + 2;
   double* part_g_base = reinterpret_cast<double*>(smem_raw + lay.part_g);
@@ -768,9 +772,12 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   A* direct = reinterpret_cast<A*>(smem_raw + lay.direct);
   A* inbox = reinterpret_cast<A*>(smem_raw + lay.inbox);
   // Grid: the tile's part of the global scratch (grid_scratch): the [blocks][Bt] partial sums of g²
-  // and dc² (copied into part_g to be summed), the inboxes.
+  // and dc² (copied into part_g to be summed), the inboxes; `copy`, `inbox_copy`: the distance to the
+  // other parity's copy.
   double* grid_part_g = nullptr;
   double* grid_part_c = nullptr;
+  const size_t staged = static_cast<size_t>(blocks) * Bt;  // between the copies in shared memory
+  size_t copy = staged, inbox_copy = staged * U;
   if constexpr (Grid) {
     const GridScratch gs = grid_scratch(static_cast<int>(gridDim.x) / blocks, blocks, Bt, U);
     double* scratch = static_cast<double*>(a.scratch);
@@ -778,10 +785,14 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     grid_part_g = scratch + gs.part_g + tile * blocks * Bt;
     grid_part_c = scratch + gs.part_c + tile * blocks * Bt;
     inbox = reinterpret_cast<A*>(scratch + gs.inbox) + tile * blocks * blocks * Bt * U;
+    copy = gs.partials;
+    inbox_copy = gs.inboxes;
   }
-  // Where block `owner`'s inbox is: in its shared memory (the same offset as here), or (Grid) its own
-  // [blocks][Bt][U] of the tile's scratch.
-  const auto inbox_of = [&](int owner) { return Grid ? inbox + static_cast<size_t>(owner) * blocks * Bt * U : inbox; };
+  // Without clipping, ‖g_t‖ is not needed before the cell backward: its partial sums go to block 0
+  // with the step's only exchange (the reduce-scatter), as the partial sums of ‖dc_t‖ always do, and
+  // a step has one barrier (or mbarrier wait) instead of two.
+  const bool clipping = a.clip > 0.0;
+  const bool norms_g_late = !clipping && a.norm_g != nullptr, norms_c = C == Cell::LSTM && a.norm_c != nullptr;
   // The dh product's operands. FMA: dgate[n][b] (acc dtype, transposed: a register tile's 4 rows
   // in one load) and W_hh rows w[n][k], n = g * U + ul. MMA: dgate16[b][n] as stored (T, state_rows x
   // LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
@@ -791,7 +802,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   T* wt = reinterpret_cast<T*>(smem_raw + lay.wt);
   const BackwardPointers<T, A> ptrs = typed<C, T, A>(a);
   const auto& [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] = ptrs;
-  const A clip = static_cast<A>(a.clip);
+  const A clip = static_cast<A>(a.clip);  // (clipping: > 0)
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
   if constexpr (Mma) {
@@ -812,16 +823,16 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   for (int i = threadIdx.x; i < 2 * Bt * U; i += kThreads) dh_next[i] = A(0);  // dh_next, dc_next
   // Async: the bytes per batch row this block receives in its inbox each step: the partials of its
   // units from every other block that owns units (4-unit pieces: send_partials), and in block 0 the
-  // other such blocks' Σ dc² (LSTM, recorded norms).
+  // other such blocks' Σ dc² (LSTM, recorded norms) and, without clipping, Σ g² (recorded norms).
   uint32_t inbox_row_bytes = 0;
-  uint32_t parity = 0u;  // Async: bits 0, 1: full_g[0], full_g[1]; bit 2: full_in
+  uint32_t parity = 0u;  // Async: bit k: full_g[k]; bit 2 + k: full_in[k]
   if constexpr (Async) {
     if (nu > 0) {
       inbox_row_bytes = (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);
-      if (C == Cell::LSTM && a.norm_c != nullptr && rank == 0) inbox_row_bytes += (used - 1) * sizeof(double);
+      if (rank == 0) inbox_row_bytes += (used - 1) * sizeof(double) * ((norms_c ? 1 : 0) + (norms_g_late ? 1 : 0));
     }
     if (threadIdx.x == 0) {
-      for (int k = 0; k < 3; ++k) mbarrier_init(&full_g[k]);
+      for (int k = 0; k < 4; ++k) mbarrier_init(&full_g[k]);
       mbarrier_init_fence();
     }
   }
@@ -858,19 +869,53 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
     upcoming = load_step(geo, geo.t_of(a.steps - 1 - min(s + 1, a.steps - 1)));  // unconditional: see the forward
     const int pairs = rows * nu;
-    double* part_g = part_g_base + (Async ? (s & 1) * blocks * Bt : 0);
+    // Every exchanged buffer by step parity: a block writes the copy of step s + 2 only after it has
+    // the data of step s + 1 from every block that reads it (their reduce-scatter sends, issued after
+    // their reads of step s), so one barrier or wait per step suffices where the norms are not needed
+    // before the cell (no clipping).
+    const int par = static_cast<int>(s & 1);
+    double* part_g = part_g_base + (Grid ? 0 : par * copy);  // Grid: the staging copy
+    double* part_c_s = part_c + par * copy;
+    A* inbox_s = inbox + par * inbox_copy;
+    // Where block `owner`'s inbox of this step is: in its shared memory (the same offset as here), or
+    // (Grid) its own [blocks][Bt][U] of the tile's scratch.
+    const auto inbox_of = [&](int owner) { return Grid ? inbox_s + static_cast<size_t>(owner) * blocks * Bt * U : inbox_s; };
+    double* grid_part_g_s = Grid ? grid_part_g + par * copy : nullptr;
+    double* grid_part_c_s = Grid ? grid_part_c + par * copy : nullptr;
+    // Σ over own units of gbuf² per row, to block 0's [blocks][Bt] `dst` (Grid: `grid_dst`, global),
+    // with this step's reduce-scatter.
+    const auto squares_to_block0 = [&](double* dst, double* grid_dst) {
+      for (int b = threadIdx.x; b < rows; b += kThreads) {
+        double sum = 0.0;
+        for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
+        if constexpr (Grid) {
+          grid_dst[rank * Bt + b] = sum;
+        } else if constexpr (Async) {
+          if (rank == 0) {
+            dst[b] = sum;
+          } else {
+            send_async(dst + rank * Bt + b, sum, 0, &full_in[par]);
+          }
+        } else {
+          *cluster.map_shared_rank(dst + rank * Bt + b, 0) = sum;
+        }
+      }
+    };
     if constexpr (Async) {
-      // This step's phases: each barrier's previous phase was waited for before the __syncthreads
-      // that ended the step before (full_g[s % 2] two steps back). Steps without rows exchange
-      // nothing and have no phases; they come first or last (a tile's rows are monotone in time), so
-      // the steps that exchange follow each other and every block's phases stay in step.
+      // This step's phases: each barrier's previous phase (two steps back) was waited for before the
+      // step before. Steps without rows exchange nothing and have no phases; they come first or last
+      // (a tile's rows are monotone in time), so the steps that exchange follow each other and every
+      // block's phases stay in step.
       if (threadIdx.x == 0 && rows > 0) {
-        if (blocks > 1) mbarrier_expect(&full_g[s & 1], static_cast<uint32_t>((blocks - 1) * rows * sizeof(double)));
-        if (inbox_row_bytes > 0) mbarrier_expect(full_in, static_cast<uint32_t>(rows) * inbox_row_bytes);
+        if (clipping && blocks > 1) {
+          mbarrier_expect(&full_g[par], static_cast<uint32_t>((blocks - 1) * rows * sizeof(double)));
+        }
+        if (inbox_row_bytes > 0) mbarrier_expect(&full_in[par], static_cast<uint32_t>(rows) * inbox_row_bytes);
       }
     }
 
-    // A: g for own units; its squares summed over own units, to every block.
+    // A: g for own units; its squares summed over own units, to every block (clipping: each needs the
+    // norms for the cell), else to block 0 (recorded norms).
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const A incoming = b < rows_next ? dh_next[b * U + ul]
@@ -880,48 +925,53 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       gbuf[b * U + ul] = out_grad + incoming;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < rows * (Grid ? 1 : blocks); i += kThreads) {
-      const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
-      double sum = 0.0;
-      for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
-      if constexpr (Grid) {
-        grid_part_g[rank * Bt + b] = sum;
-      } else if constexpr (Async) {
-        if (r == rank) {
-          part_g[rank * Bt + b] = sum;
+    if (clipping) {
+      for (int i = threadIdx.x; i < rows * (Grid ? 1 : blocks); i += kThreads) {
+        const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
+        double sum = 0.0;
+        for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
+        if constexpr (Grid) {
+          grid_part_g_s[rank * Bt + b] = sum;
+        } else if constexpr (Async) {
+          if (r == rank) {
+            part_g[rank * Bt + b] = sum;
+          } else {
+            send_async(part_g + rank * Bt + b, sum, r, &full_g[par]);
+          }
         } else {
-          send_async(part_g + rank * Bt + b, sum, r, &full_g[s & 1]);
+          *cluster.map_shared_rank(part_g + rank * Bt + b, r) = sum;
+        }
+      }
+      if constexpr (Async) {
+        __syncthreads();  // the own partials
+        if (blocks > 1 && rows > 0) {
+          mbarrier_wait(&full_g[par], (parity >> par) & 1u);
+          parity ^= 1u << par;
         }
       } else {
-        *cluster.map_shared_rank(part_g + rank * Bt + b, r) = sum;
+        exchange_barrier<X>(cluster);
       }
-    }
-    if constexpr (Async) {
-      __syncthreads();  // the own partials
-      if (blocks > 1 && rows > 0) {
-        mbarrier_wait(&full_g[s & 1], (parity >> (s & 1)) & 1u);
-        parity ^= 1u << (s & 1);
+      if constexpr (Grid) {  // every block's partials at once (one L2 round trip), then as in a cluster
+        load_rows_cg(part_g, Bt, grid_part_g_s, Bt, rows, blocks);
+        __syncthreads();
       }
-    } else {
-      exchange_barrier<X>(cluster);
+      // B: the full norms (the same bits in every block: summed in rank order), for the clipping.
+      for (int b = threadIdx.x; b < rows; b += kThreads) {
+        double sum = 0.0;
+        for (int r = 0; r < blocks; ++r) sum += part_g[r * Bt + b];
+        row_norm[b] = static_cast<A>(sqrt(sum));
+        if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
+      }
+    } else if (norms_g_late && nu > 0) {  // blocks without units add nothing
+      squares_to_block0(part_g, grid_part_g_s);
     }
-    if constexpr (Grid) {  // every block's partials at once (one L2 round trip), then as in a cluster
-      load_rows_cg(part_g, Bt, grid_part_g, Bt, rows, blocks);
-      __syncthreads();
-    }
+    __syncthreads();  // (gbuf is rewritten below)
 
-    // B: the full norms, clipping, gate gradients of own units.
-    for (int b = threadIdx.x; b < rows; b += kThreads) {
-      double sum = 0.0;
-      for (int r = 0; r < blocks; ++r) sum += part_g[r * Bt + b];
-      row_norm[b] = static_cast<A>(sqrt(sum));
-      if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
-    }
-    __syncthreads();
+    // B: clipping, the gate gradients of own units.
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const int64_t row = row0 + b;
-      const A dh = gbuf[b * U + ul] * clip_scale(row_norm[b], clip);
+      const A dh = clipping ? gbuf[b * U + ul] * clip_scale(row_norm[b], clip) : gbuf[b * U + ul];
       const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
       A saved[S > 0 ? S : 1], prev, h;
       if (pair == static_cast<int>(threadIdx.x)) {
@@ -959,23 +1009,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
     __syncthreads();
     if constexpr (C == Cell::LSTM) {
-      if (a.norm_c != nullptr && nu > 0) {  // blocks without units add nothing
-        for (int b = threadIdx.x; b < rows; b += kThreads) {
-          double sum = 0.0;
-          for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
-          if constexpr (Grid) {
-            grid_part_c[rank * Bt + b] = sum;
-          } else if constexpr (Async) {
-            if (rank == 0) {
-              part_c[b] = sum;
-            } else {
-              send_async(part_c + rank * Bt + b, sum, 0, full_in);
-            }
-          } else {
-            *cluster.map_shared_rank(part_c + rank * Bt + b, 0) = sum;
-          }
-        }
-      }
+      if (norms_c && nu > 0) squares_to_block0(part_c_s, grid_part_c_s);  // blocks without units add nothing
     }
 
     // C: this block's gate columns times its W_hh rows: a partial dh_prev for every unit k, sent to
@@ -990,7 +1024,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         if (k / U == rank) {
           store4(slot, v);
         } else {
-          send4_async(slot, v, k / U, full_in);
+          send4_async(slot, v, k / U, &full_in[par]);
         }
       } else {
         store4(cluster.map_shared_rank(slot, k / U), v);
@@ -1059,8 +1093,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     if constexpr (Async) {
       __syncthreads();  // the own partials (and block 0's own Σ dc²)
       if (inbox_row_bytes > 0 && rows > 0) {
-        mbarrier_wait(full_in, (parity >> 2) & 1u);
-        parity ^= 4u;
+        mbarrier_wait(&full_in[par], (parity >> (2 + par)) & 1u);
+        parity ^= 1u << (2 + par);
       }
     } else {
       exchange_barrier<X>(cluster);
@@ -1121,23 +1155,30 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
         const int b = pair / nu, ul = pair % nu;
         A sum = C == Cell::GRU ? direct[b * U + ul] : A(0);
-        for (int r = 0; r < used; ++r) sum += inbox[(r * Bt + b) * U + ul];
+        for (int r = 0; r < used; ++r) sum += inbox_s[(r * Bt + b) * U + ul];
         finish_unit(b, ul, sum);
       }
     }
-    if constexpr (C == Cell::LSTM) {
-      if (a.norm_c != nullptr && rank == 0) {
-        const double* parts = part_c;
-        if constexpr (Grid) {  // copied as in phase B, into part_g (read there already)
-          load_rows_cg(part_g, Bt, grid_part_c, Bt, rows, used);
-          __syncthreads();
-          parts = part_g;
+    // Block 0: ‖dc_t‖ (LSTM) and, without clipping, ‖g_t‖, from the partials of the blocks with units,
+    // summed in rank order (those without add zeros in the clipping path: the same bits).
+    if (rank == 0 && (norms_c || norms_g_late)) {
+      const double* parts_g = part_g;
+      const double* parts_c = part_c_s;
+      if constexpr (Grid) {  // copied as in phase B, into the staging copies (read there already)
+        if (norms_g_late) load_rows_cg(part_g_base, Bt, grid_part_g_s, Bt, rows, used);
+        if (norms_c) load_rows_cg(part_g_base + staged, Bt, grid_part_c_s, Bt, rows, used);
+        __syncthreads();
+        parts_g = part_g_base;
+        parts_c = part_g_base + staged;
+      }
+      for (int b = threadIdx.x; b < rows; b += kThreads) {
+        double sum_g = 0.0, sum_c = 0.0;
+        for (int r = 0; r < used; ++r) {
+          if (norms_g_late) sum_g += parts_g[r * Bt + b];
+          if (norms_c) sum_c += parts_c[r * Bt + b];
         }
-        for (int b = threadIdx.x; b < rows; b += kThreads) {
-          double sum = 0.0;
-          for (int r = 0; r < used; ++r) sum += parts[r * Bt + b];
-          a.norm_c[row0 + b] = static_cast<float>(sqrt(sum));
-        }
+        if (norms_g_late) a.norm_g[row0 + b] = static_cast<float>(sqrt(sum_g));
+        if (norms_c) a.norm_c[row0 + b] = static_cast<float>(sqrt(sum_c));
       }
     }
     __syncthreads();
