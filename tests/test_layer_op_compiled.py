@@ -574,13 +574,15 @@ EXCHANGE = {"cluster": 0, "cluster-async": 1, "wide": 2}
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("B,H", [(37, 37), (3, 5)], ids=["B37-H37", "B3-H5"])
-def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatch):
+@pytest.mark.parametrize("clipping", [True, False], ids=["clip", "noclip"])
+def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, clipping, monkeypatch):
     """Each persistent kernel, forced, against the oracle: packed lengths, clipping, and shapes that
     leave some blocks without hidden units (grid kernels: H = 37 over 16 blocks of 3, H = 5 over 4
     blocks of 2; cluster kernels: H = 37 in 10 of 16 blocks of 4 units, the last one part-filled; wide:
     the last block part-filled) and, for the kernels on clusters, several batch tiles (B = 37: 3 tiles
-    of 13 rows). The plan must accept the layer: a silent fallback to the per-step kernels would test
-    nothing."""
+    of 13 rows). With and without clipping: the kernels on clusters exchange the norms before the cell
+    only to clip (without, one exchange per backward step). The plan must accept the layer: a silent
+    fallback to the per-step kernels would test nothing."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     plan = torch.ops.rnnkern.cuda_kernel_plan(cell, torch.float64, B, H, False, torch.cuda.current_device())
     if kernel in EXCHANGE and torch.cuda.get_device_capability()[0] < 9:
@@ -590,7 +592,7 @@ def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, monkeypatc
     # the kernel asked for, not another one: clusters (plan[7]) and their exchange (plan[8])
     assert (plan[7] > 0, plan[8]) == (kernel in EXCHANGE, EXCHANGE.get(kernel, 0)), plan
     case, grads, _ = make_case(cell, T=7, B=B, H=H, P=0, packed=True, seed=65)
-    clip = pick_clip(case, grads, reverse)
+    clip = pick_clip(case, grads, reverse) if clipping else 0.0
     _assert_cuda_matches_oracle(case, grads, reverse, clip)
 
 
