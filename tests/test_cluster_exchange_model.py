@@ -6,8 +6,8 @@ there is a hang or a silent race. This model replays each block's program with t
 synchronisation — its mbarriers (arrival count 1, a transaction count that may run ahead of the
 announcement, phases by parity), the bytes each block announces per phase (the kernel's formulas),
 the st.async stores each block issues (enumerated as the kernel's loops issue them) delivered in any
-order at any later time, and its buffers (stages by step parity; the backward's partials by parity,
-its inbox single) — and checks that every read finds the data of the step it needs, that every store
+order at any later time, and its buffers (stages by step parity; the backward's partials and inbox by
+parity, or single where the plan has room for one copy only) — and checks that every read finds the data of the step it needs, that every store
 completes on the phase it was meant for, and that no schedule deadlocks. Blocks without hidden units
 (the cluster is a power of two of blocks) and tiles whose rows grow or shrink are included.
 """
@@ -137,15 +137,19 @@ def phase_of(rows, s, stage):
     return sum(1 for q in range(s) if rows[q] > 0 and (q + 1) & 1 == stage)
 
 
-def backward_block(c, r, *, hidden, units, rows, mma, acc_bytes, norm_c, norm_g, clipping, copies=2):
-    """cluster_backward_kernel<Async = true>: every exchanged buffer by step parity (full_g[k],
-    full_in[k]). With clipping, each block's Σ g² goes to every block (full_g) before the cell; without,
-    to block 0 with the reduce-scatter (full_in), as the LSTM's Σ dc² always does (recorded norms), and
-    the step has one wait. copies=1: the buffers single (the negative test)."""
+def backward_block(c, r, *, hidden, units, rows, mma, acc_bytes, norm_c, norm_g, clipping, copies=2,
+                   norms_first=None):
+    """cluster_backward_kernel<Async = true>: the Σ g² partials by step parity (full_g[k]); the inbox
+    and the Σ dc² partials in `copies` copies (Plan::copies; full_in[k]). With clipping or one copy
+    (norms_first), each block's Σ g² goes to every block (full_g) before the cell; otherwise to block 0
+    with the reduce-scatter (full_in), as the LSTM's Σ dc² always does (recorded norms), and the step
+    has one wait. norms_first=False with copies=1: what the kernel never does (the negative test)."""
     n = c.blocks
     nu = units_of(r, units, hidden)
     used = -(-hidden // units)
-    late_g = norm_g and not clipping
+    if norms_first is None:
+        norms_first = clipping or copies == 1
+    late_g = norm_g and not norms_first
     inbox_row_bytes = 0
     if nu > 0:  # the kernel's formula
         inbox_row_bytes = (used - 1) * ((nu + 3) // 4) * 4 * acc_bytes
@@ -157,21 +161,22 @@ def backward_block(c, r, *, hidden, units, rows, mma, acc_bytes, norm_c, norm_g,
     assert not mma or acc_bytes == 4
     pieces = [(k, 4 * acc_bytes) for k in range(0, hidden, 4)]
     for s in range(len(rows)):
-        p = s % copies
-        phase = sum(1 for q in range(s) if rows[q] > 0 and q % copies == p)  # steps with rows, this copy
-        if clipping and n > 1 and rows[s] > 0:
+        p, pin = s & 1, s % copies  # the Σ g² partials' copy; the inbox's and Σ dc²'s
+        g_phase = sum(1 for q in range(s) if rows[q] > 0 and q & 1 == p)  # steps with rows, this copy
+        phase = sum(1 for q in range(s) if rows[q] > 0 and q % copies == pin)
+        if norms_first and n > 1 and rows[s] > 0:
             c.bar(r, f"g{p}").expect((n - 1) * rows[s] * 8)
         if inbox_row_bytes > 0 and rows[s] > 0:
-            c.bar(r, f"in{p}").expect(rows[s] * inbox_row_bytes)
-        if clipping:  # A: Σ g² of own units to every block (blocks without units send zeros)
+            c.bar(r, f"in{pin}").expect(rows[s] * inbox_row_bytes)
+        if norms_first:  # A: Σ g² of own units to every block (blocks without units send zeros)
             for q in range(n):
                 for b in range(rows[s]):
                     if q == r:
                         c.buffers[r][("part_g", p, r, b)] = s
                     else:
-                        c.send(q, ("part_g", p, r, b), s, 8, f"g{p}", phase)
+                        c.send(q, ("part_g", p, r, b), s, 8, f"g{p}", g_phase)
             if n > 1 and rows[s] > 0:
-                yield (f"g{p}", phase)
+                yield (f"g{p}", g_phase)
             for q in range(n):
                 for b in range(rows[s]):
                     c.read(r, ("part_g", p, q, b), s, "Σ g²")
@@ -180,36 +185,36 @@ def backward_block(c, r, *, hidden, units, rows, mma, acc_bytes, norm_c, norm_g,
                 if r == 0:
                     c.buffers[0][("part_g", p, 0, b)] = s
                 else:
-                    c.send(0, ("part_g", p, r, b), s, 8, f"in{p}", phase)
+                    c.send(0, ("part_g", p, r, b), s, 8, f"in{pin}", phase)
         # B: Σ dc² to block 0 (LSTM, recorded norms), from blocks with units
         if norm_c and nu > 0:
             for b in range(rows[s]):
                 if r == 0:
-                    c.buffers[0][("part_c", p, 0, b)] = s
+                    c.buffers[0][("part_c", pin, 0, b)] = s
                 else:
-                    c.send(0, ("part_c", p, r, b), s, 8, f"in{p}", phase)
+                    c.send(0, ("part_c", pin, r, b), s, 8, f"in{pin}", phase)
         # C: the dh partials of every unit to its owner
         if nu > 0:
             for b in range(rows[s]):
                 for k, nbytes in pieces:
                     if k // units == r:
-                        c.buffers[r][("inbox", p, r, b, k)] = s
+                        c.buffers[r][("inbox", pin, r, b, k)] = s
                     else:
-                        c.send(k // units, ("inbox", p, r, b, k), s, nbytes, f"in{p}", phase)
+                        c.send(k // units, ("inbox", pin, r, b, k), s, nbytes, f"in{pin}", phase)
         if inbox_row_bytes > 0 and rows[s] > 0:
-            yield (f"in{p}", phase)
+            yield (f"in{pin}", phase)
         # D: own units' sums over the blocks with units; block 0: the norms
         if nu > 0:
             for q in range(used):
                 for b in range(rows[s]):
                     for k, _ in pieces:
                         if k // units == r:
-                            c.read(r, ("inbox", p, q, b, k), s, "dh partial")
+                            c.read(r, ("inbox", pin, q, b, k), s, "dh partial")
         if r == 0:
             for q in range(used):
                 for b in range(rows[s]):
                     if norm_c:
-                        c.read(0, ("part_c", p, q, b), s, "Σ dc²")
+                        c.read(0, ("part_c", pin, q, b), s, "Σ dc²")
                     if late_g:
                         c.read(0, ("part_g", p, q, b), s, "Σ g²")
         yield None
@@ -248,22 +253,25 @@ def test_backward_exchange_under_random_schedules(seed):
         mma = grain == 8 or rng.random() < 0.3  # 16-bit, or TF32 float32 (grain 4)
         acc_bytes = 4 if mma else rng.choice([4, 8])
         norm_c, norm_g, clipping = (rng.random() < 0.5 for _ in range(3))
+        copies = rng.choice([1, 2])
         c = Cluster(blocks, rng)
         run(c, [backward_block(c, r, hidden=hidden, units=units, rows=rows, mma=mma, acc_bytes=acc_bytes,
-                               norm_c=norm_c, norm_g=norm_g, clipping=clipping) for r in range(blocks)])
+                               norm_c=norm_c, norm_g=norm_g, clipping=clipping, copies=copies)
+                for r in range(blocks)])
 
 
 def test_the_model_catches_a_single_buffered_inbox_without_clipping():
-    """Without clipping a step has one exchange, and its buffers need two copies: single ones (as the
-    inbox was while the norms' exchange kept every block within a step of the others) fail under some
-    schedule."""
+    """With one exchange per step (no clipping) the buffers need two copies: single ones (which the
+    kernel pairs with the norms' exchange first, keeping every block within a step of the others) fail
+    under some schedule."""
     failures = 0
     for seed in range(200):
         rng = random.Random(seed)
         c = Cluster(4, rng)
         try:
             run(c, [backward_block(c, r, hidden=16, units=4, rows=[2, 2, 2, 2], mma=False, acc_bytes=4,
-                                   norm_c=False, norm_g=False, clipping=False, copies=1) for r in range(4)])
+                                   norm_c=False, norm_g=False, clipping=False, copies=1, norms_first=False)
+                    for r in range(4)])
         except AssertionError:
             failures += 1
     assert failures > 0

@@ -54,6 +54,10 @@ struct Plan {
   int tile_rows = 0;        // cluster kernels: batch rows per tile (one cluster, or a group of blocks for Grid)
   int resident_clusters = 0;  // cluster kernels: clusters of this plan the device runs at once
   Exchange exchange = Exchange::ClusterBarrier;  // cluster kernels
+  // Cluster kernels' backward: 2 where its exchanged buffers have two copies by step parity (then,
+  // without clipping, one exchange per step instead of two), 1 where only one copy fits in shared
+  // memory (two exchanges per step, as with clipping).
+  int copies = 2;
   // Cluster kernels, float32: the recurrent products on TF32 tensor cores (operands rounded to TF32,
   // float32 accumulation) instead of exact FMA dot products.
   bool tf32 = false;

@@ -34,7 +34,8 @@
 //      without clipping).
 // Without clipping a step has one barrier, so the exchanged buffers have two copies by step parity:
 // a block writes step s + 2's only after the barrier of step s + 1, which every reader of step s's
-// passes after reading it. (The forward's stage is double-buffered the same way.)
+// passes after reading it. (The forward's stage is double-buffered the same way.) Where two copies do
+// not fit in shared memory (Plan::copies = 1), the norms are exchanged first, as with clipping.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -101,6 +102,7 @@ struct ClusterShape {
   int units;      // hidden units per block (a multiple of unit_grain)
   int tile_rows;  // batch rows per cluster
   int group;      // blocks per tile (Plan::cluster; read by Exchange::Grid, where there is no cluster)
+  int copies;     // the backward's exchanged buffers: Plan::copies (Grid: always 2, in global memory)
 };
 
 // Units per block are a multiple of this: a block's columns of a state row are whole 16-byte chunks
@@ -142,25 +144,30 @@ struct BackwardLayout {
   size_t bars, part_g, part_c, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
 };
 
-// Every exchanged buffer has two copies, by step parity (see the backward kernel). Grid: part_g, part_c
-// and the inbox are in global memory (BackwardArgs::scratch, grid_scratch); part_g here holds a copy
-// of the step's partials ([0]: g², [1]: dc² in block 0), loaded all at once.
+// `copies` of each exchanged buffer, by step parity (Plan::copies; see the backward kernel); the Σ g²
+// partials have two wherever a block may run a step ahead (st.async) or receive them late (2 copies).
+// Grid: part_g, part_c and the inbox are in global memory (BackwardArgs::scratch, grid_scratch, two
+// copies); part_g here holds a copy of the step's partials ([0]: g², [1]: dc² in block 0).
+__host__ __device__ inline int part_g_copies(Exchange x, int copies) {
+  return (x != Exchange::ClusterBarrier || copies == 2) ? 2 : 1;
+}
+
 __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int gates, int units, int tile_rows,
                                                           int blocks, size_t acc, size_t elem, bool mma,
-                                                          Exchange x) {
+                                                          Exchange x, int copies) {
   const size_t rows = tile_rows, ru = static_cast<size_t>(tile_rows) * units, gu = static_cast<size_t>(gates) * units;
   const bool async_exchange = x == Exchange::ClusterAsync, in_smem = x != Exchange::Grid;
   Carve c;
   BackwardLayout l;
   l.bars = c.take(async_exchange ? 4 : 0, sizeof(uint64_t));  // full_g[2], full_in[2]
-  l.part_g = c.take(2 * blocks * rows, sizeof(double));  // [2][blocks][Bt]: Σ g² over each block's units
-  l.part_c = c.take(in_smem ? 2 * blocks * rows : 0, sizeof(double));  // [2][blocks][Bt]: Σ dc² (to block 0)
+  l.part_g = c.take(part_g_copies(x, copies) * blocks * rows, sizeof(double));  // [copies][blocks][Bt]: Σ g²
+  l.part_c = c.take(in_smem ? copies * blocks * rows : 0, sizeof(double));  // [copies][blocks][Bt]: Σ dc²
   l.row_norm = c.take(rows, acc);                    // [Bt]
   l.dh_next = c.take(ru, acc);  // [Bt][U]: dh_prev of the step processed before, own units
   l.dc_next = c.take(ru, acc);  // [Bt][U] (LSTM)
   l.gbuf = c.take(ru, acc);     // [Bt][U]: g before clipping, then dc_t (LSTM)
   l.direct = c.take(ru, acc);   // [Bt][U]: GRU z ⊙ g
-  l.inbox = c.take(in_smem ? 2 * blocks * ru : 0, acc);  // [2][blocks][Bt][U]: each block's share of own dh_prev
+  l.inbox = c.take(in_smem ? copies * blocks * ru : 0, acc);  // [copies][blocks][Bt][U]: shares of own dh_prev
   if (mma) {
     l.dgate = l.w = 0;
     l.dgate16 = c.take(static_cast<size_t>(tb.state_rows) * tb.ldn, elem);  // [state_rows][LDN]
@@ -756,11 +763,12 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = Grid ? place_in_grid(shape, H) : place(cluster, shape, H);
   const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
-  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, X);
+  const int copies = Grid ? 2 : shape.copies;
+  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, X, copies);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // Async: full_g[k] completes when the partials of Σ g² of a step of parity k are in (clipping);
+  // Async: full_g[k] completes when the partials of Σ g² of a step of parity k are in (norms_first);
   // full_in[k] when this block's inbox of that step is (and, in block 0, the partials of Σ dc² and,
-  // without clipping, of Σ g²).
+  // otherwise, of Σ g²); with one copy, full_in[0] every step.
   uint64_t* full_g = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);
   uint64_t* full_in = full_g + 2;
   double* part_g_base = reinterpret_cast<double*>(smem_raw + lay.part_g);
@@ -788,11 +796,12 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     copy = gs.partials;
     inbox_copy = gs.inboxes;
   }
-  // Without clipping, ‖g_t‖ is not needed before the cell backward: its partial sums go to block 0
-  // with the step's only exchange (the reduce-scatter), as the partial sums of ‖dc_t‖ always do, and
-  // a step has one barrier (or mbarrier wait) instead of two.
+  // Without clipping, ‖g_t‖ is not needed before the cell backward: with two copies of the exchanged
+  // buffers, its partial sums go to block 0 with the step's only exchange (the reduce-scatter), as the
+  // partial sums of ‖dc_t‖ always do, and a step has one barrier (or mbarrier wait) instead of two.
   const bool clipping = a.clip > 0.0;
-  const bool norms_g_late = !clipping && a.norm_g != nullptr, norms_c = C == Cell::LSTM && a.norm_c != nullptr;
+  const bool norms_first = clipping || copies == 1;  // the Σ g² exchange before the cell
+  const bool norms_g_late = !norms_first && a.norm_g != nullptr, norms_c = C == Cell::LSTM && a.norm_c != nullptr;
   // The dh product's operands. FMA: dgate[n][b] (acc dtype, transposed: a register tile's 4 rows
   // in one load) and W_hh rows w[n][k], n = g * U + ul. MMA: dgate16[b][n] as stored (T, state_rows x
   // LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
@@ -823,7 +832,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   for (int i = threadIdx.x; i < 2 * Bt * U; i += kThreads) dh_next[i] = A(0);  // dh_next, dc_next
   // Async: the bytes per batch row this block receives in its inbox each step: the partials of its
   // units from every other block that owns units (4-unit pieces: send_partials), and in block 0 the
-  // other such blocks' Σ dc² (LSTM, recorded norms) and, without clipping, Σ g² (recorded norms).
+  // other such blocks' Σ dc² (LSTM, recorded norms) and, without norms_first, Σ g² (recorded norms).
   uint32_t inbox_row_bytes = 0;
   uint32_t parity = 0u;  // Async: bit k: full_g[k]; bit 2 + k: full_in[k]
   if constexpr (Async) {
@@ -873,10 +882,10 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     // the data of step s + 1 from every block that reads it (their reduce-scatter sends, issued after
     // their reads of step s), so one barrier or wait per step suffices where the norms are not needed
     // before the cell (no clipping).
-    const int par = static_cast<int>(s & 1);
-    double* part_g = part_g_base + (Grid ? 0 : par * copy);  // Grid: the staging copy
-    double* part_c_s = part_c + par * copy;
-    A* inbox_s = inbox + par * inbox_copy;
+    const int par = static_cast<int>(s & 1), pin = copies == 2 ? par : 0;  // pin: part_c, inbox, full_in
+    double* part_g = part_g_base + (Grid ? 0 : (part_g_copies(X, copies) == 2 ? par : 0) * copy);  // Grid: staging
+    double* part_c_s = Grid ? nullptr : part_c + pin * copy;
+    A* inbox_s = inbox + pin * inbox_copy;
     // Where block `owner`'s inbox of this step is: in its shared memory (the same offset as here), or
     // (Grid) its own [blocks][Bt][U] of the tile's scratch.
     const auto inbox_of = [&](int owner) { return Grid ? inbox_s + static_cast<size_t>(owner) * blocks * Bt * U : inbox_s; };
@@ -894,7 +903,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
           if (rank == 0) {
             dst[b] = sum;
           } else {
-            send_async(dst + rank * Bt + b, sum, 0, &full_in[par]);
+            send_async(dst + rank * Bt + b, sum, 0, &full_in[pin]);
           }
         } else {
           *cluster.map_shared_rank(dst + rank * Bt + b, 0) = sum;
@@ -907,10 +916,10 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       // (a tile's rows are monotone in time), so the steps that exchange follow each other and every
       // block's phases stay in step.
       if (threadIdx.x == 0 && rows > 0) {
-        if (clipping && blocks > 1) {
+        if (norms_first && blocks > 1) {
           mbarrier_expect(&full_g[par], static_cast<uint32_t>((blocks - 1) * rows * sizeof(double)));
         }
-        if (inbox_row_bytes > 0) mbarrier_expect(&full_in[par], static_cast<uint32_t>(rows) * inbox_row_bytes);
+        if (inbox_row_bytes > 0) mbarrier_expect(&full_in[pin], static_cast<uint32_t>(rows) * inbox_row_bytes);
       }
     }
 
@@ -924,8 +933,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
                                                                : A(load(grad_out + (row0 + b) * H + u));
       gbuf[b * U + ul] = out_grad + incoming;
     }
-    __syncthreads();
-    if (clipping) {
+    if (norms_first || norms_g_late) __syncthreads();  // the Σ g² loops read every unit's g
+    if (norms_first) {
       for (int i = threadIdx.x; i < rows * (Grid ? 1 : blocks); i += kThreads) {
         const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
         double sum = 0.0;
@@ -965,7 +974,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     } else if (norms_g_late && nu > 0) {  // blocks without units add nothing
       squares_to_block0(part_g, grid_part_g_s);
     }
-    __syncthreads();  // (gbuf is rewritten below)
+    if (norms_first || norms_g_late) __syncthreads();  // (gbuf is rewritten below; otherwise each thread
+                                                        // reads only its own units' g)
 
     // B: clipping, the gate gradients of own units.
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
@@ -1024,7 +1034,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         if (k / U == rank) {
           store4(slot, v);
         } else {
-          send4_async(slot, v, k / U, &full_in[par]);
+          send4_async(slot, v, k / U, &full_in[pin]);
         }
       } else {
         store4(cluster.map_shared_rank(slot, k / U), v);
@@ -1093,8 +1103,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     if constexpr (Async) {
       __syncthreads();  // the own partials (and block 0's own Σ dc²)
       if (inbox_row_bytes > 0 && rows > 0) {
-        mbarrier_wait(&full_in[par], (parity >> (2 + par)) & 1u);
-        parity ^= 1u << (2 + par);
+        mbarrier_wait(&full_in[pin], (parity >> (2 + pin)) & 1u);
+        parity ^= 1u << (2 + pin);
       }
     } else {
       exchange_barrier<X>(cluster);
@@ -1247,11 +1257,11 @@ size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType d
 }
 
 size_t backward_smem(int gates, int units, int tile_rows, int blocks, int64_t hidden, DType dtype,
-                     Exchange exchange, bool tf32) {
+                     Exchange exchange, bool tf32, int copies) {
   const size_t elem = storage_size(dtype);
   const bool mma = uses_mma(static_cast<int>(elem), tf32);
   const Tables tb = make_tables(static_cast<int>(elem), mma, static_cast<int>(hidden), gates, units, tile_rows);
-  return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem, mma, exchange).bytes;
+  return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem, mma, exchange, copies).bytes;
 }
 
 // Clusters of plan.cluster blocks, or (Exchange::Grid) a cooperative launch without clusters.
@@ -1293,7 +1303,7 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
   cudaLaunchAttribute attribute;
   cudaLaunchConfig_t config = launch_config(plan, smem, stream, &attribute);
   Args copy = args;
-  ClusterShape shape{plan.units, plan.tile_rows, plan.cluster};
+  ClusterShape shape{plan.units, plan.tile_rows, plan.cluster, plan.copies};
   void* params[] = {&copy, &shape};
   return cudaLaunchKernelExC(&config, kernel, params);
 }
@@ -1331,7 +1341,8 @@ bool schedulable(Plan& candidate, Cell cell, DType dtype, const cudaDeviceProp& 
 
 // The plan of `tiles` tiles of `tile_rows` batch rows, each on `blocks` blocks of `units` hidden units:
 // ok where both kernels' shared memory fits and they are schedulable, else the reason (SharedMemory,
-// Occupancy).
+// Occupancy). Two copies of the backward's exchanged buffers where they fit, else one (Plan::copies:
+// the same reach in H as before the copies; Grid: always two, in global memory).
 Plan try_plan(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_rows, int blocks, int units,
               Exchange exchange, bool tf32, const cudaDeviceProp& prop) {
   const int gates = cell_gates(cell);
@@ -1342,7 +1353,12 @@ Plan try_plan(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_ro
   c.units = units;
   c.threads = kThreads;
   c.smem_forward = forward_smem(gates, units, tile_rows, hidden, dtype, exchange, tf32);
-  c.smem_backward = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, exchange, tf32);
+  c.copies = 2;
+  c.smem_backward = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, exchange, tf32, c.copies);
+  if (exchange != Exchange::Grid && c.smem_backward > prop.sharedMemPerBlockOptin) {
+    c.copies = 1;
+    c.smem_backward = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, exchange, tf32, c.copies);
+  }
   c.exchange = exchange;
   c.tf32 = tf32;
   if (std::max(c.smem_forward, c.smem_backward) > prop.sharedMemPerBlockOptin) {
