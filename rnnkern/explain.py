@@ -70,7 +70,7 @@ def explain(module, input, hx=None) -> str:
         cell = _cells.from_mode(module.mode)
         plan = torch.ops.rnnkern.cuda_kernel_plan(cell, data.dtype, batch, module.hidden_size,
                                                  module.proj_size > 0, data.device.index or 0)
-        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster, exchange, tf32 = plan
+        persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster, exchange, tf32, _copies = plan
         if persistent and cluster:
             products = ("the recurrent products on TF32 tensor cores (torch allows TF32 matmuls); "
                         if tf32 else "")

@@ -769,6 +769,23 @@ def test_cuda_wide(dtype, B, H, cell, monkeypatch):
         assert_results_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@gpu
+@needs_clusters
+@pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
+@pytest.mark.parametrize("clipping", [True, False], ids=["clip", "noclip"])
+def test_cuda_cluster_single_copy(kernel, clipping, monkeypatch):
+    """A layer whose backward has room for one copy of its exchanged buffers only (Plan::copies = 1,
+    plan[10]: float64 GRU B=16 H=280 on clusters of 16 blocks), where the norms are exchanged before
+    the cell with or without clipping; against the float64 oracle, norms included."""
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    B, H = 16, 280
+    plan = torch.ops.rnnkern.cuda_kernel_plan(_cells.GRU, torch.float64, B, H, False, torch.cuda.current_device())
+    assert plan[0] and plan[7] == 16 and plan[10] == 1, plan
+    case, grads, _ = make_case(_cells.GRU, T=6, B=B, H=H, P=0, packed=False, seed=75)
+    clip = pick_clip(case, grads, False) if clipping else 0.0
+    _assert_cuda_matches_oracle(case, grads, False, clip)
+
+
 def torch_nn_fn_cuda(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):
     """torch_nn_fn on the inputs' device and dtype (cuDNN on CUDA)."""
     G = _cells.GATES[cell]

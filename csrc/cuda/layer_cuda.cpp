@@ -236,7 +236,8 @@ std::vector<int64_t> cuda_kernel_plan(int64_t cell, at::ScalarType dtype, int64_
                                               static_cast<int>(device));
   return {plan.ok ? 1 : 0, static_cast<int64_t>(plan.reason), plan.blocks, plan.units,
           static_cast<int64_t>(plan.smem_forward), static_cast<int64_t>(plan.smem_backward),
-          kPersistentMaxBlockWork, plan.cluster, static_cast<int64_t>(plan.exchange), plan.tf32 ? 1 : 0};
+          kPersistentMaxBlockWork, plan.cluster, static_cast<int64_t>(plan.exchange), plan.tf32 ? 1 : 0,
+          plan.copies};
 }
 
 const StepKernels& step_kernels_cuda() {
