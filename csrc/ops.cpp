@@ -62,7 +62,8 @@ TORCH_LIBRARY(rnnkern, m) {
   // Which CUDA recurrence kernel runs a layer (rnnkern.explain): [persistent (0/1), reason code,
   // blocks, units per block, shared memory forward, shared memory backward, auto's limit on the
   // multiply-adds per block and step, blocks per cluster or group (0: the grid-wide kernels), exchange
-  // (persistent.h: Exchange), TF32 (0/1), copies of the backward's exchanged buffers]. CUDA builds only.
+  // (persistent.h: Exchange), TF32 (0/1), copies of the cluster kernels' backward buffers (Plan::copies;
+  // meaningless for the other kernels)]. CUDA builds only.
   m.def(
       "cuda_kernel_plan(int cell, ScalarType dtype, int batch, int hidden, bool has_proj, "
       "int device) -> int[]");

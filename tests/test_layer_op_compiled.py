@@ -773,15 +773,17 @@ def test_cuda_wide(dtype, B, H, cell, monkeypatch):
 @needs_clusters
 @pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
 @pytest.mark.parametrize("clipping", [True, False], ids=["clip", "noclip"])
-def test_cuda_cluster_single_copy(kernel, clipping, monkeypatch):
-    """A layer whose backward has room for one copy of its exchanged buffers only (Plan::copies = 1,
-    plan[10]: float64 GRU B=16 H=280 on clusters of 16 blocks), where the norms are exchanged before
-    the cell with or without clipping; against the float64 oracle, norms included."""
+@pytest.mark.parametrize("cell,B,packed", [(_cells.GRU, 16, False), (_cells.LSTM, 8, True)], ids=["gru", "lstm"])
+def test_cuda_cluster_single_copy(kernel, clipping, cell, B, packed, monkeypatch):
+    """Layers whose backward has room for one copy of its exchanged buffers only (Plan::copies = 1,
+    plan[10]: float64 GRU B=16 and LSTM B=8 (packed: rows vary by step; Σ dc² on the inbox's one
+    copy) at H=280 on clusters of 16 blocks), where the norms are exchanged before the cell with or
+    without clipping; against the float64 oracle, norms included."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
-    B, H = 16, 280
-    plan = torch.ops.rnnkern.cuda_kernel_plan(_cells.GRU, torch.float64, B, H, False, torch.cuda.current_device())
+    H = 280
+    plan = torch.ops.rnnkern.cuda_kernel_plan(cell, torch.float64, B, H, False, torch.cuda.current_device())
     assert plan[0] and plan[7] == 16 and plan[10] == 1, plan
-    case, grads, _ = make_case(_cells.GRU, T=6, B=B, H=H, P=0, packed=False, seed=75)
+    case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=packed, seed=75)
     clip = pick_clip(case, grads, False) if clipping else 0.0
     _assert_cuda_matches_oracle(case, grads, False, clip)
 

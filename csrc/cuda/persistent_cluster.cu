@@ -20,8 +20,9 @@
 //
 // Backward step (reverse order), with the same W_hh rows:
 //   A. g = grad_out + dh_next for own units; Σ g² over own units per row -> part_g[r] of every
-//      block (with clipping, which needs ‖g‖ before the cell);                     cluster barrier
-//      (without clipping, to block 0 only, with no barrier: it records ‖g‖ in D)
+//      block (with clipping, which needs ‖g‖ before the cell, or with one copy: see below);
+//                                                                                  cluster barrier
+//      (otherwise to block 0 only, with no barrier: it records ‖g‖ in D)
 //   B. with clipping, ‖g‖ per row (the partials summed in rank order: the same bits in every
 //      block) and the clipping; the gate gradients of own units -> dgates rows (global, for the
 //      weight GEMMs) and `dgate` (local); LSTM: Σ dc² over own units -> part_c[r] of block 0;
@@ -878,10 +879,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
     upcoming = load_step(geo, geo.t_of(a.steps - 1 - min(s + 1, a.steps - 1)));  // unconditional: see the forward
     const int pairs = rows * nu;
-    // Every exchanged buffer by step parity: a block writes the copy of step s + 2 only after it has
-    // the data of step s + 1 from every block that reads it (their reduce-scatter sends, issued after
-    // their reads of step s), so one barrier or wait per step suffices where the norms are not needed
-    // before the cell (no clipping).
+    // Every exchanged buffer by step parity (copies == 2): a block writes the copy of step s + 2 only
+    // after it has the data of step s + 1 from every block that reads it (their reduce-scatter sends,
+    // issued after their reads of step s), so one barrier or wait per step suffices where the norms are
+    // not needed before the cell (no clipping). With one copy, the norms' exchange (norms_first) keeps
+    // every block within a step of the others.
     const int par = static_cast<int>(s & 1), pin = copies == 2 ? par : 0;  // pin: part_c, inbox, full_in
     double* part_g = part_g_base + (Grid ? 0 : (part_g_copies(X, copies) == 2 ? par : 0) * copy);  // Grid: staging
     double* part_c_s = Grid ? nullptr : part_c + pin * copy;
@@ -911,8 +913,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       }
     };
     if constexpr (Async) {
-      // This step's phases: each barrier's previous phase (two steps back) was waited for before the
-      // step before. Steps without rows exchange nothing and have no phases; they come first or last
+      // This step's phases: each barrier's previous phase (two steps back; one for full_in[0] with one
+      // copy) was waited for before this step. Steps without rows exchange nothing and have no phases; they come first or last
       // (a tile's rows are monotone in time), so the steps that exchange follow each other and every
       // block's phases stay in step.
       if (threadIdx.x == 0 && rows > 0) {
@@ -923,8 +925,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       }
     }
 
-    // A: g for own units; its squares summed over own units, to every block (clipping: each needs the
-    // norms for the cell), else to block 0 (recorded norms).
+    // A: g for own units; its squares summed over own units, to every block (norms_first: with
+    // clipping each needs the norms for the cell), else to block 0 (recorded norms).
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const A incoming = b < rows_next ? dh_next[b * U + ul]
