@@ -43,6 +43,8 @@ for backend, kernel in runs:
             seqs = [torch.randn(n, 5, device="cuda", dtype=dtype, requires_grad=True) for n in (6, 3, 5)]
             out, _ = m(pack_sequence(seqs, enforce_sorted=False))
             out.data.float().pow(2).sum().backward()
+            # Without clipping the cluster kernels' backward takes another path (one exchange a step).
+            m.hidden_grad_clip = None
             x = torch.randn(4, 3, 5, device="cuda", dtype=dtype, requires_grad=True)
             out, _ = m(x)
             out.float().sum().backward()
