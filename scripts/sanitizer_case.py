@@ -1,9 +1,9 @@
-"""A small CUDA case for compute-sanitizer: every cell, packed and padded, norms and clipping on,
-forward and backward through the `cuda` backend's per-step and persistent kernels (and `triton` when
-available).
+"""A small CUDA case for compute-sanitizer: every cell, packed (with clipping) and padded (without),
+norms on, forward and backward through the `cuda` backend's per-step and persistent kernels (and
+`triton` when available).
 
     python3 scripts/sanitizer_case.py                       # memcheck: everything
-    python3 scripts/sanitizer_case.py --kernels persistent,cluster,cluster-async --dtypes float32
+    python3 scripts/sanitizer_case.py --kernels persistent,cluster,cluster-async,wide --dtypes float32
                                                             # racecheck: the persistent kernels only
 """
 
