@@ -544,10 +544,10 @@ def test_cpu_threads_agree():
 GPU_SWEEP = list(itertools.product(CELLS, [False, True], [False, True]))
 
 
-def _assert_cuda_matches_oracle(case, grads, reverse, clip, tol=1e-10):
-    """The CUDA backend against the float64 oracle on one float64 case."""
+def _assert_cuda_matches_oracle(case, grads, reverse, clip, tol=1e-10, dtype=None):
+    """The CUDA backend (on the case converted to `dtype`, if given) against the float64 oracle."""
     want = run_layer(oracle_fn, case, grads, reverse, clip)
-    got = run_layer(backend_fn("cuda"), _to(case, "cuda"), _to(grads, "cuda"), reverse, clip)
+    got = run_layer(backend_fn("cuda"), _to(case, "cuda", dtype), _to(grads, "cuda", dtype), reverse, clip)
     assert_results_close(got, want, rtol=tol, atol=tol)
 
 
@@ -656,15 +656,12 @@ def test_cuda_float32_matches_oracle(cell, P):
         pytest.skip("projection is LSTM only")
     case, grads, _ = make_case(cell, T=8, B=6, H=64, P=P, packed=True, seed=57)
     clip = pick_clip(case, grads, True)
-    want = run_layer(oracle_fn, case, grads, True, clip)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        got = run_layer(backend_fn("cuda"), _to(case, "cuda", torch.float32), _to(grads, "cuda", torch.float32),
-                        True, clip)
+        _assert_cuda_matches_oracle(case, grads, True, clip, tol=1e-5, dtype=torch.float32)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    assert_results_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _max_err(res, want, keys):
@@ -760,13 +757,7 @@ def test_cuda_wide(dtype, B, H, cell, monkeypatch):
         _assert_16bit_within_torch_nn(cell, dtype, case, grads)
         return
     clip = pick_clip(case, grads, True)
-    if dtype == torch.float64:
-        _assert_cuda_matches_oracle(case, grads, True, clip)
-    else:
-        want = run_layer(oracle_fn, case, grads, True, clip)
-        got = run_layer(backend_fn("cuda"), _to(case, "cuda", torch.float32), _to(grads, "cuda", torch.float32),
-                        True, clip)
-        assert_results_close(got, want, rtol=1e-4, atol=1e-4)
+    _assert_cuda_matches_oracle(case, grads, True, clip, tol=1e-10 if dtype == torch.float64 else 1e-4, dtype=dtype)
 
 
 @gpu

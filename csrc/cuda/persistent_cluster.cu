@@ -893,12 +893,17 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     const auto inbox_of = [&](int owner) { return Grid ? inbox_s + static_cast<size_t>(owner) * blocks * Bt * U : inbox_s; };
     double* grid_part_g_s = Grid ? grid_part_g + par * copy : nullptr;
     double* grid_part_c_s = Grid ? grid_part_c + par * copy : nullptr;
-    // Σ over own units of gbuf² per row, to block 0's [blocks][Bt] `dst` (Grid: `grid_dst`, global),
-    // with this step's reduce-scatter.
+    // Σ over own units of gbuf² in row b (g in phase A, dc after phase B).
+    const auto own_squares = [&](int b) {
+      double sum = 0.0;
+      for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
+      return sum;
+    };
+    // own_squares of every row, to block 0's [blocks][Bt] `dst` (Grid: `grid_dst`, global), with this
+    // step's reduce-scatter.
     const auto squares_to_block0 = [&](double* dst, double* grid_dst) {
       for (int b = threadIdx.x; b < rows; b += kThreads) {
-        double sum = 0.0;
-        for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
+        const double sum = own_squares(b);
         if constexpr (Grid) {
           grid_dst[rank * Bt + b] = sum;
         } else if constexpr (Async) {
@@ -914,9 +919,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     };
     if constexpr (Async) {
       // This step's phases: each barrier's previous phase (two steps back; one for full_in[0] with one
-      // copy) was waited for before this step. Steps without rows exchange nothing and have no phases; they come first or last
-      // (a tile's rows are monotone in time), so the steps that exchange follow each other and every
-      // block's phases stay in step.
+      // copy) was waited for before this step. Steps without rows exchange nothing and have no phases;
+      // they come first or last (a tile's rows are monotone in time), so the steps that exchange
+      // follow each other and every block's phases stay in step.
       if (threadIdx.x == 0 && rows > 0) {
         if (norms_first && blocks > 1) {
           mbarrier_expect(&full_g[par], static_cast<uint32_t>((blocks - 1) * rows * sizeof(double)));
@@ -939,8 +944,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     if (norms_first) {
       for (int i = threadIdx.x; i < rows * (Grid ? 1 : blocks); i += kThreads) {
         const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
-        double sum = 0.0;
-        for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
+        const double sum = own_squares(b);
         if constexpr (Grid) {
           grid_part_g_s[rank * Bt + b] = sum;
         } else if constexpr (Async) {
