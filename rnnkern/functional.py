@@ -75,15 +75,15 @@ def layer_wavefront_steps(rows: Tensor, num_layers: int, num_directions: int, dr
     return steps
 
 
-def _projected(cell: int, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
-    """(xp, the bias the layer op adds): the input projection of rows x and the recurrent bias."""
+def _split_biases(cell: int, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
+    """(the input projection's bias, the bias the layer op adds)."""
     if cell != _cells.GRU and b_ih is not None and b_hh is not None:
         # LSTM/RNN: both biases add to the same pre-activations, so the step kernels add their sum and
         # the input projection is a plain GEMM (a CPU addmm first copies the broadcast bias into its
         # whole [N, G*H] output, and its backward sums that gradient again); autograd hands the one
         # bias gradient to both. GRU's b_hn is inside r ⊙ (…).
-        return input_projection(x, w_ih, None), b_ih + b_hh
-    return input_projection(x, w_ih, b_ih), b_hh
+        return None, b_ih + b_hh
+    return b_ih, b_hh
 
 
 def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm_probe, steps):
@@ -105,6 +105,7 @@ def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm
         if cuda:
             stream.wait_stream(main)  # the layer's states and weights, made on the main stream
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            x_bias, bias = _split_biases(cell, b_ih, b_hh)  # once per layer, for all its chunks
             h_state, c_state = h0[layer], None if c0 is None else c0[layer]
             outs: List[Tensor] = []
             ended_h: List[Tensor] = []
@@ -113,7 +114,7 @@ def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm
                 if below[k] is not None:
                     stream.wait_event(below[k])
                     x_chunks[k].record_stream(stream)
-                xp, bias = _projected(cell, x_chunks[k], w_ih, b_ih, b_hh)
+                xp = input_projection(x_chunks[k], w_ih, x_bias)
                 alive = sizes[t0]  # samples at the chunk's first step (sorted by length: a prefix)
                 probe = None if norm_probe is None else norm_probe[layer, 0][:, offsets[t0]:offsets[t1]]
                 out, hn, cn = backend.layer(
@@ -197,7 +198,8 @@ def run_stack(
     def direction_layer(layer: int, direction: int):
         w_ih, w_hh, b_ih, b_hh, w_hr = weights[layer][direction]
         index = layer * num_directions + direction
-        xp, bias = _projected(cell, x, w_ih, b_ih, b_hh)
+        x_bias, bias = _split_biases(cell, b_ih, b_hh)
+        xp = input_projection(x, w_ih, x_bias)
         return backend.layer(
             cell, xp, batch_sizes, h0[index], None if c0 is None else c0[index],
             w_hh, bias, w_hr, direction == 1, clip,
