@@ -12,7 +12,7 @@ DEPS := $(TORCH_SPEC) triton numpy ninja pybind11 setuptools wheel build pytest 
         pytest-timeout expecttest matplotlib tqdm tensorboard
 PYTEST_ARGS ?=
 
-.PHONY: venv build demo test test-all bench clean
+.PHONY: venv build demo test test-all bench step-trace clean
 
 $(VENV)/.deps-installed: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test-all: build
 
 bench: build
 	$(PY) -m pytest -q bench --benchmark-only $(PYTEST_ARGS)
+
+# The cluster kernels' phase timer for a GPU machine (scripts/step_trace.cu; nvcc only, no GPU needed):
+# carry .gpu-bin to the device and scripts/gpu_check.sh's probe stage runs it.
+step-trace:
+	bash scripts/build_step_trace.sh .gpu-bin/step_trace
 
 clean:
 	rm -rf build rnnkern/*.so rnnkern/__pycache__

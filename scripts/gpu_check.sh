@@ -38,6 +38,14 @@ fi
 stage() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 status=0
 
+# The step tracer (scripts/step_trace.cu, run in the probe stage): carried in .gpu-bin (make
+# step-trace here: no device time), else built here beside the extension (~1 min on 3 cores).
+TRACE_BIN=.gpu-bin/step_trace; trace_pid=""
+if stage probe && [ "$(cat $TRACE_BIN.sources 2>/dev/null)" != "$(bash scripts/build_step_trace.sh --digest)" ]; then
+  bash scripts/build_step_trace.sh $TRACE_BIN > "$OUT/step_trace_build.log" 2>&1 &
+  trace_pid=$!
+fi
+
 if stage build; then
   start=$(date +%s)
   python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
@@ -86,6 +94,11 @@ if stage probe; then
   nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 scripts/persistent_probe.cu -o /tmp/persistent_probe \
     > "$OUT/probe.txt" 2>&1 && timeout 60 /tmp/persistent_probe >> "$OUT/probe.txt" 2>&1 || status=1
   cat "$OUT/probe.txt"
+  # Then where the cluster kernels' steps spend their time, phase by phase (bench/NOTES.md).
+  if [ -n "$trace_pid" ]; then wait $trace_pid || { status=1; tail -5 "$OUT/step_trace_build.log"; }; fi
+  hung_list=$(echo $HUNG | tr ' ' ',')
+  timeout 90 $TRACE_BIN ${hung_list:+--skip=$hung_list} > "$OUT/step_trace.txt" 2>&1 || status=1
+  cut -c1-400 "$OUT/step_trace.txt"
   echo "probe: $(( $(date +%s) - start )) s"
 fi
 

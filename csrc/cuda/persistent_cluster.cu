@@ -43,6 +43,7 @@
 #include <type_traits>
 
 #include "persistent_common.cuh"
+#include "step_trace.cuh"
 #include "rnnkern/cell_math.h"
 
 namespace cg = cooperative_groups;
@@ -496,6 +497,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
   constexpr bool Async = X == Exchange::ClusterAsync, Grid = X == Exchange::Grid;
+  StepClock clock;  // (records only in the RNNKERN_STEP_TRACE build)
+  clock.start();
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
@@ -567,6 +570,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   };
   load_x(next_step);
   const int64_t steps = (Async && nu == 0) ? 0 : a.steps;
+  clock.loop_start();
   for (int64_t s = 0; s < steps; ++s) {
     [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
     // (Unconditional, the last step reloading itself: a branch around loads makes ptxas wait for every
@@ -592,6 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       cur[b * LD + k] = h0[static_cast<int64_t>(tile0 + b) * H + k];
     }
     __syncthreads();
+    clock.mark(0);  // h_{t-1} in: the wait for it (Async), its loads (Grid)
     if constexpr (Async) {
       // What this block will receive into stage (s + 1) % 2: the others' columns of this step's rows.
       // That stage's previous phase completed at step s - 1 (waited for before the barrier above).
@@ -690,6 +695,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       }
     }
     __syncthreads();
+    clock.mark(1);  // the product
 
     // The cell for each (row, own unit); h_t to `out` and into every block's next stage.
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
@@ -722,13 +728,16 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
       if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
     }
+    clock.mark(2);  // thread 0's cells
     if (s + 1 < a.steps) {
       next_step = tile_step(upcoming, tile0, Bt);
       load_x(next_step);
       if (!Grid && blocks > 1 && nu > 0) {
         __syncthreads();
+        clock.mark(3);  // the other threads' cells
         // Async: only to the blocks that own units (see `used`).
         broadcast_columns<Async>(cluster, nxt, LD, rows, u0, nu, Async ? used : blocks, rank, &full[(s + 1) & 1]);
+        clock.mark(4);  // thread 0's sends
       }
     }
     rows_sent = (used > 1 && s + 1 < a.steps) ? rows : 0;
@@ -742,7 +751,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     } else if constexpr (!Async) {
       cluster.sync();
     }
+    clock.mark(5);  // the barrier (Async: nothing)
   }
+  clock.finish(steps);
   // Async: every block has received everything sent to it (each waited for its stages); the barrier
   // keeps the cluster's shared memory alive until no block can still address it.
   if constexpr (Async) cluster.sync();
@@ -758,6 +769,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
   constexpr bool Async = X == Exchange::ClusterAsync, Grid = X == Exchange::Grid;
+  StepClock clock;  // (records only in the RNNKERN_STEP_TRACE build)
+  clock.start();
   cg::cluster_group cluster = cg::this_cluster();
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
@@ -875,6 +888,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   TileStep next_step = tile_step(geo, geo.t_of(a.steps - 1), tile0, Bt);
   StepLoads upcoming{};
   load_first(next_step);
+  clock.loop_start();
   for (int64_t s = 0; s < a.steps; ++s) {
     const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
     upcoming = load_step(geo, geo.t_of(a.steps - 1 - min(s + 1, a.steps - 1)));  // unconditional: see the forward
@@ -941,6 +955,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       gbuf[b * U + ul] = out_grad + incoming;
     }
     if (norms_first || norms_g_late) __syncthreads();  // the Σ g² loops read every unit's g
+    clock.mark(0);  // A
     if (norms_first) {
       for (int i = threadIdx.x; i < rows * (Grid ? 1 : blocks); i += kThreads) {
         const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
@@ -982,6 +997,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
     if (norms_first || norms_g_late) __syncthreads();  // (gbuf is rewritten below; otherwise each thread
                                                         // reads only its own units' g)
+    clock.mark(1);  // the Σ g² partials: exchanged (norms_first), or sent to block 0
 
     // B: clipping, the gate gradients of own units.
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
@@ -1024,6 +1040,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       }
     }
     __syncthreads();
+    clock.mark(2);  // B: the cells
     if constexpr (C == Cell::LSTM) {
       if (norms_c && nu > 0) squares_to_block0(part_c_s, grid_part_c_s);  // blocks without units add nothing
     }
@@ -1106,6 +1123,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       next_step = tile_step(upcoming, tile0, Bt);
       load_first(next_step);
     }
+    clock.mark(3);  // C: thread 0's products and sends
     if constexpr (Async) {
       __syncthreads();  // the own partials (and block 0's own Σ dc²)
       if (inbox_row_bytes > 0 && rows > 0) {
@@ -1115,6 +1133,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     } else {
       exchange_barrier<X>(cluster);
     }
+    clock.mark(4);  // the exchange's barrier or wait
 
     // D: own units' dh_prev, summed over the blocks in rank order (+ GRU's direct term).
     const auto finish_unit = [&](int b, int ul, A sum) {
@@ -1198,7 +1217,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       }
     }
     __syncthreads();
+    clock.mark(5);  // D: the sums of the partials
   }
+  clock.finish(a.steps);
   // Async: as in the forward, no block leaves while another can still address its shared memory.
   if constexpr (Async) cluster.sync();
 #endif
@@ -1459,6 +1480,12 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
 }
 
 namespace detail {
+
+#ifdef RNNKERN_STEP_TRACE
+cudaError_t set_step_trace(unsigned long long* buffer) {
+  return cudaMemcpyToSymbol(g_step_trace, &buffer, sizeof(buffer));
+}
+#endif
 
 size_t grid_scratch_elements(const Plan& plan) {
   const int tiles = plan.blocks / plan.cluster;
