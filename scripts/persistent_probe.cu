@@ -30,21 +30,14 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cuda_check.h"
+
 namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kSteps = 2048;
 constexpr int kBatch = 16;
 constexpr int kHidden = 256;
-
-#define CHECK(call)                                                                      \
-  do {                                                                                   \
-    cudaError_t err_ = (call);                                                           \
-    if (err_ != cudaSuccess) {                                                           \
-      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
 
 __global__ void grid_sync_kernel(int steps) {
   cg::grid_group grid = cg::this_grid();

@@ -26,21 +26,13 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.h"
 #include "persistent.h"
 #include "step_trace.cuh"
 
 using namespace rnnkern;
 using namespace rnnkern::persistent;
 using namespace rnnkern::persistent::detail;
-
-#define CHECK(call)                                                                      \
-  do {                                                                                   \
-    cudaError_t err_ = (call);                                                           \
-    if (err_ != cudaSuccess) {                                                           \
-      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
 
 namespace {
 
@@ -188,6 +180,18 @@ void report(const char* pass, const Case& c, const Plan& plan, float ms, const u
   std::fflush(stdout);
 }
 
+// The fields the forward and backward arguments share; `geometry`: [2][T] sizes, then offsets.
+template <typename Args>
+void set_layer(Args& a, const Case& c, const int64_t* geometry) {
+  a.cell = c.cell;
+  a.dtype = c.dtype;
+  a.steps = c.steps;
+  a.batch = c.batch;
+  a.hidden = c.hidden;
+  a.sizes = geometry;
+  a.offsets = geometry + c.steps;
+}
+
 void run_case(const Case& c) {
   const Plan plan = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32);
   if (!plan.ok) {
@@ -209,13 +213,7 @@ void run_case(const Case& c) {
   CHECK(cudaMemcpy(geo, geometry.data(), geometry.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
   const float w_scale = 1.0f / std::sqrt(static_cast<float>(H));
   ForwardArgs f;
-  f.cell = c.cell;
-  f.dtype = d;
-  f.steps = T;
-  f.batch = B;
-  f.hidden = H;
-  f.sizes = geo;
-  f.offsets = geo + T;
+  set_layer(f, c, geo);
   f.xp = buf.random(N * G * H, d, 1.0f);
   f.w_hh = buf.random(static_cast<int64_t>(G) * H * H, d, w_scale);
   f.b_hh = buf.random(static_cast<int64_t>(G) * H, d, w_scale);
@@ -236,13 +234,7 @@ void run_case(const Case& c) {
   report("forward", c, plan, fwd_ms, slots.data(), kForwardPhases);
 
   BackwardArgs b;
-  b.cell = c.cell;
-  b.dtype = d;
-  b.steps = T;
-  b.batch = B;
-  b.hidden = H;
-  b.sizes = geo;
-  b.offsets = geo + T;
+  set_layer(b, c, geo);
   b.clip = c.clip;
   b.grad_out = buf.random(N * H, d, 1.0f);
   b.grad_h_n = buf.random(B * H, d, 1.0f);
