@@ -249,6 +249,50 @@ def test_concurrent_directions_identical(cell, kernel, monkeypatch):
         assert torch.equal(a, b), i
 
 
+# How a forward + backward is scheduled: one stream; a bidirectional layer's directions on two; a
+# 3-layer stack as a wavefront of 2-step chunks, each layer on its own stream.
+SCHEDULES = {"one-stream": (dict(num_layers=2), {}),
+             "directions": (dict(bidirectional=True), {"RNNKERN_CONCURRENT_DIRECTIONS": "1"}),
+             "wavefront": (dict(num_layers=3), {"RNNKERN_LAYER_WAVEFRONT": "2"})}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA_BACKEND, reason="needs a CUDA GPU and rnnkern's CUDA kernels")
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("kernel", ["step", "persistent", "cluster", "cluster-async", "wide"])
+def test_cuda_queues_without_waiting(kernel, schedule, packed, monkeypatch):
+    """A forward and backward on the CUDA backend never make the host wait for the GPU (torch's sync
+    debug mode "error" raises at any synchronising call, e.g. a copy from pageable host memory), so
+    the host queues the next launches while a recurrence runs and streams meant to overlap do. With
+    recorded norms and clipping, on every kernel and schedule."""
+    module_args, env = SCHEDULES[schedule]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    _, ours = make_pair("lstm", 6, 40, backend="cuda", dtype=torch.float32, device="cuda", **module_args)
+    ours.record_grad_norms, ours.hidden_grad_clip = True, 0.5
+    gen = torch.Generator().manual_seed(11)
+    if packed:
+        seqs = [torch.randn(n, 6, generator=gen).cuda() for n in (7, 3, 9, 5)]
+        x = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+    else:
+        x = torch.randn(9, 5, 6, generator=gen).cuda()
+
+    def step():
+        out, _ = ours(x)
+        (out.data if packed else out).square().sum().backward()
+
+    step()  # first call: plans, handles, allocator pools
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ours.grad_norms.h_per_sample.isfinite().all()
+
+
 # The layer wavefront (rnnkern/functional.py, layer_wavefront_steps): a one-direction stack in chunks
 # of steps, each layer on its own stream on CUDA; on the CPU the same chunks one after another.
 WAVEFRONT = [c for c in CONFIGS if not c["bidirectional"] and c["num_layers"] > 1]

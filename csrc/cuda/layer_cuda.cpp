@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -115,12 +116,26 @@ persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hi
   return plans.emplace(key, plan).first->second;
 }
 
-// batch_sizes and the row offset of each step, on the device: [2, T] int64.
+// batch_sizes and the row offset of each step, on the device: [2, T] int64, queued on the current stream
+// without waiting for it. (Tensor::to from pageable memory synchronises the stream, ATen's
+// memcpy_and_sync: at every layer call the host would wait for all queued work, the GPU then idle
+// while the host prepares the next launch, and streams meant to overlap, e.g. the layer wavefront's,
+// would run one after another.) Every step full (padded input): filled on the device, nothing copied;
+// packed: copied from pinned memory (the caching host allocator keeps the buffer until the copy ran).
 at::Tensor device_geometry(const at::Tensor& batch_sizes, const at::Device& device) {
   const at::Tensor sizes = batch_sizes.contiguous();
   const int64_t steps = sizes.numel();
-  at::Tensor geometry = at::empty({2, steps}, sizes.options());
   const int64_t* size = sizes.data_ptr<int64_t>();
+  const at::TensorOptions on_device = at::TensorOptions().dtype(at::kLong).device(device);
+  const int64_t batch = steps > 0 ? size[0] : 0;
+  if (batch > 0 && std::all_of(size, size + steps, [batch](int64_t s) { return s == batch; })) {
+    at::Tensor geometry = at::empty({2, steps}, on_device);
+    geometry[0].fill_(batch);
+    at::Tensor offsets = geometry[1];
+    at::arange_out(offsets, 0, steps * batch, batch);
+    return geometry;
+  }
+  at::Tensor geometry = at::empty({2, steps}, sizes.options().pinned_memory(true));
   int64_t* out = geometry.data_ptr<int64_t>();
   int64_t offset = 0;
   for (int64_t t = 0; t < steps; ++t) {
@@ -128,7 +143,7 @@ at::Tensor device_geometry(const at::Tensor& batch_sizes, const at::Device& devi
     out[steps + t] = offset;
     offset += size[t];
   }
-  return geometry.to(device);
+  return geometry.to(on_device, /*non_blocking=*/true);
 }
 
 // The fields the persistent forward and backward arguments share: the layer and its time geometry.
