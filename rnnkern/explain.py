@@ -36,10 +36,12 @@ _HEURISTIC = 7
 
 def _why_cluster() -> str:
     forced = os.environ.get("RNNKERN_CUDA_KERNEL", "auto")
+    capped = os.environ.get("RNNKERN_CLUSTER_BLOCKS", "")
+    cap = f", RNNKERN_CLUSTER_BLOCKS={capped}" if capped and forced != "wide" else ""
     if forced in ("cluster", "cluster-async", "wide"):
-        return f"RNNKERN_CUDA_KERNEL={forced}"
+        return f"RNNKERN_CUDA_KERNEL={forced}{cap}"
     return ("chosen by auto: float32 or 16-bit, W_hh fits in one cluster and every cluster runs at once; "
-            "measured faster than the per-step and grid-wide kernels, bench/NOTES.md")
+            f"measured faster than the per-step and grid-wide kernels, bench/NOTES.md{cap}")
 
 
 def _heuristic_reason(batch, gates, units, hidden, limit) -> str:

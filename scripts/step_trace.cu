@@ -7,7 +7,8 @@
 //     --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 -Icsrc/include -Icsrc/cuda \
 //     scripts/step_trace.cu csrc/cuda/persistent.cu csrc/cuda/persistent_cluster.cu -o step_trace
 //   ./step_trace                      # the default cases
-//   ./step_trace lstm:f16:async:16:256:512[:clip]   # CELL:DTYPE:KERNEL:B:H:T, clip > 0 optional
+//   ./step_trace lstm:f16:async:16:256:512[:clip]   # CELL:DTYPE:KERNEL[/N]:B:H:T, clip > 0 optional
+//   ./step_trace tanh:f16:async/1:16:256:512        # clusters of at most N blocks (RNNKERN_CLUSTER_BLOCKS)
 //   ./step_trace --skip=cluster-async,wide          # the default cases but those kernels' (hung ones)
 // CELL lstm|gru|tanh|relu, DTYPE f16|bf16|f32|tf32|f64, KERNEL cluster|async|wide (RNNKERN_CUDA_KERNEL's
 // cluster, cluster-async (also async), wide). Random inputs (the values do not change the work). Each case: one
@@ -45,6 +46,7 @@ struct Case {
   DType dtype = DType::F16;
   bool tf32 = false;
   Exchange exchange = Exchange::ClusterBarrier;
+  int max_cluster = 16;  // blocks a cluster may have at most
   int64_t batch = 16, hidden = 256, steps = 512;
   double clip = 0.0;
   std::string label;
@@ -72,10 +74,14 @@ bool parse(const std::string& text, Case& c) {
   else if (f[1] == "tf32") { c.dtype = DType::F32; c.tf32 = true; }
   else if (f[1] == "f64") c.dtype = DType::F64;
   else return false;
-  if (f[2] == "cluster") c.exchange = Exchange::ClusterBarrier;
-  else if (f[2] == "async" || f[2] == "cluster-async") c.exchange = Exchange::ClusterAsync;
-  else if (f[2] == "wide") c.exchange = Exchange::Grid;
+  const size_t slash = f[2].find('/');
+  const std::string kernel = f[2].substr(0, slash);
+  if (slash != std::string::npos) c.max_cluster = std::atoi(f[2].c_str() + slash + 1);
+  if (kernel == "cluster") c.exchange = Exchange::ClusterBarrier;
+  else if (kernel == "async" || kernel == "cluster-async") c.exchange = Exchange::ClusterAsync;
+  else if (kernel == "wide") c.exchange = Exchange::Grid;
   else return false;
+  if (c.max_cluster < 1 || c.max_cluster > 16 || (c.max_cluster & (c.max_cluster - 1)) != 0) return false;
   c.batch = std::atoll(f[3].c_str());
   c.hidden = std::atoll(f[4].c_str());
   if (f.size() > 5) c.steps = std::atoll(f[5].c_str());
@@ -193,7 +199,7 @@ void set_layer(Args& a, const Case& c, const int64_t* geometry) {
 }
 
 void run_case(const Case& c) {
-  const Plan plan = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32);
+  const Plan plan = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32, c.max_cluster);
   if (!plan.ok) {
     std::printf("%-28s declined (reason %d)\n", c.label.c_str(), static_cast<int>(plan.reason));
     return;
@@ -259,13 +265,18 @@ void run_case(const Case& c) {
 }
 
 // The issue's B = 16 shapes on every exchange, float32 exact and TF32, the other cells, a larger
-// batch, clipping (the norms' exchange first), and the wide kernels at the size they are for.
+// batch, clipping (the norms' exchange first), the wide kernels at the size they are for, then
+// smaller clusters (the exchange's cost against the product's: an RNN's W_hh at H = 256 fits in one
+// block, which then exchanges nothing).
 const char* const kDefaultCases[] = {
     "lstm:f16:cluster:16:256:512", "lstm:f16:async:16:256:512", "lstm:f16:wide:16:256:512",
     "lstm:f16:async:16:256:512:1.0", "lstm:f32:cluster:16:256:512", "lstm:f32:async:16:256:512",
     "lstm:tf32:async:16:256:512", "gru:f16:async:16:256:512", "tanh:f16:cluster:16:256:512",
     "tanh:f16:async:16:256:512", "lstm:f16:async:64:256:512", "lstm:f16:async:16:512:512",
     "lstm:f16:wide:16:768:512", "lstm:f32:wide:16:768:512", "lstm:f16:wide:64:1024:256",
+    "tanh:f16:async/1:16:256:512", "tanh:f16:async/2:16:256:512", "tanh:f16:async/4:16:256:512",
+    "tanh:f16:cluster/1:16:256:512", "lstm:f16:async/4:16:256:512", "lstm:f16:async/8:16:256:512",
+    "lstm:f32:async/8:16:256:512", "gru:f16:async/8:16:256:512",
 };
 
 }  // namespace
@@ -293,7 +304,7 @@ int main(int argc, char** argv) {
   for (const std::string& text : cases) {
     Case c;
     if (!parse(text, c)) {
-      std::printf("bad case '%s' (CELL:DTYPE:KERNEL:B:H[:T[:clip]])\n", text.c_str());
+      std::printf("bad case '%s' (CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]])\n", text.c_str());
       return 2;
     }
     const char* kernel = c.exchange == Exchange::ClusterBarrier ? ",cluster,"

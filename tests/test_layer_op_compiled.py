@@ -779,6 +779,38 @@ def test_cuda_cluster_single_copy(kernel, clipping, cell, B, packed, monkeypatch
     _assert_cuda_matches_oracle(case, grads, False, clip)
 
 
+@gpu
+@needs_clusters
+@pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("clipping", [True, False], ids=["clip", "noclip"])
+def test_cuda_cluster_blocks(kernel, blocks, cell, clipping, monkeypatch):
+    """RNNKERN_CLUSTER_BLOCKS caps the blocks of a cluster (float64 H=37: one block of 40 units, two
+    of 20, four of 12, the last part-filled; B=13 packed): the plan takes that many (plan[7]), and the
+    results match the float64 oracle, norms included. One block exchanges nothing with another."""
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    monkeypatch.setenv("RNNKERN_CLUSTER_BLOCKS", str(blocks))
+    B, H = 13, 37
+    plan = torch.ops.rnnkern.cuda_kernel_plan(cell, torch.float64, B, H, False, torch.cuda.current_device())
+    assert plan[0] and plan[7] == blocks and plan[8] == EXCHANGE[kernel], plan
+    case, grads, _ = make_case(cell, T=7, B=B, H=H, P=0, packed=True, seed=77)
+    clip = pick_clip(case, grads, True) if clipping else 0.0
+    _assert_cuda_matches_oracle(case, grads, True, clip)
+
+
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="rnnkern was built without its CUDA kernels")
+@pytest.mark.parametrize("value", ["3", "32", "0", "four", "2x"])
+def test_cuda_cluster_blocks_rejects_bad_values(value, monkeypatch):
+    """RNNKERN_CLUSTER_BLOCKS other than a power of two from 1 to 16 is an error naming the variable,
+    not a silent default (the plan is made without a GPU too: it then declines)."""
+    monkeypatch.setenv("RNNKERN_CLUSTER_BLOCKS", value)
+    with pytest.raises(RuntimeError, match="RNNKERN_CLUSTER_BLOCKS must be 1, 2, 4, 8 or 16"):
+        torch.ops.rnnkern.cuda_kernel_plan(_cells.LSTM, torch.float16, 16, 256, False, 0)
+    monkeypatch.setenv("RNNKERN_CLUSTER_BLOCKS", "4")
+    torch.ops.rnnkern.cuda_kernel_plan(_cells.LSTM, torch.float16, 16, 256, False, 0)
+
+
 def torch_nn_fn_cuda(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):
     """torch_nn_fn on the inputs' device and dtype (cuDNN on CUDA)."""
     G = _cells.GATES[cell]

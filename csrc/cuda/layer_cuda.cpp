@@ -42,6 +42,20 @@ KernelChoice kernel_choice() {
               value, "'");
 }
 
+// RNNKERN_CLUSTER_BLOCKS: the most blocks a thread-block cluster of the cluster kernels may have (a
+// power of two, 1 to 16; default 16: the plan takes the largest cluster that fits). Fewer blocks
+// hold more of W_hh each (a longer product per step) and exchange with fewer others; set to measure
+// that trade-off (scripts/step_trace.cu sweeps it too). Any other value is an error.
+int max_cluster_blocks() {
+  const char* value = std::getenv("RNNKERN_CLUSTER_BLOCKS");
+  if (value == nullptr || *value == '\0') return 16;
+  char* end = nullptr;
+  const long blocks = std::strtol(value, &end, 10);
+  TORCH_CHECK(*end == '\0' && blocks >= 1 && blocks <= 16 && (blocks & (blocks - 1)) == 0,
+              "RNNKERN_CLUSTER_BLOCKS must be 1, 2, 4, 8 or 16, not '", value, "'");
+  return static_cast<int>(blocks);
+}
+
 // Shapes where "auto" runs the persistent kernels: where they measured faster than the per-step
 // kernels (H200, bench/results/h200.json, bench/NOTES.md). The persistent step time grows with each
 // block's share of the recurrent product (SIMT dot products out of shared memory), the per-step
@@ -71,7 +85,7 @@ bool cluster_pays_off(DType dtype, const persistent::Plan& plan) {
 // path's cuBLAS GEMMs do. auto keeps the exact float32 cluster kernels until the TF32 ones are
 // measured (bench/NOTES.md).
 persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int64_t batch, int64_t hidden,
-                               bool proj, int device, bool tf32) {
+                               bool proj, int device, bool tf32, int max_cluster) {
   if (choice == KernelChoice::Step) {
     persistent::Plan plan;
     plan.reason = persistent::Decline::Forced;
@@ -81,10 +95,11 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
     const persistent::Exchange exchange = choice == KernelChoice::Cluster ? persistent::Exchange::ClusterBarrier
                                           : choice == KernelChoice::ClusterAsync ? persistent::Exchange::ClusterAsync
                                                                                  : persistent::Exchange::Grid;
-    return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32);
+    return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32, max_cluster);
   }
   if (choice == KernelChoice::Auto) {
-    persistent::Plan cluster = persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device);
+    persistent::Plan cluster = persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device,
+                                                             persistent::Exchange::ClusterBarrier, false, max_cluster);
     if (cluster_pays_off(dtype, cluster)) return cluster;
   }
   persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device);
@@ -100,18 +115,19 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
 // (The launches set their kernels' shared-memory attribute themselves.)
 persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool proj,
                                int device) {
-  using Key = std::tuple<KernelChoice, Cell, DType, int64_t, int64_t, bool, int, bool>;
+  using Key = std::tuple<KernelChoice, Cell, DType, int64_t, int64_t, bool, int, bool, int>;
   static std::mutex mutex;
   static std::map<Key, persistent::Plan> plans;
   const KernelChoice choice = kernel_choice();
+  const int max_cluster = max_cluster_blocks();
   const bool tf32 = dtype == DType::F32 && at::globalContext().allowTF32CuBLAS();
-  const Key key{choice, cell, dtype, batch, hidden, proj, device, tf32};
+  const Key key{choice, cell, dtype, batch, hidden, proj, device, tf32, max_cluster};
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto it = plans.find(key);
     if (it != plans.end()) return it->second;
   }
-  const persistent::Plan plan = decide_kernel(choice, cell, dtype, batch, hidden, proj, device, tf32);
+  const persistent::Plan plan = decide_kernel(choice, cell, dtype, batch, hidden, proj, device, tf32, max_cluster);
   std::lock_guard<std::mutex> lock(mutex);
   return plans.emplace(key, plan).first->second;
 }

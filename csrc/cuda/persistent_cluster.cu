@@ -1398,14 +1398,14 @@ Plan try_plan(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_ro
   return c;
 }
 
-// The cluster plan for tiles of `tile_rows` batch rows (`tiles` of them): the largest cluster that
-// fits and can be scheduled, i.e. the smallest share of W_hh per block.
+// The cluster plan for tiles of `tile_rows` batch rows (`tiles` of them): the largest cluster of at
+// most `max_cluster` blocks that fits and can be scheduled, i.e. the smallest share of W_hh per block.
 Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_rows, Exchange exchange,
-                    bool tf32, const cudaDeviceProp& prop) {
+                    bool tf32, int max_cluster, const cudaDeviceProp& prop) {
   Plan plan;
   plan.reason = Decline::SharedMemory;
   const int grain = unit_grain(static_cast<int>(storage_size(dtype)));
-  for (int size = kMaxClusterBlocks; size >= 1; size /= 2) {
+  for (int size = std::min(max_cluster, kMaxClusterBlocks); size >= 1; size /= 2) {
     if (size > hidden && size > 1) continue;
     // Units rounded up to the grain; then the smallest power of two of blocks that covers them.
     const int units = round_up(static_cast<int>((hidden + size - 1) / size), grain);
@@ -1454,7 +1454,7 @@ Plan plan_wide(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool tf32,
 }  // namespace
 
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device, Exchange exchange, bool tf32) {
+                       int device, Exchange exchange, bool tf32, int max_cluster) {
   Plan plan;
   if (declines_layer(plan, has_proj, batch, hidden)) return plan;
   const cudaDeviceProp* prop = device_properties(device);
@@ -1470,7 +1470,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
   for (int cap = kTileRows; cap <= kMaxTileRows; cap *= 2) {
     const int64_t tiles = (batch + cap - 1) / cap;
     const Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, static_cast<int>((batch + tiles - 1) / tiles),
-                                          exchange, tf32, *prop);
+                                          exchange, tf32, max_cluster, *prop);
     if (cap == kTileRows) plan = candidate;
     if (!candidate.ok) break;  // larger tiles need more shared memory still
     if (tiles <= candidate.resident_clusters) return candidate;
