@@ -105,22 +105,23 @@ def best_ms(module, x, dout, kernel):
     return min(ms[2:])
 
 
-def time_schedule(kernel, variable, values, label, **lstm_args):
-    """A float16 LSTM (T256 B16 H256, `lstm_args`) with the schedule variable at each value, then
-    torch.nn's same LSTM: the streams' effect (rnnkern/functional.py)."""
+def time_schedule(kernel, variable, values, label, cell="lstm", default="0", **module_args):
+    """A float16 layer (`cell`, T256 B16 H256, `module_args`) with the variable at each value, then
+    torch.nn's same layer: the streams' effect (rnnkern/functional.py), or the cluster size's."""
     T, B, H = 256, 16, 256
-    directions = 2 if lstm_args.get("bidirectional") else 1
+    ours_cls, nn_cls, kw = CELLS[cell]
+    directions = 2 if module_args.get("bidirectional") else 1
     x = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
     dout = torch.randn(T, B, directions * H, device="cuda", dtype=torch.float16)
-    ours = rnnkern.LSTM(H, H, backend="cuda", record_grad_norms=True, **lstm_args).to("cuda", torch.float16)
+    ours = ours_cls(H, H, backend="cuda", record_grad_norms=True, **kw, **module_args).to("cuda", torch.float16)
     cases = [(kernel, f"{variable}={value}", ours, value) for value in values]
-    cases.append(("torch.nn", "", torch.nn.LSTM(H, H, **lstm_args).to("cuda", torch.float16), "0"))
+    cases.append(("torch.nn", "", nn_cls(H, H, **kw, **module_args).to("cuda", torch.float16), default))
     for name, setting, module, value in cases:
         os.environ[variable] = value
         best = best_ms(module, x, dout, kernel)
         print(f"time {name:14s} {label} {setting} float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
               f" = {1000 * best / T:.2f} us/step", flush=True)
-    os.environ[variable] = "0"
+    os.environ[variable] = default
 
 
 def timing(kernel):
@@ -130,6 +131,10 @@ def timing(kernel):
     if kernel != "wide":  # (wide holds most SMs: nothing to run beside it)
         time_schedule(kernel, "RNNKERN_CONCURRENT_DIRECTIONS", ("0", "1"), "lstm-bidir", bidirectional=True)
         time_schedule(kernel, "RNNKERN_LAYER_WAVEFRONT", ("0", "32"), "lstm-3layers", num_layers=3)
+    if kernel in ("cluster", "cluster-async"):
+        # Fewer blocks per cluster: a longer product, a cheaper exchange (one block: none).
+        for cell, sizes in (("rnn_tanh", ("1", "2", "4", "16")), ("lstm", ("4", "8", "16"))):
+            time_schedule(kernel, "RNNKERN_CLUSTER_BLOCKS", sizes, f"{cell}-clusters", cell=cell, default="16")
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
     # run their products on TF32 tensor cores (Plan::tf32); the others ignore it in the recurrence.
     variants = [(torch.float32, False), (torch.float16, False)]
