@@ -477,6 +477,66 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
+// The tensor-core products' work split: warp w takes the 8-row column tiles w, w + 8, ... of a
+// 16-row tile, up to kMmaGroup of them at a time, which share each K step's A fragment (one load of
+// A per K step instead of one per tile: the fragment loads, not the mma.sync, bound the product's
+// shared-memory traffic where a warp has several tiles).
+constexpr int kWarps = kThreads / 32;
+constexpr int kMmaGroup = 4;
+
+// The tiles of warp `warp` in pass `item` over `m_tiles` row tiles and `n_tiles` column tiles: its
+// row tile's first row m0, its first column tile, and how many (0: none; warp-uniform).
+struct WarpTiles {
+  int m0, first, count;
+};
+__device__ __forceinline__ WarpTiles warp_tiles(int item, int n_tiles, int warp) {
+  const int groups = (n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup);
+  const int first = item % groups * kWarps * kMmaGroup + warp;
+  const int count = first < n_tiles ? min(kMmaGroup, (n_tiles - first + kWarps - 1) / kWarps) : 0;
+  return {item / groups * 16, first, count};
+}
+// The passes over `m_tiles` row tiles (each warp's loop bound: warp_tiles for item < this).
+__host__ __device__ constexpr int warp_tile_passes(int m_tiles, int n_tiles) {
+  return m_tiles * ((n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup));
+}
+
+// d[i] = A B_iᵀ over K for the column tiles t.first + kWarps * i, i < t.count: A the 16 rows from `a`
+// (row-major, leading dimension lda), B_i the 8 rows from b + (t.first + kWarps * i) * 8 * ldb, K in
+// steps of kMmaK (columns past K are zeros in both tables). One tile: two accumulators over
+// alternate K steps instead (each mma.sync waits for the one before on the same accumulator).
+template <typename T>
+__device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T* a, int lda, const T* b, int ldb,
+                                               const WarpTiles& t, int K, int gid, int tig) {
+#pragma unroll
+  for (int i = 0; i < kMmaGroup; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
+  uint32_t fa[4], fb[2];
+  if (t.count == 1) {
+    for (int k0 = 0; k0 < K; k0 += 2 * kMmaK<T>) {
+      load_a(fa, a, lda, k0, gid, tig);
+      load_b(fb, b, ldb, t.first * 8, k0, gid, tig);
+      mma_step<T>(d[0], fa, fb);
+      if (k0 + kMmaK<T> < K) {
+        load_a(fa, a, lda, k0 + kMmaK<T>, gid, tig);
+        load_b(fb, b, ldb, t.first * 8, k0 + kMmaK<T>, gid, tig);
+        mma_step<T>(d[1], fa, fb);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[0][e] += d[1][e];
+    return;
+  }
+  for (int k0 = 0; k0 < K; k0 += kMmaK<T>) {
+    load_a(fa, a, lda, k0, gid, tig);
+#pragma unroll
+    for (int i = 0; i < kMmaGroup; ++i) {
+      if (i < t.count) {
+        load_b(fb, b, ldb, (t.first + kWarps * i) * 8, k0, gid, tig);
+        mma_step<T>(d[i], fa, fb);
+      }
+    }
+  }
+}
+
 #endif  // RNNKERN_HAS_CLUSTERS
 
 // X: how the blocks exchange state (Plan::exchange). Async: the st.async exchange (mbarriers, no
@@ -607,33 +667,25 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
 
     // hp = h_{t-1} W_hhᵀ for the block's rows n = g * U + ul.
     if constexpr (Mma) {
-      // One warp per 16 x 8 tile of hp: 16 state rows from m0, 8 rows n of W_hh from n0.
+      // 16 x 8 tiles of hp (16 state rows from m0, 8 rows n of W_hh), a warp's share of a row tile
+      // together (mma_warp_tiles).
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      const int n_tiles = tb.w_rows / 8, tiles = (rows + 15) / 16 * n_tiles;
-      for (int tile = warp; tile < tiles; tile += kThreads / 32) {
-        const int m0 = tile / n_tiles * 16, n0 = tile % n_tiles * 8;
-        // Two accumulators over alternate K steps: each mma.sync waits for the one before on the
-        // same accumulator, and K = H is long (up to 64 steps in the wide kernels).
-        float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int k0 = 0; k0 < H; k0 += 2 * kMmaK<T>) {  // columns past H are zeros in both operands
-          uint32_t fa[4], fb[2];
-          load_a(fa, cur + m0 * LD, LD, k0, gid, tig);
-          load_b(fb, w, LD, n0, k0, gid, tig);
-          mma_step<T>(d, fa, fb);
-          if (k0 + kMmaK<T> < H) {
-            load_a(fa, cur + m0 * LD, LD, k0 + kMmaK<T>, gid, tig);
-            load_b(fb, w, LD, n0, k0 + kMmaK<T>, gid, tig);
-            mma_step<T>(e, fa, fb);
+      const int n_tiles = tb.w_rows / 8, passes = warp_tile_passes((rows + 15) / 16, n_tiles);
+      for (int item = 0; item < passes; ++item) {
+        const WarpTiles t = warp_tiles(item, n_tiles, warp);
+        if (t.count == 0) continue;  // (warp-uniform)
+        float d[kMmaGroup][4];
+        mma_warp_tiles<T>(d, cur + t.m0 * LD, LD, w, LD, t, H, gid, tig);  // columns past H: zeros
+#pragma unroll
+        for (int i = 0; i < kMmaGroup; ++i) {
+          if (i < t.count) {
+            A* r0 = hp + (t.m0 + gid) * HP + (t.first + kWarps * i) * 8 + 2 * tig;  // rows past `rows`: not read
+            r0[0] = d[i][0];
+            r0[1] = d[i][1];
+            r0[8 * HP] = d[i][2];
+            r0[8 * HP + 1] = d[i][3];
           }
         }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) d[i] += e[i];
-        const int n = n0 + 2 * tig;
-        A* r0 = hp + (m0 + gid) * HP + n;  // rows past `rows` (stale or padding state): not read
-        r0[0] = d[0];
-        r0[1] = d[1];
-        r0[8 * HP] = d[2];
-        r0[8 * HP + 1] = d[3];
       }
     } else if (nu > 0) {
       // Register tiles of 4 rows x 4 rows n of W_hh, K split over `lanes` lanes in chunks of 4
@@ -1064,27 +1116,29 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       }
     };
     if constexpr (Mma) {
-      // One warp per 16 x 8 tile: 16 rows b from m0, 8 output units k from k0.
+      // 16 x 8 tiles: 16 rows b from m0, 8 output units k, a warp's share of a row tile together
+      // (mma_warp_tiles; K: the block's G * U gate columns).
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      const int k_tiles = (H + 7) / 8, tiles = nu > 0 ? (rows + 15) / 16 * k_tiles : 0;
-      for (int tile = warp; tile < tiles; tile += kThreads / 32) {
-        const int m0 = tile / k_tiles * 16, k0 = tile % k_tiles * 8;
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int n0 = 0; n0 < G * U; n0 += kMmaK<T>) {  // columns past G * U are zeros in both operands
-          uint32_t fa[4], fb[2];
-          load_a(fa, dgate16 + m0 * LDN, LDN, n0, gid, tig);
-          load_b(fb, wt, LDN, k0, n0, gid, tig);
-          mma_step<T>(d, fa, fb);
+      const int k_tiles = (H + 7) / 8, passes = nu > 0 ? warp_tile_passes((rows + 15) / 16, k_tiles) : 0;
+      for (int item = 0; item < passes; ++item) {
+        const WarpTiles t = warp_tiles(item, k_tiles, warp);
+        if (t.count == 0) continue;  // (warp-uniform)
+        float d[kMmaGroup][4];
+        mma_warp_tiles<T>(d, dgate16 + t.m0 * LDN, LDN, wt, LDN, t, G * U, gid, tig);  // columns past G * U: zeros
+#pragma unroll
+        for (int i = 0; i < kMmaGroup; ++i) {
+          if (i < t.count) {
+            // A lane holds columns 2 tig, 2 tig + 1 of rows gid and gid + 8; lanes tig and tig ^ 1
+            // trade halves so that the even one holds columns 4 (tig / 2) .. + 3 of row gid, the odd
+            // one those of row gid + 8. (Warp-uniform: every lane shuffles.)
+            const bool odd = tig & 1;
+            const float got0 = __shfl_xor_sync(0xffffffffu, odd ? d[i][0] : d[i][2], 1);
+            const float got1 = __shfl_xor_sync(0xffffffffu, odd ? d[i][1] : d[i][3], 1);
+            const float v[4] = {odd ? got0 : d[i][0], odd ? got1 : d[i][1], odd ? d[i][2] : got0, odd ? d[i][3] : got1};
+            const int b = t.m0 + gid + (odd ? 8 : 0), k = (t.first + kWarps * i) * 8 + 4 * (tig / 2);
+            if (b < rows && k < H) send_partials(b, k, v);
+          }
         }
-        // A lane holds columns 2 tig, 2 tig + 1 of rows gid and gid + 8; lanes tig and tig ^ 1 trade
-        // halves so that the even one holds columns 4 (tig / 2) .. + 3 of row gid, the odd one those
-        // of row gid + 8. (The loop is warp-uniform: every lane shuffles.)
-        const bool odd = tig & 1;
-        const float got0 = __shfl_xor_sync(0xffffffffu, odd ? d[0] : d[2], 1);
-        const float got1 = __shfl_xor_sync(0xffffffffu, odd ? d[1] : d[3], 1);
-        const float v[4] = {odd ? got0 : d[0], odd ? got1 : d[1], odd ? d[2] : got0, odd ? d[3] : got1};
-        const int b = m0 + gid + (odd ? 8 : 0), k = k0 + 4 * (tig / 2);
-        if (b < rows && k < H) send_partials(b, k, v);
       }
     } else if (nu > 0) {
       // Register tiles of 4 rows x 4 consecutive units k (units-fastest: a warp reads contiguous
