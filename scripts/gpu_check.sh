@@ -42,6 +42,7 @@ status=0
 # step-trace here: no device time), else built here beside the extension (~1 min on 3 cores).
 TRACE_BIN=.gpu-bin/step_trace; trace_pid=""
 if stage probe && [ "$(cat $TRACE_BIN.sources 2>/dev/null)" != "$(bash scripts/build_step_trace.sh --digest)" ]; then
+  rm -f $TRACE_BIN $TRACE_BIN.sources  # (a failed build must not leave a stale one to run)
   bash scripts/build_step_trace.sh $TRACE_BIN > "$OUT/step_trace_build.log" 2>&1 &
   trace_pid=$!
 fi

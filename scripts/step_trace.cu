@@ -46,7 +46,7 @@ struct Case {
   DType dtype = DType::F16;
   bool tf32 = false;
   Exchange exchange = Exchange::ClusterBarrier;
-  int max_cluster = 16;  // blocks a cluster may have at most
+  int max_cluster = 0;  // blocks a cluster may have at most (0: the plan's default, RNNKERN_CLUSTER_BLOCKS unset)
   int64_t batch = 16, hidden = 256, steps = 512;
   double clip = 0.0;
   std::string label;
@@ -76,12 +76,14 @@ bool parse(const std::string& text, Case& c) {
   else return false;
   const size_t slash = f[2].find('/');
   const std::string kernel = f[2].substr(0, slash);
-  if (slash != std::string::npos) c.max_cluster = std::atoi(f[2].c_str() + slash + 1);
+  if (slash != std::string::npos) {
+    c.max_cluster = std::atoi(f[2].c_str() + slash + 1);
+    if (c.max_cluster < 1 || c.max_cluster > 16 || (c.max_cluster & (c.max_cluster - 1)) != 0) return false;
+  }
   if (kernel == "cluster") c.exchange = Exchange::ClusterBarrier;
   else if (kernel == "async" || kernel == "cluster-async") c.exchange = Exchange::ClusterAsync;
   else if (kernel == "wide") c.exchange = Exchange::Grid;
   else return false;
-  if (c.max_cluster < 1 || c.max_cluster > 16 || (c.max_cluster & (c.max_cluster - 1)) != 0) return false;
   c.batch = std::atoll(f[3].c_str());
   c.hidden = std::atoll(f[4].c_str());
   if (f.size() > 5) c.steps = std::atoll(f[5].c_str());

@@ -708,19 +708,26 @@ def _assert_16bit_within_torch_nn(cell, dtype, case, grads):
 @pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
-def test_cuda_cluster_large_batch(kernel, dtype, cell, monkeypatch):
-    """A batch that needs more clusters of 16-row tiles than the device runs at once: the plan takes
-    larger tiles, all resident (float16, clusters of 8 blocks: B = 300, 19 tiles of 16 rows against at
-    most 16 resident clusters, so tiles of 30 rows, two MMA row tiles per block, or more; float64,
-    clusters of 16 blocks: B = 200, 13 tiles against at most 8, so 7 or 4 tiles of 29 or 50 rows on the
-    FMA register tiles); against the oracle (float64 at 1e-10; float16 within torch.nn's own error, as
+@pytest.mark.parametrize("capped", [False, True], ids=["smaller-clusters", "larger-tiles"])
+def test_cuda_cluster_large_batch(kernel, dtype, cell, capped, monkeypatch):
+    """A batch that needs more clusters of 16-row tiles than the device runs at once (float16 H = 64:
+    clusters of 8 blocks, B = 300: 19 tiles against at most 16 resident; float64: clusters of 16, B =
+    200: 13 tiles against at most 8). By default the plan keeps 16-row tiles on smaller clusters (more
+    of W_hh per block), all resident; with the cluster size fixed (RNNKERN_CLUSTER_BLOCKS) it takes
+    larger tiles instead (30 rows or more: two MMA row tiles per block; float64: 29 or 50 rows on the
+    FMA register tiles). Against the oracle (float64 at 1e-10; float16 within torch.nn's own error, as
     test_cuda_16bit_error_within_torch_nn)."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     B, H = (300 if dtype == torch.float16 else 200), 64
+    if capped:
+        monkeypatch.setenv("RNNKERN_CLUSTER_BLOCKS", "8" if dtype == torch.float16 else "16")
     plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, torch.cuda.current_device())
     assert plan[0] and plan[7] > 0, plan
     tiles = plan[2] // plan[7]
-    assert tiles < -(-B // 16), plan  # tiles of more than 16 rows
+    if capped:
+        assert tiles < -(-B // 16), plan  # tiles of more than 16 rows
+    else:
+        assert tiles == -(-B // 16) and plan[7] < (8 if dtype == torch.float16 else 16), plan
     case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=True, seed=71)
     if dtype == torch.float64:
         clip = pick_clip(case, grads, True)

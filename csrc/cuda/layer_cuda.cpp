@@ -43,12 +43,13 @@ KernelChoice kernel_choice() {
 }
 
 // RNNKERN_CLUSTER_BLOCKS: the most blocks a thread-block cluster of the cluster kernels may have (a
-// power of two, 1 to 16; default 16: the plan takes the largest cluster that fits). Fewer blocks
-// hold more of W_hh each (a longer product per step) and exchange with fewer others; set to measure
-// that trade-off (scripts/step_trace.cu sweeps it too). Any other value is an error.
+// power of two, 1 to 16). Unset (0): the plan takes the largest cluster that fits, or smaller ones
+// where a large batch's 16-row tiles need more clusters than run at once. Fewer blocks hold more of
+// W_hh each (a longer product per step) and exchange with fewer others; set to measure that
+// trade-off (scripts/step_trace.cu sweeps it too). Any other value is an error.
 int max_cluster_blocks() {
   const char* value = std::getenv("RNNKERN_CLUSTER_BLOCKS");
-  if (value == nullptr || *value == '\0') return 16;
+  if (value == nullptr || *value == '\0') return 0;
   char* end = nullptr;
   const long blocks = std::strtol(value, &end, 10);
   TORCH_CHECK(*end == '\0' && blocks >= 1 && blocks <= 16 && (blocks & (blocks - 1)) == 0,
@@ -74,7 +75,9 @@ bool persistent_pays_off(Cell cell, int64_t batch, int64_t hidden, const persist
 // B=64 float32 18.4 against 42.7; GRU H=512 float16 17.8 against 41.9; RNN-tanh float32 11.2 against
 // 23.7), provided every cluster runs at once: each cluster runs the whole sequence, so a second wave
 // doubles it. float64 (a checking dtype) was not timed and keeps the grid-wide kernels' rule. Tiles
-// of more than 16 rows (the plan's choice for large batches) are not measured yet: not taken.
+// of more than 16 rows (the plan's choice for large batches where no smaller cluster makes every
+// cluster resident) are not measured yet: not taken. Large batches on smaller clusters (16-row tiles,
+// the same work per block and step as measured, an exchange with fewer blocks) are.
 bool cluster_pays_off(DType dtype, const persistent::Plan& plan) {
   return plan.ok && dtype != DType::F64 && plan.blocks / plan.cluster <= plan.resident_clusters &&
          plan.tile_rows <= 16;

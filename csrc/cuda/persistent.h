@@ -72,13 +72,14 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
 // through distributed shared memory (`exchange`: Plan::exchange). Declines (SharedMemory) where W_hh
 // and the tile's rows do not fit in one cluster's shared memory. Exchange::Grid ("wide") spreads each
 // tile over as many blocks as the device runs at once instead, and declines where even that does not
-// fit. `tf32` (float32 only; ignored otherwise): Plan::tf32. `max_cluster` (a power of two, 1 to 16;
-// not for Grid): the most blocks a cluster may have (by default the plan takes the largest cluster
-// that fits: the smallest share of W_hh per block; fewer blocks trade a longer product for a
-// cheaper exchange).
+// fit. `tf32` (float32 only; ignored otherwise): Plan::tf32. `max_cluster` (not for Grid): 0, the
+// largest cluster that fits (the smallest share of W_hh per block), or smaller ones where a batch's
+// 16-row tiles need more clusters than run at once; else a power of two from 1 to 16, the most
+// blocks a cluster may have (fewer blocks trade a longer product for a cheaper exchange), and
+// larger tiles where those clusters are not all resident.
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
                        int device, Exchange exchange = Exchange::ClusterBarrier, bool tf32 = false,
-                       int max_cluster = 16);
+                       int max_cluster = 0);
 
 struct ForwardArgs {
   Cell cell = Cell::LSTM;

@@ -790,6 +790,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
         // Async: only to the blocks that own units (see `used`).
         broadcast_columns<Async>(cluster, nxt, LD, rows, u0, nu, Async ? used : blocks, rank, &full[(s + 1) & 1]);
         clock.mark(4);  // thread 0's sends
+      } else {
+        clock.sync_mark(3);  // (trace build only: one block or Grid, where nothing follows to wait in)
       }
     }
     rows_sent = (used > 1 && s + 1 < a.steps) ? rows : 0;
@@ -1518,15 +1520,24 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
   }
   tf32 = tf32 && dtype == DType::F32;
   if (exchange == Exchange::Grid) return plan_wide(cell, dtype, batch, hidden, tf32, *prop);
-  // Tiles of at most 16 rows (one MMA row tile) where all their clusters run at once; for larger
-  // batches, tiles of up to 32 or 64 rows (each cluster does more work per step, but a second wave of
-  // clusters would double the whole sequence), the smallest that makes every cluster resident.
+  // Tiles of at most 16 rows (one MMA row tile) where all their clusters run at once (a second wave
+  // of clusters would double the whole sequence): on the largest cluster that fits, or (max_cluster
+  // 0) on smaller ones, down to the largest with which every tile's cluster is resident (each block
+  // then holds more of W_hh: as much work per block and step as a larger tile's, and an exchange
+  // with fewer blocks); then tiles of up to 32 or 64 rows, the smallest that makes every cluster
+  // resident (each cluster does more work per step).
+  const int largest = max_cluster > 0 ? max_cluster : kMaxClusterBlocks;
   for (int cap = kTileRows; cap <= kMaxTileRows; cap *= 2) {
     const int64_t tiles = (batch + cap - 1) / cap;
-    const Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, static_cast<int>((batch + tiles - 1) / tiles),
-                                          exchange, tf32, max_cluster, *prop);
+    const int rows = static_cast<int>((batch + tiles - 1) / tiles);
+    Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, largest, *prop);
     if (cap == kTileRows) plan = candidate;
     if (!candidate.ok) break;  // larger tiles need more shared memory still
+    while (max_cluster == 0 && cap == kTileRows && tiles > candidate.resident_clusters && candidate.cluster > 1) {
+      const Plan smaller = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, candidate.cluster / 2, *prop);
+      if (!smaller.ok) break;
+      candidate = smaller;
+    }
     if (tiles <= candidate.resident_clusters) return candidate;
     if (tiles == 1) break;
   }

@@ -52,6 +52,12 @@ struct StepClock {
       last = now;
     }
   }
+  // mark(phase) after the block's threads meet, where the kernel has no barrier of its own (then the
+  // wait for the slowest thread falls in `phase`, as where it has one); block-uniform control flow.
+  __device__ __forceinline__ void sync_mark(int phase) {
+    __syncthreads();
+    mark(phase);
+  }
   __device__ __forceinline__ void finish(int64_t steps) {
     if (threadIdx.x != 0 || g_step_trace == nullptr) return;
     const unsigned long long end = clock64(), end_ns = global_ns();
@@ -73,6 +79,7 @@ struct StepClock {
   __device__ __forceinline__ void start() {}
   __device__ __forceinline__ void loop_start() {}
   __device__ __forceinline__ void mark(int) {}
+  __device__ __forceinline__ void sync_mark(int) {}
   __device__ __forceinline__ void finish(int64_t) {}
 };
 #endif
