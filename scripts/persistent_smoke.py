@@ -105,9 +105,18 @@ def best_ms(module, x, dout, kernel):
     return min(ms[2:])
 
 
+def set_variable(variable, value):
+    """os.environ[variable] = value; None: unset."""
+    if value is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = value
+
+
 def time_schedule(kernel, variable, values, label, cell="lstm", default="0", **module_args):
     """A float16 layer (`cell`, T256 B16 H256, `module_args`) with the variable at each value, then
-    torch.nn's same layer: the streams' effect (rnnkern/functional.py), or the cluster size's."""
+    torch.nn's same layer: the streams' effect (rnnkern/functional.py), or the cluster size's. The
+    variable is left at `default` (None: unset)."""
     T, B, H = 256, 16, 256
     ours_cls, nn_cls, kw = CELLS[cell]
     directions = 2 if module_args.get("bidirectional") else 1
@@ -117,11 +126,11 @@ def time_schedule(kernel, variable, values, label, cell="lstm", default="0", **m
     cases = [(kernel, f"{variable}={value}", ours, value) for value in values]
     cases.append(("torch.nn", "", nn_cls(H, H, **kw, **module_args).to("cuda", torch.float16), default))
     for name, setting, module, value in cases:
-        os.environ[variable] = value
+        set_variable(variable, value)
         best = best_ms(module, x, dout, kernel)
         print(f"time {name:14s} {label} {setting} float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
               f" = {1000 * best / T:.2f} us/step", flush=True)
-    os.environ[variable] = default
+    set_variable(variable, default)
 
 
 def timing(kernel):
@@ -134,7 +143,7 @@ def timing(kernel):
     if kernel in ("cluster", "cluster-async"):
         # Fewer blocks per cluster: a longer product, a cheaper exchange (one block: none).
         for cell, sizes in (("rnn_tanh", ("1", "2", "4", "16")), ("lstm", ("4", "8", "16"))):
-            time_schedule(kernel, "RNNKERN_CLUSTER_BLOCKS", sizes, f"{cell}-clusters", cell=cell, default="16")
+            time_schedule(kernel, "RNNKERN_CLUSTER_BLOCKS", sizes, f"{cell}-clusters", cell=cell, default=None)
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
     # run their products on TF32 tensor cores (Plan::tf32); the others ignore it in the recurrence.
     variants = [(torch.float32, False), (torch.float16, False)]

@@ -480,7 +480,8 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 // The tensor-core products' work split: warp w takes the 8-row column tiles w, w + 8, ... of a
 // 16-row tile, up to kMmaGroup of them at a time, which share each K step's A fragment (one load of
 // A per K step instead of one per tile: the fragment loads, not the mma.sync, bound the product's
-// shared-memory traffic where a warp has several tiles).
+// shared-memory traffic where a warp has several tiles). With fewer column tiles than warps, the
+// spare warps take further row tiles instead (one tile each).
 constexpr int kWarps = kThreads / 32;
 constexpr int kMmaGroup = 4;
 
@@ -489,7 +490,11 @@ constexpr int kMmaGroup = 4;
 struct WarpTiles {
   int m0, first, count;
 };
-__device__ __forceinline__ WarpTiles warp_tiles(int item, int n_tiles, int warp) {
+__device__ __forceinline__ WarpTiles warp_tiles(int item, int m_tiles, int n_tiles, int warp) {
+  if (n_tiles < kWarps) {  // `per` row tiles a pass, one column tile a warp
+    const int per = kWarps / n_tiles, sub = warp / n_tiles, m_tile = item * per + sub;
+    return {m_tile * 16, warp % n_tiles, sub < per && m_tile < m_tiles ? 1 : 0};
+  }
   const int groups = (n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup);
   const int first = item % groups * kWarps * kMmaGroup + warp;
   const int count = first < n_tiles ? min(kMmaGroup, (n_tiles - first + kWarps - 1) / kWarps) : 0;
@@ -497,7 +502,8 @@ __device__ __forceinline__ WarpTiles warp_tiles(int item, int n_tiles, int warp)
 }
 // The passes over `m_tiles` row tiles (each warp's loop bound: warp_tiles for item < this).
 __host__ __device__ constexpr int warp_tile_passes(int m_tiles, int n_tiles) {
-  return m_tiles * ((n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup));
+  return n_tiles < kWarps ? (m_tiles + kWarps / n_tiles - 1) / (kWarps / n_tiles)
+                          : m_tiles * ((n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup));
 }
 
 // d[i] = A B_iᵀ over K for the column tiles t.first + kWarps * i, i < t.count: A the 16 rows from `a`
@@ -670,9 +676,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       // 16 x 8 tiles of hp (16 state rows from m0, 8 rows n of W_hh), a warp's share of a row tile
       // together (mma_warp_tiles).
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      const int n_tiles = tb.w_rows / 8, passes = warp_tile_passes((rows + 15) / 16, n_tiles);
+      const int n_tiles = tb.w_rows / 8, m_tiles = (rows + 15) / 16, passes = warp_tile_passes(m_tiles, n_tiles);
       for (int item = 0; item < passes; ++item) {
-        const WarpTiles t = warp_tiles(item, n_tiles, warp);
+        const WarpTiles t = warp_tiles(item, m_tiles, n_tiles, warp);
         if (t.count == 0) continue;  // (warp-uniform)
         float d[kMmaGroup][4];
         mma_warp_tiles<T>(d, cur + t.m0 * LD, LD, w, LD, t, H, gid, tig);  // columns past H: zeros
@@ -1121,9 +1127,10 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       // 16 x 8 tiles: 16 rows b from m0, 8 output units k, a warp's share of a row tile together
       // (mma_warp_tiles; K: the block's G * U gate columns).
       const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      const int k_tiles = (H + 7) / 8, passes = nu > 0 ? warp_tile_passes((rows + 15) / 16, k_tiles) : 0;
+      const int k_tiles = (H + 7) / 8, m_tiles = (rows + 15) / 16;
+      const int passes = nu > 0 ? warp_tile_passes(m_tiles, k_tiles) : 0;
       for (int item = 0; item < passes; ++item) {
-        const WarpTiles t = warp_tiles(item, k_tiles, warp);
+        const WarpTiles t = warp_tiles(item, m_tiles, k_tiles, warp);
         if (t.count == 0) continue;  // (warp-uniform)
         float d[kMmaGroup][4];
         mma_warp_tiles<T>(d, dgate16 + t.m0 * LDN, LDN, wt, LDN, t, G * U, gid, tig);  // columns past G * U: zeros
