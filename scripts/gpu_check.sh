@@ -120,7 +120,7 @@ if stage sanitizer; then
   # (shared-memory hazards) on the persistent kernels in a small float32 case.
   sanitize sanitizer memcheck
   san_pid=$!
-  sanitize racecheck racecheck --kernels "${RACE_KERNELS:-step}" --dtypes float32
+  sanitize racecheck racecheck --kernels "${RACE_KERNELS:-step}" --dtypes float32 --several-blocks wide
   race_pid=$!
 fi
 

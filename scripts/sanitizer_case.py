@@ -3,8 +3,8 @@ norms on, forward and backward through the `cuda` backend's per-step and persist
 `triton` when available).
 
     python3 scripts/sanitizer_case.py                       # memcheck: everything
-    python3 scripts/sanitizer_case.py --kernels persistent,cluster,cluster-async,wide --dtypes float32
-                                                            # racecheck: the persistent kernels only
+    python3 scripts/sanitizer_case.py --kernels persistent,cluster,cluster-async,wide --dtypes float32 \
+        --several-blocks wide                               # racecheck: the persistent kernels only
 """
 
 import argparse
@@ -21,6 +21,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--kernels", default=",".join(CUDA_KERNELS),
                     help="RNNKERN_CUDA_KERNEL values to run (comma-separated); 'triton' adds that backend")
 parser.add_argument("--dtypes", default="float32,float16")
+parser.add_argument("--several-blocks", default="cluster,cluster-async,wide",
+                    help="kernels that also run layers spread over several blocks (slower under racecheck)")
 args = parser.parse_args()
 kernels = args.kernels.split(",")
 dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
@@ -34,7 +36,9 @@ for backend, kernel in runs:
         os.environ["RNNKERN_CUDA_KERNEL"] = kernel
     layers = [(rnnkern.LSTM, {}, 7), (rnnkern.LSTM, {"proj_size": 3}, 7), (rnnkern.GRU, {}, 7),
               (rnnkern.RNN, {}, 7), (rnnkern.RNN, {"nonlinearity": "relu"}, 7)]
-    if kernel == "wide":  # H = 7 fits one block: also layers over several (16 units each; GRU 24, RNN 64)
+    if kernel in args.several_blocks.split(","):
+        # H = 7 fits one block: also layers over several (wide: 16 units each, GRU 24, RNN 64; clusters:
+        # 16 blocks, some without units, and RNN's backward product with several tiles a warp)
         layers += [(rnnkern.LSTM, {}, 40), (rnnkern.GRU, {}, 56), (rnnkern.RNN, {}, 136)]
     for cls, kw, hidden in layers:
         for dtype in dtypes:
