@@ -876,6 +876,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   const bool clipping = a.clip > 0.0;
   const bool norms_first = clipping || copies == 1;  // the Σ g² exchange before the cell
   const bool norms_g_late = !norms_first && a.norm_g != nullptr, norms_c = C == Cell::LSTM && a.norm_c != nullptr;
+  // A row's own units are nu aligned lanes of a warp (nu a power of two up to 32): the Σ g² and Σ dc²
+  // partials by shuffles where the values are computed (row_squares).
+  const bool lane_rows = nu > 0 && nu <= 32 && (nu & (nu - 1)) == 0;
   // The dh product's operands. FMA: dgate[n][b] (acc dtype, transposed: a register tile's 4 rows
   // in one load) and W_hh rows w[n][k], n = g * U + ul. MMA: dgate16[b][n] as stored (T, state_rows x
   // LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
@@ -973,23 +976,32 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
       return sum;
     };
-    // own_squares of every row, to block 0's [blocks][Bt] `dst` (Grid: `grid_dst`, global), with this
+    // With lane_rows, the same sums by shuffles where the values are computed (phases A and B):
+    // each row's nu pairs are nu aligned lanes of a warp in every pass of those phases' uniform loops,
+    // so every lane calls it (invalid ones add 0); the row's sum, a fixed tree, is in its first lane
+    // (ul == 0). No pass over gbuf by one thread a row after a __syncthreads (it held up warp 0).
+    const auto row_squares = [&](A v, bool valid) {
+      double sum = valid ? cuda::square(v) : 0.0;
+      for (int offset = nu / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      return sum;
+    };
+    // Row b's partial sum to block 0's [blocks][Bt] `dst` (Grid: `grid_dst`, global), with this
     // step's reduce-scatter.
-    const auto squares_to_block0 = [&](double* dst, double* grid_dst) {
-      for (int b = threadIdx.x; b < rows; b += kThreads) {
-        const double sum = own_squares(b);
-        if constexpr (Grid) {
-          grid_dst[rank * Bt + b] = sum;
-        } else if constexpr (Async) {
-          if (rank == 0) {
-            dst[b] = sum;
-          } else {
-            send_async(dst + rank * Bt + b, sum, 0, &full_in[pin]);
-          }
+    const auto square_to_block0 = [&](double* dst, double* grid_dst, int b, double sum) {
+      if constexpr (Grid) {
+        grid_dst[rank * Bt + b] = sum;
+      } else if constexpr (Async) {
+        if (rank == 0) {
+          dst[b] = sum;
         } else {
-          *cluster.map_shared_rank(dst + rank * Bt + b, 0) = sum;
+          send_async(dst + rank * Bt + b, sum, 0, &full_in[pin]);
         }
+      } else {
+        *cluster.map_shared_rank(dst + rank * Bt + b, 0) = sum;
       }
+    };
+    const auto squares_to_block0 = [&](double* dst, double* grid_dst) {  // every row, from gbuf
+      for (int b = threadIdx.x; b < rows; b += kThreads) square_to_block0(dst, grid_dst, b, own_squares(b));
     };
     if constexpr (Async) {
       // This step's phases: each barrier's previous phase (two steps back; one for full_in[0] with one
@@ -1005,21 +1017,43 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
 
     // A: g for own units; its squares summed over own units, to every block (norms_first: with
-    // clipping each needs the norms for the cell), else to block 0 (recorded norms).
-    for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
+    // clipping each needs the norms for the cell), else to block 0 (recorded norms). With lane_rows
+    // the row sums come from the lanes: norms_first puts them in the own slot of part_g (Grid: of the
+    // scratch), from where they are sent below; otherwise they go to block 0 from here.
+    const bool g_squares = norms_first || norms_g_late, g_squares_by_lanes = g_squares && lane_rows;
+    for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: row_squares shuffles
+      const int pair = base + static_cast<int>(threadIdx.x);
+      const bool valid = pair < pairs;
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
-      const A incoming = b < rows_next ? dh_next[b * U + ul]
-                                       : A(load(grad_h_n + static_cast<int64_t>(tile0 + b) * H + u));
-      const A out_grad = pair == static_cast<int>(threadIdx.x) ? A(load(&first.g_out))
-                                                               : A(load(grad_out + (row0 + b) * H + u));
-      gbuf[b * U + ul] = out_grad + incoming;
+      A g = A(0);
+      if (valid) {
+        const A incoming = b < rows_next ? dh_next[b * U + ul]
+                                         : A(load(grad_h_n + static_cast<int64_t>(tile0 + b) * H + u));
+        const A out_grad = pair == static_cast<int>(threadIdx.x) ? A(load(&first.g_out))
+                                                                 : A(load(grad_out + (row0 + b) * H + u));
+        g = out_grad + incoming;
+        gbuf[b * U + ul] = g;
+      }
+      if (g_squares_by_lanes) {
+        const double sum = row_squares(g, valid);
+        if (valid && ul == 0) {
+          if (!norms_first) {
+            square_to_block0(part_g, grid_part_g_s, b, sum);
+          } else if constexpr (Grid) {
+            grid_part_g_s[rank * Bt + b] = sum;
+          } else {
+            part_g[rank * Bt + b] = sum;
+          }
+        }
+      }
     }
-    if (norms_first || norms_g_late) __syncthreads();  // the Σ g² loops read every unit's g
+    if (norms_first || (norms_g_late && !lane_rows)) __syncthreads();  // the loops below read other threads' g
     clock.mark(0);  // A
     if (norms_first) {
       for (int i = threadIdx.x; i < rows * (Grid ? 1 : blocks); i += kThreads) {
         const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
-        const double sum = own_squares(b);
+        if (lane_rows && r == rank) continue;  // the own slot: written in the loop above
+        const double sum = lane_rows ? part_g[rank * Bt + b] : own_squares(b);
         if constexpr (Grid) {
           grid_part_g_s[rank * Bt + b] = sum;
         } else if constexpr (Async) {
@@ -1052,57 +1086,71 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         row_norm[b] = static_cast<A>(sqrt(sum));
         if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
       }
-    } else if (norms_g_late && nu > 0) {  // blocks without units add nothing
+    } else if (norms_g_late && nu > 0 && !lane_rows) {  // blocks without units add nothing
       squares_to_block0(part_g, grid_part_g_s);
     }
-    if (norms_first || norms_g_late) __syncthreads();  // (gbuf is rewritten below; otherwise each thread
-                                                        // reads only its own units' g)
+    // (gbuf is rewritten below, and row_norm read; otherwise each thread reads only its own units' g)
+    if (norms_first || (norms_g_late && !lane_rows)) __syncthreads();
     clock.mark(1);  // the Σ g² partials: exchanged (norms_first), or sent to block 0
 
-    // B: clipping, the gate gradients of own units.
-    for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
+    // B: clipping, the gate gradients of own units (LSTM with lane_rows: Σ dc² to block 0 from here).
+    const bool c_squares_by_lanes = norms_c && lane_rows;
+    for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: row_squares shuffles
+      const int pair = base + static_cast<int>(threadIdx.x);
+      const bool valid = pair < pairs;
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
-      const int64_t row = row0 + b;
-      const A dh = clipping ? gbuf[b * U + ul] * clip_scale(row_norm[b], clip) : gbuf[b * U + ul];
-      const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
-      A saved[S > 0 ? S : 1], prev, h;
-      if (pair == static_cast<int>(threadIdx.x)) {
+      A dc_out = A(0);  // LSTM: this pair's dc_t, for the norms
+      if (valid) {
+        const int64_t row = row0 + b;
+        const A dh = clipping ? gbuf[b * U + ul] * clip_scale(row_norm[b], clip) : gbuf[b * U + ul];
+        const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
+        A saved[S > 0 ? S : 1], prev, h;
+        if (pair == static_cast<int>(threadIdx.x)) {
 #pragma unroll
-        for (int k = 0; k < S; ++k) saved[k] = first.saved[k];
-        unit_state<C, T, A>(first.state, starts, prev, h);
-      } else {
-#pragma unroll
-        for (int k = 0; k < S; ++k) saved[k] = ws[(row * S + k) * H + u];
-        backward_unit_state<C, T, A>(ptrs, tile0 + b, row, prev_row0 + b, starts, H, u, prev, h);
-      }
-      const A dc_in = incoming_dc<C>(ptrs, tile0 + b, b < rows_next, dc_next + b * U + ul, H, u);
-      A dg[G], dc_total, dc_prev, dh_direct;
-      backward_unit<C, T, A>(dh, dc_in, saved, 1, prev, h, H, u, dgates_x + row * GH, dgates_h + row * GH, dg,
-                             dc_total, dc_prev, dh_direct);
-      // The product's operand, as stored (the per-step path reads the dgates rows back).
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        if constexpr (Mma) {
-          store(dgate16 + b * LDN + g * U + ul, dg[g]);
+          for (int k = 0; k < S; ++k) saved[k] = first.saved[k];
+          unit_state<C, T, A>(first.state, starts, prev, h);
         } else {
-          dgate[(g * U + ul) * BtP + b] = through<T>(dg[g]);
+#pragma unroll
+          for (int k = 0; k < S; ++k) saved[k] = ws[(row * S + k) * H + u];
+          backward_unit_state<C, T, A>(ptrs, tile0 + b, row, prev_row0 + b, starts, H, u, prev, h);
+        }
+        const A dc_in = incoming_dc<C>(ptrs, tile0 + b, b < rows_next, dc_next + b * U + ul, H, u);
+        A dg[G], dc_total, dc_prev, dh_direct;
+        backward_unit<C, T, A>(dh, dc_in, saved, 1, prev, h, H, u, dgates_x + row * GH, dgates_h + row * GH, dg,
+                               dc_total, dc_prev, dh_direct);
+        // The product's operand, as stored (the per-step path reads the dgates rows back).
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          if constexpr (Mma) {
+            store(dgate16 + b * LDN + g * U + ul, dg[g]);
+          } else {
+            dgate[(g * U + ul) * BtP + b] = through<T>(dg[g]);
+          }
+        }
+        if constexpr (C == Cell::LSTM) {
+          gbuf[b * U + ul] = dc_total;  // g is no longer needed: reuse for the dc partial
+          dc_out = dc_total;
+          if (starts) {
+            if (grad_c0) store(grad_c0 + static_cast<int64_t>(tile0 + b) * H + u, dc_prev);
+          } else {
+            dc_next[b * U + ul] = dc_prev;
+          }
+        } else if constexpr (C == Cell::GRU) {
+          direct[b * U + ul] = dh_direct;
         }
       }
       if constexpr (C == Cell::LSTM) {
-        gbuf[b * U + ul] = dc_total;  // g is no longer needed: reuse for the dc partial
-        if (starts) {
-          if (grad_c0) store(grad_c0 + static_cast<int64_t>(tile0 + b) * H + u, dc_prev);
-        } else {
-          dc_next[b * U + ul] = dc_prev;
+        if (c_squares_by_lanes) {
+          const double sum = row_squares(dc_out, valid);
+          if (valid && ul == 0) square_to_block0(part_c_s, grid_part_c_s, b, sum);
         }
-      } else if constexpr (C == Cell::GRU) {
-        direct[b * U + ul] = dh_direct;
       }
     }
     __syncthreads();
     clock.mark(2);  // B: the cells
     if constexpr (C == Cell::LSTM) {
-      if (norms_c && nu > 0) squares_to_block0(part_c_s, grid_part_c_s);  // blocks without units add nothing
+      // blocks without units add nothing
+      if (norms_c && nu > 0 && !lane_rows) squares_to_block0(part_c_s, grid_part_c_s);
     }
 
     // C: this block's gate columns times its W_hh rows: a partial dh_prev for every unit k, sent to
