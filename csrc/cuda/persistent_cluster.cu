@@ -1580,7 +1580,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
   // 0) on smaller ones, down to the largest with which every tile's cluster is resident (each block
   // then holds more of W_hh: as much work per block and step as a larger tile's, and an exchange
   // with fewer blocks); then tiles of up to 32 or 64 rows, the smallest that makes every cluster
-  // resident (each cluster does more work per step).
+  // resident (each cluster does more work per step), each on clusters chosen the same way.
   const int largest = max_cluster > 0 ? max_cluster : kMaxClusterBlocks;
   for (int cap = kTileRows; cap <= kMaxTileRows; cap *= 2) {
     const int64_t tiles = (batch + cap - 1) / cap;
@@ -1588,7 +1588,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, largest, *prop);
     if (cap == kTileRows) plan = candidate;
     if (!candidate.ok) break;  // larger tiles need more shared memory still
-    while (max_cluster == 0 && cap == kTileRows && tiles > candidate.resident_clusters && candidate.cluster > 1) {
+    while (max_cluster == 0 && tiles > candidate.resident_clusters && candidate.cluster > 1) {
       const Plan smaller = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, candidate.cluster / 2, *prop);
       if (!smaller.ok) break;
       candidate = smaller;
