@@ -15,7 +15,9 @@
 # cluster-async kernels (a fourth CUDA variant of the module suite, smoke, racecheck, bench), TF32
 # cluster cases and the bidirectional timings: expect ~6.5 min with T_TESTS=240. Then the wide kernels
 # (a fifth variant; the bench times them only where the cluster kernels decline): ~7.5 min with
-# T_TESTS=300.
+# T_TESTS=300. Then the step tracer in the probe stage (seconds; carried in .gpu-bin, else built
+# beside the extension) and smoke timings of the kernels on clusters only: ~8 min for
+# STAGES="build smoke probe tests sanitizer" with T_TESTS=300, then ~3.5 min for the bench.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
