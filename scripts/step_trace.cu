@@ -29,6 +29,7 @@
 
 #include "cuda_check.h"
 #include "persistent.h"
+#include "persistent_common.cuh"
 #include "step_trace.cuh"
 
 using namespace rnnkern;
@@ -91,9 +92,6 @@ bool parse(const std::string& text, Case& c) {
   return c.batch > 0 && c.hidden > 0 && c.steps > 0;
 }
 
-size_t elem_size(DType d) { return d == DType::F64 ? 8 : d == DType::F32 ? 4 : 2; }
-size_t acc_bytes(DType d) { return d == DType::F64 ? 8 : 4; }
-
 // Uniform values in [-scale, scale) of `dtype`, from a hash of the index (no curand).
 __global__ void fill_kernel(void* p, int64_t n, DType dtype, float scale, uint32_t seed) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -122,7 +120,7 @@ struct Buffers {
     return p;
   }
   void* random(int64_t n, DType dtype, float scale) {
-    void* p = alloc(n * elem_size(dtype));
+    void* p = alloc(n * storage_size(dtype));
     fill_kernel<<<256, 256>>>(p, n, dtype, scale, static_cast<uint32_t>(all.size() * 7919u));
     CHECK(cudaGetLastError());
     return p;
@@ -209,7 +207,7 @@ void run_case(const Case& c) {
   const int64_t T = c.steps, B = c.batch, H = c.hidden, N = T * B;
   const int G = cell_gates(c.cell), S = cell_workspace_slots(c.cell);
   const DType d = c.dtype;
-  const size_t acc = acc_bytes(d);
+  const size_t acc = acc_size(d);
   Buffers buf;
   // Every step has all B rows: sizes[t] = B, offsets[t] = t * B.
   std::vector<int64_t> geometry(2 * T);
@@ -227,10 +225,10 @@ void run_case(const Case& c) {
   f.b_hh = buf.random(static_cast<int64_t>(G) * H, d, w_scale);
   f.h0 = buf.random(B * H, d, 0.5f);
   f.c0 = c.cell == Cell::LSTM ? buf.random(B * H, d, 0.5f) : nullptr;
-  f.out = buf.alloc(N * H * elem_size(d));
+  f.out = buf.alloc(N * H * storage_size(d));
   f.ws = S > 0 ? buf.alloc(N * S * H * acc) : nullptr;
-  f.h_n = buf.alloc(B * H * elem_size(d));
-  f.c_n = c.cell == Cell::LSTM ? buf.alloc(B * H * elem_size(d)) : nullptr;
+  f.h_n = buf.alloc(B * H * storage_size(d));
+  f.c_n = c.cell == Cell::LSTM ? buf.alloc(B * H * storage_size(d)) : nullptr;
 
   const size_t trace_bytes = static_cast<size_t>(plan.blocks) * kTraceSlots * sizeof(unsigned long long);
   auto* trace = static_cast<unsigned long long*>(buf.alloc(trace_bytes));
@@ -252,10 +250,10 @@ void run_case(const Case& c) {
   b.c0 = f.c0;
   b.out = f.out;
   b.ws = f.ws;
-  b.dgates_x = buf.alloc(N * G * H * elem_size(d));
-  b.dgates_h = c.cell == Cell::GRU ? buf.alloc(N * G * H * elem_size(d)) : b.dgates_x;
-  b.grad_h0 = buf.alloc(B * H * elem_size(d));
-  b.grad_c0 = c.cell == Cell::LSTM ? buf.alloc(B * H * elem_size(d)) : nullptr;
+  b.dgates_x = buf.alloc(N * G * H * storage_size(d));
+  b.dgates_h = c.cell == Cell::GRU ? buf.alloc(N * G * H * storage_size(d)) : b.dgates_x;
+  b.grad_h0 = buf.alloc(B * H * storage_size(d));
+  b.grad_c0 = c.cell == Cell::LSTM ? buf.alloc(B * H * storage_size(d)) : nullptr;
   float* norms = static_cast<float*>(buf.alloc(2 * N * sizeof(float)));  // norms on, as the bench
   b.norm_g = norms;
   b.norm_c = c.cell == Cell::LSTM ? norms + N : nullptr;

@@ -1050,7 +1050,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     if (norms_first || (norms_g_late && !lane_rows)) __syncthreads();  // the loops below read other threads' g
     clock.mark(0);  // A
     if (norms_first) {
-      for (int i = threadIdx.x; i < rows * (Grid ? 1 : blocks); i += kThreads) {
+      // (Grid with lane_rows: each row's one slot was written in the loop above: nothing to send.)
+      const int items = Grid ? (lane_rows ? 0 : rows) : rows * blocks;
+      for (int i = threadIdx.x; i < items; i += kThreads) {
         const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
         if (lane_rows && r == rank) continue;  // the own slot: written in the loop above
         const double sum = lane_rows ? part_g[rank * Bt + b] : own_squares(b);
@@ -1379,10 +1381,6 @@ const void* kernel_for(bool forward, Cell cell, DType dtype, Exchange exchange, 
     case DType::F16: return kernel_for<__half, true>(forward, cell, exchange);
     default: return kernel_for<__nv_bfloat16, true>(forward, cell, exchange);
   }
-}
-
-size_t storage_size(DType dtype) {
-  return dtype == DType::F64 ? 8 : (dtype == DType::F32 ? 4 : 2);
 }
 
 // Shared memory of the two kernels (their layouts).

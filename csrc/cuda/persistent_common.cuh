@@ -299,7 +299,8 @@ inline bool declines_layer(Plan& plan, bool has_proj, int64_t batch, int64_t hid
   return plan.reason != Decline::None;
 }
 
-// Accumulation-type bytes of a storage dtype.
+// Bytes of a storage dtype, and of its accumulation type.
+inline size_t storage_size(DType dtype) { return dtype == DType::F64 ? 8 : (dtype == DType::F32 ? 4 : 2); }
 inline size_t acc_size(DType dtype) { return dtype == DType::F64 ? sizeof(double) : sizeof(float); }
 
 // The device's properties, read once per device (cudaGetDeviceProperties takes milliseconds); null
