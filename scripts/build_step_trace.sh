@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds scripts/step_trace.cu (the cluster kernels with RNNKERN_STEP_TRACE, standalone: no torch) into
 # $1 (default .gpu-bin/step_trace), for sm_90. nvcc only, so it builds on a machine without a GPU and
-# the binary can be carried to one (scripts/gpu_check.sh runs it in the "probe" stage). ~1 min.
+# the binary can be carried to one (scripts/gpu_check.sh runs it in the "probe" stage). ~1 min on 2 cores.
 # $out.sources records the sources' digest (step_trace_sources), so that gpu_check.sh rebuilds a
 # carried binary whose sources have changed since.
 #   bash scripts/build_step_trace.sh [OUT]       # build
@@ -20,9 +20,9 @@ flags="-std=c++20 -O3 -DNDEBUG -DRNNKERN_STEP_TRACE -D__CUDA_NO_HALF_OPERATORS__
   -gencode=arch=compute_90,code=sm_90 -Icsrc/include -Icsrc/cuda"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# The three translation units side by side (the cluster kernels take ~1 min alone).
+# The translation units side by side (each cell's cluster kernels take ~20 s).
 pids=""
-for src in scripts/step_trace.cu csrc/cuda/persistent.cu csrc/cuda/persistent_cluster.cu; do
+for src in scripts/step_trace.cu csrc/cuda/persistent.cu csrc/cuda/persistent_cluster*.cu; do
   $nvcc $flags -c "$src" -o "$tmp/$(basename "$src").o" &
   pids="$pids $!"
 done

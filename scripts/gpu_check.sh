@@ -18,6 +18,8 @@
 # T_TESTS=300. Then the step tracer in the probe stage (seconds; carried in .gpu-bin, else built
 # beside the extension) and smoke timings of the kernels on clusters only: ~8 min for
 # STAGES="build smoke probe tests sanitizer" with T_TESTS=300, then ~3.5 min for the bench.
+# The cluster kernels are compiled one cell per translation unit, side by side: the build's longest
+# unit ~20 s on 2 cores here (the single unit before took ~60 s).
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -41,7 +43,7 @@ stage() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 status=0
 
 # The step tracer (scripts/step_trace.cu, run in the probe stage): carried in .gpu-bin (make
-# step-trace here: no device time), else built here beside the extension (~1 min on 3 cores).
+# step-trace here: no device time), else built here beside the extension (~25 s, its units side by side).
 TRACE_BIN=.gpu-bin/step_trace; trace_pid=""
 if stage probe && [ "$(cat $TRACE_BIN.sources 2>/dev/null)" != "$(bash scripts/build_step_trace.sh --digest)" ]; then
   rm -f $TRACE_BIN $TRACE_BIN.sources  # (a failed build must not leave a stale one to run)

@@ -12,7 +12,7 @@ times forward+backward of a few B=16, H=256 layers (CUDA events) beside torch.nn
 kernel at a time: processes sharing the GPU would distort each other's times); "wide" also at H=768,
 the size it is for.
 """
-# The kernels on thread-block clusters' code (persistent_cluster.cu): they take TF32 (Plan::tf32).
+# The kernels on thread-block clusters' code (persistent_cluster_kernels.cuh): they take TF32 (Plan::tf32).
 CLUSTER_CODE = ("cluster", "cluster-async", "wide")
 
 import copy

@@ -1,11 +1,11 @@
 // Where the cluster kernels' steps spend their time, on a GPU (bench/NOTES.md: the fixed ~3.5 us of a
 // 16-bit forward step that the products and the probe's exchanges do not explain). Standalone: the
-// kernels of csrc/cuda/persistent_cluster.cu built with RNNKERN_STEP_TRACE (csrc/cuda/step_trace.cuh),
+// kernels of csrc/cuda/persistent_cluster_kernels.cuh built with RNNKERN_STEP_TRACE (csrc/cuda/step_trace.cuh),
 // whose thread 0 of every block sums the SM cycles of each phase of the step; no torch.
 //   nvcc -std=c++20 -O3 -DNDEBUG -DRNNKERN_STEP_TRACE -D__CUDA_NO_HALF_OPERATORS__ \
 //     -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
 //     --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 -Icsrc/include -Icsrc/cuda \
-//     scripts/step_trace.cu csrc/cuda/persistent.cu csrc/cuda/persistent_cluster.cu -o step_trace
+//     scripts/step_trace.cu csrc/cuda/persistent.cu csrc/cuda/persistent_cluster*.cu -o step_trace
 //   ./step_trace                      # the default cases
 //   ./step_trace lstm:f16:async:16:256:512[:clip]   # CELL:DTYPE:KERNEL[/N]:B:H:T, clip > 0 optional
 //   ./step_trace tanh:f16:async/1:16:256:512        # clusters of at most N blocks (RNNKERN_CLUSTER_BLOCKS)
@@ -38,7 +38,7 @@ using namespace rnnkern::persistent::detail;
 
 namespace {
 
-// The phases' names (the marks in persistent_cluster.cu).
+// The phases' names (the marks in persistent_cluster_kernels.cuh).
 const char* const kForwardPhases[kTracePhases] = {"h_in", "product", "cell0", "cells", "sends", "barrier"};
 const char* const kBackwardPhases[kTracePhases] = {"A:g", "g2", "B:cells", "C:prod+send", "exchange", "D:sum"};
 

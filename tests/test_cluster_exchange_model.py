@@ -1,4 +1,4 @@
-"""A model of the cluster kernels' st.async exchange (csrc/cuda/persistent_cluster.cu, Async = true),
+"""A model of the cluster kernels' st.async exchange (csrc/cuda/persistent_cluster_kernels.cuh, Async = true),
 checked under random schedules on the CPU.
 
 The GPU runs the kernels rarely (issue 9: a lent device, minutes per session), and a protocol error

@@ -26,7 +26,7 @@ enum class Decline : int {
   Forced = 6, Heuristic = 7, NoClusters = 8
 };
 
-// How the blocks of the cluster kernels (persistent_cluster.cu) exchange state each step.
+// How the blocks of the cluster kernels (persistent_cluster_kernels.cuh) exchange state each step.
 enum class Exchange : int {
   ClusterBarrier = 0,  // remote shared-memory stores, then the cluster's barrier
   // st.async stores completing on each receiver's mbarriers, with no cluster barrier per step (each
@@ -48,7 +48,7 @@ struct Plan {
   size_t smem_backward = 0;
   int chunk_forward = 0;    // columns of h_{t-1} staged per tile (the whole row where it fits)
   int chunk_backward = 0;   // columns of the dgates rows staged per tile
-  // > 0: the cluster kernels (persistent_cluster.cu), blocks per cluster (Exchange::Grid: per tile,
+  // > 0: the cluster kernels (persistent_cluster_kernels.cuh), blocks per cluster (Exchange::Grid: per tile,
   // the blocks that share a tile's time loop, launched without clusters)
   int cluster = 0;
   int tile_rows = 0;        // cluster kernels: batch rows per tile (one cluster, or a group of blocks for Grid)

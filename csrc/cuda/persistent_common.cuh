@@ -1,5 +1,5 @@
 // Device helpers shared by the persistent kernels: the grid-wide ones (persistent.cu) and the
-// thread-block-cluster ones (persistent_cluster.cu). No ATen (compile time).
+// thread-block-cluster ones (persistent_cluster_kernels.cuh). No ATen (compile time).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -307,7 +307,7 @@ inline size_t acc_size(DType dtype) { return dtype == DType::F64 ? sizeof(double
 // when they cannot be read. Defined in persistent.cu.
 const cudaDeviceProp* device_properties(int device);
 
-// Float64 elements of the wide kernels' (Exchange::Grid) backward scratch (persistent_cluster.cu).
+// Float64 elements of the wide kernels' (Exchange::Grid) backward scratch (persistent_cluster_layout.cuh).
 size_t grid_scratch_elements(const Plan& plan);
 
 // The cluster kernels' launches (persistent_cluster.cu); forward()/backward() dispatch to them.

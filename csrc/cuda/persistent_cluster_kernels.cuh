@@ -1,0 +1,1245 @@
+// Persistent recurrence on thread-block clusters (issue 9; sm_90 and newer), selected with
+// RNNKERN_CUDA_KERNEL=cluster (or auto), cluster-async and wide (Exchange, persistent.h): the same
+// kernels with three ways to exchange state; the description below is the cluster barrier's, the
+// others differ as the kernels' comments say (st.async: docs/internals.md; wide: through L2 with
+// grid barriers, a tile's blocks spread over a cooperative grid for layers beyond one cluster).
+//
+// Where a layer's W_hh fits in the shared memory of one cluster (up to 16 blocks on Hopper), each
+// cluster runs the whole time loop of a tile of batch rows. Its blocks split the hidden units as the
+// grid-wide kernels do (block r owns units [r*U, r*U + U) and keeps those units' rows of W_hh,
+// all G gates, in shared memory), but what the blocks exchange each step goes straight into the other
+// blocks' shared memory (distributed shared memory), and the step barrier is the cluster's hardware
+// barrier: no global-memory round trip and no grid-wide barrier on the recurrence's critical path.
+// Clusters share nothing (each owns its batch rows), so they need no co-residency.
+//
+// Forward step s: h_{t-1} of the tile is in stage[s % 2] (all H columns, as stored: type T); each
+// block multiplies it by its W_hh rows, applies the gate math for its units, writes h_t to `out`
+// (global) and into its own stage[(s + 1) % 2], then copies its columns of it into every other
+// block's stage[(s + 1) % 2] in 16-byte chunks (a remote store costs about as much per instruction
+// whatever its width: measured, scripts/persistent_probe.cu); one cluster barrier.
+//
+// Backward step (reverse order), with the same W_hh rows:
+//   A. g = grad_out + dh_next for own units; Σ g² over own units per row -> part_g[r] of every
+//      block (with clipping, which needs ‖g‖ before the cell, or with one copy: see below);
+//                                                                                  cluster barrier
+//      (otherwise to block 0 only, with no barrier: it records ‖g‖ in D)
+//   B. with clipping, ‖g‖ per row (the partials summed in rank order: the same bits in every
+//      block) and the clipping; the gate gradients of own units -> dgates rows (global, for the
+//      weight GEMMs) and `dgate` (local); LSTM: Σ dc² over own units -> part_c[r] of block 0;
+//   C. this block's share of dh_prev = dgates @ W_hh: the product of its own gate columns with its
+//      W_hh rows, a partial sum for ALL H units, each sent to the unit's owner (inbox[r]): a
+//      reduce-scatter of B×H values per block instead of gathering all B×G×H gate gradients;
+//                                                                                  cluster barrier
+//   D. dh_prev of own units = Σ_r inbox[r] in rank order (+ GRU's direct term) -> dh_next, or
+//      grad_h0 where a sample starts; block 0 turns part_c into ‖dc_t‖ (and part_g into ‖g_t‖
+//      without clipping).
+// Without clipping a step has one barrier, so the exchanged buffers have two copies by step parity:
+// a block writes step s + 2's only after the barrier of step s + 1, which every reader of step s's
+// passes after reading it. (The forward's stage is double-buffered the same way.) Where two copies do
+// not fit in shared memory (Plan::copies = 1), the norms are exchanged first, as with clipping.
+//
+// This header holds the kernels; persistent_cluster_<cell>.cu instantiate them, one cell per
+// translation unit (persistent_cluster_layout.cuh: cluster_kernel), and persistent_cluster.cu plans
+// and launches them.
+#pragma once
+
+#include <cooperative_groups.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "persistent_cluster_layout.cuh"
+#include "step_trace.cuh"
+#include "rnnkern/cell_math.h"
+
+namespace cg = cooperative_groups;
+
+namespace rnnkern {
+namespace persistent {
+namespace {
+
+using namespace detail;
+
+// The K step of one mma.sync: 16 for 16-bit operands, 8 for TF32.
+template <typename T>
+constexpr int kMmaK = sizeof(T) == 2 ? 16 : 8;
+
+// The kernels' bodies are compiled for sm_90 and newer only (and parsed in the host pass).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define RNNKERN_HAS_CLUSTERS 1
+#endif
+
+#ifdef RNNKERN_HAS_CLUSTERS
+// Where a block works: its cluster's size, its rank there, its hidden units [u0, u0 + nu) (nu may be
+// 0 in the last blocks) of `units` per block, and its cluster's batch rows [tile0, tile0 + tile_rows).
+struct Place {
+  int blocks, rank, units, tile_rows, u0, nu, tile0;
+  int used;  // blocks [0, used) own units; the others (the cluster is a power of two of blocks) none
+};
+
+__device__ __forceinline__ Place place(const cg::cluster_group& cluster, const ClusterShape& shape, int hidden) {
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int u0 = rank * shape.units;
+  return {blocks, rank, shape.units, shape.tile_rows, u0, max(0, min(shape.units, hidden - u0)),
+          static_cast<int>(blockIdx.x) / blocks * shape.tile_rows, (hidden + shape.units - 1) / shape.units};
+}
+
+// Exchange::Grid: the same in a cooperative grid without clusters, `shape.group` blocks per tile (all
+// of them own units).
+__device__ __forceinline__ Place place_in_grid(const ClusterShape& shape, int hidden) {
+  const int blocks = shape.group, rank = static_cast<int>(blockIdx.x) % blocks, u0 = rank * shape.units;
+  return {blocks, rank, shape.units, shape.tile_rows, u0, max(0, min(shape.units, hidden - u0)),
+          static_cast<int>(blockIdx.x) / blocks * shape.tile_rows, blocks};
+}
+
+// The barrier that ends an exchange: the cluster's, or (Exchange::Grid) the cooperative grid's.
+template <Exchange X>
+__device__ __forceinline__ void exchange_barrier(const cg::cluster_group& cluster) {
+  if constexpr (X == Exchange::Grid) {
+    cg::this_grid().sync();
+  } else {
+    cluster.sync();
+  }
+}
+
+// Zeroes `bytes` (a multiple of 4) of shared memory from the 4-byte aligned `p`, block-wide.
+__device__ __forceinline__ void zero_words(void* p, int bytes) {
+  uint32_t* words = static_cast<uint32_t*>(p);
+  for (int i = threadIdx.x; i < bytes / 4; i += kThreads) words[i] = 0u;
+}
+
+__device__ __forceinline__ uint32_t pair_at(const void* p) { return *static_cast<const uint32_t*>(p); }
+
+// Four consecutive float or double values at a 16-byte aligned address, in 16-byte accesses (`p` may
+// be a distributed-shared-memory address for the stores).
+__device__ __forceinline__ void load4(float (&v)[4], const float* p) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ void load4(double (&v)[4], const double* p) {
+  const double2 q0 = reinterpret_cast<const double2*>(p)[0], q1 = reinterpret_cast<const double2*>(p)[1];
+  v[0] = q0.x, v[1] = q0.y, v[2] = q1.x, v[3] = q1.y;
+}
+__device__ __forceinline__ void store4(float* p, const float (&v)[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(double* p, const double (&v)[4]) {
+  reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
+  reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+}
+
+// Exchange::Grid reads what other blocks stored before the last grid barrier: through L2 (L1 is not
+// coherent), and several loads in flight per thread (an L2 round trip each).
+__device__ __forceinline__ void load4_cg(float (&v)[4], const float* p) {
+  const float4 q = __ldcg(reinterpret_cast<const float4*>(p));
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ void load4_cg(double (&v)[4], const double* p) {
+  const double2 q0 = __ldcg(reinterpret_cast<const double2*>(p)), q1 = __ldcg(reinterpret_cast<const double2*>(p) + 1);
+  v[0] = q0.x, v[1] = q0.y, v[2] = q1.x, v[3] = q1.y;
+}
+
+// Copies elements [0, total) block-wide, `kBatch` loads in flight per thread: load(i) then store(i, v).
+template <int kBatch, typename Load, typename Store>
+__device__ __forceinline__ void copy_batched(int total, Load load, Store store) {
+  for (int base = 0; base < total; base += kBatch * kThreads) {
+    decltype(load(0)) v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
+      if (i < total) v[j] = load(i);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads + static_cast<int>(threadIdx.x);
+      if (i < total) store(i, v[j]);
+    }
+  }
+}
+
+// Rows [0, rows) of `cols` columns of the row-major `src` (row length src_ld; global memory written by
+// other blocks before the last grid barrier, so read through L2) into `dst` (row length ld),
+// block-wide: 16-byte loads where the rows are whole 16-byte chunks, four loads in flight per thread.
+template <typename T>
+__device__ __forceinline__ void load_rows_cg(T* dst, int ld, const T* src, int src_ld, int cols, int rows) {
+  constexpr int V = kChunk / static_cast<int>(sizeof(T));
+  if (cols % V == 0 && src_ld % V == 0 && ld % V == 0 && reinterpret_cast<uintptr_t>(src) % kChunk == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % kChunk == 0) {
+    const int per_row = cols / V;
+    copy_batched<4>(
+        rows * per_row,
+        [&](int i) { return __ldcg(reinterpret_cast<const uint4*>(src + static_cast<int64_t>(i / per_row) * src_ld) + i % per_row); },
+        [&](int i, const uint4& v) { reinterpret_cast<uint4*>(dst + (i / per_row) * ld)[i % per_row] = v; });
+  } else {
+    copy_batched<4>(
+        rows * cols, [&](int i) { return __ldcg(src + static_cast<int64_t>(i / cols) * src_ld + i % cols); },
+        [&](int i, const T& v) { dst[i / cols * ld + i % cols] = v; });
+  }
+}
+
+// The st.async exchange (Exchange::ClusterAsync). A receiver's mbarrier completes a phase when its own
+// thread 0 has arrived (announcing the bytes it expects that phase, arrive.expect_tx) and the senders'
+// st.async stores have delivered those bytes (each decrements the transaction count by its size, which
+// may run ahead of the announcement: the count may go negative within a phase). The receiver then
+// waits for the phase, not for the whole cluster, and no GPU-scope fence is involved: each block
+// waits only for the data it reads. (PTX ISA: mbarrier, st.async.)
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// One arrival per phase: the receiver's own expect_tx.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(bar)) : "memory");
+}
+
+// Makes the initialisations visible to the cluster's other blocks (before the cluster barrier that
+// precedes any send).
+__device__ __forceinline__ void mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbarrier_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)), "r"(bytes)
+               : "memory");
+}
+
+// Waits for the phase of `bar` with this parity, with acquire semantics at cluster scope: the data
+// came from the cluster's other blocks (their st.async completes with release at cluster scope).
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Where the shared-memory object at `local` (this block) is in block `rank` of the cluster.
+__device__ __forceinline__ uint32_t remote_address(const void* local, int rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
+  return remote;
+}
+
+// st.async of 16 bytes or of one double to `dst` in block `rank`, completing on that block's twin of
+// `bar`.
+__device__ __forceinline__ void send_async(void* dst, const uint4& v, int rank, uint64_t* bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
+                   remote_address(dst, rank)),
+               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(remote_address(bar, rank))
+               : "memory");
+}
+__device__ __forceinline__ void send_async(void* dst, double v, int rank, uint64_t* bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b64 [%0], %1, [%2];\n" ::"r"(
+                   remote_address(dst, rank)),
+               "l"(__double_as_longlong(v)), "r"(remote_address(bar, rank))
+               : "memory");
+}
+// Four float or double values (16 or 32 bytes, 16-byte aligned) in 16-byte pieces.
+template <typename A>
+__device__ __forceinline__ void send4_async(A* dst, const A (&v)[4], int rank, uint64_t* bar) {
+  static_assert(sizeof(A) == 4 || sizeof(A) == 8);
+  const uint4* words = reinterpret_cast<const uint4*>(v);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(A)) / 4; ++i) send_async(reinterpret_cast<uint4*>(dst) + i, words[i], rank, bar);
+}
+
+// Copies the block's columns [u0, u0 + nu) of rows [0, rows) of `stage` (row length ld, type T) into
+// the same place of the other blocks [0, receivers), in 16-byte chunks: u0 and ld are whole chunks,
+// and the last chunk of a row past nu holds padding columns (zeros), which it copies as they are.
+// Async: each chunk an st.async completing on the receiver's twin of `bar` (a receiver expects rows *
+// (Σ over the other blocks of their chunks per row) * 16 bytes); otherwise a plain remote store, which
+// the cluster barrier that follows makes visible.
+template <bool Async, typename T>
+__device__ __forceinline__ void broadcast_columns(const cg::cluster_group& cluster, T* stage, int ld, int rows,
+                                                  int u0, int nu, int receivers, int rank, uint64_t* bar) {
+  constexpr int V = kChunk / static_cast<int>(sizeof(T));
+  const int per_row = (nu + V - 1) / V, others = receivers - 1;
+  for (int i = threadIdx.x; i < rows * per_row * others; i += kThreads) {
+    const int chunk = i / others, dest = (rank + 1 + i % others) % receivers;  // spread the destinations
+    T* p = stage + (chunk / per_row) * ld + u0 + (chunk % per_row) * V;
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    if constexpr (Async) {
+      send_async(p, v, dest, bar);
+    } else {
+      *reinterpret_cast<uint4*>(cluster.map_shared_rank(p, dest)) = v;
+    }
+  }
+}
+
+// A float32 value as a TF32 operand, rounded to nearest (ties away), as cuBLAS's TF32 mode rounds.
+__device__ __forceinline__ uint32_t tf32_at(const float* p) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(*p));
+  return r;
+}
+
+// Fragments of mma.m16n8k16 (16-bit) and mma.m16n8k8 (TF32) (PTX ISA, "matrix fragments for mma"),
+// lane = 4 * gid + tig. A: rows [0, 16), columns [k0, k0 + kMmaK) of the row-major `m` (leading
+// dimension ld).
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* m, int ld, int k0, int gid, int tig) {
+  if constexpr (sizeof(T) == 4) {  // TF32: one element per register, columns tig and tig + 4
+    const float* r0 = m + gid * ld + k0 + tig;
+    const float* r8 = r0 + 8 * ld;
+    a[0] = tf32_at(r0);
+    a[1] = tf32_at(r8);
+    a[2] = tf32_at(r0 + 4);
+    a[3] = tf32_at(r8 + 4);
+  } else {  // 16-bit: element pairs, columns 2 tig (+1) and 2 tig + 8 (+1)
+    const T* r0 = m + gid * ld + k0 + 2 * tig;
+    const T* r8 = r0 + 8 * ld;
+    a[0] = pair_at(r0);
+    a[1] = pair_at(r8);
+    a[2] = pair_at(r0 + 8);
+    a[3] = pair_at(r8 + 8);
+  }
+}
+
+// B (kMmaK x 8, "col"): element (k, n) at m[n * ld + k], n in [n0, n0 + 8), k in [k0, k0 + kMmaK).
+template <typename T>
+__device__ __forceinline__ void load_b(uint32_t (&b)[2], const T* m, int ld, int n0, int k0, int gid, int tig) {
+  if constexpr (sizeof(T) == 4) {
+    const float* r = m + (n0 + gid) * ld + k0 + tig;
+    b[0] = tf32_at(r);
+    b[1] = tf32_at(r + 4);
+  } else {
+    const T* r = m + (n0 + gid) * ld + k0 + 2 * tig;
+    b[0] = pair_at(r);
+    b[1] = pair_at(r + 8);
+  }
+}
+
+// d += A B (one K step) on the tensor cores, float32 accumulation. d[0], d[1]: row gid, columns
+// 2 tig + {0, 1}; d[2], d[3]: row gid + 8.
+template <typename T>
+__device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, float>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+// The tensor-core products' work split: warp w takes the 8-row column tiles w, w + 8, ... of a
+// 16-row tile, up to kMmaGroup of them at a time, which share each K step's A fragment (one load of
+// A per K step instead of one per tile: the fragment loads, not the mma.sync, bound the product's
+// shared-memory traffic where a warp has several tiles). With fewer column tiles than warps, the
+// spare warps take further row tiles instead (one tile each).
+constexpr int kWarps = kThreads / 32;
+constexpr int kMmaGroup = 4;
+
+// The tiles of warp `warp` in pass `item` over `m_tiles` row tiles and `n_tiles` column tiles: its
+// row tile's first row m0, its first column tile, and how many (0: none; warp-uniform).
+struct WarpTiles {
+  int m0, first, count;
+};
+__device__ __forceinline__ WarpTiles warp_tiles(int item, int m_tiles, int n_tiles, int warp) {
+  if (n_tiles < kWarps) {  // `per` row tiles a pass, one column tile a warp
+    const int per = kWarps / n_tiles, sub = warp / n_tiles, m_tile = item * per + sub;
+    return {m_tile * 16, warp % n_tiles, sub < per && m_tile < m_tiles ? 1 : 0};
+  }
+  const int groups = (n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup);
+  const int first = item % groups * kWarps * kMmaGroup + warp;
+  const int count = first < n_tiles ? min(kMmaGroup, (n_tiles - first + kWarps - 1) / kWarps) : 0;
+  return {item / groups * 16, first, count};
+}
+// The passes over `m_tiles` row tiles (each warp's loop bound: warp_tiles for item < this).
+__host__ __device__ constexpr int warp_tile_passes(int m_tiles, int n_tiles) {
+  return n_tiles < kWarps ? (m_tiles + kWarps / n_tiles - 1) / (kWarps / n_tiles)
+                          : m_tiles * ((n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup));
+}
+
+// d[i] = A B_iᵀ over K for the column tiles t.first + kWarps * i, i < t.count: A the 16 rows from `a`
+// (row-major, leading dimension lda), B_i the 8 rows from b + (t.first + kWarps * i) * 8 * ldb, K in
+// steps of kMmaK (columns past K are zeros in both tables). One tile: two accumulators over
+// alternate K steps instead (each mma.sync waits for the one before on the same accumulator).
+template <typename T>
+__device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T* a, int lda, const T* b, int ldb,
+                                               const WarpTiles& t, int K, int gid, int tig) {
+#pragma unroll
+  for (int i = 0; i < kMmaGroup; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
+  uint32_t fa[4], fb[2];
+  if (t.count == 1) {
+    for (int k0 = 0; k0 < K; k0 += 2 * kMmaK<T>) {
+      load_a(fa, a, lda, k0, gid, tig);
+      load_b(fb, b, ldb, t.first * 8, k0, gid, tig);
+      mma_step<T>(d[0], fa, fb);
+      if (k0 + kMmaK<T> < K) {
+        load_a(fa, a, lda, k0 + kMmaK<T>, gid, tig);
+        load_b(fb, b, ldb, t.first * 8, k0 + kMmaK<T>, gid, tig);
+        mma_step<T>(d[1], fa, fb);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[0][e] += d[1][e];
+    return;
+  }
+  for (int k0 = 0; k0 < K; k0 += kMmaK<T>) {
+    load_a(fa, a, lda, k0, gid, tig);
+#pragma unroll
+    for (int i = 0; i < kMmaGroup; ++i) {
+      if (i < t.count) {
+        load_b(fb, b, ldb, (t.first + kWarps * i) * 8, k0, gid, tig);
+        mma_step<T>(d[i], fa, fb);
+      }
+    }
+  }
+}
+
+#endif  // RNNKERN_HAS_CLUSTERS
+
+// X: how the blocks exchange state (Plan::exchange). Async: the st.async exchange (mbarriers, no
+// cluster barrier per step). Grid: through global memory (`out`; the backward's scratch) with the
+// grid's barrier where the others have the cluster's ("wide": a tile's blocks need not fit in one
+// cluster). Mma: the products on tensor cores (uses_mma).
+// __launch_bounds__(kThreads, 1): one block per SM is all these kernels need (a tile's cluster runs
+// the whole sequence; the plan counts resident clusters), so registers may go up to 255 a thread.
+// With the default heuristic ptxas held some kernels to 64 and spilled, to local memory whose L1
+// lines each step's barrier (or acquire) invalidates. Now: no spills, at most 216 registers (the wide
+// backward's 16 loads in flight).
+template <Cell C, typename T, Exchange X, bool Mma>
+__global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
+#ifndef RNNKERN_HAS_CLUSTERS
+  __trap();  // make_cluster_plan declines devices below sm_90: never launched there
+#else
+  using A = typename AccOf<T>::type;
+  constexpr int G = kGates<C>;
+  constexpr int S = kSlots<C>;
+  constexpr bool Async = X == Exchange::ClusterAsync, Grid = X == Exchange::Grid;
+  StepClock clock;  // (records only in the RNNKERN_STEP_TRACE build)
+  clock.start();
+  cg::cluster_group cluster = cg::this_cluster();
+  const int H = static_cast<int>(a.hidden);
+  const int GH = G * H;
+  const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = Grid ? place_in_grid(shape, H) : place(cluster, shape, H);
+  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
+  const int LD = tb.ld, HP = tb.hp_ld;
+  const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T), X);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);  // Async: [2], stage[k] complete
+  A* bias = reinterpret_cast<A*>(smem_raw + lay.bias);    // [G][U]: b_hh of own units
+  A* own_c = reinterpret_cast<A*>(smem_raw + lay.own_c);  // [Bt][U]: LSTM c_{t-1} of own units
+  A* hp = reinterpret_cast<A*>(smem_raw + lay.hp);        // [state_rows][HP]: h_{t-1} W_hhᵀ, own rows n
+  T* w = reinterpret_cast<T*>(smem_raw + lay.w);          // [w_rows][LD]: W_hh rows g*H + u0 + ul
+  T* stage = reinterpret_cast<T*>(smem_raw + lay.stage);  // [2][state_rows][LD]: h_{t-1}, by parity (Grid: [1])
+  const auto [w_hh, xp, b_hh, h0, c0, out, ws, h_n, c_n] = typed<T, A>(a);
+  const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
+
+  // Zeros first: the product tiles read the padding (rows, columns) of both tables.
+  zero_words(w, static_cast<int>(lay.bytes - lay.w));
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
+    const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
+    w[(g * U + ul) * LD + k] = w_hh[static_cast<int64_t>(g * H + u0 + ul) * H + k];
+  }
+  for (int i = threadIdx.x; i < G * nu; i += kThreads) {
+    const int g = i / nu, ul = i % nu;
+    bias[g * U + ul] = b_hh ? A(load(b_hh + g * H + u0 + ul)) : A(0);
+  }
+  // Async: only the blocks [0, used) that own units take part (a block without units would only
+  // receive, so nothing would keep the senders from running more than a step ahead of it and into
+  // its next phase); the chunks of a state row the others send (a block owns ceil(its units / V)).
+  int others_chunks = 0;
+  if constexpr (Async) {
+    constexpr int V = kChunk / static_cast<int>(sizeof(T));
+    for (int r = 0; r < used; ++r) {
+      if (r != rank) others_chunks += (min(U, H - r * U) + V - 1) / V;
+    }
+    if (threadIdx.x == 0) {
+      mbarrier_init(&full[0]);
+      mbarrier_init(&full[1]);
+      mbarrier_init_fence();
+    }
+  }
+  uint32_t parity = 0u;  // Async: bit k, the parity of stage k's next phase
+  // Async: rows the blocks sent at the step before (0: none, so no phase to wait for). A tile's rows
+  // are monotone in time, so steps without rows come first or last and the steps that exchange
+  // follow each other: each block's phases stay in step with every other's.
+  int rows_sent = 0;
+  // Every block runs (and has its tables) before any block writes into it. Grid: nobody writes into
+  // another block's shared memory.
+  if constexpr (!Grid) cluster.sync();
+
+  // Each step's geometry is loaded at the top of the step before it (the barrier or the acquire that
+  // opens a step invalidates L1 (CCTL.IVALL), so every read of it is an L2 round trip, which this way
+  // overlaps a step's work), and turned into a TileStep at the end of that step, where the prefetches
+  // need it (the arithmetic would wait for the loads).
+  TileStep next_step = tile_step(geo, geo.t_of(0), tile0, Bt);
+  StepLoads upcoming{};
+  // x_t's projection for this thread's first (row, unit) pair of a step, loaded during the step before
+  // (after its cell phase), so that its L2 latency overlaps that step's exchange and barrier instead
+  // of this step's product; kept in the storage dtype until the cell phase (a conversion would wait for
+  // the loads). Nothing in this launch writes xp.
+  T x_first[G];
+  const auto load_x = [&](const TileStep& st) {
+    if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
+    const T* x = xp + (st.row0 + threadIdx.x / nu) * GH + u0 + threadIdx.x % nu;
+#pragma unroll
+    for (int g = 0; g < G; ++g) x_first[g] = x[g * H];
+  };
+  load_x(next_step);
+  const int64_t steps = (Async && nu == 0) ? 0 : a.steps;
+  clock.loop_start();
+  for (int64_t s = 0; s < steps; ++s) {
+    [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
+    // (Unconditional, the last step reloading itself: a branch around loads makes ptxas wait for every
+    // load in flight on the same scoreboard, the x_t prefetch included.)
+    upcoming = load_step(geo, geo.t_of(min(s + 1, a.steps - 1)));
+    const int pairs = rows * nu;
+    T* cur = stage + (Grid ? 0 : (s & 1) * tb.state_rows * LD);
+    T* nxt = stage + (Grid ? 0 : ((s + 1) & 1) * tb.state_rows * LD);
+    if constexpr (Async) {
+      // h_{t-1}: the other blocks' columns of stage s % 2 (sent at step s - 1; step 0 reads h0).
+      if (rows_sent > 0) {
+        mbarrier_wait(&full[s & 1], (parity >> (s & 1)) & 1u);
+        parity ^= 1u << (s & 1);
+      }
+    }
+    if constexpr (Grid) {
+      // h_{t-1} of the continuing samples, all H columns, as every block stored it to `out` before the
+      // grid barrier that ended the step before. (Columns past H keep their zeros.)
+      load_rows_cg(cur, LD, out + prev_row0 * H, H, H, rows_prev);
+    }
+    for (int i = threadIdx.x; i < (rows - rows_prev) * H; i += kThreads) {  // samples starting here
+      const int b = rows_prev + i / H, k = i % H;
+      cur[b * LD + k] = h0[static_cast<int64_t>(tile0 + b) * H + k];
+    }
+    __syncthreads();
+    clock.mark(0);  // h_{t-1} in: the wait for it (Async), its loads (Grid)
+    if constexpr (Async) {
+      // What this block will receive into stage (s + 1) % 2: the others' columns of this step's rows.
+      // That stage's previous phase completed at step s - 1 (waited for before the barrier above).
+      if (threadIdx.x == 0 && used > 1 && s + 1 < a.steps && rows > 0) {
+        mbarrier_expect(&full[(s + 1) & 1], static_cast<uint32_t>(rows * others_chunks * kChunk));
+      }
+    }
+
+    // hp = h_{t-1} W_hhᵀ for the block's rows n = g * U + ul.
+    if constexpr (Mma) {
+      // 16 x 8 tiles of hp (16 state rows from m0, 8 rows n of W_hh), a warp's share of a row tile
+      // together (mma_warp_tiles).
+      const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+      const int n_tiles = tb.w_rows / 8, m_tiles = (rows + 15) / 16, passes = warp_tile_passes(m_tiles, n_tiles);
+      for (int item = 0; item < passes; ++item) {
+        const WarpTiles t = warp_tiles(item, m_tiles, n_tiles, warp);
+        if (t.count == 0) continue;  // (warp-uniform)
+        float d[kMmaGroup][4];
+        mma_warp_tiles<T>(d, cur + t.m0 * LD, LD, w, LD, t, H, gid, tig);  // columns past H: zeros
+#pragma unroll
+        for (int i = 0; i < kMmaGroup; ++i) {
+          if (i < t.count) {
+            A* r0 = hp + (t.m0 + gid) * HP + (t.first + kWarps * i) * 8 + 2 * tig;  // rows past `rows`: not read
+            r0[0] = d[i][0];
+            r0[1] = d[i][1];
+            r0[8 * HP] = d[i][2];
+            r0[8 * HP + 1] = d[i][3];
+          }
+        }
+      }
+    } else if (nu > 0) {
+      // Register tiles of 4 rows x 4 rows n of W_hh, K split over `lanes` lanes in chunks of 4
+      // columns (16-byte loads for float; one load then feeds 4 FMAs per operand instead of one).
+      // Tiles run row-fastest, so the lanes of a warp share W_hh chunks (broadcast reads).
+      const int ncols = G * U, rt = (rows + 3) / 4, tiles = rt * ((ncols + 3) / 4);
+      const int lanes = lanes_per_pair(tiles);
+      const int groups = kThreads / lanes;
+      const int lane = threadIdx.x % lanes;
+      for (int base = 0; base < tiles; base += groups) {  // uniform trip count: shuffles stay safe
+        const int tile = base + threadIdx.x / lanes;
+        const bool valid = tile < tiles;
+        const int r0 = valid ? tile % rt * 4 : 0, c0 = valid ? tile / rt * 4 : 0;
+        A acc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+        }
+        if (valid) {
+          const T* h_rows[4];
+          const T* w_rows[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {  // clamped: the extra rows' results are not stored
+            h_rows[i] = cur + min(r0 + i, rows - 1) * LD;
+            w_rows[i] = w + min(c0 + i, ncols - 1) * LD;
+          }
+          for (int k = 4 * lane; k < H; k += 4 * lanes) {  // columns past H are zeros in both
+            A hv[4][4], wv[4][4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              load4(hv[i], h_rows[i] + k);
+              load4(wv[i], w_rows[i] + k);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += hv[i][e] * wv[j][e];
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = group_sum(acc[i][j], lanes);
+        }
+        if (valid && lane == 0) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              if (r0 + i < rows && c0 + j < ncols) hp[(r0 + i) * HP + c0 + j] = acc[i][j];
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+    clock.mark(1);  // the product
+
+    // The cell for each (row, own unit); h_t to `out` and into every block's next stage.
+    for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
+      const int b = pair / nu, ul = pair % nu, u = u0 + ul;
+      const int64_t row = row0 + b;
+      A xv[G];  // x_t's projection
+      if (pair == static_cast<int>(threadIdx.x)) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) xv[g] = A(load(&x_first[g]));
+      } else {
+#pragma unroll
+        for (int g = 0; g < G; ++g) xv[g] = A(load(xp + row * GH + g * H + u));
+      }
+      A hh[G];  // h_{t-1} W_hhᵀ + b_hh
+#pragma unroll
+      for (int g = 0; g < G; ++g) hh[g] = A(hp[b * HP + g * U + ul]) + bias[g * U + ul];
+      const bool last = b >= rows_next;  // the sample ends here: h_n (and c_n)
+      A prev = A(0), c = A(0);  // c_{t-1} (LSTM) or h_{t-1} (GRU); c_t
+      if constexpr (C == Cell::LSTM) {
+        prev = b < rows_prev ? own_c[b * U + ul] : A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u));
+      } else if constexpr (C == Cell::GRU) {
+        prev = A(load(cur + b * LD + u));
+      }
+      const A h = forward_unit<C, A>(xv, hh, prev, ws + row * S * H, H, u, c);
+      if constexpr (C == Cell::LSTM) {
+        own_c[b * U + ul] = c;
+        if (last) store(c_n + static_cast<int64_t>(tile0 + b) * H + u, c);
+      }
+      store(out + row * H + u, h);
+      if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
+      if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
+    }
+    clock.mark(2);  // thread 0's cells
+    if (s + 1 < a.steps) {
+      next_step = tile_step(upcoming, tile0, Bt);
+      load_x(next_step);
+      if (!Grid && blocks > 1 && nu > 0) {
+        __syncthreads();
+        clock.mark(3);  // the other threads' cells
+        // Async: only to the blocks that own units (see `used`).
+        broadcast_columns<Async>(cluster, nxt, LD, rows, u0, nu, Async ? used : blocks, rank, &full[(s + 1) & 1]);
+        clock.mark(4);  // thread 0's sends
+      } else {
+        clock.sync_mark(3);  // (trace build only: one block or Grid, where nothing follows to wait in)
+      }
+    }
+    rows_sent = (used > 1 && s + 1 < a.steps) ? rows : 0;
+    // Async: no barrier. A block sends into stage (s + 1) % 2 of another only at the end of step s;
+    // that stage was last read there at step s - 1, which ended (its reads, then its own sends of
+    // step s - 1 after a __syncthreads) before this block could receive them and start step s. hp is
+    // rewritten only after the next step's first __syncthreads, which every thread reaches after its
+    // last read of it here.
+    if constexpr (Grid) {
+      if (s + 1 < a.steps) exchange_barrier<X>(cluster);  // no shared memory to keep alive after the last step
+    } else if constexpr (!Async) {
+      cluster.sync();
+    }
+    clock.mark(5);  // the barrier (Async: nothing)
+  }
+  clock.finish(steps);
+  // Async: every block has received everything sent to it (each waited for its stages); the barrier
+  // keeps the cluster's shared memory alive until no block can still address it.
+  if constexpr (Async) cluster.sync();
+#endif
+}
+
+template <Cell C, typename T, Exchange X, bool Mma>
+__global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardArgs a, ClusterShape shape) {
+#ifndef RNNKERN_HAS_CLUSTERS
+  __trap();  // make_cluster_plan declines devices below sm_90: never launched there
+#else
+  using A = typename AccOf<T>::type;
+  constexpr int G = kGates<C>;
+  constexpr int S = kSlots<C>;
+  constexpr bool Async = X == Exchange::ClusterAsync, Grid = X == Exchange::Grid;
+  StepClock clock;  // (records only in the RNNKERN_STEP_TRACE build)
+  clock.start();
+  cg::cluster_group cluster = cg::this_cluster();
+  const int H = static_cast<int>(a.hidden);
+  const int GH = G * H;
+  const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = Grid ? place_in_grid(shape, H) : place(cluster, shape, H);
+  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
+  const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
+  const int copies = Grid ? 2 : shape.copies;
+  const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, X, copies);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Async: full_g[k] completes when the partials of Σ g² of a step of parity k are in (norms_first);
+  // full_in[k] when this block's inbox of that step is (and, in block 0, the partials of Σ dc² and,
+  // otherwise, of Σ g²); with one copy, full_in[0] every step.
+  uint64_t* full_g = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);
+  uint64_t* full_in = full_g + 2;
+  double* part_g_base = reinterpret_cast<double*>(smem_raw + lay.part_g);
+  double* part_c = reinterpret_cast<double*>(smem_raw + lay.part_c);
+  A* row_norm = reinterpret_cast<A*>(smem_raw + lay.row_norm);
+  A* dh_next = reinterpret_cast<A*>(smem_raw + lay.dh_next);
+  A* dc_next = reinterpret_cast<A*>(smem_raw + lay.dc_next);
+  A* gbuf = reinterpret_cast<A*>(smem_raw + lay.gbuf);
+  A* direct = reinterpret_cast<A*>(smem_raw + lay.direct);
+  A* inbox = reinterpret_cast<A*>(smem_raw + lay.inbox);
+  // Grid: the tile's part of the global scratch (grid_scratch): the [blocks][Bt] partial sums of g²
+  // and dc² (copied into part_g to be summed), the inboxes; `copy`, `inbox_copy`: the distance to the
+  // other parity's copy.
+  double* grid_part_g = nullptr;
+  double* grid_part_c = nullptr;
+  const size_t staged = static_cast<size_t>(blocks) * Bt;  // between the copies in shared memory
+  size_t copy = staged, inbox_copy = staged * U;
+  if constexpr (Grid) {
+    const GridScratch gs = grid_scratch(static_cast<int>(gridDim.x) / blocks, blocks, Bt, U);
+    double* scratch = static_cast<double*>(a.scratch);
+    const size_t tile = blockIdx.x / blocks;
+    grid_part_g = scratch + gs.part_g + tile * blocks * Bt;
+    grid_part_c = scratch + gs.part_c + tile * blocks * Bt;
+    inbox = reinterpret_cast<A*>(scratch + gs.inbox) + tile * blocks * blocks * Bt * U;
+    copy = gs.partials;
+    inbox_copy = gs.inboxes;
+  }
+  // Without clipping, ‖g_t‖ is not needed before the cell backward: with two copies of the exchanged
+  // buffers, its partial sums go to block 0 with the step's only exchange (the reduce-scatter), as the
+  // partial sums of ‖dc_t‖ always do, and a step has one barrier (or mbarrier wait) instead of two.
+  const bool clipping = a.clip > 0.0;
+  const bool norms_first = clipping || copies == 1;  // the Σ g² exchange before the cell
+  const bool norms_g_late = !norms_first && a.norm_g != nullptr, norms_c = C == Cell::LSTM && a.norm_c != nullptr;
+  // A row's own units are nu aligned lanes of a warp (nu a power of two up to 32): the Σ g² and Σ dc²
+  // partials by shuffles where the values are computed (row_squares).
+  const bool lane_rows = nu > 0 && nu <= 32 && (nu & (nu - 1)) == 0;
+  // The dh product's operands. FMA: dgate[n][b] (acc dtype, transposed: a register tile's 4 rows
+  // in one load) and W_hh rows w[n][k], n = g * U + ul. MMA: dgate16[b][n] as stored (T, state_rows x
+  // LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
+  A* dgate = reinterpret_cast<A*>(smem_raw + lay.dgate);
+  T* w = reinterpret_cast<T*>(smem_raw + lay.w);
+  T* dgate16 = reinterpret_cast<T*>(smem_raw + lay.dgate16);
+  T* wt = reinterpret_cast<T*>(smem_raw + lay.wt);
+  const BackwardPointers<T, A> ptrs = typed<C, T, A>(a);
+  const auto& [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] = ptrs;
+  const A clip = static_cast<A>(a.clip);  // (clipping: > 0)
+  const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
+
+  if constexpr (Mma) {
+    zero_words(dgate16, static_cast<int>(lay.bytes - lay.dgate16));  // the tiles' padding
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
+      const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
+      wt[k * LDN + g * U + ul] = w_hh[static_cast<int64_t>(g * H + u0 + ul) * H + k];
+    }
+  } else {
+    zero_words(w, static_cast<int>(lay.bytes - lay.w));  // padding columns and the rows of absent units
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * nu * H; i += kThreads) {
+      const int k = i % H, r = i / H, ul = r % nu, g = r / nu;
+      w[(g * U + ul) * LD + k] = w_hh[static_cast<int64_t>(g * H + u0 + ul) * H + k];
+    }
+  }
+  for (int i = threadIdx.x; i < 2 * Bt * U; i += kThreads) dh_next[i] = A(0);  // dh_next, dc_next
+  // Async: the bytes per batch row this block receives in its inbox each step: the partials of its
+  // units from every other block that owns units (4-unit pieces: send_partials), and in block 0 the
+  // other such blocks' Σ dc² (LSTM, recorded norms) and, without norms_first, Σ g² (recorded norms).
+  uint32_t inbox_row_bytes = 0;
+  uint32_t parity = 0u;  // Async: bit k: full_g[k]; bit 2 + k: full_in[k]
+  if constexpr (Async) {
+    if (nu > 0) {
+      inbox_row_bytes = (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);
+      if (rank == 0) inbox_row_bytes += (used - 1) * sizeof(double) * ((norms_c ? 1 : 0) + (norms_g_late ? 1 : 0));
+    }
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < 4; ++k) mbarrier_init(&full_g[k]);
+      mbarrier_init_fence();
+    }
+  }
+  // Every block runs (and its mbarriers exist) before any block writes into it. Grid: the exchanged
+  // buffers are global; each is written before it is read in every step.
+  if constexpr (!Grid) cluster.sync();
+
+  // Each thread's first (row, unit) pair of a step: what phases A and B read of it from global memory
+  // (grad_out, the saved workspace slots, c/h of the step before, h_t), loaded during the step before
+  // (after its phase C), so that their latency overlaps that step's exchange instead of opening this
+  // one. Nothing in this launch writes them.
+  // They stay in their storage dtypes until used (a conversion would wait for the loads).
+  struct FirstPair {
+    T g_out;
+    UnitStateLoads<T, A> state;
+    A saved[S > 0 ? S : 1];
+  } first;
+  const auto load_first = [&](const TileStep& st) {
+    if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
+    const int b = threadIdx.x / nu, u = u0 + threadIdx.x % nu;
+    const int64_t row = st.row0 + b;
+    first.g_out = ptrs.grad_out[row * H + u];
+#pragma unroll
+    for (int k = 0; k < S; ++k) first.saved[k] = ptrs.ws[(row * S + k) * H + u];
+    first.state = load_unit_state<C, T, A>(ptrs, tile0 + b, row, st.prev_row0 + b, b >= st.rows_prev, H, u);
+  };
+
+  // The steps in reverse of the forward order; each one's geometry loaded at the top of the step
+  // before and turned into a TileStep at its end (see the forward).
+  TileStep next_step = tile_step(geo, geo.t_of(a.steps - 1), tile0, Bt);
+  StepLoads upcoming{};
+  load_first(next_step);
+  clock.loop_start();
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
+    upcoming = load_step(geo, geo.t_of(a.steps - 1 - min(s + 1, a.steps - 1)));  // unconditional: see the forward
+    const int pairs = rows * nu;
+    // Every exchanged buffer by step parity (copies == 2): a block writes the copy of step s + 2 only
+    // after it has the data of step s + 1 from every block that reads it (their reduce-scatter sends,
+    // issued after their reads of step s), so one barrier or wait per step suffices where the norms are
+    // not needed before the cell (no clipping). With one copy, the norms' exchange (norms_first) keeps
+    // every block within a step of the others.
+    const int par = static_cast<int>(s & 1), pin = copies == 2 ? par : 0;  // pin: part_c, inbox, full_in
+    double* part_g = part_g_base + (Grid ? 0 : (part_g_copies(X, copies) == 2 ? par : 0) * copy);  // Grid: staging
+    double* part_c_s = Grid ? nullptr : part_c + pin * copy;
+    A* inbox_s = inbox + pin * inbox_copy;
+    // Where block `owner`'s inbox of this step is: in its shared memory (the same offset as here), or
+    // (Grid) its own [blocks][Bt][U] of the tile's scratch.
+    const auto inbox_of = [&](int owner) { return Grid ? inbox_s + static_cast<size_t>(owner) * blocks * Bt * U : inbox_s; };
+    double* grid_part_g_s = Grid ? grid_part_g + par * copy : nullptr;
+    double* grid_part_c_s = Grid ? grid_part_c + par * copy : nullptr;
+    // Σ over own units of gbuf² in row b (g in phase A, dc after phase B).
+    const auto own_squares = [&](int b) {
+      double sum = 0.0;
+      for (int ul = 0; ul < nu; ++ul) sum += cuda::square(gbuf[b * U + ul]);
+      return sum;
+    };
+    // With lane_rows, the same sums by shuffles where the values are computed (phases A and B):
+    // each row's nu pairs are nu aligned lanes of a warp in every pass of those phases' uniform loops,
+    // so every lane calls it (invalid ones add 0); the row's sum, a fixed tree, is in its first lane
+    // (ul == 0). No pass over gbuf by one thread a row after a __syncthreads (it held up warp 0).
+    const auto row_squares = [&](A v, bool valid) {
+      double sum = valid ? cuda::square(v) : 0.0;
+      for (int offset = nu / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      return sum;
+    };
+    // Row b's partial sum to block 0's [blocks][Bt] `dst` (Grid: `grid_dst`, global), with this
+    // step's reduce-scatter.
+    const auto square_to_block0 = [&](double* dst, double* grid_dst, int b, double sum) {
+      if constexpr (Grid) {
+        grid_dst[rank * Bt + b] = sum;
+      } else if constexpr (Async) {
+        if (rank == 0) {
+          dst[b] = sum;
+        } else {
+          send_async(dst + rank * Bt + b, sum, 0, &full_in[pin]);
+        }
+      } else {
+        *cluster.map_shared_rank(dst + rank * Bt + b, 0) = sum;
+      }
+    };
+    const auto squares_to_block0 = [&](double* dst, double* grid_dst) {  // every row, from gbuf
+      for (int b = threadIdx.x; b < rows; b += kThreads) square_to_block0(dst, grid_dst, b, own_squares(b));
+    };
+    if constexpr (Async) {
+      // This step's phases: each barrier's previous phase (two steps back; one for full_in[0] with one
+      // copy) was waited for before this step. Steps without rows exchange nothing and have no phases;
+      // they come first or last (a tile's rows are monotone in time), so the steps that exchange
+      // follow each other and every block's phases stay in step.
+      if (threadIdx.x == 0 && rows > 0) {
+        if (norms_first && blocks > 1) {
+          mbarrier_expect(&full_g[par], static_cast<uint32_t>((blocks - 1) * rows * sizeof(double)));
+        }
+        if (inbox_row_bytes > 0) mbarrier_expect(&full_in[pin], static_cast<uint32_t>(rows) * inbox_row_bytes);
+      }
+    }
+
+    // A: g for own units; its squares summed over own units, to every block (norms_first: with
+    // clipping each needs the norms for the cell), else to block 0 (recorded norms). With lane_rows
+    // the row sums come from the lanes: norms_first puts them in the own slot of part_g (Grid: of the
+    // scratch), from where they are sent below; otherwise they go to block 0 from here.
+    const bool g_squares = norms_first || norms_g_late, g_squares_by_lanes = g_squares && lane_rows;
+    for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: row_squares shuffles
+      const int pair = base + static_cast<int>(threadIdx.x);
+      const bool valid = pair < pairs;
+      const int b = pair / nu, ul = pair % nu, u = u0 + ul;
+      A g = A(0);
+      if (valid) {
+        const A incoming = b < rows_next ? dh_next[b * U + ul]
+                                         : A(load(grad_h_n + static_cast<int64_t>(tile0 + b) * H + u));
+        const A out_grad = pair == static_cast<int>(threadIdx.x) ? A(load(&first.g_out))
+                                                                 : A(load(grad_out + (row0 + b) * H + u));
+        g = out_grad + incoming;
+        gbuf[b * U + ul] = g;
+      }
+      if (g_squares_by_lanes) {
+        const double sum = row_squares(g, valid);
+        if (valid && ul == 0) {
+          if (!norms_first) {
+            square_to_block0(part_g, grid_part_g_s, b, sum);
+          } else if constexpr (Grid) {
+            grid_part_g_s[rank * Bt + b] = sum;
+          } else {
+            part_g[rank * Bt + b] = sum;
+          }
+        }
+      }
+    }
+    if (norms_first || (norms_g_late && !lane_rows)) __syncthreads();  // the loops below read other threads' g
+    clock.mark(0);  // A
+    if (norms_first) {
+      // (Grid with lane_rows: each row's one slot was written in the loop above: nothing to send.)
+      const int items = Grid ? (lane_rows ? 0 : rows) : rows * blocks;
+      for (int i = threadIdx.x; i < items; i += kThreads) {
+        const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
+        if (lane_rows && r == rank) continue;  // the own slot: written in the loop above
+        const double sum = lane_rows ? part_g[rank * Bt + b] : own_squares(b);
+        if constexpr (Grid) {
+          grid_part_g_s[rank * Bt + b] = sum;
+        } else if constexpr (Async) {
+          if (r == rank) {
+            part_g[rank * Bt + b] = sum;
+          } else {
+            send_async(part_g + rank * Bt + b, sum, r, &full_g[par]);
+          }
+        } else {
+          *cluster.map_shared_rank(part_g + rank * Bt + b, r) = sum;
+        }
+      }
+      if constexpr (Async) {
+        __syncthreads();  // the own partials
+        if (blocks > 1 && rows > 0) {
+          mbarrier_wait(&full_g[par], (parity >> par) & 1u);
+          parity ^= 1u << par;
+        }
+      } else {
+        exchange_barrier<X>(cluster);
+      }
+      if constexpr (Grid) {  // every block's partials at once (one L2 round trip), then as in a cluster
+        load_rows_cg(part_g, Bt, grid_part_g_s, Bt, rows, blocks);
+        __syncthreads();
+      }
+      // B: the full norms (the same bits in every block: summed in rank order), for the clipping.
+      for (int b = threadIdx.x; b < rows; b += kThreads) {
+        double sum = 0.0;
+        for (int r = 0; r < blocks; ++r) sum += part_g[r * Bt + b];
+        row_norm[b] = static_cast<A>(sqrt(sum));
+        if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
+      }
+    } else if (norms_g_late && nu > 0 && !lane_rows) {  // blocks without units add nothing
+      squares_to_block0(part_g, grid_part_g_s);
+    }
+    // (gbuf is rewritten below, and row_norm read; otherwise each thread reads only its own units' g)
+    if (norms_first || (norms_g_late && !lane_rows)) __syncthreads();
+    clock.mark(1);  // the Σ g² partials: exchanged (norms_first), or sent to block 0
+
+    // B: clipping, the gate gradients of own units (LSTM with lane_rows: Σ dc² to block 0 from here).
+    const bool c_squares_by_lanes = norms_c && lane_rows;
+    for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: row_squares shuffles
+      const int pair = base + static_cast<int>(threadIdx.x);
+      const bool valid = pair < pairs;
+      const int b = pair / nu, ul = pair % nu, u = u0 + ul;
+      A dc_out = A(0);  // LSTM: this pair's dc_t, for the norms
+      if (valid) {
+        const int64_t row = row0 + b;
+        const A dh = clipping ? gbuf[b * U + ul] * clip_scale(row_norm[b], clip) : gbuf[b * U + ul];
+        const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
+        A saved[S > 0 ? S : 1], prev, h;
+        if (pair == static_cast<int>(threadIdx.x)) {
+#pragma unroll
+          for (int k = 0; k < S; ++k) saved[k] = first.saved[k];
+          unit_state<C, T, A>(first.state, starts, prev, h);
+        } else {
+#pragma unroll
+          for (int k = 0; k < S; ++k) saved[k] = ws[(row * S + k) * H + u];
+          backward_unit_state<C, T, A>(ptrs, tile0 + b, row, prev_row0 + b, starts, H, u, prev, h);
+        }
+        const A dc_in = incoming_dc<C>(ptrs, tile0 + b, b < rows_next, dc_next + b * U + ul, H, u);
+        A dg[G], dc_total, dc_prev, dh_direct;
+        backward_unit<C, T, A>(dh, dc_in, saved, 1, prev, h, H, u, dgates_x + row * GH, dgates_h + row * GH, dg,
+                               dc_total, dc_prev, dh_direct);
+        // The product's operand, as stored (the per-step path reads the dgates rows back).
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          if constexpr (Mma) {
+            store(dgate16 + b * LDN + g * U + ul, dg[g]);
+          } else {
+            dgate[(g * U + ul) * BtP + b] = through<T>(dg[g]);
+          }
+        }
+        if constexpr (C == Cell::LSTM) {
+          gbuf[b * U + ul] = dc_total;  // g is no longer needed: reuse for the dc partial
+          dc_out = dc_total;
+          if (starts) {
+            if (grad_c0) store(grad_c0 + static_cast<int64_t>(tile0 + b) * H + u, dc_prev);
+          } else {
+            dc_next[b * U + ul] = dc_prev;
+          }
+        } else if constexpr (C == Cell::GRU) {
+          direct[b * U + ul] = dh_direct;
+        }
+      }
+      if constexpr (C == Cell::LSTM) {
+        if (c_squares_by_lanes) {
+          const double sum = row_squares(dc_out, valid);
+          if (valid && ul == 0) square_to_block0(part_c_s, grid_part_c_s, b, sum);
+        }
+      }
+    }
+    __syncthreads();
+    clock.mark(2);  // B: the cells
+    if constexpr (C == Cell::LSTM) {
+      // blocks without units add nothing
+      if (norms_c && nu > 0 && !lane_rows) squares_to_block0(part_c_s, grid_part_c_s);
+    }
+
+    // C: this block's gate columns times its W_hh rows: a partial dh_prev for every unit k, sent to
+    // the unit's owner, four units (16 bytes for float) per store: a remote store costs about the
+    // same per instruction whatever its width (scripts/persistent_probe.cu). Units k..k + 3 (k a
+    // multiple of 4, and so is U: one owner; past H, slots nobody reads) of row b.
+    const auto send_partials = [&](int b, int k, const A (&v)[4]) {
+      A* slot = inbox_of(k / U) + (rank * Bt + b) * U + k % U;
+      if constexpr (Grid) {
+        store4(slot, v);
+      } else if constexpr (Async) {
+        if (k / U == rank) {
+          store4(slot, v);
+        } else {
+          send4_async(slot, v, k / U, &full_in[pin]);
+        }
+      } else {
+        store4(cluster.map_shared_rank(slot, k / U), v);
+      }
+    };
+    if constexpr (Mma) {
+      // 16 x 8 tiles: 16 rows b from m0, 8 output units k, a warp's share of a row tile together
+      // (mma_warp_tiles; K: the block's G * U gate columns).
+      const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+      const int k_tiles = (H + 7) / 8, m_tiles = (rows + 15) / 16;
+      const int passes = nu > 0 ? warp_tile_passes(m_tiles, k_tiles) : 0;
+      for (int item = 0; item < passes; ++item) {
+        const WarpTiles t = warp_tiles(item, m_tiles, k_tiles, warp);
+        if (t.count == 0) continue;  // (warp-uniform)
+        float d[kMmaGroup][4];
+        mma_warp_tiles<T>(d, dgate16 + t.m0 * LDN, LDN, wt, LDN, t, G * U, gid, tig);  // columns past G * U: zeros
+#pragma unroll
+        for (int i = 0; i < kMmaGroup; ++i) {
+          if (i < t.count) {
+            // A lane holds columns 2 tig, 2 tig + 1 of rows gid and gid + 8; lanes tig and tig ^ 1
+            // trade halves so that the even one holds columns 4 (tig / 2) .. + 3 of row gid, the odd
+            // one those of row gid + 8. (Warp-uniform: every lane shuffles.)
+            const bool odd = tig & 1;
+            const float got0 = __shfl_xor_sync(0xffffffffu, odd ? d[i][0] : d[i][2], 1);
+            const float got1 = __shfl_xor_sync(0xffffffffu, odd ? d[i][1] : d[i][3], 1);
+            const float v[4] = {odd ? got0 : d[i][0], odd ? got1 : d[i][1], odd ? d[i][2] : got0, odd ? d[i][3] : got1};
+            const int b = t.m0 + gid + (odd ? 8 : 0), k = (t.first + kWarps * i) * 8 + 4 * (tig / 2);
+            if (b < rows && k < H) send_partials(b, k, v);
+          }
+        }
+      }
+    } else if (nu > 0) {
+      // Register tiles of 4 rows x 4 consecutive units k (units-fastest: a warp reads contiguous
+      // W_hh chunks); the 4 partials of a row go to their owner (U is a multiple of 4) in one
+      // 16-byte store.
+      const int kt = (H + 3) / 4;
+      for (int tile = threadIdx.x; tile < (rows + 3) / 4 * kt; tile += kThreads) {
+        const int r0 = tile / kt * 4, k0 = tile % kt * 4;
+        A acc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          for (int ul = 0; ul < nu; ++ul) {
+            const int n = g * U + ul;
+            A dv[4], wv[4];
+            load4(dv, dgate + n * BtP + r0);  // rows past `rows`: stale values, results not stored
+            load4(wv, w + n * LD + k0);       // columns past H: zeros
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+              for (int j = 0; j < 4; ++j) acc[i][j] += dv[i] * wv[j];
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (r0 + i < rows) send_partials(r0 + i, k0, acc[i]);
+        }
+      }
+    }
+    if (s + 1 < a.steps) {
+      next_step = tile_step(upcoming, tile0, Bt);
+      load_first(next_step);
+    }
+    clock.mark(3);  // C: thread 0's products and sends
+    if constexpr (Async) {
+      __syncthreads();  // the own partials (and block 0's own Σ dc²)
+      if (inbox_row_bytes > 0 && rows > 0) {
+        mbarrier_wait(&full_in[pin], (parity >> (2 + pin)) & 1u);
+        parity ^= 1u << (2 + pin);
+      }
+    } else {
+      exchange_barrier<X>(cluster);
+    }
+    clock.mark(4);  // the exchange's barrier or wait
+
+    // D: own units' dh_prev, summed over the blocks in rank order (+ GRU's direct term).
+    const auto finish_unit = [&](int b, int ul, A sum) {
+      if (b < rows_prev) {
+        dh_next[b * U + ul] = sum;
+      } else {
+        store(grad_h0 + static_cast<int64_t>(tile0 + b) * H + u0 + ul, sum);
+      }
+    };
+    if constexpr (Grid) {
+      // The inbox is in L2: each thread sums 4 consecutive units of a row over a range of senders,
+      // with up to kLoads 16-byte loads in flight (64 registers), and `parts` adjacent lanes split
+      // the senders (a fixed shuffle tree combines their ranges, so the sum is the same in every run):
+      // at B = 16, H = 768 over 48 blocks, 12 senders a thread, one L2 round trip.
+      const A* own = inbox_of(rank);
+      const int quads = (nu + 3) / 4, items = rows * quads;
+      int parts = 1;
+      while (parts < 8 && items * parts * 2 <= kThreads) parts *= 2;
+      const int per_part = (used + parts - 1) / parts;
+      for (int base = 0; base < items * parts; base += kThreads) {  // uniform trip count: shuffles stay safe
+        const int i = base + static_cast<int>(threadIdx.x), part = i % parts;
+        const bool valid = i < items * parts;
+        const int b = valid ? i / parts / quads : 0, q = valid ? i / parts % quads : 0;
+        A acc[4] = {A(0), A(0), A(0), A(0)};
+        const int r_end = valid ? min(used, (part + 1) * per_part) : 0;
+        constexpr int kLoads = 64 / static_cast<int>(sizeof(A));
+        for (int r0 = part * per_part; r0 < r_end; r0 += kLoads) {
+          A v[kLoads][4];
+#pragma unroll
+          for (int j = 0; j < kLoads; ++j) {
+            if (r0 + j < r_end) {
+              load4_cg(v[j], own + ((r0 + j) * Bt + b) * U + 4 * q);
+            } else {
+              v[j][0] = v[j][1] = v[j][2] = v[j][3] = A(0);
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < kLoads; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[e] += v[j][e];
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[e] = group_sum(acc[e], parts);
+        if (valid && part == 0) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int ul = 4 * q + e;
+            if (ul < nu) finish_unit(b, ul, acc[e] + (C == Cell::GRU ? direct[b * U + ul] : A(0)));
+          }
+        }
+      }
+    } else {
+      for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
+        const int b = pair / nu, ul = pair % nu;
+        A sum = C == Cell::GRU ? direct[b * U + ul] : A(0);
+        for (int r = 0; r < used; ++r) sum += inbox_s[(r * Bt + b) * U + ul];
+        finish_unit(b, ul, sum);
+      }
+    }
+    // Block 0: ‖dc_t‖ (LSTM) and, without clipping, ‖g_t‖, from the partials of the blocks with units,
+    // summed in rank order (those without add zeros in the clipping path: the same bits).
+    if (rank == 0 && (norms_c || norms_g_late)) {
+      const double* parts_g = part_g;
+      const double* parts_c = part_c_s;
+      if constexpr (Grid) {  // copied as in phase B, into the staging copies (read there already)
+        if (norms_g_late) load_rows_cg(part_g_base, Bt, grid_part_g_s, Bt, rows, used);
+        if (norms_c) load_rows_cg(part_g_base + staged, Bt, grid_part_c_s, Bt, rows, used);
+        __syncthreads();
+        parts_g = part_g_base;
+        parts_c = part_g_base + staged;
+      }
+      for (int b = threadIdx.x; b < rows; b += kThreads) {
+        double sum_g = 0.0, sum_c = 0.0;
+        for (int r = 0; r < used; ++r) {
+          if (norms_g_late) sum_g += parts_g[r * Bt + b];
+          if (norms_c) sum_c += parts_c[r * Bt + b];
+        }
+        if (norms_g_late) a.norm_g[row0 + b] = static_cast<float>(sqrt(sum_g));
+        if (norms_c) a.norm_c[row0 + b] = static_cast<float>(sqrt(sum_c));
+      }
+    }
+    __syncthreads();
+    clock.mark(5);  // D: the sums of the partials
+  }
+  clock.finish(a.steps);
+  // Async: as in the forward, no block leaves while another can still address its shared memory.
+  if constexpr (Async) cluster.sync();
+#endif
+}
+
+template <Cell C, typename T, Exchange X, bool Mma>
+const void* kernel_of(bool forward) {
+  return forward ? reinterpret_cast<const void*>(cluster_forward_kernel<C, T, X, Mma>)
+                 : reinterpret_cast<const void*>(cluster_backward_kernel<C, T, X, Mma>);
+}
+
+template <Cell C, typename T, bool Mma>
+const void* kernel_of(bool forward, Exchange exchange) {
+  switch (exchange) {
+    case Exchange::ClusterAsync: return kernel_of<C, T, Exchange::ClusterAsync, Mma>(forward);
+    case Exchange::Grid: return kernel_of<C, T, Exchange::Grid, Mma>(forward);
+    default: return kernel_of<C, T, Exchange::ClusterBarrier, Mma>(forward);
+  }
+}
+
+}  // namespace
+
+namespace detail {
+
+// 16-bit always on tensor cores, float32 there with `tf32`, float64 never.
+template <Cell C>
+const void* cluster_kernel(bool forward, DType dtype, Exchange exchange, bool tf32) {
+  switch (dtype) {
+    case DType::F32:
+      return tf32 ? kernel_of<C, float, true>(forward, exchange) : kernel_of<C, float, false>(forward, exchange);
+    case DType::F64: return kernel_of<C, double, false>(forward, exchange);
+    case DType::F16: return kernel_of<C, __half, true>(forward, exchange);
+    default: return kernel_of<C, __nv_bfloat16, true>(forward, exchange);
+  }
+}
+
+#ifdef RNNKERN_STEP_TRACE
+template <Cell C>
+cudaError_t set_cluster_step_trace(unsigned long long* buffer) {
+  return cudaMemcpyToSymbol(g_step_trace, &buffer, sizeof(buffer));
+}
+#endif
+
+}  // namespace detail
+}  // namespace persistent
+}  // namespace rnnkern

@@ -1,0 +1,173 @@
+// Shared-memory layouts and shapes of the cluster kernels (persistent_cluster_kernels.cuh), computed the
+// same way on the host (the plan's sizes: persistent_cluster.cu) and in the kernels (the offsets).
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "persistent_common.cuh"
+
+namespace rnnkern {
+namespace persistent {
+namespace {
+
+using namespace detail;
+
+// Where the recurrent products run on tensor cores (the kernels' `Mma` parameter, float32
+// accumulation): 16-bit layers always (mma.sync m16n8k16); float32 layers with Plan::tf32 (m16n8k8
+// on TF32 operands, rounded to nearest); otherwise exact FMA dot products (float32 by default,
+// float64 always).
+__host__ __device__ constexpr bool uses_mma(int elem, bool tf32) { return elem == 2 || (elem == 4 && tf32); }
+
+__host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Shapes (in elements) of the shared-memory tables, computed the same way on the host (sizes) and
+// in the kernels (layout). The MMA operand tables are zero-padded to whole tiles (16 state rows, K in
+// steps of 16 (16-bit) or 8 (TF32), N in steps of 8) and their rows keep 32-bit words aligned; the
+// 16 extra bytes per row put the 8 rows a fragment load touches in different banks (a row stride of
+// 4 mod 8 words). FMA rows get one chunk of padding; padding columns are zeros in every table.
+constexpr int kChunk = 16;  // bytes: the vector width of the exchanges and of the FMA operand loads
+
+struct Tables {
+  int ld;          // row length of the W_hh rows and of the state rows (a whole number of chunks)
+  int w_rows;      // forward: W_hh rows, n = g * U + ul (G * U, padded to 8 for MMA)
+  int state_rows;  // rows of a state stage (Bt; for MMA rounded up to 16)
+  int hp_ld;       // forward: columns of the product hp[b][n] (w_rows)
+  int ldn;         // backward, MMA: row length of dgate[b][n] and of W_hhᵀ rows wt[k][n]
+  int wt_rows;     // backward, MMA: rows of wt (H padded to 8)
+};
+
+__host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, int gates, int units, int tile_rows) {
+  const int chunk = kChunk / elem;
+  const int k_step = elem == 2 ? 16 : 8;  // MMA: kMmaK
+  Tables t;
+  // FMA: a chunk of padding makes rows 4 apart (a register tile's rows) start 16 banks apart.
+  t.ld = mma ? round_up(hidden, k_step) + chunk : round_up(hidden, chunk) + chunk;
+  t.w_rows = mma ? round_up(gates * units, 8) : gates * units;
+  t.state_rows = mma ? round_up(tile_rows, 16) : tile_rows;  // MMA: whole 16-row tiles
+  t.hp_ld = t.w_rows;
+  t.ldn = mma ? round_up(gates * units, k_step) + chunk : 0;
+  t.wt_rows = mma ? round_up(hidden, 8) : 0;
+  return t;
+}
+
+constexpr int kMaxClusterBlocks = 16;  // Hopper's limit (above 8 with the non-portable attribute)
+constexpr int kTileRows = 16;          // batch rows per cluster where the batch allows
+constexpr int kMaxTileRows = 64;       // where a batch needs more clusters than run at once
+
+struct ClusterShape {
+  int units;      // hidden units per block (a multiple of unit_grain)
+  int tile_rows;  // batch rows per cluster
+  int group;      // blocks per tile (Plan::cluster; read by Exchange::Grid, where there is no cluster)
+  int copies;     // the backward's exchanged buffers: Plan::copies (Grid: always 2, in global memory)
+};
+
+// Units per block are a multiple of this: a block's columns of a state row are whole 16-byte chunks
+// (the exchanges), and 4 consecutive units have one owner (the FMA backward's register tiles).
+__host__ __device__ constexpr int unit_grain(int elem) { return elem == 2 ? 8 : 4; }
+
+// Shared-memory regions, each starting on a 16-byte boundary, laid out the same way on the host (the
+// size) and in the kernels (the offsets).
+struct Carve {
+  size_t bytes = 0;
+  __host__ __device__ size_t take(size_t count, size_t elem) {
+    const size_t at = (bytes + kChunk - 1) / kChunk * kChunk;
+    bytes = at + count * elem;
+    return at;
+  }
+};
+
+struct ForwardLayout {
+  size_t bars, bias, own_c, hp, w, stage, bytes;
+};
+
+// ClusterAsync: the mbarriers. Grid: one stage (filled from `out` after each step's grid barrier).
+__host__ __device__ inline ForwardLayout forward_layout(const Tables& tb, int gates, int units, int tile_rows,
+                                                        size_t acc, size_t elem, Exchange x) {
+  Carve c;
+  ForwardLayout l;
+  l.bars = c.take(x == Exchange::ClusterAsync ? 2 : 0, sizeof(uint64_t));  // [2]: stage s % 2 complete
+  l.bias = c.take(static_cast<size_t>(gates) * units, acc);      // [G][U]: b_hh of own units
+  l.own_c = c.take(static_cast<size_t>(tile_rows) * units, acc);  // [Bt][U]: LSTM c_{t-1}
+  l.hp = c.take(static_cast<size_t>(tb.state_rows) * tb.hp_ld, acc);  // [state_rows][HP]
+  l.w = c.take(static_cast<size_t>(tb.w_rows) * tb.ld, elem);         // [w_rows][LD]
+  // [2][state_rows][LD] (Grid: [1][state_rows][LD])
+  l.stage = c.take((x == Exchange::Grid ? 1 : 2) * static_cast<size_t>(tb.state_rows) * tb.ld, elem);
+  l.bytes = c.bytes;
+  return l;
+}
+
+struct BackwardLayout {
+  size_t bars, part_g, part_c, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
+};
+
+// `copies` of each exchanged buffer, by step parity (Plan::copies; see the backward kernel); the Σ g²
+// partials have two wherever a block may run a step ahead (st.async) or receive them late (2 copies).
+// Grid: part_g, part_c and the inbox are in global memory (BackwardArgs::scratch, grid_scratch, two
+// copies); part_g here holds a copy of the step's partials ([0]: g², [1]: dc² in block 0).
+__host__ __device__ inline int part_g_copies(Exchange x, int copies) {
+  return (x != Exchange::ClusterBarrier || copies == 2) ? 2 : 1;
+}
+
+__host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int gates, int units, int tile_rows,
+                                                          int blocks, size_t acc, size_t elem, bool mma,
+                                                          Exchange x, int copies) {
+  const size_t rows = tile_rows, ru = static_cast<size_t>(tile_rows) * units, gu = static_cast<size_t>(gates) * units;
+  const bool async_exchange = x == Exchange::ClusterAsync, in_smem = x != Exchange::Grid;
+  Carve c;
+  BackwardLayout l;
+  l.bars = c.take(async_exchange ? 4 : 0, sizeof(uint64_t));  // full_g[2], full_in[2]
+  l.part_g = c.take(part_g_copies(x, copies) * blocks * rows, sizeof(double));  // [copies][blocks][Bt]: Σ g²
+  l.part_c = c.take(in_smem ? copies * blocks * rows : 0, sizeof(double));  // [copies][blocks][Bt]: Σ dc²
+  l.row_norm = c.take(rows, acc);                    // [Bt]
+  l.dh_next = c.take(ru, acc);  // [Bt][U]: dh_prev of the step processed before, own units
+  l.dc_next = c.take(ru, acc);  // [Bt][U] (LSTM)
+  l.gbuf = c.take(ru, acc);     // [Bt][U]: g before clipping, then dc_t (LSTM)
+  l.direct = c.take(ru, acc);   // [Bt][U]: GRU z ⊙ g
+  l.inbox = c.take(in_smem ? copies * blocks * ru : 0, acc);  // [copies][blocks][Bt][U]: shares of own dh_prev
+  if (mma) {
+    l.dgate = l.w = 0;
+    l.dgate16 = c.take(static_cast<size_t>(tb.state_rows) * tb.ldn, elem);  // [state_rows][LDN]
+    l.wt = c.take(static_cast<size_t>(tb.wt_rows) * tb.ldn, elem);  // [wt_rows][LDN]
+  } else {
+    l.dgate16 = l.wt = 0;
+    l.dgate = c.take(gu * round_up(tile_rows, 4), acc);  // [G * U][Bt rounded to 4]: transposed
+    l.w = c.take(gu * tb.ld, elem);                       // [G * U][LD]
+  }
+  l.bytes = c.bytes;
+  return l;
+}
+
+// Exchange::Grid: what the backward's blocks exchange, in global memory (BackwardArgs::scratch; the
+// offsets and the size in float64 elements) for `tiles` tiles of `blocks` blocks, two copies of each
+// by step parity: the partial sums of g² and dc² ([2][tiles][blocks][Bt] each) and the inboxes
+// ([2][tiles][owner][sender][Bt][U] in the acc dtype, counted as float64: room for float32 too).
+struct GridScratch {
+  size_t part_g, part_c, inbox, elements;
+  size_t partials, inboxes;  // the elements of one copy
+};
+
+__host__ __device__ inline GridScratch grid_scratch(int tiles, int blocks, int tile_rows, int units) {
+  const size_t partials = static_cast<size_t>(tiles) * blocks * tile_rows, inboxes = partials * blocks * units;
+  return {0, 2 * partials, 4 * partials, 4 * partials + 2 * inboxes, partials, inboxes};
+}
+
+}  // namespace
+
+namespace detail {
+
+// Each cell's kernels are compiled in a translation unit of their own (persistent_cluster_<cell>.cu,
+// from persistent_cluster_kernels.cuh), so that a build compiles them side by side: the kernel of
+// cell C for the rest of the plan's choices (persistent_cluster.cu: kernel_for).
+template <Cell C>
+const void* cluster_kernel(bool forward, DType dtype, Exchange exchange, bool tf32);
+
+#ifdef RNNKERN_STEP_TRACE
+// Where cell C's kernels write their trace sums (each translation unit has its own g_step_trace).
+template <Cell C>
+cudaError_t set_cluster_step_trace(unsigned long long* buffer);
+#endif
+
+}  // namespace detail
+}  // namespace persistent
+}  // namespace rnnkern
