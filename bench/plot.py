@@ -5,6 +5,7 @@
     python bench/plot.py bench/results/h100.json --markdown            # prints the Markdown table
     python bench/plot.py bench/results/h100.json --readme README.md    # regenerates its table there
     python bench/plot.py bench/results/h100.json --per-step            # µs per step, as bench/NOTES.md
+    python bench/plot.py bench/results/h100.json --floors probe.txt    # each layer's floor per step (issue 9)
 
 The figure: per shape (cell, T, B, H, dtype), the speed-up over torch.nn (torch_nn_ms / ms) of every
 backend, with and without norm recording, forward and forward+backward; 1 = as fast as torch.nn.
@@ -123,6 +124,93 @@ def per_step_table(doc: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_probe(path) -> Dict[str, float]:
+    """µs per step of each probe in scripts/persistent_probe.cu's table ("name blocks us/step" lines)."""
+    probe = {}
+    for line in Path(path).read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[1].isdigit():
+            try:
+                probe[fields[0]] = float(fields[2])
+            except ValueError:
+                pass
+    return probe
+
+
+# The exchange a layer's step needs at least, cheapest first: where its W_hh fits in one cluster (the
+# bench has a cuda:cluster time for it), the st.async exchange of a 16-block cluster (each block's slice
+# of h_t into every other block, completing on their mbarriers: barrier and round trip in one), or the
+# chunked DSMEM stores + cluster barrier; otherwise a grid barrier + an L2 round trip of h_t.
+CLUSTER_EXCHANGES = ("cluster-stasync/16", "cluster-chunks/16", "cluster-exchange/16")
+GRID_EXCHANGE = "grid-exchange"
+
+
+def floor_table(doc: Dict[str, object], probe: Dict[str, float]) -> str:
+    """Issue 9's floor per step of each layer and dtype against the fastest rnnkern variant (norms
+    recorded): one exchange (barrier + round trip, measured by the probe on the same kind of device) per
+    step and pass — the forward step and the backward step each wait for the step before — plus the
+    case's matrix-product FLOPs per step at the device's measured GEMM rate (float16's for 16-bit)."""
+    cases = doc["cases"]
+    rates = doc["ceilings"]["gemm_flops_per_s"]
+    timed = {}
+    for c in cases:
+        if c["backend"] == "torch.nn" or c["norms"]:
+            timed[((c["cell"], c["T"], c["B"], c["H"]), c["dtype"], c["backend"], c["pass"])] = c
+    layers = list(OrderedDict.fromkeys((c["cell"], c["T"], c["B"], c["H"]) for c in cases))
+    dtypes = list(OrderedDict.fromkeys(c["dtype"] for c in cases))
+    cluster_sync = next((probe[n] for n in CLUSTER_EXCHANGES if n in probe), None)
+    lines = [f"Floor per step = one exchange per pass + matrix products at the GEMM rate; µs per step, "
+             f"forward+backward (forward). Device: {doc['device']}; commit {doc['commit']}. Exchanges "
+             f"(probe): cluster {cluster_sync if cluster_sync is not None else '–'} µs, grid "
+             f"{probe.get(GRID_EXCHANGE, '–')} µs.", "",
+             "| layer | dtype | exchange | floor | fastest rnnkern | × floor | torch.nn same dtype | torch.nn float16 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        for dtype in dtypes:
+            ours = {}
+            for pass_ in ("fwd", "fwdbwd"):
+                found = [(c["ms"], b) for (l, d, b, p), c in timed.items()
+                         if l == layer and d == dtype and p == pass_ and b != "torch.nn"]
+                if found:
+                    ours[pass_] = min(found)
+            if "fwdbwd" not in ours:
+                continue
+            T = layer[1]
+            in_cluster = any(l == layer and d == dtype and b.startswith("cuda:cluster")
+                             for (l, d, b, _p) in timed)
+            kind, sync = ("cluster", cluster_sync) if in_cluster and cluster_sync is not None else \
+                ("grid", probe.get(GRID_EXCHANGE))
+            if sync is None:
+                continue
+            rate = rates["float32" if dtype == "float32" else "float16"]
+
+            def floor_us(pass_, passes):
+                case = timed.get((layer, dtype, "torch.nn", pass_))
+                flops = case["flops"] if case is not None else None
+                return None if flops is None else passes * sync + 1e6 * flops / T / rate
+
+            floor_fb, floor_f = floor_us("fwdbwd", 2), floor_us("fwd", 1)
+            if floor_fb is None:
+                continue
+
+            def pair(fb, f):
+                return f"{fb:.2f}" + (f" ({f:.2f})" if f is not None else "")
+
+            def nn_us(d, pass_):
+                c = timed.get((layer, d, "torch.nn", pass_))
+                return None if c is None else 1000.0 * c["ms"] / T
+
+            ms_fb, backend = ours["fwdbwd"]
+            us_fb = 1000.0 * ms_fb / T
+            us_f = 1000.0 * ours["fwd"][0] / T if "fwd" in ours else None
+            nn_same, nn_half = nn_us(dtype, "fwdbwd"), nn_us("float16", "fwdbwd")
+            lines.append("| " + " | ".join([
+                _layer_label(layer), dtype, kind, pair(floor_fb, floor_f), f"{pair(us_fb, us_f)} {backend}",
+                f"{us_fb / floor_fb:.1f}", "–" if nn_same is None else pair(nn_same, nn_us(dtype, "fwd")),
+                "–" if nn_half is None else pair(nn_half, nn_us("float16", "fwd"))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_speedups(doc: Dict[str, object], out_path) -> Path:
     """Grouped bars: speed-up over torch.nn per shape; one panel per pass. Returns the PNG's path."""
     import matplotlib
@@ -193,6 +281,9 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the Markdown table instead of plotting")
     parser.add_argument("--per-step", action="store_true",
                         help="print microseconds per step per layer, dtype and variant (bench/NOTES.md's tables)")
+    parser.add_argument("--floors", metavar="PROBE_TXT",
+                        help="print each layer's floor per step (issue 9: one exchange per pass, measured by "
+                             "scripts/persistent_probe.cu, whose output this is, + the products at the GEMM rate)")
     parser.add_argument("--readme", help="replace the table between <!-- bench:NAME --> and <!-- /bench:NAME --> "
                                          "in this file (NAME: the results file's stem)")
     args = parser.parse_args(argv)
@@ -206,6 +297,9 @@ def main(argv=None) -> int:
         return 0
     if args.per_step:
         sys.stdout.write(per_step_table(doc))
+        return 0
+    if args.floors:
+        sys.stdout.write(floor_table(doc, read_probe(args.floors)))
         return 0
     out = plot_speedups(doc, args.out or Path(args.results).with_suffix(".png"))
     print(f"wrote {out}")

@@ -147,6 +147,58 @@ def test_per_step_table():
     assert "| RNN-tanh T50 B16 H128 | 600.00 (200.00) | 375.00 (125.00) |" in text
 
 
+PROBE_TEXT = """device: Test GPU, 132 SMs, L2 60 MB, steps per launch 2048, B=16 H=256 float32
+probe                         blocks      us/step
+grid-sync                        128        0.970
+grid-exchange                    128        1.350
+cluster-sync/16                   16        0.194
+cluster-stasync/16                16        0.500
+"""
+
+
+def _synthetic_gpu_results():
+    """LSTM T100 B16 H256 on the cluster kernels (float32 and float16), GRU T50 B16 H512 per-step only."""
+    cases = []
+    for shape, backend in ((benchlib.Shape("lstm", 100, 16, 256), "cuda:cluster"),
+                           (benchlib.Shape("gru", 50, 16, 512), "cuda")):
+        for dtype in ("float32", "float16"):
+            for pass_ in ("fwd", "fwdbwd"):
+                base = 10.0 if pass_ == "fwd" else 30.0
+                cases.append(benchlib.make_case(shape, "torch.nn", dtype, pass_, False, base, base, None, CEILINGS))
+                cases.append(benchlib.make_case(shape, backend, dtype, pass_, True, base / 4, base, None, CEILINGS))
+                cases.append(benchlib.make_case(shape, "triton", dtype, pass_, True, base / 2, base, None, CEILINGS))
+    return {"device": "Test GPU", "torch": "2.x", "cuda": "13.0", "commit": "abc", "date": "2026-01-01",
+            "ceilings": CEILINGS, "cases": cases}
+
+
+def test_floor_table(tmp_path, capsys):
+    """Issue 9's floor: one exchange per pass (the probe's st.async cluster exchange where the layer ran
+    on the cluster kernels, else its grid exchange) + the products' FLOPs per step at the GEMM rate of
+    the dtype (float16's for 16-bit); against the fastest variant with norms."""
+    probe = tmp_path / "probe.txt"
+    probe.write_text(PROBE_TEXT)
+    assert plot.read_probe(probe) == {"grid-sync": 0.97, "grid-exchange": 1.35, "cluster-sync/16": 0.194,
+                                      "cluster-stasync/16": 0.5}
+    text = plot.floor_table(_synthetic_gpu_results(), plot.read_probe(probe))
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 4
+
+    def floor(cell_gates, T, B, H, passes, exchange, rate):
+        forward = 2 * T * B * cell_gates * H * (H + H)  # input projection and recurrence, I = H
+        return passes * exchange + 1e6 * forward * (3 if passes == 2 else 1) / T / rate
+
+    lstm32 = floor(4, 100, 16, 256, 2, 0.5, 1e12), floor(4, 100, 16, 256, 1, 0.5, 1e12)
+    gru16 = floor(3, 50, 16, 512, 2, 1.35, 4e12), floor(3, 50, 16, 512, 1, 1.35, 4e12)
+    assert rows[0] == (f"| LSTM T100 B16 H256 | float32 | cluster | {lstm32[0]:.2f} ({lstm32[1]:.2f}) | "
+                       f"75.00 (25.00) cuda:cluster | {75.0 / lstm32[0]:.1f} | 300.00 (100.00) | 300.00 (100.00) |")
+    assert rows[3] == (f"| GRU T50 B16 H512 | float16 | grid | {gru16[0]:.2f} ({gru16[1]:.2f}) | "
+                       f"150.00 (50.00) cuda | {150.0 / gru16[0]:.1f} | 600.00 (200.00) | 600.00 (200.00) |")
+    results = tmp_path / "gpu.json"
+    results.write_text(json.dumps(_synthetic_gpu_results()))
+    assert plot.main([str(results), "--floors", str(probe)]) == 0
+    assert capsys.readouterr().out == text
+
+
 def test_plot_png_and_cli(tmp_path, capsys):
     results = tmp_path / "test-device.json"
     results.write_text(json.dumps(_synthetic_results()))
