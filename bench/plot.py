@@ -80,18 +80,25 @@ def _layer_label(layer) -> str:
     return f"{CELL_NAMES.get(cell, cell)} T{T} B{B} H{H}"
 
 
-def per_step_table(doc: Dict[str, object]) -> str:
-    """Microseconds per step (ms / T), forward+backward with the forward in brackets, one row per layer
-    shape: torch.nn and every backend variant (with norms recorded, as issue 9's targets count them) in
-    each dtype; then, per dtype, the fastest variant's forward+backward speed-up over torch.nn float16
-    (torch.nn's fastest: the 16-bit target) and over torch.nn in the same dtype (the float32 target)."""
-    cases = doc["cases"]
+def _timed_layers(cases):
+    """{(layer, dtype, backend, pass): case} of torch.nn and the variants with norms recorded (as issue
+    9's targets count them), with the layers (cell, T, B, H) and dtypes in order of appearance."""
     by = {}
     for c in cases:
         if c["backend"] == "torch.nn" or c["norms"]:
             by[((c["cell"], c["T"], c["B"], c["H"]), c["dtype"], c["backend"], c["pass"])] = c
     layers = list(OrderedDict.fromkeys((c["cell"], c["T"], c["B"], c["H"]) for c in cases))
     dtypes = list(OrderedDict.fromkeys(c["dtype"] for c in cases))
+    return by, layers, dtypes
+
+
+def per_step_table(doc: Dict[str, object]) -> str:
+    """Microseconds per step (ms / T), forward+backward with the forward in brackets, one row per layer
+    shape: torch.nn and every backend variant (with norms recorded, as issue 9's targets count them) in
+    each dtype; then, per dtype, the fastest variant's forward+backward speed-up over torch.nn float16
+    (torch.nn's fastest: the 16-bit target) and over torch.nn in the same dtype (the float32 target)."""
+    cases = doc["cases"]
+    by, layers, dtypes = _timed_layers(cases)
     backends = ["torch.nn"] + list(OrderedDict.fromkeys(b for b, _ in _variants(cases)))
     columns = [(b, d) for d in dtypes for b in backends if any(k[1] == d and k[2] == b for k in by)]
 
@@ -150,14 +157,8 @@ def floor_table(doc: Dict[str, object], probe: Dict[str, float]) -> str:
     recorded): one exchange (barrier + round trip, measured by the probe on the same kind of device) per
     step and pass — the forward step and the backward step each wait for the step before — plus the
     case's matrix-product FLOPs per step at the device's measured GEMM rate (float16's for 16-bit)."""
-    cases = doc["cases"]
     rates = doc["ceilings"]["gemm_flops_per_s"]
-    timed = {}
-    for c in cases:
-        if c["backend"] == "torch.nn" or c["norms"]:
-            timed[((c["cell"], c["T"], c["B"], c["H"]), c["dtype"], c["backend"], c["pass"])] = c
-    layers = list(OrderedDict.fromkeys((c["cell"], c["T"], c["B"], c["H"]) for c in cases))
-    dtypes = list(OrderedDict.fromkeys(c["dtype"] for c in cases))
+    timed, layers, dtypes = _timed_layers(doc["cases"])
     cluster_sync = next((probe[n] for n in CLUSTER_EXCHANGES if n in probe), None)
     lines = [f"Floor per step = one exchange per pass + matrix products at the GEMM rate; µs per step, "
              f"forward+backward (forward). Device: {doc['device']}; commit {doc['commit']}. Exchanges "

@@ -122,9 +122,28 @@ class _RnnkernMixin:
         except _InvalidInput:
             # torch.nn raises its own exception (type and message) for this input.
             self._torch_class.forward(self, input, hx)
+            promoted = self._promoted_cell_state(input, hx)
+            if promoted is not None:
+                return self._forward(input, promoted)
             raise RuntimeError(
                 f"rnnkern rejected an input that torch.nn.{self._torch_class.__name__} accepts; "
                 "please report this as a bug") from None
+
+    def _promoted_cell_state(self, input, hx):
+        """An LSTM's hx with c0 in the input's dtype where c0 alone is in a narrower floating dtype, for an
+        input torch.nn accepted: its non-fused LSTM (e.g. float64 on the CPU) promotes c0 in the first
+        cell update, i.e. computes with c0 cast up; else None."""
+        if self.mode != "LSTM" or not isinstance(hx, tuple) or len(hx) != 2:
+            return None
+        data = input.data if isinstance(input, PackedSequence) else input
+        h0, c0 = hx
+        if not all(isinstance(t, Tensor) for t in (data, h0, c0)) or not c0.is_floating_point():
+            return None
+        if h0.dtype != data.dtype or c0.dtype == data.dtype or c0.device != data.device:
+            return None
+        if torch.promote_types(c0.dtype, data.dtype) != data.dtype:
+            return None
+        return h0, c0.to(data.dtype)
 
     def _parse(self, input, hx, weight_dtype=None):
         """Validate like torch.nn and bring the input to rows + sorted hx; _InvalidInput if bad.
@@ -168,10 +187,14 @@ class _RnnkernMixin:
             for state, size in zip(given, sizes):
                 if not is_batched:
                     state = state.unsqueeze(1)
+                if sorted_indices is not None:
+                    # Reordered before the checks, as torch.nn does (rows past the batch then drop out).
+                    try:
+                        state = state.index_select(1, sorted_indices)
+                    except (RuntimeError, IndexError):
+                        raise _InvalidInput() from None
                 _require(tuple(state.shape) == (self.num_layers * num_directions, batch, size))
                 _require(state.dtype == data.dtype and state.device == data.device)
-                if sorted_indices is not None:
-                    state = state.index_select(1, sorted_indices)
                 states.append(state)
         return (input, packed, is_batched, data, batch_sizes, sorted_indices, unsorted_indices,
                 states[0], states[1] if is_lstm else None, params)

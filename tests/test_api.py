@@ -68,6 +68,52 @@ def test_bad_input_raises_exactly_like_torch_nn(kind, case):
     assert str(actual.value) == str(expected.value)
 
 
+def _results_and_grads(module, x, hx):
+    """Outputs (packed: their data), final states and the gradients of x, hx and every parameter."""
+    module.zero_grad()
+    out, state = module(x, hx)
+    out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+    states = list(state) if isinstance(state, tuple) else [state]
+    leaves = [x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x]
+    leaves += list(hx) if isinstance(hx, tuple) else [hx]
+    torch.autograd.backward([out] + states, [torch.ones_like(t) for t in [out] + states])
+    grads = [t.grad.clone() for t in leaves] + [p.grad.clone() for p in module.parameters()]
+    for t in leaves:
+        t.grad = None
+    return [out.detach()] + [t.detach() for t in states] + grads
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
+@pytest.mark.parametrize("case", ["lstm c0 narrower", "packed hx with extra rows"])
+def test_inputs_torch_nn_accepts_though_they_look_wrong(backend, case):
+    """torch.nn takes an LSTM's c0 in a narrower float dtype than a float64 input (its CPU LSTM promotes
+    c0 in the first cell update), and a packed unsorted batch with an hx of more rows than the batch (it
+    reorders hx before checking its shape, so the extra rows drop out): the same results and gradients,
+    dtypes included."""
+    torch.manual_seed(1)
+    if case == "lstm c0 narrower":
+        ref = torch.nn.LSTM(3, 5, 2, proj_size=2, bidirectional=True, dtype=torch.float64)
+        ours = rnnkern.LSTM(3, 5, 2, proj_size=2, bidirectional=True, dtype=torch.float64, backend=backend)
+        x = torch.randn(4, 3, 3, dtype=torch.float64)
+        hx = (torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, 3, 5, dtype=torch.float32))
+    else:
+        ref = torch.nn.GRU(3, 5, dtype=torch.float64)
+        ours = rnnkern.GRU(3, 5, dtype=torch.float64, backend=backend)
+        x = pack_padded_sequence(torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([2, 4]),
+                                 enforce_sorted=False)
+        hx = torch.randn(1, 3, 5, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    leaves = [x.data if case != "lstm c0 narrower" else x] + (list(hx) if isinstance(hx, tuple) else [hx])
+    for t in leaves:
+        t.requires_grad_()
+    want = _results_and_grads(ref, x, hx)
+    got = _results_and_grads(ours, x, hx)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("kind", list(MODULES))
 def test_subclass_state_dict_and_repr(kind):
     ours_cls, torch_cls = MODULES[kind]

@@ -195,6 +195,30 @@ def test_gradcheck(target, cell):
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_double_backward(target, cell):
+    """Second derivatives (create_graph=True, e.g. a gradient penalty): the reference backend's layers are
+    differentiable PyTorch ops (gradgradcheck in float64); the kernels' backward is not differentiable,
+    so differentiating their gradients raises, by torch.autograd.grad or .backward(), never a silently
+    incomplete second derivative. The first-order gradients are the same with create_graph."""
+    name, device, dtype = target
+    _, ours = make_pair(cell, 2, 3, backend=name, num_layers=2, dtype=dtype, device=device)
+    x = torch.randn(4, 2, 2, dtype=dtype, device=device, requires_grad=True)
+    plain, = torch.autograd.grad(ours(x)[0].pow(2).sum(), x)
+    first, = torch.autograd.grad(ours(x)[0].pow(2).sum(), x, create_graph=True)
+    _assert_close(first.detach(), plain, dtype, "first-order gradient with create_graph")
+    if name == "reference":
+        if dtype == torch.float64:
+            assert torch.autograd.gradgradcheck(lambda t: ours(t)[0], (x,))
+        return
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(first.pow(2).sum(), x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(first.pow(2).sum(), ours.weight_hh_l0, retain_graph=True)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        first.pow(2).sum().backward()
+
+
 # Both directions of a bidirectional layer at once (rnnkern/functional.py, concurrent_directions): the
 # reverse direction's forward, and through autograd its backward, on a side stream.
 _CUDA_BACKEND = torch.cuda.is_available() and "cuda" in rnnkern.backends()

@@ -1243,3 +1243,16 @@ cudaError_t set_cluster_step_trace(unsigned long long* buffer) {
 }  // namespace detail
 }  // namespace persistent
 }  // namespace rnnkern
+
+// The kernels of cell `CELL` (a Cell enumerator), instantiated in the translation unit that says this
+// (persistent_cluster_<cell>.cu), with the trace build's setter of that unit's g_step_trace.
+#ifdef RNNKERN_STEP_TRACE
+#define RNNKERN_CLUSTER_STEP_TRACE_OF(CELL) \
+  template cudaError_t rnnkern::persistent::detail::set_cluster_step_trace<rnnkern::Cell::CELL>(unsigned long long*);
+#else
+#define RNNKERN_CLUSTER_STEP_TRACE_OF(CELL)
+#endif
+#define RNNKERN_CLUSTER_KERNELS_OF(CELL) \
+  template const void* rnnkern::persistent::detail::cluster_kernel<rnnkern::Cell::CELL>( \
+      bool, rnnkern::DType, rnnkern::persistent::Exchange, bool); \
+  RNNKERN_CLUSTER_STEP_TRACE_OF(CELL)

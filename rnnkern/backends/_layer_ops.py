@@ -46,11 +46,47 @@ def fake_layer_backward(cell, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0,
     return grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms
 
 
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """The layer gradients as they are, behind a node that raises if anything differentiates them: the
+    backward kernels are not differentiable, so a second derivative through them would silently miss
+    their terms (torch.autograd.function.once_differentiable's idea). The node also takes the layer's
+    saved tensors (`anchors`: its output depends on every input), so that it lies on every path from
+    the gradients back to whatever the layer depends on and runs (and raises) whenever such a path is
+    differentiated, torch.autograd.grad's included."""
+
+    @staticmethod
+    def forward(ctx, op_name, count, *grads_and_anchors):
+        ctx.op_name = op_name
+        return tuple(g.view_as(g) for g in grads_and_anchors[:count])
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(
+            f"rnnkern: {ctx.op_name} has no double backward (its backward kernels are not differentiable); "
+            "for higher-order gradients (create_graph=True, e.g. a gradient penalty) use backend=\"reference\", "
+            "whose layers are differentiable PyTorch ops")
+
+
+def _not_twice_differentiable(op_name, grads, anchors):
+    """`grads` (tensors or None) through _NotTwiceDifferentiable, tied to `anchors` (tensors or None)."""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    tied = [a for a in anchors if a is not None and a.requires_grad]
+    wrapped = _NotTwiceDifferentiable.apply(op_name, len(present), *[grads[i] for i in present], *tied)
+    result = list(grads)
+    for i, g in zip(present, wrapped):
+        result[i] = g
+    return tuple(result)
+
+
 def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) -> None:
     """Register fake kernels (unless the op's definer already did) and autograd for one backend."""
     if register_fake:
         torch.library.register_fake(forward_op)(fake_layer_forward)
         torch.library.register_fake(backward_op)(fake_layer_backward)
+
+    # e.g. rnnkern::rnn_layer_forward (an OpOverload), rnnkern::triton_rnn_layer_forward (a triton_op)
+    op_name = forward_op.name() if hasattr(forward_op, "name") and callable(forward_op.name) else \
+        getattr(forward_op, "_qualname", str(forward_op))
 
     def setup_context(ctx, inputs, output):
         cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe = inputs
@@ -71,13 +107,21 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         if grad_h_n is None:
             grad_h_n = torch.zeros_like(h0)
         grad_c_n = grad_c_n if ctx.cell == _cells.LSTM else None
-        (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(
-            ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
-            None if grad_c_n is None else grad_c_n.contiguous(),
-            batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, ctx.clip, ctx.record_norms,
-            out, workspace)
-        return (None, grad_xp, None, grad_h0, grad_c0 if has_c0 else None, grad_w_hh,
-                grad_b_hh if has_b_hh else None, grad_w_hr if has_w_hr else None, None, None,
+        # create_graph=True runs this with grad mode on; the op has no autograd of its own, so it runs
+        # without, and the results raise if differentiated (below).
+        twice = torch.is_grad_enabled() and any(ctx.needs_input_grad)
+        with torch.no_grad():
+            (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(
+                ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
+                None if grad_c_n is None else grad_c_n.contiguous(),
+                batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, ctx.clip, ctx.record_norms,
+                out, workspace)
+        grads = (grad_xp, grad_h0, grad_c0 if has_c0 else None, grad_w_hh, grad_b_hh if has_b_hh else None,
+                 grad_w_hr if has_w_hr else None)
+        if twice:
+            grads = _not_twice_differentiable(op_name, grads, (out, h0, c0, w_hh, b_hh, w_hr))
+        grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads
+        return (None, grad_xp, None, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, None, None,
                 norms if ctx.record_norms else None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
