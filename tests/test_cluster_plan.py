@@ -1,0 +1,132 @@
+"""The cluster kernels' planner (make_cluster_plan, csrc/cuda/persistent_cluster.cu) without a GPU: its
+own code, built with a model of a Hopper device standing in for the CUDA runtime's attribute and
+occupancy calls (scripts/plan_model.cu: 132 SMs in 8 modelled GPCs, 227 KiB of shared memory per
+block, one block per SM, clusters confined to a GPC). Checks the plans' invariants over many layers
+and the plans the docs and bench/NOTES.md describe. Needs nvcc (CUDA_HOME) and a host compiler, as the
+build of the extension's CUDA code does."""
+
+import itertools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+HAVE_NVCC = os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) and shutil.which(os.environ.get("CXX", "g++"))
+
+pytestmark = pytest.mark.skipif(not HAVE_NVCC, reason=f"needs nvcc ({CUDA_HOME}/bin/nvcc) and a host compiler")
+
+OPTIN = 232448  # the model's shared memory per block (sharedMemPerBlockOptin)
+SMS = 132
+GPC_SMS = (18, 18, 18, 18, 16, 16, 14, 14)  # scripts/plan_model.cu
+GATES = {"lstm": 4, "gru": 3, "tanh": 1, "relu": 1}
+SHARED_MEMORY, OCCUPANCY = 4, 5  # persistent::Decline
+
+
+def resident(cluster):
+    return sum(sms // cluster for sms in GPC_SMS)
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    binary = tmp_path_factory.mktemp("plan") / "plan_model"
+    subprocess.run(["bash", "scripts/build_plan_model.sh", str(binary)], cwd=ROOT, check=True,
+                   capture_output=True, text=True, timeout=300)
+
+    def run(*cases):
+        out = subprocess.run([str(binary), *cases], capture_output=True, text=True, timeout=60, check=True)
+        plans = {}
+        for line in out.stdout.splitlines():
+            case, *fields = line.split()
+            plans[case] = {k: int(v) for k, v in (f.split("=") for f in fields)}
+        assert list(plans) == list(cases)
+        return plans
+
+    return run
+
+
+def _check_invariants(case, p):
+    cell, dtype, kernel, batch, hidden, *cap = case.split(":")
+    batch, hidden, cap = int(batch), int(hidden), int(cap[0]) if cap else 0
+    grain = 8 if dtype in ("f16", "bf16") else 4
+    assert p["optin"] == OPTIN
+    if not p["ok"]:
+        assert p["reason"] in (SHARED_MEMORY, OCCUPANCY), case
+        return
+    assert p["tf32"] == (dtype == "tf32"), case
+    assert p["smem_forward"] <= OPTIN and p["smem_backward"] <= OPTIN, case
+    assert p["units"] > 0 and p["units"] % grain == 0, case
+    assert p["blocks"] % p["cluster"] == 0, case
+    tiles = p["blocks"] // p["cluster"]
+    assert 1 <= p["tile_rows"] <= 64 and tiles * p["tile_rows"] >= batch > (tiles - 1) * p["tile_rows"], case
+    owners = -(-hidden // p["units"])  # blocks that own units
+    if kernel == "wide":
+        assert p["copies"] == 2 and p["resident"] == tiles and p["blocks"] <= SMS, case
+        assert owners == p["cluster"], case  # every block of a tile owns units
+    else:
+        assert p["cluster"] in (1, 2, 4, 8, 16) and (cap == 0 or p["cluster"] <= cap), case
+        # the smallest power of two of blocks that covers the units
+        assert owners <= p["cluster"] and (p["cluster"] == 1 or owners > p["cluster"] // 2), case
+        assert p["copies"] in (1, 2) and p["resident"] == resident(p["cluster"]), case
+
+
+def test_plan_invariants(plan):
+    """Every plan over cells x dtypes x exchanges x batches x hidden sizes x cluster caps: shared memory
+    within the device's, units whole chunks, tiles covering the batch, clusters covering the units."""
+    cases = [f"{cell}:{dtype}:{kernel}:{batch}:{hidden}" + (f":{cap}" if cap else "")
+             for cell, dtype, kernel, batch, hidden, cap in itertools.product(
+                 GATES, ("f16", "bf16", "f32", "tf32", "f64"), ("cluster", "async", "wide"),
+                 (1, 5, 16, 33, 64, 256), (8, 37, 256, 512, 768, 1024), (0, 1, 4))
+             if not (kernel == "wide" and cap)]
+    plans = plan(*cases)
+    for case, p in plans.items():
+        _check_invariants(case, p)
+    # the cluster kernels accept what issue 9 needs on one cluster, and decline beyond it
+    assert all(plans[f"{c}:{d}:cluster:16:256"]["ok"] for c in GATES for d in ("f16", "bf16", "f32", "tf32"))
+    assert not plans["lstm:f16:cluster:16:768"]["ok"] and plans["lstm:f16:wide:16:768"]["ok"]
+
+
+def test_documented_plans(plan):
+    """The plans docs/internals.md and bench/NOTES.md describe (under the model's GPCs where the
+    cluster count matters)."""
+    p = plan("lstm:f16:cluster:16:256", "lstm:f32:cluster:16:256", "lstm:f16:cluster:16:512",
+             "tanh:f16:cluster:16:256:1", "lstm:f16:cluster:16:256:4", "lstm:f16:wide:16:768",
+             "lstm:f16:wide:64:1024")
+    # B16 H256: 16 blocks of 16 units, two copies of the backward's exchanged buffers
+    assert (p["lstm:f16:cluster:16:256"]["cluster"], p["lstm:f16:cluster:16:256"]["units"]) == (16, 16)
+    assert p["lstm:f16:cluster:16:256"]["copies"] == 2 and p["lstm:f32:cluster:16:256"]["cluster"] == 16
+    # 16-bit LSTM H512 at B16 still fits with two copies (~220 of 227 KiB)
+    h512 = p["lstm:f16:cluster:16:512"]
+    assert h512["ok"] and h512["copies"] == 2 and 220 * 1024 <= h512["smem_backward"] <= OPTIN
+    # RNN-tanh float16 H256 in one block: forward ~182 KiB, backward ~221 KiB with one copy
+    one = p["tanh:f16:cluster:16:256:1"]
+    assert (one["cluster"], one["units"], one["copies"]) == (1, 256, 1)
+    assert 180 * 1024 < one["smem_forward"] < 185 * 1024 and 219 * 1024 < one["smem_backward"] < 222 * 1024
+    # LSTM float16 H256 on 4 blocks: ~170 / ~190 KiB
+    four = p["lstm:f16:cluster:16:256:4"]
+    assert (four["cluster"], four["units"]) == (4, 64)
+    assert 168 * 1024 < four["smem_forward"] < 172 * 1024 and 188 * 1024 < four["smem_backward"] < 192 * 1024
+    # wide: LSTM B16 H768 on 48 blocks of 16 units; B64 H1024 as 2 tiles of 32 rows x 64 blocks
+    assert (p["lstm:f16:wide:16:768"]["blocks"], p["lstm:f16:wide:16:768"]["units"]) == (48, 16)
+    wide = p["lstm:f16:wide:64:1024"]
+    assert (wide["blocks"], wide["cluster"], wide["tile_rows"]) == (128, 64, 32)
+
+
+@pytest.mark.parametrize("batch", [64, 128, 256])
+def test_large_batches_take_smaller_clusters_before_larger_tiles(plan, batch):
+    """Without a cap: 16-row tiles on the largest cluster with every tile's cluster resident (each block
+    holding more of W_hh), larger tiles only where none is. With RNNKERN_CLUSTER_BLOCKS (the cap), the
+    cluster size stays and the tiles grow until every cluster is resident."""
+    free, capped = f"lstm:f16:cluster:{batch}:256", f"lstm:f16:cluster:{batch}:256:16"
+    p = plan(free, capped)
+    tiles = batch // 16
+    sizes = [c for c in (16, 8, 4, 2, 1) if resident(c) >= tiles]
+    assert p[free]["ok"] and p[free]["tile_rows"] == 16 and p[free]["cluster"] == sizes[0]
+    assert p[free]["resident"] >= tiles
+    assert p[capped]["ok"] and p[capped]["cluster"] == 16
+    capped_tiles = p[capped]["blocks"] // 16
+    assert capped_tiles <= resident(16) and p[capped]["tile_rows"] == min(64, -(-batch // capped_tiles))
+    assert (p[capped]["tile_rows"] > 16) == (tiles > resident(16))
