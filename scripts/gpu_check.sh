@@ -2,6 +2,7 @@
 # One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
 # Writes under $OUT (or ./gpu-out): env.txt, build.log, sanitizer.log, bench.log, the benchmark JSON and
 # test-logs.tgz (the per-shard test logs, and the profiler reports of the optional "profile" stage).
+# Back here, scripts/collect_gpu_results.py <files_at of each call> files them under bench/results.
 # Uses the machine's python3 (torch + CUDA + triton there; nothing is installed except the wheels
 # carried in .whl/, e.g. expecttest for torch.library.opcheck).
 # Call it with RNNKERN_COMMIT=$(git rev-parse --short=12 HEAD) (the machine gets no .git) and carry

@@ -319,3 +319,44 @@ def test_step_trace_table_reads_the_tracer_output():
     assert "**forward**" in table and "**backward**" in table
     assert "| lstm:f16:async:16:256:512 | 16 (16, 16) | 1.235 | 1.200 | 0.125 [0.250] |" in table
     assert "Not timed: lstm:f32:wide:16:768:512 declined (reason 4); gru:f16:wide:16:256:512 skipped (--skip)." in table
+
+
+def test_collect_gpu_results(tmp_path):
+    """scripts/collect_gpu_results.py files two calls' $OUT folders under bench/results: the bench file
+    (named by device and commit, and as the latest), the figure, one log of the checks (every FAILED line
+    and sanitizer verdict kept) and the tables (µs per step, floors from the probe, the tracer's)."""
+    import io
+    import tarfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import collect_gpu_results
+
+    call1, call2, root = tmp_path / "call1", tmp_path / "call2", tmp_path / "repo"
+    call1.mkdir(), call2.mkdir()
+    (call1 / "env.txt").write_text("Thu Nov 26\ncommit 0123456789ab\nname\nNVIDIA H100 80GB HBM3, 580\n")
+    (call1 / "smoke.txt").write_text("smoke cluster: rc=0\ncluster lstm float16 ok\n")
+    (call1 / "probe.txt").write_text(PROBE_TEXT)
+    (call1 / "step_trace.md").write_text("| phase | us |\n")
+    (call1 / "build.log").write_text("\n".join(f"line {i}" for i in range(100)))
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, text in (("tests-gpu-0.log", "t::a PASSED\nt::b PASSED\nt::c FAILED\nFAILED t::c - boom\n= 1 failed =\n"),
+                           ("racecheck.status", "sanitizer racecheck: rc=0 :: RACECHECK SUMMARY: 0 hazards")):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (call1 / "test-logs.tgz").write_bytes(archive.getvalue())
+    doc = _synthetic_gpu_results()
+    doc["commit"] = "0123456789ab"
+    (call2 / "h100.json").write_text(json.dumps(doc))
+    written = collect_gpu_results.collect([call1, call2], out_root=root)
+    names = sorted(p.relative_to(root).as_posix() for p in written)
+    assert names == ["bench/results/h100-01234567.json", "bench/results/h100.json", "bench/results/h100.png",
+                     "bench/results/logs/h100-gpu-check-01234567.txt", "bench/results/logs/h100-tables-01234567.md"]
+    log = (root / "bench/results/logs/h100-gpu-check-01234567.txt").read_text()
+    assert "tests-gpu-0.log: 2 passed, 1 failed" in log and "FAILED t::c - boom" in log
+    assert "RACECHECK SUMMARY: 0 hazards" in log and "line 99" in log and "line 94" not in log
+    assert "===== bench.log =====\n(not brought back by this run)" in log
+    tables = (root / "bench/results/logs/h100-tables-01234567.md").read_text()
+    assert "| layer |" in tables and "Floor per step" in tables and "| phase | us |" in tables
