@@ -26,7 +26,7 @@ import importlib.util
 import itertools
 import sys
 import weakref
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -98,14 +98,18 @@ _keep_in_compiled_graphs(deliver_grad_norms._opoverload)
 
 
 class _ProbeSource(torch.autograd.Function):
-    """probe = zeros(shape) that is differentiable w.r.t. `anchor` (any tensor requiring grad), so
-    that the gradient autograd accumulates for the probe reaches this backward, which delivers it."""
+    """probe = zeros(shape) that is differentiable w.r.t. `anchors` (every tensor the module call
+    depends on that requires grad), so that the gradient autograd accumulates for the probe reaches
+    this backward, which delivers it. With every such tensor as an input, this node (and through the
+    probe every layer's backward) lies on the path to whichever of them a backward asks for
+    (torch.autograd.grad(..., inputs), backward(inputs=...)): autograd never prunes the delivery, and
+    the norms delivered are the whole stack's."""
 
     @staticmethod
-    def forward(ctx, anchor, batch_sizes, unsorted_indices, shape, token, has_cell_state):
-        ctx.token, ctx.has_cell_state = token, has_cell_state
+    def forward(ctx, batch_sizes, unsorted_indices, shape, token, has_cell_state, *anchors):
+        ctx.token, ctx.has_cell_state, ctx.anchors = token, has_cell_state, len(anchors)
         ctx.save_for_backward(batch_sizes, unsorted_indices)
-        return anchor.new_zeros(shape, dtype=torch.float32)
+        return anchors[0].new_zeros(shape, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad_probe):
@@ -115,15 +119,15 @@ class _ProbeSource(torch.autograd.Function):
             torch.ops.rnnkern.deliver_grad_norms(*args)
         else:  # eager: the op's body without its Python dispatch (tens of µs per backward)
             _deliver(*args)
-        return None, None, None, None, None, None
+        return (None,) * (5 + ctx.anchors)
 
 
-def norm_probe(anchor: Tensor, shape, batch_sizes: Tensor, unsorted_indices: Optional[Tensor],
+def norm_probe(anchors, shape, batch_sizes: Tensor, unsorted_indices: Optional[Tensor],
                token: int, has_cell_state: bool) -> Tensor:
     """The float32 probe [L, D, 2, N] whose gradient (the norms) goes to module ``token`` once per
-    backward. ``anchor`` must require grad (the probe's gradient only flows if it does)."""
-    return _ProbeSource.apply(anchor, batch_sizes, unsorted_indices, tuple(shape), token,
-                              has_cell_state)
+    backward. ``anchors``: the tensors the call depends on that require grad (at least one: the probe's
+    gradient only flows if one does)."""
+    return _ProbeSource.apply(batch_sizes, unsorted_indices, tuple(shape), token, has_cell_state, *anchors)
 
 
 # -- Dynamo: wrap rnnkern modules although they are torch.nn.RNN/GRU/LSTM instances -----------------
@@ -141,12 +145,28 @@ def _call_forward(module, input, hx):
     return module._forward(input, hx)
 
 
+def functorch_transforms() -> List[str]:
+    """The torch.func transforms the current call runs under, outermost first ("vmap", "grad" for grad,
+    vjp, jacrev..., "jvp" for jvp, jacfwd...; "functionalize"); [] outside them."""
+    if torch.compiler.is_compiling():
+        return []
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # a torch without torch.func's interpreter stack
+        return []
+    if peek_interpreter_stack() is None:
+        return []
+    return [interpreter.key().name.lower() for interpreter in retrieve_all_functorch_interpreters()]
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype):
     """rnnkern.backends.resolve (the Backend object to run). Under torch.compile the choice is made
     once per trace, outside the graph: it reads host-side facts, such as the compiled CUDA
     architectures, that Dynamo cannot trace."""
     from . import backends
 
+    backends.validate_name(name)  # (outside the constant below, so that an unknown name is a ValueError)
     return backends.get(_resolve_backend_name(name, device, dtype))
 
 
@@ -307,6 +327,8 @@ def autocast_plan(module, input, hx) -> Optional[AutocastPlan]:
     device_type = data.device.type
     if not torch.is_autocast_enabled(device_type):
         return None
+    if data.dtype == torch.float64:
+        return None  # autocast leaves float64 alone: torch.nn computes (or rejects) as without it
     low = torch.get_autocast_dtype(device_type)
     everything = _cast_all_dtype(module, device_type, packed, low)
     if everything is not None:

@@ -117,6 +117,7 @@ class _RnnkernMixin:
             # inside, so the kernels see one dtype; the casts are differentiable.
             with torch.autocast(autocast.device_type, enabled=False):
                 cast_input, cast_hx = autocast.cast_inputs(input, hx)
+                self._check_backend_under_autocast(cast_input, autocast.compute_dtype)
                 output, hidden = self._run(*self._parse(cast_input, cast_hx, autocast.compute_dtype))
             return autocast.cast_outputs(output, hidden)
         except _InvalidInput:
@@ -128,6 +129,15 @@ class _RnnkernMixin:
             raise RuntimeError(
                 f"rnnkern rejected an input that torch.nn.{self._torch_class.__name__} accepts; "
                 "please report this as a bug") from None
+
+    def _check_backend_under_autocast(self, input, dtype):
+        """An explicit backend that cannot run the dtype torch.autocast asks for: its error, saying so."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        try:
+            _compat.resolve_backend(self.backend, data.device, dtype)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error} (torch.autocast runs this call in {dtype}; backend=\"auto\" picks a "
+                               "backend that can)") from None
 
     def _promoted_cell_state(self, input, hx):
         """An LSTM's hx with c0 in the input's dtype where c0 alone is in a narrower floating dtype, for an
@@ -199,6 +209,19 @@ class _RnnkernMixin:
         return (input, packed, is_batched, data, batch_sizes, sorted_indices, unsorted_indices,
                 states[0], states[1] if is_lstm else None, params)
 
+    def _backend_under_transform(self, transform: str):
+        """The backend under torch.func's grad or jvp (and what is built on them: vjp, jacrev, jacfwd,
+        hessian): the reference backend, whose plain PyTorch ops have the formulas those transforms
+        compose; the fused kernels' derivatives are registered with autograd only (under jvp the op would
+        give a zero tangent). An explicit fused backend raises instead."""
+        name = _backends.validate_name(self.backend)
+        if name not in ("auto", "reference"):
+            raise RuntimeError(
+                f"rnnkern backend {name!r} cannot run under torch.func.{transform} (or the transforms built "
+                f"on it): its fused kernels' derivatives are registered with autograd only; use "
+                f"backend=\"reference\" (or \"auto\", which picks it there)")
+        return _backends.get("reference")
+
     def _layer_weights(self, params):
         names = self._flat_weights_names
         by_name = dict(zip(names, params))
@@ -216,17 +239,25 @@ class _RnnkernMixin:
              h0, c0, params):
         cell = _cells.from_mode(self.mode)
         clip = _check_clip(self.hidden_grad_clip)
-        backend = _compat.resolve_backend(self.backend, data.device, data.dtype)
+        transforms = _compat.functorch_transforms()
+        if self.record_grad_norms and transforms and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"record_grad_norms is not supported under torch.func.{transforms[-1]}: the norms are recorded "
+                f"by a backward through autograd (loss.backward() or torch.autograd.grad)")
+        differentiating = [t for t in transforms if t in ("grad", "jvp")]
+        if differentiating:
+            backend = self._backend_under_transform(differentiating[-1])
+        else:
+            backend = _compat.resolve_backend(self.backend, data.device, data.dtype)
         num_directions = 2 if self.bidirectional else 1
         probe = None
         if self.record_grad_norms and torch.is_grad_enabled():
             # The norms come back as the probe's gradient (see rnnkern/_compat.py); it can only flow
             # if something the stack depends on requires grad.
-            anchor = next((t for t in [data, h0, c0, *params] if t is not None and t.requires_grad),
-                          None)
-            if anchor is not None:
+            anchors = [t for t in [data, h0, c0, *params] if t is not None and t.requires_grad]
+            if anchors:
                 probe = _compat.norm_probe(
-                    anchor, (self.num_layers, num_directions, 2, data.shape[0]), batch_sizes,
+                    anchors, (self.num_layers, num_directions, 2, data.shape[0]), batch_sizes,
                     unsorted_indices, self._rnnkern_token, cell == _cells.LSTM)
         out, h_n, c_n = run_stack(
             cell, data.contiguous(), batch_sizes, h0.contiguous(),

@@ -308,6 +308,30 @@ def test_autocast_float64_input_raises_like_torch_nn():
     assert str(actual.value) == str(expected.value)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_autocast_leaves_float64_modules_alone_like_torch_nn(kind):
+    """Autocast casts no float64 tensor: a float64 module computes and returns float64, as torch.nn."""
+    ours_cls, ref_cls = KINDS[kind]
+    torch.manual_seed(3)
+    ref = ref_cls(3, 4, dtype=torch.float64)
+    ours = ours_cls(3, 4, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = _flat_outputs(ref(x)), _flat_outputs(ours(x))
+    for a, e in zip(actual, expected):
+        assert a.dtype == e.dtype == torch.float64
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_autocast_explicit_backend_without_the_dtype_says_so():
+    m = rnnkern.LSTM(3, 4, backend="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="cannot run on cpu tensors of dtype torch.bfloat16.*torch.autocast "
+                                               "runs this call in torch.bfloat16"):
+            m(torch.randn(5, 2, 3))
+
+
 def test_autocast_compiles_fullgraph():
     torch._dynamo.reset()
     torch.manual_seed(7)
@@ -567,6 +591,57 @@ def test_compile_unusable_backend_raises_with_the_reason():
     m.backend = "nope"
     with pytest.raises(Exception, match="unknown rnnkern backend 'nope'"):
         torch.compile(m, fullgraph=True, backend="aot_eager")(torch.randn(2, 1, 3))
+
+
+def test_compile_unknown_backend_is_a_value_error():
+    """Without fullgraph the error reaches the caller as in eager (Dynamo falls back for the frame)."""
+    torch._dynamo.reset()
+    m = rnnkern.GRU(3, 4)
+    m.backend = "bogus"
+    with pytest.raises(ValueError, match="unknown rnnkern backend 'bogus'; valid backends are: 'auto'"):
+        torch.compile(m, backend="aot_eager")(torch.randn(2, 1, 3))
+
+
+TRANSFORM_BACKENDS = ["auto", "reference"] + [b for b in ("cpu",) if b in rnnkern.backends()]
+
+
+@pytest.mark.parametrize("backend", TRANSFORM_BACKENDS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_torch_func_transforms(kind, backend):
+    """torch.func: jvp (forward mode) and grad (over functional_call's parameters) as torch.nn's where
+    the backend can (auto runs the reference backend's differentiable ops there); a fused backend asked
+    for explicitly raises (its derivatives are autograd's only: under jvp the op would otherwise give a
+    zero tangent); vmap runs every backend; norms cannot be recorded inside a transform."""
+    from torch.func import functional_call, grad, jvp
+
+    ours_cls, ref_cls = KINDS[kind]
+    torch.manual_seed(4)
+    ref = ref_cls(3, 4, num_layers=2, dtype=torch.float64)
+    ours = ours_cls(3, 4, num_layers=2, dtype=torch.float64, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x, v = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 3, dtype=torch.float64)
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    batched = torch.vmap(lambda t: ours(t)[0])(xs)
+    torch.testing.assert_close(batched, torch.stack([ref(t)[0] for t in xs]), rtol=1e-10, atol=1e-10)
+
+    def loss(module):
+        return lambda params: functional_call(module, params, (x,))[0].pow(2).sum()
+
+    if backend not in ("auto", "reference"):
+        with pytest.raises(RuntimeError, match=f"rnnkern backend '{backend}' cannot run under torch.func.jvp"):
+            jvp(lambda t: ours(t)[0], (x,), (v,))
+        with pytest.raises(RuntimeError, match=f"rnnkern backend '{backend}' cannot run under torch.func.grad"):
+            grad(loss(ours))(dict(ours.named_parameters()))
+        return
+    tangent = jvp(lambda t: ours(t)[0], (x,), (v,))[1]
+    torch.testing.assert_close(tangent, jvp(lambda t: ref(t)[0], (x,), (v,))[1], rtol=1e-10, atol=1e-10)
+    assert tangent.abs().max() > 0
+    got, want = grad(loss(ours))(dict(ours.named_parameters())), grad(loss(ref))(dict(ref.named_parameters()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-10)
+    ours.record_grad_norms = True
+    with pytest.raises(RuntimeError, match="record_grad_norms is not supported under torch.func.grad"):
+        grad(loss(ours))(dict(ours.named_parameters()))
 
 
 @pytest.mark.parametrize("how", ["padded", "packed", "hx_float32"])

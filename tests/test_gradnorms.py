@@ -116,6 +116,31 @@ def test_norms_off_by_default_and_hooks():
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
+def test_norms_delivered_whatever_inputs_a_backward_asks_for(backend):
+    """A backward that asks autograd for some inputs only (torch.autograd.grad(..., inputs), or
+    backward(inputs=...)) still delivers the latest norms, of the whole stack: the same as a full
+    backward's."""
+    torch.manual_seed(5)
+    m = rnnkern.LSTM(3, 4, num_layers=2, backend=backend, record_grad_norms=True)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    h0, c0 = torch.randn(2, 2, 4, requires_grad=True), torch.randn(2, 2, 4)
+    out, _ = m(x, (h0, c0))
+    (out * out).sum().backward(retain_graph=True)
+    full = m.grad_norms
+    for ask in ([m.weight_hh_l1], [h0], [m.weight_ih_l0]):
+        m.grad_norms = None
+        torch.autograd.grad((out * out).sum(), ask, retain_graph=True)
+        assert m.grad_norms is not None and m.grad_norms is not full
+        for name in ("h_per_sample", "c_per_sample"):
+            torch.testing.assert_close(getattr(m.grad_norms, name), getattr(full, name))
+    previous = m.grad_norms
+    out, _ = m(10 * x, (h0, c0))
+    (out * out).sum().backward(inputs=[m.weight_hh_l1])
+    assert m.grad_norms is not previous
+    assert not torch.allclose(m.grad_norms.h_per_sample, previous.h_per_sample)
+
+
 def test_unbatched_norms_have_batch_one():
     m = rnnkern.LSTM(3, 4, backend="reference", record_grad_norms=True, bidirectional=True)
     out, _ = m(torch.randn(6, 3))

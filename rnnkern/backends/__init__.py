@@ -62,12 +62,23 @@ def names() -> List[str]:
     return list(_MODULES)
 
 
+def _unknown(name) -> ValueError:
+    return ValueError(f"unknown rnnkern backend {name!r}; valid backends are: "
+                      + ", ".join(repr(n) for n in ["auto"] + names()))
+
+
+def validate_name(name: str) -> str:
+    """ValueError naming the valid ones for a name that is neither "auto" nor a backend's (no import:
+    plain Python that torch.compile traces, so the error reaches the caller as a ValueError there too)."""
+    if name != "auto" and name not in _MODULES:
+        raise _unknown(name)
+    return name
+
+
 def get(name: str) -> Backend:
     """The backend object for a name; ValueError naming the valid ones for an unknown name."""
     if name not in _MODULES:
-        raise ValueError(
-            f"unknown rnnkern backend {name!r}; valid backends are: "
-            + ", ".join(repr(n) for n in ["auto"] + names()))
+        raise _unknown(name)
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
