@@ -12,6 +12,6 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$cuda/bin/nvcc" -std=c++20 -O1 $defines --expt-relaxed-constexpr -gencode=arch=compute_90,code=sm_90 \
   -Icsrc/include -Icsrc/cuda -c csrc/cuda/persistent_cluster.cu -o "$tmp/planner.o"
-${CXX:-g++} -std=c++20 -O1 $defines -x c++ -I"$cuda/include" -Icsrc/include -Icsrc/cuda -c scripts/plan_model.cu \
+${CXX:-g++} -std=c++20 -O1 $defines -x c++ -I"$cuda/include" -Icsrc/include -Icsrc/cuda -Iscripts -c scripts/plan_model.cu \
   -o "$tmp/model.o"
 ${CXX:-g++} "$tmp/model.o" "$tmp/planner.o" -L"$cuda/lib64" -lcudart -Wl,-rpath,"$cuda/lib64" -o "$out"

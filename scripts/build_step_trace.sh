@@ -8,7 +8,7 @@
 #   bash scripts/build_step_trace.sh --digest    # print the sources' digest
 set -eu
 step_trace_sources() {
-  cat scripts/step_trace.cu scripts/cuda_check.h scripts/build_step_trace.sh csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h \
+  cat scripts/step_trace.cu scripts/cuda_check.h scripts/layer_case.h scripts/build_step_trace.sh csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h \
     csrc/include/rnnkern/*.h | sha256sum | cut -c1-16
 }
 if [ "${1:-}" = "--digest" ]; then step_trace_sources; exit 0; fi

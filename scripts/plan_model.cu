@@ -10,9 +10,8 @@
 //     measured; the planner's logic, not the device's exact numbers, is what is checked.
 // This file is plain C++ (compiled as such: the runtime's device-side declarations would clash with the
 // definitions below), linked with the planner compiled by nvcc (scripts/build_plan_model.sh).
-//   ./plan_model lstm:f16:cluster:256:256[:max_cluster] ...   # CELL:DTYPE:KERNEL:B:H[:N]
-// CELL lstm|gru|tanh|relu, DTYPE f16|bf16|f32|tf32|f64, KERNEL cluster|async|wide. One line per case:
-// the plan's fields as key=value.
+//   ./plan_model lstm:f16:cluster:256:256 tanh:f16:cluster/1:16:256 ...   # scripts/layer_case.h
+// One line per case: the plan's fields as key=value.
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -21,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "layer_case.h"
 #include "persistent.h"
 
 using namespace rnnkern;
@@ -134,56 +134,14 @@ cudaError_t CUDARTAPI cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*
 
 }  // extern "C"
 
-namespace {
-
-bool parse(const std::string& text, Cell& cell, DType& dtype, bool& tf32, Exchange& exchange, int64_t& batch,
-           int64_t& hidden, int& max_cluster) {
-  std::vector<std::string> f;
-  size_t start = 0;
-  while (true) {
-    const size_t colon = text.find(':', start);
-    f.push_back(text.substr(start, colon - start));
-    if (colon == std::string::npos) break;
-    start = colon + 1;
-  }
-  if (f.size() < 5 || f.size() > 6) return false;
-  if (f[0] == "lstm") cell = Cell::LSTM;
-  else if (f[0] == "gru") cell = Cell::GRU;
-  else if (f[0] == "tanh") cell = Cell::RNN_TANH;
-  else if (f[0] == "relu") cell = Cell::RNN_RELU;
-  else return false;
-  tf32 = false;
-  if (f[1] == "f16") dtype = DType::F16;
-  else if (f[1] == "bf16") dtype = DType::BF16;
-  else if (f[1] == "f32") dtype = DType::F32;
-  else if (f[1] == "tf32") { dtype = DType::F32; tf32 = true; }
-  else if (f[1] == "f64") dtype = DType::F64;
-  else return false;
-  if (f[2] == "cluster") exchange = Exchange::ClusterBarrier;
-  else if (f[2] == "async") exchange = Exchange::ClusterAsync;
-  else if (f[2] == "wide") exchange = Exchange::Grid;
-  else return false;
-  batch = std::atoll(f[3].c_str());
-  hidden = std::atoll(f[4].c_str());
-  max_cluster = f.size() > 5 ? std::atoi(f[5].c_str()) : 0;
-  return true;
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
-    Cell cell;
-    DType dtype;
-    bool tf32;
-    Exchange exchange;
-    int64_t batch, hidden;
-    int max_cluster;
-    if (!parse(argv[i], cell, dtype, tf32, exchange, batch, hidden, max_cluster)) {
-      std::fprintf(stderr, "bad case %s (CELL:DTYPE:KERNEL:B:H[:N])\n", argv[i]);
+    LayerCase c;
+    if (!parse_layer_case(argv[i], c)) {
+      std::fprintf(stderr, "bad case %s (CELL:DTYPE:KERNEL[/N]:B:H)\n", argv[i]);
       return 2;
     }
-    const Plan p = make_cluster_plan(cell, dtype, batch, hidden, false, 0, exchange, tf32, max_cluster);
+    const Plan p = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32, c.max_cluster);
     std::printf("%s ok=%d reason=%d cluster=%d blocks=%d units=%d tile_rows=%d resident=%d copies=%d tf32=%d "
                 "smem_forward=%zu smem_backward=%zu optin=%zu\n",
                 argv[i], p.ok ? 1 : 0, static_cast<int>(p.reason), p.cluster, p.blocks, p.units, p.tile_rows,

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cuda_check.h"
+#include "layer_case.h"
 #include "persistent.h"
 #include "persistent_common.cuh"
 #include "step_trace.cuh"
@@ -41,56 +42,6 @@ namespace {
 // The phases' names (the marks in persistent_cluster_kernels.cuh).
 const char* const kForwardPhases[kTracePhases] = {"h_in", "product", "cell0", "cells", "sends", "barrier"};
 const char* const kBackwardPhases[kTracePhases] = {"A:g", "g2", "B:cells", "C:prod+send", "exchange", "D:sum"};
-
-struct Case {
-  Cell cell = Cell::LSTM;
-  DType dtype = DType::F16;
-  bool tf32 = false;
-  Exchange exchange = Exchange::ClusterBarrier;
-  int max_cluster = 0;  // blocks a cluster may have at most (0: the plan's default, RNNKERN_CLUSTER_BLOCKS unset)
-  int64_t batch = 16, hidden = 256, steps = 512;
-  double clip = 0.0;
-  std::string label;
-};
-
-bool parse(const std::string& text, Case& c) {
-  std::vector<std::string> f;
-  size_t start = 0;
-  while (true) {
-    const size_t colon = text.find(':', start);
-    f.push_back(text.substr(start, colon - start));
-    if (colon == std::string::npos) break;
-    start = colon + 1;
-  }
-  if (f.size() < 5 || f.size() > 7) return false;
-  c.label = text;
-  if (f[0] == "lstm") c.cell = Cell::LSTM;
-  else if (f[0] == "gru") c.cell = Cell::GRU;
-  else if (f[0] == "tanh") c.cell = Cell::RNN_TANH;
-  else if (f[0] == "relu") c.cell = Cell::RNN_RELU;
-  else return false;
-  if (f[1] == "f16") c.dtype = DType::F16;
-  else if (f[1] == "bf16") c.dtype = DType::BF16;
-  else if (f[1] == "f32") c.dtype = DType::F32;
-  else if (f[1] == "tf32") { c.dtype = DType::F32; c.tf32 = true; }
-  else if (f[1] == "f64") c.dtype = DType::F64;
-  else return false;
-  const size_t slash = f[2].find('/');
-  const std::string kernel = f[2].substr(0, slash);
-  if (slash != std::string::npos) {
-    c.max_cluster = std::atoi(f[2].c_str() + slash + 1);
-    if (c.max_cluster < 1 || c.max_cluster > 16 || (c.max_cluster & (c.max_cluster - 1)) != 0) return false;
-  }
-  if (kernel == "cluster") c.exchange = Exchange::ClusterBarrier;
-  else if (kernel == "async" || kernel == "cluster-async") c.exchange = Exchange::ClusterAsync;
-  else if (kernel == "wide") c.exchange = Exchange::Grid;
-  else return false;
-  c.batch = std::atoll(f[3].c_str());
-  c.hidden = std::atoll(f[4].c_str());
-  if (f.size() > 5) c.steps = std::atoll(f[5].c_str());
-  if (f.size() > 6) c.clip = std::atof(f[6].c_str());
-  return c.batch > 0 && c.hidden > 0 && c.steps > 0;
-}
 
 // Uniform values in [-scale, scale) of `dtype`, from a hash of the index (no curand).
 __global__ void fill_kernel(void* p, int64_t n, DType dtype, float scale, uint32_t seed) {
@@ -156,7 +107,7 @@ float time_launches(Launch launch, unsigned long long* trace, size_t trace_bytes
 }
 
 // One line: the launch's us per step, then each phase's us per step over the blocks (mean [max]).
-void report(const char* pass, const Case& c, const Plan& plan, float ms, const unsigned long long* slots,
+void report(const char* pass, const LayerCase& c, const Plan& plan, float ms, const unsigned long long* slots,
             const char* const* names) {
   double mean[kTracePhases] = {}, worst[kTracePhases] = {}, prologue = 0.0, loop = 0.0, ghz_sum = 0.0;
   int counted = 0;
@@ -188,7 +139,7 @@ void report(const char* pass, const Case& c, const Plan& plan, float ms, const u
 
 // The fields the forward and backward arguments share; `geometry`: [2][T] sizes, then offsets.
 template <typename Args>
-void set_layer(Args& a, const Case& c, const int64_t* geometry) {
+void set_layer(Args& a, const LayerCase& c, const int64_t* geometry) {
   a.cell = c.cell;
   a.dtype = c.dtype;
   a.steps = c.steps;
@@ -198,7 +149,7 @@ void set_layer(Args& a, const Case& c, const int64_t* geometry) {
   a.offsets = geometry + c.steps;
 }
 
-void run_case(const Case& c) {
+void run_case(const LayerCase& c) {
   const Plan plan = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32, c.max_cluster);
   if (!plan.ok) {
     std::printf("%-28s declined (reason %d)\n", c.label.c_str(), static_cast<int>(plan.reason));
@@ -302,8 +253,8 @@ int main(int argc, char** argv) {
   for (int k = 1; k < kTracePhases; ++k) std::printf(",%s", kBackwardPhases[k]);
   std::printf("\n");
   for (const std::string& text : cases) {
-    Case c;
-    if (!parse(text, c)) {
+    LayerCase c;
+    if (!parse_layer_case(text, c)) {
       std::printf("bad case '%s' (CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]])\n", text.c_str());
       return 2;
     }

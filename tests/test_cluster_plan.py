@@ -49,8 +49,9 @@ def plan(tmp_path_factory):
 
 
 def _check_invariants(case, p):
-    cell, dtype, kernel, batch, hidden, *cap = case.split(":")
-    batch, hidden, cap = int(batch), int(hidden), int(cap[0]) if cap else 0
+    cell, dtype, kernel, batch, hidden = case.split(":")
+    kernel, _, cap = kernel.partition("/")
+    batch, hidden, cap = int(batch), int(hidden), int(cap or 0)
     grain = 8 if dtype in ("f16", "bf16") else 4
     assert p["optin"] == OPTIN
     if not p["ok"]:
@@ -76,7 +77,7 @@ def _check_invariants(case, p):
 def test_plan_invariants(plan):
     """Every plan over cells x dtypes x exchanges x batches x hidden sizes x cluster caps: shared memory
     within the device's, units whole chunks, tiles covering the batch, clusters covering the units."""
-    cases = [f"{cell}:{dtype}:{kernel}:{batch}:{hidden}" + (f":{cap}" if cap else "")
+    cases = [f"{cell}:{dtype}:{kernel}" + (f"/{cap}" if cap else "") + f":{batch}:{hidden}"
              for cell, dtype, kernel, batch, hidden, cap in itertools.product(
                  GATES, ("f16", "bf16", "f32", "tf32", "f64"), ("cluster", "async", "wide"),
                  (1, 5, 16, 33, 64, 256), (8, 37, 256, 512, 768, 1024), (0, 1, 4))
@@ -93,7 +94,7 @@ def test_documented_plans(plan):
     """The plans docs/internals.md and bench/NOTES.md describe (under the model's GPCs where the
     cluster count matters)."""
     p = plan("lstm:f16:cluster:16:256", "lstm:f32:cluster:16:256", "lstm:f16:cluster:16:512",
-             "tanh:f16:cluster:16:256:1", "lstm:f16:cluster:16:256:4", "lstm:f16:wide:16:768",
+             "tanh:f16:cluster/1:16:256", "lstm:f16:cluster/4:16:256", "lstm:f16:wide:16:768",
              "lstm:f16:wide:64:1024")
     # B16 H256: 16 blocks of 16 units, two copies of the backward's exchanged buffers
     assert (p["lstm:f16:cluster:16:256"]["cluster"], p["lstm:f16:cluster:16:256"]["units"]) == (16, 16)
@@ -102,11 +103,11 @@ def test_documented_plans(plan):
     h512 = p["lstm:f16:cluster:16:512"]
     assert h512["ok"] and h512["copies"] == 2 and 220 * 1024 <= h512["smem_backward"] <= OPTIN
     # RNN-tanh float16 H256 in one block: forward ~182 KiB, backward ~221 KiB with one copy
-    one = p["tanh:f16:cluster:16:256:1"]
+    one = p["tanh:f16:cluster/1:16:256"]
     assert (one["cluster"], one["units"], one["copies"]) == (1, 256, 1)
     assert 180 * 1024 < one["smem_forward"] < 185 * 1024 and 219 * 1024 < one["smem_backward"] < 222 * 1024
     # LSTM float16 H256 on 4 blocks: ~170 / ~190 KiB
-    four = p["lstm:f16:cluster:16:256:4"]
+    four = p["lstm:f16:cluster/4:16:256"]
     assert (four["cluster"], four["units"]) == (4, 64)
     assert 168 * 1024 < four["smem_forward"] < 172 * 1024 and 188 * 1024 < four["smem_backward"] < 192 * 1024
     # wide: LSTM B16 H768 on 48 blocks of 16 units; B64 H1024 as 2 tiles of 32 rows x 64 blocks
@@ -120,7 +121,7 @@ def test_large_batches_take_smaller_clusters_before_larger_tiles(plan, batch):
     """Without a cap: 16-row tiles on the largest cluster with every tile's cluster resident (each block
     holding more of W_hh), larger tiles only where none is. With RNNKERN_CLUSTER_BLOCKS (the cap), the
     cluster size stays and the tiles grow until every cluster is resident."""
-    free, capped = f"lstm:f16:cluster:{batch}:256", f"lstm:f16:cluster:{batch}:256:16"
+    free, capped = f"lstm:f16:cluster:{batch}:256", f"lstm:f16:cluster/16:{batch}:256"
     p = plan(free, capped)
     tiles = batch // 16
     sizes = [c for c in (16, 8, 4, 2, 1) if resident(c) >= tiles]

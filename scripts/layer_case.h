@@ -1,0 +1,68 @@
+// A layer case of the standalone programs (step_trace.cu, plan_model.cu), from the command line:
+// CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]] — CELL lstm|gru|tanh|relu, DTYPE f16|bf16|f32|tf32|f64, KERNEL
+// cluster|async (or cluster-async)|wide, /N clusters of at most N blocks (RNNKERN_CLUSTER_BLOCKS), T the
+// steps, clip > 0 hidden_grad_clip. Plain C++ (the host compiler builds plan_model.cu).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "persistent.h"
+
+namespace rnnkern {
+namespace persistent {
+
+struct LayerCase {
+  Cell cell = Cell::LSTM;
+  DType dtype = DType::F16;
+  bool tf32 = false;
+  Exchange exchange = Exchange::ClusterBarrier;
+  int max_cluster = 0;  // blocks a cluster may have at most (0: the plan's default, RNNKERN_CLUSTER_BLOCKS unset)
+  int64_t batch = 16, hidden = 256, steps = 512;
+  double clip = 0.0;
+  std::string label;
+};
+
+inline bool parse_layer_case(const std::string& text, LayerCase& c) {
+  std::vector<std::string> f;
+  size_t start = 0;
+  while (true) {
+    const size_t colon = text.find(':', start);
+    f.push_back(text.substr(start, colon - start));
+    if (colon == std::string::npos) break;
+    start = colon + 1;
+  }
+  if (f.size() < 5 || f.size() > 7) return false;
+  c.label = text;
+  if (f[0] == "lstm") c.cell = Cell::LSTM;
+  else if (f[0] == "gru") c.cell = Cell::GRU;
+  else if (f[0] == "tanh") c.cell = Cell::RNN_TANH;
+  else if (f[0] == "relu") c.cell = Cell::RNN_RELU;
+  else return false;
+  if (f[1] == "f16") c.dtype = DType::F16;
+  else if (f[1] == "bf16") c.dtype = DType::BF16;
+  else if (f[1] == "f32") c.dtype = DType::F32;
+  else if (f[1] == "tf32") { c.dtype = DType::F32; c.tf32 = true; }
+  else if (f[1] == "f64") c.dtype = DType::F64;
+  else return false;
+  const size_t slash = f[2].find('/');
+  const std::string kernel = f[2].substr(0, slash);
+  if (slash != std::string::npos) {
+    c.max_cluster = std::atoi(f[2].c_str() + slash + 1);
+    if (c.max_cluster < 1 || c.max_cluster > 16 || (c.max_cluster & (c.max_cluster - 1)) != 0) return false;
+  }
+  if (kernel == "cluster") c.exchange = Exchange::ClusterBarrier;
+  else if (kernel == "async" || kernel == "cluster-async") c.exchange = Exchange::ClusterAsync;
+  else if (kernel == "wide") c.exchange = Exchange::Grid;
+  else return false;
+  c.batch = std::atoll(f[3].c_str());
+  c.hidden = std::atoll(f[4].c_str());
+  if (f.size() > 5) c.steps = std::atoll(f[5].c_str());
+  if (f.size() > 6) c.clip = std::atof(f[6].c_str());
+  return c.batch > 0 && c.hidden > 0 && c.steps > 0;
+}
+
+}  // namespace persistent
+}  // namespace rnnkern
