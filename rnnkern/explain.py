@@ -53,14 +53,19 @@ def _heuristic_reason(batch, gates, units, hidden, limit) -> str:
 
 def explain(module, input, hx=None) -> str:
     """A few lines saying which backend runs ``module(input, hx)`` and, on CUDA, which recurrence
-    kernel (persistent or per-step) runs each layer, and why. Nothing is computed."""
-    parsed = module._parse(input, hx)
+    kernel (persistent or per-step) runs each layer, and why. The input is checked as the module's
+    forward checks it (torch.nn's exception for input it rejects); nothing is computed."""
+    if not hasattr(module, "_prepare"):
+        raise TypeError(f"rnnkern.explain takes an rnnkern module (rnnkern.LSTM, GRU or RNN, or one that "
+                        f"rnnkern.convert made), not {type(module).__name__}")
+    autocast, parsed = module._prepare(input, hx)
     data = parsed[3]
     requested = _backends.check_name(module.backend)
     backend = _backends.resolve(requested, data.device, data.dtype)
     lines = [f"{type(module).__name__}: backend {backend.name!r}"
              + (" (chosen by auto)" if requested == "auto" else " (requested)")
-             + f" for {data.device.type} {str(data.dtype)[6:]} input"]
+             + f" for {data.device.type} {str(data.dtype)[6:]} input"
+             + (f" (torch.autocast runs this call in {str(autocast.compute_dtype)[6:]})" if autocast else "")]
     if requested == "auto":
         for name in _backends._AUTO_ORDER.get(data.device.type, []):
             if name == backend.name:

@@ -14,7 +14,6 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cells
@@ -69,7 +68,7 @@ def layer_wavefront_steps(rows: Tensor, num_layers: int, num_directions: int, dr
         steps = int(value)
     except ValueError:
         raise ValueError(f"RNNKERN_LAYER_WAVEFRONT must be a number of steps (0: off), not {value!r}") from None
-    if (steps <= 0 or num_directions != 1 or num_layers < 2 or (dropout > 0 and training)
+    if (steps <= 0 or num_directions != 1 or num_layers < 2 or (dropout != 0 and training)
             or torch.compiler.is_compiling()):
         return 0
     return steps
@@ -222,8 +221,9 @@ def run_stack(
         h_n += [hn for _, hn, _ in results]
         c_n += [cn for _, _, cn in results]
         x = outs[0] if num_directions == 1 else torch.cat(outs, dim=1)
-        if dropout > 0 and training and layer < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
+        if dropout != 0 and training and layer < num_layers - 1:
+            # ATen's op, as torch.nn's RNNs apply it (the same masks; its RuntimeError for p outside [0, 1])
+            x = torch.dropout(x, dropout, True)
     h_stack = torch.stack(h_n, 0)
     c_stack = torch.stack(c_n, 0) if cell == _cells.LSTM else None
     return x, h_stack, c_stack

@@ -32,9 +32,13 @@ class _InvalidInput(Exception):
     """Raised by our checks; the module then lets torch.nn raise its own exception."""
 
 
-def _require(condition: bool) -> None:
+class _InconsistentModule(_InvalidInput):
+    """The module's parameters do not match its attributes (changed after it was built)."""
+
+
+def _require(condition: bool, error=_InvalidInput) -> None:
     if not condition:
-        raise _InvalidInput()
+        raise error()
 
 
 def _check_clip(value) -> float:
@@ -44,6 +48,29 @@ def _check_clip(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"hidden_grad_clip must be a positive number or None, got {value!r}")
     return float(value)
+
+
+def _parameter_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional, proj_size):
+    """[(name, shape)] of the parameters torch.nn gives a module of this configuration, in order."""
+    gate_rows = {"LSTM": 4, "GRU": 3}.get(mode, 1) * hidden_size
+    real_hidden = proj_size if proj_size > 0 else hidden_size
+    directions = 2 if bidirectional else 1
+    shapes = []
+    for layer in range(num_layers):
+        layer_input = input_size if layer == 0 else real_hidden * directions
+        for direction in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+            shapes += [(f"weight_ih{suffix}", torch.Size((gate_rows, layer_input))),
+                       (f"weight_hh{suffix}", torch.Size((gate_rows, real_hidden)))]
+            if bias:
+                shapes += [(f"bias_ih{suffix}", torch.Size((gate_rows,))),
+                           (f"bias_hh{suffix}", torch.Size((gate_rows,)))]
+            if proj_size > 0:
+                shapes.append((f"weight_hr{suffix}", torch.Size((proj_size, hidden_size))))
+    return shapes
+
+
+_expected_parameters = {}  # _parameter_shapes by configuration
 
 
 class _RnnkernMixin:
@@ -108,27 +135,58 @@ class _RnnkernMixin:
         return self._forward(input, hx)
 
     def _forward(self, input, hx):
-        self._update_flat_weights()
+        autocast, parsed = self._prepare(input, hx)
+        if autocast is None:
+            return self._run(*parsed)
+        # torch.autocast: run in the dtype torch.nn would (rnnkern/_compat.py) with autocast off inside,
+        # so the kernels see one dtype; the casts are differentiable.
+        with torch.autocast(autocast.device_type, enabled=False):
+            output, hidden = self._run(*parsed)
+        return autocast.cast_outputs(output, hidden)
+
+    def _prepare(self, input, hx, refresh=True):
+        """(the AutocastPlan of this call or None, the parsed call for _run): forward's checks, without
+        running it. Input torch.nn rejects raises torch.nn's own exception; an LSTM's narrower c0 is
+        promoted as torch.nn promotes it. refresh: re-read the weights first (as torch.nn does once per
+        call: a parametrized weight is evaluated there, e.g. spectral_norm's power iteration)."""
+        if refresh:
+            self._update_flat_weights()
         try:
             autocast = _compat.autocast_plan(self, input, hx)
             if autocast is None:
-                return self._run(*self._parse(input, hx))
-            # torch.autocast: run in the dtype torch.nn would (rnnkern/_compat.py) with autocast off
-            # inside, so the kernels see one dtype; the casts are differentiable.
+                return None, self._parse(input, hx)
             with torch.autocast(autocast.device_type, enabled=False):
                 cast_input, cast_hx = autocast.cast_inputs(input, hx)
                 self._check_backend_under_autocast(cast_input, autocast.compute_dtype)
-                output, hidden = self._run(*self._parse(cast_input, cast_hx, autocast.compute_dtype))
-            return autocast.cast_outputs(output, hidden)
-        except _InvalidInput:
+                return autocast, self._parse(cast_input, cast_hx, autocast.compute_dtype)
+        except _InvalidInput as invalid:
             # torch.nn raises its own exception (type and message) for this input.
             self._torch_class.forward(self, input, hx)
+            if isinstance(invalid, _InconsistentModule):
+                raise RuntimeError(
+                    f"rnnkern: the parameters of this {self._torch_class.__name__} do not match its configuration "
+                    f"(num_layers, bidirectional, bias, input_size, hidden_size or proj_size changed after it "
+                    f"was built, or a parameter replaced by one of another shape); torch.nn computes with them "
+                    f"regardless, rnnkern does not: build the module anew") from None
             promoted = self._promoted_cell_state(input, hx)
             if promoted is not None:
-                return self._forward(input, promoted)
+                return self._prepare(input, promoted, refresh=False)
             raise RuntimeError(
                 f"rnnkern rejected an input that torch.nn.{self._torch_class.__name__} accepts; "
                 "please report this as a bug") from None
+
+    def _check_parameters(self, params):
+        """_InconsistentModule unless the parameters are those of the module's configuration: the names
+        and shapes torch.nn gives a module built with its current attributes."""
+        config = (self.mode, self.input_size, self.hidden_size, self.num_layers, self.bias, self.bidirectional,
+                  self.proj_size)
+        expected = _expected_parameters.get(config)
+        if expected is None:
+            expected = _expected_parameters[config] = _parameter_shapes(*config)
+        names = self._flat_weights_names
+        _require(len(names) == len(expected) and all(
+            name == want and isinstance(p, Tensor) and p.shape == shape
+            for name, p, (want, shape) in zip(names, params, expected)), _InconsistentModule)
 
     def _check_backend_under_autocast(self, input, dtype):
         """An explicit backend that cannot run the dtype torch.autocast asks for: its error, saying so."""
@@ -179,7 +237,10 @@ class _RnnkernMixin:
             batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
         _require(data.is_floating_point())
         _require(data.shape[1] == self.input_size)
-        params = [getattr(self, name) for name in self._flat_weights_names]
+        # The weights as _update_flat_weights read them (reading them again would evaluate a
+        # parametrized weight once more than torch.nn does).
+        params = list(self._flat_weights)
+        self._check_parameters(params)
         if weight_dtype is not None:
             params = [_compat._cast(p, weight_dtype) for p in params]
         _require(all(p.dtype == data.dtype and p.device == data.device for p in params))

@@ -252,6 +252,82 @@ def test_explain_names_the_backend_and_why():
         rnnkern.explain(m, x)
 
 
+def test_explain_checks_the_input_as_forward_does():
+    """explain raises torch.nn's exception for input the module rejects, accepts what it accepts (an
+    LSTM's narrower c0, promoted), says what torch.autocast changes, and names what it takes."""
+    m = rnnkern.LSTM(5, 7)
+    for x in (torch.randn(4, 3, 6), torch.randn(4, 3, 5, dtype=torch.float64), torch.randn(5)):
+        with pytest.raises(Exception) as expected:
+            torch.nn.LSTM(5, 7)(x)
+        with pytest.raises(type(expected.value)) as actual:
+            rnnkern.explain(m, x)
+        assert str(actual.value) == str(expected.value)
+    m64 = rnnkern.LSTM(5, 7).double()
+    x64 = torch.randn(4, 3, 5, dtype=torch.float64)
+    assert "float64 input" in rnnkern.explain(m64, x64, (torch.zeros(1, 3, 7, dtype=torch.float64),
+                                                          torch.zeros(1, 3, 7)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "torch.autocast runs this call in bfloat16" in rnnkern.explain(m, torch.randn(4, 3, 5))
+    with pytest.raises(TypeError, match="takes an rnnkern module"):
+        rnnkern.explain(torch.nn.GRU(3, 4), torch.randn(2, 1, 3))
+
+
+CHANGED_ATTRIBUTES = [("dropout", -0.1), ("dropout", 1.5), ("num_layers", 3), ("num_layers", 1),
+                      ("bias", False), ("bidirectional", True), ("hidden_size", 6), ("input_size", 4)]
+
+
+@pytest.mark.parametrize("attribute,value", CHANGED_ATTRIBUTES)
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_attributes_changed_after_construction(kind, attribute, value):
+    """torch.nn's exception where it raises; where it computes with parameters that no longer match
+    the module's attributes (some LSTM cases), rnnkern raises a clear error instead of guessing."""
+    ref, ours = _pair(kind, dropout=0.2)
+    setattr(ref, attribute, value)
+    setattr(ours, attribute, value)
+    x = torch.randn(4, 2, 3)
+    try:
+        ref(x)
+    except Exception as error:
+        with pytest.raises(type(error)) as actual:
+            ours(x)
+        assert str(actual.value) == str(error)
+    else:
+        with pytest.raises(RuntimeError, match="do not match its configuration"):
+            ours(x)
+
+
+def test_parametrized_weights_are_evaluated_as_often_as_in_torch_nn():
+    """A parametrization runs as many times per forward as in torch.nn: spectral_norm's power iteration
+    then advances alike, and the results stay equal call after call."""
+    torch.manual_seed(6)
+    ref = torch.nn.GRU(3, 4)
+    ours = rnnkern.GRU(3, 4, backend="reference")
+    ours.load_state_dict(ref.state_dict())
+    for m in (ref, ours):
+        torch.manual_seed(7)
+        torch.nn.utils.parametrizations.spectral_norm(m, "weight_hh_l0")
+    x = torch.randn(5, 2, 3)
+    for _ in range(3):
+        torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.parametrizations.weight_hh_l0[0]._u, ref.parametrizations.weight_hh_l0[0]._u)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
+def test_bias_changed_in_place_before_backward_as_torch_nn(backend):
+    """The backward does not read b_hh (its gradient is the gate gradients' sum), so an in-place change
+    between forward and backward is no error: the gradients are the forward's, as in torch.nn."""
+    ref, ours = _pair("GRU")
+    ours.backend = backend
+    x = torch.randn(4, 2, 3)
+    for m in (ref, ours):
+        loss = m(x)[0].pow(2).sum()
+        with torch.no_grad():
+            m.bias_hh_l0.mul_(1.5)
+        loss.backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_explain_names_the_layer_schedule(monkeypatch):
     """The layer wavefront where it applies (not for one layer, nor bidirectional stacks)."""
     x = torch.randn(5, 2, 3)

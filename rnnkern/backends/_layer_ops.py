@@ -94,7 +94,11 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         ctx.cell, ctx.reverse, ctx.clip = cell, reverse, clip
         ctx.record_norms = norm_probe is not None
         ctx.has = (c0 is not None, b_hh is not None, w_hr is not None)
-        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace)
+        # The backward kernels take b_hh for its shape only (its gradient is the gate gradients' sum): a
+        # stand-in of that shape is saved, so that changing the bias in place between forward and
+        # backward is no error, as in torch.nn.
+        b_hh_shape = None if b_hh is None else b_hh.new_zeros(()).expand(b_hh.shape)
+        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh_shape, w_hr, out, workspace)
         # No zero-filled gradients for unused outputs: the workspace ([N, S*H], never differentiated)
         # would cost a full-size fill per backward. Absent gradients are made below, where needed.
         ctx.set_materialize_grads(False)
