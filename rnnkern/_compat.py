@@ -145,6 +145,17 @@ def _call_forward(module, input, hx):
     return module._forward(input, hx)
 
 
+def records_no_side_effects() -> Optional[str]:
+    """What captures this call without running Python during its backward ("torch.jit.trace",
+    "torch.export"), where the norms (delivered by Python) cannot be recorded; None otherwise."""
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    if exporting is not None and exporting():
+        return "torch.export"
+    return None
+
+
 def functorch_transforms() -> List[str]:
     """The torch.func transforms the current call runs under, outermost first ("vmap", "grad" for grad,
     vjp, jacrev..., "jvp" for jvp, jacfwd...; "functionalize"); [] outside them."""
@@ -325,7 +336,7 @@ def autocast_plan(module, input, hx) -> Optional[AutocastPlan]:
     if not isinstance(data, Tensor):
         return None
     device_type = data.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # (autocast knows no meta)
         return None
     if data.dtype == torch.float64:
         return None  # autocast leaves float64 alone: torch.nn computes (or rejects) as without it

@@ -7,6 +7,7 @@ rnnkern keeps working while ``patch_torch()`` has replaced ``torch.nn.LSTM`` and
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -114,7 +115,8 @@ class _RnnkernMixin:
         return text
 
     def _deliver_grad_norms(self, norms: Tensor, batch_sizes: Tensor, unsorted_indices, has_cell_state):
-        """Called once per backward with the norm probe's gradient [L, D, 2, N]: set grad_norms, run hooks."""
+        """Called once per backward and call of the module (a module called twice in one graph delivers
+        twice, the later call first) with the norm probe's gradient [L, D, 2, N]: set grad_norms, run hooks."""
         norms = rows_to_time_batch(norms, batch_sizes)  # [L, D, 2, T, B]
         if unsorted_indices is not None:
             norms = norms.index_select(-1, unsorted_indices.to(norms.device))
@@ -178,6 +180,8 @@ class _RnnkernMixin:
     def _check_parameters(self, params):
         """_InconsistentModule unless the parameters are those of the module's configuration: the names
         and shapes torch.nn gives a module built with its current attributes."""
+        if torch.jit.is_tracing():
+            return  # (the shapes are constants of the trace: comparing them would only warn)
         config = (self.mode, self.input_size, self.hidden_size, self.num_layers, self.bias, self.bidirectional,
                   self.proj_size)
         expected = _expected_parameters.get(config)
@@ -283,6 +287,14 @@ class _RnnkernMixin:
                 f"backend=\"reference\" (or \"auto\", which picks it there)")
         return _backends.get("reference")
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script: torch.nn's own module of the same configuration, sharing these parameters
+        (TorchScript cannot run rnnkern's Python-side kernel dispatch): scripting gives what it gives for
+        torch.nn (torch.jit.script is deprecated; torch.compile and torch.export run rnnkern's kernels)."""
+        twin = self._torch_class.__new__(self._torch_class)
+        twin.__dict__.update(self.__dict__)
+        return twin
+
     def _layer_weights(self, params):
         names = self._flat_weights_names
         by_name = dict(zip(names, params))
@@ -312,7 +324,12 @@ class _RnnkernMixin:
             backend = _compat.resolve_backend(self.backend, data.device, data.dtype)
         num_directions = 2 if self.bidirectional else 1
         probe = None
-        if self.record_grad_norms and torch.is_grad_enabled():
+        recording = self.record_grad_norms and torch.is_grad_enabled()
+        capture = _compat.records_no_side_effects() if recording else None
+        if capture is not None:
+            warnings.warn(f"record_grad_norms: {capture} records no norms (they are delivered by Python during "
+                          "backward); the module runs without recording them", stacklevel=3)
+        elif recording:
             # The norms come back as the probe's gradient (see rnnkern/_compat.py); it can only flow
             # if something the stack depends on requires grad.
             anchors = [t for t in [data, h0, c0, *params] if t is not None and t.requires_grad]

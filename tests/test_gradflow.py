@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -255,6 +256,31 @@ def test_gradflow_bad_arguments(capsys):
     with pytest.raises(SystemExit, match="curve-steps"):
         main(["gradflow", "--steps", "2", "--seq-len", "8", "--hidden", "4", "--batch", "2", "--curve-steps", "5",
               "--no-progress", "--out", "/nonexistent-never-written"])
+
+
+def test_gradflow_more_bad_arguments(tmp_path, capsys):
+    """Every bad argument is a one-line `rnnkern gradflow: ...` error, never a traceback."""
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit):
+            main(["gradflow", f"--forget-bias={value}"])
+        assert "finite number" in capsys.readouterr().err
+    small = ["--steps", "2", "--seq-len", "8", "--hidden", "4", "--batch", "2", "--no-progress", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="--curve-steps takes comma-separated step numbers, got 'a'"):
+        main(["gradflow", *small, "--curve-steps", "a", "--out", str(tmp_path / "never")])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="cannot be the output directory"):
+        main(["gradflow", *small, "--out", str(a_file)])
+
+
+def test_gradflow_runs_as_a_module():
+    """python -m rnnkern.gradflow is python -m rnnkern gradflow."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "rnnkern.gradflow", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+    assert run.returncode == 0 and "usage: rnnkern gradflow" in run.stdout, run.stderr
 
 
 def test_gradflow_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):

@@ -141,6 +141,18 @@ def test_norms_delivered_whatever_inputs_a_backward_asks_for(backend):
     assert not torch.allclose(m.grad_norms.h_per_sample, previous.h_per_sample)
 
 
+def test_module_called_twice_in_one_graph_delivers_once_per_call():
+    """Each call's recurrence delivers its own norms (the later call's first, as backward runs):
+    the hooks see both, grad_norms keeps the first call's."""
+    m = rnnkern.GRU(3, 4, backend="reference", record_grad_norms=True)
+    seen = []
+    m.register_grad_norm_hook(lambda module, gn: seen.append(gn.h_per_sample.shape[2]))
+    a, _ = m(torch.randn(5, 2, 3))
+    b, _ = m(torch.randn(7, 2, 3))
+    (a.sum() + b.sum()).backward()
+    assert seen == [7, 5] and m.grad_norms.h_per_sample.shape[2] == 5
+
+
 def test_unbatched_norms_have_batch_one():
     m = rnnkern.LSTM(3, 4, backend="reference", record_grad_norms=True, bidirectional=True)
     out, _ = m(torch.randn(6, 3))

@@ -44,9 +44,12 @@ def _forget_bias(text: str):
     if text == "chrono":
         return text
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--forget-bias takes a number or 'chrono', got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"--forget-bias takes a finite number or 'chrono', got {text!r}")
+    return value
 
 
 def _cells(text: str) -> List[str]:
@@ -120,7 +123,10 @@ def _tensorboard_writer(log_dir: Optional[str]):
 def _curve_steps(text: Optional[str], steps: int) -> List[int]:
     if text is None:
         return sorted({0, steps // 2, steps - 1})
-    chosen = sorted({int(s) for s in text.split(",") if s.strip()})
+    try:
+        chosen = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise SystemExit(f"rnnkern gradflow: --curve-steps takes comma-separated step numbers, got {text!r}") from None
     bad = [s for s in chosen if not 0 <= s < steps]
     if bad:
         raise SystemExit(f"rnnkern gradflow: --curve-steps {bad} outside 0..{steps - 1}")
@@ -156,7 +162,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     curve_steps = _curve_steps(args.curve_steps, args.steps)
     snapshot_steps = tuple(sorted(set(curve_steps) | {0, args.steps - 1}))
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as error:
+        raise SystemExit(f"rnnkern gradflow: --out {args.out!r} cannot be the output directory ({error})") from None
     writer = _tensorboard_writer(args.tensorboard)
     print(f"rnnkern gradflow: {TASKS[args.task]}, T={args.seq_len}; cells {','.join(args.cells)}; hidden {args.hidden}, "
           f"layers {args.layers}, batch {args.batch}, {args.steps} steps, Adam lr {args.lr}; forget bias {args.forget_bias}; "
