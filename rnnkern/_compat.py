@@ -156,19 +156,19 @@ def records_no_side_effects() -> Optional[str]:
     return None
 
 
+try:  # torch.func's interpreter stack (what transforms a call runs under)
+    from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
+except ImportError:  # a torch without it
+    _peek_interpreter_stack = None
+
+
 def functorch_transforms() -> List[str]:
     """The torch.func transforms the current call runs under, outermost first ("vmap", "grad" for grad,
     vjp, jacrev..., "jvp" for jvp, jacfwd...; "functionalize"); [] outside them."""
-    if torch.compiler.is_compiling():
+    if _peek_interpreter_stack is None or torch.compiler.is_compiling() or _peek_interpreter_stack() is None:
         return []
-    try:
-        from torch._C._functorch import peek_interpreter_stack
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    except ImportError:  # a torch without torch.func's interpreter stack
-        return []
-    if peek_interpreter_stack() is None:
-        return []
-    return [interpreter.key().name.lower() for interpreter in retrieve_all_functorch_interpreters()]
+    return [interpreter.key().name.lower() for interpreter in _functorch_interpreters()]
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype):

@@ -71,7 +71,7 @@ def _parameter_shapes(mode, input_size, hidden_size, num_layers, bias, bidirecti
     return shapes
 
 
-_expected_parameters = {}  # _parameter_shapes by configuration
+_expected_parameters = {}  # (names, shapes) of _parameter_shapes by configuration
 
 
 class _RnnkernMixin:
@@ -186,11 +186,10 @@ class _RnnkernMixin:
                   self.proj_size)
         expected = _expected_parameters.get(config)
         if expected is None:
-            expected = _expected_parameters[config] = _parameter_shapes(*config)
-        names = self._flat_weights_names
-        _require(len(names) == len(expected) and all(
-            name == want and isinstance(p, Tensor) and p.shape == shape
-            for name, p, (want, shape) in zip(names, params, expected)), _InconsistentModule)
+            shapes = _parameter_shapes(*config)
+            expected = _expected_parameters[config] = ([n for n, _ in shapes], [s for _, s in shapes])
+        _require(self._flat_weights_names == expected[0] and
+                 [p.shape if isinstance(p, Tensor) else None for p in params] == expected[1], _InconsistentModule)
 
     def _check_backend_under_autocast(self, input, dtype):
         """An explicit backend that cannot run the dtype torch.autocast asks for: its error, saying so."""

@@ -94,11 +94,9 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         ctx.cell, ctx.reverse, ctx.clip = cell, reverse, clip
         ctx.record_norms = norm_probe is not None
         ctx.has = (c0 is not None, b_hh is not None, w_hr is not None)
-        # The backward kernels take b_hh for its shape only (its gradient is the gate gradients' sum): a
-        # stand-in of that shape is saved, so that changing the bias in place between forward and
-        # backward is no error, as in torch.nn.
-        b_hh_shape = None if b_hh is None else b_hh.new_zeros(()).expand(b_hh.shape)
-        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh_shape, w_hr, out, workspace)
+        # (b_hh is saved for its shape: a stand-in would cost more per call, ~15 µs, than the case it
+        # serves, a bias changed in place between forward and backward; autograd then raises.)
+        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace)
         # No zero-filled gradients for unused outputs: the workspace ([N, S*H], never differentiated)
         # would cost a full-size fill per backward. Absent gradients are made below, where needed.
         ctx.set_materialize_grads(False)
@@ -111,15 +109,17 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         if grad_h_n is None:
             grad_h_n = torch.zeros_like(h0)
         grad_c_n = grad_c_n if ctx.cell == _cells.LSTM else None
+        args = (ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
+                None if grad_c_n is None else grad_c_n.contiguous(),
+                batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, ctx.clip, ctx.record_norms, out, workspace)
         # create_graph=True runs this with grad mode on; the op has no autograd of its own, so it runs
         # without, and the results raise if differentiated (below).
         twice = torch.is_grad_enabled() and any(ctx.needs_input_grad)
-        with torch.no_grad():
-            (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(
-                ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
-                None if grad_c_n is None else grad_c_n.contiguous(),
-                batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, ctx.clip, ctx.record_norms,
-                out, workspace)
+        if twice:
+            with torch.no_grad():
+                (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(*args)
+        else:
+            (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(*args)
         grads = (grad_xp, grad_h0, grad_c0 if has_c0 else None, grad_w_hh, grad_b_hh if has_b_hh else None,
                  grad_w_hr if has_w_hr else None)
         if twice:
