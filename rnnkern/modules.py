@@ -42,6 +42,16 @@ def _require(condition: bool, error=_InvalidInput) -> None:
         raise error()
 
 
+def _kernel_clip(clip: float, dtype: torch.dtype) -> float:
+    """hidden_grad_clip as the backends take it for `dtype`: they compare and scale in their accumulation
+    dtype (float32 for 16-bit and float32), where a positive value below its smallest positive number
+    (2^-149) would round to 0, their "off": such a value is raised to that number (a gradient of that
+    norm is zero in float32 anyway), so that the clipping stays on."""
+    if clip <= 0 or dtype == torch.float64:
+        return clip
+    return max(clip, 2.0 ** -149)
+
+
 def _check_clip(value) -> float:
     """hidden_grad_clip as the float the kernels take (0 = off); ValueError if not positive."""
     if value is None:
@@ -310,7 +320,7 @@ class _RnnkernMixin:
     def _run(self, input, packed, is_batched, data, batch_sizes, sorted_indices, unsorted_indices,
              h0, c0, params):
         cell = _cells.from_mode(self.mode)
-        clip = _check_clip(self.hidden_grad_clip)
+        clip = _kernel_clip(_check_clip(self.hidden_grad_clip), data.dtype)
         transforms = _compat.functorch_transforms()
         if self.record_grad_norms and transforms and torch.is_grad_enabled():
             raise RuntimeError(

@@ -141,6 +141,27 @@ def test_norms_delivered_whatever_inputs_a_backward_asks_for(backend):
     assert not torch.allclose(m.grad_norms.h_per_sample, previous.h_per_sample)
 
 
+@pytest.mark.parametrize("clip", [1e-300, 1e-41])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_clipping_at_float32_extremes(kind, clip):
+    """A clip below float32's smallest positive number stays on (it rounded to 0, the kernels' "off",
+    and the gradients came back unclipped): they vanish, as the definition says; a clip in float32's subnormal range, with gradients
+    there too, clips alike on every backend (the reference backend's 1 / ‖g‖ overflowed to inf there)."""
+    results = []
+    for backend in [b for b in ("reference", "cpu") if b in rnnkern.backends()]:
+        torch.manual_seed(8)
+        m = getattr(rnnkern, kind)(2, 3, num_layers=2, backend=backend, hidden_grad_clip=clip)
+        x = torch.randn(4, 2, 2, requires_grad=True)
+        (m(x)[0] * 1e-41).sum().backward()
+        grads = [x.grad] + [p.grad for p in m.parameters()]
+        assert all(torch.isfinite(g).all() for g in grads)
+        if clip < 1e-45:  # (clipped to norm 2^-149: a few subnormal units at most)
+            assert all(g.abs().max() < 1e-43 for g in grads)
+        results.append(grads)
+    for got, want in zip(results[-1], results[0]):  # (subnormals: equal to a few units of 2^-149)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-44)
+
+
 def test_module_called_twice_in_one_graph_delivers_once_per_call():
     """Each call's recurrence delivers its own norms (the later call's first, as backward runs):
     the hooks see both, grad_norms keeps the first call's."""

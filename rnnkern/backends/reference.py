@@ -36,7 +36,9 @@ class _NormTap(torch.autograd.Function):
         norm = torch.linalg.vector_norm(grad.to(torch.float64), dim=1).to(acc)
         if ctx.clip > 0:
             # scale only where ‖g‖ > clip; NaN norms compare False and propagate unscaled.
-            scale = torch.where(norm > ctx.clip, ctx.clip / norm, torch.ones_like(norm))
+            # (A tensor divided, not a number: `clip / norm` is computed as clip * (1 / norm), whose 1 / norm
+            # overflows to inf in float32 for a norm below ~3e-39.)
+            scale = torch.where(norm > ctx.clip, torch.full_like(norm, ctx.clip) / norm, torch.ones_like(norm))
             grad = (grad.to(acc) * scale.unsqueeze(1)).to(grad.dtype)
         probe_grad = None if ctx.probe_dtype is None else norm.to(ctx.probe_dtype)
         return grad, probe_grad, None
