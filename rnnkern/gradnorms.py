@@ -13,7 +13,9 @@ from torch import Tensor
 def _batch_norm(per_sample: Optional[Tensor]) -> Optional[Tensor]:
     if per_sample is None:
         return None
-    return torch.linalg.vector_norm(per_sample, dim=-1)
+    # In float64: float32 squares underflow below ~1e-19 and overflow above ~1e19, where the per-sample
+    # norms (themselves from float64 sums of squares) are still exact.
+    return torch.linalg.vector_norm(per_sample, dim=-1, dtype=torch.float64).to(per_sample.dtype)
 
 
 @dataclass

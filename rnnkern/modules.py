@@ -7,6 +7,7 @@ rnnkern keeps working while ``patch_torch()`` has replaced ``torch.nn.LSTM`` and
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -56,7 +57,7 @@ def _check_clip(value) -> float:
     """hidden_grad_clip as the float the kernels take (0 = off); ValueError if not positive."""
     if value is None:
         return 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ValueError(f"hidden_grad_clip must be a positive number or None, got {value!r}")
     return float(value)
 

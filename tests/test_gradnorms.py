@@ -162,6 +162,29 @@ def test_clipping_at_float32_extremes(kind, clip):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-44)
 
 
+def test_batch_norms_keep_tiny_and_huge_per_sample_norms():
+    """h = sqrt(Σ_b h_per_sample²) in float64: float32 squares lose norms below ~1e-19 (a vanishing
+    gradient read 0) and above ~1e19 (inf), where the per-sample norms are exact."""
+    g = rnnkern.GradNorms(torch.tensor([3e-30, 4e-30, 3e30, 4e30]).view(1, 1, 2, 2),
+                          torch.tensor([6e-25, 8e-25, 1.0, 0.0]).view(1, 1, 2, 2))
+    torch.testing.assert_close(g.h, torch.tensor([[[5e-30, 5e30]]]))
+    torch.testing.assert_close(g.c, torch.tensor([[[1e-24, 1.0]]]))
+    assert g.h.dtype == torch.float32
+
+
+def test_clip_takes_any_real_number():
+    import numpy as np
+
+    m = rnnkern.GRU(3, 4, backend="reference")
+    for value in (np.float32(0.5), np.float64(0.5), 1, 0.5):
+        m.hidden_grad_clip = value
+        m(torch.randn(2, 1, 3))[0].sum().backward()
+    for bad in (np.float32(-1.0), True, "1", torch.tensor(0.5)):
+        m.hidden_grad_clip = bad
+        with pytest.raises(ValueError, match="hidden_grad_clip must be a positive number"):
+            m(torch.randn(2, 1, 3))
+
+
 def test_module_called_twice_in_one_graph_delivers_once_per_call():
     """Each call's recurrence delivers its own norms (the later call's first, as backward runs):
     the hooks see both, grad_norms keeps the first call's."""
