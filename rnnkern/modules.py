@@ -170,9 +170,16 @@ class _RnnkernMixin:
                 return None, self._parse(input, hx)
             with torch.autocast(autocast.device_type, enabled=False):
                 cast_input, cast_hx = autocast.cast_inputs(input, hx)
-                self._check_backend_under_autocast(cast_input, autocast.compute_dtype)
-                return autocast, self._parse(cast_input, cast_hx, autocast.compute_dtype)
+                parsed = self._parse(cast_input, cast_hx, autocast.compute_dtype)
+                own = (input.data if isinstance(input, PackedSequence) else input).dtype
+                self._check_backend_under_autocast(cast_input, autocast.compute_dtype, own)
+                return autocast, parsed
         except _InvalidInput as invalid:
+            promoted = None if isinstance(invalid, _InconsistentModule) else self._promoted_cell_state(input, hx)
+            if promoted is not None and promoted[0].device.type == "cpu" and promoted[0].dtype == torch.float64:
+                # torch.nn's CPU LSTM in float64 (its per-op path) takes this c0 and promotes it; elsewhere
+                # whether torch.nn takes it is learnt from torch.nn below.
+                return self._prepare(input, promoted, refresh=False)
             # torch.nn raises its own exception (type and message) for this input.
             self._torch_class.forward(self, input, hx)
             if isinstance(invalid, _InconsistentModule):
@@ -181,7 +188,6 @@ class _RnnkernMixin:
                     f"(num_layers, bidirectional, bias, input_size, hidden_size or proj_size changed after it "
                     f"was built, or a parameter replaced by one of another shape); torch.nn computes with them "
                     f"regardless, rnnkern does not: build the module anew") from None
-            promoted = self._promoted_cell_state(input, hx)
             if promoted is not None:
                 return self._prepare(input, promoted, refresh=False)
             raise RuntimeError(
@@ -195,19 +201,27 @@ class _RnnkernMixin:
             return  # (the shapes are constants of the trace: comparing them would only warn)
         config = (self.mode, self.input_size, self.hidden_size, self.num_layers, self.bias, self.bidirectional,
                   self.proj_size)
-        expected = _expected_parameters.get(config)
+        # (Cached in eager mode only: Dynamo would guard on the cache and recompile once it changes.)
+        expected = None if torch.compiler.is_compiling() else _expected_parameters.get(config)
         if expected is None:
             shapes = _parameter_shapes(*config)
-            expected = _expected_parameters[config] = ([n for n, _ in shapes], [s for _, s in shapes])
+            expected = ([n for n, _ in shapes], [s for _, s in shapes])
+            if not torch.compiler.is_compiling():
+                _expected_parameters[config] = expected
         _require(self._flat_weights_names == expected[0] and
                  [p.shape if isinstance(p, Tensor) else None for p in params] == expected[1], _InconsistentModule)
 
-    def _check_backend_under_autocast(self, input, dtype):
-        """An explicit backend that cannot run the dtype torch.autocast asks for: its error, saying so."""
+    def _check_backend_under_autocast(self, input, dtype, own_dtype):
+        """An explicit backend that can run the input's own dtype but not the one torch.autocast asks for:
+        its error, saying that autocast asked for it (other errors come from _run, as without autocast)."""
         data = input.data if isinstance(input, PackedSequence) else input
         try:
             _compat.resolve_backend(self.backend, data.device, dtype)
         except RuntimeError as error:
+            try:
+                _compat.resolve_backend(self.backend, data.device, own_dtype)
+            except RuntimeError:
+                return
             raise RuntimeError(f"{error} (torch.autocast runs this call in {dtype}; backend=\"auto\" picks a "
                                "backend that can)") from None
 
@@ -298,12 +312,12 @@ class _RnnkernMixin:
         return _backends.get("reference")
 
     def __prepare_scriptable__(self):
-        """torch.jit.script: torch.nn's own module of the same configuration, sharing these parameters
-        (TorchScript cannot run rnnkern's Python-side kernel dispatch): scripting gives what it gives for
-        torch.nn (torch.jit.script is deprecated; torch.compile and torch.export run rnnkern's kernels)."""
-        twin = self._torch_class.__new__(self._torch_class)
-        twin.__dict__.update(self.__dict__)
-        return twin
+        """torch.jit.script: a clear error (TorchScript cannot run rnnkern's Python-side dispatch, and a
+        torch.nn stand-in would replace this module in the scripted parent's eager model for good)."""
+        raise RuntimeError(
+            f"rnnkern.{type(self).__name__} cannot be scripted (torch.jit.script is deprecated): use torch.compile "
+            f"or torch.export, which run rnnkern's kernels, or script a torch.nn.{self._torch_class.__name__} "
+            f"built with the same arguments and this module's state_dict")
 
     def _layer_weights(self, params):
         names = self._flat_weights_names

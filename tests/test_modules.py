@@ -216,7 +216,13 @@ def test_double_backward(target, cell):
     with pytest.raises(RuntimeError, match="has no double backward"):
         torch.autograd.grad(first.pow(2).sum(), ours.weight_hh_l0, retain_graph=True)
     with pytest.raises(RuntimeError, match="has no double backward"):
-        first.pow(2).sum().backward()
+        first.pow(2).sum().backward(retain_graph=True)
+    # a derivative w.r.t. the incoming gradient (torch.autograd.functional.jvp's double-backward trick)
+    u = torch.ones_like(ours(x)[0], requires_grad=True)
+    through_u, = torch.autograd.grad(ours(x)[0], x, u, create_graph=True)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(through_u.sum(), u, allow_unused=True)
+    first.add_(1.0)  # (the gradients are no views: changeable in place, as torch.nn's)
 
 
 # Both directions of a bidirectional layer at once (rnnkern/functional.py, concurrent_directions): the

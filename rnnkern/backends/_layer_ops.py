@@ -50,14 +50,14 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
     """The layer gradients as they are, behind a node that raises if anything differentiates them: the
     backward kernels are not differentiable, so a second derivative through them would silently miss
     their terms (torch.autograd.function.once_differentiable's idea). The node also takes the layer's
-    saved tensors (`anchors`: its output depends on every input), so that it lies on every path from
-    the gradients back to whatever the layer depends on and runs (and raises) whenever such a path is
-    differentiated, torch.autograd.grad's included."""
+    saved tensors and incoming gradients (`anchors`: its output depends on every input), so that it lies
+    on every path from the gradients back to whatever they depend on and runs (and raises) whenever
+    such a path is differentiated, torch.autograd.grad's included."""
 
     @staticmethod
     def forward(ctx, op_name, count, *grads_and_anchors):
         ctx.op_name = op_name
-        return tuple(g.view_as(g) for g in grads_and_anchors[:count])
+        return tuple(g.detach() for g in grads_and_anchors[:count])  # (not views: changeable in place)
 
     @staticmethod
     def backward(ctx, *_grads):
@@ -123,7 +123,10 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         grads = (grad_xp, grad_h0, grad_c0 if has_c0 else None, grad_w_hh, grad_b_hh if has_b_hh else None,
                  grad_w_hr if has_w_hr else None)
         if twice:
-            grads = _not_twice_differentiable(op_name, grads, (out, h0, c0, w_hh, b_hh, w_hr))
+            # (the incoming gradients too: a derivative w.r.t. them, e.g. autograd.functional.jvp's
+            # double-backward trick, must also reach the node)
+            grads = _not_twice_differentiable(op_name, grads, (out, h0, c0, w_hh, b_hh, w_hr, grad_out, grad_h_n,
+                                                               grad_c_n))
         grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads
         return (None, grad_xp, None, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, None, None,
                 norms if ctx.record_norms else None)
