@@ -92,6 +92,19 @@ def _timed_layers(cases):
     return by, layers, dtypes
 
 
+def _us(timed, layer, dtype, backend, pass_):
+    """µs per step (ms / T) of one case of _timed_layers' table, or None where it was not timed."""
+    c = timed.get((layer, dtype, backend, pass_))
+    return None if c is None else 1000.0 * c["ms"] / c["T"]
+
+
+def _us_cell(fwdbwd, fwd) -> str:
+    """A table cell: forward+backward µs per step, the forward's in brackets; "–" for what is missing."""
+    if fwdbwd is None and fwd is None:
+        return "–"
+    return (f"{fwdbwd:.2f}" if fwdbwd is not None else "–") + (f" ({fwd:.2f})" if fwd is not None else "")
+
+
 def per_step_table(doc: Dict[str, object]) -> str:
     """Microseconds per step (ms / T), forward+backward with the forward in brackets, one row per layer
     shape: torch.nn and every backend variant (with norms recorded, as issue 9's targets count them) in
@@ -103,8 +116,7 @@ def per_step_table(doc: Dict[str, object]) -> str:
     columns = [(b, d) for d in dtypes for b in backends if any(k[1] == d and k[2] == b for k in by)]
 
     def us(layer, dtype, backend, pass_):
-        c = by.get((layer, dtype, backend, pass_))
-        return None if c is None else 1000.0 * c["ms"] / c["T"]
+        return _us(by, layer, dtype, backend, pass_)
 
     header = ["layer"] + [f"{b} {d}" for b, d in columns] + ["fastest: × torch.nn float16, × torch.nn same dtype"]
     lines = [f"µs per step, forward+backward (forward); norms recorded by rnnkern. Device: {doc['device']}; "
@@ -113,8 +125,7 @@ def per_step_table(doc: Dict[str, object]) -> str:
         cells = [_layer_label(layer)]
         for b, d in columns:
             fb, f = us(layer, d, b, "fwdbwd"), us(layer, d, b, "fwd")
-            cells.append("–" if fb is None and f is None else
-                         (f"{fb:.2f}" if fb is not None else "–") + (f" ({f:.2f})" if f is not None else ""))
+            cells.append(_us_cell(fb, f))
         best = []
         half = us(layer, "float16", "torch.nn", "fwdbwd")
         for d in dtypes:
@@ -194,21 +205,14 @@ def floor_table(doc: Dict[str, object], probe: Dict[str, float]) -> str:
             if floor_fb is None:
                 continue
 
-            def pair(fb, f):
-                return f"{fb:.2f}" + (f" ({f:.2f})" if f is not None else "")
-
-            def nn_us(d, pass_):
-                c = timed.get((layer, d, "torch.nn", pass_))
-                return None if c is None else 1000.0 * c["ms"] / T
-
             ms_fb, backend = ours["fwdbwd"]
             us_fb = 1000.0 * ms_fb / T
             us_f = 1000.0 * ours["fwd"][0] / T if "fwd" in ours else None
-            nn_same, nn_half = nn_us(dtype, "fwdbwd"), nn_us("float16", "fwdbwd")
+            nn = [_us_cell(_us(timed, layer, d, "torch.nn", "fwdbwd"), _us(timed, layer, d, "torch.nn", "fwd"))
+                  for d in (dtype, "float16")]
             lines.append("| " + " | ".join([
-                _layer_label(layer), dtype, kind, pair(floor_fb, floor_f), f"{pair(us_fb, us_f)} {backend}",
-                f"{us_fb / floor_fb:.1f}", "–" if nn_same is None else pair(nn_same, nn_us(dtype, "fwd")),
-                "–" if nn_half is None else pair(nn_half, nn_us("float16", "fwd"))]) + " |")
+                _layer_label(layer), dtype, kind, _us_cell(floor_fb, floor_f), f"{_us_cell(us_fb, us_f)} {backend}",
+                f"{us_fb / floor_fb:.1f}", *nn]) + " |")
     return "\n".join(lines) + "\n"
 
 

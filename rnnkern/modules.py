@@ -63,26 +63,26 @@ def _check_clip(value) -> float:
 
 
 def _parameter_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional, proj_size):
-    """[(name, shape)] of the parameters torch.nn gives a module of this configuration, in order."""
+    """([names], [shapes]) of the parameters torch.nn gives a module of this configuration, in order."""
     gate_rows = {"LSTM": 4, "GRU": 3}.get(mode, 1) * hidden_size
     real_hidden = proj_size if proj_size > 0 else hidden_size
     directions = 2 if bidirectional else 1
-    shapes = []
+    names, shapes = [], []
     for layer in range(num_layers):
         layer_input = input_size if layer == 0 else real_hidden * directions
         for direction in range(directions):
             suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-            shapes += [(f"weight_ih{suffix}", torch.Size((gate_rows, layer_input))),
-                       (f"weight_hh{suffix}", torch.Size((gate_rows, real_hidden)))]
+            parameters = [("weight_ih", (gate_rows, layer_input)), ("weight_hh", (gate_rows, real_hidden))]
             if bias:
-                shapes += [(f"bias_ih{suffix}", torch.Size((gate_rows,))),
-                           (f"bias_hh{suffix}", torch.Size((gate_rows,)))]
+                parameters += [("bias_ih", (gate_rows,)), ("bias_hh", (gate_rows,))]
             if proj_size > 0:
-                shapes.append((f"weight_hr{suffix}", torch.Size((proj_size, hidden_size))))
-    return shapes
+                parameters.append(("weight_hr", (proj_size, hidden_size)))
+            names += [kind + suffix for kind, _ in parameters]
+            shapes += [torch.Size(shape) for _, shape in parameters]
+    return names, shapes
 
 
-_expected_parameters = {}  # (names, shapes) of _parameter_shapes by configuration
+_expected_parameters = {}  # _parameter_shapes by configuration (eager calls only)
 
 
 class _RnnkernMixin:
@@ -172,7 +172,7 @@ class _RnnkernMixin:
                 cast_input, cast_hx = autocast.cast_inputs(input, hx)
                 parsed = self._parse(cast_input, cast_hx, autocast.compute_dtype)
                 own = (input.data if isinstance(input, PackedSequence) else input).dtype
-                self._check_backend_under_autocast(cast_input, autocast.compute_dtype, own)
+                self._check_backend_under_autocast(parsed[3].device, autocast.compute_dtype, own)
                 return autocast, parsed
         except _InvalidInput as invalid:
             promoted = None if isinstance(invalid, _InconsistentModule) else self._promoted_cell_state(input, hx)
@@ -201,25 +201,22 @@ class _RnnkernMixin:
             return  # (the shapes are constants of the trace: comparing them would only warn)
         config = (self.mode, self.input_size, self.hidden_size, self.num_layers, self.bias, self.bidirectional,
                   self.proj_size)
-        # (Cached in eager mode only: Dynamo would guard on the cache and recompile once it changes.)
-        expected = None if torch.compiler.is_compiling() else _expected_parameters.get(config)
-        if expected is None:
-            shapes = _parameter_shapes(*config)
-            expected = ([n for n, _ in shapes], [s for _, s in shapes])
-            if not torch.compiler.is_compiling():
-                _expected_parameters[config] = expected
-        _require(self._flat_weights_names == expected[0] and
-                 [p.shape if isinstance(p, Tensor) else None for p in params] == expected[1], _InconsistentModule)
+        if torch.compiler.is_compiling():  # (no cache: Dynamo would guard on it and recompile once it changes)
+            names, shapes = _parameter_shapes(*config)
+        else:
+            names, shapes = _expected_parameters.get(config) or _expected_parameters.setdefault(
+                config, _parameter_shapes(*config))
+        _require(self._flat_weights_names == names and
+                 [p.shape if isinstance(p, Tensor) else None for p in params] == shapes, _InconsistentModule)
 
-    def _check_backend_under_autocast(self, input, dtype, own_dtype):
+    def _check_backend_under_autocast(self, device, dtype, own_dtype):
         """An explicit backend that can run the input's own dtype but not the one torch.autocast asks for:
         its error, saying that autocast asked for it (other errors come from _run, as without autocast)."""
-        data = input.data if isinstance(input, PackedSequence) else input
         try:
-            _compat.resolve_backend(self.backend, data.device, dtype)
+            _compat.resolve_backend(self.backend, device, dtype)
         except RuntimeError as error:
             try:
-                _compat.resolve_backend(self.backend, data.device, own_dtype)
+                _compat.resolve_backend(self.backend, device, own_dtype)
             except RuntimeError:
                 return
             raise RuntimeError(f"{error} (torch.autocast runs this call in {dtype}; backend=\"auto\" picks a "
@@ -336,8 +333,9 @@ class _RnnkernMixin:
              h0, c0, params):
         cell = _cells.from_mode(self.mode)
         clip = _kernel_clip(_check_clip(self.hidden_grad_clip), data.dtype)
+        recording = self.record_grad_norms and torch.is_grad_enabled()
         transforms = _compat.functorch_transforms()
-        if self.record_grad_norms and transforms and torch.is_grad_enabled():
+        if recording and transforms:
             raise RuntimeError(
                 f"record_grad_norms is not supported under torch.func.{transforms[-1]}: the norms are recorded "
                 f"by a backward through autograd (loss.backward() or torch.autograd.grad)")
@@ -348,7 +346,6 @@ class _RnnkernMixin:
             backend = _compat.resolve_backend(self.backend, data.device, data.dtype)
         num_directions = 2 if self.bidirectional else 1
         probe = None
-        recording = self.record_grad_norms and torch.is_grad_enabled()
         capture = _compat.records_no_side_effects() if recording else None
         if capture is not None:
             warnings.warn(f"record_grad_norms: {capture} records no norms (they are delivered by Python during "

@@ -37,7 +37,7 @@ def _find(dirs, name):
 
 
 def _bench_file(dirs):
-    found = [p for d in dirs for p in sorted(d.glob("*.json")) if p.name != "env.json"]
+    found = [p for d in dirs for p in sorted(d.glob("*.json"))]  # (the bench's is the run's only JSON file)
     return found[-1] if found else None
 
 

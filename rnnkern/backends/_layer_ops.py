@@ -7,6 +7,8 @@ can trace the ops) and connects forward to backward with ``torch.library.registe
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _cells
@@ -115,10 +117,7 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         # create_graph=True runs this with grad mode on; the op has no autograd of its own, so it runs
         # without, and the results raise if differentiated (below).
         twice = torch.is_grad_enabled() and any(ctx.needs_input_grad)
-        if twice:
-            with torch.no_grad():
-                (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(*args)
-        else:
+        with torch.no_grad() if twice else contextlib.nullcontext():
             (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(*args)
         grads = (grad_xp, grad_h0, grad_c0 if has_c0 else None, grad_w_hh, grad_b_hh if has_b_hh else None,
                  grad_w_hr if has_w_hr else None)
