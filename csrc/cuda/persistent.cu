@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
   using A = typename AccOf<T>::type;
   constexpr int G = kGates<C>;
   constexpr int S = kSlots<C>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RNNKERN_DYNAMIC_SHARED(smem_raw);
   const int H = static_cast<int>(a.hidden);
   A* w = reinterpret_cast<A*>(smem_raw);  // [G][units][H + 1] (padded: no bank conflicts)
   A* stage = w + G * units * (H + 1);     // [B][chunk + 1]: a tile of h_{t-1} rows
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
   const int u0 = blockIdx.x * units;
   const int nu = min(units, H - u0);
   const int blocks = gridDim.x;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RNNKERN_DYNAMIC_SHARED(smem_raw);
   A* wt = reinterpret_cast<A*>(smem_raw);  // [units][G*H + 1]: W_hh columns of own units
   A* dh_next = wt + units * (GH + 1);           // [B][units]
   A* dc_next = dh_next + B * units;        // [B][units] (LSTM)

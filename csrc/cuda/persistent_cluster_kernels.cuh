@@ -190,23 +190,36 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 
 // One arrival per phase: the receiver's own expect_tx.
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar) {
+#ifdef RNNKERN_EMULATE
+  ::rnnkern_emu::mbarrier_init(bar, 1);
+#else
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(bar)) : "memory");
+#endif
 }
 
 // Makes the initialisations visible to the cluster's other blocks (before the cluster barrier that
 // precedes any send).
 __device__ __forceinline__ void mbarrier_init_fence() {
+#ifndef RNNKERN_EMULATE  // (the emulator's stores are visible at once)
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ void mbarrier_expect(uint64_t* bar, uint32_t bytes) {
+#ifdef RNNKERN_EMULATE
+  ::rnnkern_emu::mbarrier_arrive_expect_tx(bar, bytes);
+#else
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)), "r"(bytes)
                : "memory");
+#endif
 }
 
 // Waits for the phase of `bar` with this parity, with acquire semantics at cluster scope: the data
 // came from the cluster's other blocks (their st.async completes with release at cluster scope).
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#ifdef RNNKERN_EMULATE
+  ::rnnkern_emu::mbarrier_wait_parity(bar, parity);
+#else
   uint32_t done = 0;
   do {
     asm volatile(
@@ -216,6 +229,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         : "r"(shared_address(bar)), "r"(parity)
         : "memory");
   } while (!done);
+#endif
 }
 
 // Where the shared-memory object at `local` (this block) is in block `rank` of the cluster.
@@ -228,16 +242,24 @@ __device__ __forceinline__ uint32_t remote_address(const void* local, int rank) 
 // st.async of 16 bytes or of one double to `dst` in block `rank`, completing on that block's twin of
 // `bar`.
 __device__ __forceinline__ void send_async(void* dst, const uint4& v, int rank, uint64_t* bar) {
+#ifdef RNNKERN_EMULATE
+  ::rnnkern_emu::st_async(dst, &v, sizeof(v), rank, bar);
+#else
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
                    remote_address(dst, rank)),
                "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(remote_address(bar, rank))
                : "memory");
+#endif
 }
 __device__ __forceinline__ void send_async(void* dst, double v, int rank, uint64_t* bar) {
+#ifdef RNNKERN_EMULATE
+  ::rnnkern_emu::st_async(dst, &v, sizeof(v), rank, bar);
+#else
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b64 [%0], %1, [%2];\n" ::"r"(
                    remote_address(dst, rank)),
                "l"(__double_as_longlong(v)), "r"(remote_address(bar, rank))
                : "memory");
+#endif
 }
 // Four float or double values (16 or 32 bytes, 16-byte aligned) in 16-byte pieces.
 template <typename A>
@@ -273,9 +295,13 @@ __device__ __forceinline__ void broadcast_columns(const cg::cluster_group& clust
 
 // A float32 value as a TF32 operand, rounded to nearest (ties away), as cuBLAS's TF32 mode rounds.
 __device__ __forceinline__ uint32_t tf32_at(const float* p) {
+#ifdef RNNKERN_EMULATE
+  return ::rnnkern_emu::tf32_round(*p);
+#else
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(*p));
   return r;
+#endif
 }
 
 // Fragments of mma.m16n8k16 (16-bit) and mma.m16n8k8 (TF32) (PTX ISA, "matrix fragments for mma"),
@@ -318,7 +344,10 @@ __device__ __forceinline__ void load_b(uint32_t (&b)[2], const T* m, int ld, int
 // 2 tig + {0, 1}; d[2], d[3]: row gid + 8.
 template <typename T>
 __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#ifdef RNNKERN_EMULATE
+  ::rnnkern_emu::mma_m16n8(std::is_same_v<T, float> ? ::rnnkern_emu::kMmaTF32
+                           : std::is_same_v<T, __half> ? ::rnnkern_emu::kMmaF16 : ::rnnkern_emu::kMmaBF16, d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same_v<T, float>) {
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -436,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, HP = tb.hp_ld;
   const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T), X);
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RNNKERN_DYNAMIC_SHARED(smem_raw);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);  // Async: [2], stage[k] complete
   A* bias = reinterpret_cast<A*>(smem_raw + lay.bias);    // [G][U]: b_hh of own units
   A* own_c = reinterpret_cast<A*>(smem_raw + lay.own_c);  // [Bt][U]: LSTM c_{t-1} of own units
@@ -703,7 +732,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
   const int copies = Grid ? 2 : shape.copies;
   const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, X, copies);
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RNNKERN_DYNAMIC_SHARED(smem_raw);
   // Async: full_g[k] completes when the partials of Σ g² of a step of parity k are in (norms_first);
   // full_in[k] when this block's inbox of that step is (and, in block 0, the partials of Σ dc² and,
   // otherwise, of Σ g²); with one copy, full_in[0] every step.

@@ -12,6 +12,13 @@
 #include "persistent.h"
 #include "rnnkern/cell_math.h"
 
+// The kernels' dynamic shared memory (the emulator, scripts/emulator: one buffer per emulated block).
+#ifdef RNNKERN_EMULATE
+#define RNNKERN_DYNAMIC_SHARED(name) unsigned char* const name = ::rnnkern_emu::dynamic_shared()
+#else
+#define RNNKERN_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace rnnkern {
 namespace persistent {
 namespace detail {

@@ -1,0 +1,338 @@
+// One layer through the persistent kernels on the emulator (cuda_emulation.h), without a GPU: the
+// planner and the launches are the extension's own code (persistent.cu, persistent_cluster.cu), on
+// the modelled Hopper of hopper_model.h; the kernels run as fibers. Writes the inputs it drew and
+// everything the kernels produced to a file that tests/test_emulated_kernels.py compares with a
+// float64 oracle.
+//   emulate_layer CASE [--seed N] [--schedule-seed N] [--lengths L0,L1,...] [--reverse] [--no-norms]
+//                 [--out FILE]
+// CASE: scripts/layer_case.h (CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]]); KERNEL also "grid" (the grid-wide
+// kernels of persistent.cu). --lengths: each sample's length (packed, sorted longest first; default
+// all T). Prints the plan on stdout. Exit status: 0 done, 2 bad arguments or a declined plan, 3-6 the
+// emulator's findings (an invalid access, a hang, ...; its message on stderr).
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "fibers.h"
+#include "hopper_model.h"
+#include "layer_case.h"
+#include "persistent_cluster_layout.cuh"
+
+using namespace rnnkern;
+using namespace rnnkern::persistent;
+
+namespace {
+
+// Which pass the next launch runs (the runtime's launch gets the kernel's address and its
+// parameters only).
+bool g_forward = true;
+uint64_t g_schedule_seed = 0;
+const void* g_expected_kernel = nullptr;
+
+template <typename Args, typename... Rest>
+void run_kernel(const void* kernel, const rnnkern_emu::LaunchSpec& spec, void** params) {
+  using Kernel = void (*)(Args, Rest...);
+  const Kernel k = reinterpret_cast<Kernel>(const_cast<void*>(kernel));
+  const Args args = *static_cast<const Args*>(params[0]);
+  std::tuple<Rest...> rest;
+  int i = 1;
+  std::apply([&](auto&... r) { ((r = *static_cast<std::remove_reference_t<decltype(r)>*>(params[i++])), ...); }, rest);
+  rnnkern_emu::run_launch(spec, [&] { std::apply([&](auto... r) { k(args, r...); }, rest); });
+}
+
+}  // namespace
+
+extern "C" {
+
+cudaError_t CUDARTAPI cudaGetDeviceProperties(cudaDeviceProp* prop, int) {
+  *prop = hopper_model::device();
+  return cudaSuccess;
+}
+
+// The cluster kernels' launch (persistent_cluster.cu: launch).
+cudaError_t CUDARTAPI cudaLaunchKernelExC(const cudaLaunchConfig_t* config, const void* kernel, void** params) {
+  if (g_expected_kernel != nullptr && kernel != g_expected_kernel) rnnkern_emu::fail("launched another kernel than the case's");
+  rnnkern_emu::LaunchSpec spec;
+  spec.blocks = config->gridDim.x;
+  spec.threads = config->blockDim.x;
+  spec.smem = config->dynamicSmemBytes;
+  spec.seed = g_schedule_seed;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension) spec.cluster = static_cast<int>(config->attrs[i].val.clusterDim.x);
+    if (config->attrs[i].id == cudaLaunchAttributeCooperative) spec.cooperative = config->attrs[i].val.cooperative != 0;
+  }
+  if (spec.smem > hopper_model::device().sharedMemPerBlockOptin) return hopper_model::fail(cudaErrorInvalidValue);
+  if (g_forward) {
+    run_kernel<ForwardArgs, ClusterShape>(kernel, spec, params);
+  } else {
+    run_kernel<BackwardArgs, ClusterShape>(kernel, spec, params);
+  }
+  return cudaSuccess;
+}
+
+// The grid-wide kernels' launch (persistent.cu: launch).
+cudaError_t CUDARTAPI cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 block, void** params,
+                                                  size_t smem, cudaStream_t) {
+  rnnkern_emu::LaunchSpec spec;
+  spec.blocks = grid.x;
+  spec.threads = block.x;
+  spec.smem = smem;
+  spec.cooperative = true;
+  spec.seed = g_schedule_seed;
+  if (g_forward) {
+    run_kernel<ForwardArgs, int, int>(kernel, spec, params);
+  } else {
+    run_kernel<BackwardArgs, int, int>(kernel, spec, params);
+  }
+  return cudaSuccess;
+}
+
+}  // extern "C"
+
+namespace {
+
+size_t elem_size(DType d) { return d == DType::F64 ? 8 : d == DType::F32 ? 4 : 2; }
+
+// Values drawn in double and stored in the layer's dtype.
+void fill(void* p, DType d, size_t n, std::mt19937_64& rng, double scale) {
+  std::uniform_real_distribution<double> u(-scale, scale);
+  for (size_t i = 0; i < n; ++i) {
+    const double v = u(rng);
+    switch (d) {
+      case DType::F64: static_cast<double*>(p)[i] = v; break;
+      case DType::F32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+      case DType::F16: static_cast<__half*>(p)[i] = __float2half_rn(static_cast<float>(v)); break;
+      default: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(static_cast<float>(v)); break;
+    }
+  }
+}
+
+struct Array {
+  std::string name;
+  char type;  // d f h b (bfloat16) q (int64)
+  std::vector<int64_t> shape;
+  rnnkern_emu::Guarded buf;
+  size_t elems() const {
+    size_t n = 1;
+    for (int64_t s : shape) n *= static_cast<size_t>(s);
+    return n;
+  }
+};
+
+char type_of(DType d) { return d == DType::F64 ? 'd' : d == DType::F32 ? 'f' : d == DType::F16 ? 'h' : 'b'; }
+size_t type_size(char t) { return t == 'd' || t == 'q' ? 8 : t == 'f' ? 4 : 2; }
+
+struct Arrays {
+  std::vector<Array> all;
+  void* add(const std::string& name, char type, std::vector<int64_t> shape) {
+    Array a{name, type, std::move(shape), {}};
+    a.buf = rnnkern_emu::guarded_alloc(std::max<size_t>(a.elems() * type_size(type), 1));
+    all.push_back(std::move(a));
+    return all.back().buf.ptr;
+  }
+  // Name, type, rank, shape, then the bytes, for each array.
+  void write(const char* path) const {
+    FILE* f = std::fopen(path, "wb");
+    if (f == nullptr) rnnkern_emu::fail(std::string("cannot write ") + path);
+    for (const Array& a : all) {
+      const uint32_t len = static_cast<uint32_t>(a.name.size()), rank = static_cast<uint32_t>(a.shape.size());
+      std::fwrite(&len, 4, 1, f);
+      std::fwrite(a.name.data(), 1, len, f);
+      std::fwrite(&a.type, 1, 1, f);
+      std::fwrite(&rank, 4, 1, f);
+      std::fwrite(a.shape.data(), 8, rank, f);
+      std::fwrite(a.buf.ptr, 1, a.elems() * type_size(a.type), f);
+    }
+    std::fclose(f);
+  }
+};
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: emulate_layer CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]] [--seed N] [--schedule-seed N] "
+               "[--lengths L0,L1,...] [--reverse] [--no-norms] [--out FILE]\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return usage();
+  std::string spec = argv[1];
+  bool grid_kernels = false;
+  {  // "grid": the grid-wide kernels (make_plan), not in layer_case.h's syntax
+    const size_t a = spec.find(':'), b = spec.find(':', a + 1), c = spec.find(':', b + 1);
+    if (a != std::string::npos && b != std::string::npos && spec.substr(b + 1, c - b - 1) == "grid") {
+      grid_kernels = true;
+      spec = spec.substr(0, b + 1) + "cluster" + spec.substr(c);
+    }
+  }
+  LayerCase c;
+  c.steps = 5;
+  if (!parse_layer_case(spec, c)) return usage();
+  uint64_t seed = 1;
+  bool reverse = false, norms = true;
+  std::vector<int64_t> lengths;
+  std::string out_path = "emulated.bin";
+  g_schedule_seed = 0;
+  bool schedule_set = false;
+  for (int i = 2; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (arg == "--seed" && has_value) {
+      seed = std::strtoull(argv[++i], nullptr, 10);
+    } else if (arg == "--schedule-seed" && has_value) {
+      g_schedule_seed = std::strtoull(argv[++i], nullptr, 10);
+      schedule_set = true;
+    } else if (arg == "--lengths" && has_value) {
+      for (char* p = argv[++i]; *p;) {
+        lengths.push_back(std::strtoll(p, &p, 10));
+        if (*p == ',') ++p;
+      }
+    } else if (arg == "--reverse") {
+      reverse = true;
+    } else if (arg == "--no-norms") {
+      norms = false;
+    } else if (arg == "--out" && has_value) {
+      out_path = argv[++i];
+    } else {
+      return usage();
+    }
+  }
+  if (!schedule_set) g_schedule_seed = seed;
+  const int64_t B = c.batch, H = c.hidden;
+  if (lengths.empty()) lengths.assign(static_cast<size_t>(B), c.steps);
+  if (static_cast<int64_t>(lengths.size()) != B) return usage();
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    if (lengths[i] < 1 || lengths[i] > c.steps || (i > 0 && lengths[i] > lengths[i - 1])) return usage();
+  }
+  const int64_t T = lengths[0];
+  const int G = cell_gates(c.cell), S = cell_workspace_slots(c.cell);
+  const DType d = c.dtype;
+  const char ty = type_of(d), acc = d == DType::F64 ? 'd' : 'f';
+
+  const Plan plan = grid_kernels ? make_plan(c.cell, d, B, H, false, 0)
+                                 : make_cluster_plan(c.cell, d, B, H, false, 0, c.exchange, c.tf32, c.max_cluster);
+  std::printf("plan ok=%d reason=%d cluster=%d blocks=%d units=%d tile_rows=%d copies=%d tf32=%d exchange=%d "
+              "smem_forward=%zu smem_backward=%zu\n",
+              plan.ok ? 1 : 0, static_cast<int>(plan.reason), plan.cluster, plan.blocks, plan.units, plan.tile_rows,
+              plan.copies, plan.tf32 ? 1 : 0, static_cast<int>(plan.exchange), plan.smem_forward, plan.smem_backward);
+  std::fflush(stdout);
+  if (!plan.ok) return 2;
+
+  // The packed geometry: batch_sizes[t] samples at step t, rows offsets[t]...
+  std::vector<int64_t> sizes(static_cast<size_t>(T)), offsets(static_cast<size_t>(T));
+  int64_t N = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t n = 0;
+    for (int64_t len : lengths) n += len > t ? 1 : 0;
+    sizes[static_cast<size_t>(t)] = n;
+    offsets[static_cast<size_t>(t)] = N;
+    N += n;
+  }
+  Arrays arrays;
+  auto* sizes_d = static_cast<int64_t*>(arrays.add("batch_sizes", 'q', {T}));
+  auto* offsets_d = static_cast<int64_t*>(arrays.add("offsets", 'q', {T}));
+  std::memcpy(sizes_d, sizes.data(), sizes.size() * 8);
+  std::memcpy(offsets_d, offsets.data(), offsets.size() * 8);
+  std::mt19937_64 rng(seed);
+  const double w_scale = 1.5 / std::sqrt(static_cast<double>(H));
+  void* xp = arrays.add("xp", ty, {N, G * H});
+  fill(xp, d, static_cast<size_t>(N * G * H), rng, 1.0);
+  void* w_hh = arrays.add("w_hh", ty, {G * H, H});
+  fill(w_hh, d, static_cast<size_t>(G * H * H), rng, w_scale);
+  void* b_hh = arrays.add("b_hh", ty, {G * H});
+  fill(b_hh, d, static_cast<size_t>(G * H), rng, 0.5);
+  void* h0 = arrays.add("h0", ty, {B, H});
+  fill(h0, d, static_cast<size_t>(B * H), rng, 1.0);
+  void* c0 = nullptr;
+  if (c.cell == Cell::LSTM) {
+    c0 = arrays.add("c0", ty, {B, H});
+    fill(c0, d, static_cast<size_t>(B * H), rng, 1.0);
+  }
+  void* grad_out = arrays.add("grad_out", ty, {N, H});
+  fill(grad_out, d, static_cast<size_t>(N * H), rng, 1.0);
+  void* grad_h_n = arrays.add("grad_h_n", ty, {B, H});
+  fill(grad_h_n, d, static_cast<size_t>(B * H), rng, 1.0);
+  void* grad_c_n = nullptr;
+  if (c.cell == Cell::LSTM) {
+    grad_c_n = arrays.add("grad_c_n", ty, {B, H});
+    fill(grad_c_n, d, static_cast<size_t>(B * H), rng, 1.0);
+  }
+
+  ForwardArgs f;
+  f.cell = c.cell;
+  f.dtype = d;
+  f.steps = T;
+  f.batch = B;
+  f.hidden = H;
+  f.sizes = sizes_d;
+  f.offsets = offsets_d;
+  f.reverse = reverse;
+  f.xp = xp;
+  f.w_hh = w_hh;
+  f.b_hh = b_hh;
+  f.h0 = h0;
+  f.c0 = c0;
+  f.out = arrays.add("out", ty, {N, H});
+  f.ws = S > 0 ? arrays.add("ws", acc, {N, S * H}) : nullptr;
+  f.h_n = arrays.add("h_n", ty, {B, H});
+  f.c_n = c.cell == Cell::LSTM ? arrays.add("c_n", ty, {B, H}) : nullptr;
+  g_forward = true;
+  if (!grid_kernels) {
+    g_expected_kernel = [&] {
+      switch (c.cell) {
+        case Cell::LSTM: return detail::cluster_kernel<Cell::LSTM>(true, d, plan.exchange, plan.tf32);
+        case Cell::GRU: return detail::cluster_kernel<Cell::GRU>(true, d, plan.exchange, plan.tf32);
+        case Cell::RNN_TANH: return detail::cluster_kernel<Cell::RNN_TANH>(true, d, plan.exchange, plan.tf32);
+        default: return detail::cluster_kernel<Cell::RNN_RELU>(true, d, plan.exchange, plan.tf32);
+      }
+    }();
+  }
+  if (forward(plan, f, nullptr) != cudaSuccess) rnnkern_emu::fail("the forward's launch failed");
+
+  BackwardArgs bw;
+  bw.cell = c.cell;
+  bw.dtype = d;
+  bw.steps = T;
+  bw.batch = B;
+  bw.hidden = H;
+  bw.sizes = sizes_d;
+  bw.offsets = offsets_d;
+  bw.reverse = reverse;
+  bw.clip = c.clip;
+  bw.grad_out = grad_out;
+  bw.grad_h_n = grad_h_n;
+  bw.grad_c_n = grad_c_n;
+  bw.w_hh = w_hh;
+  bw.h0 = h0;
+  bw.c0 = c0;
+  bw.out = f.out;
+  bw.ws = f.ws;
+  bw.dgates_x = arrays.add("dgates_x", ty, {N, G * H});
+  bw.dgates_h = c.cell == Cell::GRU ? arrays.add("dgates_h", ty, {N, G * H}) : nullptr;
+  bw.grad_h0 = arrays.add("grad_h0", ty, {B, H});
+  bw.grad_c0 = c.cell == Cell::LSTM ? arrays.add("grad_c0", ty, {B, H}) : nullptr;
+  bw.norm_g = norms ? static_cast<float*>(arrays.add("norm_g", 'f', {N})) : nullptr;
+  bw.norm_c = norms && c.cell == Cell::LSTM ? static_cast<float*>(arrays.add("norm_c", 'f', {N})) : nullptr;
+  const size_t scratch = scratch_elements(plan, B);
+  bw.scratch = scratch > 0 ? arrays.add("scratch", 'd', {static_cast<int64_t>(scratch)}) : nullptr;
+  g_forward = false;
+  if (!grid_kernels) {
+    g_expected_kernel = [&] {
+      switch (c.cell) {
+        case Cell::LSTM: return detail::cluster_kernel<Cell::LSTM>(false, d, plan.exchange, plan.tf32);
+        case Cell::GRU: return detail::cluster_kernel<Cell::GRU>(false, d, plan.exchange, plan.tf32);
+        case Cell::RNN_TANH: return detail::cluster_kernel<Cell::RNN_TANH>(false, d, plan.exchange, plan.tf32);
+        default: return detail::cluster_kernel<Cell::RNN_RELU>(false, d, plan.exchange, plan.tf32);
+      }
+    }();
+  }
+  if (backward(plan, bw, nullptr) != cudaSuccess) rnnkern_emu::fail("the backward's launch failed");
+  arrays.write(out_path.c_str());
+  std::printf("wrote %s\n", out_path.c_str());
+  return 0;
+}
