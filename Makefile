@@ -12,7 +12,7 @@ DEPS := $(TORCH_SPEC) triton numpy ninja pybind11 setuptools wheel build pytest 
         pytest-timeout expecttest matplotlib tqdm tensorboard
 PYTEST_ARGS ?=
 
-.PHONY: venv build demo test test-all bench step-trace clean
+.PHONY: venv build demo test test-all bench step-trace emulator clean
 
 $(VENV)/.deps-installed: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: build
 # carry .gpu-bin to the device and scripts/gpu_check.sh's probe stage runs it.
 step-trace:
 	bash scripts/build_step_trace.sh .gpu-bin/step_trace
+
+# The persistent CUDA kernels on the CPU (scripts/emulator; host compiler and CUDA headers, no GPU):
+# tests/test_emulated_kernels.py builds and runs it too.
+emulator:
+	bash scripts/emulator/build.sh build/emulator/emulate_layer
 
 clean:
 	rm -rf build rnnkern/*.so rnnkern/__pycache__
