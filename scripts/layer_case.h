@@ -64,5 +64,20 @@ inline bool parse_layer_case(const std::string& text, LayerCase& c) {
   return c.batch > 0 && c.hidden > 0 && c.steps > 0;
 }
 
+// The fields a layer's ForwardArgs and BackwardArgs share: the case's, with `steps` steps of the
+// packed geometry `sizes` (batch_sizes) and `offsets` (each step's first row).
+template <typename Args>
+void set_layer(Args& a, const LayerCase& c, int64_t steps, const int64_t* sizes, const int64_t* offsets,
+               bool reverse = false) {
+  a.cell = c.cell;
+  a.dtype = c.dtype;
+  a.steps = steps;
+  a.batch = c.batch;
+  a.hidden = c.hidden;
+  a.sizes = sizes;
+  a.offsets = offsets;
+  a.reverse = reverse;
+}
+
 }  // namespace persistent
 }  // namespace rnnkern

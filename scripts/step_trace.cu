@@ -137,18 +137,6 @@ void report(const char* pass, const LayerCase& c, const Plan& plan, float ms, co
   std::fflush(stdout);
 }
 
-// The fields the forward and backward arguments share; `geometry`: [2][T] sizes, then offsets.
-template <typename Args>
-void set_layer(Args& a, const LayerCase& c, const int64_t* geometry) {
-  a.cell = c.cell;
-  a.dtype = c.dtype;
-  a.steps = c.steps;
-  a.batch = c.batch;
-  a.hidden = c.hidden;
-  a.sizes = geometry;
-  a.offsets = geometry + c.steps;
-}
-
 void run_case(const LayerCase& c) {
   const Plan plan = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32, c.max_cluster);
   if (!plan.ok) {
@@ -170,7 +158,7 @@ void run_case(const LayerCase& c) {
   CHECK(cudaMemcpy(geo, geometry.data(), geometry.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
   const float w_scale = 1.0f / std::sqrt(static_cast<float>(H));
   ForwardArgs f;
-  set_layer(f, c, geo);
+  set_layer(f, c, c.steps, geo, geo + c.steps);  // geo: [2][T] sizes, then offsets
   f.xp = buf.random(N * G * H, d, 1.0f);
   f.w_hh = buf.random(static_cast<int64_t>(G) * H * H, d, w_scale);
   f.b_hh = buf.random(static_cast<int64_t>(G) * H, d, w_scale);
@@ -191,7 +179,7 @@ void run_case(const LayerCase& c) {
   report("forward", c, plan, fwd_ms, slots.data(), kForwardPhases);
 
   BackwardArgs b;
-  set_layer(b, c, geo);
+  set_layer(b, c, c.steps, geo, geo + c.steps);
   b.clip = c.clip;
   b.grad_out = buf.random(N * H, d, 1.0f);
   b.grad_h_n = buf.random(B * H, d, 1.0f);

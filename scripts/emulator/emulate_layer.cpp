@@ -150,6 +150,16 @@ struct Arrays {
   }
 };
 
+// The cluster kernel the plan's launch must run (persistent_cluster.cu chooses it the same way).
+const void* case_kernel(Cell cell, bool forward, const Plan& plan, DType d) {
+  switch (cell) {
+    case Cell::LSTM: return detail::cluster_kernel<Cell::LSTM>(forward, d, plan.exchange, plan.tf32);
+    case Cell::GRU: return detail::cluster_kernel<Cell::GRU>(forward, d, plan.exchange, plan.tf32);
+    case Cell::RNN_TANH: return detail::cluster_kernel<Cell::RNN_TANH>(forward, d, plan.exchange, plan.tf32);
+    default: return detail::cluster_kernel<Cell::RNN_RELU>(forward, d, plan.exchange, plan.tf32);
+  }
+}
+
 int usage() {
   std::fprintf(stderr,
                "usage: emulate_layer CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]] [--seed N] [--schedule-seed N] "
@@ -264,14 +274,7 @@ int main(int argc, char** argv) {
   }
 
   ForwardArgs f;
-  f.cell = c.cell;
-  f.dtype = d;
-  f.steps = T;
-  f.batch = B;
-  f.hidden = H;
-  f.sizes = sizes_d;
-  f.offsets = offsets_d;
-  f.reverse = reverse;
+  set_layer(f, c, T, sizes_d, offsets_d, reverse);
   f.xp = xp;
   f.w_hh = w_hh;
   f.b_hh = b_hh;
@@ -282,27 +285,11 @@ int main(int argc, char** argv) {
   f.h_n = arrays.add("h_n", ty, {B, H});
   f.c_n = c.cell == Cell::LSTM ? arrays.add("c_n", ty, {B, H}) : nullptr;
   g_forward = true;
-  if (!grid_kernels) {
-    g_expected_kernel = [&] {
-      switch (c.cell) {
-        case Cell::LSTM: return detail::cluster_kernel<Cell::LSTM>(true, d, plan.exchange, plan.tf32);
-        case Cell::GRU: return detail::cluster_kernel<Cell::GRU>(true, d, plan.exchange, plan.tf32);
-        case Cell::RNN_TANH: return detail::cluster_kernel<Cell::RNN_TANH>(true, d, plan.exchange, plan.tf32);
-        default: return detail::cluster_kernel<Cell::RNN_RELU>(true, d, plan.exchange, plan.tf32);
-      }
-    }();
-  }
+  if (!grid_kernels) g_expected_kernel = case_kernel(c.cell, true, plan, d);
   if (forward(plan, f, nullptr) != cudaSuccess) rnnkern_emu::fail("the forward's launch failed");
 
   BackwardArgs bw;
-  bw.cell = c.cell;
-  bw.dtype = d;
-  bw.steps = T;
-  bw.batch = B;
-  bw.hidden = H;
-  bw.sizes = sizes_d;
-  bw.offsets = offsets_d;
-  bw.reverse = reverse;
+  set_layer(bw, c, T, sizes_d, offsets_d, reverse);
   bw.clip = c.clip;
   bw.grad_out = grad_out;
   bw.grad_h_n = grad_h_n;
@@ -321,16 +308,7 @@ int main(int argc, char** argv) {
   const size_t scratch = scratch_elements(plan, B);
   bw.scratch = scratch > 0 ? arrays.add("scratch", 'd', {static_cast<int64_t>(scratch)}) : nullptr;
   g_forward = false;
-  if (!grid_kernels) {
-    g_expected_kernel = [&] {
-      switch (c.cell) {
-        case Cell::LSTM: return detail::cluster_kernel<Cell::LSTM>(false, d, plan.exchange, plan.tf32);
-        case Cell::GRU: return detail::cluster_kernel<Cell::GRU>(false, d, plan.exchange, plan.tf32);
-        case Cell::RNN_TANH: return detail::cluster_kernel<Cell::RNN_TANH>(false, d, plan.exchange, plan.tf32);
-        default: return detail::cluster_kernel<Cell::RNN_RELU>(false, d, plan.exchange, plan.tf32);
-      }
-    }();
-  }
+  if (!grid_kernels) g_expected_kernel = case_kernel(c.cell, false, plan, d);
   if (backward(plan, bw, nullptr) != cudaSuccess) rnnkern_emu::fail("the backward's launch failed");
   arrays.write(out_path.c_str());
   std::printf("wrote %s\n", out_path.c_str());
