@@ -165,8 +165,13 @@ except ImportError:  # a torch without it
 
 def functorch_transforms() -> List[str]:
     """The torch.func transforms the current call runs under, outermost first ("vmap", "grad" for grad,
-    vjp, jacrev..., "jvp" for jvp, jacfwd...; "functionalize"); [] outside them."""
-    if _peek_interpreter_stack is None or torch.compiler.is_compiling() or _peek_interpreter_stack() is None:
+    vjp, jacrev..., "jvp" for jvp, jacfwd...; "functionalize"); [] outside them. Under torch.compile
+    it is read once per trace, outside the graph (Dynamo cannot trace the interpreter stack, see
+    _on_dynamo_loaded): Dynamo runs a transform it traces (torch.compile(torch.func.grad(f)), or f
+    compiled inside one) with the transform's interpreter on the stack, so the fused backends decline
+    there as in eager mode (reading [] instead ran them on the transform's tensors: an obscure error
+    under grad, a wrong tangent under jvp)."""
+    if _peek_interpreter_stack is None or _peek_interpreter_stack() is None:
         return []
     return [interpreter.key().name.lower() for interpreter in _functorch_interpreters()]
 
@@ -202,6 +207,7 @@ def _on_dynamo_loaded(dynamo) -> None:
             eager_forward = dynamo.disable(_call_forward)
         globals()["_library_flags"] = dynamo.assume_constant_result(_library_flags)
         globals()["_resolve_backend_name"] = dynamo.assume_constant_result(_resolve_backend_name)
+        globals()["functorch_transforms"] = dynamo.assume_constant_result(functorch_transforms)
     variable_builder = builder.VariableBuilder
     original = variable_builder.wrap_module
     if getattr(original, "_rnnkern_patched", False):

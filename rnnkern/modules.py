@@ -157,20 +157,21 @@ class _RnnkernMixin:
             output, hidden = self._run(*parsed)
         return autocast.cast_outputs(output, hidden)
 
-    def _prepare(self, input, hx, refresh=True):
+    def _prepare(self, input, hx, weights=None):
         """(the AutocastPlan of this call or None, the parsed call for _run): forward's checks, without
         running it. Input torch.nn rejects raises torch.nn's own exception; an LSTM's narrower c0 is
-        promoted as torch.nn promotes it. refresh: re-read the weights first (as torch.nn does once per
-        call: a parametrized weight is evaluated there, e.g. spectral_norm's power iteration)."""
-        if refresh:
-            self._update_flat_weights()
+        promoted as torch.nn promotes it. weights: the call's weights, read once per call (as torch.nn
+        does: a parametrized weight is evaluated there, e.g. spectral_norm's power iteration) unless
+        given."""
+        if weights is None:
+            weights = self._call_weights()
         try:
             autocast = _compat.autocast_plan(self, input, hx)
             if autocast is None:
-                return None, self._parse(input, hx)
+                return None, self._parse(input, hx, weights)
             with torch.autocast(autocast.device_type, enabled=False):
                 cast_input, cast_hx = autocast.cast_inputs(input, hx)
-                parsed = self._parse(cast_input, cast_hx, autocast.compute_dtype)
+                parsed = self._parse(cast_input, cast_hx, weights, autocast.compute_dtype)
                 own = (input.data if isinstance(input, PackedSequence) else input).dtype
                 self._check_backend_under_autocast(parsed[3].device, autocast.compute_dtype, own)
                 return autocast, parsed
@@ -179,7 +180,7 @@ class _RnnkernMixin:
             if promoted is not None and promoted[0].device.type == "cpu" and promoted[0].dtype == torch.float64:
                 # torch.nn's CPU LSTM in float64 (its per-op path) takes this c0 and promotes it; elsewhere
                 # whether torch.nn takes it is learnt from torch.nn below.
-                return self._prepare(input, promoted, refresh=False)
+                return self._prepare(input, promoted, weights)
             # torch.nn raises its own exception (type and message) for this input.
             self._torch_class.forward(self, input, hx)
             if isinstance(invalid, _InconsistentModule):
@@ -189,10 +190,23 @@ class _RnnkernMixin:
                     f"was built, or a parameter replaced by one of another shape); torch.nn computes with them "
                     f"regardless, rnnkern does not: build the module anew") from None
             if promoted is not None:
-                return self._prepare(input, promoted, refresh=False)
+                return self._prepare(input, promoted, weights)
             raise RuntimeError(
                 f"rnnkern rejected an input that torch.nn.{self._torch_class.__name__} accepts; "
                 "please report this as a bug") from None
+
+    def _call_weights(self):
+        """The weights of this call, in _flat_weights_names order, as torch.nn's _update_flat_weights reads
+        them. While torch.compile traces, the module is left unchanged: torch.func.functional_call swaps
+        the parameters without updating _flat_weights, so torch.nn's refresh would store the swapped-in
+        tensors there, and Dynamo would carry them out of the graph to store them; inside a torch.func
+        transform they are the transform's wrapped tensors, which cannot leave it (AOTAutograd's
+        "Cannot access storage of TensorWrapper")."""
+        if torch.compiler.is_compiling():
+            return [getattr(self, name) if hasattr(self, name) else None for name in self._flat_weights_names]
+        self._update_flat_weights()
+        # (read once: reading them again would evaluate a parametrized weight once more than torch.nn does)
+        return list(self._flat_weights)
 
     def _check_parameters(self, params):
         """_InconsistentModule unless the parameters are those of the module's configuration: the names
@@ -238,9 +252,10 @@ class _RnnkernMixin:
             return None
         return h0, c0.to(data.dtype)
 
-    def _parse(self, input, hx, weight_dtype=None):
+    def _parse(self, input, hx, weights, weight_dtype=None):
         """Validate like torch.nn and bring the input to rows + sorted hx; _InvalidInput if bad.
-        weight_dtype: cast the (float32/16-bit) weights to it, differentiably (autocast)."""
+        weights: the call's (_call_weights); weight_dtype: cast the (float32/16-bit) weights to it,
+        differentiably (autocast)."""
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         num_directions = 2 if self.bidirectional else 1
@@ -262,9 +277,7 @@ class _RnnkernMixin:
             batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
         _require(data.is_floating_point())
         _require(data.shape[1] == self.input_size)
-        # The weights as _update_flat_weights read them (reading them again would evaluate a
-        # parametrized weight once more than torch.nn does).
-        params = list(self._flat_weights)
+        params = list(weights)
         self._check_parameters(params)
         if weight_dtype is not None:
             params = [_compat._cast(p, weight_dtype) for p in params]
@@ -295,7 +308,7 @@ class _RnnkernMixin:
         return (input, packed, is_batched, data, batch_sizes, sorted_indices, unsorted_indices,
                 states[0], states[1] if is_lstm else None, params)
 
-    def _backend_under_transform(self, transform: str):
+    def _backend_under_transform(self, transform: str, device: torch.device, dtype: torch.dtype):
         """The backend under torch.func's grad or jvp (and what is built on them: vjp, jacrev, jacfwd,
         hessian): the reference backend, whose plain PyTorch ops have the formulas those transforms
         compose; the fused kernels' derivatives are registered with autograd only (under jvp the op would
@@ -306,7 +319,8 @@ class _RnnkernMixin:
                 f"rnnkern backend {name!r} cannot run under torch.func.{transform} (or the transforms built "
                 f"on it): its fused kernels' derivatives are registered with autograd only; use "
                 f"backend=\"reference\" (or \"auto\", which picks it there)")
-        return _backends.get("reference")
+        # (through resolve_backend: under torch.compile, loading the backend's module is no graph break)
+        return _compat.resolve_backend("reference", device, dtype)
 
     def __prepare_scriptable__(self):
         """torch.jit.script: a clear error (TorchScript cannot run rnnkern's Python-side dispatch, and a
@@ -341,7 +355,7 @@ class _RnnkernMixin:
                 f"by a backward through autograd (loss.backward() or torch.autograd.grad)")
         differentiating = [t for t in transforms if t in ("grad", "jvp")]
         if differentiating:
-            backend = self._backend_under_transform(differentiating[-1])
+            backend = self._backend_under_transform(differentiating[-1], data.device, data.dtype)
         else:
             backend = _compat.resolve_backend(self.backend, data.device, data.dtype)
         num_directions = 2 if self.bidirectional else 1
