@@ -94,8 +94,6 @@ cudaError_t CUDARTAPI cudaLaunchCooperativeKernel(const void* kernel, dim3 grid,
 
 namespace {
 
-size_t elem_size(DType d) { return d == DType::F64 ? 8 : d == DType::F32 ? 4 : 2; }
-
 // Values drawn in double and stored in the layer's dtype.
 void fill(void* p, DType d, size_t n, std::mt19937_64& rng, double scale) {
   std::uniform_real_distribution<double> u(-scale, scale);

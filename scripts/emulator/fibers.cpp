@@ -63,7 +63,6 @@ struct Thread;
 struct Barrier {
   int members = 0;  // live threads that take part
   int arrived = 0;
-  uint64_t generation = 0;
   std::vector<Thread*> waiting;
 };
 
@@ -74,7 +73,7 @@ struct Warp {
 };
 
 struct Block {
-  int index = 0, cluster = 0, rank = 0;
+  int cluster = 0, rank = 0;
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
   Barrier barrier;
@@ -112,7 +111,6 @@ struct PendingStore {
 struct Launch {
   LaunchSpec spec;
   const std::function<void()>* body = nullptr;
-  dim3 grid_dim, block_dim;
   std::vector<Block> blocks;
   std::vector<Thread> threads;
   std::vector<Barrier> clusters;
@@ -156,7 +154,6 @@ void park() {
 
 void release(Barrier& b) {
   b.arrived = 0;
-  ++b.generation;
   for (Thread* t : b.waiting) t->wait = Wait::None;
   b.waiting.clear();
   ++g_launch->progress;
@@ -323,7 +320,6 @@ Guarded guarded_alloc(size_t bytes) {
   g.base = base;
   g.mapped = inner + 2 * page;
   g.ptr = base + page + inner - rounded;  // the end against the upper guard page
-  g.bytes = bytes;
   std::memset(g.ptr, 0xff, rounded);       // NaN in every float type until written
   return g;
 }
@@ -356,8 +352,6 @@ void run_launch(const LaunchSpec& spec, const std::function<void()>& body) {
   Launch l;
   l.spec = spec;
   l.body = &body;
-  l.grid_dim = dim3(spec.blocks);
-  l.block_dim = dim3(spec.threads);
   l.rng.seed(spec.seed);
   const int per_cluster = spec.cluster > 0 ? spec.cluster : static_cast<int>(spec.blocks);
   l.blocks.resize(spec.blocks);
@@ -365,7 +359,6 @@ void run_launch(const LaunchSpec& spec, const std::function<void()>& body) {
   l.smem.resize(spec.blocks);
   for (unsigned b = 0; b < spec.blocks; ++b) {
     Block& blk = l.blocks[b];
-    blk.index = static_cast<int>(b);
     blk.cluster = static_cast<int>(b) / per_cluster;
     blk.rank = static_cast<int>(b) % per_cluster;
     l.smem[b] = guarded_alloc(std::max<size_t>(spec.smem, 16));
@@ -395,8 +388,8 @@ void run_launch(const LaunchSpec& spec, const std::function<void()>& body) {
     prepare_stack(t);
   }
   g_launch = &l;
-  blockDim = l.block_dim;
-  gridDim = l.grid_dim;
+  blockDim = dim3(spec.threads);
+  gridDim = dim3(spec.blocks);
   std::vector<Thread*> order;
   order.reserve(count);
   size_t remaining = count;

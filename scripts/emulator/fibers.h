@@ -27,7 +27,6 @@ void run_launch(const LaunchSpec& spec, const std::function<void()>& body);
 // float type) until written.
 struct Guarded {
   unsigned char* ptr = nullptr;
-  size_t bytes = 0;
   unsigned char* base = nullptr;
   size_t mapped = 0;
 };
