@@ -507,8 +507,12 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   // follow each other: each block's phases stay in step with every other's.
   int rows_sent = 0;
   // Every block runs (and has its tables) before any block writes into it. Grid: nobody writes into
-  // another block's shared memory.
-  if constexpr (!Grid) cluster.sync();
+  // another block's shared memory, but the block's own threads must see its tables.
+  if constexpr (Grid) {
+    __syncthreads();
+  } else {
+    cluster.sync();
+  }
 
   // Each step's geometry is loaded at the top of the step before it (the barrier or the acquire that
   // opens a step invalidates L1 (CCTL.IVALL), so every read of it is an L2 round trip, which this way
@@ -816,8 +820,15 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
   }
   // Every block runs (and its mbarriers exist) before any block writes into it. Grid: the exchanged
-  // buffers are global; each is written before it is read in every step.
-  if constexpr (!Grid) cluster.sync();
+  // buffers are global; each is written before it is read in every step. Either way the prologue's
+  // zeros of dh_next/dc_next must land before any thread's phase B writes them: without norms no
+  // barrier comes earlier in the step, and a late zero erased dc_{t-1} (wide LSTM, the GPU's and the
+  // emulator's racecheck, 2026-11-26).
+  if constexpr (Grid) {
+    __syncthreads();
+  } else {
+    cluster.sync();
+  }
 
   // Each thread's first (row, unit) pair of a step: what phases A and B read of it from global memory
   // (grad_out, the saved workspace slots, c/h of the step before, h_t), loaded during the step before
