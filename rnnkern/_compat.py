@@ -147,7 +147,11 @@ def _call_forward(module, input, hx):
 
 def records_no_side_effects() -> Optional[str]:
     """What captures this call without running Python during its backward ("torch.jit.trace",
-    "torch.export"), where the norms (delivered by Python) cannot be recorded; None otherwise."""
+    "torch.export"), where the norms (delivered by Python) cannot be recorded; None otherwise.
+    Under torch.compile it is read once per trace, outside the graph (see _on_dynamo_loaded): the
+    Dynamo of torch 2.11 folds torch.compiler.is_exporting() to True in every trace
+    (pytorch/pytorch#176347, fixed in 2.14), so every compiled module with record_grad_norms warned
+    and dropped its norms (a graph break under fullgraph=True)."""
     if torch.jit.is_tracing():
         return "torch.jit.trace"
     exporting = getattr(torch.compiler, "is_exporting", None)
@@ -208,6 +212,7 @@ def _on_dynamo_loaded(dynamo) -> None:
         globals()["_library_flags"] = dynamo.assume_constant_result(_library_flags)
         globals()["_resolve_backend_name"] = dynamo.assume_constant_result(_resolve_backend_name)
         globals()["functorch_transforms"] = dynamo.assume_constant_result(functorch_transforms)
+        globals()["records_no_side_effects"] = dynamo.assume_constant_result(records_no_side_effects)
     variable_builder = builder.VariableBuilder
     original = variable_builder.wrap_module
     if getattr(original, "_rnnkern_patched", False):
