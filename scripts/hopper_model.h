@@ -1,7 +1,10 @@
 // A modelled Hopper GPU in place of the CUDA runtime's device, attribute and occupancy calls, for the
 // programs that run the planner without a GPU (plan_model.cu, emulator/emulate_layer.cpp):
 //   - a kernel takes at most sharedMemPerBlockOptin bytes of dynamic shared memory;
-//   - one block per SM (the kernels use up to 255 registers of 256 threads: the whole register file);
+//   - one block per SM (the kernels use up to 255 registers of 256 threads: the whole register file).
+//     A floor: the device runs two where a kernel takes at most 128 registers and both blocks' shared
+//     memory fits (an H100 ran 19 clusters of 8 blocks of the float16 LSTM at H = 64, B = 300, where
+//     this model says 14), so plans here may take larger tiles or smaller clusters than there;
 //   - a cluster's blocks are on one GPC: clusters of c blocks resident at once = Σ over the GPCs of
 //     floor(SMs of the GPC / c). The GPC sizes are a model (132 SMs as on H100 SXM / H200), not
 //     measured; the planner's logic, not the device's exact numbers, is what is checked.

@@ -710,24 +710,35 @@ def _assert_16bit_within_torch_nn(cell, dtype, case, grads):
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("capped", [False, True], ids=["smaller-clusters", "larger-tiles"])
 def test_cuda_cluster_large_batch(kernel, dtype, cell, capped, monkeypatch):
-    """A batch that needs more clusters of 16-row tiles than the device runs at once (float16 H = 64:
-    clusters of 8 blocks, B = 300: 19 tiles against at most 16 resident; float64: clusters of 16, B =
-    200: 13 tiles against at most 8). By default the plan keeps 16-row tiles on smaller clusters (more
-    of W_hh per block), all resident; with the cluster size fixed (RNNKERN_CLUSTER_BLOCKS) it takes
-    larger tiles instead (30 rows or more: two MMA row tiles per block; float64: 29 or 50 rows on the
-    FMA register tiles). Against the oracle (float64 at 1e-10; float16 within torch.nn's own error, as
-    test_cuda_16bit_error_within_torch_nn)."""
+    """A batch that needs more clusters of 16-row tiles than the device runs at once (H = 64, float16 on
+    clusters of 8 blocks, float64 on clusters of 16). How many the device runs depends on it (and on
+    the kernels' registers and shared memory: an H100 runs 19 or more clusters of 8 of the float16 LSTM,
+    two blocks per SM), so the batch is found from the plan itself: the smallest number of 16-row tiles
+    that with the cluster size fixed (RNNKERN_CLUSTER_BLOCKS) no longer all fit, less 3 rows (an odd
+    last tile). By default the plan keeps 16-row tiles on smaller clusters (more of W_hh per block),
+    all resident; with the cluster size fixed it takes larger tiles instead (30 rows or more: two MMA
+    row tiles per block; float64: 29 or 50 rows on the FMA register tiles). Against the oracle (float64
+    at 1e-10; float16 within torch.nn's own error, as test_cuda_16bit_error_within_torch_nn)."""
+    device, H, cap = torch.cuda.current_device(), 64, (8 if dtype == torch.float16 else 16)
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
-    B, H = (300 if dtype == torch.float16 else 200), 64
-    if capped:
-        monkeypatch.setenv("RNNKERN_CLUSTER_BLOCKS", "8" if dtype == torch.float16 else "16")
-    plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, torch.cuda.current_device())
+    monkeypatch.setenv("RNNKERN_CLUSTER_BLOCKS", str(cap))
+    for tiles_of_16 in range(2, 257):
+        plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, 16 * tiles_of_16, H, False, device)
+        assert plan[0] and plan[7] == cap, plan
+        if plan[2] // plan[7] < tiles_of_16:
+            break
+    else:
+        raise AssertionError(f"256 tiles of 16 rows on clusters of {cap} all resident: {plan}")
+    B = 16 * tiles_of_16 - 3
+    if not capped:
+        monkeypatch.delenv("RNNKERN_CLUSTER_BLOCKS")
+    plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, device)
     assert plan[0] and plan[7] > 0, plan
     tiles = plan[2] // plan[7]
     if capped:
-        assert tiles < -(-B // 16), plan  # tiles of more than 16 rows
+        assert tiles < tiles_of_16 and plan[7] == cap, (B, plan)  # tiles of more than 16 rows
     else:
-        assert tiles == -(-B // 16) and plan[7] < (8 if dtype == torch.float16 else 16), plan
+        assert tiles == tiles_of_16 and plan[7] < cap, (B, plan)  # smaller clusters
     case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=True, seed=71)
     if dtype == torch.float64:
         clip = pick_clip(case, grads, True)
