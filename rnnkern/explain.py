@@ -40,8 +40,9 @@ def _why_cluster() -> str:
     cap = f", RNNKERN_CLUSTER_BLOCKS={capped}" if capped and forced != "wide" else ""
     if forced in ("cluster", "cluster-async", "wide"):
         return f"RNNKERN_CUDA_KERNEL={forced}{cap}"
-    return ("chosen by auto: float32 or 16-bit, W_hh fits in one cluster and every cluster runs at once; "
-            f"measured faster than the per-step and grid-wide kernels, bench/NOTES.md{cap}")
+    return ("chosen by auto: float32 or 16-bit, W_hh fits in one cluster (or, wide, across up to every SM), "
+            "tiles of at most 16 batch rows and every tile's blocks running at once; measured faster than "
+            f"the per-step and grid-wide kernels, bench/NOTES.md{cap}")
 
 
 def _heuristic_reason(batch, gates, units, hidden, limit) -> str:

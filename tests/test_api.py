@@ -327,17 +327,23 @@ def test_explain_names_the_layer_schedule(monkeypatch):
 @pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in rnnkern.backends()),
                     reason="needs a CUDA GPU and rnnkern's CUDA kernels")
 def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
-    """auto: for a small layer the cluster kernels on sm_90 (float32 and 16-bit; float64 the grid-wide
-    persistent kernel), the grid-wide persistent kernel elsewhere; for a large layer the per-step
-    kernels, with the layer's work per block and step against auto's limit; a forced choice names the
-    variable."""
+    """auto: for a small layer the cluster kernels with the st.async exchange on sm_90 (float32 and
+    16-bit; float64 the grid-wide persistent kernel), the grid-wide persistent kernel elsewhere; for a
+    layer too large for one cluster the wide kernels (16-row tiles); for a large layer whose tiles
+    would be larger the per-step kernels, with the layer's work per block and step against auto's
+    limit; a forced choice names the variable."""
     clusters = torch.cuda.get_device_capability()[0] >= 9
     small = rnnkern.LSTM(8, 256, backend="cuda").cuda()
     text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
     if clusters:
         assert "persistent cluster kernel (chosen by auto" in text and "1 cluster(s) of 16 blocks" in text, text
+        assert "st.async" in text, text
     else:
         assert "persistent kernel, one launch per layer and direction" in text, text
+    wide_auto = rnnkern.LSTM(8, 768, backend="cuda").cuda().half()
+    text = rnnkern.explain(wide_auto, torch.randn(5, 16, 8, device="cuda", dtype=torch.float16))
+    if clusters:
+        assert "persistent wide kernel (chosen by auto" in text and "through L2 with grid barriers" in text, text
     small64 = rnnkern.LSTM(8, 256, backend="cuda").cuda().double()
     text = rnnkern.explain(small64, torch.randn(5, 16, 8, device="cuda", dtype=torch.float64))
     assert "persistent kernel, one launch per layer and direction" in text, text

@@ -26,8 +26,9 @@ namespace {
 // plan allows), "step" (never persistent), "cluster" (the thread-block-cluster kernels wherever their
 // plan allows, sm_90+), "cluster-async" (the same with the st.async/mbarrier exchange,
 // Exchange::ClusterAsync), "wide" (the same kernels spread over up to every SM, exchanging through
-// L2 with grid barriers: Exchange::Grid, for layers too large for one cluster). auto chooses neither
-// of the last two until they are measured. Any other value is an error.
+// L2 with grid barriers: Exchange::Grid, for layers too large for one cluster). auto chooses among
+// cluster-async, wide and the grid-wide persistent kernels by the rules below, else the per-step
+// kernels. Any other value is an error.
 enum class KernelChoice { Auto, Step, Persistent, Cluster, ClusterAsync, Wide };
 
 KernelChoice kernel_choice() {
@@ -75,18 +76,25 @@ bool persistent_pays_off(Cell cell, int64_t batch, int64_t hidden, const persist
 // B=64 float32 18.4 against 42.7; GRU H=512 float16 17.8 against 41.9; RNN-tanh float32 11.2 against
 // 23.7), provided every cluster runs at once: each cluster runs the whole sequence, so a second wave
 // doubles it. float64 (a checking dtype) was not timed and keeps the grid-wide kernels' rule. Tiles
-// of more than 16 rows (the plan's choice for large batches where no smaller cluster makes every
-// cluster resident) are not measured yet: not taken. Large batches on smaller clusters (16-row tiles,
-// the same work per block and step as measured, an exchange with fewer blocks) are.
+// of more than 16 rows are not taken: the wide kernels' 32-row tiles lost to the per-step kernels
+// (H100, 2026-11-26: LSTM B=64 H=1024 float16 41.4 against 37.3). Large batches on smaller clusters
+// (16-row tiles, the same work per block and step as measured) are taken: LSTM B=256 H=256 float16
+// 21.6 against torch.nn's 43.8.
+// The exchange: st.async (Exchange::ClusterAsync) measured faster than the cluster barrier, or level
+// (H100, 2026-11-26, us per step: LSTM B=16 H=256 float16 7.6 against 8.7, float32 12.9 against 14.0;
+// RNN-tanh float32 8.7 against 9.9; GRU H=512 float16 13.0 against 14.8; B=256 21.6 against 22.1;
+// GRU H=256 float16 8.4 against 8.2 and LSTM B=64 float16 9.2 against 9.1 are within noise).
+// Layers too large for one cluster: the same kernels spread over up to every SM (Exchange::Grid,
+// "wide"), with the same rule: LSTM B=16 H=768 float16 18.7 against the per-step 41.6, float32 35.8
+// against 47.6; GRU B=16 H=512 float32 30.3 against 52.3.
+// TF32 (Plan::tf32) where torch allows TF32 for float32 matmuls (torch.backends.cuda.matmul.
+// allow_tf32, off by default: exact float32 otherwise), as the per-step path's cuBLAS GEMMs do:
+// LSTM B=16 H=256 15.2 against 17.0 us per step.
 bool cluster_pays_off(DType dtype, const persistent::Plan& plan) {
   return plan.ok && dtype != DType::F64 && plan.blocks / plan.cluster <= plan.resident_clusters &&
          plan.tile_rows <= 16;
 }
 
-// tf32: torch allows TF32 for float32 matmuls (torch.backends.cuda.matmul.allow_tf32); a forced
-// cluster kernel then runs float32 products on TF32 tensor cores (Plan::tf32), as the per-step
-// path's cuBLAS GEMMs do. auto keeps the exact float32 cluster kernels until the TF32 ones are
-// measured (bench/NOTES.md).
 persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int64_t batch, int64_t hidden,
                                bool proj, int device, bool tf32, int max_cluster) {
   if (choice == KernelChoice::Step) {
@@ -101,9 +109,11 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
     return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32, max_cluster);
   }
   if (choice == KernelChoice::Auto) {
-    persistent::Plan cluster = persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device,
-                                                             persistent::Exchange::ClusterBarrier, false, max_cluster);
-    if (cluster_pays_off(dtype, cluster)) return cluster;
+    for (const persistent::Exchange exchange : {persistent::Exchange::ClusterAsync, persistent::Exchange::Grid}) {
+      const persistent::Plan plan =
+          persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32, max_cluster);
+      if (cluster_pays_off(dtype, plan)) return plan;
+    }
   }
   persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device);
   if (plan.ok && choice == KernelChoice::Auto && !persistent_pays_off(cell, batch, hidden, plan)) {
