@@ -196,7 +196,7 @@ void run_case(const LayerCase& c) {
   float* norms = static_cast<float*>(buf.alloc(2 * N * sizeof(float)));  // norms on, as the bench
   b.norm_g = norms;
   b.norm_c = c.cell == Cell::LSTM ? norms + N : nullptr;
-  b.scratch = buf.alloc(std::max<size_t>(scratch_elements(plan, B), 1) * sizeof(double));
+  b.scratch = buf.alloc(std::max<size_t>(scratch_elements(plan, B, N, true), 1) * sizeof(double));
   const float bwd_ms = time_launches([&] { return backward(plan, b, nullptr); }, trace, trace_bytes);
   CHECK(cudaMemcpy(slots.data(), trace, trace_bytes, cudaMemcpyDeviceToHost));
   report("backward", c, plan, bwd_ms, slots.data(), kBackwardPhases);

@@ -99,9 +99,9 @@ def test_documented_plans(plan):
     # B16 H256: 16 blocks of 16 units, two copies of the backward's exchanged buffers
     assert (p["lstm:f16:cluster:16:256"]["cluster"], p["lstm:f16:cluster:16:256"]["units"]) == (16, 16)
     assert p["lstm:f16:cluster:16:256"]["copies"] == 2 and p["lstm:f32:cluster:16:256"]["cluster"] == 16
-    # 16-bit LSTM H512 at B16 still fits with two copies (~220 of 227 KiB)
+    # 16-bit LSTM H512 at B16 still fits with two copies (~216 of 227 KiB)
     h512 = p["lstm:f16:cluster:16:512"]
-    assert h512["ok"] and h512["copies"] == 2 and 220 * 1024 <= h512["smem_backward"] <= OPTIN
+    assert h512["ok"] and h512["copies"] == 2 and 214 * 1024 <= h512["smem_backward"] <= OPTIN
     # RNN-tanh float16 H256 in one block: forward ~182 KiB, backward ~221 KiB with one copy
     one = p["tanh:f16:cluster/1:16:256"]
     assert (one["cluster"], one["units"], one["copies"]) == (1, 256, 1)

@@ -243,7 +243,7 @@ class CudaStepKernels final : public StepKernels {
     const bool lstm = s.cell == Cell::LSTM;
     const at::Tensor c0 = (lstm && !s.c0.defined()) ? at::zeros_like(s.h0) : s.c0;
     const at::Tensor scratch = at::empty(
-        {static_cast<int64_t>(persistent::scratch_elements(plan, batch))},
+        {static_cast<int64_t>(persistent::scratch_elements(plan, batch, s.out.size(0), s.record_norms))},
         s.workspace.options().dtype(at::kDouble));
     persistent::BackwardArgs a;
     set_layer(a, s.cell, s.out, s.batch_sizes, geometry, s.reverse, batch, hidden);

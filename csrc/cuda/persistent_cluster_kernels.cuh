@@ -22,17 +22,21 @@
 //   A. g = grad_out + dh_next for own units; Σ g² over own units per row -> part_g[r] of every
 //      block (with clipping, which needs ‖g‖ before the cell, or with one copy: see below);
 //                                                                                  cluster barrier
-//      (otherwise to block 0 only, with no barrier: it records ‖g‖ in D)
+//      (otherwise, where ‖g‖ is recorded, to the row's slot of the global norm partials, with no
+//      barrier: they are summed after the loop)
 //   B. with clipping, ‖g‖ per row (the partials summed in rank order: the same bits in every
 //      block) and the clipping; the gate gradients of own units -> dgates rows (global, for the
-//      weight GEMMs) and `dgate` (local); LSTM: Σ dc² over own units -> part_c[r] of block 0;
+//      weight GEMMs) and `dgate` (local); LSTM: Σ dc² over own units -> the global norm partials;
 //   C. this block's share of dh_prev = dgates @ W_hh: the product of its own gate columns with its
 //      W_hh rows, a partial sum for ALL H units, each sent to the unit's owner (inbox[r]): a
 //      reduce-scatter of B×H values per block instead of gathering all B×G×H gate gradients;
 //                                                                                  cluster barrier
 //   D. dh_prev of own units = Σ_r inbox[r] in rank order (+ GRU's direct term) -> dh_next, or
-//      grad_h0 where a sample starts; block 0 turns part_c into ‖dc_t‖ (and part_g into ‖g_t‖
-//      without clipping).
+//      grad_h0 where a sample starts.
+// After the loop, one barrier, then the tile's blocks turn the norm partials into ‖dc_t‖ (and,
+// without clipping, ‖g_t‖) for every row, each summed in rank order. (Summed every step by block 0
+// they were on the critical path: block 0's phase D took ~0.45 µs longer than the others' on the
+// H100, and the next step's exchange waited for it.)
 // Without clipping a step has one barrier, so the exchanged buffers have two copies by step parity:
 // a block writes step s + 2's only after the barrier of step s + 1, which every reader of step s's
 // passes after reading it. (The forward's stage is double-buffered the same way.) Where two copies do
@@ -743,7 +747,6 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   uint64_t* full_g = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);
   uint64_t* full_in = full_g + 2;
   double* part_g_base = reinterpret_cast<double*>(smem_raw + lay.part_g);
-  double* part_c = reinterpret_cast<double*>(smem_raw + lay.part_c);
   A* row_norm = reinterpret_cast<A*>(smem_raw + lay.row_norm);
   A* dh_next = reinterpret_cast<A*>(smem_raw + lay.dh_next);
   A* dc_next = reinterpret_cast<A*>(smem_raw + lay.dc_next);
@@ -751,10 +754,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   A* direct = reinterpret_cast<A*>(smem_raw + lay.direct);
   A* inbox = reinterpret_cast<A*>(smem_raw + lay.inbox);
   // Grid: the tile's part of the global scratch (grid_scratch): the [blocks][Bt] partial sums of g²
-  // and dc² (copied into part_g to be summed), the inboxes; `copy`, `inbox_copy`: the distance to the
-  // other parity's copy.
+  // (copied into part_g to be summed), the inboxes; `copy`, `inbox_copy`: the distance to the other
+  // parity's copy.
   double* grid_part_g = nullptr;
-  double* grid_part_c = nullptr;
   const size_t staged = static_cast<size_t>(blocks) * Bt;  // between the copies in shared memory
   size_t copy = staged, inbox_copy = staged * U;
   if constexpr (Grid) {
@@ -762,17 +764,20 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     double* scratch = static_cast<double*>(a.scratch);
     const size_t tile = blockIdx.x / blocks;
     grid_part_g = scratch + gs.part_g + tile * blocks * Bt;
-    grid_part_c = scratch + gs.part_c + tile * blocks * Bt;
     inbox = reinterpret_cast<A*>(scratch + gs.inbox) + tile * blocks * blocks * Bt * U;
     copy = gs.partials;
     inbox_copy = gs.inboxes;
   }
   // Without clipping, ‖g_t‖ is not needed before the cell backward: with two copies of the exchanged
-  // buffers, its partial sums go to block 0 with the step's only exchange (the reduce-scatter), as the
-  // partial sums of ‖dc_t‖ always do, and a step has one barrier (or mbarrier wait) instead of two.
+  // buffers, its partial sums are stored for after the loop, as the partial sums of ‖dc_t‖ always
+  // are, and a step has one barrier (or mbarrier wait) instead of two.
   const bool clipping = a.clip > 0.0;
   const bool norms_first = clipping || copies == 1;  // the Σ g² exchange before the cell
   const bool norms_g_late = !norms_first && a.norm_g != nullptr, norms_c = C == Cell::LSTM && a.norm_c != nullptr;
+  // [N][2][blocks]: row n's partial sums of g² ([0], norms_g_late) and dc² ([1]) from each block of
+  // its tile (norm_parts_elements), after the Grid scratch.
+  double* norm_parts = static_cast<double*>(a.scratch) +
+                       (Grid ? grid_scratch(static_cast<int>(gridDim.x) / blocks, blocks, Bt, U).elements : 0);
   // A row's own units are nu aligned lanes of a warp (nu a power of two up to 32): the Σ g² and Σ dc²
   // partials by shuffles where the values are computed (row_squares).
   const bool lane_rows = nu > 0 && nu <= 32 && (nu & (nu - 1)) == 0;
@@ -805,14 +810,12 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   }
   for (int i = threadIdx.x; i < 2 * Bt * U; i += kThreads) dh_next[i] = A(0);  // dh_next, dc_next
   // Async: the bytes per batch row this block receives in its inbox each step: the partials of its
-  // units from every other block that owns units (4-unit pieces: send_partials), and in block 0 the
-  // other such blocks' Σ dc² (LSTM, recorded norms) and, without norms_first, Σ g² (recorded norms).
+  // units from every other block that owns units (4-unit pieces: send_partials).
   uint32_t inbox_row_bytes = 0;
   uint32_t parity = 0u;  // Async: bit k: full_g[k]; bit 2 + k: full_in[k]
   if constexpr (Async) {
     if (nu > 0) {
       inbox_row_bytes = (used - 1) * ((nu + 3) / 4) * 4 * sizeof(A);
-      if (rank == 0) inbox_row_bytes += (used - 1) * sizeof(double) * ((norms_c ? 1 : 0) + (norms_g_late ? 1 : 0));
     }
     if (threadIdx.x == 0) {
       for (int k = 0; k < 4; ++k) mbarrier_init(&full_g[k]);
@@ -865,15 +868,13 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     // issued after their reads of step s), so one barrier or wait per step suffices where the norms are
     // not needed before the cell (no clipping). With one copy, the norms' exchange (norms_first) keeps
     // every block within a step of the others.
-    const int par = static_cast<int>(s & 1), pin = copies == 2 ? par : 0;  // pin: part_c, inbox, full_in
+    const int par = static_cast<int>(s & 1), pin = copies == 2 ? par : 0;  // pin: inbox, full_in
     double* part_g = part_g_base + (Grid ? 0 : (part_g_copies(X, copies) == 2 ? par : 0) * copy);  // Grid: staging
-    double* part_c_s = Grid ? nullptr : part_c + pin * copy;
     A* inbox_s = inbox + pin * inbox_copy;
     // Where block `owner`'s inbox of this step is: in its shared memory (the same offset as here), or
     // (Grid) its own [blocks][Bt][U] of the tile's scratch.
     const auto inbox_of = [&](int owner) { return Grid ? inbox_s + static_cast<size_t>(owner) * blocks * Bt * U : inbox_s; };
     double* grid_part_g_s = Grid ? grid_part_g + par * copy : nullptr;
-    double* grid_part_c_s = Grid ? grid_part_c + par * copy : nullptr;
     // Σ over own units of gbuf² in row b (g in phase A, dc after phase B).
     const auto own_squares = [&](int b) {
       double sum = 0.0;
@@ -889,23 +890,13 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       for (int offset = nu / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
       return sum;
     };
-    // Row b's partial sum to block 0's [blocks][Bt] `dst` (Grid: `grid_dst`, global), with this
-    // step's reduce-scatter.
-    const auto square_to_block0 = [&](double* dst, double* grid_dst, int b, double sum) {
-      if constexpr (Grid) {
-        grid_dst[rank * Bt + b] = sum;
-      } else if constexpr (Async) {
-        if (rank == 0) {
-          dst[b] = sum;
-        } else {
-          send_async(dst + rank * Bt + b, sum, 0, &full_in[pin]);
-        }
-      } else {
-        *cluster.map_shared_rank(dst + rank * Bt + b, 0) = sum;
-      }
+    // Row b's partial sum of g² (kind 0) or dc² (kind 1) to its slot of the norm partials, summed
+    // after the loop: a global store nothing in the loop waits for.
+    const auto square_for_later = [&](int kind, int b, double sum) {
+      norm_parts[((row0 + b) * 2 + kind) * blocks + rank] = sum;
     };
-    const auto squares_to_block0 = [&](double* dst, double* grid_dst) {  // every row, from gbuf
-      for (int b = threadIdx.x; b < rows; b += kThreads) square_to_block0(dst, grid_dst, b, own_squares(b));
+    const auto squares_for_later = [&](int kind) {  // every row, from gbuf
+      for (int b = threadIdx.x; b < rows; b += kThreads) square_for_later(kind, b, own_squares(b));
     };
     if constexpr (Async) {
       // This step's phases: each barrier's previous phase (two steps back; one for full_in[0] with one
@@ -942,7 +933,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         const double sum = row_squares(g, valid);
         if (valid && ul == 0) {
           if (!norms_first) {
-            square_to_block0(part_g, grid_part_g_s, b, sum);
+            square_for_later(0, b, sum);
           } else if constexpr (Grid) {
             grid_part_g_s[rank * Bt + b] = sum;
           } else {
@@ -993,7 +984,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
       }
     } else if (norms_g_late && nu > 0 && !lane_rows) {  // blocks without units add nothing
-      squares_to_block0(part_g, grid_part_g_s);
+      squares_for_later(0);
     }
     // (gbuf is rewritten below, and row_norm read; otherwise each thread reads only its own units' g)
     if (norms_first || (norms_g_late && !lane_rows)) __syncthreads();
@@ -1048,7 +1039,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       if constexpr (C == Cell::LSTM) {
         if (c_squares_by_lanes) {
           const double sum = row_squares(dc_out, valid);
-          if (valid && ul == 0) square_to_block0(part_c_s, grid_part_c_s, b, sum);
+          if (valid && ul == 0) square_for_later(1, b, sum);
         }
       }
     }
@@ -1056,7 +1047,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     clock.mark(2);  // B: the cells
     if constexpr (C == Cell::LSTM) {
       // blocks without units add nothing
-      if (norms_c && nu > 0 && !lane_rows) squares_to_block0(part_c_s, grid_part_c_s);
+      if (norms_c && nu > 0 && !lane_rows) squares_for_later(1);
     }
 
     // C: this block's gate columns times its W_hh rows: a partial dh_prev for every unit k, sent to
@@ -1211,34 +1202,34 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         finish_unit(b, ul, sum);
       }
     }
-    // Block 0: ‖dc_t‖ (LSTM) and, without clipping, ‖g_t‖, from the partials of the blocks with units,
-    // summed in rank order (those without add zeros in the clipping path: the same bits).
-    if (rank == 0 && (norms_c || norms_g_late)) {
-      const double* parts_g = part_g;
-      const double* parts_c = part_c_s;
-      if constexpr (Grid) {  // copied as in phase B, into the staging copies (read there already)
-        if (norms_g_late) load_rows_cg(part_g_base, Bt, grid_part_g_s, Bt, rows, used);
-        if (norms_c) load_rows_cg(part_g_base + staged, Bt, grid_part_c_s, Bt, rows, used);
-        __syncthreads();
-        parts_g = part_g_base;
-        parts_c = part_g_base + staged;
-      }
-      for (int b = threadIdx.x; b < rows; b += kThreads) {
-        double sum_g = 0.0, sum_c = 0.0;
-        for (int r = 0; r < used; ++r) {
-          if (norms_g_late) sum_g += parts_g[r * Bt + b];
-          if (norms_c) sum_c += parts_c[r * Bt + b];
-        }
-        if (norms_g_late) a.norm_g[row0 + b] = static_cast<float>(sqrt(sum_g));
-        if (norms_c) a.norm_c[row0 + b] = static_cast<float>(sqrt(sum_c));
-      }
-    }
     __syncthreads();
     clock.mark(5);  // D: the sums of the partials
   }
   clock.finish(a.steps);
-  // Async: as in the forward, no block leaves while another can still address its shared memory.
-  if constexpr (Async) cluster.sync();
+  if (norms_g_late || norms_c) {
+    // Every block's partials are stored (the barrier's release and acquire; read from L2). Each row's
+    // norms from the blocks with units, summed in rank order; the tile's (step, row) pairs spread
+    // over its blocks. The barrier also keeps an async cluster's shared memory alive (below).
+    exchange_barrier<X>(cluster);
+    const int64_t pairs_all = a.steps * Bt;
+    for (int64_t i = static_cast<int64_t>(rank) * kThreads + threadIdx.x; i < pairs_all;
+         i += static_cast<int64_t>(blocks) * kThreads) {
+      const int64_t t = i / Bt;
+      const int b = static_cast<int>(i % Bt);
+      if (b >= rows_below(a.sizes[t], tile0, Bt)) continue;
+      const int64_t row = a.offsets[t] + tile0 + b;
+      const double* parts = norm_parts + row * 2 * blocks;
+      double sum_g = 0.0, sum_c = 0.0;
+      for (int r = 0; r < used; ++r) {
+        if (norms_g_late) sum_g += __ldcg(parts + r);
+        if (norms_c) sum_c += __ldcg(parts + blocks + r);
+      }
+      if (norms_g_late) a.norm_g[row] = static_cast<float>(sqrt(sum_g));
+      if (norms_c) a.norm_c[row] = static_cast<float>(sqrt(sum_c));
+    }
+  } else if constexpr (Async) {
+    cluster.sync();  // as in the forward, no block leaves while another can still address its shared memory
+  }
 #endif
 }
 

@@ -98,15 +98,17 @@ __host__ __device__ inline ForwardLayout forward_layout(const Tables& tb, int ga
 }
 
 struct BackwardLayout {
-  size_t bars, part_g, part_c, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
+  size_t bars, part_g, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
 };
 
 // `copies` of each exchanged buffer, by step parity (Plan::copies; see the backward kernel); the Σ g²
 // partials have two wherever a block may run a step ahead (st.async) or receive them late (2 copies).
-// Grid: part_g, part_c and the inbox are in global memory (BackwardArgs::scratch, grid_scratch, two
-// copies); part_g here holds a copy of the step's partials ([0]: g², [1]: dc² in block 0).
+// Grid: part_g and the inbox are in global memory (BackwardArgs::scratch, grid_scratch, two copies);
+// part_g here holds a copy of the step's partials of g². (The partials of the recorded norms that
+// are not needed in the loop go to global memory in every exchange: norm_parts_elements.)
 __host__ __device__ inline int part_g_copies(Exchange x, int copies) {
-  return (x != Exchange::ClusterBarrier || copies == 2) ? 2 : 1;
+  if (x == Exchange::Grid) return 1;
+  return (x == Exchange::ClusterAsync || copies == 2) ? 2 : 1;
 }
 
 __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int gates, int units, int tile_rows,
@@ -118,7 +120,6 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
   BackwardLayout l;
   l.bars = c.take(async_exchange ? 4 : 0, sizeof(uint64_t));  // full_g[2], full_in[2]
   l.part_g = c.take(part_g_copies(x, copies) * blocks * rows, sizeof(double));  // [copies][blocks][Bt]: Σ g²
-  l.part_c = c.take(in_smem ? copies * blocks * rows : 0, sizeof(double));  // [copies][blocks][Bt]: Σ dc²
   l.row_norm = c.take(rows, acc);                    // [Bt]
   l.dh_next = c.take(ru, acc);  // [Bt][U]: dh_prev of the step processed before, own units
   l.dc_next = c.take(ru, acc);  // [Bt][U] (LSTM)
@@ -140,16 +141,16 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
 
 // Exchange::Grid: what the backward's blocks exchange, in global memory (BackwardArgs::scratch; the
 // offsets and the size in float64 elements) for `tiles` tiles of `blocks` blocks, two copies of each
-// by step parity: the partial sums of g² and dc² ([2][tiles][blocks][Bt] each) and the inboxes
+// by step parity: the partial sums of g² ([2][tiles][blocks][Bt]) and the inboxes
 // ([2][tiles][owner][sender][Bt][U] in the acc dtype, counted as float64: room for float32 too).
 struct GridScratch {
-  size_t part_g, part_c, inbox, elements;
+  size_t part_g, inbox, elements;
   size_t partials, inboxes;  // the elements of one copy
 };
 
 __host__ __device__ inline GridScratch grid_scratch(int tiles, int blocks, int tile_rows, int units) {
   const size_t partials = static_cast<size_t>(tiles) * blocks * tile_rows, inboxes = partials * blocks * units;
-  return {0, 2 * partials, 4 * partials, 4 * partials + 2 * inboxes, partials, inboxes};
+  return {0, 2 * partials, 2 * partials + 2 * inboxes, partials, inboxes};
 }
 
 }  // namespace

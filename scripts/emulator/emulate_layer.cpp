@@ -303,7 +303,7 @@ int main(int argc, char** argv) {
   bw.grad_c0 = c.cell == Cell::LSTM ? arrays.add("grad_c0", ty, {B, H}) : nullptr;
   bw.norm_g = norms ? static_cast<float*>(arrays.add("norm_g", 'f', {N})) : nullptr;
   bw.norm_c = norms && c.cell == Cell::LSTM ? static_cast<float*>(arrays.add("norm_c", 'f', {N})) : nullptr;
-  const size_t scratch = scratch_elements(plan, B);
+  const size_t scratch = scratch_elements(plan, B, N, norms);
   bw.scratch = scratch > 0 ? arrays.add("scratch", 'd', {static_cast<int64_t>(scratch)}) : nullptr;
   g_forward = false;
   if (!grid_kernels) g_expected_kernel = case_kernel(c.cell, false, plan, d);
