@@ -77,7 +77,9 @@ bool persistent_pays_off(Cell cell, int64_t batch, int64_t hidden, const persist
 // 23.7), provided every cluster runs at once: each cluster runs the whole sequence, so a second wave
 // doubles it. float64 (a checking dtype) was not timed and keeps the grid-wide kernels' rule. Tiles
 // of more than 16 rows are not taken: the wide kernels' 32-row tiles lost to the per-step kernels
-// (H100, 2026-11-26: LSTM B=64 H=1024 float16 41.4 against 37.3). Large batches on smaller clusters
+// with norms recorded (H100, 2026-11-26: LSTM B=64 H=1024 float16 41.4 against 37.3 us per step;
+// without norms they won, 34.6 against 36.1; to be revisited with the norm sums after the loop,
+// bench/NOTES.md). Large batches on smaller clusters
 // (16-row tiles, the same work per block and step as measured) are taken: LSTM B=256 H=256 float16
 // 21.6 against torch.nn's 43.8.
 // The exchange: st.async (Exchange::ClusterAsync) measured faster than the cluster barrier, or level
