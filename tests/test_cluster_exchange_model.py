@@ -140,28 +140,26 @@ def phase_of(rows, s, stage):
 def backward_block(c, r, *, hidden, units, rows, mma, acc_bytes, norm_c, norm_g, clipping, copies=2,
                    norms_first=None):
     """cluster_backward_kernel<Async = true>: the Σ g² partials by step parity (full_g[k]); the inbox
-    and the Σ dc² partials in `copies` copies (Plan::copies; full_in[k]). With clipping or one copy
-    (norms_first), each block's Σ g² goes to every block (full_g) before the cell; otherwise to block 0
-    with the reduce-scatter (full_in), as the LSTM's Σ dc² always does (recorded norms), and the step
-    has one wait. norms_first=False with copies=1: what the kernel never does (the negative test)."""
+    in `copies` copies (Plan::copies; full_in[k]). With clipping or one copy (norms_first), each
+    block's Σ g² goes to every block (full_g) before the cell; otherwise the recorded norms' partials
+    (Σ g², and the LSTM's Σ dc² always) go to global memory, summed after the loop (not part of the
+    exchange: norm_c and norm_g then change nothing here), and the step has one wait.
+    norms_first=False with copies=1: what the kernel never does (the negative test)."""
     n = c.blocks
     nu = units_of(r, units, hidden)
     used = -(-hidden // units)
     if norms_first is None:
         norms_first = clipping or copies == 1
-    late_g = norm_g and not norms_first
     inbox_row_bytes = 0
     if nu > 0:  # the kernel's formula
         inbox_row_bytes = (used - 1) * ((nu + 3) // 4) * 4 * acc_bytes
-        if r == 0:
-            inbox_row_bytes += (used - 1) * 8 * (int(norm_c) + int(late_g))
     # The reduce-scatter's stores, as the kernel's loops issue them (send_partials): 4-unit chunks for
     # every k < H in steps of 4 (MMA: two lanes' accumulator pairs traded by a shuffle; float32 on
     # the tensor cores).
     assert not mma or acc_bytes == 4
     pieces = [(k, 4 * acc_bytes) for k in range(0, hidden, 4)]
     for s in range(len(rows)):
-        p, pin = s & 1, s % copies  # the Σ g² partials' copy; the inbox's and Σ dc²'s
+        p, pin = s & 1, s % copies  # the Σ g² partials' copy; the inbox's
         g_phase = sum(1 for q in range(s) if rows[q] > 0 and q & 1 == p)  # steps with rows, this copy
         phase = sum(1 for q in range(s) if rows[q] > 0 and q % copies == pin)
         if norms_first and n > 1 and rows[s] > 0:
@@ -180,19 +178,6 @@ def backward_block(c, r, *, hidden, units, rows, mma, acc_bytes, norm_c, norm_g,
             for q in range(n):
                 for b in range(rows[s]):
                     c.read(r, ("part_g", p, q, b), s, "Σ g²")
-        elif late_g and nu > 0:  # A: Σ g² to block 0, from blocks with units
-            for b in range(rows[s]):
-                if r == 0:
-                    c.buffers[0][("part_g", p, 0, b)] = s
-                else:
-                    c.send(0, ("part_g", p, r, b), s, 8, f"in{pin}", phase)
-        # B: Σ dc² to block 0 (LSTM, recorded norms), from blocks with units
-        if norm_c and nu > 0:
-            for b in range(rows[s]):
-                if r == 0:
-                    c.buffers[0][("part_c", pin, 0, b)] = s
-                else:
-                    c.send(0, ("part_c", pin, r, b), s, 8, f"in{pin}", phase)
         # C: the dh partials of every unit to its owner
         if nu > 0:
             for b in range(rows[s]):
@@ -203,20 +188,13 @@ def backward_block(c, r, *, hidden, units, rows, mma, acc_bytes, norm_c, norm_g,
                         c.send(k // units, ("inbox", pin, r, b, k), s, nbytes, f"in{pin}", phase)
         if inbox_row_bytes > 0 and rows[s] > 0:
             yield (f"in{pin}", phase)
-        # D: own units' sums over the blocks with units; block 0: the norms
+        # D: own units' sums over the blocks with units
         if nu > 0:
             for q in range(used):
                 for b in range(rows[s]):
                     for k, _ in pieces:
                         if k // units == r:
                             c.read(r, ("inbox", pin, q, b, k), s, "dh partial")
-        if r == 0:
-            for q in range(used):
-                for b in range(rows[s]):
-                    if norm_c:
-                        c.read(0, ("part_c", pin, q, b), s, "Σ dc²")
-                    if late_g:
-                        c.read(0, ("part_g", p, q, b), s, "Σ g²")
         yield None
 
 

@@ -742,8 +742,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, X, copies);
   RNNKERN_DYNAMIC_SHARED(smem_raw);
   // Async: full_g[k] completes when the partials of Σ g² of a step of parity k are in (norms_first);
-  // full_in[k] when this block's inbox of that step is (and, in block 0, the partials of Σ dc² and,
-  // otherwise, of Σ g²); with one copy, full_in[0] every step.
+  // full_in[k] when this block's inbox of that step is; with one copy, full_in[0] every step.
   uint64_t* full_g = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);
   uint64_t* full_in = full_g + 2;
   double* part_g_base = reinterpret_cast<double*>(smem_raw + lay.part_g);
@@ -912,9 +911,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
 
     // A: g for own units; its squares summed over own units, to every block (norms_first: with
-    // clipping each needs the norms for the cell), else to block 0 (recorded norms). With lane_rows
-    // the row sums come from the lanes: norms_first puts them in the own slot of part_g (Grid: of the
-    // scratch), from where they are sent below; otherwise they go to block 0 from here.
+    // clipping each needs the norms for the cell), else to the norm partials (recorded norms). With
+    // lane_rows the row sums come from the lanes: norms_first puts them in the own slot of part_g
+    // (Grid: of the scratch), from where they are sent below; otherwise they are stored from here.
     const bool g_squares = norms_first || norms_g_late, g_squares_by_lanes = g_squares && lane_rows;
     for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: row_squares shuffles
       const int pair = base + static_cast<int>(threadIdx.x);
@@ -988,9 +987,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
     // (gbuf is rewritten below, and row_norm read; otherwise each thread reads only its own units' g)
     if (norms_first || (norms_g_late && !lane_rows)) __syncthreads();
-    clock.mark(1);  // the Σ g² partials: exchanged (norms_first), or sent to block 0
+    clock.mark(1);  // the Σ g² partials: exchanged (norms_first), or stored for after the loop
 
-    // B: clipping, the gate gradients of own units (LSTM with lane_rows: Σ dc² to block 0 from here).
+    // B: clipping, the gate gradients of own units (LSTM with lane_rows: Σ dc² stored from here).
     const bool c_squares_by_lanes = norms_c && lane_rows;
     for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: row_squares shuffles
       const int pair = base + static_cast<int>(threadIdx.x);
@@ -1133,7 +1132,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
     clock.mark(3);  // C: thread 0's products and sends
     if constexpr (Async) {
-      __syncthreads();  // the own partials (and block 0's own Σ dc²)
+      __syncthreads();  // the own partials
       if (inbox_row_bytes > 0 && rows > 0) {
         mbarrier_wait(&full_in[pin], (parity >> (2 + pin)) & 1u);
         parity ^= 1u << (2 + pin);
