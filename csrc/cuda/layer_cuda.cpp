@@ -79,9 +79,8 @@ bool persistent_pays_off(Cell cell, int64_t batch, int64_t hidden, const persist
 // of more than 16 rows are not taken: the wide kernels' 32-row tiles lost to the per-step kernels
 // with norms recorded (H100, 2026-11-26: LSTM B=64 H=1024 float16 41.4 against 37.3 us per step;
 // without norms they won, 34.6 against 36.1; to be revisited with the norm sums after the loop,
-// bench/NOTES.md). Large batches on smaller clusters
-// (16-row tiles, the same work per block and step as measured) are taken: LSTM B=256 H=256 float16
-// 21.6 against torch.nn's 43.8.
+// bench/NOTES.md). Large batches on smaller clusters (16-row tiles, the same work per block and step
+// as measured) are taken: LSTM B=256 H=256 float16 21.6 against torch.nn's 43.8.
 // The exchange: st.async (Exchange::ClusterAsync) measured faster than the cluster barrier, or level
 // (H100, 2026-11-26, us per step: LSTM B=16 H=256 float16 7.6 against 8.7, float32 12.9 against 14.0;
 // RNN-tanh float32 8.7 against 9.9; GRU H=512 float16 13.0 against 14.8; B=256 21.6 against 22.1;

@@ -121,7 +121,7 @@ struct BackwardArgs {
   void* grad_c0 = nullptr;         // LSTM: [B, H] input dtype or null
   float* norm_g = nullptr;         // [N] or null (not recorded)
   float* norm_c = nullptr;         // LSTM: [N] or null
-  void* scratch = nullptr;         // float64, scratch_elements(plan, batch) elements
+  void* scratch = nullptr;         // float64, scratch_elements(plan, batch, N, norms recorded) elements
 };
 
 // Elements (float64) of the backward's cross-block scratch buffer for a layer of `rows` packed rows

@@ -755,12 +755,16 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   // Grid: the tile's part of the global scratch (grid_scratch): the [blocks][Bt] partial sums of g²
   // (copied into part_g to be summed), the inboxes; `copy`, `inbox_copy`: the distance to the other
   // parity's copy.
+  // norm_parts: [N][2][blocks], row n's partial sums of g² ([0], norms_g_late below) and dc² ([1])
+  // from each block of its tile, summed after the loop (scratch_elements); after the Grid scratch.
   double* grid_part_g = nullptr;
+  double* norm_parts = static_cast<double*>(a.scratch);
   const size_t staged = static_cast<size_t>(blocks) * Bt;  // between the copies in shared memory
   size_t copy = staged, inbox_copy = staged * U;
   if constexpr (Grid) {
     const GridScratch gs = grid_scratch(static_cast<int>(gridDim.x) / blocks, blocks, Bt, U);
     double* scratch = static_cast<double*>(a.scratch);
+    norm_parts = scratch + gs.elements;
     const size_t tile = blockIdx.x / blocks;
     grid_part_g = scratch + gs.part_g + tile * blocks * Bt;
     inbox = reinterpret_cast<A*>(scratch + gs.inbox) + tile * blocks * blocks * Bt * U;
@@ -773,10 +777,6 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   const bool clipping = a.clip > 0.0;
   const bool norms_first = clipping || copies == 1;  // the Σ g² exchange before the cell
   const bool norms_g_late = !norms_first && a.norm_g != nullptr, norms_c = C == Cell::LSTM && a.norm_c != nullptr;
-  // [N][2][blocks]: row n's partial sums of g² ([0], norms_g_late) and dc² ([1]) from each block of
-  // its tile (norm_parts_elements), after the Grid scratch.
-  double* norm_parts = static_cast<double*>(a.scratch) +
-                       (Grid ? grid_scratch(static_cast<int>(gridDim.x) / blocks, blocks, Bt, U).elements : 0);
   // A row's own units are nu aligned lanes of a warp (nu a power of two up to 32): the Σ g² and Σ dc²
   // partials by shuffles where the values are computed (row_squares).
   const bool lane_rows = nu > 0 && nu <= 32 && (nu & (nu - 1)) == 0;

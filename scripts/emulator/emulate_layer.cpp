@@ -248,28 +248,24 @@ int main(int argc, char** argv) {
   std::memcpy(offsets_d, offsets.data(), offsets.size() * 8);
   std::mt19937_64 rng(seed);
   const double w_scale = 1.5 / std::sqrt(static_cast<double>(H));
-  void* xp = arrays.add("xp", ty, {N, G * H});
-  fill(xp, d, static_cast<size_t>(N * G * H), rng, 1.0);
-  void* w_hh = arrays.add("w_hh", ty, {G * H, H});
-  fill(w_hh, d, static_cast<size_t>(G * H * H), rng, w_scale);
-  void* b_hh = arrays.add("b_hh", ty, {G * H});
-  fill(b_hh, d, static_cast<size_t>(G * H), rng, 0.5);
-  void* h0 = arrays.add("h0", ty, {B, H});
-  fill(h0, d, static_cast<size_t>(B * H), rng, 1.0);
-  void* c0 = nullptr;
-  if (c.cell == Cell::LSTM) {
-    c0 = arrays.add("c0", ty, {B, H});
-    fill(c0, d, static_cast<size_t>(B * H), rng, 1.0);
-  }
-  void* grad_out = arrays.add("grad_out", ty, {N, H});
-  fill(grad_out, d, static_cast<size_t>(N * H), rng, 1.0);
-  void* grad_h_n = arrays.add("grad_h_n", ty, {B, H});
-  fill(grad_h_n, d, static_cast<size_t>(B * H), rng, 1.0);
-  void* grad_c_n = nullptr;
-  if (c.cell == Cell::LSTM) {
-    grad_c_n = arrays.add("grad_c_n", ty, {B, H});
-    fill(grad_c_n, d, static_cast<size_t>(B * H), rng, 1.0);
-  }
+  // An input array of this shape drawn from rng (uniform in [-scale, scale], as `fill`), in this
+  // order: the draws, and so a seed's data, are the program's contract with its readers.
+  const auto random = [&](const char* name, std::vector<int64_t> shape, double scale) {
+    size_t n = 1;
+    for (int64_t extent : shape) n *= static_cast<size_t>(extent);
+    void* p = arrays.add(name, ty, std::move(shape));
+    fill(p, d, n, rng, scale);
+    return p;
+  };
+  const bool lstm = c.cell == Cell::LSTM;
+  void* xp = random("xp", {N, G * H}, 1.0);
+  void* w_hh = random("w_hh", {G * H, H}, w_scale);
+  void* b_hh = random("b_hh", {G * H}, 0.5);
+  void* h0 = random("h0", {B, H}, 1.0);
+  void* c0 = lstm ? random("c0", {B, H}, 1.0) : nullptr;
+  void* grad_out = random("grad_out", {N, H}, 1.0);
+  void* grad_h_n = random("grad_h_n", {B, H}, 1.0);
+  void* grad_c_n = lstm ? random("grad_c_n", {B, H}, 1.0) : nullptr;
 
   ForwardArgs f;
   set_layer(f, c, T, sizes_d, offsets_d, reverse);
