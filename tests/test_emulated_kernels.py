@@ -154,6 +154,14 @@ def oracle(cell, a, dtype, reverse=False, clip=0.0):
     return {k: v.detach() for k, v in res.items()}
 
 
+def test_fast_division(emulator):
+    """The kernels' divisions by launch constants (cuda::FastDiv) agree with / and % (a spread of
+    divisors up to 2^31 - 1, each with small, boundary, largest and random dividends)."""
+    proc = subprocess.run([str(emulator), "--check-division"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("division ok"), proc.stdout
+
+
 def run(emulator, tmp_path, case, *extra, schedule=1):
     path = tmp_path / f"out-{schedule}.bin"
     proc = subprocess.run([str(emulator), case, *extra, "--schedule-seed", str(schedule), "--out", str(path)],
@@ -188,6 +196,11 @@ CASES = [
     ("relu:f32:cluster/4:20:24:4", ("--lengths", ",".join(["4"] * 5 + ["3"] * 5 + ["1"] * 10)), {"cluster": 4}),
     ("relu:f16:cluster:5:48:3:0.5", (), {}),
     ("relu:tf32:async/4:20:16:2", (), {"exchange": 1}),
+    # the forward product with K split over the warps a step's few tensor-core tiles leave idle
+    # (forward_k_splits): 4 parts (RNN H256 on 16 blocks: 2 column tiles of 16 units); 2 parts of
+    # two 16-row tiles (32-row tiles: more samples than one-block clusters of 16 rows fit at once)
+    ("tanh:f16:cluster:16:256:3", (), {"cluster": 16, "units": 16}),
+    ("relu:bf16:async/2:1500:32:2", ("--reverse",), {"cluster": 2, "tile_rows": 32}),
     # norms off (the kernels skip their exchange); one block; the grid-wide kernels (persistent.cu)
     ("lstm:f32:cluster/4:5:40:4", ("--no-norms",), {"cluster": 4}),
     ("gru:f64:async/4:5:40:3:0.5", ("--no-norms",), {"exchange": 1}),

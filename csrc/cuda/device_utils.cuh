@@ -81,6 +81,30 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
   return total;
 }
 
+// Division by a divisor fixed for a whole launch (units per block, tiles per row, ...) as a
+// multiply-high, an add and a shift: a division by a value known only at run time is ~20 dependent
+// instructions, and the persistent kernels had several on every step's critical path (their SASS).
+// Granlund & Montgomery, "Division by invariant integers using multiplication" (1994), fig. 4.1,
+// for 1 <= d < 2^31 and 0 <= n < 2^31 (so that umulhi(n, m) + n < 2^32): s = ceil(log2 d),
+// m = floor(2^32 (2^s - d) / d) + 1, n / d = (umulhi(n, m) + n) >> s.
+struct FastDiv {
+  uint32_t d = 1, m = 1, s = 0;
+  FastDiv() = default;
+  __host__ __device__ explicit FastDiv(int divisor) : d(static_cast<uint32_t>(divisor)) {
+    while ((uint64_t(1) << s) < d) ++s;
+    m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << s) - d)) / d + 1);
+  }
+  __host__ __device__ __forceinline__ int div(int n) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t hi = __umulhi(static_cast<uint32_t>(n), m);
+#else
+    const uint32_t hi = static_cast<uint32_t>((uint64_t(static_cast<uint32_t>(n)) * m) >> 32);
+#endif
+    return static_cast<int>((hi + static_cast<uint32_t>(n)) >> s);
+  }
+  __host__ __device__ __forceinline__ int mod(int n) const { return n - div(n) * static_cast<int>(d); }
+};
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Threads per row-block: a multiple of 32 covering `units` where possible, at most 256.

@@ -103,8 +103,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int un
           }
         }
       }
-#pragma unroll
-      for (int g = 0; g < G; ++g) acc[g] = group_sum(acc[g], lanes);
+      group_sum_each(acc, lanes);
       if (!valid || lane != 0) continue;
       const int u = u0 + ul;
       const int64_t row = row0 + b;

@@ -63,6 +63,7 @@ namespace persistent {
 namespace {
 
 using namespace detail;
+using cuda::FastDiv;
 
 // The K step of one mma.sync: 16 for 16-bit operands, 8 for TF32.
 template <typename T>
@@ -164,19 +165,29 @@ __device__ __forceinline__ void copy_batched(int total, Load load, Store store) 
 
 // Rows [0, rows) of `cols` columns of the row-major `src` (row length src_ld; global memory written by
 // other blocks before the last grid barrier, so read through L2) into `dst` (row length ld),
-// block-wide: 16-byte loads where the rows are whole 16-byte chunks, four loads in flight per thread.
+// block-wide: 16-byte loads where the rows are whole 16-byte chunks, eight loads in flight per thread
+// (wide LSTM B16 H768: the 1,536 chunks of h_{t-1} in one L2 round trip per thread instead of two);
+// `by_row` divides by the 16-byte chunks of a row (cols / V) on that path (FastDiv: a caller that
+// reads the same shape every step builds it once).
 template <typename T>
-__device__ __forceinline__ void load_rows_cg(T* dst, int ld, const T* src, int src_ld, int cols, int rows) {
+__device__ __forceinline__ void load_rows_cg(T* dst, int ld, const T* src, int src_ld, int cols, int rows,
+                                             const FastDiv& by_row) {
   constexpr int V = kChunk / static_cast<int>(sizeof(T));
   if (cols % V == 0 && src_ld % V == 0 && ld % V == 0 && reinterpret_cast<uintptr_t>(src) % kChunk == 0 &&
       reinterpret_cast<uintptr_t>(dst) % kChunk == 0) {
     const int per_row = cols / V;
-    copy_batched<4>(
+    copy_batched<8>(
         rows * per_row,
-        [&](int i) { return __ldcg(reinterpret_cast<const uint4*>(src + static_cast<int64_t>(i / per_row) * src_ld) + i % per_row); },
-        [&](int i, const uint4& v) { reinterpret_cast<uint4*>(dst + (i / per_row) * ld)[i % per_row] = v; });
+        [&](int i) {
+          const int r = by_row.div(i);
+          return __ldcg(reinterpret_cast<const uint4*>(src + static_cast<int64_t>(r) * src_ld) + (i - r * per_row));
+        },
+        [&](int i, const uint4& v) {
+          const int r = by_row.div(i);
+          reinterpret_cast<uint4*>(dst + r * ld)[i - r * per_row] = v;
+        });
   } else {
-    copy_batched<4>(
+    copy_batched<8>(
         rows * cols, [&](int i) { return __ldcg(src + static_cast<int64_t>(i / cols) * src_ld + i % cols); },
         [&](int i, const T& v) { dst[i / cols * ld + i % cols] = v; });
   }
@@ -274,6 +285,16 @@ __device__ __forceinline__ void send4_async(A* dst, const A (&v)[4], int rank, u
   for (int i = 0; i < static_cast<int>(sizeof(A)) / 4; ++i) send_async(reinterpret_cast<uint4*>(dst) + i, words[i], rank, bar);
 }
 
+// Which chunks a block sends to whom (broadcast_columns), fixed for the launch: `per_row` 16-byte
+// chunks of own columns per state row, to `receivers - 1` other blocks (the divisions once: FastDiv).
+struct ColumnSends {
+  int per_row, others, receivers;
+  FastDiv by_others, by_per_row;
+  __device__ ColumnSends(int nu, int receivers_, int elems_per_chunk)
+      : per_row((nu + elems_per_chunk - 1) / elems_per_chunk), others(receivers_ - 1), receivers(receivers_),
+        by_others(max(receivers_ - 1, 1)), by_per_row(max(per_row, 1)) {}
+};
+
 // Copies the block's columns [u0, u0 + nu) of rows [0, rows) of `stage` (row length ld, type T) into
 // the same place of the other blocks [0, receivers), in 16-byte chunks: u0 and ld are whole chunks,
 // and the last chunk of a row past nu holds padding columns (zeros), which it copies as they are.
@@ -282,12 +303,14 @@ __device__ __forceinline__ void send4_async(A* dst, const A (&v)[4], int rank, u
 // the cluster barrier that follows makes visible.
 template <bool Async, typename T>
 __device__ __forceinline__ void broadcast_columns(const cg::cluster_group& cluster, T* stage, int ld, int rows,
-                                                  int u0, int nu, int receivers, int rank, uint64_t* bar) {
+                                                  int u0, const ColumnSends& cs, int rank, uint64_t* bar) {
   constexpr int V = kChunk / static_cast<int>(sizeof(T));
-  const int per_row = (nu + V - 1) / V, others = receivers - 1;
-  for (int i = threadIdx.x; i < rows * per_row * others; i += kThreads) {
-    const int chunk = i / others, dest = (rank + 1 + i % others) % receivers;  // spread the destinations
-    T* p = stage + (chunk / per_row) * ld + u0 + (chunk % per_row) * V;
+  for (int i = threadIdx.x; i < rows * cs.per_row * cs.others; i += kThreads) {
+    const int chunk = cs.by_others.div(i);
+    int dest = rank + 1 + (i - chunk * cs.others);  // spread the destinations
+    if (dest >= cs.receivers) dest -= cs.receivers;
+    const int row = cs.by_per_row.div(chunk);
+    T* p = stage + row * ld + u0 + (chunk - row * cs.per_row) * V;
     const uint4 v = *reinterpret_cast<const uint4*>(p);
     if constexpr (Async) {
       send_async(p, v, dest, bar);
@@ -382,53 +405,82 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 constexpr int kWarps = kThreads / 32;
 constexpr int kMmaGroup = 4;
 
-// The tiles of warp `warp` in pass `item` over `m_tiles` row tiles and `n_tiles` column tiles: its
-// row tile's first row m0, its first column tile, and how many (0: none; warp-uniform).
+// The tiles of a warp in pass `item` over `m_tiles` row tiles: its row tile's first row m0, its
+// first column tile, and how many (0: none; warp-uniform); with K split (forward_k_splits), the part
+// of K it takes.
 struct WarpTiles {
-  int m0, first, count;
+  int m0, first, count, k_part;
 };
-__device__ __forceinline__ WarpTiles warp_tiles(int item, int m_tiles, int n_tiles, int warp) {
-  if (n_tiles < kWarps) {  // `per` row tiles a pass, one column tile a warp
-    const int per = kWarps / n_tiles, sub = warp / n_tiles, m_tile = item * per + sub;
-    return {m_tile * 16, warp % n_tiles, sub < per && m_tile < m_tiles ? 1 : 0};
+// How the warps share a table of `n_tiles` (>= 1) 8-row column tiles, worked out once per launch: the
+// divisions by n_tiles and the like would otherwise open every step's product (SASS: four of them,
+// ~20 dependent instructions each); per step only the row tiles vary (packed sequences). With
+// `splits` > 1 (narrow only, for the tile's `m_tiles_max` row tiles at their most), the warps of a
+// column tile take row tile sub % m_tiles_max and part sub / m_tiles_max of K, all in one pass.
+struct WarpTiling {
+  bool narrow;    // fewer column tiles than warps: `per` row tiles a pass, one column tile a warp
+  int per, sub;   // narrow: row tiles a pass, this warp's among them
+  int col;        // narrow: this warp's column tile
+  int n_tiles, groups;  // otherwise: passes over the column tiles per row tile
+  int splits, split_m_tile, k_part;  // K split: this warp's row tile and part (k_part < splits: busy)
+  FastDiv by_per, by_groups;
+  __device__ WarpTiling(int n_tiles_, int warp, int splits_ = 1, int m_tiles_max = 1)
+      : n_tiles(n_tiles_), splits(splits_) {
+    narrow = n_tiles < kWarps;
+    per = narrow ? kWarps / n_tiles : 1;
+    sub = narrow ? warp / n_tiles : 0;
+    col = narrow ? warp % n_tiles : warp;
+    groups = narrow ? 1 : (n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup);
+    split_m_tile = splits > 1 ? sub % m_tiles_max : 0;
+    k_part = splits > 1 ? sub / m_tiles_max : 0;
+    by_per = FastDiv(per);
+    by_groups = FastDiv(groups);
   }
-  const int groups = (n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup);
-  const int first = item % groups * kWarps * kMmaGroup + warp;
-  const int count = first < n_tiles ? min(kMmaGroup, (n_tiles - first + kWarps - 1) / kWarps) : 0;
-  return {item / groups * 16, first, count};
-}
-// The passes over `m_tiles` row tiles (each warp's loop bound: warp_tiles for item < this).
-__host__ __device__ constexpr int warp_tile_passes(int m_tiles, int n_tiles) {
-  return n_tiles < kWarps ? (m_tiles + kWarps / n_tiles - 1) / (kWarps / n_tiles)
-                          : m_tiles * ((n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup));
-}
+  // The passes over `m_tiles` row tiles (each warp's loop bound: tiles(item, ...) for item < this).
+  __device__ __forceinline__ int passes(int m_tiles) const {
+    if (splits > 1) return 1;
+    return narrow ? by_per.div(m_tiles + per - 1) : m_tiles * groups;
+  }
+  __device__ __forceinline__ WarpTiles tiles(int item, int m_tiles) const {
+    if (splits > 1) return {split_m_tile * 16, col, k_part < splits && split_m_tile < m_tiles ? 1 : 0, k_part};
+    if (narrow) {
+      const int m_tile = item * per + sub;
+      return {m_tile * 16, col, sub < per && m_tile < m_tiles ? 1 : 0, 0};
+    }
+    const int row_tile = by_groups.div(item);
+    const int first = (item - row_tile * groups) * kWarps * kMmaGroup + col;
+    const int count = first < n_tiles ? min(kMmaGroup, (n_tiles - first + kWarps - 1) / kWarps) : 0;
+    return {row_tile * 16, first, count, 0};
+  }
+};
 
 // d[i] = A B_iᵀ over K for the column tiles t.first + kWarps * i, i < t.count: A the 16 rows from `a`
 // (row-major, leading dimension lda), B_i the 8 rows from b + (t.first + kWarps * i) * 8 * ldb, K in
-// steps of kMmaK (columns past K are zeros in both tables). One tile: two accumulators over
-// alternate K steps instead (each mma.sync waits for the one before on the same accumulator).
+// steps of kMmaK (columns past K are zeros in both tables). One tile: kMmaGroup accumulators over
+// the K steps in turn instead, summed pairwise at the end (each mma.sync waits for the one before on
+// the same accumulator: four chains of K / 4 steps instead of one of K), over [k_begin, K) (a part of K:
+// WarpTiles::k_part).
 template <typename T>
 __device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T* a, int lda, const T* b, int ldb,
-                                               const WarpTiles& t, int K, int gid, int tig) {
+                                               const WarpTiles& t, int K, int gid, int tig, int k_begin = 0) {
 #pragma unroll
   for (int i = 0; i < kMmaGroup; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
   uint32_t fa[4], fb[2];
   if (t.count == 1) {
-    for (int k0 = 0; k0 < K; k0 += 2 * kMmaK<T>) {
-      load_a(fa, a, lda, k0, gid, tig);
-      load_b(fb, b, ldb, t.first * 8, k0, gid, tig);
-      mma_step<T>(d[0], fa, fb);
-      if (k0 + kMmaK<T> < K) {
-        load_a(fa, a, lda, k0 + kMmaK<T>, gid, tig);
-        load_b(fb, b, ldb, t.first * 8, k0 + kMmaK<T>, gid, tig);
-        mma_step<T>(d[1], fa, fb);
+    for (int k0 = k_begin; k0 < K; k0 += kMmaGroup * kMmaK<T>) {
+#pragma unroll
+      for (int i = 0; i < kMmaGroup; ++i) {
+        if (k0 + i * kMmaK<T> < K) {
+          load_a(fa, a, lda, k0 + i * kMmaK<T>, gid, tig);
+          load_b(fb, b, ldb, t.first * 8, k0 + i * kMmaK<T>, gid, tig);
+          mma_step<T>(d[i], fa, fb);
+        }
       }
     }
 #pragma unroll
-    for (int e = 0; e < 4; ++e) d[0][e] += d[1][e];
+    for (int e = 0; e < 4; ++e) d[0][e] = (d[0][e] + d[1][e]) + (d[2][e] + d[3][e]);
     return;
   }
-  for (int k0 = 0; k0 < K; k0 += kMmaK<T>) {
+  for (int k0 = k_begin; k0 < K; k0 += kMmaK<T>) {
     load_a(fa, a, lda, k0, gid, tig);
 #pragma unroll
     for (int i = 0; i < kMmaGroup; ++i) {
@@ -442,17 +494,37 @@ __device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T
 
 #endif  // RNNKERN_HAS_CLUSTERS
 
+// The FMA forward product's split of the hp table (ncols rows n of W_hh x the tile's rows) into
+// register tiles of 4 x 4, each `lanes` lanes over K, fixed for the launch: worked out for the tile's
+// rows at their most, so that no step re-derives it (divisions; see FastDiv); a step with fewer rows
+// (packed sequences) leaves the tiles past them idle.
+struct FmaSplit {
+  int ncols, rt, tiles, lanes, lane_bits;
+  FastDiv by_rt;
+  __device__ FmaSplit(int ncols_, int tile_rows)
+      : ncols(ncols_), rt((tile_rows + 3) / 4), tiles(rt * ((ncols_ + 3) / 4)), lanes(lanes_per_pair(tiles)),
+        lane_bits(0), by_rt(rt) {
+    while ((1 << lane_bits) < lanes) ++lane_bits;  // (lanes: a power of two)
+  }
+};
+
 // X: how the blocks exchange state (Plan::exchange). Async: the st.async exchange (mbarriers, no
 // cluster barrier per step). Grid: through global memory (`out`; the backward's scratch) with the
 // grid's barrier where the others have the cluster's ("wide": a tile's blocks need not fit in one
 // cluster). Mma: the products on tensor cores (uses_mma).
-// __launch_bounds__(kThreads, 1): one block per SM is all these kernels need (a tile's cluster runs
-// the whole sequence; the plan counts resident clusters), so registers may go up to 255 a thread.
-// With the default heuristic ptxas held some kernels to 64 and spilled, to local memory whose L1
-// lines each step's barrier (or acquire) invalidates. Now: no spills, at most 216 registers (the wide
-// backward's 16 loads in flight).
+// __launch_bounds__(kThreads, kMinBlocks): one block per SM is all a tile's cluster needs (it runs the
+// whole sequence; the plan counts resident clusters), so the FMA and wide kernels may use up to 255
+// registers a thread (with the default heuristic ptxas held some to 64 and spilled, to local memory
+// whose L1 lines each step's barrier or acquire invalidates). The tensor-core cluster kernels are held
+// to 128 (two blocks an SM): the H100 then runs two clusters' blocks on an SM where shared memory
+// allows, and large batches all their tiles at once (LSTM B256 H256: 16 clusters of 16 blocks on 132
+// SMs). They fit in 128 without spills; the others: no spills, at most 218 (the wide backward's 16
+// loads in flight).
+template <typename T, Exchange X, bool Mma>
+constexpr int kMinBlocks = (Mma && X != Exchange::Grid) ? 2 : 1;
+
 template <Cell C, typename T, Exchange X, bool Mma>
-__global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
 #else
@@ -520,22 +592,36 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
 
   // Each step's geometry is loaded at the top of the step before it (the barrier or the acquire that
   // opens a step invalidates L1 (CCTL.IVALL), so every read of it is an L2 round trip, which this way
-  // overlaps a step's work), and turned into a TileStep at the end of that step, where the prefetches
-  // need it (the arithmetic would wait for the loads).
+  // overlaps a step's work), and turned into a TileStep after that step's product, where the prefetch
+  // of x needs it (the arithmetic would wait for the loads).
   TileStep next_step = tile_step(geo, geo.t_of(0), tile0, Bt);
   StepLoads upcoming{};
   // x_t's projection for this thread's first (row, unit) pair of a step, loaded during the step before
-  // (after its cell phase), so that its L2 latency overlaps that step's exchange and barrier instead
-  // of this step's product; kept in the storage dtype until the cell phase (a conversion would wait for
-  // the loads). Nothing in this launch writes xp.
-  T x_first[G];
-  const auto load_x = [&](const TileStep& st) {
+  // (into x_upcoming before its cell phase, moved to x_first at its end), so that its L2 latency
+  // overlaps that step's cells, sends and exchange instead of this step's product; kept in the storage
+  // dtype until the cell phase (a conversion would wait for the loads). (Issued after the cell phase,
+  // the loads had only the sends to land in: the next step's top waited for them, its own loads sharing
+  // their scoreboard in the SASS.) Nothing in this launch writes xp.
+  T x_first[G], x_upcoming[G];
+  // The step's divisions, worked out once (FastDiv): pairs by units, the tensor-core tiles, the sends.
+  const FastDiv by_nu(max(nu, 1));
+  const int k_splits = tb.hp_splits, hp_copy = tb.state_rows * HP;  // (FMA: 1)
+  const WarpTiling tiling(Mma ? tb.w_rows / 8 : 1, static_cast<int>(threadIdx.x) / 32, k_splits,
+                          tb.state_rows / 16);  // (FMA: unused)
+  // This warp's part of K (all of it unless split), in whole MMA K steps.
+  const int k_padded = round_up(H, kMmaK<T>), k_per_part = round_up((k_padded + k_splits - 1) / k_splits, kMmaK<T>);
+  const int k_begin = min(k_padded, tiling.k_part * k_per_part), k_end = min(k_padded, k_begin + k_per_part);
+  const ColumnSends sends(nu, Async ? used : blocks, kChunk / static_cast<int>(sizeof(T)));
+  const FmaSplit fma(G * U, Bt);
+  const FastDiv by_h_chunks(max(H * static_cast<int>(sizeof(T)) / kChunk, 1));  // Grid: load_rows_cg
+  const auto load_x = [&](T (&into)[G], const TileStep& st) {
     if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
-    const T* x = xp + (st.row0 + threadIdx.x / nu) * GH + u0 + threadIdx.x % nu;
+    const int b = by_nu.div(threadIdx.x);
+    const T* x = xp + (st.row0 + b) * GH + u0 + (threadIdx.x - b * nu);
 #pragma unroll
-    for (int g = 0; g < G; ++g) x_first[g] = x[g * H];
+    for (int g = 0; g < G; ++g) into[g] = x[g * H];
   };
-  load_x(next_step);
+  load_x(x_first, next_step);
   const int64_t steps = (Async && nu == 0) ? 0 : a.steps;
   clock.loop_start();
   for (int64_t s = 0; s < steps; ++s) {
@@ -556,7 +642,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     if constexpr (Grid) {
       // h_{t-1} of the continuing samples, all H columns, as every block stored it to `out` before the
       // grid barrier that ended the step before. (Columns past H keep their zeros.)
-      load_rows_cg(cur, LD, out + prev_row0 * H, H, H, rows_prev);
+      load_rows_cg(cur, LD, out + prev_row0 * H, H, H, rows_prev, by_h_chunks);
     }
     for (int i = threadIdx.x; i < (rows - rows_prev) * H; i += kThreads) {  // samples starting here
       const int b = rows_prev + i / H, k = i % H;
@@ -576,17 +662,18 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     if constexpr (Mma) {
       // 16 x 8 tiles of hp (16 state rows from m0, 8 rows n of W_hh), a warp's share of a row tile
       // together (mma_warp_tiles).
-      const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      const int n_tiles = tb.w_rows / 8, m_tiles = (rows + 15) / 16, passes = warp_tile_passes(m_tiles, n_tiles);
+      const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+      const int m_tiles = (rows + 15) / 16, passes = tiling.passes(m_tiles);
       for (int item = 0; item < passes; ++item) {
-        const WarpTiles t = warp_tiles(item, m_tiles, n_tiles, warp);
+        const WarpTiles t = tiling.tiles(item, m_tiles);
         if (t.count == 0) continue;  // (warp-uniform)
         float d[kMmaGroup][4];
-        mma_warp_tiles<T>(d, cur + t.m0 * LD, LD, w, LD, t, H, gid, tig);  // columns past H: zeros
+        mma_warp_tiles<T>(d, cur + t.m0 * LD, LD, w, LD, t, k_end, gid, tig, k_begin);  // columns past H: zeros
 #pragma unroll
         for (int i = 0; i < kMmaGroup; ++i) {
           if (i < t.count) {
-            A* r0 = hp + (t.m0 + gid) * HP + (t.first + kWarps * i) * 8 + 2 * tig;  // rows past `rows`: not read
+            // (rows past `rows`: not read)
+            A* r0 = hp + t.k_part * hp_copy + (t.m0 + gid) * HP + (t.first + kWarps * i) * 8 + 2 * tig;
             r0[0] = d[i][0];
             r0[1] = d[i][1];
             r0[8 * HP] = d[i][2];
@@ -597,57 +684,73 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     } else if (nu > 0) {
       // Register tiles of 4 rows x 4 rows n of W_hh, K split over `lanes` lanes in chunks of 4
       // columns (16-byte loads for float; one load then feeds 4 FMAs per operand instead of one).
-      // Tiles run row-fastest, so the lanes of a warp share W_hh chunks (broadcast reads).
-      const int ncols = G * U, rt = (rows + 3) / 4, tiles = rt * ((ncols + 3) / 4);
-      const int lanes = lanes_per_pair(tiles);
-      const int groups = kThreads / lanes;
-      const int lane = threadIdx.x % lanes;
-      for (int base = 0; base < tiles; base += groups) {  // uniform trip count: shuffles stay safe
-        const int tile = base + threadIdx.x / lanes;
-        const bool valid = tile < tiles;
-        const int r0 = valid ? tile % rt * 4 : 0, c0 = valid ? tile / rt * 4 : 0;
-        A acc[4][4];
+      // Tiles run row-fastest, so the lanes of a warp share W_hh chunks (broadcast reads). The split
+      // is the launch's (fma: for the tile's rows at their most), rows past `rows` left idle.
+      const int tile = static_cast<int>(threadIdx.x) >> fma.lane_bits;
+      const int lane = static_cast<int>(threadIdx.x) & (fma.lanes - 1);
+      for (int base = 0; base < fma.tiles; base += kThreads >> fma.lane_bits) {  // uniform trip count: shuffles
+        const int r_tile = fma.by_rt.div(base + tile), r0 = 4 * (base + tile - r_tile * fma.rt);
+        const int c0 = 4 * r_tile;
+        const bool valid = base + tile < fma.tiles && r0 < rows;
+        A acc[16];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
-        }
+        for (int i = 0; i < 16; ++i) acc[i] = A(0);
         if (valid) {
           const T* h_rows[4];
           const T* w_rows[4];
 #pragma unroll
           for (int i = 0; i < 4; ++i) {  // clamped: the extra rows' results are not stored
             h_rows[i] = cur + min(r0 + i, rows - 1) * LD;
-            w_rows[i] = w + min(c0 + i, ncols - 1) * LD;
+            w_rows[i] = w + min(c0 + i, fma.ncols - 1) * LD;
           }
-          for (int k = 4 * lane; k < H; k += 4 * lanes) {  // columns past H are zeros in both
-            A hv[4][4], wv[4][4];
+          // One chunk of 4 columns from k: its loads, and its 64 FMAs.
+          const auto load_chunk = [&](A (&hv)[4][4], A (&wv)[4][4], int k) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               load4(hv[i], h_rows[i] + k);
               load4(wv[i], w_rows[i] + k);
             }
+          };
+          const auto fma_chunk = [&](const A (&hv)[4][4], const A (&wv)[4][4]) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
 #pragma unroll
               for (int i = 0; i < 4; ++i) {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] += hv[i][e] * wv[j][e];
+                for (int j = 0; j < 4; ++j) acc[i * 4 + j] += hv[i][e] * wv[j][e];
               }
+            }
+          };
+          const int step = 4 * fma.lanes;  // columns past H are zeros in both tables
+          if constexpr (sizeof(A) == 4) {
+            // Two chunks in flight: the next one's loads issued before this one's FMAs, so that the
+            // shared-memory latency overlaps them (the plain loop waited for its loads every chunk;
+            // float only: a double chunk is twice the registers).
+            A h0[4][4], w0[4][4], h1[4][4], w1[4][4];
+            int k = 4 * lane;
+            if (k < H) load_chunk(h0, w0, k);
+            for (; k < H; k += 2 * step) {
+              if (k + step < H) load_chunk(h1, w1, k + step);
+              fma_chunk(h0, w0);
+              if (k + step >= H) break;
+              if (k + 2 * step < H) load_chunk(h0, w0, k + 2 * step);
+              fma_chunk(h1, w1);
+            }
+          } else {
+            for (int k = 4 * lane; k < H; k += step) {
+              A hv[4][4], wv[4][4];
+              load_chunk(hv, wv, k);
+              fma_chunk(hv, wv);
             }
           }
         }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = group_sum(acc[i][j], lanes);
-        }
+        group_sum_each(acc, fma.lanes);
         if (valid && lane == 0) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-              if (r0 + i < rows && c0 + j < ncols) hp[(r0 + i) * HP + c0 + j] = acc[i][j];
+              if (r0 + i < rows && c0 + j < fma.ncols) hp[(r0 + i) * HP + c0 + j] = acc[i * 4 + j];
             }
           }
         }
@@ -655,10 +758,14 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     }
     __syncthreads();
     clock.mark(1);  // the product
+    if (s + 1 < a.steps) {
+      next_step = tile_step(upcoming, tile0, Bt);
+      load_x(x_upcoming, next_step);
+    }
 
     // The cell for each (row, own unit); h_t to `out` and into every block's next stage.
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
-      const int b = pair / nu, ul = pair % nu, u = u0 + ul;
+      const int b = by_nu.div(pair), ul = pair - b * nu, u = u0 + ul;
       const int64_t row = row0 + b;
       A xv[G];  // x_t's projection
       if (pair == static_cast<int>(threadIdx.x)) {
@@ -670,7 +777,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
       }
       A hh[G];  // h_{t-1} W_hhᵀ + b_hh
 #pragma unroll
-      for (int g = 0; g < G; ++g) hh[g] = A(hp[b * HP + g * U + ul]) + bias[g * U + ul];
+      for (int g = 0; g < G; ++g) {
+        A sum = hp[b * HP + g * U + ul];
+        for (int k = 1; k < k_splits; ++k) sum += hp[k * hp_copy + b * HP + g * U + ul];  // in part order
+        hh[g] = sum + bias[g * U + ul];
+      }
       const bool last = b >= rows_next;  // the sample ends here: h_n (and c_n)
       A prev = A(0), c = A(0);  // c_{t-1} (LSTM) or h_{t-1} (GRU); c_t
       if constexpr (C == Cell::LSTM) {
@@ -689,13 +800,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     }
     clock.mark(2);  // thread 0's cells
     if (s + 1 < a.steps) {
-      next_step = tile_step(upcoming, tile0, Bt);
-      load_x(next_step);
       if (!Grid && blocks > 1 && nu > 0) {
         __syncthreads();
         clock.mark(3);  // the other threads' cells
         // Async: only to the blocks that own units (see `used`).
-        broadcast_columns<Async>(cluster, nxt, LD, rows, u0, nu, Async ? used : blocks, rank, &full[(s + 1) & 1]);
+        broadcast_columns<Async>(cluster, nxt, LD, rows, u0, sends, rank, &full[(s + 1) & 1]);
         clock.mark(4);  // thread 0's sends
       } else {
         clock.sync_mark(3);  // (trace build only: one block or Grid, where nothing follows to wait in)
@@ -712,6 +821,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     } else if constexpr (!Async) {
       cluster.sync();
     }
+#pragma unroll
+    for (int g = 0; g < G; ++g) x_first[g] = x_upcoming[g];  // (after the sends: the moves wait for the loads)
     clock.mark(5);  // the barrier (Async: nothing)
   }
   clock.finish(steps);
@@ -722,7 +833,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
 }
 
 template <Cell C, typename T, Exchange X, bool Mma>
-__global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardArgs a, ClusterShape shape) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backward_kernel(BackwardArgs a, ClusterShape shape) {
 #ifndef RNNKERN_HAS_CLUSTERS
   __trap();  // make_cluster_plan declines devices below sm_90: never launched there
 #else
@@ -834,17 +945,21 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
 
   // Each thread's first (row, unit) pair of a step: what phases A and B read of it from global memory
   // (grad_out, the saved workspace slots, c/h of the step before, h_t), loaded during the step before
-  // (after its phase C), so that their latency overlaps that step's exchange instead of opening this
-  // one. Nothing in this launch writes them.
+  // (after its phase B), so that their latency overlaps that step's product, exchange and sums instead
+  // of opening this one. Nothing in this launch writes them.
   // They stay in their storage dtypes until used (a conversion would wait for the loads).
   struct FirstPair {
     T g_out;
     UnitStateLoads<T, A> state;
     A saved[S > 0 ? S : 1];
   } first;
+  // The step's divisions, worked out once (FastDiv): pairs by units, the tensor-core tiles, the
+  // reduce-scatter's owners.
+  const FastDiv by_nu(max(nu, 1)), by_units(U), by_k_quads((H + 3) / 4), by_blocks(blocks);
+  const WarpTiling tiling((H + 7) / 8, static_cast<int>(threadIdx.x) / 32);
   const auto load_first = [&](const TileStep& st) {
     if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
-    const int b = threadIdx.x / nu, u = u0 + threadIdx.x % nu;
+    const int b = by_nu.div(threadIdx.x), u = u0 + (threadIdx.x - b * nu);
     const int64_t row = st.row0 + b;
     first.g_out = ptrs.grad_out[row * H + u];
 #pragma unroll
@@ -853,7 +968,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
   };
 
   // The steps in reverse of the forward order; each one's geometry loaded at the top of the step
-  // before and turned into a TileStep at its end (see the forward).
+  // before and turned into a TileStep after its phase B (see the forward).
   TileStep next_step = tile_step(geo, geo.t_of(a.steps - 1), tile0, Bt);
   StepLoads upcoming{};
   load_first(next_step);
@@ -918,7 +1033,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: row_squares shuffles
       const int pair = base + static_cast<int>(threadIdx.x);
       const bool valid = pair < pairs;
-      const int b = pair / nu, ul = pair % nu, u = u0 + ul;
+      const int b = by_nu.div(pair), ul = pair - b * nu, u = u0 + ul;
       A g = A(0);
       if (valid) {
         const A incoming = b < rows_next ? dh_next[b * U + ul]
@@ -947,7 +1062,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       // (Grid with lane_rows: each row's one slot was written in the loop above: nothing to send.)
       const int items = Grid ? (lane_rows ? 0 : rows) : rows * blocks;
       for (int i = threadIdx.x; i < items; i += kThreads) {
-        const int b = Grid ? i : i / blocks, r = Grid ? rank : i % blocks;
+        const int q = by_blocks.div(i), b = Grid ? i : q, r = Grid ? rank : i - q * blocks;
         if (lane_rows && r == rank) continue;  // the own slot: written in the loop above
         const double sum = lane_rows ? part_g[rank * Bt + b] : own_squares(b);
         if constexpr (Grid) {
@@ -972,7 +1087,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
         exchange_barrier<X>(cluster);
       }
       if constexpr (Grid) {  // every block's partials at once (one L2 round trip), then as in a cluster
-        load_rows_cg(part_g, Bt, grid_part_g_s, Bt, rows, blocks);
+        load_rows_cg(part_g, Bt, grid_part_g_s, Bt, rows, blocks, FastDiv(max(rows * 8 / kChunk, 1)));  // (double)
         __syncthreads();
       }
       // B: the full norms (the same bits in every block: summed in rank order), for the clipping.
@@ -994,7 +1109,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: row_squares shuffles
       const int pair = base + static_cast<int>(threadIdx.x);
       const bool valid = pair < pairs;
-      const int b = pair / nu, ul = pair % nu, u = u0 + ul;
+      const int b = by_nu.div(pair), ul = pair - b * nu, u = u0 + ul;
       A dc_out = A(0);  // LSTM: this pair's dc_t, for the norms
       if (valid) {
         const int64_t row = row0 + b;
@@ -1044,6 +1159,13 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     }
     __syncthreads();
     clock.mark(2);  // B: the cells
+    // The next step's first pair: a thread last read this step's in phase B, so its loads can go out
+    // now and have phase C, the exchange and phase D to land in (issued after C, the next step's top
+    // waited for them: its own loads share their scoreboard in the SASS).
+    if (s + 1 < a.steps) {
+      next_step = tile_step(upcoming, tile0, Bt);
+      load_first(next_step);
+    }
     if constexpr (C == Cell::LSTM) {
       // blocks without units add nothing
       if (norms_c && nu > 0 && !lane_rows) squares_for_later(1);
@@ -1054,27 +1176,28 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
     // same per instruction whatever its width (scripts/persistent_probe.cu). Units k..k + 3 (k a
     // multiple of 4, and so is U: one owner; past H, slots nobody reads) of row b.
     const auto send_partials = [&](int b, int k, const A (&v)[4]) {
-      A* slot = inbox_of(k / U) + (rank * Bt + b) * U + k % U;
+      const int owner = by_units.div(k);
+      A* slot = inbox_of(owner) + (rank * Bt + b) * U + (k - owner * U);
       if constexpr (Grid) {
         store4(slot, v);
       } else if constexpr (Async) {
-        if (k / U == rank) {
+        if (owner == rank) {
           store4(slot, v);
         } else {
-          send4_async(slot, v, k / U, &full_in[pin]);
+          send4_async(slot, v, owner, &full_in[pin]);
         }
       } else {
-        store4(cluster.map_shared_rank(slot, k / U), v);
+        store4(cluster.map_shared_rank(slot, owner), v);
       }
     };
     if constexpr (Mma) {
       // 16 x 8 tiles: 16 rows b from m0, 8 output units k, a warp's share of a row tile together
       // (mma_warp_tiles; K: the block's G * U gate columns).
-      const int warp = threadIdx.x / 32, gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      const int k_tiles = (H + 7) / 8, m_tiles = (rows + 15) / 16;
-      const int passes = nu > 0 ? warp_tile_passes(m_tiles, k_tiles) : 0;
+      const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
+      const int m_tiles = (rows + 15) / 16;
+      const int passes = nu > 0 ? tiling.passes(m_tiles) : 0;
       for (int item = 0; item < passes; ++item) {
-        const WarpTiles t = warp_tiles(item, m_tiles, k_tiles, warp);
+        const WarpTiles t = tiling.tiles(item, m_tiles);
         if (t.count == 0) continue;  // (warp-uniform)
         float d[kMmaGroup][4];
         mma_warp_tiles<T>(d, dgate16 + t.m0 * LDN, LDN, wt, LDN, t, G * U, gid, tig);  // columns past G * U: zeros
@@ -1099,24 +1222,47 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       // 16-byte store.
       const int kt = (H + 3) / 4;
       for (int tile = threadIdx.x; tile < (rows + 3) / 4 * kt; tile += kThreads) {
-        const int r0 = tile / kt * 4, k0 = tile % kt * 4;
+        const int r_tile = by_k_quads.div(tile), r0 = r_tile * 4, k0 = (tile - r_tile * kt) * 4;
         A acc[4][4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
 #pragma unroll
           for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
         }
+        // Gate column n's contribution: its 4 rows of dgate (rows past `rows`: stale values, results
+        // not stored) times its W_hh row's 4 units (columns past H: zeros).
+        const auto load_column = [&](A (&dv)[4], A (&wv)[4], int n) {
+          load4(dv, dgate + n * BtP + r0);
+          load4(wv, w + n * LD + k0);
+        };
+        const auto fma_column = [&](const A (&dv)[4], const A (&wv)[4]) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] += dv[i] * wv[j];
+          }
+        };
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          for (int ul = 0; ul < nu; ++ul) {
-            const int n = g * U + ul;
-            A dv[4], wv[4];
-            load4(dv, dgate + n * BtP + r0);  // rows past `rows`: stale values, results not stored
-            load4(wv, w + n * LD + k0);       // columns past H: zeros
+          if constexpr (sizeof(A) == 4) {
+            // Four columns' loads in flight before their FMAs (the plain loop waited for its two
+            // loads every 16 FMAs; float only: a double column is twice the registers).
+            for (int ul = 0; ul < nu; ul += 4) {
+              A dv[4][4], wv[4][4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+              for (int q = 0; q < 4; ++q) {
+                if (ul + q < nu) load_column(dv[q], wv[q], g * U + ul + q);
+              }
 #pragma unroll
-              for (int j = 0; j < 4; ++j) acc[i][j] += dv[i] * wv[j];
+              for (int q = 0; q < 4; ++q) {
+                if (ul + q < nu) fma_column(dv[q], wv[q]);
+              }
+            }
+          } else {
+            for (int ul = 0; ul < nu; ++ul) {
+              A dv[4], wv[4];
+              load_column(dv, wv, g * U + ul);
+              fma_column(dv, wv);
             }
           }
         }
@@ -1125,10 +1271,6 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
           if (r0 + i < rows) send_partials(r0 + i, k0, acc[i]);
         }
       }
-    }
-    if (s + 1 < a.steps) {
-      next_step = tile_step(upcoming, tile0, Bt);
-      load_first(next_step);
     }
     clock.mark(3);  // C: thread 0's products and sends
     if constexpr (Async) {
@@ -1183,8 +1325,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
             for (int e = 0; e < 4; ++e) acc[e] += v[j][e];
           }
         }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[e] = group_sum(acc[e], parts);
+        group_sum_each(acc, parts);
         if (valid && part == 0) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
@@ -1195,7 +1336,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_backward_kernel(BackwardA
       }
     } else {
       for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
-        const int b = pair / nu, ul = pair % nu;
+        const int b = by_nu.div(pair), ul = pair - b * nu;
         A sum = C == Cell::GRU ? direct[b * U + ul] : A(0);
         for (int r = 0; r < used; ++r) sum += inbox_s[(r * Bt + b) * U + ul];
         finish_unit(b, ul, sum);

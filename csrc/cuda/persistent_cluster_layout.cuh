@@ -33,9 +33,21 @@ struct Tables {
   int w_rows;      // forward: W_hh rows, n = g * U + ul (G * U, padded to 8 for MMA)
   int state_rows;  // rows of a state stage (Bt; for MMA rounded up to 16)
   int hp_ld;       // forward: columns of the product hp[b][n] (w_rows)
+  int hp_splits;   // forward, MMA: parts K is split into (forward_k_splits), a copy of hp each
   int ldn;         // backward, MMA: row length of dgate[b][n] and of W_hhᵀ rows wt[k][n]
   int wt_rows;     // backward, MMA: rows of wt (H padded to 8)
 };
+
+// Forward, tensor cores: where a step has fewer 16 x 8 tiles of hp (n_tiles 8-row column tiles x
+// m_tiles 16-row row tiles) than the block has warps, the spare warps each take a share of K instead
+// of idling (RNN H256 on 16 blocks: 2 tiles, so 2 warps ran 16 dependent K steps each while 6 waited);
+// this many parts, each into its own copy of hp, which the cell phase sums in part order.
+__host__ __device__ inline int forward_k_splits(int n_tiles, int m_tiles) {
+  const int warps = kThreads / 32;
+  if (n_tiles >= warps || n_tiles < 1 || m_tiles < 1) return 1;
+  const int per = warps / n_tiles;  // row tiles a pass (WarpTiling)
+  return m_tiles <= per ? per / m_tiles : 1;
+}
 
 __host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, int gates, int units, int tile_rows) {
   const int chunk = kChunk / elem;
@@ -46,6 +58,7 @@ __host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, in
   t.w_rows = mma ? round_up(gates * units, 8) : gates * units;
   t.state_rows = mma ? round_up(tile_rows, 16) : tile_rows;  // MMA: whole 16-row tiles
   t.hp_ld = t.w_rows;
+  t.hp_splits = mma ? forward_k_splits(t.w_rows / 8, t.state_rows / 16) : 1;
   t.ldn = mma ? round_up(gates * units, k_step) + chunk : 0;
   t.wt_rows = mma ? round_up(hidden, 8) : 0;
   return t;
@@ -89,7 +102,7 @@ __host__ __device__ inline ForwardLayout forward_layout(const Tables& tb, int ga
   l.bars = c.take(x == Exchange::ClusterAsync ? 2 : 0, sizeof(uint64_t));  // [2]: stage s % 2 complete
   l.bias = c.take(static_cast<size_t>(gates) * units, acc);      // [G][U]: b_hh of own units
   l.own_c = c.take(static_cast<size_t>(tile_rows) * units, acc);  // [Bt][U]: LSTM c_{t-1}
-  l.hp = c.take(static_cast<size_t>(tb.state_rows) * tb.hp_ld, acc);  // [state_rows][HP]
+  l.hp = c.take(static_cast<size_t>(tb.hp_splits) * tb.state_rows * tb.hp_ld, acc);  // [splits][state_rows][HP]
   l.w = c.take(static_cast<size_t>(tb.w_rows) * tb.ld, elem);         // [w_rows][LD]
   // [2][state_rows][LD] (Grid: [1][state_rows][LD])
   l.stage = c.take((x == Exchange::Grid ? 1 : 2) * static_cast<size_t>(tb.state_rows) * tb.ld, elem);

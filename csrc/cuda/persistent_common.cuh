@@ -63,6 +63,20 @@ __device__ __forceinline__ A group_sum(A v, int lanes) {
   return v;
 }
 
+// group_sum of each of N values (the same tree, so the same bits), the values' shuffles of one level
+// issued together: one loop per value made each value's shuffle-add chain wait for the one before
+// (the float FMA product's 16 sums were ~1,000 cycles of latency a step; its SASS).
+template <int N, typename A>
+__device__ __forceinline__ void group_sum_each(A (&v)[N], int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) {
+    A got[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) got[i] = __shfl_xor_sync(0xffffffffu, v[i], offset);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] += got[i];
+  }
+}
+
 
 // v through the storage dtype T and back: the state another step will read as T (GRU's h) is kept
 // rounded as if it had been stored.

@@ -5,6 +5,7 @@
 // float64 oracle.
 //   emulate_layer CASE [--seed N] [--schedule-seed N] [--lengths L0,L1,...] [--reverse] [--no-norms]
 //                 [--out FILE]
+//   emulate_layer --check-division      (cuda::FastDiv against / and %; exit 0 when all agree)
 // CASE: scripts/layer_case.h (CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]]); KERNEL also "grid" (the grid-wide
 // kernels of persistent.cu). --lengths: each sample's length (packed, sorted longest first; default
 // all T). Prints the plan on stdout. Exit status: 0 done, 2 bad arguments or a declined plan, 3-6 the
@@ -161,14 +162,55 @@ const void* case_kernel(Cell cell, bool forward, const Plan& plan, DType d) {
 int usage() {
   std::fprintf(stderr,
                "usage: emulate_layer CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]] [--seed N] [--schedule-seed N] "
-               "[--lengths L0,L1,...] [--reverse] [--no-norms] [--out FILE]\n");
+               "[--lengths L0,L1,...] [--reverse] [--no-norms] [--out FILE]\n"
+               "       emulate_layer --check-division\n");
   return 2;
 }
 
 }  // namespace
 
+// cuda::FastDiv (the kernels' divisions by launch constants) against `/` and `%`: every divisor up to
+// 4096 and a spread of larger ones, each with every dividend up to 4096, those around multiples of
+// the divisor and of powers of two, the largest ones, and random ones; the same code as the kernels
+// run (on the GPU its multiply-high is __umulhi, the same 32 x 32 -> upper 32 bits).
+int check_division() {
+  std::mt19937_64 rng(12345);
+  std::vector<int> divisors;
+  for (int d = 1; d <= 4096; ++d) divisors.push_back(d);
+  for (int k = 12; k < 31; ++k) {
+    for (int e : {-1, 0, 1}) divisors.push_back((1 << k) + e);
+  }
+  divisors.push_back(2147483647);
+  for (int i = 0; i < 2000; ++i) divisors.push_back(static_cast<int>(rng() % 2147483647u) + 1);
+  int64_t checks = 0;
+  for (const int d : divisors) {
+    const cuda::FastDiv f(d);
+    std::vector<int> ns;
+    for (int n = 0; n <= 4096; ++n) ns.push_back(n);
+    for (int64_t m = 1; m <= 64; ++m) {
+      for (int64_t e = -1; e <= 1; ++e) {
+        const int64_t n = m * d + e, p = (int64_t(1) << (m % 31 + 1)) + e;
+        if (n >= 0 && n < 2147483648LL) ns.push_back(static_cast<int>(n));
+        if (p >= 0 && p < 2147483648LL) ns.push_back(static_cast<int>(p));
+      }
+    }
+    for (int i = 0; i < 64; ++i) ns.push_back(2147483647 - i);
+    for (int i = 0; i < 256; ++i) ns.push_back(static_cast<int>(rng() % 2147483648u));
+    for (const int n : ns) {
+      ++checks;
+      if (f.div(n) != n / d || f.mod(n) != n % d) {
+        std::printf("division wrong: %d / %d gave %d rem %d, not %d rem %d\n", n, d, f.div(n), f.mod(n), n / d, n % d);
+        return 1;
+      }
+    }
+  }
+  std::printf("division ok: %lld checks over %zu divisors\n", static_cast<long long>(checks), divisors.size());
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) return usage();
+  if (std::strcmp(argv[1], "--check-division") == 0) return check_division();
   std::string spec = argv[1];
   bool grid_kernels = false;
   {  // "grid": the grid-wide kernels (make_plan), not in layer_case.h's syntax

@@ -21,7 +21,22 @@ RNNKERN_HD double rk_exp(double x) { return exp(x); }
 RNNKERN_HD float rk_tanh(float x) { return tanhf(x); }
 RNNKERN_HD double rk_tanh(double x) { return tanh(x); }
 // 1 / (1 + e^-x): saturates cleanly to 0 and 1, and propagates NaN.
-RNNKERN_HD float rk_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+// On the GPU the reciprocal is the hardware's (rcp.approx, within 1 ulp) refined by one Newton step,
+// not the IEEE division: that one branches to a slow path for huge or tiny divisors, and the branch
+// kept the compiler from overlapping a cell's three sigmoids, a serial chain on every step of the
+// persistent kernels (their SASS). 1 + e^-x >= 1, so only +inf needs care (where the Newton step
+// would turn rcp(inf) = 0 into NaN).
+RNNKERN_HD float rk_sigmoid(float x) {
+#ifdef __CUDA_ARCH__
+  const float d = 1.0f + expf(-x);
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  r = fmaf(r, fmaf(-d, r, 1.0f), r);
+  return d == INFINITY ? 0.0f : r;
+#else
+  return 1.0f / (1.0f + expf(-x));
+#endif
+}
 RNNKERN_HD double rk_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 // ReLU that propagates NaN as torch.relu does (NaN > 0 is false, so test x < 0 instead).
 RNNKERN_HD float rk_relu(float x) { return x < 0.0f ? 0.0f : x; }
