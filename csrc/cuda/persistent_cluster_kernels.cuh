@@ -287,27 +287,34 @@ __device__ __forceinline__ void send4_async(A* dst, const A (&v)[4], int rank, u
 
 // Which chunks a block sends to whom (broadcast_columns), fixed for the launch: `per_row` 16-byte
 // chunks of own columns per state row, to `receivers - 1` other blocks (the divisions once: FastDiv).
+// warp_level: own units are a whole number of chunks (all but a last block with a ragged share of H),
+// so the 32 (row, unit) pairs of a warp's pass are whole chunks (pair / V is the chunk), and each
+// warp can send its own as soon as its cells are done.
 struct ColumnSends {
   int per_row, others, receivers;
+  bool warp_level;
   FastDiv by_others, by_per_row;
   __device__ ColumnSends(int nu, int receivers_, int elems_per_chunk)
       : per_row((nu + elems_per_chunk - 1) / elems_per_chunk), others(receivers_ - 1), receivers(receivers_),
-        by_others(max(receivers_ - 1, 1)), by_per_row(max(per_row, 1)) {}
+        warp_level(nu % elems_per_chunk == 0), by_others(max(receivers_ - 1, 1)), by_per_row(max(per_row, 1)) {}
 };
 
-// Copies the block's columns [u0, u0 + nu) of rows [0, rows) of `stage` (row length ld, type T) into
-// the same place of the other blocks [0, receivers), in 16-byte chunks: u0 and ld are whole chunks,
-// and the last chunk of a row past nu holds padding columns (zeros), which it copies as they are.
-// Async: each chunk an st.async completing on the receiver's twin of `bar` (a receiver expects rows *
-// (Σ over the other blocks of their chunks per row) * 16 bytes); otherwise a plain remote store, which
+// Copies chunks [c_begin, c_end) of the block's columns [u0, u0 + nu) of `stage` (row length ld,
+// type T; chunk c: row c / per_row, columns u0 + (c % per_row) * V ...) into the same place of the
+// other blocks [0, receivers), the (chunk, destination) pairs shared by the threads `first`,
+// `first + stride`, ... (the block's or one warp's). u0 and ld are whole chunks, and the last chunk
+// of a row past nu holds padding columns (zeros), which it copies as they are. Async: each chunk an
+// st.async completing on the receiver's twin of `bar` (a receiver expects rows * (Σ over the other
+// blocks of their chunks per row) * 16 bytes, in any order); otherwise a plain remote store, which
 // the cluster barrier that follows makes visible.
 template <bool Async, typename T>
-__device__ __forceinline__ void broadcast_columns(const cg::cluster_group& cluster, T* stage, int ld, int rows,
-                                                  int u0, const ColumnSends& cs, int rank, uint64_t* bar) {
+__device__ __forceinline__ void broadcast_columns(const cg::cluster_group& cluster, T* stage, int ld, int u0,
+                                                  const ColumnSends& cs, int rank, uint64_t* bar, int c_begin,
+                                                  int c_end, int first, int stride) {
   constexpr int V = kChunk / static_cast<int>(sizeof(T));
-  for (int i = threadIdx.x; i < rows * cs.per_row * cs.others; i += kThreads) {
-    const int chunk = cs.by_others.div(i);
-    int dest = rank + 1 + (i - chunk * cs.others);  // spread the destinations
+  for (int i = first; i < (c_end - c_begin) * cs.others; i += stride) {
+    const int q = cs.by_others.div(i), chunk = c_begin + q;
+    int dest = rank + 1 + (i - q * cs.others);  // spread the destinations
     if (dest >= cs.receivers) dest -= cs.receivers;
     const int row = cs.by_per_row.div(chunk);
     T* p = stage + row * ld + u0 + (chunk - row * cs.per_row) * V;
@@ -763,59 +770,74 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
       load_x(x_upcoming, next_step);
     }
 
-    // The cell for each (row, own unit); h_t to `out` and into every block's next stage.
-    for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
-      const int b = by_nu.div(pair), ul = pair - b * nu, u = u0 + ul;
-      const int64_t row = row0 + b;
-      A xv[G];  // x_t's projection
-      if (pair == static_cast<int>(threadIdx.x)) {
+    // The cell for each (row, own unit); h_t to `out` and into every block's next stage: sent by each
+    // warp as soon as its pairs' cells are done where they are whole chunks (ColumnSends::warp_level),
+    // else by the block after them all.
+    constexpr int V = kChunk / static_cast<int>(sizeof(T));
+    const bool sending = !Grid && blocks > 1 && nu > 0 && s + 1 < a.steps;
+    const bool warp_sends = sending && sends.warp_level;
+    uint64_t* const sent_bar = Async ? &full[(s + 1) & 1] : nullptr;  // Async: only to the blocks with units (`used`)
+    for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: the warps' sends sync
+      const int pair = base + static_cast<int>(threadIdx.x);
+      if (pair < pairs) {
+        const int b = by_nu.div(pair), ul = pair - b * nu, u = u0 + ul;
+        const int64_t row = row0 + b;
+        A xv[G];  // x_t's projection
+        if (base == 0) {
 #pragma unroll
-        for (int g = 0; g < G; ++g) xv[g] = A(load(&x_first[g]));
-      } else {
+          for (int g = 0; g < G; ++g) xv[g] = A(load(&x_first[g]));
+        } else {
 #pragma unroll
-        for (int g = 0; g < G; ++g) xv[g] = A(load(xp + row * GH + g * H + u));
-      }
-      A hh[G];  // h_{t-1} W_hhᵀ + b_hh
+          for (int g = 0; g < G; ++g) xv[g] = A(load(xp + row * GH + g * H + u));
+        }
+        A hh[G];  // h_{t-1} W_hhᵀ + b_hh
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        A sum = hp[b * HP + g * U + ul];
-        for (int k = 1; k < k_splits; ++k) sum += hp[k * hp_copy + b * HP + g * U + ul];  // in part order
-        hh[g] = sum + bias[g * U + ul];
+        for (int g = 0; g < G; ++g) {
+          A sum = hp[b * HP + g * U + ul];
+          for (int k = 1; k < k_splits; ++k) sum += hp[k * hp_copy + b * HP + g * U + ul];  // in part order
+          hh[g] = sum + bias[g * U + ul];
+        }
+        const bool last = b >= rows_next;  // the sample ends here: h_n (and c_n)
+        A prev = A(0), c = A(0);  // c_{t-1} (LSTM) or h_{t-1} (GRU); c_t
+        if constexpr (C == Cell::LSTM) {
+          prev = b < rows_prev ? own_c[b * U + ul] : A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u));
+        } else if constexpr (C == Cell::GRU) {
+          prev = A(load(cur + b * LD + u));
+        }
+        const A h = forward_unit<C, A>(xv, hh, prev, ws + row * S * H, H, u, c);
+        if constexpr (C == Cell::LSTM) {
+          own_c[b * U + ul] = c;
+          if (last) store(c_n + static_cast<int64_t>(tile0 + b) * H + u, c);
+        }
+        store(out + row * H + u, h);
+        if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
+        if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
       }
-      const bool last = b >= rows_next;  // the sample ends here: h_n (and c_n)
-      A prev = A(0), c = A(0);  // c_{t-1} (LSTM) or h_{t-1} (GRU); c_t
-      if constexpr (C == Cell::LSTM) {
-        prev = b < rows_prev ? own_c[b * U + ul] : A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u));
-      } else if constexpr (C == Cell::GRU) {
-        prev = A(load(cur + b * LD + u));
+      if (warp_sends) {
+        __syncwarp();  // the warp's h values in nxt
+        const int p0 = base + (static_cast<int>(threadIdx.x) & ~31), p1 = min(p0 + 32, pairs);
+        if (p0 < p1) {
+          broadcast_columns<Async>(cluster, nxt, LD, u0, sends, rank, sent_bar, p0 / V, p1 / V,
+                                   static_cast<int>(threadIdx.x) & 31, 32);
+        }
       }
-      const A h = forward_unit<C, A>(xv, hh, prev, ws + row * S * H, H, u, c);
-      if constexpr (C == Cell::LSTM) {
-        own_c[b * U + ul] = c;
-        if (last) store(c_n + static_cast<int64_t>(tile0 + b) * H + u, c);
-      }
-      store(out + row * H + u, h);
-      if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
-      if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
     }
-    clock.mark(2);  // thread 0's cells
-    if (s + 1 < a.steps) {
-      if (!Grid && blocks > 1 && nu > 0) {
-        __syncthreads();
-        clock.mark(3);  // the other threads' cells
-        // Async: only to the blocks that own units (see `used`).
-        broadcast_columns<Async>(cluster, nxt, LD, rows, u0, sends, rank, &full[(s + 1) & 1]);
-        clock.mark(4);  // thread 0's sends
-      } else {
-        clock.sync_mark(3);  // (trace build only: one block or Grid, where nothing follows to wait in)
-      }
+    clock.mark(2);  // thread 0's cells (and its warp's sends)
+    if (sending && !warp_sends) {
+      __syncthreads();
+      clock.mark(3);  // the other threads' cells
+      broadcast_columns<Async>(cluster, nxt, LD, u0, sends, rank, sent_bar, 0, rows * sends.per_row,
+                               static_cast<int>(threadIdx.x), kThreads);
+      clock.mark(4);  // thread 0's sends
+    } else {
+      clock.sync_mark(3);  // (trace build only: where nothing follows to wait in)
     }
     rows_sent = (used > 1 && s + 1 < a.steps) ? rows : 0;
-    // Async: no barrier. A block sends into stage (s + 1) % 2 of another only at the end of step s;
-    // that stage was last read there at step s - 1, which ended (its reads, then its own sends of
-    // step s - 1 after a __syncthreads) before this block could receive them and start step s. hp is
-    // rewritten only after the next step's first __syncthreads, which every thread reaches after its
-    // last read of it here.
+    // Async: no barrier. A block sends into stage (s + 1) % 2 of another only after its cells of step
+    // s; that stage was last read there by the product of step s - 1, and that block sent its step
+    // s - 1 chunks only after the __syncthreads that ends the product: this block had all of them
+    // before it started step s. hp is rewritten only after the next step's first __syncthreads, which
+    // every thread reaches after its last read of it here.
     if constexpr (Grid) {
       if (s + 1 < a.steps) exchange_barrier<X>(cluster);  // no shared memory to keep alive after the last step
     } else if constexpr (!Async) {

@@ -102,6 +102,12 @@ extern uint3 threadIdx, blockIdx;
 extern dim3 blockDim, gridDim;
 
 inline void __syncthreads() { ::rnnkern_emu::sync_block(); }
+// The warp's barrier: a collective with nothing to exchange (every lane waits for all 32).
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) ::rnnkern_emu::trap("__syncwarp: only full-warp masks are emulated");
+  const char nothing = 0;
+  ::rnnkern_emu::warp_exchange("__syncwarp", &nothing, 0);
+}
 [[noreturn]] inline void __trap() { ::rnnkern_emu::trap("__trap"); }
 template <typename V>
 inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
