@@ -1026,6 +1026,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       for (int offset = nu / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
       return sum;
     };
+    // Without clipping the recorded norms' partials are not needed in the loop: where the step's pairs
+    // take one pass, each thread keeps its g² and dc² and the rows' shuffle sums run after phase C's
+    // sends, while the exchange is in flight (in phases A and B they were on the critical path).
+    const bool defer_squares = !norms_first && lane_rows && pairs <= kThreads && (norms_g_late || norms_c);
+    double late_g2 = 0.0, late_c2 = 0.0;  // (defer_squares: this thread's pair; 0 where it has none)
     // Row b's partial sum of g² (kind 0) or dc² (kind 1) to its slot of the norm partials, summed
     // after the loop: a global store nothing in the loop waits for.
     const auto square_for_later = [&](int kind, int b, double sum) {
@@ -1065,7 +1070,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         g = out_grad + incoming;
         gbuf[b * U + ul] = g;
       }
-      if (g_squares_by_lanes) {
+      if (g_squares_by_lanes && defer_squares) {
+        late_g2 = valid ? cuda::square(g) : 0.0;
+      } else if (g_squares_by_lanes) {
         const double sum = row_squares(g, valid);
         if (valid && ul == 0) {
           if (!norms_first) {
@@ -1173,7 +1180,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         }
       }
       if constexpr (C == Cell::LSTM) {
-        if (c_squares_by_lanes) {
+        if (c_squares_by_lanes && defer_squares) {
+          late_c2 = valid ? cuda::square(dc_out) : 0.0;
+        } else if (c_squares_by_lanes) {
           const double sum = row_squares(dc_out, valid);
           if (valid && ul == 0) square_for_later(1, b, sum);
         }
@@ -1292,6 +1301,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         for (int i = 0; i < 4; ++i) {
           if (r0 + i < rows) send_partials(r0 + i, k0, acc[i]);
         }
+      }
+    }
+    if (defer_squares) {  // (block-uniform: every lane shuffles; the two sums' trees interleaved)
+      for (int offset = nu / 2; offset > 0; offset /= 2) {
+        const double got_g = __shfl_xor_sync(0xffffffffu, late_g2, offset);
+        const double got_c = __shfl_xor_sync(0xffffffffu, late_c2, offset);
+        late_g2 += got_g;
+        late_c2 += got_c;
+      }
+      const int b = by_nu.div(threadIdx.x);
+      if (static_cast<int>(threadIdx.x) < pairs && static_cast<int>(threadIdx.x) == b * nu) {  // the row's first lane
+        if (norms_g_late) square_for_later(0, b, late_g2);
+        if (norms_c) square_for_later(1, b, late_c2);
       }
     }
     clock.mark(3);  // C: thread 0's products and sends
