@@ -201,6 +201,10 @@ CASES = [
     # two 16-row tiles (32-row tiles: more samples than one-block clusters of 16 rows fit at once)
     ("tanh:f16:cluster:16:256:3", (), {"cluster": 16, "units": 16}),
     ("relu:bf16:async/2:1500:32:2", ("--reverse",), {"cluster": 2, "tile_rows": 32}),
+    # two tensor-core tiles a warp (two accumulators each): the forward's (LSTM 32 units a block), the
+    # backward's (H128)
+    ("lstm:f16:async/2:5:64:3", ("--reverse",), {"cluster": 2, "units": 32}),
+    ("lstm:bf16:cluster/2:3:128:2:0.5", (), {"cluster": 2, "units": 64}),
     # norms off (the kernels skip their exchange); one block; the grid-wide kernels (persistent.cu)
     ("lstm:f32:cluster/4:5:40:4", ("--no-norms",), {"cluster": 4}),
     ("gru:f64:async/4:5:40:3:0.5", ("--no-norms",), {"exchange": 1}),

@@ -465,7 +465,7 @@ struct WarpTiling {
 // steps of kMmaK (columns past K are zeros in both tables). One tile: kMmaGroup accumulators over
 // the K steps in turn instead, summed pairwise at the end (each mma.sync waits for the one before on
 // the same accumulator: four chains of K / 4 steps instead of one of K), over [k_begin, K) (a part of K:
-// WarpTiles::k_part).
+// WarpTiles::k_part); two tiles: two accumulators each.
 template <typename T>
 __device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T* a, int lda, const T* b, int ldb,
                                                const WarpTiles& t, int K, int gid, int tig, int k_begin = 0) {
@@ -485,6 +485,28 @@ __device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) d[0][e] = (d[0][e] + d[1][e]) + (d[2][e] + d[3][e]);
+    return;
+  }
+  if (t.count == 2) {  // two accumulators a tile over alternate K steps (LSTM H512: chains of 16, not 32)
+    for (int k0 = k_begin; k0 < K; k0 += 2 * kMmaK<T>) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if (k0 + half * kMmaK<T> < K) {
+          load_a(fa, a, lda, k0 + half * kMmaK<T>, gid, tig);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            load_b(fb, b, ldb, (t.first + kWarps * i) * 8, k0 + half * kMmaK<T>, gid, tig);
+            mma_step<T>(d[2 * i + half], fa, fb);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float tile0 = d[0][e] + d[1][e], tile1 = d[2][e] + d[3][e];
+      d[0][e] = tile0;
+      d[1][e] = tile1;
+    }
     return;
   }
   for (int k0 = k_begin; k0 < K; k0 += kMmaK<T>) {
