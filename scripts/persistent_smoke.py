@@ -3,9 +3,10 @@
     python3 scripts/persistent_smoke.py check KERNEL   # KERNEL: step | persistent | cluster | cluster-async | wide
     python3 scripts/persistent_smoke.py time KERNEL
 
-For every cell and dtype, one small case with norms on, forced onto KERNEL, is
-compared with torch.nn in float64 (same state_dict): outputs, final states and every gradient, and the
-norms with the per-step kernel in float64. It prints one line per case (flushed) with the largest error
+For every cell and dtype, one small case with norms on (the cluster code also B=16 H=256, and an
+LSTM at H=512), forced onto KERNEL, is compared with torch.nn in float64 (same state_dict): outputs,
+final states and every gradient, and the norms with the per-step kernel in float64. It prints one
+line per case (flushed) with the largest error
 relative to the reference's scale, so that a kernel that hangs or faults is named by the last line
 printed, and gpu_check.sh runs each kernel in its own time-boxed process before the test suite. "time"
 times forward+backward of a few B=16, H=256 layers (CUDA events) beside torch.nn in float16 (one
@@ -54,11 +55,19 @@ def correctness(kernel):
     variants = [(torch.float64, False), (torch.float32, False), (torch.float16, False), (torch.bfloat16, False)]
     if kernel in CLUSTER_CODE:
         variants.insert(2, (torch.float32, True))  # TF32 tensor cores (Plan::tf32)
-    for cell, (ours_cls, nn_cls, kw) in CELLS.items():
+    # (T, B, I, H): a small case for every kernel; the cluster code also at the bench's B=16 H=256
+    # (RNN: the forward product's K in 4 parts) and LSTM H=512 (two tensor-core tiles a warp).
+    shapes = [(9, 20, 11, 48)]
+    if kernel in CLUSTER_CODE:
+        shapes.append((5, 16, 256, 256))
+    cases = [(cell, shape) for cell in CELLS for shape in shapes]
+    if kernel in CLUSTER_CODE:
+        cases.append(("lstm", (4, 16, 512, 512)))
+    for cell, (T, B, I, H) in cases:
+        ours_cls, nn_cls, kw = CELLS[cell]
         for dtype, tf32 in variants:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.manual_seed(7)
-            T, B, I, H = 9, 20, 11, 48
             ours = ours_cls(I, H, backend="cuda", record_grad_norms=True, hidden_grad_clip=None, **kw)
             ref = nn_cls(I, H, **kw)
             ref.load_state_dict(ours.state_dict())
@@ -87,7 +96,7 @@ def correctness(kernel):
             ok &= good
             where = (("wide/" if plan[8] == 2 else "cluster/") + str(plan[7]) if plan[0] and plan[7]
                      else "persistent" if plan[0] else "declined:" + str(plan[1]))
-            print(f"{kernel:14s} {cell:9s} {label:12s} plan={where:12s}"
+            print(f"{kernel:14s} {cell:9s} H={H:<4d} {label:12s} plan={where:12s}"
                   f" err={err:.2e} norm_err={norm_err:.2e} {'ok' if good else 'MISMATCH'}", flush=True)
     return ok
 
