@@ -542,15 +542,15 @@ struct FmaSplit {
 // grid's barrier where the others have the cluster's ("wide": a tile's blocks need not fit in one
 // cluster). Mma: the products on tensor cores (uses_mma).
 // __launch_bounds__(kThreads, kMinBlocks): one block per SM is all a tile's cluster needs (it runs the
-// whole sequence; the plan counts resident clusters), so the FMA and wide kernels may use up to 255
-// registers a thread (with the default heuristic ptxas held some to 64 and spilled, to local memory
-// whose L1 lines each step's barrier or acquire invalidates). The tensor-core cluster kernels are held
-// to 128 (two blocks an SM): the H100 then runs two clusters' blocks on an SM where shared memory
-// allows, and large batches all their tiles at once (LSTM B256 H256: 16 clusters of 16 blocks on 132
-// SMs). They fit in 128 without spills; the others: no spills, at most 218 (the wide backward's 16
-// loads in flight).
+// whole sequence; the plan counts resident clusters), so the float64 and wide kernels may use up to
+// 255 registers a thread (with the default heuristic ptxas held some to 64 and spilled, to local
+// memory whose L1 lines each step's barrier or acquire invalidates). The 16-bit and float32 cluster
+// kernels are held to 128 (two blocks an SM): the H100 then runs two clusters' blocks on an SM where
+// shared memory allows, and large batches all their tiles at once (LSTM B256 H256: 16 clusters of 16
+// blocks on 132 SMs). They fit in 128 without spills (ptxas, sm_90; the float32 forward keeps its two
+// K chunks in flight); the others: no spills, at most 218 (the wide backward's 16 loads in flight).
 template <typename T, Exchange X, bool Mma>
-constexpr int kMinBlocks = (Mma && X != Exchange::Grid) ? 2 : 1;
+constexpr int kMinBlocks = ((Mma || sizeof(T) == 4) && X != Exchange::Grid) ? 2 : 1;
 
 template <Cell C, typename T, Exchange X, bool Mma>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forward_kernel(ForwardArgs a, ClusterShape shape) {
