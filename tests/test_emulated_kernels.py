@@ -205,6 +205,10 @@ CASES = [
     # backward's (H128)
     ("lstm:f16:async/2:5:64:3", ("--reverse",), {"cluster": 2, "units": 32}),
     ("lstm:bf16:cluster/2:3:128:2:0.5", (), {"cluster": 2, "units": 64}),
+    # several (row, unit) pairs a thread (the first two prefetched a step ahead, kPrefetchPairs; the
+    # LSTM backward one): 4 a thread (64 units x 16 rows), 2 or 1 with packed rows
+    ("lstm:f32:cluster/2:31:128:3:0.5", (), {"cluster": 2, "units": 64}),
+    ("gru:bf16:async/2:32:128:3", ("--lengths", ",".join(["3"] * 12 + ["2"] * 10 + ["1"] * 10)), {"units": 64}),
     # norms off (the kernels skip their exchange); one block; the grid-wide kernels (persistent.cu)
     ("lstm:f32:cluster/4:5:40:4", ("--no-norms",), {"cluster": 4}),
     ("gru:f64:async/4:5:40:3:0.5", ("--no-norms",), {"exchange": 1}),

@@ -411,6 +411,9 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 // spare warps take further row tiles instead (one tile each).
 constexpr int kWarps = kThreads / 32;
 constexpr int kMmaGroup = 4;
+// A thread's (row, unit) pairs of a step whose global reads are loaded during the step before (the
+// forward's x_t, the backward's FirstPair): the first two.
+constexpr int kPrefetchPairs = 2;
 
 // The tiles of a warp in pass `item` over `m_tiles` row tiles: its row tile's first row m0, its
 // first column tile, and how many (0: none; warp-uniform); with K split (forward_k_splits), the part
@@ -631,7 +634,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
   // dtype until the cell phase (a conversion would wait for the loads). (Issued after the cell phase,
   // the loads had only the sends to land in: the next step's top waited for them, its own loads sharing
   // their scoreboard in the SASS.) Nothing in this launch writes xp.
-  T x_first[G], x_upcoming[G];
+  // Two pairs a thread (kPrefetchPairs): at 512 pairs a block (LSTM H512 on 16 blocks) the second
+  // pair's loads had been on demand, an L2 round trip inside the cell phase.
+  T x_first[kPrefetchPairs][G], x_upcoming[kPrefetchPairs][G];
   // The step's divisions, worked out once (FastDiv): pairs by units, the tensor-core tiles, the sends.
   const FastDiv by_nu(max(nu, 1));
   const int k_splits = tb.hp_splits, hp_copy = tb.state_rows * HP;  // (FMA: 1)
@@ -643,12 +648,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
   const ColumnSends sends(nu, Async ? used : blocks, kChunk / static_cast<int>(sizeof(T)));
   const FmaSplit fma(G * U, Bt);
   const FastDiv by_h_chunks(max(H * static_cast<int>(sizeof(T)) / kChunk, 1));  // Grid: load_rows_cg
-  const auto load_x = [&](T (&into)[G], const TileStep& st) {
-    if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
-    const int b = by_nu.div(threadIdx.x);
-    const T* x = xp + (st.row0 + b) * GH + u0 + (threadIdx.x - b * nu);
+  const auto load_x = [&](T (&into)[kPrefetchPairs][G], const TileStep& st) {
 #pragma unroll
-    for (int g = 0; g < G; ++g) into[g] = x[g * H];
+    for (int j = 0; j < kPrefetchPairs; ++j) {
+      const int pair = static_cast<int>(threadIdx.x) + j * kThreads;
+      if (pair >= st.rows * nu) break;
+      const int b = by_nu.div(pair);
+      const T* x = xp + (st.row0 + b) * GH + u0 + (pair - b * nu);
+#pragma unroll
+      for (int g = 0; g < G; ++g) into[j][g] = x[g * H];
+    }
   };
   load_x(x_first, next_step);
   const int64_t steps = (Async && nu == 0) ? 0 : a.steps;
@@ -805,9 +814,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
         const int b = by_nu.div(pair), ul = pair - b * nu, u = u0 + ul;
         const int64_t row = row0 + b;
         A xv[G];  // x_t's projection
-        if (base == 0) {
+        if (base == 0) {  // (constant indices: x_first stays in registers)
 #pragma unroll
-          for (int g = 0; g < G; ++g) xv[g] = A(load(&x_first[g]));
+          for (int g = 0; g < G; ++g) xv[g] = A(load(&x_first[0][g]));
+        } else if (kPrefetchPairs > 1 && base == kThreads) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) xv[g] = A(load(&x_first[kPrefetchPairs - 1][g]));
         } else {
 #pragma unroll
           for (int g = 0; g < G; ++g) xv[g] = A(load(xp + row * GH + g * H + u));
@@ -866,7 +878,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
       cluster.sync();
     }
 #pragma unroll
-    for (int g = 0; g < G; ++g) x_first[g] = x_upcoming[g];  // (after the sends: the moves wait for the loads)
+    for (int j = 0; j < kPrefetchPairs; ++j) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) x_first[j][g] = x_upcoming[j][g];  // (after the sends: the moves wait for the loads)
+    }
     clock.mark(5);  // the barrier (Async: nothing)
   }
   clock.finish(steps);
@@ -987,28 +1002,36 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     cluster.sync();
   }
 
-  // Each thread's first (row, unit) pair of a step: what phases A and B read of it from global memory
-  // (grad_out, the saved workspace slots, c/h of the step before, h_t), loaded during the step before
-  // (after its phase B), so that their latency overlaps that step's product, exchange and sums instead
-  // of opening this one. Nothing in this launch writes them.
+  // Each thread's first kPrefetchPairs (row, unit) pairs of a step: what phases A and B read of them
+  // from global memory (grad_out, the saved workspace slots, c/h of the step before, h_t), loaded
+  // during the step before (after its phase B), so that their latency overlaps that step's product,
+  // exchange and sums instead of opening this one. Nothing in this launch writes them.
   // They stay in their storage dtypes until used (a conversion would wait for the loads).
+  // (LSTM: one pair; its two spilled under the 128-register cap, to local memory whose L1 lines each
+  // step's barrier or acquire invalidates.)
+  constexpr int P = C == Cell::LSTM ? 1 : kPrefetchPairs;
   struct FirstPair {
     T g_out;
     UnitStateLoads<T, A> state;
     A saved[S > 0 ? S : 1];
-  } first;
+  } first[P];
   // The step's divisions, worked out once (FastDiv): pairs by units, the tensor-core tiles, the
   // reduce-scatter's owners.
   const FastDiv by_nu(max(nu, 1)), by_units(U), by_k_quads((H + 3) / 4), by_blocks(blocks);
   const WarpTiling tiling((H + 7) / 8, static_cast<int>(threadIdx.x) / 32);
   const auto load_first = [&](const TileStep& st) {
-    if (static_cast<int>(threadIdx.x) >= st.rows * nu) return;
-    const int b = by_nu.div(threadIdx.x), u = u0 + (threadIdx.x - b * nu);
-    const int64_t row = st.row0 + b;
-    first.g_out = ptrs.grad_out[row * H + u];
 #pragma unroll
-    for (int k = 0; k < S; ++k) first.saved[k] = ptrs.ws[(row * S + k) * H + u];
-    first.state = load_unit_state<C, T, A>(ptrs, tile0 + b, row, st.prev_row0 + b, b >= st.rows_prev, H, u);
+    for (int k_pair = 0; k_pair < P; ++k_pair) {
+      const int pair = static_cast<int>(threadIdx.x) + k_pair * kThreads;
+      if (pair >= st.rows * nu) break;
+      const int b = by_nu.div(pair), u = u0 + (pair - b * nu);
+      const int64_t row = st.row0 + b;
+      FirstPair& f = first[k_pair];
+      f.g_out = ptrs.grad_out[row * H + u];
+#pragma unroll
+      for (int k = 0; k < S; ++k) f.saved[k] = ptrs.ws[(row * S + k) * H + u];
+      f.state = load_unit_state<C, T, A>(ptrs, tile0 + b, row, st.prev_row0 + b, b >= st.rows_prev, H, u);
+    }
   };
 
   // The steps in reverse of the forward order; each one's geometry loaded at the top of the step
@@ -1087,8 +1110,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       if (valid) {
         const A incoming = b < rows_next ? dh_next[b * U + ul]
                                          : A(load(grad_h_n + static_cast<int64_t>(tile0 + b) * H + u));
-        const A out_grad = pair == static_cast<int>(threadIdx.x) ? A(load(&first.g_out))
-                                                                 : A(load(grad_out + (row0 + b) * H + u));
+        // (constant indices into `first`: it stays in registers)
+        const A out_grad = base == 0 ? A(load(&first[0].g_out))
+                           : (P > 1 && base == kThreads) ? A(load(&first[P - 1].g_out))
+                                                                      : A(load(grad_out + (row0 + b) * H + u));
         g = out_grad + incoming;
         gbuf[b * U + ul] = g;
       }
@@ -1167,10 +1192,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         const A dh = clipping ? gbuf[b * U + ul] * clip_scale(row_norm[b], clip) : gbuf[b * U + ul];
         const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
         A saved[S > 0 ? S : 1], prev, h;
-        if (pair == static_cast<int>(threadIdx.x)) {
+        if (base == 0) {
 #pragma unroll
-          for (int k = 0; k < S; ++k) saved[k] = first.saved[k];
-          unit_state<C, T, A>(first.state, starts, prev, h);
+          for (int k = 0; k < S; ++k) saved[k] = first[0].saved[k];
+          unit_state<C, T, A>(first[0].state, starts, prev, h);
+        } else if (P > 1 && base == kThreads) {
+#pragma unroll
+          for (int k = 0; k < S; ++k) saved[k] = first[P - 1].saved[k];
+          unit_state<C, T, A>(first[P - 1].state, starts, prev, h);
         } else {
 #pragma unroll
           for (int k = 0; k < S; ++k) saved[k] = ws[(row * S + k) * H + u];
