@@ -1111,9 +1111,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         const A incoming = b < rows_next ? dh_next[b * U + ul]
                                          : A(load(grad_h_n + static_cast<int64_t>(tile0 + b) * H + u));
         // (constant indices into `first`: it stays in registers)
-        const A out_grad = base == 0 ? A(load(&first[0].g_out))
-                           : (P > 1 && base == kThreads) ? A(load(&first[P - 1].g_out))
-                                                                      : A(load(grad_out + (row0 + b) * H + u));
+        A out_grad;
+        if (base == 0) {
+          out_grad = A(load(&first[0].g_out));
+        } else if (P > 1 && base == kThreads) {
+          out_grad = A(load(&first[P - 1].g_out));
+        } else {
+          out_grad = A(load(grad_out + (row0 + b) * H + u));
+        }
         g = out_grad + incoming;
         gbuf[b * U + ul] = g;
       }
@@ -1163,7 +1168,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         exchange_barrier<X>(cluster);
       }
       if constexpr (Grid) {  // every block's partials at once (one L2 round trip), then as in a cluster
-        load_rows_cg(part_g, Bt, grid_part_g_s, Bt, rows, blocks, FastDiv(max(rows * 8 / kChunk, 1)));  // (double)
+        load_rows_cg(part_g, Bt, grid_part_g_s, Bt, rows, blocks,
+                     FastDiv(max(rows / (kChunk / static_cast<int>(sizeof(double))), 1)));
         __syncthreads();
       }
       // B: the full norms (the same bits in every block: summed in rank order), for the clipping.
@@ -1241,9 +1247,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     }
     __syncthreads();
     clock.mark(2);  // B: the cells
-    // The next step's first pair: a thread last read this step's in phase B, so its loads can go out
-    // now and have phase C, the exchange and phase D to land in (issued after C, the next step's top
-    // waited for them: its own loads share their scoreboard in the SASS).
+    // The next step's first pairs: a thread last read this step's in phase B, so their loads can go
+    // out now and have phase C, the exchange and phase D to land in (issued after C, the next step's
+    // top waited for them: its own loads share their scoreboard in the SASS).
     if (s + 1 < a.steps) {
       next_step = tile_step(upcoming, tile0, Bt);
       load_first(next_step);
