@@ -57,15 +57,10 @@ __device__ __forceinline__ int lanes_per_pair(int pairs) {
   return 1 << (31 - __clz(lanes));
 }
 
-template <typename A>
-__device__ __forceinline__ A group_sum(A v, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// group_sum of each of N values (the same tree, so the same bits), the values' shuffles of one level
-// issued together: one loop per value made each value's shuffle-add chain wait for the one before
-// (the float FMA product's 16 sums were ~1,000 cycles of latency a step; its SASS).
+// Each of N values summed over its aligned group of `lanes` lanes (a power of two <= 32) by a fixed
+// butterfly tree, the values' shuffles of one level issued together: one loop per value made each
+// value's shuffle-add chain wait for the one before (the float FMA product's 16 sums were ~1,000
+// cycles of latency a step; its SASS).
 template <int N, typename A>
 __device__ __forceinline__ void group_sum_each(A (&v)[N], int lanes) {
   for (int offset = lanes / 2; offset > 0; offset /= 2) {
@@ -75,6 +70,14 @@ __device__ __forceinline__ void group_sum_each(A (&v)[N], int lanes) {
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] += got[i];
   }
+}
+
+// One value's group sum: the same tree, so the same bits as group_sum_each.
+template <typename A>
+__device__ __forceinline__ A group_sum(A v, int lanes) {
+  A one[1] = {v};
+  group_sum_each(one, lanes);
+  return one[0];
 }
 
 
