@@ -38,6 +38,8 @@ def _why_cluster() -> str:
     forced = os.environ.get("RNNKERN_CUDA_KERNEL", "auto")
     capped = os.environ.get("RNNKERN_CLUSTER_BLOCKS", "")
     cap = f", RNNKERN_CLUSTER_BLOCKS={capped}" if capped and forced != "wide" else ""
+    rows = os.environ.get("RNNKERN_TILE_ROWS", "")
+    cap += f", RNNKERN_TILE_ROWS={rows}" if rows else ""
     if forced in ("cluster", "cluster-async", "wide"):
         return f"RNNKERN_CUDA_KERNEL={forced}{cap}"
     return ("chosen by auto: float32 or 16-bit, W_hh fits in one cluster (or, wide, across up to every SM), "
@@ -83,10 +85,12 @@ def explain(module, input, hx=None) -> str:
             products = ("the recurrent products on TF32 tensor cores (torch allows TF32 matmuls); "
                         if tf32 else "")
             kind, group = (("wide", "group") if exchange == _GRID_EXCHANGE else ("cluster", "cluster"))
+            tiles = blocks // cluster
             lines.append(
                 f"  every layer: persistent {kind} kernel ({_why_cluster()}), one launch per "
-                f"layer and direction; {blocks // cluster} {group}(s) of {cluster} blocks, one per tile of "
-                f"batch rows, each block {units} hidden units with W_hh resident in shared memory "
+                f"layer and direction; {tiles} {group}(s) of {cluster} blocks, one per tile of up to "
+                f"{-(-batch // tiles)} batch rows, each block {units} hidden units with W_hh resident in "
+                f"shared memory "
                 f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block); {products}"
                 f"state exchanged {_EXCHANGE.get(exchange, f'by exchange {exchange}')}")
         elif persistent:

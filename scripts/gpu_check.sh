@@ -105,7 +105,7 @@ if stage probe; then
   # Then where the cluster kernels' steps spend their time, phase by phase (bench/NOTES.md).
   if [ -n "$trace_pid" ]; then wait $trace_pid || { status=1; tail -5 "$OUT/step_trace_build.log"; }; fi
   hung_list=$(echo $HUNG | tr ' ' ',')
-  timeout 90 $TRACE_BIN ${hung_list:+--skip=$hung_list} > "$OUT/step_trace.txt" 2>&1 || status=1
+  timeout 120 $TRACE_BIN ${hung_list:+--skip=$hung_list} > "$OUT/step_trace.txt" 2>&1 || status=1
   python3 scripts/step_trace_table.py "$OUT/step_trace.txt" > "$OUT/step_trace.md" 2>&1
   cut -c1-400 "$OUT/step_trace.txt"
   echo "probe: $(( $(date +%s) - start )) s"

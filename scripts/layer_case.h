@@ -1,7 +1,8 @@
 // A layer case of the standalone programs (step_trace.cu, plan_model.cu), from the command line:
-// CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]] — CELL lstm|gru|tanh|relu, DTYPE f16|bf16|f32|tf32|f64, KERNEL
-// cluster|async (or cluster-async)|wide, /N clusters of at most N blocks (RNNKERN_CLUSTER_BLOCKS), T the
-// steps, clip > 0 hidden_grad_clip. Plain C++ (the host compiler builds plan_model.cu).
+// CELL:DTYPE:KERNEL[/N][@R]:B:H[:T[:clip]] — CELL lstm|gru|tanh|relu, DTYPE f16|bf16|f32|tf32|f64, KERNEL
+// cluster|async (or cluster-async)|wide, /N clusters of at most N blocks (RNNKERN_CLUSTER_BLOCKS), @R
+// tiles of at most R batch rows (RNNKERN_TILE_ROWS), T the steps, clip > 0 hidden_grad_clip. Plain C++
+// (the host compiler builds plan_model.cu).
 #pragma once
 
 #include <cstdint>
@@ -20,6 +21,7 @@ struct LayerCase {
   bool tf32 = false;
   Exchange exchange = Exchange::ClusterBarrier;
   int max_cluster = 0;  // blocks a cluster may have at most (0: the plan's default, RNNKERN_CLUSTER_BLOCKS unset)
+  int max_tile_rows = 0;  // batch rows a tile has at most (0: the plan's default, RNNKERN_TILE_ROWS unset)
   int64_t batch = 16, hidden = 256, steps = 512;
   double clip = 0.0;
   std::string label;
@@ -47,6 +49,12 @@ inline bool parse_layer_case(const std::string& text, LayerCase& c) {
   else if (f[1] == "tf32") { c.dtype = DType::F32; c.tf32 = true; }
   else if (f[1] == "f64") c.dtype = DType::F64;
   else return false;
+  const size_t at = f[2].find('@');
+  if (at != std::string::npos) {
+    c.max_tile_rows = std::atoi(f[2].c_str() + at + 1);
+    if (c.max_tile_rows < 1 || c.max_tile_rows > 64 || (c.max_tile_rows & (c.max_tile_rows - 1)) != 0) return false;
+    f[2].resize(at);
+  }
   const size_t slash = f[2].find('/');
   const std::string kernel = f[2].substr(0, slash);
   if (slash != std::string::npos) {

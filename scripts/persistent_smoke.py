@@ -94,8 +94,8 @@ def correctness(kernel):
             label = str(dtype)[6:] + ("-tf32" if tf32 else "") + ("" if plan[9] == tf32 else "(NOT TF32)")
             good &= plan[9] == tf32 or not plan[0]
             ok &= good
-            where = (("wide/" if plan[8] == 2 else "cluster/") + str(plan[7]) if plan[0] and plan[7]
-                     else "persistent" if plan[0] else "declined:" + str(plan[1]))
+            where = (("wide/" if plan[8] == 2 else "cluster/") + f"{plan[7]}x{plan[2] // plan[7]}"  # x tiles
+                     if plan[0] and plan[7] else "persistent" if plan[0] else "declined:" + str(plan[1]))
             print(f"{kernel:14s} {cell:9s} H={H:<4d} {label:12s} plan={where:12s}"
                   f" err={err:.2e} norm_err={norm_err:.2e} {'ok' if good else 'MISMATCH'}", flush=True)
     return ok
@@ -122,22 +122,23 @@ def set_variable(variable, value):
         os.environ[variable] = value
 
 
-def time_schedule(kernel, variable, values, label, cell="lstm", default="0", **module_args):
-    """A float16 layer (`cell`, T256 B16 H256, `module_args`) with the variable at each value, then
-    torch.nn's same layer: the streams' effect (rnnkern/functional.py), or the cluster size's. The
-    variable is left at `default` (None: unset)."""
+def time_schedule(kernel, variable, values, label, cell="lstm", default="0", dtype=torch.float16,
+                  **module_args):
+    """A layer (`cell`, T256 B16 H256, `dtype`, `module_args`) with the variable at each value, then
+    torch.nn's same layer: the streams' effect (rnnkern/functional.py), or the cluster size's, or the
+    tiles'. The variable is left at `default` (None: unset)."""
     T, B, H = 256, 16, 256
     ours_cls, nn_cls, kw = CELLS[cell]
     directions = 2 if module_args.get("bidirectional") else 1
-    x = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
-    dout = torch.randn(T, B, directions * H, device="cuda", dtype=torch.float16)
-    ours = ours_cls(H, H, backend="cuda", record_grad_norms=True, **kw, **module_args).to("cuda", torch.float16)
+    x = torch.randn(T, B, H, device="cuda", dtype=dtype)
+    dout = torch.randn(T, B, directions * H, device="cuda", dtype=dtype)
+    ours = ours_cls(H, H, backend="cuda", record_grad_norms=True, **kw, **module_args).to("cuda", dtype)
     cases = [(kernel, f"{variable}={value}", ours, value) for value in values]
-    cases.append(("torch.nn", "", nn_cls(H, H, **kw, **module_args).to("cuda", torch.float16), default))
+    cases.append(("torch.nn", "", nn_cls(H, H, **kw, **module_args).to("cuda", dtype), default))
     for name, setting, module, value in cases:
         set_variable(variable, value)
         best = best_ms(module, x, dout, kernel)
-        print(f"time {name:14s} {label} {setting} float16 T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
+        print(f"time {name:14s} {label} {setting} {str(dtype)[6:]} T{T} B{B} H{H} fwd+bwd {best:.3f} ms"
               f" = {1000 * best / T:.2f} us/step", flush=True)
     set_variable(variable, default)
 
@@ -153,6 +154,13 @@ def timing(kernel):
         # Fewer blocks per cluster: a longer product, a cheaper exchange (one block: none).
         for cell, sizes in (("rnn_tanh", ("1", "2", "4", "16")), ("lstm", ("4", "8", "16"))):
             time_schedule(kernel, "RNNKERN_CLUSTER_BLOCKS", sizes, f"{cell}-clusters", cell=cell, default=None)
+    if kernel == "cluster-async":
+        # Smaller batch tiles on more clusters: each block's product (FMA: its rows) and share of the
+        # exchange shrink (the default: 8 rows for exact float32, 16 for the tensor cores).
+        for cell, dtype, rows in (("lstm", torch.float32, ("4", "8", "16")), ("rnn_tanh", torch.float32, ("8", "16")),
+                                  ("lstm", torch.float16, ("8", "16")), ("rnn_tanh", torch.float16, ("8", "16"))):
+            time_schedule(kernel, "RNNKERN_TILE_ROWS", rows, f"{cell}-tiles", cell=cell, default=None,
+                          dtype=dtype)
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
     # run their products on TF32 tensor cores (Plan::tf32); the others ignore it in the recurrence.
     variants = [(torch.float32, False), (torch.float16, False)]

@@ -5,7 +5,7 @@
 // answered by the model of hopper_model.h instead of a driver.
 // This file is plain C++ (compiled as such: the runtime's device-side declarations would clash with the
 // definitions below), linked with the planner compiled by nvcc (scripts/build_plan_model.sh).
-//   ./plan_model lstm:f16:cluster:256:256 tanh:f16:cluster/1:16:256 ...   # scripts/layer_case.h
+//   ./plan_model tanh:f16:cluster/1:16:256 lstm:f32:async@16:16:256 ...   # scripts/layer_case.h
 // One line per case: the plan's fields as key=value.
 #include <cuda_runtime.h>
 
@@ -66,10 +66,11 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     LayerCase c;
     if (!parse_layer_case(argv[i], c)) {
-      std::fprintf(stderr, "bad case %s (CELL:DTYPE:KERNEL[/N]:B:H)\n", argv[i]);
+      std::fprintf(stderr, "bad case %s (CELL:DTYPE:KERNEL[/N][@R]:B:H)\n", argv[i]);
       return 2;
     }
-    const Plan p = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32, c.max_cluster);
+    const Plan p = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32,
+                                     c.max_cluster, c.max_tile_rows);
     std::printf("%s ok=%d reason=%d cluster=%d blocks=%d units=%d tile_rows=%d resident=%d copies=%d tf32=%d "
                 "smem_forward=%zu smem_backward=%zu optin=%zu\n",
                 argv[i], p.ok ? 1 : 0, static_cast<int>(p.reason), p.cluster, p.blocks, p.units, p.tile_rows,

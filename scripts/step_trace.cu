@@ -9,6 +9,7 @@
 //   ./step_trace                      # the default cases
 //   ./step_trace lstm:f16:async:16:256:512[:clip]   # CELL:DTYPE:KERNEL[/N]:B:H:T, clip > 0 optional
 //   ./step_trace tanh:f16:async/1:16:256:512        # clusters of at most N blocks (RNNKERN_CLUSTER_BLOCKS)
+//   ./step_trace lstm:f32:async@16:16:256:512       # tiles of at most R batch rows (RNNKERN_TILE_ROWS)
 //   ./step_trace --skip=cluster-async,wide          # the default cases but those kernels' (hung ones)
 // CELL lstm|gru|tanh|relu, DTYPE f16|bf16|f32|tf32|f64, KERNEL cluster|async|wide (RNNKERN_CUDA_KERNEL's
 // cluster, cluster-async (also async), wide). Random inputs (the values do not change the work). Each case: one
@@ -138,7 +139,8 @@ void report(const char* pass, const LayerCase& c, const Plan& plan, float ms, co
 }
 
 void run_case(const LayerCase& c) {
-  const Plan plan = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32, c.max_cluster);
+  const Plan plan = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32,
+                                      c.max_cluster, c.max_tile_rows);
   if (!plan.ok) {
     std::printf("%-28s declined (reason %d)\n", c.label.c_str(), static_cast<int>(plan.reason));
     return;
@@ -206,7 +208,8 @@ void run_case(const LayerCase& c) {
 // The issue's B = 16 shapes on every exchange, float32 exact and TF32, the other cells, a larger
 // batch, clipping (the norms' exchange first), the wide kernels at the size they are for, then
 // smaller clusters (the exchange's cost against the product's: an RNN's W_hh at H = 256 fits in one
-// block, which then exchanges nothing).
+// block, which then exchanges nothing), then other batch tiles (exact float32's default is 8 rows:
+// against 16 and 4; the tensor cores' 16 against 8: the exchange's bytes halve, through L2 for wide).
 const char* const kDefaultCases[] = {
     "lstm:f16:cluster:16:256:512", "lstm:f16:async:16:256:512", "lstm:f16:wide:16:256:512",
     "lstm:f16:async:16:256:512:1.0", "lstm:f32:cluster:16:256:512", "lstm:f32:async:16:256:512",
@@ -216,6 +219,10 @@ const char* const kDefaultCases[] = {
     "tanh:f16:async/1:16:256:512", "tanh:f16:async/2:16:256:512", "tanh:f16:async/4:16:256:512",
     "tanh:f16:cluster/1:16:256:512", "lstm:f16:async/4:16:256:512", "lstm:f16:async/8:16:256:512",
     "lstm:f32:async/8:16:256:512", "gru:f16:async/8:16:256:512",
+    "lstm:f32:async@16:16:256:512", "lstm:f32:async@4:16:256:512", "gru:f32:async:16:256:512",
+    "gru:f32:async@16:16:256:512", "tanh:f32:async:16:256:512", "tanh:f32:async@16:16:256:512",
+    "lstm:f32:wide@16:16:768:512", "lstm:f16:async@8:16:256:512", "tanh:f16:async@8:16:256:512",
+    "lstm:f16:wide@8:16:768:512",
 };
 
 }  // namespace

@@ -336,8 +336,13 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
     small = rnnkern.LSTM(8, 256, backend="cuda").cuda()
     text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
     if clusters:
-        assert "persistent cluster kernel (chosen by auto" in text and "1 cluster(s) of 16 blocks" in text, text
-        assert "st.async" in text, text
+        # exact float32: two tiles of 8 rows (the FMA products scale with a tile's rows)
+        assert "persistent cluster kernel (chosen by auto" in text and "2 cluster(s) of 16 blocks" in text, text
+        assert "one per tile of up to 8 batch rows" in text and "st.async" in text, text
+        monkeypatch.setenv("RNNKERN_TILE_ROWS", "16")
+        text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
+        assert "1 cluster(s) of 16 blocks" in text and "RNNKERN_TILE_ROWS=16" in text, text
+        monkeypatch.delenv("RNNKERN_TILE_ROWS")
     else:
         assert "persistent kernel, one launch per layer and direction" in text, text
     wide_auto = rnnkern.LSTM(8, 768, backend="cuda").cuda().half()
@@ -354,10 +359,11 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
     text = rnnkern.explain(half, torch.randn(5, 16, 8, device="cuda", dtype=torch.float16))
     if clusters:
         assert "persistent cluster kernel (chosen by auto" in text and "1 cluster(s) of 16 blocks" in text, text
+        assert "one per tile of up to 16 batch rows" in text, text
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "step")
     assert "RNNKERN_CUDA_KERNEL=step" in rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "cluster")
-    text = rnnkern.explain(small, torch.randn(5, 40, 8, device="cuda"))
+    text = rnnkern.explain(half, torch.randn(5, 40, 8, device="cuda", dtype=torch.float16))
     if torch.cuda.get_device_capability()[0] >= 9:
         # 40 rows: 3 tiles of at most 16; H = 256 over 16 blocks.
         assert "3 cluster(s) of 16 blocks" in text and "16 hidden units" in text, text

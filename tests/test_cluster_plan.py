@@ -50,8 +50,9 @@ def plan(tmp_path_factory):
 
 def _check_invariants(case, p):
     cell, dtype, kernel, batch, hidden = case.split(":")
+    kernel, _, rows_cap = kernel.partition("@")
     kernel, _, cap = kernel.partition("/")
-    batch, hidden, cap = int(batch), int(hidden), int(cap or 0)
+    batch, hidden, cap, rows_cap = int(batch), int(hidden), int(cap or 0), int(rows_cap or 0)
     grain = 8 if dtype in ("f16", "bf16") else 4
     assert p["optin"] == OPTIN
     if not p["ok"]:
@@ -63,6 +64,8 @@ def _check_invariants(case, p):
     assert p["blocks"] % p["cluster"] == 0, case
     tiles = p["blocks"] // p["cluster"]
     assert 1 <= p["tile_rows"] <= 64 and tiles * p["tile_rows"] >= batch > (tiles - 1) * p["tile_rows"], case
+    if rows_cap and -(-batch // rows_cap) <= (6 if kernel != "wide" else 1):  # (resident(16): 6)
+        assert p["tile_rows"] <= rows_cap, case  # few tiles: the cap's always run at once
     owners = -(-hidden // p["units"])  # blocks that own units
     if kernel == "wide":
         assert p["copies"] == 2 and p["resident"] == tiles and p["blocks"] <= SMS, case
@@ -88,6 +91,44 @@ def test_plan_invariants(plan):
     # the cluster kernels accept what issue 9 needs on one cluster, and decline beyond it
     assert all(plans[f"{c}:{d}:cluster:16:256"]["ok"] for c in GATES for d in ("f16", "bf16", "f32", "tf32"))
     assert not plans["lstm:f16:cluster:16:768"]["ok"] and plans["lstm:f16:wide:16:768"]["ok"]
+
+
+def test_tile_caps_keep_the_invariants(plan):
+    """RNNKERN_TILE_ROWS (@R) from 1 to 64 rows over cells x dtypes x exchanges x batches x sizes."""
+    cases = [f"{cell}:{dtype}:{kernel}@{rows}:{batch}:{hidden}"
+             for cell, dtype, kernel, batch, hidden, rows in itertools.product(
+                 GATES, ("f16", "f32", "tf32", "f64"), ("cluster", "async", "wide"), (1, 5, 16, 33, 100),
+                 (37, 256, 768), (1, 4, 8, 16, 64))]
+    for case, p in plan(*cases).items():
+        _check_invariants(case, p)
+
+
+@pytest.mark.parametrize("cell", GATES)
+def test_exact_float32_takes_tiles_of_8_rows_where_all_run_at_once(plan, cell):
+    """The FMA products' work per block scales with the tile's rows (the tensor cores' does not: they
+    pad a tile to 16 rows), so exact float32 (and float64) layers start from tiles of 8 rows on the
+    largest cluster, where all of them run at once (the model runs 6 clusters of 16), else plan as from
+    16 rows; the tensor-core dtypes start from 16; RNNKERN_TILE_ROWS (@R) sets the first size."""
+    H = 256
+    cases = [f"{cell}:{dtype}:{kernel}{cap}:{batch}:{H}" for dtype in ("f32", "f64", "f16", "bf16", "tf32")
+             for kernel in ("cluster", "async") for cap in ("", "@8", "@16") for batch in (5, 16, 33, 48, 64)]
+    p = plan(*cases)
+    for dtype in ("f32", "f64", "f16", "bf16", "tf32"):
+        for kernel in ("cluster", "async"):
+            for batch in (5, 16, 33, 48, 64):
+                default, at8, at16 = (p[f"{cell}:{dtype}:{kernel}{cap}:{batch}:{H}"] for cap in ("", "@8", "@16"))
+                assert default["ok"] and at8["ok"] and at16["ok"], (cell, dtype, batch)
+                eight_resident = -(-batch // 8) <= resident(16)
+                # @8 for every dtype: tiles of 8 rows where they all run at once on clusters of 16
+                assert (at8["tile_rows"] <= 8) == (batch <= 8 or eight_resident), (dtype, batch, at8)
+                if not (batch <= 8 or eight_resident):
+                    assert at8 == at16, (dtype, batch)
+                assert default == (at8 if dtype in ("f32", "f64") else at16), (dtype, kernel, batch)
+    f32 = p[f"{cell}:f32:async:16:{H}"]
+    assert (f32["blocks"], f32["cluster"], f32["tile_rows"]) == (32, 16, 8), f32  # two clusters of 8 rows
+    assert p[f"{cell}:f32:async:48:{H}"]["tile_rows"] == 8  # 6 clusters of 16: all resident
+    assert p[f"{cell}:f32:async:64:{H}"] == p[f"{cell}:f32:async@16:64:{H}"]  # 8 would not be
+    assert p[f"{cell}:f16:async:16:{H}"]["tile_rows"] == 16 and p[f"{cell}:f16:async@8:16:{H}"]["blocks"] == 32
 
 
 def test_documented_plans(plan):

@@ -579,9 +579,10 @@ def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, clipping, 
     """Each persistent kernel, forced, against the oracle: packed lengths, clipping, and shapes that
     leave some blocks without hidden units (grid kernels: H = 37 over 16 blocks of 3, H = 5 over 4
     blocks of 2; cluster kernels: H = 37 in 10 of 16 blocks of 4 units, the last one part-filled; wide:
-    the last block part-filled) and, for the kernels on clusters, several batch tiles (B = 37: 3 tiles
-    of 13 rows). With and without clipping: the kernels on clusters exchange the norms before the cell
-    only to clip (without, one exchange per backward step). The plan must accept the layer: a silent
+    the last block part-filled) and, for the kernels on clusters, several batch tiles (B = 37: 5 tiles
+    of 8 rows where the device runs 5 such clusters at once, else 3 of 13). With and without
+    clipping: the kernels on clusters exchange the norms before the cell only to clip (without, one
+    exchange per backward step). The plan must accept the layer: a silent
     fallback to the per-step kernels would test nothing."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     plan = torch.ops.rnnkern.cuda_kernel_plan(cell, torch.float64, B, H, False, torch.cuda.current_device())
@@ -827,6 +828,43 @@ def test_cuda_cluster_blocks_rejects_bad_values(value, monkeypatch):
         torch.ops.rnnkern.cuda_kernel_plan(_cells.LSTM, torch.float16, 16, 256, False, 0)
     monkeypatch.setenv("RNNKERN_CLUSTER_BLOCKS", "4")
     torch.ops.rnnkern.cuda_kernel_plan(_cells.LSTM, torch.float16, 16, 256, False, 0)
+
+
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="rnnkern was built without its CUDA kernels")
+@pytest.mark.parametrize("value", ["3", "128", "0", "eight", "8x"])
+def test_cuda_tile_rows_rejects_bad_values(value, monkeypatch):
+    """RNNKERN_TILE_ROWS other than a power of two from 1 to 64 is an error naming the variable."""
+    monkeypatch.setenv("RNNKERN_TILE_ROWS", value)
+    with pytest.raises(RuntimeError, match="RNNKERN_TILE_ROWS must be 1, 2, 4, 8, 16, 32 or 64"):
+        torch.ops.rnnkern.cuda_kernel_plan(_cells.LSTM, torch.float32, 16, 256, False, 0)
+    monkeypatch.setenv("RNNKERN_TILE_ROWS", "4")
+    torch.ops.rnnkern.cuda_kernel_plan(_cells.LSTM, torch.float32, 16, 256, False, 0)
+
+
+@gpu
+@needs_clusters
+@pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 0), (torch.float32, 2), (torch.float16, 4)],
+                         ids=["fp32-default", "fp32-2rows", "fp16-4rows"])
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cuda_cluster_small_tiles(kernel, dtype, rows, cell, monkeypatch):
+    """Batch tiles below 16 rows on clusters of several blocks: exact float32's default (B = 16: two tiles
+    of 8), RNNKERN_TILE_ROWS=2 (B = 7: 4 tiles, the last of one row) and float16 tiles of 4 rows
+    (B = 13, each padded to one 16-row tensor-core tile), packed lengths, clipping. Against the
+    oracle: float32 at 1e-4, float16 within torch.nn's own error."""
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    if rows:
+        monkeypatch.setenv("RNNKERN_TILE_ROWS", str(rows))
+    B = {0: 16, 2: 7, 4: 13}[rows]
+    H = 64
+    plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, torch.cuda.current_device())
+    assert plan[0] and plan[7] > 1 and plan[2] // plan[7] == -(-B // (rows or 8)), plan
+    case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=True, seed=79)
+    if dtype == torch.float16:
+        _assert_16bit_within_torch_nn(cell, dtype, case, grads)
+        return
+    clip = pick_clip(case, grads, True)
+    _assert_cuda_matches_oracle(case, grads, True, clip, tol=1e-4, dtype=dtype)
 
 
 def torch_nn_fn_cuda(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, probe):

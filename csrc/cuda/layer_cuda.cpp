@@ -58,6 +58,22 @@ int max_cluster_blocks() {
   return static_cast<int>(blocks);
 }
 
+// RNNKERN_TILE_ROWS: the most batch rows a tile of the cluster and wide kernels has where its
+// clusters (wide: its blocks) all run at once (a power of two, 1 to 64; larger tiles where they do
+// not). Unset (0): 16, one tensor-core row tile, or 8 for the exact FMA products (float32 without
+// TF32, float64), whose work per block and step scales with the rows. Smaller tiles spread a batch
+// over more SMs, each with less of the product and of the exchange; set to measure that trade-off
+// (scripts/step_trace.cu takes it too). Any other value is an error.
+int max_tile_rows() {
+  const char* value = std::getenv("RNNKERN_TILE_ROWS");
+  if (value == nullptr || *value == '\0') return 0;
+  char* end = nullptr;
+  const long rows = std::strtol(value, &end, 10);
+  TORCH_CHECK(*end == '\0' && rows >= 1 && rows <= 64 && (rows & (rows - 1)) == 0,
+              "RNNKERN_TILE_ROWS must be 1, 2, 4, 8, 16, 32 or 64, not '", value, "'");
+  return static_cast<int>(rows);
+}
+
 // Shapes where "auto" runs the persistent kernels: where they measured faster than the per-step
 // kernels (H200, bench/results/h200.json, bench/NOTES.md). The persistent step time grows with each
 // block's share of the recurrent product (SIMT dot products out of shared memory), the per-step
@@ -80,7 +96,10 @@ bool persistent_pays_off(Cell cell, int64_t batch, int64_t hidden, const persist
 // with norms recorded (H100, 2026-11-26: LSTM B=64 H=1024 float16 41.4 against 37.3 us per step;
 // without norms they won, 34.6 against 36.1; to be revisited with the norm sums after the loop,
 // bench/NOTES.md). Large batches on smaller clusters (16-row tiles, the same work per block and step
-// as measured) are taken: LSTM B=256 H=256 float16 21.6 against torch.nn's 43.8.
+// as measured) are taken: LSTM B=256 H=256 float16 21.6 against torch.nn's 43.8. Exact float32 takes
+// 8-row tiles where they all run at once (make_cluster_plan; not yet measured: the twelfth session's
+// prediction, bench/NOTES.md, from its FMA products' work scaling with the rows; RNNKERN_TILE_ROWS=16
+// gives the measured plans back).
 // The exchange: st.async (Exchange::ClusterAsync) measured faster than the cluster barrier, or level
 // (H100, 2026-11-26, us per step: LSTM B=16 H=256 float16 7.6 against 8.7, float32 12.9 against 14.0;
 // RNN-tanh float32 8.7 against 9.9; GRU H=512 float16 13.0 against 14.8; B=256 21.6 against 22.1;
@@ -97,7 +116,7 @@ bool cluster_pays_off(DType dtype, const persistent::Plan& plan) {
 }
 
 persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int64_t batch, int64_t hidden,
-                               bool proj, int device, bool tf32, int max_cluster) {
+                               bool proj, int device, bool tf32, int max_cluster, int max_rows) {
   if (choice == KernelChoice::Step) {
     persistent::Plan plan;
     plan.reason = persistent::Decline::Forced;
@@ -107,12 +126,14 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
     const persistent::Exchange exchange = choice == KernelChoice::Cluster ? persistent::Exchange::ClusterBarrier
                                           : choice == KernelChoice::ClusterAsync ? persistent::Exchange::ClusterAsync
                                                                                  : persistent::Exchange::Grid;
-    return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32, max_cluster);
+    return persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32, max_cluster,
+                                         max_rows);
   }
   if (choice == KernelChoice::Auto) {
     for (const persistent::Exchange exchange : {persistent::Exchange::ClusterAsync, persistent::Exchange::Grid}) {
       const persistent::Plan plan =
-          persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32, max_cluster);
+          persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32, max_cluster,
+                                        max_rows);
       if (cluster_pays_off(dtype, plan)) return plan;
     }
   }
@@ -129,19 +150,20 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
 // (The launches set their kernels' shared-memory attribute themselves.)
 persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool proj,
                                int device) {
-  using Key = std::tuple<KernelChoice, Cell, DType, int64_t, int64_t, bool, int, bool, int>;
+  using Key = std::tuple<KernelChoice, Cell, DType, int64_t, int64_t, bool, int, bool, int, int>;
   static std::mutex mutex;
   static std::map<Key, persistent::Plan> plans;
   const KernelChoice choice = kernel_choice();
-  const int max_cluster = max_cluster_blocks();
+  const int max_cluster = max_cluster_blocks(), max_rows = max_tile_rows();
   const bool tf32 = dtype == DType::F32 && at::globalContext().allowTF32CuBLAS();
-  const Key key{choice, cell, dtype, batch, hidden, proj, device, tf32, max_cluster};
+  const Key key{choice, cell, dtype, batch, hidden, proj, device, tf32, max_cluster, max_rows};
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto it = plans.find(key);
     if (it != plans.end()) return it->second;
   }
-  const persistent::Plan plan = decide_kernel(choice, cell, dtype, batch, hidden, proj, device, tf32, max_cluster);
+  const persistent::Plan plan =
+      decide_kernel(choice, cell, dtype, batch, hidden, proj, device, tf32, max_cluster, max_rows);
   std::lock_guard<std::mutex> lock(mutex);
   return plans.emplace(key, plan).first->second;
 }

@@ -168,16 +168,25 @@ Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int t
   return plan;
 }
 
+// The batch rows per tile a plan tries first: `max_tile_rows` where set (RNNKERN_TILE_ROWS), else 16
+// (one tensor-core row tile) or, for the exact FMA products, kFmaTileRows.
+int first_tile_rows(DType dtype, bool tf32, int max_tile_rows) {
+  if (max_tile_rows > 0) return max_tile_rows;
+  return uses_mma(static_cast<int>(storage_size(dtype)), tf32) ? kTileRows : kFmaTileRows;
+}
+
 // Exchange::Grid ("wide"): each tile's blocks in one cooperative grid (one block per SM, all resident),
-// for layers whose W_hh does not fit in one cluster. Tiles of 16 rows where their blocks fit in the
-// device, else fewer, larger tiles (each with more blocks, so a smaller share of W_hh per block).
-Plan plan_wide(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool tf32, const cudaDeviceProp& prop) {
+// for layers whose W_hh does not fit in one cluster. Tiles of `first` rows (first_tile_rows) where
+// their blocks fit in the device, else fewer, larger tiles (each with more blocks, so a smaller share
+// of W_hh per block).
+Plan plan_wide(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool tf32, int first,
+               const cudaDeviceProp& prop) {
   const int gates = cell_gates(cell), sms = prop.multiProcessorCount;
   const int grain = unit_grain(static_cast<int>(storage_size(dtype)));
   Plan plan;
   plan.reason = prop.cooperativeLaunch ? Decline::SharedMemory : Decline::NoCooperativeLaunch;
   if (!prop.cooperativeLaunch) return plan;
-  for (int cap = kTileRows; cap <= kMaxTileRows; cap *= 2) {
+  for (int cap = first; cap <= kMaxTileRows; cap *= 2) {
     const int64_t tiles = (batch + cap - 1) / cap;
     if (tiles > sms) {  // not even one block per tile
       plan.reason = Decline::Occupancy;
@@ -203,7 +212,7 @@ Plan plan_wide(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool tf32,
 }  // namespace
 
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device, Exchange exchange, bool tf32, int max_cluster) {
+                       int device, Exchange exchange, bool tf32, int max_cluster, int max_tile_rows) {
   Plan plan;
   if (declines_layer(plan, has_proj, batch, hidden)) return plan;
   const cudaDeviceProp* prop = device_properties(device);
@@ -212,20 +221,29 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     return plan;
   }
   tf32 = tf32 && dtype == DType::F32;
-  if (exchange == Exchange::Grid) return plan_wide(cell, dtype, batch, hidden, tf32, *prop);
-  // Tiles of at most 16 rows (one MMA row tile) where all their clusters run at once (a second wave
-  // of clusters would double the whole sequence): on the largest cluster that fits, or (max_cluster
-  // 0) on smaller ones, down to the largest with which every tile's cluster is resident (each block
-  // then holds more of W_hh: as much work per block and step as a larger tile's, and an exchange
-  // with fewer blocks); then tiles of up to 32 or 64 rows, the smallest that makes every cluster
-  // resident (each cluster does more work per step), each on clusters chosen the same way.
+  const int first = first_tile_rows(dtype, tf32, max_tile_rows);
+  if (exchange == Exchange::Grid) return plan_wide(cell, dtype, batch, hidden, tf32, first, *prop);
+  // Tiles of at most `first` rows (16, one MMA row tile; 8 for the FMA products) where all their
+  // clusters run at once (a second wave of clusters would double the whole sequence): on the largest
+  // cluster that fits. Tiles below 16 rows only so: their point is less work per block on more SMs,
+  // which a smaller cluster (more of W_hh per block) would take back. From 16 rows, where not all
+  // are resident, (max_cluster 0) on smaller clusters, down to the largest with which every tile's
+  // cluster is resident (each block then holds more of W_hh: as much work per block and step as a
+  // larger tile's, and an exchange with fewer blocks); then tiles of up to 32 or 64 rows, the
+  // smallest that makes every cluster resident (each cluster does more work per step), each on
+  // clusters chosen the same way.
   const int largest = max_cluster > 0 ? max_cluster : kMaxClusterBlocks;
-  for (int cap = kTileRows; cap <= kMaxTileRows; cap *= 2) {
+  for (int cap = first; cap <= kMaxTileRows; cap *= 2) {
     const int64_t tiles = (batch + cap - 1) / cap;
     const int rows = static_cast<int>((batch + tiles - 1) / tiles);
     Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, largest, *prop);
-    if (cap == kTileRows) plan = candidate;
+    // (The answer where no tiles are all resident: 16-row tiles where they fit, as without `first`.)
+    if (cap == first || (cap == kTileRows && candidate.ok)) plan = candidate;
     if (!candidate.ok) break;  // larger tiles need more shared memory still
+    if (cap < kTileRows) {
+      if (tiles <= candidate.resident_clusters) return candidate;
+      continue;
+    }
     while (max_cluster == 0 && tiles > candidate.resident_clusters && candidate.cluster > 1) {
       const Plan smaller = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, candidate.cluster / 2, *prop);
       if (!smaller.ok) break;

@@ -66,6 +66,10 @@ __host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, in
 
 constexpr int kMaxClusterBlocks = 16;  // Hopper's limit (above 8 with the non-portable attribute)
 constexpr int kTileRows = 16;          // batch rows per cluster where the batch allows
+// Exact (FMA) products: batch rows per tile tried first. Their work per block and step scales with
+// the tile's rows (the tensor cores pad a tile to 16 rows whatever it holds), so a batch of 16 on two
+// clusters of 8 rows halves each block's product and its share of the exchange, on twice the SMs.
+constexpr int kFmaTileRows = 8;
 constexpr int kMaxTileRows = 64;       // where a batch needs more clusters than run at once
 
 struct ClusterShape {

@@ -6,7 +6,7 @@
 //   emulate_layer CASE [--seed N] [--schedule-seed N] [--lengths L0,L1,...] [--reverse] [--no-norms]
 //                 [--out FILE]
 //   emulate_layer --check-division      (cuda::FastDiv against / and %; exit 0 when all agree)
-// CASE: scripts/layer_case.h (CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]]); KERNEL also "grid" (the grid-wide
+// CASE: scripts/layer_case.h (CELL:DTYPE:KERNEL[/N][@R]:B:H[:T[:clip]]); KERNEL also "grid" (the grid-wide
 // kernels of persistent.cu). --lengths: each sample's length (packed, sorted longest first; default
 // all T). Prints the plan on stdout. Exit status: 0 done, 2 bad arguments or a declined plan, 3-6 the
 // emulator's findings (an invalid access, a hang, ...; its message on stderr).
@@ -161,7 +161,7 @@ const void* case_kernel(Cell cell, bool forward, const Plan& plan, DType d) {
 
 int usage() {
   std::fprintf(stderr,
-               "usage: emulate_layer CELL:DTYPE:KERNEL[/N]:B:H[:T[:clip]] [--seed N] [--schedule-seed N] "
+               "usage: emulate_layer CELL:DTYPE:KERNEL[/N][@R]:B:H[:T[:clip]] [--seed N] [--schedule-seed N] "
                "[--lengths L0,L1,...] [--reverse] [--no-norms] [--out FILE]\n"
                "       emulate_layer --check-division\n");
   return 2;
@@ -265,7 +265,8 @@ int main(int argc, char** argv) {
   const char ty = type_of(d), acc = d == DType::F64 ? 'd' : 'f';
 
   const Plan plan = grid_kernels ? make_plan(c.cell, d, B, H, false, 0)
-                                 : make_cluster_plan(c.cell, d, B, H, false, 0, c.exchange, c.tf32, c.max_cluster);
+                                 : make_cluster_plan(c.cell, d, B, H, false, 0, c.exchange, c.tf32,
+                                                     c.max_cluster, c.max_tile_rows);
   std::printf("plan ok=%d reason=%d cluster=%d blocks=%d units=%d tile_rows=%d copies=%d tf32=%d exchange=%d "
               "smem_forward=%zu smem_backward=%zu\n",
               plan.ok ? 1 : 0, static_cast<int>(plan.reason), plan.cluster, plan.blocks, plan.units, plan.tile_rows,
