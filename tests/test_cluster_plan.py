@@ -20,6 +20,7 @@ HAVE_NVCC = os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) and shutil.wh
 pytestmark = pytest.mark.skipif(not HAVE_NVCC, reason=f"needs nvcc ({CUDA_HOME}/bin/nvcc) and a host compiler")
 
 OPTIN = 232448  # the model's shared memory per block (sharedMemPerBlockOptin)
+SM_SHARED = 233472  # and per SM (sharedMemPerMultiprocessor)
 SMS = 132
 GPC_SMS = (18, 18, 18, 18, 16, 16, 14, 14)  # scripts/plan_model.cu
 GATES = {"lstm": 4, "gru": 3, "tanh": 1, "relu": 1}
@@ -126,6 +127,11 @@ def test_exact_float32_takes_tiles_of_8_rows_where_all_run_at_once(plan, cell):
                 assert default == (at8 if dtype in ("f32", "f64") else at16), (dtype, kernel, batch)
     f32 = p[f"{cell}:f32:async:16:{H}"]
     assert (f32["blocks"], f32["cluster"], f32["tile_rows"]) == (32, 16, 8), f32  # two clusters of 8 rows
+    # each of their blocks asks for over half an SM's shared memory: no two share an SM (the point of
+    # the smaller tiles is more SMs); 16-row and one-tile plans ask for their layouts' only
+    assert min(f32["smem_forward"], f32["smem_backward"]) >= SM_SHARED // 2, f32
+    assert p[f"{cell}:f32:async@16:16:{H}"]["smem_forward"] < SM_SHARED // 2
+    assert p[f"{cell}:f32:async:5:{H}"]["smem_forward"] < SM_SHARED // 2
     assert p[f"{cell}:f32:async:48:{H}"]["tile_rows"] == 8  # 6 clusters of 16: all resident
     assert p[f"{cell}:f32:async:64:{H}"] == p[f"{cell}:f32:async@16:64:{H}"]  # 8 would not be
     assert p[f"{cell}:f16:async:16:{H}"]["tile_rows"] == 16 and p[f"{cell}:f16:async@8:16:{H}"]["blocks"] == 32

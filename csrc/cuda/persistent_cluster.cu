@@ -118,9 +118,12 @@ bool schedulable(Plan& candidate, Cell cell, DType dtype, const cudaDeviceProp& 
 // The plan of `tiles` tiles of `tile_rows` batch rows, each on `blocks` blocks of `units` hidden units:
 // ok where both kernels' shared memory fits and they are schedulable, else the reason (SharedMemory,
 // Occupancy). Two copies of the backward's exchanged buffers where they fit, else one (Plan::copies:
-// the same reach in H as before the copies; Grid: always two, in global memory).
+// the same reach in H as before the copies; Grid: always two, in global memory). `own_sm`: each
+// block asks for more than half an SM's shared memory, so that no two blocks share an SM (tiles
+// below 16 rows are there for more SMs: the float32 kernels at 8 rows take ~88 KiB and, at 128
+// registers, would fit two an SM, which could put two of a batch's clusters on the same SMs).
 Plan try_plan(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_rows, int blocks, int units,
-              Exchange exchange, bool tf32, const cudaDeviceProp& prop) {
+              Exchange exchange, bool tf32, const cudaDeviceProp& prop, bool own_sm = false) {
   const int gates = cell_gates(cell);
   Plan c;
   c.cluster = blocks;
@@ -134,6 +137,10 @@ Plan try_plan(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_ro
   if (exchange != Exchange::Grid && c.smem_backward > prop.sharedMemPerBlockOptin) {
     c.copies = 1;
     c.smem_backward = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, exchange, tf32, c.copies);
+  }
+  if (own_sm) {
+    c.smem_forward = std::max(c.smem_forward, prop.sharedMemPerMultiprocessor / 2);
+    c.smem_backward = std::max(c.smem_backward, prop.sharedMemPerMultiprocessor / 2);
   }
   c.exchange = exchange;
   c.tf32 = tf32;
@@ -150,7 +157,7 @@ Plan try_plan(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_ro
 // The cluster plan for tiles of `tile_rows` batch rows (`tiles` of them): the largest cluster of at
 // most `max_cluster` blocks that fits and can be scheduled, i.e. the smallest share of W_hh per block.
 Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_rows, Exchange exchange,
-                    bool tf32, int max_cluster, const cudaDeviceProp& prop) {
+                    bool tf32, int max_cluster, const cudaDeviceProp& prop, bool own_sm = false) {
   Plan plan;
   plan.reason = Decline::SharedMemory;
   const int grain = unit_grain(static_cast<int>(storage_size(dtype)));
@@ -161,7 +168,7 @@ Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int t
     const int needed = static_cast<int>((hidden + units - 1) / units);
     int blocks = 1;
     while (blocks < needed) blocks *= 2;
-    const Plan candidate = try_plan(cell, dtype, hidden, tiles, tile_rows, blocks, units, exchange, tf32, prop);
+    const Plan candidate = try_plan(cell, dtype, hidden, tiles, tile_rows, blocks, units, exchange, tf32, prop, own_sm);
     if (candidate.ok) return candidate;
     if (candidate.reason == Decline::Occupancy) plan.reason = Decline::Occupancy;
   }
@@ -201,7 +208,8 @@ Plan plan_wide(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool tf32,
     const int busy = std::max(fewest, round_up((64 + gates - 1) / gates, grain));
     for (int units = busy; units >= fewest; units -= grain) {
       const int blocks = static_cast<int>((hidden + units - 1) / units);
-      const Plan candidate = try_plan(cell, dtype, hidden, tiles, tile_rows, blocks, units, Exchange::Grid, tf32, prop);
+      const Plan candidate = try_plan(cell, dtype, hidden, tiles, tile_rows, blocks, units, Exchange::Grid, tf32, prop,
+                                      tiles > 1 && cap < kTileRows);
       if (candidate.ok) return candidate;
       if (candidate.reason == Decline::Occupancy) plan.reason = Decline::Occupancy;
     }
@@ -236,7 +244,8 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
   for (int cap = first; cap <= kMaxTileRows; cap *= 2) {
     const int64_t tiles = (batch + cap - 1) / cap;
     const int rows = static_cast<int>((batch + tiles - 1) / tiles);
-    Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, largest, *prop);
+    Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, largest, *prop,
+                                    tiles > 1 && cap < kTileRows);
     // (The answer where no tiles are all resident: 16-row tiles where they fit, as without `first`.)
     if (cap == first || (cap == kTileRows && candidate.ok)) plan = candidate;
     if (!candidate.ok) break;  // larger tiles need more shared memory still

@@ -540,6 +540,25 @@ struct FmaSplit {
   }
 };
 
+// The FMA backward product's split (phase C): `tiles` register tiles of 4 rows x 4 units k, each over
+// 2^part_bits adjacent lanes that take every such group of the block's gate columns (4 columns for
+// float, whose loads go in flight together; 1 for double), summed by a fixed butterfly
+// (group_sum_each). Where a tile's rows leave fewer register tiles than threads (8-row tiles: half the
+// threads had idled with the whole column loop on the others), the spare lanes share the columns.
+// Fixed for the launch: for the tile's rows at their most, and this block's units (at most its column
+// groups). (Only part_bits is kept through the loop: the rest is the launch's shape, in the constant
+// bank; a register more had spilled the GRU's float32 backward.)
+__device__ __forceinline__ int dh_tiles(int tile_rows, int hidden) {
+  return (tile_rows + 3) / 4 * ((hidden + 3) / 4);
+}
+
+__device__ __forceinline__ int dh_part_bits(int tile_rows, int hidden, int column_groups) {
+  const int most = min(lanes_per_pair(dh_tiles(tile_rows, hidden)), column_groups);
+  int bits = 0;
+  while ((2 << bits) <= most) ++bits;
+  return bits;
+}
+
 // X: how the blocks exchange state (Plan::exchange). Async: the st.async exchange (mbarriers, no
 // cluster barrier per step). Grid: through global memory (`out`; the backward's scratch) with the
 // grid's barrier where the others have the cluster's ("wide": a tile's blocks need not fit in one
@@ -1019,6 +1038,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
   // reduce-scatter's owners.
   const FastDiv by_nu(max(nu, 1)), by_units(U), by_k_quads((H + 3) / 4), by_blocks(blocks);
   const WarpTiling tiling((H + 7) / 8, static_cast<int>(threadIdx.x) / 32);
+  const int dh_bits = Mma ? 0 : dh_part_bits(Bt, H, sizeof(A) == 4 ? (nu + 3) / 4 : nu);  // (MMA: unused)
   const auto load_first = [&](const TileStep& st) {
 #pragma unroll
     for (int k_pair = 0; k_pair < P; ++k_pair) {
@@ -1306,11 +1326,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       }
     } else if (nu > 0) {
       // Register tiles of 4 rows x 4 consecutive units k (units-fastest: a warp reads contiguous
-      // W_hh chunks); the 4 partials of a row go to their owner (U is a multiple of 4) in one
-      // 16-byte store.
-      const int kt = (H + 3) / 4;
-      for (int tile = threadIdx.x; tile < (rows + 3) / 4 * kt; tile += kThreads) {
+      // W_hh chunks), each over 2^dh_bits adjacent lanes (dh_part_bits); the 4 partials of a row go
+      // to their owner (U is a multiple of 4) in one 16-byte store. (A uniform trip count: the lanes
+      // of a tile shuffle; tiles past the step's rows idle.)
+      const int kt = (H + 3) / 4, parts = 1 << dh_bits, tiles = dh_tiles(Bt, H);
+      const int part = static_cast<int>(threadIdx.x) & (parts - 1);
+      for (int base = 0; base < tiles; base += kThreads >> dh_bits) {
+        const int tile = base + (static_cast<int>(threadIdx.x) >> dh_bits);
         const int r_tile = by_k_quads.div(tile), r0 = r_tile * 4, k0 = (tile - r_tile * kt) * 4;
+        const bool valid = tile < tiles && r0 < rows;
         A acc[4][4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -1331,11 +1355,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
           }
         };
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
+        for (int g = 0; g < (valid ? G : 0); ++g) {
           if constexpr (sizeof(A) == 4) {
             // Four columns' loads in flight before their FMAs (the plain loop waited for its two
             // loads every 16 FMAs; float only: a double column is twice the registers).
-            for (int ul = 0; ul < nu; ul += 4) {
+            for (int ul = 4 * part; ul < nu; ul += 4 * parts) {
               A dv[4][4], wv[4][4];
 #pragma unroll
               for (int q = 0; q < 4; ++q) {
@@ -1347,16 +1371,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
               }
             }
           } else {
-            for (int ul = 0; ul < nu; ++ul) {
+            for (int ul = part; ul < nu; ul += parts) {
               A dv[4], wv[4];
               load_column(dv, wv, g * U + ul);
               fma_column(dv, wv);
             }
           }
         }
+        if (parts > 1) group_sum_each(acc, parts);
+        if (valid && part == 0) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (r0 + i < rows) send_partials(r0 + i, k0, acc[i]);
+          for (int i = 0; i < 4; ++i) {
+            if (r0 + i < rows) send_partials(r0 + i, k0, acc[i]);
+          }
         }
       }
     }

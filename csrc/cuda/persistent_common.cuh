@@ -72,6 +72,25 @@ __device__ __forceinline__ void group_sum_each(A (&v)[N], int lanes) {
   }
 }
 
+// The same for an R x N register tile (each value its own tree, as above; all R x N shuffles of a
+// level issued together).
+template <int R, int N, typename A>
+__device__ __forceinline__ void group_sum_each(A (&v)[R][N], int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) {
+    A got[R][N];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) got[i][j] = __shfl_xor_sync(0xffffffffu, v[i][j], offset);
+    }
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) v[i][j] += got[i][j];
+    }
+  }
+}
+
 // One value's group sum: the same tree, so the same bits as group_sum_each.
 template <typename A>
 __device__ __forceinline__ A group_sum(A v, int lanes) {
