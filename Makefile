@@ -12,7 +12,7 @@ DEPS := $(TORCH_SPEC) triton numpy ninja pybind11 setuptools wheel build pytest 
         pytest-timeout expecttest matplotlib tqdm tensorboard
 PYTEST_ARGS ?=
 
-.PHONY: venv build demo test test-all bench step-trace emulator clean
+.PHONY: venv build demo test test-all bench step-trace gpu-prep emulator clean
 
 $(VENV)/.deps-installed: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench: build
 # carry .gpu-bin to the device and scripts/gpu_check.sh's probe stage runs it.
 step-trace:
 	bash scripts/build_step_trace.sh .gpu-bin/step_trace
+
+# Everything a GPU session carries to the device (`run` with carry [".whl", ".gpu-bin"]; see
+# scripts/gpu_check.sh): the step tracer, and the wheels the device's python lacks (expecttest, for
+# torch.library.opcheck), for its Python 3.12.
+gpu-prep: step-trace venv
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 -d .whl expecttest
 
 # The persistent CUDA kernels on the CPU (scripts/emulator; host compiler and CUDA headers, no GPU):
 # tests/test_emulated_kernels.py builds and runs it too.

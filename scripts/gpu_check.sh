@@ -6,9 +6,8 @@
 # Uses the machine's python3 (torch + CUDA + triton there; nothing is installed except the wheels
 # carried in .whl/, e.g. expecttest for torch.library.opcheck).
 # Call it with RNNKERN_COMMIT=$(git rev-parse --short=12 HEAD) (the machine gets no .git) and carry
-# .whl, made once here with: echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps
-#   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
-#   -d .whl expecttest
+# .whl and .gpu-bin, both made here (a fresh checkout has neither) by `make gpu-prep`: the wheels
+# (expecttest) and the step tracer.
 # Budget (stages are time-boxed): build ~20 s there, tests ~150 s (SHARDS=8 side by side, with the
 # sanitizer beside them), bench ~80 s: measured 258 s on an H200 (2026-11-26), plus ~30 s of machine
 # start. Since then the cluster variant (tests and bench), the paired norm-cost timings, the probe
