@@ -43,19 +43,25 @@ KernelChoice kernel_choice() {
               value, "'");
 }
 
+// The power of two from 1 to `most` in the environment variable `name`; 0 where it is unset or empty.
+// Anything else is an error naming the variable and what it takes (`allowed`), not a silent default.
+int power_of_two_setting(const char* name, long most, const char* allowed) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return 0;
+  char* end = nullptr;
+  const long v = std::strtol(value, &end, 10);
+  TORCH_CHECK(*end == '\0' && v >= 1 && v <= most && (v & (v - 1)) == 0, name, " must be ", allowed, ", not '",
+              value, "'");
+  return static_cast<int>(v);
+}
+
 // RNNKERN_CLUSTER_BLOCKS: the most blocks a thread-block cluster of the cluster kernels may have (a
 // power of two, 1 to 16). Unset (0): the plan takes the largest cluster that fits, or smaller ones
 // where a large batch's 16-row tiles need more clusters than run at once. Fewer blocks hold more of
 // W_hh each (a longer product per step) and exchange with fewer others; set to measure that
-// trade-off (scripts/step_trace.cu sweeps it too). Any other value is an error.
+// trade-off (scripts/step_trace.cu sweeps it too).
 int max_cluster_blocks() {
-  const char* value = std::getenv("RNNKERN_CLUSTER_BLOCKS");
-  if (value == nullptr || *value == '\0') return 0;
-  char* end = nullptr;
-  const long blocks = std::strtol(value, &end, 10);
-  TORCH_CHECK(*end == '\0' && blocks >= 1 && blocks <= 16 && (blocks & (blocks - 1)) == 0,
-              "RNNKERN_CLUSTER_BLOCKS must be 1, 2, 4, 8 or 16, not '", value, "'");
-  return static_cast<int>(blocks);
+  return power_of_two_setting("RNNKERN_CLUSTER_BLOCKS", 16, "1, 2, 4, 8 or 16");
 }
 
 // RNNKERN_TILE_ROWS: the most batch rows a tile of the cluster and wide kernels has where its
@@ -63,15 +69,9 @@ int max_cluster_blocks() {
 // not). Unset (0): 16, one tensor-core row tile, or 8 for the exact FMA products (float32 without
 // TF32, float64), whose work per block and step scales with the rows. Smaller tiles spread a batch
 // over more SMs, each with less of the product and of the exchange; set to measure that trade-off
-// (scripts/step_trace.cu takes it too). Any other value is an error.
+// (scripts/step_trace.cu takes it too).
 int max_tile_rows() {
-  const char* value = std::getenv("RNNKERN_TILE_ROWS");
-  if (value == nullptr || *value == '\0') return 0;
-  char* end = nullptr;
-  const long rows = std::strtol(value, &end, 10);
-  TORCH_CHECK(*end == '\0' && rows >= 1 && rows <= 64 && (rows & (rows - 1)) == 0,
-              "RNNKERN_TILE_ROWS must be 1, 2, 4, 8, 16, 32 or 64, not '", value, "'");
-  return static_cast<int>(rows);
+  return power_of_two_setting("RNNKERN_TILE_ROWS", 64, "1, 2, 4, 8, 16, 32 or 64");
 }
 
 // Shapes where "auto" runs the persistent kernels: where they measured faster than the per-step

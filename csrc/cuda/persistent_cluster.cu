@@ -248,11 +248,11 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
                                     tiles > 1 && cap < kTileRows);
     // (The answer where no tiles are all resident: 16-row tiles where they fit, as without `first`.)
     if (cap == first || (cap == kTileRows && candidate.ok)) plan = candidate;
-    if (!candidate.ok) break;  // larger tiles need more shared memory still
     if (cap < kTileRows) {
-      if (tiles <= candidate.resident_clusters) return candidate;
-      continue;
+      if (candidate.ok && tiles <= candidate.resident_clusters) return candidate;
+      continue;  // (declined with one SM a block, or not all resident: as from 16 rows)
     }
+    if (!candidate.ok) break;  // larger tiles need more shared memory still
     while (max_cluster == 0 && tiles > candidate.resident_clusters && candidate.cluster > 1) {
       const Plan smaller = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, candidate.cluster / 2, *prop);
       if (!smaller.ok) break;
