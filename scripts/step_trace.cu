@@ -107,11 +107,19 @@ float time_launches(Launch launch, unsigned long long* trace, size_t trace_bytes
   return ms[ms.size() / 2];
 }
 
-// One line: the launch's us per step, then each phase's us per step over the blocks (mean [max]).
+// One line: the launch's us per step, the SMs its blocks ran on (fewer than the blocks: some shared
+// one), then each phase's us per step over the blocks (mean [max]).
 void report(const char* pass, const LayerCase& c, const Plan& plan, float ms, const unsigned long long* slots,
             const char* const* names) {
   double mean[kTracePhases] = {}, worst[kTracePhases] = {}, prologue = 0.0, loop = 0.0, ghz_sum = 0.0;
   int counted = 0;
+  std::vector<unsigned long long> sms;
+  for (int b = 0; b < plan.blocks; ++b) {
+    const unsigned long long* s = slots + static_cast<size_t>(b) * kTraceSlots;
+    if (s[kTraceNs] != 0) sms.push_back(s[kTraceSm]);  // (every block that reached the end)
+  }
+  std::sort(sms.begin(), sms.end());
+  const int distinct_sms = static_cast<int>(std::unique(sms.begin(), sms.end()) - sms.begin());
   for (int b = 0; b < plan.blocks; ++b) {
     const unsigned long long* s = slots + static_cast<size_t>(b) * kTraceSlots;
     if (s[kTraceSteps] == 0 || s[kTraceNs] == 0) continue;  // (blocks without units, async: no loop)
@@ -127,8 +135,8 @@ void report(const char* pass, const LayerCase& c, const Plan& plan, float ms, co
     ghz_sum += ghz;
     ++counted;
   }
-  std::printf("%-28s %-8s %4d blk %2d/cl tile %2d copies %d  %7.3f us/step (loop %6.3f, prologue %5.1f us, %.2f GHz) |",
-              c.label.c_str(), pass, plan.blocks, plan.cluster, plan.tile_rows, plan.copies,
+  std::printf("%-28s %-8s %4d blk %4d sm %2d/cl tile %2d copies %d  %7.3f us/step (loop %6.3f, prologue %5.1f us, %.2f GHz) |",
+              c.label.c_str(), pass, plan.blocks, distinct_sms, plan.cluster, plan.tile_rows, plan.copies,
               1e3 * ms / static_cast<double>(c.steps), counted ? loop / counted : 0.0,
               counted ? prologue / counted : 0.0, counted ? ghz_sum / counted : 0.0);
   for (int k = 0; k < kTracePhases; ++k) {

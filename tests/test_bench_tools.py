@@ -299,9 +299,9 @@ def test_step_trace_table_reads_the_tracer_output():
         sys.path.pop(0)
     line, phase, names, declined, skipped = _step_trace_formats()
     assert len(names) == 6
-    timed = line % ("lstm:f16:async:16:256:512", "forward", 16, 16, 16, 2, 1.23456, 1.2, 12.25, 1.98)
+    timed = line % ("lstm:f16:async:16:256:512", "forward", 16, 16, 16, 16, 2, 1.23456, 1.2, 12.25, 1.98)
     timed += "".join(phase % (name, 0.125 * (i + 1), 0.25 * (i + 1)) for i, name in enumerate(names))
-    slow = line % ("tanh:f16:async/1:16:256:512:0.5", "backward", 1, 1, 16, 1, 123.5, 120.0, 3.0, 1.755)
+    slow = line % ("tanh:f16:async/1:16:256:512:0.5", "backward", 1, 1, 1, 16, 1, 123.5, 120.0, 3.0, 1.755)
     slow += "".join(phase % (name, 10.0, 20.0) for name in names)
     text = "\n".join(["step_trace on NVIDIA H100 80GB HBM3 (132 SMs); us per step; phases: ...", timed, slow,
                       declined % ("lstm:f32:wide:16:768:512", 4), skipped % ("gru:f16:wide:16:256:512",),
@@ -310,14 +310,15 @@ def test_step_trace_table_reads_the_tracer_output():
     assert [r["case"] for r in rows] == ["lstm:f16:async:16:256:512", "tanh:f16:async/1:16:256:512:0.5",
                                          "lstm:f32:wide:16:768:512", "gru:f16:wide:16:256:512"]
     first = rows[0]
-    assert (first["pass"], first["blocks"], first["cluster"], first["tile"], first["copies"]) == ("forward", 16, 16, 16, 2)
+    assert (first["pass"], first["blocks"], first["sms"], first["cluster"], first["tile"], first["copies"]) == (
+        "forward", 16, 16, 16, 16, 2)
     assert first["us"] == 1.235 and first["loop"] == 1.2 and first["prologue"] == 12.2 and first["ghz"] == 1.98
     assert first["phases"] == [(name, 0.125 * (i + 1), 0.25 * (i + 1)) for i, name in enumerate(names)]
     assert rows[1]["pass"] == "backward" and rows[1]["us"] == 123.5 and rows[1]["copies"] == 1
     assert rows[2]["note"] == "declined (reason 4)" and rows[3]["note"] == "skipped (--skip)"
     table = step_trace_table.markdown(rows)
     assert "**forward**" in table and "**backward**" in table
-    assert "| lstm:f16:async:16:256:512 | 16 (16, 16) | 1.235 | 1.200 | 0.125 [0.250] |" in table
+    assert "| lstm:f16:async:16:256:512 | 16/16 (16, 16) | 1.235 | 1.200 | 0.125 [0.250] |" in table
     assert "Not timed: lstm:f32:wide:16:768:512 declined (reason 4); gru:f16:wide:16:256:512 skipped (--skip)." in table
 
 

@@ -17,9 +17,9 @@ namespace detail {
 constexpr int kTracePhases = 6;
 // Per block: the cycles of each phase summed over the steps, then the prologue's cycles (before the
 // loop), the steps, the loop's cycles and the global timer's nanoseconds over the whole kernel (the
-// SM clock's rate), the kernel's cycles.
+// SM clock's rate), the kernel's cycles, and the SM it ran on (whether two blocks shared one).
 enum TraceSlot : int {
-  kTracePrologue = kTracePhases, kTraceSteps, kTraceLoopCycles, kTraceNs, kTraceCycles, kTraceSlots
+  kTracePrologue = kTracePhases, kTraceSteps, kTraceLoopCycles, kTraceNs, kTraceCycles, kTraceSm, kTraceSlots
 };
 
 #ifdef RNNKERN_STEP_TRACE
@@ -69,6 +69,9 @@ struct StepClock {
     slot[kTraceLoopCycles] = end - loop;
     slot[kTraceNs] = end_ns - begin_ns;
     slot[kTraceCycles] = end - begin;
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    slot[kTraceSm] = sm;
   }
 };
 
