@@ -157,8 +157,10 @@ def timing(kernel):
     if kernel == "cluster-async":
         # Smaller batch tiles on more clusters: each block's product (FMA: its rows) and share of the
         # exchange shrink (the default: 8 rows for exact float32, 16 for the tensor cores).
-        for cell, dtype, rows in (("lstm", torch.float32, ("4", "8", "16")), ("rnn_tanh", torch.float32, ("8", "16")),
-                                  ("lstm", torch.float16, ("8", "16")), ("rnn_tanh", torch.float16, ("8", "16"))):
+        for cell, dtype, rows in (("lstm", torch.float32, ("4", "8", "16")),
+                                  ("rnn_tanh", torch.float32, ("8", "16")),
+                                  ("lstm", torch.float16, ("8", "16")),
+                                  ("rnn_tanh", torch.float16, ("8", "16"))):
             time_schedule(kernel, "RNNKERN_TILE_ROWS", rows, f"{cell}-tiles", cell=cell, default=None,
                           dtype=dtype)
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
