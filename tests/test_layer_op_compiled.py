@@ -788,8 +788,10 @@ def test_cuda_cluster_single_copy(kernel, clipping, cell, B, packed, monkeypatch
     """Layers whose backward has room for one copy of its exchanged buffers only (Plan::copies = 1,
     plan[10]: float64 GRU B=16 and LSTM B=8 (packed: rows vary by step; Σ dc² on the inbox's one
     copy) at H=280 on clusters of 16 blocks), where the norms are exchanged before the cell with or
-    without clipping; against the float64 oracle, norms included."""
+    without clipping; against the float64 oracle, norms included. (Tiles of 16 rows: float64's default
+    of 8 would leave room for two copies.)"""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
+    monkeypatch.setenv("RNNKERN_TILE_ROWS", "16")
     H = 280
     plan = torch.ops.rnnkern.cuda_kernel_plan(cell, torch.float64, B, H, False, torch.cuda.current_device())
     assert plan[0] and plan[7] == 16 and plan[10] == 1, plan
