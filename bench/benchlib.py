@@ -93,6 +93,19 @@ GRIDS: Dict[str, Dict[str, object]] = {
         "shapes": [Shape("lstm", 64, 16, 128), Shape("gru", 64, 16, 128), Shape("rnn_tanh", 64, 16, 128)],
         "dtypes": ["float32", "float16"],
     },
+    # Issue 9's targets as it states them: forward+backward, norms off and on, B in {16, 64}, H in
+    # {256, 512, 768, 1024}, T = 512 (the shorter of its two lengths), every cell and dtype: `auto` (the
+    # backend "cuda", no forced variants) against torch.nn in the same dtype and in float16 (its
+    # fastest), nothing else. About 80 s on an H100; its own results file (<device>-gpu-targets.json).
+    "gpu-targets": {
+        "device": "cuda",
+        "shapes": _product(("lstm", "gru", "rnn_tanh"), (512,), (16, 64), (256, 512, 768, 1024)),
+        "dtypes": ["float16", "float32", "bfloat16"],
+        "backends": ["cuda"],
+        "passes": ["fwdbwd"],
+        "file_suffix": "-gpu-targets",
+        "budget_s": 170.0,
+    },
     # The whole grid of the issue: B in {1,16,64,256}, H in {128..1024}, T in {64,512,2048}; hours.
     "gpu-full": {
         "device": "cuda",
@@ -357,9 +370,9 @@ class ResultsWriter:
     cut short still leaves everything it measured. A run replaces the file: one file = one run."""
 
     def __init__(self, device: torch.device, ceilings: Dict[str, object], out_dir: Optional[Path] = None,
-                 extra: Optional[Dict[str, object]] = None):
+                 extra: Optional[Dict[str, object]] = None, suffix: str = ""):
         out_dir = Path(out_dir or os.environ.get("RNNKERN_BENCH_OUT") or DEFAULT_OUT_DIR)
-        self.path = out_dir / f"{device_slug(device)}.json"
+        self.path = out_dir / f"{device_slug(device)}{suffix}.json"  # (suffix: a grid's own file)
         self.header = {
             "device": device_description(device),
             "torch": torch.__version__,

@@ -1,9 +1,12 @@
 """pytest-benchmark configuration of the rnnkern benchmark suite (`make bench`).
 
-Grid: `--grid NAME` or `RNNKERN_BENCH_GRID=cpu|gpu-quick|gpu-full` (default: gpu-quick with a GPU, else cpu).
+Grid: `--grid NAME` or `RNNKERN_BENCH_GRID=cpu|gpu-quick|gpu-targets|gpu-full` (default: gpu-quick with a
+GPU, else cpu).
 Backends: every backend of `rnnkern.backends()` that runs on the grid's device and dtype, except
-"reference" (add it with `--bench-reference` or `RNNKERN_BENCH_REFERENCE=1`), plus torch.nn in the same run.
-Output: bench/results/<device-slug>.json, or under `RNNKERN_BENCH_OUT`.
+"reference" (add it with `--bench-reference` or `RNNKERN_BENCH_REFERENCE=1`), plus torch.nn in the same run;
+a grid that names its backends (gpu-targets: "cuda", i.e. auto) times those alone.
+Output: bench/results/<device-slug>.json (gpu-targets: <device-slug>-gpu-targets.json), or under
+`RNNKERN_BENCH_OUT`.
 CPU threads: `RNNKERN_BENCH_THREADS` (default: torch's default, one per core).
 Time budget: `RNNKERN_BENCH_BUDGET_S` seconds (gpu-quick: 170 by default); once spent, the remaining cases
 are skipped with a message and the results file says how many were left out.
@@ -54,6 +57,9 @@ def _backend_plan(config):
     grid = benchlib.GRIDS[_grid_name(config)]
     device = torch.device(grid["device"])
     names = [n for n in rnnkern.backends() if n != "reference" or _with_reference(config)]
+    only = grid.get("backends")  # a grid that names its backends times those alone, without variants
+    if only is not None:
+        names = [n for n in names if n in only]
     # RNNKERN_BENCH_SKIP: comma-separated labels left out (scripts/gpu_check.sh: kernels that hung).
     skipped = set(filter(None, os.environ.get("RNNKERN_BENCH_SKIP", "").split(",")))
     plan, excluded = {}, {}
@@ -64,7 +70,7 @@ def _backend_plan(config):
             if reason is None:
                 plan[dtype].append(name)
                 plan[dtype] += [label for label, (base, _) in benchlib.BACKEND_VARIANTS.items()
-                                if base == name and device.type == "cuda"]
+                                if base == name and device.type == "cuda" and only is None]
             else:
                 excluded[(name, dtype)] = reason
         for label in skipped.intersection(plan[dtype]):
@@ -99,7 +105,7 @@ def pytest_generate_tests(metafunc):
     params, ids = [], []
     for shape in grid["shapes"]:  # shape outermost: a time-boxed run covers the first shapes in every dtype
         for dtype in grid["dtypes"]:
-            for pass_ in benchlib.PASSES:
+            for pass_ in grid.get("passes", benchlib.PASSES):
                 variants = [("torch.nn", False)] + [(b, n) for b in plan[dtype] for n in (False, True)]
                 for backend, norms in variants:
                     params.append((shape, dtype, pass_, backend, norms))
@@ -137,7 +143,8 @@ class Session:
         self.skipped_for_budget = 0
         self.writer = benchlib.ResultsWriter(device, self.ceilings, extra={
             "grid": name, "threads": torch.get_num_threads(), "skipped_for_budget": 0,
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None})
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+            suffix=grid.get("file_suffix", ""))
         self.torch_nn_ms = {}
 
     def over_budget(self) -> bool:

@@ -3,8 +3,10 @@
     python scripts/collect_gpu_results.py DIR [DIR ...]    # the files_at folders of the run's calls
 
 From the $OUT folders of one or more calls (e.g. call 1: smoke, probe, tests, sanitizers; call 2: the
-bench) it writes, for the device kind and the commit the run names (env.txt; the bench file's own):
-  bench/results/<device>-<commit8>.json and <device>.json (the latest), with <device>.png;
+bench; or a third with the gpu-targets grid) it writes, for the device kind and the commit the run
+names (env.txt; the bench file's own):
+  bench/results/<device>-<commit8>.json and <device>.json (the latest), with <device>.png, for each
+      bench file (gpu-targets: <device>-gpu-targets-<commit8>.json, ...);
   bench/results/logs/<device>-gpu-check-<commit8>.txt: env, build, smoke (checks and timings), probe,
       step tracer, the tests' per-shard counts and every FAILED/ERROR line, the sanitizers' verdicts;
   bench/results/logs/<device>-tables-<commit8>.md: µs per step (plot.py --per-step), the floors
@@ -36,16 +38,17 @@ def _find(dirs, name):
     return found[-1] if found else None
 
 
-def _bench_file(dirs):
-    found = [p for d in dirs for p in sorted(d.glob("*.json"))]  # (the bench's is the run's only JSON file)
-    return found[-1] if found else None
+def _bench_files(dirs):
+    """The bench files (the runs' only JSON files: <device>.json, <device>-gpu-targets.json), by name; a
+    later call's replaces an earlier one's of the same name."""
+    return list({p.name: p for d in dirs for p in sorted(d.glob("*.json"))}.values())
 
 
-def _device_and_commit(dirs, bench):
+def _device_and_commit(dirs, benches):
     device = commit = None
-    if bench is not None:
-        doc = json.loads(bench.read_text())
-        device, commit = bench.stem, doc.get("commit")
+    if benches:
+        doc = json.loads(benches[0].read_text())
+        device, commit = benches[0].stem.split("-gpu-targets")[0], doc.get("commit")
     env = _find(dirs, "env.txt")
     if env is not None:
         text = env.read_text()
@@ -66,6 +69,15 @@ def _section(title, path, tail=None):
         title += f" (last {tail} of {len(lines)} lines)"
         lines = lines[-tail:]
     return f"===== {title} =====\n" + "\n".join(lines) + "\n"
+
+
+def _bench_logs(dirs):
+    """Each call's bench.log (its last 40 lines), or that none came back."""
+    found = [d / "bench.log" for d in dirs if (d / "bench.log").exists()]
+    if not found:
+        return [_section("bench.log", None)]
+    return [_section(f"bench.log ({path.parent.name})" if len(found) > 1 else "bench.log", path, tail=40)
+            for path in found]
 
 
 def _test_summary(archive):
@@ -94,14 +106,14 @@ def collect(dirs, out_root=ROOT):
     dirs = [Path(d) for d in dirs]
     results, logs = out_root / "bench" / "results", out_root / "bench" / "results" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    bench = _bench_file(dirs)
-    device, commit = _device_and_commit(dirs, bench)
+    benches = _bench_files(dirs)
+    device, commit = _device_and_commit(dirs, benches)
     written = []
-    if bench is not None:
-        for target in (results / f"{device}-{commit}.json", results / f"{device}.json"):
+    for bench in benches:
+        for target in (results / f"{bench.stem}-{commit}.json", results / f"{bench.stem}.json"):
             shutil.copyfile(bench, target)
             written.append(target)
-        written.append(plot.plot_speedups(plot.load(bench), results / f"{device}.png"))
+        written.append(plot.plot_speedups(plot.load(bench), results / f"{bench.stem}.png"))
     check = logs / f"{device}-gpu-check-{commit}.txt"
     check.write_text("\n".join([
         f"scripts/gpu_check.sh on {device}, commit {commit}: what the run brought back "
@@ -112,13 +124,13 @@ def collect(dirs, out_root=ROOT):
         _section("probe.txt", _find(dirs, "probe.txt")),
         _section("step_trace.txt", _find(dirs, "step_trace.txt")),
         f"===== tests and sanitizers =====\n{_test_summary(_find(dirs, 'test-logs.tgz'))}\n",
-        _section("bench.log", _find(dirs, "bench.log"), tail=40),
+        *_bench_logs(dirs),
     ]))
     written.append(check)
     tables = io.StringIO()
-    if bench is not None:
+    for bench in benches:
         doc = plot.load(bench)
-        tables.write(plot.per_step_table(doc) + "\n")
+        tables.write(f"## {bench.name}\n\n" + plot.per_step_table(doc) + "\n")
         probe = _find(dirs, "probe.txt")
         if probe is not None:
             tables.write(plot.floor_table(doc, plot.read_probe(probe)) + "\n")

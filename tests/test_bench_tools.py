@@ -112,6 +112,48 @@ def test_grids_hold_the_target_shapes():
     assert set(quick["dtypes"]) == {"float32", "float16"}
     full = benchlib.GRIDS["gpu-full"]
     assert len(full["shapes"]) == 3 * 3 * 4 * 4 and set(full["dtypes"]) == {"float32", "bfloat16", "float16"}
+    # issue 9's targets as stated: fwd+bwd, B <= 64, H 256..1024, T 512, every cell and dtype, auto only
+    targets = benchlib.GRIDS["gpu-targets"]
+    assert set(targets["shapes"]) == {benchlib.Shape(c, 512, b, h) for c in ("lstm", "gru", "rnn_tanh")
+                                      for b in (16, 64) for h in (256, 512, 768, 1024)}
+    assert set(targets["dtypes"]) == {"float32", "bfloat16", "float16"}
+    assert (targets["backends"], targets["passes"], targets["file_suffix"]) == (["cuda"], ["fwdbwd"], "-gpu-targets")
+
+
+def test_a_grid_that_names_its_backends_times_those_alone(monkeypatch):
+    """A grid's "backends" (gpu-targets: auto alone) leaves out the other backends and the forced
+    variants, and its "passes" the forward-only pass; its results go to the grid's own file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", Path(__file__).resolve().parents[1] / "bench"
+                                                  / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    grid = {"device": "cpu", "shapes": [benchlib.Shape("lstm", 4, 2, 8)], "dtypes": ["float32"],
+            "backends": ["cpu"], "passes": ["fwdbwd"]}
+    monkeypatch.setitem(benchlib.GRIDS, "test-only", grid)
+    monkeypatch.setenv("RNNKERN_BENCH_GRID", "test-only")
+
+    class Config:
+        def getoption(self, name):
+            return None
+
+    plan, excluded = conftest._backend_plan(Config())
+    assert plan == {"float32": ["cpu"]} and excluded == {}
+
+    class Metafunc:
+        fixturenames = ["bench_case"]
+        config = Config()
+
+        def parametrize(self, name, params, ids):
+            self.ids = ids
+
+    metafunc = Metafunc()
+    conftest.pytest_generate_tests(metafunc)
+    assert metafunc.ids == ["lstm-T4-B2-H8-float32-fwdbwd-torch.nn", "lstm-T4-B2-H8-float32-fwdbwd-cpu",
+                            "lstm-T4-B2-H8-float32-fwdbwd-cpu-norms"]
+    writer = benchlib.ResultsWriter(torch.device("cpu"), CEILINGS, out_dir=Path("/nonexistent"), suffix="-x")
+    assert writer.path.name == benchlib.device_slug(torch.device("cpu")) + "-x.json"
 
 
 def _synthetic_results():
@@ -351,13 +393,26 @@ def test_collect_gpu_results(tmp_path):
     doc = _synthetic_gpu_results()
     doc["commit"] = "0123456789ab"
     (call2 / "h100.json").write_text(json.dumps(doc))
-    written = collect_gpu_results.collect([call1, call2], out_root=root)
+    (call2 / "bench.log").write_text("quick grid: 200 passed\n")
+    call3 = tmp_path / "call3"  # a third call: the gpu-targets grid, in its own file
+    call3.mkdir()
+    (call3 / "h100-gpu-targets.json").write_text(json.dumps(dict(doc, grid="gpu-targets")))
+    (call3 / "bench.log").write_text("targets grid: 216 passed\n")
+    written = collect_gpu_results.collect([call1, call2, call3], out_root=root)
     names = sorted(p.relative_to(root).as_posix() for p in written)
-    assert names == ["bench/results/h100-01234567.json", "bench/results/h100.json", "bench/results/h100.png",
+    assert names == ["bench/results/h100-01234567.json", "bench/results/h100-gpu-targets-01234567.json",
+                     "bench/results/h100-gpu-targets.json", "bench/results/h100-gpu-targets.png",
+                     "bench/results/h100.json", "bench/results/h100.png",
                      "bench/results/logs/h100-gpu-check-01234567.txt", "bench/results/logs/h100-tables-01234567.md"]
+    assert json.loads((root / "bench/results/h100-gpu-targets.json").read_text())["grid"] == "gpu-targets"
     log = (root / "bench/results/logs/h100-gpu-check-01234567.txt").read_text()
+    assert "===== bench.log (call2)" in log and "216 passed" in log and "200 passed" in log
     assert "tests-gpu-0.log: 2 passed, 1 failed" in log and "FAILED t::c - boom" in log
     assert "RACECHECK SUMMARY: 0 hazards" in log and "line 99" in log and "line 94" not in log
-    assert "===== bench.log =====\n(not brought back by this run)" in log
     tables = (root / "bench/results/logs/h100-tables-01234567.md").read_text()
     assert "| layer |" in tables and "Floor per step" in tables and "| phase | us |" in tables
+    assert "## h100.json" in tables and "## h100-gpu-targets.json" in tables
+    # a run without a bench call says so
+    collect_gpu_results.collect([call1], out_root=tmp_path / "repo2")
+    log = (tmp_path / "repo2/bench/results/logs/h100-gpu-check-01234567.txt").read_text()
+    assert "===== bench.log =====\n(not brought back by this run)" in log
