@@ -8,7 +8,8 @@ names (env.txt; the bench file's own):
   bench/results/<device>-<commit8>.json and <device>.json (the latest), with <device>.png, for each
       bench file (gpu-targets: <device>-gpu-targets-<commit8>.json, ...);
   bench/results/logs/<device>-gpu-check-<commit8>.txt: env, build, smoke (checks and timings), probe,
-      step tracer, the tests' per-shard counts and every FAILED/ERROR line, the sanitizers' verdicts;
+      step tracer, the tests' per-shard counts and every FAILED/ERROR line, the sanitizers' verdicts,
+      the bench logs;
   bench/results/logs/<device>-tables-<commit8>.md: µs per step (plot.py --per-step), the floors
       (--floors, from the probe), and the tracer's phase tables (step_trace.md).
 Prints what it wrote. Nothing is dropped silently: a file the run did not bring back is named as such.
@@ -72,12 +73,12 @@ def _section(title, path, tail=None):
 
 
 def _bench_logs(dirs):
-    """Each call's bench.log (its last 40 lines), or that none came back."""
-    found = [d / "bench.log" for d in dirs if (d / "bench.log").exists()]
+    """Each bench log of the calls (bench-<grid>.log; bench.log from before the grids had their own),
+    its last 40 lines; or that none came back."""
+    found = [p for d in dirs for p in sorted(d.glob("bench*.log"))]
     if not found:
-        return [_section("bench.log", None)]
-    return [_section(f"bench.log ({path.parent.name})" if len(found) > 1 else "bench.log", path, tail=40)
-            for path in found]
+        return [_section("bench log", None)]
+    return [_section(f"{path.name} ({path.parent.name})", path, tail=40) for path in found]
 
 
 def _test_summary(archive):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
-# Writes under $OUT (or ./gpu-out): env.txt, build.log, sanitizer.log, bench.log, the benchmark JSON and
+# Writes under $OUT (or ./gpu-out): env.txt, build.log, sanitizer.log, bench-<grid>.log, the benchmark JSON and
 # test-logs.tgz (the per-shard test logs, and the profiler reports of the optional "profile" stage).
 # Back here, scripts/collect_gpu_results.py <files_at of each call> files them under bench/results.
 # Uses the machine's python3 (torch + CUDA + triton there; nothing is installed except the wheels
@@ -17,7 +17,8 @@
 # (a fifth variant; the bench times them only where the cluster kernels decline): ~7.5 min with
 # T_TESTS=300. Then the step tracer in the probe stage (seconds; carried in .gpu-bin, else built
 # beside the extension) and smoke timings of the kernels on clusters only: ~8 min for
-# STAGES="build smoke probe tests sanitizer" with T_TESTS=300, then ~3.5 min for the bench.
+# STAGES="build smoke probe tests sanitizer" with T_TESTS=300, then ~3.5 min for the bench (gpu-quick;
+# RNNKERN_BENCH_GRID="gpu-quick gpu-targets": ~1.5 min more, estimated).
 # The cluster kernels are compiled one cell per translation unit, side by side: the build's longest
 # unit ~20 s on 2 cores here (the single unit before took ~60 s).
 set -u
@@ -166,12 +167,16 @@ if stage sanitizer; then
 fi
 
 if stage bench; then
-  start=$(date +%s)
-  RNNKERN_BENCH_GRID=${RNNKERN_BENCH_GRID:-gpu-quick} RNNKERN_BENCH_OUT="$OUT" \
-    timeout "$T_BENCH" python3 -m pytest -q -p no:cacheprovider bench --benchmark-disable-gc \
-    > "$OUT/bench.log" 2>&1
-  rc=$?; [ $rc -ne 0 ] && status=1
-  echo "bench: rc=$rc $(( $(date +%s) - start )) s :: $(tail -1 "$OUT/bench.log")"
+  # RNNKERN_BENCH_GRID: one grid or several ("gpu-quick gpu-targets"), one after another, each with its
+  # own results file and bench-<grid>.log, each time-boxed by T_BENCH.
+  for grid in ${RNNKERN_BENCH_GRID:-gpu-quick}; do
+    start=$(date +%s)
+    RNNKERN_BENCH_GRID=$grid RNNKERN_BENCH_OUT="$OUT" \
+      timeout "$T_BENCH" python3 -m pytest -q -p no:cacheprovider bench --benchmark-disable-gc \
+      > "$OUT/bench-$grid.log" 2>&1
+    rc=$?; [ $rc -ne 0 ] && status=1
+    echo "bench $grid: rc=$rc $(( $(date +%s) - start )) s :: $(tail -1 "$OUT/bench-$grid.log")"
+  done
 fi
 
 if stage profile; then

@@ -393,11 +393,11 @@ def test_collect_gpu_results(tmp_path):
     doc = _synthetic_gpu_results()
     doc["commit"] = "0123456789ab"
     (call2 / "h100.json").write_text(json.dumps(doc))
-    (call2 / "bench.log").write_text("quick grid: 200 passed\n")
+    (call2 / "bench-gpu-quick.log").write_text("quick grid: 200 passed\n")
     call3 = tmp_path / "call3"  # a third call: the gpu-targets grid, in its own file
     call3.mkdir()
     (call3 / "h100-gpu-targets.json").write_text(json.dumps(dict(doc, grid="gpu-targets")))
-    (call3 / "bench.log").write_text("targets grid: 216 passed\n")
+    (call3 / "bench-gpu-targets.log").write_text("targets grid: 216 passed\n")
     written = collect_gpu_results.collect([call1, call2, call3], out_root=root)
     names = sorted(p.relative_to(root).as_posix() for p in written)
     assert names == ["bench/results/h100-01234567.json", "bench/results/h100-gpu-targets-01234567.json",
@@ -406,7 +406,8 @@ def test_collect_gpu_results(tmp_path):
                      "bench/results/logs/h100-gpu-check-01234567.txt", "bench/results/logs/h100-tables-01234567.md"]
     assert json.loads((root / "bench/results/h100-gpu-targets.json").read_text())["grid"] == "gpu-targets"
     log = (root / "bench/results/logs/h100-gpu-check-01234567.txt").read_text()
-    assert "===== bench.log (call2)" in log and "216 passed" in log and "200 passed" in log
+    assert "===== bench-gpu-quick.log (call2)" in log and "===== bench-gpu-targets.log (call3)" in log
+    assert "216 passed" in log and "200 passed" in log
     assert "tests-gpu-0.log: 2 passed, 1 failed" in log and "FAILED t::c - boom" in log
     assert "RACECHECK SUMMARY: 0 hazards" in log and "line 99" in log and "line 94" not in log
     tables = (root / "bench/results/logs/h100-tables-01234567.md").read_text()
@@ -415,4 +416,4 @@ def test_collect_gpu_results(tmp_path):
     # a run without a bench call says so
     collect_gpu_results.collect([call1], out_root=tmp_path / "repo2")
     log = (tmp_path / "repo2/bench/results/logs/h100-gpu-check-01234567.txt").read_text()
-    assert "===== bench.log =====\n(not brought back by this run)" in log
+    assert "===== bench log =====\n(not brought back by this run)" in log
