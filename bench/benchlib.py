@@ -103,7 +103,7 @@ GRIDS: Dict[str, Dict[str, object]] = {
         "dtypes": ["float16", "float32", "bfloat16"],
         "backends": ["cuda"],
         "passes": ["fwdbwd"],
-        "file_suffix": "-gpu-targets",
+        "own_file": True,  # <device>-<grid>.json
         "budget_s": 170.0,
     },
     # The whole grid of the issue: B in {1,16,64,256}, H in {128..1024}, T in {64,512,2048}; hours.

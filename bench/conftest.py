@@ -144,7 +144,7 @@ class Session:
         self.writer = benchlib.ResultsWriter(device, self.ceilings, extra={
             "grid": name, "threads": torch.get_num_threads(), "skipped_for_budget": 0,
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-            suffix=grid.get("file_suffix", ""))
+            suffix=f"-{name}" if grid.get("own_file") else "")
         self.torch_nn_ms = {}
 
     def over_budget(self) -> bool:

@@ -49,7 +49,8 @@ def _device_and_commit(dirs, benches):
     device = commit = None
     if benches:
         doc = json.loads(benches[0].read_text())
-        device, commit = benches[0].stem.split("-gpu-targets")[0], doc.get("commit")
+        # (a grid with its own file, e.g. gpu-targets, names it <device>-<grid>.json)
+        device, commit = benches[0].stem.removesuffix(f"-{doc.get('grid')}"), doc.get("commit")
     env = _find(dirs, "env.txt")
     if env is not None:
         text = env.read_text()

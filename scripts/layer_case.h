@@ -27,6 +27,12 @@ struct LayerCase {
   std::string label;
 };
 
+// A power of two from 1 to `most` at `text` (the rest of the string), into `out`; false for anything else.
+inline bool parse_power_of_two(const char* text, int most, int& out) {
+  out = std::atoi(text);
+  return out >= 1 && out <= most && (out & (out - 1)) == 0;
+}
+
 inline bool parse_layer_case(const std::string& text, LayerCase& c) {
   std::vector<std::string> f;
   size_t start = 0;
@@ -51,15 +57,13 @@ inline bool parse_layer_case(const std::string& text, LayerCase& c) {
   else return false;
   const size_t at = f[2].find('@');
   if (at != std::string::npos) {
-    c.max_tile_rows = std::atoi(f[2].c_str() + at + 1);
-    if (c.max_tile_rows < 1 || c.max_tile_rows > 64 || (c.max_tile_rows & (c.max_tile_rows - 1)) != 0) return false;
+    if (!parse_power_of_two(f[2].c_str() + at + 1, 64, c.max_tile_rows)) return false;
     f[2].resize(at);
   }
   const size_t slash = f[2].find('/');
   const std::string kernel = f[2].substr(0, slash);
   if (slash != std::string::npos) {
-    c.max_cluster = std::atoi(f[2].c_str() + slash + 1);
-    if (c.max_cluster < 1 || c.max_cluster > 16 || (c.max_cluster & (c.max_cluster - 1)) != 0) return false;
+    if (!parse_power_of_two(f[2].c_str() + slash + 1, 16, c.max_cluster)) return false;
   }
   if (kernel == "cluster") c.exchange = Exchange::ClusterBarrier;
   else if (kernel == "async" || kernel == "cluster-async") c.exchange = Exchange::ClusterAsync;

@@ -117,7 +117,7 @@ def test_grids_hold_the_target_shapes():
     assert set(targets["shapes"]) == {benchlib.Shape(c, 512, b, h) for c in ("lstm", "gru", "rnn_tanh")
                                       for b in (16, 64) for h in (256, 512, 768, 1024)}
     assert set(targets["dtypes"]) == {"float32", "bfloat16", "float16"}
-    assert (targets["backends"], targets["passes"], targets["file_suffix"]) == (["cuda"], ["fwdbwd"], "-gpu-targets")
+    assert (targets["backends"], targets["passes"], targets["own_file"]) == (["cuda"], ["fwdbwd"], True)
 
 
 def test_a_grid_that_names_its_backends_times_those_alone(monkeypatch):
@@ -413,6 +413,9 @@ def test_collect_gpu_results(tmp_path):
     tables = (root / "bench/results/logs/h100-tables-01234567.md").read_text()
     assert "| layer |" in tables and "Floor per step" in tables and "| phase | us |" in tables
     assert "## h100.json" in tables and "## h100-gpu-targets.json" in tables
+    # a targets-only run is still the device's (its file's grid suffix is not part of the name)
+    collect_gpu_results.collect([call3], out_root=tmp_path / "repo3")
+    assert (tmp_path / "repo3/bench/results/logs/h100-gpu-check-01234567.txt").exists()
     # a run without a bench call says so
     collect_gpu_results.collect([call1], out_root=tmp_path / "repo2")
     log = (tmp_path / "repo2/bench/results/logs/h100-gpu-check-01234567.txt").read_text()

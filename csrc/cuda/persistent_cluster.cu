@@ -175,6 +175,10 @@ Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int t
   return plan;
 }
 
+// Whether tiles from a cap of `cap` rows take one SM a block (try_plan's own_sm): several tiles below
+// 16 rows, which are there for more SMs.
+bool spread_tiles(int64_t tiles, int cap) { return tiles > 1 && cap < kTileRows; }
+
 // The batch rows per tile a plan tries first: `max_tile_rows` where set (RNNKERN_TILE_ROWS), else 16
 // (one tensor-core row tile) or, for the exact FMA products, kFmaTileRows.
 int first_tile_rows(DType dtype, bool tf32, int max_tile_rows) {
@@ -209,7 +213,7 @@ Plan plan_wide(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool tf32,
     for (int units = busy; units >= fewest; units -= grain) {
       const int blocks = static_cast<int>((hidden + units - 1) / units);
       const Plan candidate = try_plan(cell, dtype, hidden, tiles, tile_rows, blocks, units, Exchange::Grid, tf32, prop,
-                                      tiles > 1 && cap < kTileRows);
+                                      spread_tiles(tiles, cap));
       if (candidate.ok) return candidate;
       if (candidate.reason == Decline::Occupancy) plan.reason = Decline::Occupancy;
     }
@@ -245,7 +249,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     const int64_t tiles = (batch + cap - 1) / cap;
     const int rows = static_cast<int>((batch + tiles - 1) / tiles);
     Plan candidate = plan_for_tiles(cell, dtype, hidden, tiles, rows, exchange, tf32, largest, *prop,
-                                    tiles > 1 && cap < kTileRows);
+                                    spread_tiles(tiles, cap));
     // (The answer where no tiles are all resident: 16-row tiles where they fit, as without `first`.)
     if (cap == first || (cap == kTileRows && candidate.ok)) plan = candidate;
     if (cap < kTileRows) {

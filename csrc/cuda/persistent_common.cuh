@@ -57,23 +57,10 @@ __device__ __forceinline__ int lanes_per_pair(int pairs) {
   return 1 << (31 - __clz(lanes));
 }
 
-// Each of N values summed over its aligned group of `lanes` lanes (a power of two <= 32) by a fixed
-// butterfly tree, the values' shuffles of one level issued together: one loop per value made each
-// value's shuffle-add chain wait for the one before (the float FMA product's 16 sums were ~1,000
-// cycles of latency a step; its SASS).
-template <int N, typename A>
-__device__ __forceinline__ void group_sum_each(A (&v)[N], int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2) {
-    A got[N];
-#pragma unroll
-    for (int i = 0; i < N; ++i) got[i] = __shfl_xor_sync(0xffffffffu, v[i], offset);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] += got[i];
-  }
-}
-
-// The same for an R x N register tile (each value its own tree, as above; all R x N shuffles of a
-// level issued together).
+// Each value of an R x N register tile summed over its aligned group of `lanes` lanes (a power of two
+// <= 32) by a fixed butterfly tree, all R x N shuffles of a level issued together: one loop per value
+// made each value's shuffle-add chain wait for the one before (the float FMA product's 16 sums were
+// ~1,000 cycles of latency a step; its SASS).
 template <int R, int N, typename A>
 __device__ __forceinline__ void group_sum_each(A (&v)[R][N], int lanes) {
   for (int offset = lanes / 2; offset > 0; offset /= 2) {
@@ -89,6 +76,17 @@ __device__ __forceinline__ void group_sum_each(A (&v)[R][N], int lanes) {
       for (int j = 0; j < N; ++j) v[i][j] += got[i][j];
     }
   }
+}
+
+// The same for N values: one row of the tree above, so the same bits.
+template <int N, typename A>
+__device__ __forceinline__ void group_sum_each(A (&v)[N], int lanes) {
+  A row[1][N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) row[0][j] = v[j];
+  group_sum_each(row, lanes);
+#pragma unroll
+  for (int j = 0; j < N; ++j) v[j] = row[0][j];
 }
 
 // One value's group sum: the same tree, so the same bits as group_sum_each.
