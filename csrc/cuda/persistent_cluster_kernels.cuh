@@ -554,7 +554,7 @@ __device__ __forceinline__ int dh_tiles(int tile_rows, int hidden) {
 
 __device__ __forceinline__ int dh_part_bits(int tile_rows, int hidden, int column_groups) {
   const int most = min(lanes_per_pair(dh_tiles(tile_rows, hidden)), column_groups);
-  int bits = 0;
+  int bits = 0;  // (a loop, not 31 - __clz: that form spilled the GRU float32 backward under ptxas)
   while ((2 << bits) <= most) ++bits;
   return bits;
 }
