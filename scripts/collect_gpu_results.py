@@ -146,8 +146,11 @@ def collect(dirs, out_root=ROOT):
 
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args:
+    if not args or not all(Path(a).is_dir() for a in args):
         print(__doc__)
+        missing = [a for a in args if not Path(a).is_dir()]
+        if missing:
+            print(f"not a folder: {', '.join(missing)}")
         return 2
     for path in collect(args):
         print(f"wrote {path}")
