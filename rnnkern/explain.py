@@ -47,6 +47,15 @@ def _why_cluster() -> str:
             f"the per-step and grid-wide kernels, bench/NOTES.md{cap}")
 
 
+def _exact_over_tf32(dtype, small_tiles) -> str:
+    """Why a float32 layer on clusters has exact products although torch allows TF32 (auto's
+    exact_beats_tf32, csrc/cuda/layer_cuda.cpp); '' where that does not apply."""
+    if dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32 or not small_tiles:
+        return ""
+    return ("exact float32 products although torch allows TF32 matmuls (on tiles below 16 rows they "
+            "measured faster than TF32's 16-row tiles, bench/NOTES.md); ")
+
+
 def _heuristic_reason(batch, gates, units, hidden, limit) -> str:
     work = batch * gates * units * hidden
     return (f"auto measured the per-step kernels faster at this size: the persistent kernel's work per "
@@ -82,8 +91,8 @@ def explain(module, input, hx=None) -> str:
                                                  module.proj_size > 0, data.device.index or 0)
         persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster, exchange, tf32, _copies = plan
         if persistent and cluster:
-            products = ("the recurrent products on TF32 tensor cores (torch allows TF32 matmuls); "
-                        if tf32 else "")
+            products = ("the recurrent products on TF32 tensor cores (torch allows TF32 matmuls); " if tf32
+                        else _exact_over_tf32(data.dtype, batch // (blocks // cluster) < 16))
             kind, group = (("wide", "group") if exchange == _GRID_EXCHANGE else ("cluster", "cluster"))
             tiles = blocks // cluster
             lines.append(

@@ -77,10 +77,17 @@ def correctness(kernel):
             dout = torch.randn(T, B, H, device="cuda", dtype=torch.float64)
             got = run(ours, x.to(dtype), dout.to(dtype), kernel)  # sets RNNKERN_CUDA_KERNEL=kernel
             plan = torch.ops.rnnkern.cuda_kernel_plan(_cells.from_mode(ours.mode), dtype, B, H, False, 0)
+            # ReLU below float64: the per-step kernels' error on the same inputs and precision too (a
+            # pre-activation within rounding of the kink flips sides, its gradient then 0 on one side:
+            # the per-step path measured 0.036 in TF32 and 0.17 in bfloat16 at B16 H256, H200
+            # 2026-11-27), so the kernel is held to twice that where it exceeds the fixed bound.
+            step_got = (run(copy.deepcopy(ours), x.to(dtype), dout.to(dtype), "step")
+                        if cell == "rnn_relu" and dtype != torch.float64 else None)
             torch.backends.cuda.matmul.allow_tf32 = False
             norms = ours.grad_norms.h_per_sample.clone()
             want = run(ref, x, dout, "step")
             err = rel_err(got, want)
+            step_err = None if step_got is None else rel_err(step_got, want)
             ours64 = copy.deepcopy(ours).double()
             run(ours64, x, dout, "step")
             norm_err = ((norms.double() - ours64.grad_norms.h_per_sample.double()).abs().max()
@@ -90,14 +97,15 @@ def correctness(kernel):
             # bfloat16 on every kernel, the per-step one included (H200, 2026-11-26).
             norm_agree = AGREE_TF32 if tf32 else AGREE[dtype]
             agree = norm_agree * (2 if cell == "rnn_relu" and dtype.itemsize == 2 else 1)
-            good = err <= agree and norm_err <= norm_agree
+            good = err <= max(agree, 2 * (step_err or 0.0)) and norm_err <= norm_agree
             label = str(dtype)[6:] + ("-tf32" if tf32 else "") + ("" if plan[9] == tf32 else "(NOT TF32)")
             good &= plan[9] == tf32 or not plan[0]
             ok &= good
             where = (("wide/" if plan[8] == 2 else "cluster/") + f"{plan[7]}x{plan[2] // plan[7]}"  # x tiles
                      if plan[0] and plan[7] else "persistent" if plan[0] else "declined:" + str(plan[1]))
             print(f"{kernel:14s} {cell:9s} H={H:<4d} {label:12s} plan={where:12s}"
-                  f" err={err:.2e} norm_err={norm_err:.2e} {'ok' if good else 'MISMATCH'}", flush=True)
+                  f" err={err:.2e}" + ("" if step_err is None else f" (step {step_err:.2e})") +
+                  f" norm_err={norm_err:.2e} {'ok' if good else 'MISMATCH'}", flush=True)
     return ok
 
 
@@ -156,11 +164,13 @@ def timing(kernel):
             time_schedule(kernel, "RNNKERN_CLUSTER_BLOCKS", sizes, f"{cell}-clusters", cell=cell, default=None)
     if kernel == "cluster-async":
         # Smaller batch tiles on more clusters: each block's product (FMA: its rows) and share of the
-        # exchange shrink (the default: 8 rows for exact float32, 16 for the tensor cores).
-        for cell, dtype, rows in (("lstm", torch.float32, ("4", "8", "16")),
-                                  ("rnn_tanh", torch.float32, ("8", "16")),
-                                  ("lstm", torch.float16, ("8", "16")),
-                                  ("rnn_tanh", torch.float16, ("8", "16"))):
+        # exchange shrink (the defaults: 4 rows for exact float32, 8 for 16-bit, 16 for TF32).
+        for cell, dtype, rows in (("lstm", torch.float32, ("2", "4", "8", "16")),
+                                  ("gru", torch.float32, ("4", "8")),
+                                  ("rnn_tanh", torch.float32, ("2", "4", "8")),
+                                  ("lstm", torch.float16, ("4", "8", "16")),
+                                  ("gru", torch.float16, ("4", "8", "16")),
+                                  ("rnn_tanh", torch.float16, ("4", "8", "16"))):
             time_schedule(kernel, "RNNKERN_TILE_ROWS", rows, f"{cell}-tiles", cell=cell, default=None,
                           dtype=dtype)
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then

@@ -1,6 +1,6 @@
 """A small CUDA case for compute-sanitizer: every cell, packed (with clipping) and padded (without),
 norms on, forward and backward through the `cuda` backend's per-step and persistent kernels (and
-`triton` when available); the kernels on clusters also with two batch tiles (float32, 11 samples).
+`triton` when available); the kernels on clusters also with several batch tiles (float32, 11 samples).
 
     python3 scripts/sanitizer_case.py                       # memcheck: everything
     python3 scripts/sanitizer_case.py --kernels persistent,cluster,cluster-async,wide --dtypes float32 \
@@ -54,7 +54,7 @@ for backend, kernel in runs:
             out.float().sum().backward()
             assert m.grad_norms is not None and torch.isfinite(m.grad_norms.h).all()
             if hidden > 7 and dtype == torch.float32 and kernel in ("cluster", "cluster-async", "wide"):
-                # 11 samples: exact float32's 8-row tiles make two clusters (groups) of 6 rows
+                # 11 samples: exact float32's 4-row tiles make three clusters (groups) of 4, 4 and 3 rows
                 x = torch.randn(4, 11, 5, device="cuda", dtype=dtype, requires_grad=True)
                 out, _ = m(x)
                 out.float().sum().backward()

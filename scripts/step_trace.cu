@@ -216,8 +216,8 @@ void run_case(const LayerCase& c) {
 // The issue's B = 16 shapes on every exchange, float32 exact and TF32, the other cells, a larger
 // batch, clipping (the norms' exchange first), the wide kernels at the size they are for, then
 // smaller clusters (the exchange's cost against the product's: an RNN's W_hh at H = 256 fits in one
-// block, which then exchanges nothing), then other batch tiles (exact float32's default is 8 rows:
-// against 16 and 4; the tensor cores' 16 against 8: the exchange's bytes halve, through L2 for wide).
+// block, which then exchanges nothing), then other batch tiles (exact float32's default is 4 rows:
+// against 16 and 8; 16-bit's 8 against 16: the exchange's bytes halve, through L2 for wide).
 const char* const kDefaultCases[] = {
     "lstm:f16:cluster:16:256:512", "lstm:f16:async:16:256:512", "lstm:f16:wide:16:256:512",
     "lstm:f16:async:16:256:512:1.0", "lstm:f32:cluster:16:256:512", "lstm:f32:async:16:256:512",

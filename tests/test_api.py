@@ -329,20 +329,32 @@ def test_explain_names_the_layer_schedule(monkeypatch):
 def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
     """auto: for a small layer the cluster kernels with the st.async exchange on sm_90 (float32 and
     16-bit; float64 the grid-wide persistent kernel), the grid-wide persistent kernel elsewhere; for a
-    layer too large for one cluster the wide kernels (16-row tiles); for a large layer whose tiles
+    layer too large for one cluster the wide kernels (tiles of up to 16 rows); for a large layer whose tiles
     would be larger the per-step kernels, with the layer's work per block and step against auto's
     limit; a forced choice names the variable."""
     clusters = torch.cuda.get_device_capability()[0] >= 9
     small = rnnkern.LSTM(8, 256, backend="cuda").cuda()
     text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
     if clusters:
-        # exact float32: two tiles of 8 rows (the FMA products scale with a tile's rows)
-        assert "persistent cluster kernel (chosen by auto" in text and "2 cluster(s) of 16 blocks" in text, text
-        assert "one per tile of up to 8 batch rows" in text and "st.async" in text, text
+        # exact float32: four tiles of 4 rows (the FMA products scale with a tile's rows)
+        assert "persistent cluster kernel (chosen by auto" in text and "4 cluster(s) of 16 blocks" in text, text
+        assert "one per tile of up to 4 batch rows" in text and "st.async" in text, text
+        assert "TF32" not in text, text
         monkeypatch.setenv("RNNKERN_TILE_ROWS", "16")
         text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
         assert "1 cluster(s) of 16 blocks" in text and "RNNKERN_TILE_ROWS=16" in text, text
-        monkeypatch.delenv("RNNKERN_TILE_ROWS")
+        # TF32 allowed: auto keeps the exact products on small tiles (exact_beats_tf32), takes TF32 on
+        # 16-row ones
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
+            assert "on TF32 tensor cores" in text and "1 cluster(s) of 16 blocks" in text, text
+            monkeypatch.delenv("RNNKERN_TILE_ROWS")
+            text = rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
+            assert "exact float32 products although torch allows TF32" in text, text
+            assert "4 cluster(s) of 16 blocks" in text, text
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
     else:
         assert "persistent kernel, one launch per layer and direction" in text, text
     wide_auto = rnnkern.LSTM(8, 768, backend="cuda").cuda().half()
@@ -358,12 +370,15 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
     half = rnnkern.LSTM(8, 256, backend="cuda").cuda().half()
     text = rnnkern.explain(half, torch.randn(5, 16, 8, device="cuda", dtype=torch.float16))
     if clusters:
-        assert "persistent cluster kernel (chosen by auto" in text and "1 cluster(s) of 16 blocks" in text, text
-        assert "one per tile of up to 16 batch rows" in text, text
+        # 16-bit: two tiles of 8 rows (each still one 16-row tensor-core tile)
+        assert "persistent cluster kernel (chosen by auto" in text and "2 cluster(s) of 16 blocks" in text, text
+        assert "one per tile of up to 8 batch rows" in text, text
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "step")
     assert "RNNKERN_CUDA_KERNEL=step" in rnnkern.explain(small, torch.randn(5, 16, 8, device="cuda"))
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "cluster")
+    monkeypatch.setenv("RNNKERN_TILE_ROWS", "16")
     text = rnnkern.explain(half, torch.randn(5, 40, 8, device="cuda", dtype=torch.float16))
+    monkeypatch.delenv("RNNKERN_TILE_ROWS")
     if torch.cuda.get_device_capability()[0] >= 9:
         # 40 rows: 3 tiles of at most 16; H = 256 over 16 blocks.
         assert "3 cluster(s) of 16 blocks" in text and "16 hidden units" in text, text
@@ -380,9 +395,10 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
     wide = rnnkern.LSTM(8, 768, backend="cuda").cuda().half()
     text = rnnkern.explain(wide, torch.randn(5, 16, 8, device="cuda", dtype=torch.float16))
     if clusters:
-        # Too large for one cluster; 16 units (64 rows of W_hh) per block: 48 blocks through L2.
+        # Too large for one cluster; 16 units (64 rows of W_hh) per block: 48 blocks a tile of 8 rows
+        # through L2.
         assert "persistent wide kernel (RNNKERN_CUDA_KERNEL=wide)" in text, text
-        assert "1 group(s) of 48 blocks" in text and "through L2 with grid barriers" in text, text
+        assert "2 group(s) of 48 blocks" in text and "through L2 with grid barriers" in text, text
     else:
         assert "no thread-block clusters" in text, text
     assert "per-step kernels" in rnnkern.explain(large, torch.randn(5, 64, 8, device="cuda"))

@@ -104,61 +104,88 @@ def test_tile_caps_keep_the_invariants(plan):
         _check_invariants(case, p)
 
 
+# The batch rows per tile a plan tries first, per dtype (first_tile_rows): the FMA products' work per
+# block scales with the tile's rows; the tensor cores pad a tile to 16 rows, but the cell math and the
+# exchange per block still shrink (16-bit: 8, measured; TF32: not measured below 16).
+FIRST_ROWS = {"f32": 4, "f64": 4, "f16": 8, "bf16": 8, "tf32": 16}
+
+
+def _spread_rows(batch, cap):
+    """The rows of the tiles a plan from `cap` rows takes on clusters of 16 (the model runs
+    resident(16) of them): the first of cap, 2 cap, ... below 16 whose tiles all run at once; None:
+    none does, the plan from 16 rows."""
+    while cap < 16:
+        tiles = -(-batch // cap)
+        if tiles <= resident(16):
+            return -(-batch // tiles)
+        cap *= 2
+    return None
+
+
 @pytest.mark.parametrize("cell", GATES)
-def test_exact_float32_takes_tiles_of_8_rows_where_all_run_at_once(plan, cell):
-    """The FMA products' work per block scales with the tile's rows (the tensor cores' does not: they
-    pad a tile to 16 rows), so exact float32 (and float64) layers start from tiles of 8 rows on the
-    largest cluster, where all of them run at once (the model runs 6 clusters of 16), else plan as from
-    16 rows; the tensor-core dtypes start from 16; RNNKERN_TILE_ROWS (@R) sets the first size."""
+def test_small_tiles_where_all_run_at_once(plan, cell):
+    """Each dtype starts from its own tile size (FIRST_ROWS) on the largest cluster, taken where all of
+    a batch's tiles run at once (the model runs 6 clusters of 16), else from twice the rows, and so on;
+    where none below 16 rows does, the plan from 16 rows. RNNKERN_TILE_ROWS (@R) sets the first size."""
     H = 256
-    cases = [f"{cell}:{dtype}:{kernel}{cap}:{batch}:{H}" for dtype in ("f32", "f64", "f16", "bf16", "tf32")
-             for kernel in ("cluster", "async") for cap in ("", "@8", "@16") for batch in (5, 16, 33, 48, 64)]
+    caps = ("", "@4", "@8", "@16")
+    batches = (3, 5, 16, 24, 33, 48, 64)
+    cases = [f"{cell}:{dtype}:{kernel}{cap}:{batch}:{H}" for dtype in FIRST_ROWS
+             for kernel in ("cluster", "async") for cap in caps for batch in batches]
     p = plan(*cases)
-    for dtype in ("f32", "f64", "f16", "bf16", "tf32"):
+    for dtype, first in FIRST_ROWS.items():
         for kernel in ("cluster", "async"):
-            for batch in (5, 16, 33, 48, 64):
-                default, at8, at16 = (p[f"{cell}:{dtype}:{kernel}{cap}:{batch}:{H}"] for cap in ("", "@8", "@16"))
-                assert default["ok"] and at8["ok"] and at16["ok"], (cell, dtype, batch)
-                eight_resident = -(-batch // 8) <= resident(16)
-                # @8 for every dtype: tiles of 8 rows where they all run at once on clusters of 16
-                assert (at8["tile_rows"] <= 8) == (batch <= 8 or eight_resident), (dtype, batch, at8)
-                if not (batch <= 8 or eight_resident):
-                    assert at8 == at16, (dtype, batch)
-                assert default == (at8 if dtype in ("f32", "f64") else at16), (dtype, kernel, batch)
+            for batch in batches:
+                default, at4, at8, at16 = (p[f"{cell}:{dtype}:{kernel}{cap}:{batch}:{H}"] for cap in caps)
+                assert all(q["ok"] for q in (default, at4, at8, at16)), (cell, dtype, batch)
+                assert default == {4: at4, 8: at8, 16: at16}[first], (dtype, kernel, batch)
+                for cap, got in ((4, at4), (8, at8)):
+                    rows = _spread_rows(batch, cap)
+                    if rows is None:
+                        assert got == at16, (dtype, batch, cap)
+                    else:
+                        assert (got["tile_rows"], got["cluster"]) == (rows, 16), (dtype, batch, cap, got)
+                        assert got["blocks"] == 16 * -(-batch // rows), (dtype, batch, cap, got)
     f32 = p[f"{cell}:f32:async:16:{H}"]
-    assert (f32["blocks"], f32["cluster"], f32["tile_rows"]) == (32, 16, 8), f32  # two clusters of 8 rows
+    assert (f32["blocks"], f32["cluster"], f32["tile_rows"]) == (64, 16, 4), f32  # four clusters of 4 rows
     # each of their blocks asks for over half an SM's shared memory: no two share an SM (the point of
     # the smaller tiles is more SMs); 16-row and one-tile plans ask for their layouts' only
     assert min(f32["smem_forward"], f32["smem_backward"]) >= SM_SHARED // 2, f32
     assert p[f"{cell}:f32:async@16:16:{H}"]["smem_forward"] < SM_SHARED // 2
-    assert p[f"{cell}:f32:async:5:{H}"]["smem_forward"] < SM_SHARED // 2
+    assert p[f"{cell}:f32:async:3:{H}"]["blocks"] == 16  # one tile
+    assert p[f"{cell}:f32:async:3:{H}"]["smem_forward"] < SM_SHARED // 2
+    assert p[f"{cell}:f32:async:33:{H}"]["tile_rows"] == 7  # 9 tiles of 4 would not all run: 5 of 7
     assert p[f"{cell}:f32:async:48:{H}"]["tile_rows"] == 8  # 6 clusters of 16: all resident
     assert p[f"{cell}:f32:async:64:{H}"] == p[f"{cell}:f32:async@16:64:{H}"]  # 8 would not be
-    assert p[f"{cell}:f16:async:16:{H}"]["tile_rows"] == 16 and p[f"{cell}:f16:async@8:16:{H}"]["blocks"] == 32
+    f16 = p[f"{cell}:f16:async:16:{H}"]
+    assert (f16["blocks"], f16["tile_rows"]) == (32, 8) and p[f"{cell}:tf32:async:16:{H}"]["tile_rows"] == 16
 
 
 def test_documented_plans(plan):
     """The plans docs/internals.md and bench/NOTES.md describe (under the model's GPCs where the
     cluster count matters)."""
-    p = plan("lstm:f16:cluster:16:256", "lstm:f32:cluster:16:256", "lstm:f16:cluster:16:512",
-             "tanh:f16:cluster/1:16:256", "lstm:f16:cluster/4:16:256", "lstm:f16:wide:16:768",
-             "lstm:f16:wide:64:1024")
-    # B16 H256: 16 blocks of 16 units, two copies of the backward's exchanged buffers
+    p = plan("lstm:f16:cluster:16:256", "lstm:f32:cluster:16:256", "lstm:f16:cluster@16:16:512",
+             "tanh:f16:cluster/1@16:16:256", "lstm:f16:cluster/4@16:16:256", "lstm:f16:wide@16:16:768",
+             "lstm:f16:wide:16:768", "lstm:f16:wide:64:1024")
+    # B16 H256: clusters of 16 blocks of 16 units, two copies of the backward's exchanged buffers
     assert (p["lstm:f16:cluster:16:256"]["cluster"], p["lstm:f16:cluster:16:256"]["units"]) == (16, 16)
     assert p["lstm:f16:cluster:16:256"]["copies"] == 2 and p["lstm:f32:cluster:16:256"]["cluster"] == 16
-    # 16-bit LSTM H512 at B16 still fits with two copies (~216 of 227 KiB)
-    h512 = p["lstm:f16:cluster:16:512"]
+    # 16-bit LSTM H512 with a 16-row tile still fits with two copies (~216 of 227 KiB)
+    h512 = p["lstm:f16:cluster@16:16:512"]
     assert h512["ok"] and h512["copies"] == 2 and 214 * 1024 <= h512["smem_backward"] <= OPTIN
-    # RNN-tanh float16 H256 in one block: forward ~182 KiB, backward ~221 KiB with one copy
-    one = p["tanh:f16:cluster/1:16:256"]
+    # RNN-tanh float16 H256 (one 16-row tile) in one block: forward ~182 KiB, backward ~221 KiB with one copy
+    one = p["tanh:f16:cluster/1@16:16:256"]
     assert (one["cluster"], one["units"], one["copies"]) == (1, 256, 1)
     assert 180 * 1024 < one["smem_forward"] < 185 * 1024 and 219 * 1024 < one["smem_backward"] < 222 * 1024
-    # LSTM float16 H256 on 4 blocks: ~170 / ~190 KiB
-    four = p["lstm:f16:cluster/4:16:256"]
+    # LSTM float16 H256 (one 16-row tile) on 4 blocks: ~170 / ~190 KiB
+    four = p["lstm:f16:cluster/4@16:16:256"]
     assert (four["cluster"], four["units"]) == (4, 64)
     assert 168 * 1024 < four["smem_forward"] < 172 * 1024 and 188 * 1024 < four["smem_backward"] < 192 * 1024
-    # wide: LSTM B16 H768 on 48 blocks of 16 units; B64 H1024 as 2 tiles of 32 rows x 64 blocks
-    assert (p["lstm:f16:wide:16:768"]["blocks"], p["lstm:f16:wide:16:768"]["units"]) == (48, 16)
+    # wide: LSTM B16 H768 on 48 blocks of 16 units a tile (two tiles of 8 rows, or one of 16); B64
+    # H1024 as 2 tiles of 32 rows x 64 blocks
+    assert (p["lstm:f16:wide@16:16:768"]["blocks"], p["lstm:f16:wide@16:16:768"]["units"]) == (48, 16)
+    eight = p["lstm:f16:wide:16:768"]
+    assert (eight["blocks"], eight["cluster"], eight["tile_rows"], eight["units"]) == (96, 48, 8, 16)
     wide = p["lstm:f16:wide:64:1024"]
     assert (wide["blocks"], wide["cluster"], wide["tile_rows"]) == (128, 64, 32)
 

@@ -209,10 +209,13 @@ CASES = [
     # LSTM backward one): 4 a thread (64 units x 16 rows), 2 or 1 with packed rows
     ("lstm:f32:cluster/2@16:31:128:3:0.5", (), {"cluster": 2, "units": 64, "tile_rows": 16}),
     ("gru:bf16:async/2:32:128:3", ("--lengths", ",".join(["3"] * 12 + ["2"] * 10 + ["1"] * 10)), {"units": 64}),
-    # batch tiles below 16 rows: exact float32's default of 8 (two clusters at B16), and 3-row tiles
-    # on the tensor cores (RNNKERN_TILE_ROWS=4; each tile padded to one 16-row MMA tile)
+    # batch tiles below 16 rows: exact float32's default of 4 (four clusters at B16), 8 rows (two),
+    # 16-bit's default of 8 and 3-row tiles on the tensor cores (RNNKERN_TILE_ROWS=4; each tile padded
+    # to one 16-row MMA tile)
     ("lstm:f32:async:16:64:3:0.5", ("--lengths", ",".join(["3"] * 9 + ["2"] * 4 + ["1"] * 3)),
-     {"cluster": 16, "blocks": 32, "tile_rows": 8}),
+     {"cluster": 16, "blocks": 64, "tile_rows": 4}),
+    ("gru:f32:cluster@8:16:64:3", ("--reverse",), {"cluster": 16, "blocks": 32, "tile_rows": 8}),
+    ("tanh:f16:async:13:64:3:0.5", (), {"cluster": 8, "blocks": 16, "tile_rows": 7}),
     ("gru:f16:async@4:9:48:3", ("--reverse",), {"cluster": 8, "blocks": 24, "tile_rows": 3}),
     # norms off (the kernels skip their exchange); one block; the grid-wide kernels (persistent.cu)
     ("lstm:f32:cluster/4:5:40:4", ("--no-norms",), {"cluster": 4}),

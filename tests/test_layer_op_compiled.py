@@ -579,8 +579,8 @@ def test_cuda_persistent_kernels_float64(kernel, cell, reverse, B, H, clipping, 
     """Each persistent kernel, forced, against the oracle: packed lengths, clipping, and shapes that
     leave some blocks without hidden units (grid kernels: H = 37 over 16 blocks of 3, H = 5 over 4
     blocks of 2; cluster kernels: H = 37 in 10 of 16 blocks of 4 units, the last one part-filled; wide:
-    the last block part-filled) and, for the kernels on clusters, several batch tiles (B = 37: 5 tiles
-    of 8 rows where the device runs 5 such clusters at once, else 3 of 13). With and without
+    the last block part-filled) and, for the kernels on clusters, several batch tiles (B = 37: 10 tiles
+    of 4 rows or 5 of 8 where the device runs that many clusters at once, else 3 of 13). With and without
     clipping: the kernels on clusters exchange the norms before the cell only to clip (without, one
     exchange per backward step). The plan must accept the layer: a silent
     fallback to the per-step kernels would test nothing."""
@@ -789,7 +789,7 @@ def test_cuda_cluster_single_copy(kernel, clipping, cell, B, packed, monkeypatch
     plan[10]: float64 GRU B=16 and LSTM B=8 (packed: rows vary by step; Σ dc² on the inbox's one
     copy) at H=280 on clusters of 16 blocks), where the norms are exchanged before the cell with or
     without clipping; against the float64 oracle, norms included. (Tiles of 16 rows: float64's default
-    of 8 would leave room for two copies.)"""
+    of 4 would leave room for two copies.)"""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     monkeypatch.setenv("RNNKERN_TILE_ROWS", "16")
     H = 280
@@ -846,21 +846,22 @@ def test_cuda_tile_rows_rejects_bad_values(value, monkeypatch):
 @gpu
 @needs_clusters
 @pytest.mark.parametrize("kernel", ["cluster", "cluster-async"])
-@pytest.mark.parametrize("dtype,rows", [(torch.float32, 0), (torch.float32, 2), (torch.float16, 4)],
-                         ids=["fp32-default", "fp32-2rows", "fp16-4rows"])
+@pytest.mark.parametrize("dtype,rows,B,tile", [(torch.float32, 0, 16, 4), (torch.float32, 2, 7, 2),
+                                                (torch.float16, 0, 16, 8), (torch.float16, 4, 13, 4)],
+                         ids=["fp32-default", "fp32-2rows", "fp16-default", "fp16-4rows"])
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
-def test_cuda_cluster_small_tiles(kernel, dtype, rows, cell, monkeypatch):
-    """Batch tiles below 16 rows on clusters of several blocks: exact float32's default (B = 16: two tiles
-    of 8), RNNKERN_TILE_ROWS=2 (B = 7: 4 tiles, the last of one row) and float16 tiles of 4 rows
-    (B = 13, each padded to one 16-row tensor-core tile), packed lengths, clipping. Against the
-    oracle: float32 at 1e-4, float16 within torch.nn's own error."""
+def test_cuda_cluster_small_tiles(kernel, dtype, rows, B, tile, cell, monkeypatch):
+    """Batch tiles below 16 rows on clusters of several blocks: exact float32's default (B = 16: four
+    tiles of 4), RNNKERN_TILE_ROWS=2 (B = 7: 4 tiles, the last of one row), float16's default (B = 16:
+    two tiles of 8) and float16 tiles of 4 rows (B = 13), each 16-bit tile padded to one 16-row
+    tensor-core tile; packed lengths, clipping. Against the oracle: float32 at 1e-4, float16 within
+    torch.nn's own error."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     if rows:
         monkeypatch.setenv("RNNKERN_TILE_ROWS", str(rows))
-    B = {0: 16, 2: 7, 4: 13}[rows]
     H = 64
     plan = torch.ops.rnnkern.cuda_kernel_plan(cell, dtype, B, H, False, torch.cuda.current_device())
-    assert plan[0] and plan[7] > 1 and plan[2] // plan[7] == -(-B // (rows or 8)), plan
+    assert plan[0] and plan[7] > 1 and plan[2] // plan[7] == -(-B // tile), plan
     case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=True, seed=79)
     if dtype == torch.float16:
         _assert_16bit_within_torch_nn(cell, dtype, case, grads)

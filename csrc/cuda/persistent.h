@@ -76,11 +76,12 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
 // largest cluster that fits (the smallest share of W_hh per block), or smaller ones where a batch's
 // 16-row tiles need more clusters than run at once; else a power of two from 1 to 16, the most
 // blocks a cluster may have (fewer blocks trade a longer product for a cheaper exchange), and
-// larger tiles where those clusters are not all resident. `max_tile_rows`: 0, tiles of at most 16
-// batch rows (one tensor-core row tile) or, for the exact FMA products (float32 without TF32,
-// float64; their work scales with the rows), of at most 8 on the largest cluster where all of them
-// run at once (wide: where their blocks fit in the device), else as from 16; else a power of two
-// from 1 to 64, the first size tried in their place (RNNKERN_TILE_ROWS).
+// larger tiles where those clusters are not all resident. `max_tile_rows`: 0, tiles of at most 4
+// batch rows for the exact FMA products (float32 without TF32, float64; their work scales with the
+// rows), 8 for the 16-bit ones, on the largest cluster where all of them run at once (wide: where
+// their blocks fit in the device), else twice as many rows, and so on, as from 16 (one tensor-core
+// row tile; TF32's first size); else a power of two from 1 to 64, the first size tried in their
+// place (RNNKERN_TILE_ROWS).
 Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
                        int device, Exchange exchange = Exchange::ClusterBarrier, bool tf32 = false,
                        int max_cluster = 0, int max_tile_rows = 0);

@@ -179,11 +179,13 @@ Plan plan_for_tiles(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int t
 // 16 rows, which are there for more SMs.
 bool spread_tiles(int64_t tiles, int cap) { return tiles > 1 && cap < kTileRows; }
 
-// The batch rows per tile a plan tries first: `max_tile_rows` where set (RNNKERN_TILE_ROWS), else 16
-// (one tensor-core row tile) or, for the exact FMA products, kFmaTileRows.
+// The batch rows per tile a plan tries first: `max_tile_rows` where set (RNNKERN_TILE_ROWS), else
+// kFmaTileRows for the exact FMA products, kHalfTileRows for the 16-bit ones and 16 (one tensor-core
+// row tile) for TF32.
 int first_tile_rows(DType dtype, bool tf32, int max_tile_rows) {
   if (max_tile_rows > 0) return max_tile_rows;
-  return uses_mma(static_cast<int>(storage_size(dtype)), tf32) ? kTileRows : kFmaTileRows;
+  const int elem = static_cast<int>(storage_size(dtype));
+  return !uses_mma(elem, tf32) ? kFmaTileRows : elem == 2 ? kHalfTileRows : kTileRows;
 }
 
 // Exchange::Grid ("wide"): each tile's blocks in one cooperative grid (one block per SM, all resident),
@@ -235,7 +237,7 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
   tf32 = tf32 && dtype == DType::F32;
   const int first = first_tile_rows(dtype, tf32, max_tile_rows);
   if (exchange == Exchange::Grid) return plan_wide(cell, dtype, batch, hidden, tf32, first, *prop);
-  // Tiles of at most `first` rows (16, one MMA row tile; 8 for the FMA products) where all their
+  // Tiles of at most `first` rows (first_tile_rows: 4 for the FMA products, 8 for 16-bit) where all their
   // clusters run at once (a second wave of clusters would double the whole sequence): on the largest
   // cluster that fits. Tiles below 16 rows only so: their point is less work per block on more SMs,
   // which a smaller cluster (more of W_hh per block) would take back. From 16 rows, where not all

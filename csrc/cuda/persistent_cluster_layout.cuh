@@ -67,9 +67,16 @@ __host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, in
 constexpr int kMaxClusterBlocks = 16;  // Hopper's limit (above 8 with the non-portable attribute)
 constexpr int kTileRows = 16;          // batch rows per cluster where the batch allows
 // Exact (FMA) products: batch rows per tile tried first. Their work per block and step scales with
-// the tile's rows (the tensor cores pad a tile to 16 rows whatever it holds), so a batch of 16 on two
-// clusters of 8 rows halves each block's product and its share of the exchange, on twice the SMs.
-constexpr int kFmaTileRows = 8;
+// the tile's rows (the tensor cores pad a tile to 16 rows whatever it holds), so a batch of 16 on four
+// clusters of 4 rows quarters each block's product and its share of the exchange, on four times the
+// SMs. Measured (H200, 2026-11-27, B16 H256, us per step forward+backward with norms, 4 / 8 / 16
+// rows): LSTM float32 9.1 / 10.7 / 15.0 (2 rows: 9.1), GRU 8.0 / 9.2 / -, float64 12.6 / 15.6 / 23.7.
+constexpr int kFmaTileRows = 4;
+// 16-bit tensor-core products: a tile of 8 rows still fills one 16-row MMA tile, but each block's
+// cell math and share of the exchange halve on twice the SMs. Measured as above, 8 / 16 rows: LSTM
+// float16 7.5 / 8.1, RNN-tanh 6.1 / 6.6, GRU 6.7 / 7.2 (4 rows: within noise of 8, either side). TF32
+// (not measured below 16 rows) keeps kTileRows.
+constexpr int kHalfTileRows = 8;
 constexpr int kMaxTileRows = 64;       // where a batch needs more clusters than run at once
 
 struct ClusterShape {
