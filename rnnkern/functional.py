@@ -85,6 +85,17 @@ def _split_biases(cell: int, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
     return b_ih, b_hh
 
 
+def _from_main_stream(layer_weights: LayerWeights) -> LayerWeights:
+    """A layer's weights as views made on the current (main) stream, for a layer that runs on a side
+    stream. Autograd runs each backward node on the stream its forward op ran on: the weights'
+    gradients from the side stream's ops are then summed by these views' nodes on the main stream,
+    handed over with autograd's events as the layer's input gradients are, and the leaves' gradients
+    accumulate on the main stream, which backward() synchronises with its caller. (Without the views
+    the leaves' accumulation ran on the side stream: one wrong `weight_ih_l0` gradient, a partial sum,
+    in a GPU suite run under load, not reproduced in 2,408 runs since: bench/NOTES.md.)"""
+    return tuple(None if w is None else w.view_as(w) for w in layer_weights)
+
+
 def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm_probe, steps):
     """run_stack for one direction and several layers, in chunks of `steps` steps
     (layer_wavefront_steps). Returns what run_stack returns."""
@@ -99,10 +110,12 @@ def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm
     on_side: List[Tensor] = []          # made on a layer's stream, used (and freed) on the main one
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
-    for layer, ((w_ih, w_hh, b_ih, b_hh, w_hr),) in enumerate(weights):
+    for layer, (layer_weights,) in enumerate(weights):
         stream = _side_stream(rows.device, 1 + layer) if cuda else None
         if cuda:
+            layer_weights = _from_main_stream(layer_weights)
             stream.wait_stream(main)  # the layer's states and weights, made on the main stream
+        w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             x_bias, bias = _split_biases(cell, b_ih, b_hh)  # once per layer, for all its chunks
             h_state, c_state = h0[layer], None if c0 is None else c0[layer]
@@ -194,8 +207,8 @@ def run_stack(
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
 
-    def direction_layer(layer: int, direction: int):
-        w_ih, w_hh, b_ih, b_hh, w_hr = weights[layer][direction]
+    def direction_layer(layer: int, direction: int, layer_weights: LayerWeights):
+        w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights
         index = layer * num_directions + direction
         x_bias, bias = _split_biases(cell, b_ih, b_hh)
         xp = input_projection(x, w_ih, x_bias)
@@ -207,16 +220,17 @@ def run_stack(
     for layer in range(num_layers):
         if concurrent:
             main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+            reverse_weights = _from_main_stream(weights[layer][1])
             side.wait_stream(main)  # the layer's inputs, made on the main stream
             with torch.cuda.stream(side):
-                reverse = direction_layer(layer, 1)
-            results = [direction_layer(layer, 0), reverse]
+                reverse = direction_layer(layer, 1, reverse_weights)
+            results = [direction_layer(layer, 0, weights[layer][0]), reverse]
             main.wait_stream(side)
             for t in reverse:  # made on the side stream, used (and freed) on the main one
                 if t is not None and t.numel() > 0:
                     t.record_stream(main)
         else:
-            results = [direction_layer(layer, d) for d in range(num_directions)]
+            results = [direction_layer(layer, d, weights[layer][d]) for d in range(num_directions)]
         outs = [out for out, _, _ in results]
         h_n += [hn for _, hn, _ in results]
         c_n += [cn for _, _, cn in results]

@@ -9,7 +9,7 @@ names (env.txt; the bench file's own):
       bench file (gpu-targets: <device>-gpu-targets-<commit8>.json, ...);
   bench/results/logs/<device>-gpu-check-<commit8>.txt: env, build, smoke (checks and timings), probe,
       step tracer, the tests' per-shard counts and every FAILED/ERROR line, the sanitizers' verdicts,
-      the bench logs;
+      the stress stage's counts (where run), the bench logs;
   bench/results/logs/<device>-tables-<commit8>.md: µs per step (plot.py --per-step), the floors
       (--floors, from the probe), and the tracer's phase tables (step_trace.md).
 Prints what it wrote. Nothing is dropped silently: a file the run did not bring back is named as such.
@@ -126,6 +126,8 @@ def collect(dirs, out_root=ROOT):
         _section("probe.txt", _find(dirs, "probe.txt")),
         _section("step_trace.txt", _find(dirs, "step_trace.txt")),
         f"===== tests and sanitizers =====\n{_test_summary(_find(dirs, 'test-logs.tgz'))}\n",
+        # (the optional stress stage's counts, where the run had one)
+        *[_section("stress.txt", stress) for stress in [_find(dirs, "stress.txt")] if stress],
         *_bench_logs(dirs),
     ]))
     written.append(check)

@@ -181,6 +181,25 @@ if stage bench; then
   done
 fi
 
+if stage stress; then
+  # Not in the default STAGES: the tests that run layers on several CUDA streams (the layer wavefront,
+  # concurrent directions), over and over in STRESS_PROCS processes for T_STRESS seconds, for a rare
+  # cross-stream failure (one wrong weight gradient in a suite run under load, 2026-11-27: bench/NOTES.md).
+  start=$(date +%s); end=$(( start + ${T_STRESS:-100} ))
+  for i in $(seq 1 ${STRESS_PROCS:-12}); do
+    ( while [ $(date +%s) -lt $end ]; do
+        timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rf \
+          -k "wavefront_on_streams or concurrent_directions" tests/test_modules.py 2>&1 | grep -E "passed|failed|^FAILED"
+      done > "$OUT/stress-$i.txt" ) &
+  done
+  wait
+  cat "$OUT"/stress-*.txt > "$OUT/stress.txt"; rm -f "$OUT"/stress-*.txt
+  failed=$(grep -c "^FAILED" "$OUT/stress.txt")
+  [ "$failed" -ne 0 ] && status=1
+  echo "stress: $(( $(date +%s) - start )) s; $(grep -c passed "$OUT/stress.txt") runs, $failed failed cases"
+  grep "^FAILED" "$OUT/stress.txt" | sort | uniq -c | head -20
+fi
+
 if stage profile; then
   # Not in the default STAGES: STAGES="build profile" when a run has time for it (~3 min). Kernel
   # timelines (nsys) of the per-step and cluster LSTM, and Nsight Compute's view of one cluster

@@ -398,6 +398,7 @@ def test_collect_gpu_results(tmp_path):
     call3.mkdir()
     (call3 / "h100-gpu-targets.json").write_text(json.dumps(dict(doc, grid="gpu-targets")))
     (call3 / "bench-gpu-targets.log").write_text("targets grid: 216 passed\n")
+    (call3 / "stress.txt").write_text("56 passed, 1088 deselected\nFAILED t::wavefront - boom\n")
     written = collect_gpu_results.collect([call1, call2, call3], out_root=root)
     names = sorted(p.relative_to(root).as_posix() for p in written)
     assert names == ["bench/results/h100-01234567.json", "bench/results/h100-gpu-targets-01234567.json",
@@ -408,6 +409,7 @@ def test_collect_gpu_results(tmp_path):
     log = (root / "bench/results/logs/h100-gpu-check-01234567.txt").read_text()
     assert "===== bench-gpu-quick.log (call2)" in log and "===== bench-gpu-targets.log (call3)" in log
     assert "216 passed" in log and "200 passed" in log
+    assert "===== stress.txt =====" in log and "FAILED t::wavefront - boom" in log
     assert "tests-gpu-0.log: 2 passed, 1 failed" in log and "FAILED t::c - boom" in log
     assert "RACECHECK SUMMARY: 0 hazards" in log and "line 99" in log and "line 94" not in log
     tables = (root / "bench/results/logs/h100-tables-01234567.md").read_text()
@@ -420,3 +422,4 @@ def test_collect_gpu_results(tmp_path):
     collect_gpu_results.collect([call1], out_root=tmp_path / "repo2")
     log = (tmp_path / "repo2/bench/results/logs/h100-gpu-check-01234567.txt").read_text()
     assert "===== bench log =====\n(not brought back by this run)" in log
+    assert "stress.txt" not in log  # (an optional stage: no section where it did not run)
