@@ -866,6 +866,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
         if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
         if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
       }
+      clock.mark(2);  // thread 0's cells
       if (warp_sends) {
         __syncwarp();  // the warp's h values in nxt
         const int p0 = base + (static_cast<int>(threadIdx.x) & ~31), p1 = min(p0 + 32, pairs);
@@ -874,8 +875,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
                                    static_cast<int>(threadIdx.x) & 31, 32);
         }
       }
+      clock.mark(4);  // thread 0's warp's sends (where the warps send)
     }
-    clock.mark(2);  // thread 0's cells (and its warp's sends)
     if (sending && !warp_sends) {
       __syncthreads();
       clock.mark(3);  // the other threads' cells
