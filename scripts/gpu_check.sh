@@ -19,6 +19,10 @@
 # beside the extension) and smoke timings of the kernels on clusters only: ~8 min for
 # STAGES="build smoke probe tests sanitizer" with T_TESTS=300, then ~3.5 min for the bench (gpu-quick;
 # RNNKERN_BENCH_GRID="gpu-quick gpu-targets": ~1.5 min more, estimated).
+# Measured on an H200 (2026-11-27): STAGES="build smoke tests sanitizer" with TIME_KERNELS=" "
+# TRITON_OP_SHARDS=0 SHARDS=12 T_TESTS=210 253 s (build 38, smoke checks 12, tests 184, the sanitizers
+# beside them); then at once on the same machine STAGES="smoke bench" SMOKE_CHECK=0
+# TIME_KERNELS=cluster-async RNNKERN_BENCH_GRID="gpu-targets gpu-quick" 225 s (targets 68, quick 142).
 # The cluster kernels are compiled one cell per translation unit, side by side: the build's longest
 # unit ~20 s on 2 cores here (the single unit before took ~60 s).
 set -u
