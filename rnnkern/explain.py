@@ -49,7 +49,7 @@ def _why_cluster() -> str:
 
 def _exact_over_tf32(dtype, small_tiles) -> str:
     """Why a float32 layer on clusters has exact products although torch allows TF32 (auto's
-    exact_beats_tf32, csrc/cuda/layer_cuda.cpp); '' where that does not apply."""
+    exact_beats_tf32, csrc/cuda/persistent_cluster.cu); '' where that does not apply."""
     if dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32 or not small_tiles:
         return ""
     return ("exact float32 products although torch allows TF32 matmuls (on tiles below 16 rows they "

@@ -205,3 +205,32 @@ def test_large_batches_take_smaller_clusters_before_larger_tiles(plan, batch):
     capped_tiles = p[capped]["blocks"] // 16
     assert capped_tiles <= resident(16) and p[capped]["tile_rows"] == min(64, -(-batch // capped_tiles))
     assert (p[capped]["tile_rows"] > 16) == (tiles > resident(16))
+
+
+def test_auto_takes_the_measured_fastest_cluster_plan(plan):
+    """What backend "auto" runs on the kernels on clusters (auto_cluster_plan): cluster-async (exchange 1)
+    where W_hh fits in one cluster, else wide (2); each dtype's first tile size; with TF32 allowed
+    ("tf32"), exact float32 where its tiles are below 16 rows, else TF32; nothing (ok=0) for float64, or
+    where tiles of more than 16 rows would be needed."""
+    p = plan("lstm:f32:auto:16:256", "lstm:tf32:auto:16:256", "lstm:tf32:auto@16:16:256",
+             "gru:tf32:auto:64:256", "lstm:f16:auto:16:256", "tanh:bf16:auto:16:256", "lstm:f16:auto:16:768",
+             "lstm:tf32:auto:16:768", "lstm:f16:auto:256:256", "lstm:f64:auto:16:256", "lstm:f16:auto:64:1024")
+    f32 = p["lstm:f32:auto:16:256"]
+    assert (f32["ok"], f32["exchange"], f32["tf32"], f32["tile_rows"], f32["blocks"]) == (1, 1, 0, 4, 64), f32
+    assert p["lstm:tf32:auto:16:256"] == f32  # exact on 4-row tiles over TF32 on one 16-row tile
+    tf32 = p["lstm:tf32:auto@16:16:256"]  # 16-row tiles: TF32
+    assert (tf32["ok"], tf32["tf32"], tf32["tile_rows"]) == (1, 1, 16), tf32
+    # B64: 16 tiles of 4 or 8 of 8 would not all run at once (the model runs 6 clusters of 16): 16-row
+    # tiles, so TF32
+    b64 = p["gru:tf32:auto:64:256"]
+    assert (b64["ok"], b64["tf32"], b64["tile_rows"]) == (1, 1, 16), b64
+    for case in ("lstm:f16:auto:16:256", "tanh:bf16:auto:16:256"):
+        assert (p[case]["ok"], p[case]["exchange"], p[case]["tile_rows"]) == (1, 1, 8), (case, p[case])
+    wide = p["lstm:f16:auto:16:768"]
+    assert (wide["ok"], wide["exchange"], wide["tile_rows"], wide["blocks"]) == (1, 2, 8, 96), wide
+    wide32 = p["lstm:tf32:auto:16:768"]  # exact float32 on two 8-row tiles (4-row ones do not fit)
+    assert (wide32["ok"], wide32["exchange"], wide32["tf32"], wide32["tile_rows"]) == (1, 2, 0, 8), wide32
+    large = p["lstm:f16:auto:256:256"]  # 16 tiles of 16 rows on smaller clusters, all resident
+    assert (large["ok"], large["exchange"], large["tile_rows"]) == (1, 1, 16) and large["cluster"] < 16, large
+    assert p["lstm:f64:auto:16:256"]["ok"] == 0  # float64: the grid-wide kernel's rule (layer_cuda.cpp)
+    assert p["lstm:f16:auto:64:1024"]["ok"] == 0  # wide would need 32-row tiles: the per-step path

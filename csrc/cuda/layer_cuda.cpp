@@ -86,43 +86,6 @@ bool persistent_pays_off(Cell cell, int64_t batch, int64_t hidden, const persist
   return batch * cell_gates(cell) * plan.units * hidden <= kPersistentMaxBlockWork;
 }
 
-// Where "auto" runs the cluster kernels (bench/NOTES.md, H200 runs of 2026-11-26): wherever their plan
-// accepts a float32 or 16-bit layer, they beat both the per-step and the grid-wide kernels (forward+
-// backward, us per step: LSTM B=16 H=256 float16 10.3 against 36.6, float32 16.0 against 36.3; LSTM
-// B=64 float32 18.4 against 42.7; GRU H=512 float16 17.8 against 41.9; RNN-tanh float32 11.2 against
-// 23.7), provided every cluster runs at once: each cluster runs the whole sequence, so a second wave
-// doubles it. float64 (a checking dtype) was not timed and keeps the grid-wide kernels' rule. Tiles
-// of more than 16 rows are not taken: the wide kernels' 32-row tiles lost to the per-step kernels
-// with norms recorded (H100, 2026-11-26: LSTM B=64 H=1024 float16 41.4 against 37.3 us per step;
-// without norms they won, 34.6 against 36.1; to be revisited with the norm sums after the loop,
-// bench/NOTES.md). Large batches on smaller clusters (16-row tiles, the same work per block and step
-// as measured) are taken: LSTM B=256 H=256 float16 21.6 against torch.nn's 43.8. Exact float32 takes
-// tiles of 4 rows, 16-bit ones of 8, where they all run at once (make_cluster_plan; measured against
-// 8 and 16 rows, H200 2026-11-27: kFmaTileRows, kHalfTileRows).
-// The exchange: st.async (Exchange::ClusterAsync) measured faster than the cluster barrier, or level
-// (H100, 2026-11-26, us per step: LSTM B=16 H=256 float16 7.6 against 8.7, float32 12.9 against 14.0;
-// RNN-tanh float32 8.7 against 9.9; GRU H=512 float16 13.0 against 14.8; B=256 21.6 against 22.1;
-// GRU H=256 float16 8.4 against 8.2 and LSTM B=64 float16 9.2 against 9.1 are within noise).
-// Layers too large for one cluster: the same kernels spread over up to every SM (Exchange::Grid,
-// "wide"), with the same rule: LSTM B=16 H=768 float16 18.7 against the per-step 41.6, float32 35.8
-// against 47.6; GRU B=16 H=512 float32 30.3 against 52.3.
-// TF32 (Plan::tf32) where torch allows TF32 for float32 matmuls (torch.backends.cuda.matmul.
-// allow_tf32, off by default: exact float32 otherwise), as the per-step path's cuBLAS GEMMs do:
-// LSTM B=16 H=256 15.2 against 17.0 us per step (both on 16-row tiles, H100) -- except where exact
-// float32 runs on tiles below 16 rows (exact_beats_tf32).
-bool cluster_pays_off(DType dtype, const persistent::Plan& plan) {
-  return plan.ok && dtype != DType::F64 && plan.blocks / plan.cluster <= plan.resident_clusters &&
-         plan.tile_rows <= 16;
-}
-
-// Exact float32 on tiles below 16 rows (small batches spread over more clusters) beat TF32's 16-row
-// tiles (H200, 2026-11-27, B=16 H=256, us per step forward+backward with norms: LSTM 9.1 against
-// 12.1, GRU 8.0 against 10.8, RNN-tanh 6.3 against 7.7): TF32 is allowed, not asked for, so auto
-// then takes the exact products, faster and more exact.
-bool exact_beats_tf32(const persistent::Plan& exact) {
-  return cluster_pays_off(DType::F32, exact) && exact.tile_rows < 16;
-}
-
 persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int64_t batch, int64_t hidden,
                                bool proj, int device, bool tf32, int max_cluster, int max_rows) {
   if (choice == KernelChoice::Step) {
@@ -138,18 +101,9 @@ persistent::Plan decide_kernel(KernelChoice choice, Cell cell, DType dtype, int6
                                          max_rows);
   }
   if (choice == KernelChoice::Auto) {
-    for (const persistent::Exchange exchange : {persistent::Exchange::ClusterAsync, persistent::Exchange::Grid}) {
-      if (tf32) {
-        const persistent::Plan exact =
-            persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, false, max_cluster,
-                                          max_rows);
-        if (exact_beats_tf32(exact)) return exact;
-      }
-      const persistent::Plan plan =
-          persistent::make_cluster_plan(cell, dtype, batch, hidden, proj, device, exchange, tf32, max_cluster,
-                                        max_rows);
-      if (cluster_pays_off(dtype, plan)) return plan;
-    }
+    const persistent::Plan plan =
+        persistent::auto_cluster_plan(cell, dtype, batch, hidden, proj, device, tf32, max_cluster, max_rows);
+    if (plan.ok) return plan;
   }
   persistent::Plan plan = persistent::make_plan(cell, dtype, batch, hidden, proj, device);
   if (plan.ok && choice == KernelChoice::Auto && !persistent_pays_off(cell, batch, hidden, plan)) {

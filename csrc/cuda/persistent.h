@@ -86,6 +86,12 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
                        int device, Exchange exchange = Exchange::ClusterBarrier, bool tf32 = false,
                        int max_cluster = 0, int max_tile_rows = 0);
 
+// The plan backend "auto" takes on the kernels on clusters (float32 and 16-bit; persistent_cluster.cu:
+// cluster_pays_off, exact_beats_tf32), or one that is not ok where none pays off. `tf32`: torch allows
+// TF32 matmuls.
+Plan auto_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj, int device,
+                       bool tf32, int max_cluster = 0, int max_tile_rows = 0);
+
 struct ForwardArgs {
   Cell cell = Cell::LSTM;
   DType dtype = DType::F32;
