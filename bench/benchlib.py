@@ -94,12 +94,14 @@ GRIDS: Dict[str, Dict[str, object]] = {
         "dtypes": ["float32", "float16"],
     },
     # Issue 9's targets as it states them: forward+backward, norms off and on, B in {16, 64}, H in
-    # {256, 512, 768, 1024}, T = 512 (the shorter of its two lengths), every cell and dtype: `auto` (the
-    # backend "cuda", no forced variants) against torch.nn in the same dtype and in float16 (its
-    # fastest), nothing else. About 80 s on an H100; its own results file (<device>-gpu-targets.json).
+    # {256, 512, 768, 1024}, T = 512, and T = 2048 (the longer of its two lengths, four times the
+    # time a case) at B = 16 H = 256, every cell and dtype: `auto` (the backend "cuda", no forced
+    # variants) against torch.nn in the same dtype and in float16 (its fastest), nothing else. 64 s
+    # on an H200 at T = 512 alone; its own results file (<device>-gpu-targets.json).
     "gpu-targets": {
         "device": "cuda",
-        "shapes": _product(("lstm", "gru", "rnn_tanh"), (512,), (16, 64), (256, 512, 768, 1024)),
+        "shapes": (_product(("lstm", "gru", "rnn_tanh"), (512,), (16, 64), (256, 512, 768, 1024))
+                   + _product(("lstm", "gru", "rnn_tanh"), (2048,), (16,), (256,))),
         "dtypes": ["float16", "float32", "bfloat16"],
         "backends": ["cuda"],
         "passes": ["fwdbwd"],

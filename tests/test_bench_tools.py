@@ -112,10 +112,13 @@ def test_grids_hold_the_target_shapes():
     assert set(quick["dtypes"]) == {"float32", "float16"}
     full = benchlib.GRIDS["gpu-full"]
     assert len(full["shapes"]) == 3 * 3 * 4 * 4 and set(full["dtypes"]) == {"float32", "bfloat16", "float16"}
-    # issue 9's targets as stated: fwd+bwd, B <= 64, H 256..1024, T 512, every cell and dtype, auto only
+    # issue 9's targets as stated: fwd+bwd, B <= 64, H 256..1024, T 512 (and 2048 at B16 H256), every
+    # cell and dtype, auto only
     targets = benchlib.GRIDS["gpu-targets"]
-    assert set(targets["shapes"]) == {benchlib.Shape(c, 512, b, h) for c in ("lstm", "gru", "rnn_tanh")
-                                      for b in (16, 64) for h in (256, 512, 768, 1024)}
+    cells = ("lstm", "gru", "rnn_tanh")
+    assert set(targets["shapes"]) == ({benchlib.Shape(c, 512, b, h) for c in cells for b in (16, 64)
+                                       for h in (256, 512, 768, 1024)}
+                                      | {benchlib.Shape(c, 2048, 16, 256) for c in cells})
     assert set(targets["dtypes"]) == {"float32", "bfloat16", "float16"}
     assert (targets["backends"], targets["passes"], targets["own_file"]) == (["cuda"], ["fwdbwd"], True)
 
