@@ -41,8 +41,15 @@ using namespace rnnkern::persistent::detail;
 namespace {
 
 // The phases' names (the marks in persistent_cluster_kernels.cuh).
-const char* const kForwardPhases[kTracePhases] = {"h_in", "product", "cell0", "cells", "sends", "barrier"};
-const char* const kBackwardPhases[kTracePhases] = {"A:g", "g2", "B:cells", "C:prod+send", "exchange", "D:sum"};
+// Thread 0's view (the kernels' marks, persistent_cluster_kernels.cuh): forward h_{t-1} in; its product
+// (loads and FMAs, or fragments and MMAs); its K sum and results to hp; the wait for the other warps'
+// products; its cells; the other threads' cells; its sends; the barrier. Backward A; the Σ g²
+// partials; B; C: its product, its sum over the lanes and sends, the recorded norms' row sums; the
+// exchange; D.
+const char* const kForwardPhases[kTracePhases] = {"h_in",  "product", "prod:sum", "prod:wait",
+                                                  "cell0", "cells",   "sends",    "barrier"};
+const char* const kBackwardPhases[kTracePhases] = {"A:g",    "g2",      "B:cells",  "C:prod",
+                                                   "C:send", "C:norms", "exchange", "D:sum"};
 
 // Uniform values in [-scale, scale) of `dtype`, from a hash of the index (no curand).
 __global__ void fill_kernel(void* p, int64_t n, DType dtype, float scale, uint32_t seed) {

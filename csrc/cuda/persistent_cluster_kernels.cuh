@@ -726,6 +726,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
         if (t.count == 0) continue;  // (warp-uniform)
         float d[kMmaGroup][4];
         mma_warp_tiles<T>(d, cur + t.m0 * LD, LD, w, LD, t, k_end, gid, tig, k_begin);  // columns past H: zeros
+        clock.mark(1);  // thread 0's fragment loads and MMAs
 #pragma unroll
         for (int i = 0; i < kMmaGroup; ++i) {
           if (i < t.count) {
@@ -737,6 +738,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
             r0[8 * HP + 1] = d[i][3];
           }
         }
+        clock.mark(2);  // its results to hp
       }
     } else if (nu > 0) {
       // Register tiles of 4 rows x 4 rows n of W_hh, K split over `lanes` lanes in chunks of 4
@@ -801,6 +803,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
             }
           }
         }
+        clock.mark(1);  // thread 0's loads and FMAs (its lanes' part of K)
         group_sum_each(acc, fma.lanes);
         if (valid && lane == 0) {
 #pragma unroll
@@ -811,10 +814,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
             }
           }
         }
+        clock.mark(2);  // its K sum (the lanes' shuffle tree) and results to hp
       }
     }
     __syncthreads();
-    clock.mark(1);  // the product
+    clock.mark(3);  // the other warps' products (the barrier after them)
     if (s + 1 < a.steps) {
       next_step = tile_step(upcoming, tile0, Bt);
       load_x(x_upcoming, next_step);
@@ -866,7 +870,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
         if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
         if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
       }
-      clock.mark(2);  // thread 0's cells
+      clock.mark(4);  // thread 0's cells
       if (warp_sends) {
         __syncwarp();  // the warp's h values in nxt
         const int p0 = base + (static_cast<int>(threadIdx.x) & ~31), p1 = min(p0 + 32, pairs);
@@ -875,16 +879,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
                                    static_cast<int>(threadIdx.x) & 31, 32);
         }
       }
-      clock.mark(4);  // thread 0's warp's sends (where the warps send)
+      clock.mark(6);  // thread 0's warp's sends (where the warps send)
     }
     if (sending && !warp_sends) {
       __syncthreads();
-      clock.mark(3);  // the other threads' cells
+      clock.mark(5);  // the other threads' cells
       broadcast_columns<Async>(cluster, nxt, LD, u0, sends, rank, sent_bar, 0, rows * sends.per_row,
                                static_cast<int>(threadIdx.x), kThreads);
-      clock.mark(4);  // thread 0's sends
+      clock.mark(6);  // thread 0's sends
     } else {
-      clock.sync_mark(3);  // (trace build only: where nothing follows to wait in)
+      clock.sync_mark(5);  // (trace build only: where nothing follows to wait in)
     }
     rows_sent = (used > 1 && s + 1 < a.steps) ? rows : 0;
     // Async: no barrier. A block sends into stage (s + 1) % 2 of another only after its cells of step
@@ -902,7 +906,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
 #pragma unroll
       for (int g = 0; g < G; ++g) x_first[j][g] = x_upcoming[j][g];  // (after the sends: the moves wait for the loads)
     }
-    clock.mark(5);  // the barrier (Async: nothing)
+    clock.mark(7);  // the barrier (Async: nothing)
   }
   clock.finish(steps);
   // Async: every block has received everything sent to it (each waited for its stages); the barrier
@@ -1310,6 +1314,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         if (t.count == 0) continue;  // (warp-uniform)
         float d[kMmaGroup][4];
         mma_warp_tiles<T>(d, dgate16 + t.m0 * LDN, LDN, wt, LDN, t, G * U, gid, tig);  // columns past G * U: zeros
+        clock.mark(3);  // C: thread 0's fragment loads and MMAs
 #pragma unroll
         for (int i = 0; i < kMmaGroup; ++i) {
           if (i < t.count) {
@@ -1324,6 +1329,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
             if (b < rows && k < H) send_partials(b, k, v);
           }
         }
+        clock.mark(4);  // C: its partials sent
       }
     } else if (nu > 0) {
       // Register tiles of 4 rows x 4 consecutive units k (units-fastest: a warp reads contiguous
@@ -1379,6 +1385,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
             }
           }
         }
+        clock.mark(3);  // C: thread 0's loads and FMAs (its lanes' gate columns)
         if (parts > 1) group_sum_each(acc, parts);
         if (valid && part == 0) {
 #pragma unroll
@@ -1386,6 +1393,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
             if (r0 + i < rows) send_partials(r0 + i, k0, acc[i]);
           }
         }
+        clock.mark(4);  // C: its sum over the lanes (shuffle tree) and partials sent
       }
     }
     if (defer_squares) {  // (block-uniform: every lane shuffles; the two sums' trees interleaved)
@@ -1401,7 +1409,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         if (norms_c) square_for_later(1, b, late_c2);
       }
     }
-    clock.mark(3);  // C: thread 0's products and sends
+    clock.mark(5);  // C: the recorded norms' row sums (defer_squares)
     if constexpr (Async) {
       __syncthreads();  // the own partials
       if (inbox_row_bytes > 0 && rows > 0) {
@@ -1411,7 +1419,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     } else {
       exchange_barrier<X>(cluster);
     }
-    clock.mark(4);  // the exchange's barrier or wait
+    clock.mark(6);  // the exchange's barrier or wait
 
     // D: own units' dh_prev, summed over the blocks in rank order (+ GRU's direct term).
     const auto finish_unit = [&](int b, int ul, A sum) {
@@ -1472,7 +1480,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       }
     }
     __syncthreads();
-    clock.mark(5);  // D: the sums of the partials
+    clock.mark(7);  // D: the sums of the partials
   }
   clock.finish(a.steps);
   if (norms_g_late || norms_c) {

@@ -14,7 +14,7 @@ namespace persistent {
 namespace detail {
 
 // Phases a kernel's step is split into (the kernels' comments at each mark name them).
-constexpr int kTracePhases = 6;
+constexpr int kTracePhases = 8;
 // Per block: the cycles of each phase summed over the steps, then the prologue's cycles (before the
 // loop), the steps, the loop's cycles and the global timer's nanoseconds over the whole kernel (the
 // SM clock's rate), the kernel's cycles, and the SM it ran on (whether two blocks shared one).
@@ -32,9 +32,19 @@ __device__ __forceinline__ unsigned long long global_ns() {
   return t;
 }
 
+__device__ __forceinline__ unsigned clock32() {
+  unsigned t;
+  asm volatile("mov.u32 %0, %%clock;" : "=r"(t));
+  return t;
+}
+
+// The phases' sums and the last mark in 32 bits (differences wrap correctly; a launch's phase stays far
+// below 2^32 cycles, ~2 s): half the registers of 64-bit ones, which every thread of the trace build
+// holds (the float32 kernels at their 128-register cap spilled more with 64-bit sums of 8 phases).
 struct StepClock {
-  unsigned long long begin = 0, begin_ns = 0, loop = 0, last = 0;
-  unsigned long long sum[kTracePhases] = {};
+  unsigned long long begin = 0, begin_ns = 0, loop = 0;
+  unsigned last = 0;
+  unsigned sum[kTracePhases] = {};
   __device__ __forceinline__ void start() {
     if (threadIdx.x == 0) {
       begin_ns = global_ns();
@@ -42,12 +52,15 @@ struct StepClock {
     }
   }
   __device__ __forceinline__ void loop_start() {
-    if (threadIdx.x == 0) loop = last = clock64();
+    if (threadIdx.x == 0) {
+      loop = clock64();
+      last = clock32();
+    }
   }
   // The end of `phase` (a constant, so that `sum` stays in registers) in this step.
   __device__ __forceinline__ void mark(int phase) {
     if (threadIdx.x == 0) {
-      const unsigned long long now = clock64();
+      const unsigned now = clock32();
       sum[phase] += now - last;
       last = now;
     }
