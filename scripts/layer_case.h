@@ -1,6 +1,7 @@
 // A layer case of the standalone programs (step_trace.cu, plan_model.cu), from the command line:
-// CELL:DTYPE:KERNEL[/N][@R]:B:H[:T[:clip]] — CELL lstm|gru|tanh|relu, DTYPE f16|bf16|f32|tf32|f64, KERNEL
-// cluster|async (or cluster-async)|wide, /N clusters of at most N blocks (RNNKERN_CLUSTER_BLOCKS), @R
+// CELL:DTYPE:KERNEL[/N][@R]:B:H[:T[:clip]] — CELL lstm|gru|tanh|relu, DTYPE f16|bf16|f32|tf32|f64 (tf32:
+// float32 with TF32 allowed), KERNEL cluster|async (or cluster-async)|wide, or auto (the plan backend
+// "auto" takes on the kernels on clusters: auto_cluster_plan), /N clusters of at most N blocks (RNNKERN_CLUSTER_BLOCKS), @R
 // tiles of at most R batch rows (RNNKERN_TILE_ROWS), T the steps, clip > 0 hidden_grad_clip. Plain C++
 // (the host compiler builds plan_model.cu).
 #pragma once
@@ -20,6 +21,7 @@ struct LayerCase {
   DType dtype = DType::F16;
   bool tf32 = false;
   Exchange exchange = Exchange::ClusterBarrier;
+  bool automatic = false;  // KERNEL auto: auto_cluster_plan picks the exchange (`exchange` unused)
   int max_cluster = 0;  // blocks a cluster may have at most (0: the plan's default, RNNKERN_CLUSTER_BLOCKS unset)
   int max_tile_rows = 0;  // batch rows a tile has at most (0: the plan's default, RNNKERN_TILE_ROWS unset)
   int64_t batch = 16, hidden = 256, steps = 512;
@@ -68,12 +70,23 @@ inline bool parse_layer_case(const std::string& text, LayerCase& c) {
   if (kernel == "cluster") c.exchange = Exchange::ClusterBarrier;
   else if (kernel == "async" || kernel == "cluster-async") c.exchange = Exchange::ClusterAsync;
   else if (kernel == "wide") c.exchange = Exchange::Grid;
+  else if (kernel == "auto") c.automatic = true;
   else return false;
   c.batch = std::atoll(f[3].c_str());
   c.hidden = std::atoll(f[4].c_str());
   if (f.size() > 5) c.steps = std::atoll(f[5].c_str());
   if (f.size() > 6) c.clip = std::atof(f[6].c_str());
   return c.batch > 0 && c.hidden > 0 && c.steps > 0;
+}
+
+// The case's plan on the kernels on clusters: make_cluster_plan's for the kernel it names, or (auto)
+// auto_cluster_plan's, not ok where that pays off nowhere.
+inline Plan plan_of(const LayerCase& c) {
+  if (c.automatic) {
+    return auto_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.tf32, c.max_cluster, c.max_tile_rows);
+  }
+  return make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32, c.max_cluster,
+                           c.max_tile_rows);
 }
 
 // The fields a layer's ForwardArgs and BackwardArgs share: the case's, with `steps` steps of the

@@ -62,24 +62,16 @@ cudaError_t CUDARTAPI cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*
 
 }  // extern "C"
 
-// Each case CELL:DTYPE:KERNEL[/N][@R]:B:H (scripts/layer_case.h; DTYPE tf32: float32 with TF32 allowed)
-// prints its plan: make_cluster_plan's for KERNEL cluster, async or wide; KERNEL auto: the plan
-// backend "auto" takes on the kernels on clusters (auto_cluster_plan; ok=0 where none pays off).
+// Each case CELL:DTYPE:KERNEL[/N][@R]:B:H (scripts/layer_case.h) prints its plan (plan_of: KERNEL auto
+// is what the backend "auto" takes on the kernels on clusters, ok=0 where that pays off nowhere).
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
-    std::string text = argv[i];
-    const size_t automatic = text.find(":auto");
-    if (automatic != std::string::npos) text.replace(automatic, 5, ":async");  // (the parser's kernels)
     LayerCase c;
-    if (!parse_layer_case(text, c)) {
+    if (!parse_layer_case(argv[i], c)) {
       std::fprintf(stderr, "bad case %s (CELL:DTYPE:KERNEL[/N][@R]:B:H)\n", argv[i]);
       return 2;
     }
-    const Plan p = automatic != std::string::npos
-                       ? auto_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.tf32, c.max_cluster,
-                                           c.max_tile_rows)
-                       : make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32,
-                                           c.max_cluster, c.max_tile_rows);
+    const Plan p = plan_of(c);
     std::printf("%s ok=%d reason=%d cluster=%d blocks=%d units=%d tile_rows=%d resident=%d copies=%d tf32=%d "
                 "exchange=%d smem_forward=%zu smem_backward=%zu optin=%zu\n",
                 argv[i], p.ok ? 1 : 0, static_cast<int>(p.reason), p.cluster, p.blocks, p.units, p.tile_rows,

@@ -12,7 +12,7 @@
 //   ./step_trace lstm:f32:async@16:16:256:512       # tiles of at most R batch rows (RNNKERN_TILE_ROWS)
 //   ./step_trace --skip=cluster-async,wide          # the default cases but those kernels' (hung ones)
 // CELL lstm|gru|tanh|relu, DTYPE f16|bf16|f32|tf32|f64, KERNEL cluster|async|wide (RNNKERN_CUDA_KERNEL's
-// cluster, cluster-async (also async), wide). Random inputs (the values do not change the work). Each case: one
+// cluster, cluster-async (also async), wide) or auto (what the backend "auto" takes on them). Random inputs (the values do not change the work). Each case: one
 // warm-up launch, then the median of 5 timed launches (CUDA events around the launch alone: no host
 // time, no input GEMM) of the forward and then the backward, and per phase the cycles per step
 // (mean over the blocks that ran the loop; max in brackets) converted with each block's measured clock.
@@ -40,8 +40,7 @@ using namespace rnnkern::persistent::detail;
 
 namespace {
 
-// The phases' names (the marks in persistent_cluster_kernels.cuh).
-// Thread 0's view (the kernels' marks, persistent_cluster_kernels.cuh): forward h_{t-1} in; its product
+// The phases' names: thread 0's view (the kernels' marks, persistent_cluster_kernels.cuh): forward h_{t-1} in; its product
 // (loads and FMAs, or fragments and MMAs); its K sum and results to hp; the wait for the other warps'
 // products; its cells; the other threads' cells; its sends; the barrier. Backward A; the Σ g²
 // partials; B; C: its product, its sum over the lanes and sends, the recorded norms' row sums; the
@@ -154,8 +153,7 @@ void report(const char* pass, const LayerCase& c, const Plan& plan, float ms, co
 }
 
 void run_case(const LayerCase& c) {
-  const Plan plan = make_cluster_plan(c.cell, c.dtype, c.batch, c.hidden, false, 0, c.exchange, c.tf32,
-                                      c.max_cluster, c.max_tile_rows);
+  const Plan plan = plan_of(c);
   if (!plan.ok) {
     std::printf("%-28s declined (reason %d)\n", c.label.c_str(), static_cast<int>(plan.reason));
     return;

@@ -66,10 +66,10 @@ int max_cluster_blocks() {
 
 // RNNKERN_TILE_ROWS: the most batch rows a tile of the cluster and wide kernels has where its
 // clusters (wide: its blocks) all run at once (a power of two, 1 to 64; larger tiles where they do
-// not). Unset (0): 16, one tensor-core row tile, or 8 for the exact FMA products (float32 without
-// TF32, float64), whose work per block and step scales with the rows. Smaller tiles spread a batch
-// over more SMs, each with less of the product and of the exchange; set to measure that trade-off
-// (scripts/step_trace.cu takes it too).
+// not). Unset (0): each dtype's own first size (first_tile_rows, persistent_cluster.cu: 4 for the
+// exact FMA products, whose work per block and step scales with the rows; 8 for 16-bit; 16, one
+// tensor-core row tile, for TF32). Smaller tiles spread a batch over more SMs, each with less of
+// the product and of the exchange; set to measure that trade-off (scripts/step_trace.cu takes it too).
 int max_tile_rows() {
   return power_of_two_setting("RNNKERN_TILE_ROWS", 64, "1, 2, 4, 8, 16, 32 or 64");
 }

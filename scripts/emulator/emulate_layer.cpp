@@ -265,8 +265,7 @@ int main(int argc, char** argv) {
   const char ty = type_of(d), acc = d == DType::F64 ? 'd' : 'f';
 
   const Plan plan = grid_kernels ? make_plan(c.cell, d, B, H, false, 0)
-                                 : make_cluster_plan(c.cell, d, B, H, false, 0, c.exchange, c.tf32,
-                                                     c.max_cluster, c.max_tile_rows);
+                                 : plan_of(c);
   std::printf("plan ok=%d reason=%d cluster=%d blocks=%d units=%d tile_rows=%d copies=%d tf32=%d exchange=%d "
               "smem_forward=%zu smem_backward=%zu\n",
               plan.ok ? 1 : 0, static_cast<int>(plan.reason), plan.cluster, plan.blocks, plan.units, plan.tile_rows,
