@@ -91,14 +91,15 @@ def explain(module, input, hx=None) -> str:
                                                  module.proj_size > 0, data.device.index or 0)
         persistent, reason, blocks, units, smem_fwd, smem_bwd, limit, cluster, exchange, tf32, _copies = plan
         if persistent and cluster:
-            products = ("the recurrent products on TF32 tensor cores (torch allows TF32 matmuls); " if tf32
-                        else _exact_over_tf32(data.dtype, batch // (blocks // cluster) < 16))
-            kind, group = (("wide", "group") if exchange == _GRID_EXCHANGE else ("cluster", "cluster"))
             tiles = blocks // cluster
+            rows = -(-batch // tiles)  # a tile's rows at most (the plan's tile_rows)
+            products = ("the recurrent products on TF32 tensor cores (torch allows TF32 matmuls); " if tf32
+                        else _exact_over_tf32(data.dtype, rows < 16))
+            kind, group = (("wide", "group") if exchange == _GRID_EXCHANGE else ("cluster", "cluster"))
             lines.append(
                 f"  every layer: persistent {kind} kernel ({_why_cluster()}), one launch per "
                 f"layer and direction; {tiles} {group}(s) of {cluster} blocks, one per tile of up to "
-                f"{-(-batch // tiles)} batch rows, each block {units} hidden units with W_hh resident in "
+                f"{rows} batch rows, each block {units} hidden units with W_hh resident in "
                 f"shared memory "
                 f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block); {products}"
                 f"state exchanged {_EXCHANGE.get(exchange, f'by exchange {exchange}')}")
