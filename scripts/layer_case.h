@@ -90,10 +90,11 @@ inline Plan plan_of(const LayerCase& c) {
 }
 
 // The fields a layer's ForwardArgs and BackwardArgs share: the case's, with `steps` steps of the
-// packed geometry `sizes` (batch_sizes) and `offsets` (each step's first row).
+// packed geometry `sizes` (batch_sizes) and `offsets` (each step's first row), `full` where every step
+// has all the batch's rows (Args::full_batch).
 template <typename Args>
 void set_layer(Args& a, const LayerCase& c, int64_t steps, const int64_t* sizes, const int64_t* offsets,
-               bool reverse = false) {
+               bool full, bool reverse = false) {
   a.cell = c.cell;
   a.dtype = c.dtype;
   a.steps = steps;
@@ -102,6 +103,7 @@ void set_layer(Args& a, const LayerCase& c, int64_t steps, const int64_t* sizes,
   a.sizes = sizes;
   a.offsets = offsets;
   a.reverse = reverse;
+  a.full_batch = full ? c.batch : 0;
 }
 
 }  // namespace persistent

@@ -173,7 +173,7 @@ void run_case(const LayerCase& c) {
   CHECK(cudaMemcpy(geo, geometry.data(), geometry.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
   const float w_scale = 1.0f / std::sqrt(static_cast<float>(H));
   ForwardArgs f;
-  set_layer(f, c, c.steps, geo, geo + c.steps);  // geo: [2][T] sizes, then offsets
+  set_layer(f, c, c.steps, geo, geo + c.steps, true);  // geo: [2][T] sizes, then offsets (every step full)
   f.xp = buf.random(N * G * H, d, 1.0f);
   f.w_hh = buf.random(static_cast<int64_t>(G) * H * H, d, w_scale);
   f.b_hh = buf.random(static_cast<int64_t>(G) * H, d, w_scale);
@@ -194,7 +194,7 @@ void run_case(const LayerCase& c) {
   report("forward", c, plan, fwd_ms, slots.data(), kForwardPhases);
 
   BackwardArgs b;
-  set_layer(b, c, c.steps, geo, geo + c.steps);
+  set_layer(b, c, c.steps, geo, geo + c.steps, true);
   b.clip = c.clip;
   b.grad_out = buf.random(N * H, d, 1.0f);
   b.grad_h_n = buf.random(B * H, d, 1.0f);

@@ -166,6 +166,15 @@ at::Tensor device_geometry(const at::Tensor& batch_sizes, const at::Device& devi
   return geometry.to(on_device, /*non_blocking=*/true);
 }
 
+// RNNKERN_L2_PREFETCH: "1" (default) or "0". With 1 the kernels on clusters prefetch later steps' rows
+// into L2 where every step has the whole batch (Args::full_batch); 0 turns that off, to measure it.
+bool l2_prefetch() {
+  const char* value = std::getenv("RNNKERN_L2_PREFETCH");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "1") == 0) return true;
+  TORCH_CHECK(std::strcmp(value, "0") == 0, "RNNKERN_L2_PREFETCH must be 0 or 1, not '", value, "'");
+  return false;
+}
+
 // The fields the persistent forward and backward arguments share: the layer and its time geometry.
 template <typename Args>
 void set_layer(Args& a, Cell cell, const at::Tensor& like, const at::Tensor& batch_sizes,
@@ -178,6 +187,10 @@ void set_layer(Args& a, Cell cell, const at::Tensor& like, const at::Tensor& bat
   a.sizes = geometry.data_ptr<int64_t>();
   a.offsets = a.sizes + a.steps;
   a.reverse = reverse;
+  const at::Tensor sizes = batch_sizes.contiguous();
+  const int64_t* size = sizes.data_ptr<int64_t>();
+  const bool full = std::all_of(size, size + a.steps, [batch](int64_t n) { return n == batch; });
+  a.full_batch = full && l2_prefetch() ? batch : 0;
 }
 
 // Data pointer of an optional / possibly empty tensor (null for none).

@@ -99,6 +99,9 @@ struct ForwardArgs {
   const int64_t* sizes = nullptr;    // device [T]: batch_sizes
   const int64_t* offsets = nullptr;  // device [T]: first row of each step
   bool reverse = false;
+  // The rows of every step where all steps have the same (padded input), else 0 (packed): where they
+  // do, the kernels on clusters prefetch later steps' rows into L2 (prefetch_l2).
+  int64_t full_batch = 0;
   const void* xp = nullptr;    // [N, G*H] input dtype
   const void* w_hh = nullptr;  // [G*H, H] input dtype
   const void* b_hh = nullptr;  // [G*H] input dtype or null
@@ -117,6 +120,7 @@ struct BackwardArgs {
   const int64_t* sizes = nullptr;
   const int64_t* offsets = nullptr;
   bool reverse = false;
+  int64_t full_batch = 0;  // as ForwardArgs'
   double clip = 0.0;
   const void* grad_out = nullptr;  // [N, H] input dtype
   const void* grad_h_n = nullptr;  // [B, H] input dtype

@@ -653,9 +653,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
   // dtype until the cell phase (a conversion would wait for the loads). (Issued after the cell phase,
   // the loads had only the sends to land in: the next step's top waited for them, its own loads sharing
   // their scoreboard in the SASS.) Nothing in this launch writes xp.
-  // Two pairs a thread (kPrefetchPairs): at 512 pairs a block (LSTM H512 on 16 blocks) the second
-  // pair's loads had been on demand, an L2 round trip inside the cell phase.
-  T x_first[kPrefetchPairs][G], x_upcoming[kPrefetchPairs][G];
+  // Two pairs a thread (kPrefetchPairs) on tensor cores: at 512 pairs a block (LSTM H512 on 16 blocks)
+  // the second pair's loads had been on demand, an L2 round trip inside the cell phase. One for the
+  // FMA products, whose tiles (4 rows by default) rarely have more than 256 pairs: with two, ptxas
+  // spilled the float32 LSTM forward once its cells were written as two passes (cell_pass).
+  constexpr int P = Mma ? kPrefetchPairs : 1;
+  T x_first[P][G], x_upcoming[P][G];
   // The step's divisions, worked out once (FastDiv): pairs by units, the tensor-core tiles, the sends.
   const FastDiv by_nu(max(nu, 1));
   const int k_splits = tb.hp_splits, hp_copy = tb.state_rows * HP;  // (FMA: 1)
@@ -667,9 +670,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
   const ColumnSends sends(nu, Async ? used : blocks, kChunk / static_cast<int>(sizeof(T)));
   const FmaSplit fma(G * U, Bt);
   const FastDiv by_h_chunks(max(H * static_cast<int>(sizeof(T)) / kChunk, 1));  // Grid: load_rows_cg
-  const auto load_x = [&](T (&into)[kPrefetchPairs][G], const TileStep& st) {
+  const auto load_x = [&](T (&into)[P][G], const TileStep& st) {
 #pragma unroll
-    for (int j = 0; j < kPrefetchPairs; ++j) {
+    for (int j = 0; j < P; ++j) {
       const int pair = static_cast<int>(threadIdx.x) + j * kThreads;
       if (pair >= st.rows * nu) break;
       const int b = by_nu.div(pair);
@@ -686,6 +689,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
     // (Unconditional, the last step reloading itself: a branch around loads makes ptxas wait for every
     // load in flight on the same scoreboard, the x_t prefetch included.)
     upcoming = load_step(geo, geo.t_of(min(s + 1, a.steps - 1)));
+    if (a.full_batch > 0 && s + kL2PrefetchSteps < a.steps && rank < used) {
+      // A later step's x projection into L2 (prefetch_l2): the tile's rows, all G * H columns.
+      const int64_t ahead = geo.t_of(s + kL2PrefetchSteps) * a.full_batch + tile0;
+      prefetch_l2(xp + ahead * GH, int64_t{rows_below(a.full_batch, tile0, Bt)} * GH * sizeof(T), rank, used);
+    }
     const int pairs = rows * nu;
     T* cur = stage + (Grid ? 0 : (s & 1) * tb.state_rows * LD);
     T* nxt = stage + (Grid ? 0 : ((s + 1) & 1) * tb.state_rows * LD);
@@ -704,6 +712,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
     for (int i = threadIdx.x; i < (rows - rows_prev) * H; i += kThreads) {  // samples starting here
       const int b = rows_prev + i / H, k = i % H;
       cur[b * LD + k] = h0[static_cast<int64_t>(tile0 + b) * H + k];
+    }
+    if constexpr (C == Cell::LSTM) {
+      // Their c0 of own units, where the cells read c_{t-1} (loaded in the cells, on the path of every
+      // pair, the load's scoreboard was waited for there with the next step's x loads on it).
+      for (int i = threadIdx.x; i < (rows - rows_prev) * nu; i += kThreads) {
+        const int b = rows_prev + i / nu, ul = i % nu;
+        own_c[b * U + ul] = A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u0 + ul));
+      }
     }
     __syncthreads();
     clock.mark(0);  // h_{t-1} in: the wait for it (Async), its loads (Grid)
@@ -831,22 +847,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
     const bool sending = !Grid && blocks > 1 && nu > 0 && s + 1 < a.steps;
     const bool warp_sends = sending && sends.warp_level;
     uint64_t* const sent_bar = Async ? &full[(s + 1) & 1] : nullptr;  // Async: only to the blocks with units (`used`)
-    for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: the warps' sends sync
+    // One pass of the block's threads over pairs [base, base + kThreads), x_t's projection of a pair
+    // from x_of(g, row, u). Written once, inlined twice below: for the passes whose x was loaded the
+    // step before, and for the rest, loaded here. (One pass with both sources had the loaded path
+    // join the prefetched one before x's first use, so ptxas waited there for every global load in
+    // flight: the next step's x loads, an L2 or DRAM round trip in every step's cells (the float32
+    // SASS). Apart, only the loaded path waits, and only for its own loads.)
+    const auto cell_pass = [&](int base, const auto& x_of) {
       const int pair = base + static_cast<int>(threadIdx.x);
       if (pair < pairs) {
         const int b = by_nu.div(pair), ul = pair - b * nu, u = u0 + ul;
         const int64_t row = row0 + b;
         A xv[G];  // x_t's projection
-        if (base == 0) {  // (constant indices: x_first stays in registers)
 #pragma unroll
-          for (int g = 0; g < G; ++g) xv[g] = A(load(&x_first[0][g]));
-        } else if (kPrefetchPairs > 1 && base == kThreads) {
-#pragma unroll
-          for (int g = 0; g < G; ++g) xv[g] = A(load(&x_first[kPrefetchPairs - 1][g]));
-        } else {
-#pragma unroll
-          for (int g = 0; g < G; ++g) xv[g] = A(load(xp + row * GH + g * H + u));
-        }
+        for (int g = 0; g < G; ++g) xv[g] = x_of(g, row, u);
         A hh[G];  // h_{t-1} W_hhᵀ + b_hh
 #pragma unroll
         for (int g = 0; g < G; ++g) {
@@ -857,7 +871,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
         const bool last = b >= rows_next;  // the sample ends here: h_n (and c_n)
         A prev = A(0), c = A(0);  // c_{t-1} (LSTM) or h_{t-1} (GRU); c_t
         if constexpr (C == Cell::LSTM) {
-          prev = b < rows_prev ? own_c[b * U + ul] : A(load(c0 + static_cast<int64_t>(tile0 + b) * H + u));
+          prev = own_c[b * U + ul];  // (c0 of the samples starting here: put there at the step's top)
         } else if constexpr (C == Cell::GRU) {
           prev = A(load(cur + b * LD + u));
         }
@@ -880,6 +894,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
         }
       }
       clock.mark(6);  // thread 0's warp's sends (where the warps send)
+    };
+    const auto x_first_of = [&](int g, int64_t, int) { return A(load(&x_first[0][g])); };
+    for (int base = 0; base < pairs; base += kThreads) {  // uniform trip count: the warps' sends sync
+      if (base < P * kThreads) {
+        if (base > 0) {  // the second pair's x where the first's was (constant indices: registers)
+#pragma unroll
+          for (int g = 0; g < G; ++g) x_first[0][g] = x_first[P - 1][g];
+        }
+        cell_pass(base, x_first_of);
+      } else {
+        cell_pass(base, [&](int g, int64_t row, int u) { return A(load(xp + row * GH + g * H + u)); });
+      }
     }
     if (sending && !warp_sends) {
       __syncthreads();
@@ -902,7 +928,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
       cluster.sync();
     }
 #pragma unroll
-    for (int j = 0; j < kPrefetchPairs; ++j) {
+    for (int j = 0; j < P; ++j) {
 #pragma unroll
       for (int g = 0; g < G; ++g) x_first[j][g] = x_upcoming[j][g];  // (after the sends: the moves wait for the loads)
     }
@@ -1478,6 +1504,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         for (int r = 0; r < used; ++r) sum += inbox_s[(r * Bt + b) * U + ul];
         finish_unit(b, ul, sum);
       }
+    }
+    if (a.full_batch > 0 && s + kL2PrefetchSteps < a.steps && rank < used) {
+      // A later step's global inputs into L2 (prefetch_l2): the tile's rows of grad_out, of the saved
+      // activations and (GRU: h_{t-1} of the step before, RNN: h_t) of out. (Here, at the
+      // step's end, and from an opaque batch: at the step's top, or with its products hoisted out of
+      // the loop, ptxas spilled the 16-bit GRU and the float32 LSTM backward.)
+      const int64_t batch = opaque(a.full_batch);
+      const int64_t ahead = geo.t_of(a.steps - 1 - (s + kL2PrefetchSteps)) * batch + tile0;
+      const int64_t ahead_rows = rows_below(batch, tile0, Bt);
+      prefetch_l2(grad_out + ahead * H, ahead_rows * H * sizeof(T), rank, used);
+      if constexpr (S > 0) prefetch_l2(ws + ahead * S * H, ahead_rows * S * H * sizeof(A), rank, used);
+      if constexpr (C != Cell::LSTM) prefetch_l2(out + ahead * H, ahead_rows * H * sizeof(T), rank, used);
     }
     __syncthreads();
     clock.mark(7);  // D: the sums of the partials

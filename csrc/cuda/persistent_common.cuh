@@ -107,6 +107,44 @@ __device__ __forceinline__ A through(A v) {
   return A(load(&tmp));
 }
 
+// How many steps ahead the kernels on clusters prefetch a step's global inputs into L2 (prefetch_l2):
+// a step's registers are loaded during the step before it, and the backward's loads of a step also
+// read the rows of the step after it (LSTM c_{t-1}, GRU h_{t-1}), so two would be one step late there.
+constexpr int kL2PrefetchSteps = 3;
+
+// Brings global memory [p, p + bytes) into L2: part `part` of `parts` (the blocks of a tile), by one
+// bulk prefetch from the block's thread 0 (cp.async.bulk.prefetch.L2: 16-byte aligned, whole 16-byte
+// pieces, so up to 15 bytes at either end of a part may stay out). A hint with no result: unlike a load
+// it leaves no scoreboard for a later instruction to wait on. Why: each step's loads of its global
+// inputs (the forward's x projection, the backward's grad_out and saved activations) go out a step
+// ahead into registers, but ptxas tracks a warp's global loads on one scoreboard and waits on it
+// wherever that scoreboard's other users are read (the SASS: the backward's phase C, the step after
+// the loads were issued, waited for them), so their round trip from DRAM stood in the step; from L2 it
+// is the shorter L2 one. (The emulator reads each part's first and last bytes: an address past a
+// buffer hits its guard page.)
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int part, int parts) {
+  if (threadIdx.x != 0) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t from = (begin + static_cast<uintptr_t>(bytes * part / parts) + 15) & ~uintptr_t{15};
+  const uintptr_t to = (begin + static_cast<uintptr_t>(bytes * (part + 1) / parts)) & ~uintptr_t{15};
+  if (to <= from) return;
+#ifdef RNNKERN_EMULATE
+  (void)*reinterpret_cast<const volatile char*>(from);
+  (void)*reinterpret_cast<const volatile char*>(to - 1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(from), "r"(static_cast<uint32_t>(to - from)) : "memory");
+#endif
+}
+
+// v, of which the compiler may assume nothing: what is worked out from it stays where it is written
+// instead of being hoisted out of a loop into registers held through it.
+__device__ __forceinline__ int64_t opaque(int64_t v) {
+#ifndef RNNKERN_EMULATE
+  asm volatile("" : "+l"(v));
+#endif
+  return v;
+}
+
 // Time geometry shared by both kernels (docs/internals.md).
 struct Geometry {
   const int64_t* sizes;

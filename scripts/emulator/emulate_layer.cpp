@@ -10,6 +10,7 @@
 // kernels of persistent.cu). --lengths: each sample's length (packed, sorted longest first; default
 // all T). Prints the plan on stdout. Exit status: 0 done, 2 bad arguments or a declined plan, 3-6 the
 // emulator's findings (an invalid access, a hang, ...; its message on stderr).
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -288,6 +289,7 @@ int main(int argc, char** argv) {
   auto* offsets_d = static_cast<int64_t*>(arrays.add("offsets", 'q', {T}));
   std::memcpy(sizes_d, sizes.data(), sizes.size() * 8);
   std::memcpy(offsets_d, offsets.data(), offsets.size() * 8);
+  const bool full = std::all_of(sizes.begin(), sizes.end(), [B](int64_t n) { return n == B; });
   std::mt19937_64 rng(seed);
   const double w_scale = 1.5 / std::sqrt(static_cast<double>(H));
   // An input array of this shape drawn from rng (uniform in [-scale, scale], as `fill`), in this
@@ -310,7 +312,7 @@ int main(int argc, char** argv) {
   void* grad_c_n = lstm ? random("grad_c_n", {B, H}, 1.0) : nullptr;
 
   ForwardArgs f;
-  set_layer(f, c, T, sizes_d, offsets_d, reverse);
+  set_layer(f, c, T, sizes_d, offsets_d, full, reverse);
   f.xp = xp;
   f.w_hh = w_hh;
   f.b_hh = b_hh;
@@ -325,7 +327,7 @@ int main(int argc, char** argv) {
   if (forward(plan, f, nullptr) != cudaSuccess) rnnkern_emu::fail("the forward's launch failed");
 
   BackwardArgs bw;
-  set_layer(bw, c, T, sizes_d, offsets_d, reverse);
+  set_layer(bw, c, T, sizes_d, offsets_d, full, reverse);
   bw.clip = c.clip;
   bw.grad_out = grad_out;
   bw.grad_h_n = grad_h_n;
