@@ -37,14 +37,21 @@ INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(.*?);?\s*/\* (0x[0-9a-f]+) \*
 LINE = re.compile(r'\s*//## File "(.*)", line (\d+)')
 
 
-def tool(name: str) -> str:
-    """nvdisasm / cuobjdump: the CUDA toolkit's, else the copy triton ships."""
-    found = shutil.which(name) or shutil.which(str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / name))
+def find_tool(name: str):
+    """nvdisasm / cuobjdump: the CUDA toolkit's, else the copy triton ships; None if neither."""
+    toolkit = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / name
+    found = shutil.which(name) or shutil.which(str(toolkit))
     if found:
         return found
-    for path in glob.glob(str(Path(sys.prefix) / "lib" / "python3*" / "site-packages" / "triton" / "backends" / "nvidia" / "bin" / name)):
-        return path
-    sys.exit(f"sass_waits: {name} not found (CUDA toolkit or triton)")
+    triton = Path(sys.prefix) / "lib" / "python3*" / "site-packages" / "triton" / "backends" / "nvidia"
+    return next(iter(glob.glob(str(triton / "bin" / name))), None)
+
+
+def tool(name: str) -> str:
+    found = find_tool(name)
+    if found is None:
+        sys.exit(f"sass_waits: {name} not found (CUDA toolkit or triton)")
+    return found
 
 
 def disassemble(path: str) -> str:
@@ -56,8 +63,8 @@ def disassemble(path: str) -> str:
         subprocess.run([tool("cuobjdump"), "-xelf", "all", os.path.abspath(path)], cwd=tmp, check=True,
                        capture_output=True)
         cubins = sorted(glob.glob(os.path.join(tmp, "*sm_90*.cubin")))
-    return "\n".join(subprocess.run([tool("nvdisasm"), "-c", "-g", "-hex", c], check=True, capture_output=True,
-                                    text=True).stdout for c in cubins)
+    return "\n".join(subprocess.run([tool("nvdisasm"), "-c", "-g", "-hex", c], check=True,
+                                    capture_output=True, text=True).stdout for c in cubins)
 
 
 def functions(listing: str) -> dict:
@@ -97,7 +104,8 @@ CHECKS = {
     "forward-x": lambda: ("forward", source_line("clock.mark(3);  // the other warps' products", -1),
                           [source_line("into[j][g] = x[g * H];")], source_line("rows_sent = (used")),
     "backward-first": lambda: ("backward", source_line("clock.mark(2);  // B: the cells", -1),
-                               list(range(source_line("const auto load_first"), source_line("const auto load_first", 14))),
+                               list(range(source_line("const auto load_first"),
+                                          source_line("const auto load_first", 14))),
                                source_line("clock.mark(7);  // D: the sums")),
 }
 
@@ -134,6 +142,19 @@ def short(name: str) -> str:
             f"{exchanges[int(m.group(4))]}{' mma' if m.group(5) == '1' else ''}") if m else name
 
 
+def report(binary: str, check_name: str, kernel: str = "") -> dict:
+    """{kernel's short name: [(file, line) of each instruction waiting on its step's loads]} for the
+    kernels of `binary` that the check covers and `kernel` matches; None for a kernel whose barrier was
+    not found."""
+    kind, bar_line, load_lines, end_line = CHECKS[check_name]()
+    out = {}
+    for name, rows in functions(disassemble(binary)).items():
+        if f"cluster_{kind}_kernel" in name and re.search(kernel, name):
+            boards, waits = check(rows, bar_line, load_lines, end_line)
+            out[short(name)] = None if boards is None else [(r[1], r[2]) for r in waits]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("binary", help="a cubin, an object or the extension")
@@ -163,7 +184,8 @@ def main() -> int:
                 print(f"{short(name)}: the barrier at line {bar_line} not found")
                 continue
             where = sorted({f"{r[1]}:{r[2]}" for r in waits})
-            print(f"{short(name)}: scoreboards {sorted(boards)}, {len(waits)} waits" + (f" at {', '.join(where)}" if where else ""))
+            at = f" at {', '.join(where)}" if where else ""
+            print(f"{short(name)}: scoreboards {sorted(boards)}, {len(waits)} waits{at}")
     return 0
 
 

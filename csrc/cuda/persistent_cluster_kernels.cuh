@@ -1085,6 +1085,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     }
   };
 
+  // Step s + kL2PrefetchSteps's rows into L2 (prefetch_l2), where every step has the whole batch: the
+  // tile's rows of grad_out, of the saved activations and (GRU: h_{t-1} of the step before, RNN: h_t)
+  // of out. (From an opaque batch: with its products hoisted out of the loop, ptxas spilled the
+  // 16-bit GRU and the float32 LSTM backward.)
+  const auto prefetch_ahead = [&](int64_t s) {
+    if (a.full_batch > 0 && s + kL2PrefetchSteps < a.steps && rank < used) {
+      const int64_t batch = opaque(a.full_batch);
+      const int64_t ahead = geo.t_of(a.steps - 1 - (s + kL2PrefetchSteps)) * batch + tile0;
+      const int64_t ahead_rows = rows_below(batch, tile0, Bt);
+      prefetch_l2(ptrs.grad_out + ahead * H, ahead_rows * H * sizeof(T), rank, used);
+      if constexpr (S > 0) prefetch_l2(ptrs.ws + ahead * S * H, ahead_rows * S * H * sizeof(A), rank, used);
+      if constexpr (C != Cell::LSTM) prefetch_l2(ptrs.out + ahead * H, ahead_rows * H * sizeof(T), rank, used);
+    }
+  };
+
   // The steps in reverse of the forward order; each one's geometry loaded at the top of the step
   // before and turned into a TileStep after its phase B (see the forward).
   TileStep next_step = tile_step(geo, geo.t_of(a.steps - 1), tile0, Bt);
@@ -1298,12 +1313,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     }
     __syncthreads();
     clock.mark(2);  // B: the cells
-    // The next step's first pairs: a thread last read this step's in phase B, so their loads can go
-    // out now and have phase C, the exchange and phase D to land in (issued after C, the next step's
-    // top waited for them: its own loads share their scoreboard in the SASS).
     if (s + 1 < a.steps) {
       next_step = tile_step(upcoming, tile0, Bt);
-      load_first(next_step);
+      // The next step's first pairs (a thread last read this step's in phase B). With a barrier to
+      // end the exchange, now, to land during phase C; Async: after phase C (below).
+      if constexpr (!Async) load_first(next_step);
     }
     if constexpr (C == Cell::LSTM) {
       // blocks without units add nothing
@@ -1436,7 +1450,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       }
     }
     clock.mark(5);  // C: the recorded norms' row sums (defer_squares)
+    // Async: a later step's rows into L2 and the next step's first pairs, to land during the
+    // exchange's wait and phase D. (Issued after phase B, C's first instructions waited on their
+    // scoreboard in nearly every backward kernel (the SASS: scripts/sass_waits.py), so C began with
+    // their round trip; from here the first wait on it is at the next step's top. With a barrier,
+    // whose fence may wait for the loads in flight, they stay before C.)
     if constexpr (Async) {
+      prefetch_ahead(s);
+      if (s + 1 < a.steps) load_first(next_step);
       __syncthreads();  // the own partials
       if (inbox_row_bytes > 0 && rows > 0) {
         mbarrier_wait(&full_in[pin], (parity >> (2 + pin)) & 1u);
@@ -1505,18 +1526,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         finish_unit(b, ul, sum);
       }
     }
-    if (a.full_batch > 0 && s + kL2PrefetchSteps < a.steps && rank < used) {
-      // A later step's global inputs into L2 (prefetch_l2): the tile's rows of grad_out, of the saved
-      // activations and (GRU: h_{t-1} of the step before, RNN: h_t) of out. (Here, at the
-      // step's end, and from an opaque batch: at the step's top, or with its products hoisted out of
-      // the loop, ptxas spilled the 16-bit GRU and the float32 LSTM backward.)
-      const int64_t batch = opaque(a.full_batch);
-      const int64_t ahead = geo.t_of(a.steps - 1 - (s + kL2PrefetchSteps)) * batch + tile0;
-      const int64_t ahead_rows = rows_below(batch, tile0, Bt);
-      prefetch_l2(grad_out + ahead * H, ahead_rows * H * sizeof(T), rank, used);
-      if constexpr (S > 0) prefetch_l2(ws + ahead * S * H, ahead_rows * S * H * sizeof(A), rank, used);
-      if constexpr (C != Cell::LSTM) prefetch_l2(out + ahead * H, ahead_rows * H * sizeof(T), rank, used);
-    }
+    if constexpr (!Async) prefetch_ahead(s);  // (at the step's top, ptxas spilled the float32 LSTM's)
     __syncthreads();
     clock.mark(7);  // D: the sums of the partials
   }
