@@ -1085,14 +1085,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     }
   };
 
-  // Step s + kL2PrefetchSteps's rows into L2 (prefetch_l2), where every step has the whole batch: the
-  // tile's rows of grad_out, of the saved activations and (GRU: h_{t-1} of the step before, RNN: h_t)
-  // of out. (From an opaque batch: with its products hoisted out of the loop, ptxas spilled the
-  // 16-bit GRU and the float32 LSTM backward.)
-  const auto prefetch_ahead = [&](int64_t s) {
-    if (a.full_batch > 0 && s + kL2PrefetchSteps < a.steps && rank < used) {
+  // Where every step has the whole batch, the rows of step `step` + kL2PrefetchSteps into L2
+  // (prefetch_l2): the tile's rows of grad_out, of the saved activations and (GRU: h_{t-1} of the step
+  // before, RNN: h_t) of out. (From an opaque batch: with its products hoisted out of the loop, ptxas
+  // spilled the 16-bit GRU and the float32 LSTM backward.)
+  const auto prefetch_ahead = [&](int64_t step) {
+    if (a.full_batch > 0 && step + kL2PrefetchSteps < a.steps && rank < used) {
       const int64_t batch = opaque(a.full_batch);
-      const int64_t ahead = geo.t_of(a.steps - 1 - (s + kL2PrefetchSteps)) * batch + tile0;
+      const int64_t ahead = geo.t_of(a.steps - 1 - (step + kL2PrefetchSteps)) * batch + tile0;
       const int64_t ahead_rows = rows_below(batch, tile0, Bt);
       prefetch_l2(ptrs.grad_out + ahead * H, ahead_rows * H * sizeof(T), rank, used);
       if constexpr (S > 0) prefetch_l2(ptrs.ws + ahead * S * H, ahead_rows * S * H * sizeof(A), rank, used);
