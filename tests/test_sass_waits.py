@@ -2,7 +2,7 @@
 on their SASS; bench/NOTES.md, fourteenth session): ptxas tracks a warp's global loads on one
 scoreboard, so one wait on it soon after the loads puts their whole round trip into every step.
 Needs nvcc (the CUDA toolkit: CUDA_HOME or /usr/local/cuda) and nvdisasm (the toolkit's or triton's);
-no GPU. Compiles three kernels' pairs for sm_90 (~10 s)."""
+no GPU. Compiles six kernels' pairs for sm_90 (~20 s)."""
 from __future__ import annotations
 
 import os
@@ -23,7 +23,10 @@ namespace rnnkern { namespace persistent {
 const void* kernels[] = {
   kernel_of<Cell::LSTM, float, Exchange::ClusterAsync, false>(true),
   kernel_of<Cell::GRU, float, Exchange::ClusterAsync, false>(true),
+  kernel_of<Cell::RNN_TANH, float, Exchange::ClusterAsync, false>(true),
   kernel_of<Cell::LSTM, __half, Exchange::ClusterAsync, true>(true),
+  kernel_of<Cell::GRU, __half, Exchange::ClusterAsync, true>(true),
+  kernel_of<Cell::RNN_TANH, __half, Exchange::ClusterAsync, true>(true),
 };
 }}
 """
@@ -48,19 +51,29 @@ def cubin(tmp_path_factory):
     return str(out)
 
 
+CELLS = ("lstm", "gru", "rnn_tanh")
+
+
 def test_the_forward_cells_do_not_wait_for_the_next_steps_x(cubin):
     waits = sass_waits.report(cubin, "forward-x")
-    assert waits["forward lstm float32 cluster-async"] == []
-    assert waits["forward gru float32 cluster-async"] == []
-    # float16: only in the loop over a K split's parts, which layers of H >= 256 do not run
+    assert len(waits) == 6
+    for cell in CELLS:
+        assert waits[f"forward {cell} float32 cluster-async"] == [], cell
+    # float16: at most in the loop over a K split's parts, which LSTM and GRU layers of H >= 256 on
+    # 16 blocks do not run (RNN does, and waits nowhere)
     split_loop = sass_waits.source_line("for (int k = 1; k < k_splits; ++k) sum += hp[")
-    assert {line for _, line in waits["forward lstm float16 cluster-async mma"]} <= {split_loop}
+    for cell in ("lstm", "gru"):
+        assert {line for _, line in waits[f"forward {cell} float16 cluster-async mma"]} <= {split_loop}, cell
+    assert waits["forward rnn_tanh float16 cluster-async mma"] == []
 
 
 def test_the_async_backward_does_not_wait_for_the_next_steps_pairs_before_phase_d_ends(cubin):
     waits = sass_waits.report(cubin, "backward-first")
-    assert waits["backward lstm float32 cluster-async"] == []
-    assert waits["backward lstm float16 cluster-async mma"] == []
+    assert len(waits) == 6
+    for cell in CELLS:
+        assert waits[f"backward {cell} float16 cluster-async mma"] == [], cell
+    for cell in ("lstm", "rnn_tanh"):
+        assert waits[f"backward {cell} float32 cluster-async"] == [], cell
     # float32 GRU: in phase D's sums of the partials, after the exchange's wait, not in phase C
     d_begin = sass_waits.source_line("// D: own units' dh_prev, summed over the blocks")
     assert all(line > d_begin for _, line in waits["backward gru float32 cluster-async"])
