@@ -217,6 +217,11 @@ CASES = [
     ("gru:f32:cluster@8:16:64:3", ("--reverse",), {"cluster": 16, "blocks": 32, "tile_rows": 8}),
     ("tanh:f16:async:13:64:3:0.5", (), {"cluster": 8, "blocks": 16, "tile_rows": 7}),
     ("gru:f16:async@4:9:48:3", ("--reverse",), {"cluster": 8, "blocks": 24, "tile_rows": 3}),
+    # every step full and more than three steps: the kernels prefetch the rows of the step three
+    # ahead into L2, up to the last rows of xp, grad_out, the workspace and out (whose ends the
+    # emulator reads, against each buffer's guard page)
+    ("lstm:f32:async:16:64:6", (), {"cluster": 16, "blocks": 64, "tile_rows": 4}),
+    ("gru:f16:async:16:48:6", ("--reverse",), {"cluster": 8, "blocks": 16, "tile_rows": 8}),
     # norms off (the kernels skip their exchange); one block; the grid-wide kernels (persistent.cu)
     ("lstm:f32:cluster/4:5:40:4", ("--no-norms",), {"cluster": 4}),
     ("gru:f64:async/4:5:40:3:0.5", ("--no-norms",), {"exchange": 1}),
