@@ -175,8 +175,8 @@ def timing(kernel):
                           dtype=dtype)
         # The later steps' rows prefetched into L2 (padded input), and not.
         for cell, dtype in (("lstm", torch.float32), ("lstm", torch.float16), ("gru", torch.float16)):
-            time_schedule(kernel, "RNNKERN_L2_PREFETCH", ("1", "0"), f"{cell}-prefetch", cell=cell, default=None,
-                          dtype=dtype)
+            time_schedule(kernel, "RNNKERN_L2_PREFETCH", ("1", "0"), f"{cell}-prefetch", cell=cell,
+                          default=None, dtype=dtype)
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
     # run their products on TF32 tensor cores (Plan::tf32); the others ignore it in the recurrence.
     variants = [(torch.float32, False), (torch.float16, False)]

@@ -118,10 +118,10 @@ constexpr int kL2PrefetchSteps = 3;
 // it leaves no scoreboard for a later instruction to wait on. Why: each step's loads of its global
 // inputs (the forward's x projection, the backward's grad_out and saved activations) go out a step
 // ahead into registers, but ptxas tracks a warp's global loads on one scoreboard and waits on it
-// wherever that scoreboard's other users are read (the SASS: the backward's phase C, the step after
-// the loads were issued, waited for them), so their round trip from DRAM stood in the step; from L2 it
-// is the shorter L2 one. (The emulator reads each part's first and last bytes: an address past a
-// buffer hits its guard page.)
+// wherever that scoreboard's other users are read (the SASS: the float32 forward's cells and the
+// backward's phase C waited for them, until rearranged; any change may bring such a wait back), and
+// then their round trip from DRAM stands in the step; from L2 it is the shorter L2 one. (The emulator
+// reads each part's first and last bytes: an address past a buffer hits its guard page.)
 __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int part, int parts) {
   if (threadIdx.x != 0) return;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
@@ -132,7 +132,8 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int pa
   (void)*reinterpret_cast<const volatile char*>(from);
   (void)*reinterpret_cast<const volatile char*>(to - 1);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(from), "r"(static_cast<uint32_t>(to - from)) : "memory");
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(from), "r"(static_cast<uint32_t>(to - from))
+               : "memory");
 #endif
 }
 
