@@ -136,23 +136,32 @@ persistent::Plan choose_kernel(Cell cell, DType dtype, int64_t batch, int64_t hi
   return plans.emplace(key, plan).first->second;
 }
 
+// The rows every step has where all have the same (padded input), else 0 (packed, or no steps).
+int64_t every_step_rows(const at::Tensor& batch_sizes) {
+  const at::Tensor sizes = batch_sizes.contiguous();
+  const int64_t steps = sizes.numel();
+  const int64_t* size = sizes.data_ptr<int64_t>();
+  const int64_t batch = steps > 0 ? size[0] : 0;
+  return std::all_of(size, size + steps, [batch](int64_t s) { return s == batch; }) ? batch : 0;
+}
+
 // batch_sizes and the row offset of each step, on the device: [2, T] int64, queued on the current stream
 // without waiting for it. (Tensor::to from pageable memory synchronises the stream, ATen's
 // memcpy_and_sync: at every layer call the host would wait for all queued work, the GPU then idle
 // while the host prepares the next launch, and streams meant to overlap, e.g. the layer wavefront's,
 // would run one after another.) Every step full (padded input): filled on the device, nothing copied;
 // packed: copied from pinned memory (the caching host allocator keeps the buffer until the copy ran).
-at::Tensor device_geometry(const at::Tensor& batch_sizes, const at::Device& device) {
+// `full`: every_step_rows(batch_sizes).
+at::Tensor device_geometry(const at::Tensor& batch_sizes, int64_t full, const at::Device& device) {
   const at::Tensor sizes = batch_sizes.contiguous();
   const int64_t steps = sizes.numel();
   const int64_t* size = sizes.data_ptr<int64_t>();
   const at::TensorOptions on_device = at::TensorOptions().dtype(at::kLong).device(device);
-  const int64_t batch = steps > 0 ? size[0] : 0;
-  if (batch > 0 && std::all_of(size, size + steps, [batch](int64_t s) { return s == batch; })) {
+  if (full > 0) {
     at::Tensor geometry = at::empty({2, steps}, on_device);
-    geometry[0].fill_(batch);
+    geometry[0].fill_(full);
     at::Tensor offsets = geometry[1];
-    at::arange_out(offsets, 0, steps * batch, batch);
+    at::arange_out(offsets, 0, steps * full, full);
     return geometry;
   }
   at::Tensor geometry = at::empty({2, steps}, sizes.options().pinned_memory(true));
@@ -175,10 +184,11 @@ bool l2_prefetch() {
   return false;
 }
 
-// The fields the persistent forward and backward arguments share: the layer and its time geometry.
+// The fields the persistent forward and backward arguments share: the layer and its time geometry
+// (`full`: every_step_rows).
 template <typename Args>
 void set_layer(Args& a, Cell cell, const at::Tensor& like, const at::Tensor& batch_sizes,
-               const at::Tensor& geometry, bool reverse, int64_t batch, int64_t hidden) {
+               const at::Tensor& geometry, int64_t full, bool reverse, int64_t batch, int64_t hidden) {
   a.cell = cell;
   a.dtype = dtype_of(like);
   a.steps = batch_sizes.numel();
@@ -187,10 +197,7 @@ void set_layer(Args& a, Cell cell, const at::Tensor& like, const at::Tensor& bat
   a.sizes = geometry.data_ptr<int64_t>();
   a.offsets = a.sizes + a.steps;
   a.reverse = reverse;
-  const at::Tensor sizes = batch_sizes.contiguous();
-  const int64_t* size = sizes.data_ptr<int64_t>();
-  const bool full = std::all_of(size, size + a.steps, [batch](int64_t n) { return n == batch; });
-  a.full_batch = full && l2_prefetch() ? batch : 0;
+  a.full_batch = l2_prefetch() ? full : 0;
 }
 
 // Data pointer of an optional / possibly empty tensor (null for none).
@@ -221,10 +228,11 @@ class CudaStepKernels final : public StepKernels {
     const persistent::Plan plan = choose_kernel(s.cell, dtype_of(s.xp), batch, hidden, false,
                                                 s.xp.get_device());
     if (!plan.ok) return false;
-    const at::Tensor geometry = device_geometry(s.batch_sizes, s.xp.device());
+    const int64_t full = every_step_rows(s.batch_sizes);
+    const at::Tensor geometry = device_geometry(s.batch_sizes, full, s.xp.device());
     const at::Tensor c0 = (s.cell == Cell::LSTM && !s.c0.defined()) ? at::zeros_like(s.h0) : s.c0;
     persistent::ForwardArgs a;
-    set_layer(a, s.cell, s.xp, s.batch_sizes, geometry, s.reverse, batch, hidden);
+    set_layer(a, s.cell, s.xp, s.batch_sizes, geometry, full, s.reverse, batch, hidden);
     a.xp = s.xp.data_ptr();
     a.w_hh = s.w_hh.data_ptr();
     a.b_hh = ptr_or_null(s.b_hh);
@@ -243,14 +251,15 @@ class CudaStepKernels final : public StepKernels {
     const persistent::Plan plan = choose_kernel(s.cell, dtype_of(s.out), batch, hidden, false,
                                                 s.out.get_device());
     if (!plan.ok) return false;
-    const at::Tensor geometry = device_geometry(s.batch_sizes, s.out.device());
+    const int64_t full = every_step_rows(s.batch_sizes);
+    const at::Tensor geometry = device_geometry(s.batch_sizes, full, s.out.device());
     const bool lstm = s.cell == Cell::LSTM;
     const at::Tensor c0 = (lstm && !s.c0.defined()) ? at::zeros_like(s.h0) : s.c0;
     const at::Tensor scratch = at::empty(
         {static_cast<int64_t>(persistent::scratch_elements(plan, batch, s.out.size(0), s.record_norms))},
         s.workspace.options().dtype(at::kDouble));
     persistent::BackwardArgs a;
-    set_layer(a, s.cell, s.out, s.batch_sizes, geometry, s.reverse, batch, hidden);
+    set_layer(a, s.cell, s.out, s.batch_sizes, geometry, full, s.reverse, batch, hidden);
     a.clip = s.clip;
     a.grad_out = s.grad_out.data_ptr();
     a.grad_h_n = s.grad_h_n.data_ptr();
