@@ -423,10 +423,7 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
 }
 
 size_t scratch_elements(const Plan& plan, int64_t batch, int64_t rows, bool record_norms) {
-  if (plan.cluster > 0) {
-    const size_t norm_parts = record_norms ? static_cast<size_t>(rows) * 2 * plan.cluster : 0;
-    return (plan.exchange == Exchange::Grid ? grid_scratch_elements(plan) : 0) + norm_parts;
-  }
+  if (plan.cluster > 0) return cluster_scratch_elements(plan, rows, record_norms);
   return static_cast<size_t>(4) * plan.blocks * batch;
 }
 

@@ -142,7 +142,8 @@ struct BackwardArgs {
 // Elements (float64) of the backward's cross-block scratch buffer for a layer of `rows` packed rows
 // (N) and `batch` samples: the grid-wide kernels' partial sums of squares; the wide kernels' reduce-
 // scatter of dh; and for every kernel on clusters, where norms are recorded, each row's partial
-// sums of squares from each block of its tile ([N][2][blocks per tile], summed after the loop).
+// sums of squares from each block of its tile ([N][2][blocks per tile][norm_slots(units)], summed
+// after the loop).
 size_t scratch_elements(const Plan& plan, int64_t batch, int64_t rows, bool record_norms);
 
 // Run the kernels `plan` chose (grid-wide or cluster).

@@ -345,9 +345,12 @@ cudaError_t set_step_trace(unsigned long long* buffer) {
 }
 #endif
 
-size_t grid_scratch_elements(const Plan& plan) {
+size_t cluster_scratch_elements(const Plan& plan, int64_t rows, bool record_norms) {
   const int tiles = plan.blocks / plan.cluster;
-  return grid_scratch(tiles, plan.cluster, plan.tile_rows, plan.units).elements;
+  const size_t grid = plan.exchange == Exchange::Grid
+                          ? grid_scratch(tiles, plan.cluster, plan.tile_rows, plan.units).elements : 0;
+  const size_t slots = static_cast<size_t>(plan.cluster) * norm_slots(plan.units);
+  return grid + (record_norms ? static_cast<size_t>(rows) * 2 * slots : 0);
 }
 
 cudaError_t cluster_forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {

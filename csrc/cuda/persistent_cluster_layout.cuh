@@ -177,6 +177,12 @@ __host__ __device__ inline GridScratch grid_scratch(int tiles, int blocks, int t
   return {0, 2 * partials, 2 * partials + 2 * inboxes, partials, inboxes};
 }
 
+// The recorded norms' partial sums a block may store per row, kind and step (the backward's global
+// norm_parts, summed after the loop): one per warp of a row where a row's units are whole warps
+// (`units` a multiple of 32 above 32: the shuffle trees stop at the warp), else one. A block with
+// fewer units (the last, or with clipping: cluster_backward_kernel's `row_slots`) stores fewer.
+__host__ __device__ constexpr int norm_slots(int units) { return units > 32 && units % 32 == 0 ? units / 32 : 1; }
+
 }  // namespace
 
 namespace detail {

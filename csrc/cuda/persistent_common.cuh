@@ -18,6 +18,12 @@
 #else
 #define RNNKERN_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
+// A device function kept out of line (the host compiler of the emulator has no __noinline__).
+#ifdef RNNKERN_EMULATE
+#define RNNKERN_NOINLINE __attribute__((noinline))
+#else
+#define RNNKERN_NOINLINE __noinline__
+#endif
 
 namespace rnnkern {
 namespace persistent {
@@ -387,8 +393,9 @@ inline size_t acc_size(DType dtype) { return dtype == DType::F64 ? sizeof(double
 // when they cannot be read. Defined in persistent.cu.
 const cudaDeviceProp* device_properties(int device);
 
-// Float64 elements of the wide kernels' (Exchange::Grid) backward scratch (persistent_cluster_layout.cuh).
-size_t grid_scratch_elements(const Plan& plan);
+// Float64 elements of the cluster kernels' backward scratch (persistent_cluster_layout.cuh): the
+// wide kernels' (Exchange::Grid) exchanged buffers, then the recorded norms' partial sums of `rows` rows.
+size_t cluster_scratch_elements(const Plan& plan, int64_t rows, bool record_norms);
 
 // The cluster kernels' launches (persistent_cluster.cu); forward()/backward() dispatch to them.
 cudaError_t cluster_forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream);
