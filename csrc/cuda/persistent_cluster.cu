@@ -223,18 +223,24 @@ Plan plan_wide(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool tf32,
   return plan;
 }
 
-}  // namespace
+// The plan `found` (every tile's cluster resident), its blocks each on an SM of its own (try_plan's
+// own_sm) where the device still runs all its tiles at once. Where two blocks fit on an SM the
+// scheduler may put two of a layer's blocks on one (of one cluster, or of two), and that SM then does
+// its share of every step twice over while the rest of its cluster waits: a whole sequence at up to
+// half speed. (Not seen in the step tracer's SM ids; but one H200 bench forward of B64 on four
+// clusters of 16 rows took 2.0x the time of the same forward beside it: bench/NOTES.md.) A plan
+// whose tiles do not all run at once keeps its layouts' shared memory.
+Plan on_own_sms(const Plan& found, Cell cell, DType dtype, int64_t hidden, const cudaDeviceProp& prop) {
+  const int64_t tiles = found.ok ? found.blocks / found.cluster : 0;
+  if (!found.ok || tiles > found.resident_clusters) return found;
+  const Plan own = try_plan(cell, dtype, hidden, tiles, found.tile_rows, found.cluster, found.units,
+                            found.exchange, found.tf32, prop, true);
+  return own.ok && tiles <= own.resident_clusters ? own : found;
+}
 
-Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
-                       int device, Exchange exchange, bool tf32, int max_cluster, int max_tile_rows) {
+Plan choose_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, const cudaDeviceProp* prop,
+                         Exchange exchange, bool tf32, int max_cluster, int max_tile_rows) {
   Plan plan;
-  if (declines_layer(plan, has_proj, batch, hidden)) return plan;
-  const cudaDeviceProp* prop = device_properties(device);
-  if (prop == nullptr || prop->major < 9) {  // the kernels' bodies exist for sm_90 and newer only
-    plan.reason = Decline::NoClusters;
-    return plan;
-  }
-  tf32 = tf32 && dtype == DType::F32;
   const int first = first_tile_rows(dtype, tf32, max_tile_rows);
   if (exchange == Exchange::Grid) return plan_wide(cell, dtype, batch, hidden, tf32, first, *prop);
   // Tiles of at most `first` rows (first_tile_rows: 4 for the FMA products, 8 for 16-bit) where all their
@@ -268,6 +274,22 @@ Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bo
     if (tiles == 1) break;
   }
   return plan;
+}
+
+}  // namespace
+
+Plan make_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_proj,
+                       int device, Exchange exchange, bool tf32, int max_cluster, int max_tile_rows) {
+  Plan plan;
+  if (declines_layer(plan, has_proj, batch, hidden)) return plan;
+  const cudaDeviceProp* prop = device_properties(device);
+  if (prop == nullptr || prop->major < 9) {  // the kernels' bodies exist for sm_90 and newer only
+    plan.reason = Decline::NoClusters;
+    return plan;
+  }
+  tf32 = tf32 && dtype == DType::F32;
+  return on_own_sms(choose_cluster_plan(cell, dtype, batch, hidden, prop, exchange, tf32, max_cluster, max_tile_rows),
+                    cell, dtype, hidden, *prop);
 }
 
 namespace {
