@@ -18,6 +18,7 @@ CLUSTER_CODE = ("cluster", "cluster-async", "wide")
 
 import copy
 import os
+import statistics
 import sys
 
 import torch
@@ -151,8 +152,86 @@ def time_schedule(kernel, variable, values, label, cell="lstm", default="0", dty
     set_variable(variable, default)
 
 
+def paired_cost(plain, recording, pairs=15):
+    """What `recording()` adds to `plain()`: the median over back-to-back pairs (two warm-ups first;
+    the order alternating) of t(recording) / t(plain) - 1, and the median t(plain) in ms. Each call is
+    synchronised and timed alone (CUDA events); a pair's two calls see the same clocks."""
+    ratios, plain_ms = [], []
+    for i in range(2 + pairs):
+        order = ((0, plain), (1, recording)) if i % 2 == 0 else ((1, recording), (0, plain))
+        times = {}
+        for which, step in order:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times[which] = start.elapsed_time(end)
+        if i >= 2:
+            ratios.append(times[1] / times[0])
+            plain_ms.append(times[0])
+    return statistics.median(ratios) - 1.0, statistics.median(plain_ms)
+
+
+def norm_cost(kernel):
+    """Where recording the norms costs (design: under 3 % of the backward; the H200 bench's paired
+    measure gave 5-8.5 % of forward+backward for 16-bit layers): the same layer with and without them
+    (paired_cost) at three levels: the backward op alone (the recurrence kernel and the weight GEMMs:
+    what the kernel's recording costs), the forward and backward ops without autograd, and the module's
+    forward+backward through autograd (the bench's measure: with the norm probe and its delivery)."""
+    _ext.load()  # (the layer ops register when the extension loads)
+    os.environ["RNNKERN_CUDA_KERNEL"] = kernel
+    ids = {"lstm": _cells.LSTM, "gru": _cells.GRU, "rnn_tanh": _cells.RNN_TANH}
+    cases = [("lstm", torch.float16, 512, 16, 256), ("lstm", torch.float32, 512, 16, 256),
+             ("gru", torch.float16, 512, 16, 256), ("rnn_tanh", torch.float16, 512, 16, 256),
+             ("lstm", torch.float16, 256, 256, 256)]  # (B256: 64 units a block, sums by warps)
+    for cell, dtype, T, B, H in cases:
+        ours_cls, _, kw = CELLS[cell]
+        module = ours_cls(H, H, backend="cuda", **kw).to("cuda", dtype)
+        x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True)
+        dout = torch.randn(T, B, H, device="cuda", dtype=dtype)
+
+        def module_step(norms):
+            module.record_grad_norms = norms
+            out, _ = module(x)
+            out.backward(dout)
+
+        # The layer ops on the module's weights (padded rows: N = T * B), as the autograd glue calls them.
+        lstm = cell == "lstm"
+        xp = torch.randn(T * B, _cells.GATES[ids[cell]] * H, device="cuda", dtype=dtype)
+        sizes = torch.full((T,), B, dtype=torch.int64)
+        h0 = torch.randn(B, H, device="cuda", dtype=dtype)
+        c0 = torch.randn(B, H, device="cuda", dtype=dtype) if lstm else None
+        w_hh, b_hh = module.weight_hh_l0.detach(), module.bias_hh_l0.detach()
+        with torch.no_grad():
+            out, h_n, c_n, ws = torch.ops.rnnkern.rnn_layer_forward(ids[cell], xp, sizes, h0, c0, w_hh, b_hh, None,
+                                                                    False, 0.0, None)
+        grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n) if lstm else None)
+
+        def backward_op(norms, out=out, ws=ws):
+            with torch.no_grad():
+                torch.ops.rnnkern.rnn_layer_backward(ids[cell], *grads, sizes, h0, c0, w_hh, b_hh, None, False, 0.0,
+                                                     norms, out, ws)
+
+        def ops(norms):
+            with torch.no_grad():
+                out, _, _, ws = torch.ops.rnnkern.rnn_layer_forward(ids[cell], xp, sizes, h0, c0, w_hh, b_hh, None,
+                                                                    False, 0.0, None)
+            backward_op(norms, out, ws)
+
+        results = []
+        for step in (backward_op, ops, module_step):
+            cost, ms = paired_cost(lambda: step(False), lambda: step(True))
+            results.append(f"{cost:+.1%} of {1000 * ms / T:.2f} us/step")
+        print(f"norm-cost {kernel} {cell:8s} {str(dtype)[6:]:8s} T{T} B{B} H{H}: backward op {results[0]}, "
+              f"forward+backward ops {results[1]}, module {results[2]}", flush=True)
+
+
 def timing(kernel):
     torch.backends.cuda.matmul.allow_tf32 = False
+    if kernel == "cluster-async":
+        norm_cost(kernel)
     # A bidirectional LSTM with its directions on one stream, then on two; a 3-layer LSTM with its
     # layers one after another, then as a wavefront of 32-step chunks.
     if kernel != "wide":  # (wide holds most SMs: nothing to run beside it)
