@@ -205,13 +205,16 @@ CASES = [
     # backward's (H128)
     ("lstm:f16:async/2:5:64:3", ("--reverse",), {"cluster": 2, "units": 32}),
     ("lstm:bf16:cluster/2:3:128:2:0.5", (), {"cluster": 2, "units": 64}),
-    # the recorded norms' row sums over whole warps (64 or 96 units a block: one partial sum per warp
-    # of a row, norm_slots): with the squares kept for after phase C (one pass of pairs), in the
-    # phases (two passes), beside a last block of 58 units (one thread a row), and wide
+    # the recorded norms' row sums by shuffles over segments of a row's lanes, several partial sums a
+    # row and block (norm_slots): whole warps (64, 96 units), 16 and 8 lanes (48, 24 units); with the
+    # squares kept for after phase C (one pass of pairs) or in the phases (two), wide; a ragged H (a
+    # last block of 58 units: one thread a row everywhere)
     ("lstm:f16:async/2:4:128:3", (), {"cluster": 2, "units": 64}),
     ("gru:f16:cluster/2:5:192:3", ("--reverse",), {"cluster": 2, "units": 96}),
-    ("lstm:f16:async/4:3:250:3", (), {"cluster": 4, "units": 64}),
+    ("lstm:f16:async/4:3:192:3", (), {"cluster": 4, "units": 48}),
+    ("gru:f16:wide:5:192:3", (), {"exchange": 2, "units": 24}),
     ("tanh:f16:wide:5:192:3", (), {"exchange": 2, "units": 64}),
+    ("lstm:f16:async/4:3:250:3", (), {"cluster": 4, "units": 64}),
     # several (row, unit) pairs a thread (the first two prefetched a step ahead, kPrefetchPairs; the
     # LSTM backward one): 4 a thread (64 units x 16 rows), 2 or 1 with packed rows
     ("lstm:f32:cluster/2@16:31:128:3:0.5", (), {"cluster": 2, "units": 64, "tile_rows": 16}),

@@ -79,7 +79,8 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
   cudaLaunchAttribute attribute;
   cudaLaunchConfig_t config = launch_config(plan, smem, stream, &attribute);
   Args copy = args;
-  ClusterShape shape{plan.units, plan.tile_rows, plan.cluster, plan.copies};
+  ClusterShape shape{plan.units, plan.tile_rows, plan.cluster, plan.copies,
+                     args.hidden % plan.units == 0 ? norm_slots(plan.units) : 1};
   void* params[] = {&copy, &shape};
   return cudaLaunchKernelExC(&config, kernel, params);
 }

@@ -942,11 +942,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
 }
 
 // After the backward's loop, the recorded norms (norm_g, norm_c: either may be null) of a tile's rows
-// from its blocks' partial sums (norm_parts: [N][2][stride], the first `count` of each in rank and slot
-// order: the same bits in every run), the tile's (step, row) pairs spread over its `blocks` blocks.
+// from its blocks' partial sums (norm_parts: [N][2][slots][blocks]; the first `stored` slots of the
+// first `used` blocks, in slot and rank order: the same bits in every run), the tile's (step, row)
+// pairs spread over its `blocks` blocks.
 __device__ __forceinline__ void sum_recorded_norms(const int64_t* sizes, const int64_t* offsets, int64_t steps,
-                                                   const double* norm_parts, int stride, int count, float* norm_g,
-                                                   float* norm_c, int rank, int blocks, int tile0, int tile_rows) {
+                                                   const double* norm_parts, int slots, int stored, int used,
+                                                   float* norm_g, float* norm_c, int rank, int blocks, int tile0,
+                                                   int tile_rows) {
   const int64_t pairs_all = steps * tile_rows;
   for (int64_t i = static_cast<int64_t>(rank) * kThreads + threadIdx.x; i < pairs_all;
        i += static_cast<int64_t>(blocks) * kThreads) {
@@ -954,11 +956,14 @@ __device__ __forceinline__ void sum_recorded_norms(const int64_t* sizes, const i
     const int b = static_cast<int>(i % tile_rows);
     if (b >= rows_below(sizes[t], tile0, tile_rows)) continue;
     const int64_t row = offsets[t] + tile0 + b;
-    const double* parts = norm_parts + row * 2 * stride;
+    const double* g_parts = norm_parts + row * 2 * slots * blocks;
+    const double* c_parts = g_parts + slots * blocks;
     double sum_g = 0.0, sum_c = 0.0;
-    for (int j = 0; j < count; ++j) {
-      if (norm_g != nullptr) sum_g += __ldcg(parts + j);
-      if (norm_c != nullptr) sum_c += __ldcg(parts + stride + j);
+    for (int part = 0; part < stored; ++part) {
+      for (int r = 0; r < used; ++r) {
+        if (norm_g != nullptr) sum_g += __ldcg(g_parts + part * blocks + r);
+        if (norm_c != nullptr) sum_c += __ldcg(c_parts + part * blocks + r);
+      }
     }
     if (norm_g != nullptr) norm_g[row] = static_cast<float>(sqrt(sum_g));
     if (norm_c != nullptr) norm_c[row] = static_cast<float>(sqrt(sum_c));
@@ -968,10 +973,10 @@ __device__ __forceinline__ void sum_recorded_norms(const int64_t* sizes, const i
 // scoreboards in the time loop before it (the LSTM float16 kernel's phase D then waited for the next
 // step's loads: scripts/sass_waits.py). (Not inlined in the others, the call's registers spilled.)
 __device__ RNNKERN_NOINLINE void sum_recorded_norms_apart(const int64_t* sizes, const int64_t* offsets, int64_t steps,
-                                                      const double* norm_parts, int stride, int count,
-                                                      float* norm_g, float* norm_c, int rank, int blocks,
-                                                      int tile0, int tile_rows) {
-  sum_recorded_norms(sizes, offsets, steps, norm_parts, stride, count, norm_g, norm_c, rank, blocks, tile0,
+                                                          const double* norm_parts, int slots, int stored, int used,
+                                                          float* norm_g, float* norm_c, int rank, int blocks,
+                                                          int tile0, int tile_rows) {
+  sum_recorded_norms(sizes, offsets, steps, norm_parts, slots, stored, used, norm_g, norm_c, rank, blocks, tile0,
                      tile_rows);
 }
 
@@ -1009,9 +1014,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
   // Grid: the tile's part of the global scratch (grid_scratch): the [blocks][Bt] partial sums of g²
   // (copied into part_g to be summed), the inboxes; `copy`, `inbox_copy`: the distance to the other
   // parity's copy.
-  // norm_parts: [N][2][blocks][row_slots], row n's partial sums of g² ([0], norms_g_late below) and
-  // dc² ([1]) from each block of its tile, summed after the loop (scratch_elements: room for
-  // norm_slots(U) a block); after the Grid scratch.
+  // norm_parts: [N][2][shape.norm_slots][blocks], row n's partial sums of g² ([0], norms_g_late below)
+  // and dc² ([1]) from each block of its tile (slot 0 only unless seg_rows), summed after the loop
+  // (scratch_elements); after the Grid scratch.
   double* grid_part_g = nullptr;
   double* norm_parts = static_cast<double*>(a.scratch);
   const size_t staged = static_cast<size_t>(blocks) * Bt;  // between the copies in shared memory
@@ -1032,17 +1037,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
   const bool clipping = a.clip > 0.0;
   const bool norms_first = clipping || copies == 1;  // the Σ g² exchange before the cell
   const bool norms_g_late = !norms_first && a.norm_g != nullptr, norms_c = C == Cell::LSTM && a.norm_c != nullptr;
-  // The partial sums of a row's squares each block stores: one per warp of its units where every
-  // block's units are whole warps (norm_slots(U) > 1 and no smaller last block) and the sums wait
-  // for the loop's end (the Σ g² exchanged before the cell, norms_first, has one a block), else one.
-  const bool warp_rows = !norms_first && H % U == 0 && norm_slots(U) > 1;
-  const auto row_slots = [&] { return warp_rows ? U / 32 : 1; };  // (worked out where used: registers)
-  // A row's own units are aligned lanes of warps: nu lanes of one warp (nu a power of two up to 32),
-  // or whole warps (warp_rows: nu == U): the Σ g² and Σ dc² partials by shuffles where the
-  // values are computed (row_squares), one per warp of the row. Otherwise one thread a row sums
-  // them from gbuf after a __syncthreads (own_squares).
-  const bool lane_rows = nu > 0 && ((nu <= 32 && (nu & (nu - 1)) == 0) || warp_rows);
-  const int row_lanes = min(nu, 32);
+  // A row's partial sums of squares per block: shape.norm_slots where that is more than one (every
+  // block with units has U of them) and the sums wait for the loop's end (the Σ g² exchanged before
+  // the cell, norms_first, has one a block), else one.
+  const bool seg_rows = !norms_first && shape.norm_slots > 1;
+  // A row's own units are aligned segments of norm_lanes(nu) lanes of a warp: all of them (nu a power
+  // of two up to 32), or several (seg_rows): the Σ g² and Σ dc² partials by shuffles where the values
+  // are computed (row_squares), one per segment. Otherwise one thread a row sums them from gbuf after
+  // a __syncthreads (own_squares). (The segments' sizes and slots are worked out where used, from
+  // constants and nu: kept in registers, or divided, they spilled 16-bit cluster-barrier backwards.)
+  const bool lane_rows = nu > 0 && ((nu <= 32 && (nu & (nu - 1)) == 0) || seg_rows);
+  const auto row_lanes = [&] { return norm_lanes(max(nu, 1)); };
+  // Where unit ul's segment starts, and its slot (ul / row_lanes: a shift, row_lanes a power of two).
+  const auto segment_starts = [&](int ul) { return (ul & (row_lanes() - 1)) == 0; };
+  const auto segment_of = [&](int ul) { return ul >> (31 - __clz(row_lanes())); };
   // The dh product's operands. FMA: dgate[n][b] (acc dtype, transposed: a register tile's 4 rows
   // in one load) and W_hh rows w[n][k], n = g * U + ul. MMA: dgate16[b][n] as stored (T, state_rows x
   // LDN) and W_hhᵀ rows wt[k][n] (wt_rows x LDN).
@@ -1172,13 +1180,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       return sum;
     };
     // With lane_rows, the same sums by shuffles where the values are computed (phases A and B):
-    // each row's nu pairs are aligned lanes of warps in every pass of those phases' uniform loops, so
-    // every lane calls it (invalid ones add 0); the sum of a row's lanes in a warp, a fixed tree, is
-    // in the first of them (ul % 32 == 0: its slot ul / 32). No pass over gbuf by one thread a row
+    // each row's nu pairs are aligned segments of row_lanes lanes in every pass of those phases'
+    // uniform loops, so every lane calls it (invalid ones add 0); a segment's sum, a fixed tree, is in
+    // its first lane (segment_starts; its slot: segment_of). No pass over gbuf by one thread a row
     // after a __syncthreads (it held up warp 0).
     const auto row_squares = [&](A v, bool valid) {
       double sum = valid ? cuda::square(v) : 0.0;
-      for (int offset = row_lanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      for (int offset = row_lanes() / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
       return sum;
     };
     // Without clipping the recorded norms' partials are not needed in the loop: where the step's pairs
@@ -1189,7 +1197,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     // Row b's partial sum of g² (kind 0) or dc² (kind 1) to this block's slot `part` of the norm
     // partials, summed after the loop: a global store nothing in the loop waits for.
     const auto square_for_later = [&](int kind, int b, int part, double sum) {
-      norm_parts[(((row0 + b) * 2 + kind) * blocks + rank) * row_slots() + part] = sum;
+      norm_parts[((((row0 + b) * 2 + kind) * shape.norm_slots + part) * blocks + rank)] = sum;
     };
     const auto squares_for_later = [&](int kind) {  // every row, from gbuf
       for (int b = threadIdx.x; b < rows; b += kThreads) square_for_later(kind, b, 0, own_squares(b));
@@ -1236,9 +1244,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         late_g2 = valid ? cuda::square(g) : 0.0;
       } else if (g_squares_by_lanes) {
         const double sum = row_squares(g, valid);
-        if (valid && ul % 32 == 0) {  // (norms_first: one slot, nu <= 32, so ul == 0)
+        if (valid && segment_starts(ul)) {  // (norms_first: one slot, row_lanes == nu, so ul == 0)
           if (!norms_first) {
-            square_for_later(0, b, ul / 32, sum);
+            square_for_later(0, b, segment_of(ul), sum);
           } else if constexpr (Grid) {
             grid_part_g_s[rank * Bt + b] = sum;
           } else {
@@ -1351,7 +1359,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
           late_c2 = valid ? cuda::square(dc_out) : 0.0;
         } else if (c_squares_by_lanes) {
           const double sum = row_squares(dc_out, valid);
-          if (valid && ul % 32 == 0) square_for_later(1, b, ul / 32, sum);
+          if (valid && segment_starts(ul)) square_for_later(1, b, segment_of(ul), sum);
         }
       }
     }
@@ -1481,16 +1489,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       }
     }
     if (defer_squares) {  // (block-uniform: every lane shuffles; the two sums' trees interleaved)
-      for (int offset = row_lanes / 2; offset > 0; offset /= 2) {
+      for (int offset = row_lanes() / 2; offset > 0; offset /= 2) {
         const double got_g = __shfl_xor_sync(0xffffffffu, late_g2, offset);
         const double got_c = __shfl_xor_sync(0xffffffffu, late_c2, offset);
         late_g2 += got_g;
         late_c2 += got_c;
       }
       const int b = by_nu.div(threadIdx.x), ul = static_cast<int>(threadIdx.x) - b * nu;
-      if (static_cast<int>(threadIdx.x) < pairs && ul % 32 == 0) {  // the first of the row's lanes in the warp
-        if (norms_g_late) square_for_later(0, b, ul / 32, late_g2);
-        if (norms_c) square_for_later(1, b, ul / 32, late_c2);
+      if (static_cast<int>(threadIdx.x) < pairs && segment_starts(ul)) {
+        if (norms_g_late) square_for_later(0, b, segment_of(ul), late_g2);
+        if (norms_c) square_for_later(1, b, segment_of(ul), late_c2);
       }
     }
     clock.mark(5);  // C: the recorded norms' row sums (defer_squares)
@@ -1583,11 +1591,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     exchange_barrier<X>(cluster);
     float* const g = norms_g_late ? a.norm_g : nullptr;
     float* const c = norms_c ? a.norm_c : nullptr;
-    const int stride = blocks * row_slots(), count = used * row_slots();
+    const int stored = seg_rows ? shape.norm_slots : 1;
     if constexpr (Async) {
-      sum_recorded_norms_apart(a.sizes, a.offsets, a.steps, norm_parts, stride, count, g, c, rank, blocks, tile0, Bt);
+      sum_recorded_norms_apart(a.sizes, a.offsets, a.steps, norm_parts, shape.norm_slots, stored, used, g, c, rank,
+                               blocks, tile0, Bt);
     } else {
-      sum_recorded_norms(a.sizes, a.offsets, a.steps, norm_parts, stride, count, g, c, rank, blocks, tile0, Bt);
+      sum_recorded_norms(a.sizes, a.offsets, a.steps, norm_parts, shape.norm_slots, stored, used, g, c, rank, blocks,
+                         tile0, Bt);
     }
   } else if constexpr (Async) {
     cluster.sync();  // as in the forward, no block leaves while another can still address its shared memory

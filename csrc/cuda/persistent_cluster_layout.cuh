@@ -84,6 +84,8 @@ struct ClusterShape {
   int tile_rows;  // batch rows per cluster
   int group;      // blocks per tile (Plan::cluster; read by Exchange::Grid, where there is no cluster)
   int copies;     // the backward's exchanged buffers: Plan::copies (Grid: always 2, in global memory)
+  int norm_slots;  // the backward's recorded norms' partial sums a row and block: norm_slots(units)
+                   // where hidden is a multiple of units (every block with units has as many), else 1
 };
 
 // Units per block are a multiple of this: a block's columns of a state row are whole 16-byte chunks
@@ -177,11 +179,16 @@ __host__ __device__ inline GridScratch grid_scratch(int tiles, int blocks, int t
   return {0, 2 * partials, 2 * partials + 2 * inboxes, partials, inboxes};
 }
 
-// The recorded norms' partial sums a block may store per row, kind and step (the backward's global
-// norm_parts, summed after the loop): one per warp of a row where a row's units are whole warps
-// (`units` a multiple of 32 above 32: the shuffle trees stop at the warp), else one. A block with
-// fewer units (the last, or with clipping: cluster_backward_kernel's `row_slots`) stores fewer.
-__host__ __device__ constexpr int norm_slots(int units) { return units > 32 && units % 32 == 0 ? units / 32 : 1; }
+// The recorded norms' partial sums of squares (the backward's norm_parts, summed after the loop): a
+// row's units are summed by shuffle trees over norm_lanes(units) aligned lanes of a warp (the largest
+// power of two dividing `units`, at most 32), norm_slots(units) partials a row and block; where that
+// would be more than kMaxNormSlots, one, summed by one thread a row (the buffer grows with the slots:
+// N x 2 x blocks of them).
+constexpr int kMaxNormSlots = 4;
+__host__ __device__ constexpr int norm_lanes(int units) { return (units & -units) < 32 ? (units & -units) : 32; }
+__host__ __device__ constexpr int norm_slots(int units) {
+  return units > 0 && units / norm_lanes(units) <= kMaxNormSlots ? units / norm_lanes(units) : 1;
+}
 
 }  // namespace
 
