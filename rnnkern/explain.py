@@ -101,7 +101,8 @@ def explain(module, input, hx=None) -> str:
                 f"layer and direction; {tiles} {group}(s) of {cluster} blocks, one per tile of up to "
                 f"{rows} batch rows, each block {units} hidden units with W_hh resident in "
                 f"shared memory "
-                f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block); {products}"
+                f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block; at least half "
+                f"an SM's where every tile runs at once, so that no two blocks share an SM); {products}"
                 f"state exchanged {_EXCHANGE.get(exchange, f'by exchange {exchange}')}")
         elif persistent:
             lines.append(
