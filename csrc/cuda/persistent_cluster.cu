@@ -239,6 +239,7 @@ Plan on_own_sms(const Plan& found, Cell cell, DType dtype, int64_t hidden, const
   return own.ok && tiles <= own.resident_clusters ? own : found;
 }
 
+// make_cluster_plan's search (tiles, cluster sizes, units), before on_own_sms.
 Plan choose_cluster_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, const cudaDeviceProp* prop,
                          Exchange exchange, bool tf32, int max_cluster, int max_tile_rows) {
   Plan plan;

@@ -1585,7 +1585,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
   clock.finish(a.steps);
   if (norms_g_late || norms_c) {
     // Every block's partials are stored (the barrier's release and acquire; read from L2). Each row's
-    // norms from the blocks with units, summed in rank order (each block's slots in order); the
+    // norms from the blocks with units, summed in slot and rank order (sum_recorded_norms); the
     // tile's (step, row) pairs spread over its blocks. The barrier also keeps an async cluster's
     // shared memory alive (below).
     exchange_barrier<X>(cluster);
