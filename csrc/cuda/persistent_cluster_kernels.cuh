@@ -944,11 +944,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
 // After the backward's loop, the recorded norms (norm_g, norm_c: either may be null) of a tile's rows
 // from its blocks' partial sums (norm_parts: [N][2][slots][blocks]; the first `stored` slots of the
 // first `used` blocks, in slot and rank order: the same bits in every run), the tile's (step, row)
-// pairs spread over its `blocks` blocks.
-__device__ __forceinline__ void sum_recorded_norms(const int64_t* sizes, const int64_t* offsets, int64_t steps,
-                                                   const double* norm_parts, int slots, int stored, int used,
-                                                   float* norm_g, float* norm_c, int rank, int blocks, int tile0,
-                                                   int tile_rows) {
+// pairs spread over its `blocks` blocks. Not inlined: inlined, its loops moved ptxas's scoreboards in
+// the time loop before it (the LSTM float16 cluster-async kernel's phase D then waited for the next
+// step's loads: scripts/sass_waits.py).
+__device__ RNNKERN_NOINLINE void sum_recorded_norms(const int64_t* sizes, const int64_t* offsets, int64_t steps,
+                                                    const double* norm_parts, int slots, int stored, int used,
+                                                    float* norm_g, float* norm_c, int rank, int blocks, int tile0,
+                                                    int tile_rows) {
   const int64_t pairs_all = steps * tile_rows;
   for (int64_t i = static_cast<int64_t>(rank) * kThreads + threadIdx.x; i < pairs_all;
        i += static_cast<int64_t>(blocks) * kThreads) {
@@ -968,16 +970,6 @@ __device__ __forceinline__ void sum_recorded_norms(const int64_t* sizes, const i
     if (norm_g != nullptr) norm_g[row] = static_cast<float>(sqrt(sum_g));
     if (norm_c != nullptr) norm_c[row] = static_cast<float>(sqrt(sum_c));
   }
-}
-// The same, not inlined, for the cluster-async backward: inlined there, its loops moved ptxas's
-// scoreboards in the time loop before it (the LSTM float16 kernel's phase D then waited for the next
-// step's loads: scripts/sass_waits.py). (Not inlined in the others, the call's registers spilled.)
-__device__ RNNKERN_NOINLINE void sum_recorded_norms_apart(const int64_t* sizes, const int64_t* offsets, int64_t steps,
-                                                          const double* norm_parts, int slots, int stored, int used,
-                                                          float* norm_g, float* norm_c, int rank, int blocks,
-                                                          int tile0, int tile_rows) {
-  sum_recorded_norms(sizes, offsets, steps, norm_parts, slots, stored, used, norm_g, norm_c, rank, blocks, tile0,
-                     tile_rows);
 }
 
 template <Cell C, typename T, Exchange X, bool Mma>
@@ -1591,14 +1583,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     exchange_barrier<X>(cluster);
     float* const g = norms_g_late ? a.norm_g : nullptr;
     float* const c = norms_c ? a.norm_c : nullptr;
-    const int stored = seg_rows ? shape.norm_slots : 1;
-    if constexpr (Async) {
-      sum_recorded_norms_apart(a.sizes, a.offsets, a.steps, norm_parts, shape.norm_slots, stored, used, g, c, rank,
-                               blocks, tile0, Bt);
-    } else {
-      sum_recorded_norms(a.sizes, a.offsets, a.steps, norm_parts, shape.norm_slots, stored, used, g, c, rank, blocks,
-                         tile0, Bt);
-    }
+    sum_recorded_norms(a.sizes, a.offsets, a.steps, norm_parts, shape.norm_slots, seg_rows ? shape.norm_slots : 1,
+                       used, g, c, rank, blocks, tile0, Bt);
   } else if constexpr (Async) {
     cluster.sync();  // as in the forward, no block leaves while another can still address its shared memory
   }
