@@ -340,19 +340,20 @@ __device__ __forceinline__ uint32_t tf32_at(const float* p) {
 
 // Fragments of mma.m16n8k16 (16-bit) and mma.m16n8k8 (TF32) (PTX ISA, "matrix fragments for mma"),
 // lane = 4 * gid + tig. A: rows [0, 16), columns [k0, k0 + kMmaK) of the row-major `m` (leading
-// dimension ld).
+// dimension ld), rows 8 to 15 `hi` elements after rows 0 to 7 (8 ld; 0 where the table has only 8
+// rows there: rows 8 to 15 of the product then repeat rows 0 to 7).
 template <typename T>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* m, int ld, int k0, int gid, int tig) {
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* m, int ld, int k0, int gid, int tig, int hi) {
   if constexpr (sizeof(T) == 4) {  // TF32: one element per register, columns tig and tig + 4
     const float* r0 = m + gid * ld + k0 + tig;
-    const float* r8 = r0 + 8 * ld;
+    const float* r8 = r0 + hi;
     a[0] = tf32_at(r0);
     a[1] = tf32_at(r8);
     a[2] = tf32_at(r0 + 4);
     a[3] = tf32_at(r8 + 4);
   } else {  // 16-bit: element pairs, columns 2 tig (+1) and 2 tig + 8 (+1)
     const T* r0 = m + gid * ld + k0 + 2 * tig;
-    const T* r8 = r0 + 8 * ld;
+    const T* r8 = r0 + hi;
     a[0] = pair_at(r0);
     a[1] = pair_at(r8);
     a[2] = pair_at(r0 + 8);
@@ -404,54 +405,43 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// The tensor-core products' work split: warp w takes the 8-row column tiles w, w + 8, ... of a
-// 16-row tile, up to kMmaGroup of them at a time, which share each K step's A fragment (one load of
-// A per K step instead of one per tile: the fragment loads, not the mma.sync, bound the product's
+// The backward's tensor-core product's work split: warp w takes the 8-row column tiles w, w + 8, ...
+// of a 16-row tile, up to kMmaGroup of them at a time, which share each K step's A fragment (one load
+// of A per K step instead of one per tile: the fragment loads, not the mma.sync, bound the product's
 // shared-memory traffic where a warp has several tiles). With fewer column tiles than warps, the
-// spare warps take further row tiles instead (one tile each).
-constexpr int kWarps = kThreads / 32;
-constexpr int kMmaGroup = 4;
+// spare warps take further row tiles instead (one tile each). (The forward's: ForwardMmaTiling.)
 // A thread's (row, unit) pairs of a step whose global reads are loaded during the step before (the
 // forward's x_t, the backward's FirstPair): the first two.
 constexpr int kPrefetchPairs = 2;
 
-// The tiles of a warp in pass `item` over `m_tiles` row tiles: its row tile's first row m0, its
-// first column tile, and how many (0: none; warp-uniform); with K split (forward_k_splits), the part
-// of K it takes.
+// A warp's tiles in one pass: its A tile's first row m0, its first B tile (of 8 rows), how many
+// (0: none; warp-uniform) and the part of K it takes (forward: ForwardMmaTiling; else 0).
 struct WarpTiles {
   int m0, first, count, k_part;
 };
 // How the warps share a table of `n_tiles` (>= 1) 8-row column tiles, worked out once per launch: the
 // divisions by n_tiles and the like would otherwise open every step's product (SASS: four of them,
-// ~20 dependent instructions each); per step only the row tiles vary (packed sequences). With
-// `splits` > 1 (narrow only, for the tile's `m_tiles_max` row tiles at their most), the warps of a
-// column tile take row tile sub % m_tiles_max and part sub / m_tiles_max of K, all in one pass.
+// ~20 dependent instructions each); per step only the row tiles vary (packed sequences).
 struct WarpTiling {
   bool narrow;    // fewer column tiles than warps: `per` row tiles a pass, one column tile a warp
   int per, sub;   // narrow: row tiles a pass, this warp's among them
   int col;        // narrow: this warp's column tile
   int n_tiles, groups;  // otherwise: passes over the column tiles per row tile
-  int splits, split_m_tile, k_part;  // K split: this warp's row tile and part (k_part < splits: busy)
   FastDiv by_per, by_groups;
-  __device__ WarpTiling(int n_tiles_, int warp, int splits_ = 1, int m_tiles_max = 1)
-      : n_tiles(n_tiles_), splits(splits_) {
+  __device__ WarpTiling(int n_tiles_, int warp) : n_tiles(n_tiles_) {
     narrow = n_tiles < kWarps;
     per = narrow ? kWarps / n_tiles : 1;
     sub = narrow ? warp / n_tiles : 0;
     col = narrow ? warp % n_tiles : warp;
     groups = narrow ? 1 : (n_tiles + kWarps * kMmaGroup - 1) / (kWarps * kMmaGroup);
-    split_m_tile = splits > 1 ? sub % m_tiles_max : 0;
-    k_part = splits > 1 ? sub / m_tiles_max : 0;
     by_per = FastDiv(per);
     by_groups = FastDiv(groups);
   }
   // The passes over `m_tiles` row tiles (each warp's loop bound: tiles(item, ...) for item < this).
   __device__ __forceinline__ int passes(int m_tiles) const {
-    if (splits > 1) return 1;
     return narrow ? by_per.div(m_tiles + per - 1) : m_tiles * groups;
   }
   __device__ __forceinline__ WarpTiles tiles(int item, int m_tiles) const {
-    if (splits > 1) return {split_m_tile * 16, col, k_part < splits && split_m_tile < m_tiles ? 1 : 0, k_part};
     if (narrow) {
       const int m_tile = item * per + sub;
       return {m_tile * 16, col, sub < per && m_tile < m_tiles ? 1 : 0, 0};
@@ -463,15 +453,37 @@ struct WarpTiling {
   }
 };
 
-// d[i] = A B_iᵀ over K for the column tiles t.first + kWarps * i, i < t.count: A the 16 rows from `a`
-// (row-major, leading dimension lda), B_i the 8 rows from b + (t.first + kWarps * i) * 8 * ldb, K in
+// The forward's tensor-core product (hpᵀ = W_hh h_{t-1}ᵀ; forward_mma_splits): its items are (16-row
+// tile of W_hh, group of up to kMmaGroup 8-row tiles of the batch), item = m_tile * n_groups + group;
+// warp w takes items w, w + 8, ..., or, with K split, item w % items and part w / items of K (while
+// that part exists). Fixed for the launch; per step only the batch's tiles vary (packed sequences).
+struct ForwardMmaTiling {
+  int items, n_groups, first_item, k_part;
+  FastDiv by_groups;
+  __device__ ForwardMmaTiling(int m_tiles, int n_groups_, int splits, int warp)
+      : items(m_tiles * n_groups_), n_groups(n_groups_), by_groups(n_groups_) {
+    first_item = splits > 1 ? warp % items : warp;
+    k_part = splits > 1 ? warp / items : 0;
+    if (k_part >= splits) first_item = items;  // a warp past the parts: idle
+  }
+  // Item `item`'s tiles at a step with `n_tiles` 8-row tiles of the batch (count 0: none).
+  __device__ __forceinline__ WarpTiles tiles(int item, int n_tiles) const {
+    const int m_tile = by_groups.div(item), first = (item - m_tile * n_groups) * kMmaGroup;
+    return {m_tile * 16, first, max(0, min(kMmaGroup, n_tiles - first)), k_part};
+  }
+};
+
+// d[i] = A B_iᵀ over K for the column tiles t.first + stride * i, i < t.count: A the 16 rows from `a`
+// (row-major, leading dimension lda; rows 8 to 15 from a + a_hi: load_a), B_i the 8 rows from
+// b + (t.first + stride * i) * 8 * ldb, K in
 // steps of kMmaK (columns past K are zeros in both tables). One tile: kMmaGroup accumulators over
 // the K steps in turn instead, summed pairwise at the end (each mma.sync waits for the one before on
 // the same accumulator: four chains of K / 4 steps instead of one of K), over [k_begin, K) (a part of K:
 // WarpTiles::k_part); two tiles: two accumulators each.
 template <typename T>
 __device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T* a, int lda, const T* b, int ldb,
-                                               const WarpTiles& t, int K, int gid, int tig, int k_begin = 0) {
+                                               const WarpTiles& t, int K, int gid, int tig, int k_begin, int stride,
+                                               int a_hi) {
 #pragma unroll
   for (int i = 0; i < kMmaGroup; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.f;
   uint32_t fa[4], fb[2];
@@ -480,7 +492,7 @@ __device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T
 #pragma unroll
       for (int i = 0; i < kMmaGroup; ++i) {
         if (k0 + i * kMmaK<T> < K) {
-          load_a(fa, a, lda, k0 + i * kMmaK<T>, gid, tig);
+          load_a(fa, a, lda, k0 + i * kMmaK<T>, gid, tig, a_hi);
           load_b(fb, b, ldb, t.first * 8, k0 + i * kMmaK<T>, gid, tig);
           mma_step<T>(d[i], fa, fb);
         }
@@ -495,10 +507,10 @@ __device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         if (k0 + half * kMmaK<T> < K) {
-          load_a(fa, a, lda, k0 + half * kMmaK<T>, gid, tig);
+          load_a(fa, a, lda, k0 + half * kMmaK<T>, gid, tig, a_hi);
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            load_b(fb, b, ldb, (t.first + kWarps * i) * 8, k0 + half * kMmaK<T>, gid, tig);
+            load_b(fb, b, ldb, (t.first + stride * i) * 8, k0 + half * kMmaK<T>, gid, tig);
             mma_step<T>(d[2 * i + half], fa, fb);
           }
         }
@@ -513,11 +525,11 @@ __device__ __forceinline__ void mma_warp_tiles(float (&d)[kMmaGroup][4], const T
     return;
   }
   for (int k0 = k_begin; k0 < K; k0 += kMmaK<T>) {
-    load_a(fa, a, lda, k0, gid, tig);
+    load_a(fa, a, lda, k0, gid, tig, a_hi);
 #pragma unroll
     for (int i = 0; i < kMmaGroup; ++i) {
       if (i < t.count) {
-        load_b(fb, b, ldb, (t.first + kWarps * i) * 8, k0, gid, tig);
+        load_b(fb, b, ldb, (t.first + stride * i) * 8, k0, gid, tig);
         mma_step<T>(d[i], fa, fb);
       }
     }
@@ -589,7 +601,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
   const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = Grid ? place_in_grid(shape, H) : place(cluster, shape, H);
-  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
+  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt, shape.forward_splits);
   const int LD = tb.ld, HP = tb.hp_ld;
   const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T), X);
   RNNKERN_DYNAMIC_SHARED(smem_raw);
@@ -662,8 +674,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
   // The step's divisions, worked out once (FastDiv): pairs by units, the tensor-core tiles, the sends.
   const FastDiv by_nu(max(nu, 1));
   const int k_splits = tb.hp_splits, hp_copy = tb.state_rows * HP;  // (FMA: 1)
-  const WarpTiling tiling(Mma ? tb.w_rows / 8 : 1, static_cast<int>(threadIdx.x) / 32, k_splits,
-                          tb.state_rows / 16);  // (FMA: unused)
+  const ForwardMmaTiling tiling(Mma ? (tb.w_rows + 15) / 16 : 1, forward_mma_groups(Bt), k_splits,
+                                static_cast<int>(threadIdx.x) / 32);  // (FMA: unused)
   // This warp's part of K (all of it unless split), in whole MMA K steps.
   const int k_padded = round_up(H, kMmaK<T>), k_per_part = round_up((k_padded + k_splits - 1) / k_splits, kMmaK<T>);
   const int k_begin = min(k_padded, tiling.k_part * k_per_part), k_end = min(k_padded, k_begin + k_per_part);
@@ -733,25 +745,31 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
 
     // hp = h_{t-1} W_hhᵀ for the block's rows n = g * U + ul.
     if constexpr (Mma) {
-      // 16 x 8 tiles of hp (16 state rows from m0, 8 rows n of W_hh), a warp's share of a row tile
-      // together (mma_warp_tiles).
+      // 16 x 8 tiles of hpᵀ (16 rows n of W_hh from m0, 8 state rows b), a warp's item's tiles
+      // together (ForwardMmaTiling, mma_warp_tiles: W_hh's fragment shared by its batch tiles).
       const int gid = (threadIdx.x % 32) / 4, tig = threadIdx.x % 4;
-      const int m_tiles = (rows + 15) / 16, passes = tiling.passes(m_tiles);
-      for (int item = 0; item < passes; ++item) {
-        const WarpTiles t = tiling.tiles(item, m_tiles);
+      const int n_tiles = (rows + 7) / 8;
+      for (int item = tiling.first_item; item < tiling.items; item += kWarps) {
+        const WarpTiles t = tiling.tiles(item, n_tiles);
         if (t.count == 0) continue;  // (warp-uniform)
         float d[kMmaGroup][4];
-        mma_warp_tiles<T>(d, cur + t.m0 * LD, LD, w, LD, t, k_end, gid, tig, k_begin);  // columns past H: zeros
+        // (W_hh's last tile may have 8 rows: w_rows is a multiple of 8; its rows 8 to 15 then repeat
+        // rows 0 to 7 and are not stored.)
+        const bool whole = t.m0 + 16 <= tb.w_rows;  // (warp-uniform)
+        mma_warp_tiles<T>(d, w + t.m0 * LD, LD, cur, LD, t, k_end, gid, tig, k_begin, 1, whole ? 8 * LD : 0);  // columns past H: zeros
         clock.mark(1);  // thread 0's fragment loads and MMAs
 #pragma unroll
         for (int i = 0; i < kMmaGroup; ++i) {
           if (i < t.count) {
-            // (rows past `rows`: not read)
-            A* r0 = hp + t.k_part * hp_copy + (t.m0 + gid) * HP + (t.first + kWarps * i) * 8 + 2 * tig;
+            // d[i]: rows n = m0 + gid (+ 8) of W_hh, state rows b = 2 tig (+ 1) of the tile (rows past
+            // `rows`: not read)
+            A* r0 = hp + t.k_part * hp_copy + ((t.first + i) * 8 + 2 * tig) * HP + t.m0 + gid;
             r0[0] = d[i][0];
-            r0[1] = d[i][1];
-            r0[8 * HP] = d[i][2];
-            r0[8 * HP + 1] = d[i][3];
+            r0[HP] = d[i][1];
+            if (whole) {
+              r0[8] = d[i][2];
+              r0[HP + 8] = d[i][3];
+            }
           }
         }
         clock.mark(2);  // its results to hp
@@ -987,7 +1005,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
   const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = Grid ? place_in_grid(shape, H) : place(cluster, shape, H);
-  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
+  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt, 1);  // (hp_splits: forward only)
   const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
   const int copies = Grid ? 2 : shape.copies;
   const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, X, copies);
@@ -1397,7 +1415,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         const WarpTiles t = tiling.tiles(item, m_tiles);
         if (t.count == 0) continue;  // (warp-uniform)
         float d[kMmaGroup][4];
-        mma_warp_tiles<T>(d, dgate16 + t.m0 * LDN, LDN, wt, LDN, t, G * U, gid, tig);  // columns past G * U: zeros
+        mma_warp_tiles<T>(d, dgate16 + t.m0 * LDN, LDN, wt, LDN, t, G * U, gid, tig, 0, kWarps, 8 * LDN);  // columns past G * U: zeros
         clock.mark(3);  // C: thread 0's fragment loads and MMAs
 #pragma unroll
         for (int i = 0; i < kMmaGroup; ++i) {

@@ -32,24 +32,36 @@ struct Tables {
   int ld;          // row length of the W_hh rows and of the state rows (a whole number of chunks)
   int w_rows;      // forward: W_hh rows, n = g * U + ul (G * U, padded to 8 for MMA)
   int state_rows;  // rows of a state stage (Bt; for MMA rounded up to 16)
-  int hp_ld;       // forward: columns of the product hp[b][n] (w_rows)
-  int hp_splits;   // forward, MMA: parts K is split into (forward_k_splits), a copy of hp each
+  int hp_ld;       // forward: columns of the product hp[b][n] (w_rows; MMA: + 4, see make_tables)
+  int hp_splits;   // forward, MMA: parts K is split into (forward_mma_splits), a copy of hp each
   int ldn;         // backward, MMA: row length of dgate[b][n] and of W_hhᵀ rows wt[k][n]
   int wt_rows;     // backward, MMA: rows of wt (H padded to 8)
 };
 
-// Forward, tensor cores: where a step has fewer 16 x 8 tiles of hp (n_tiles 8-row column tiles x
-// m_tiles 16-row row tiles) than the block has warps, the spare warps each take a share of K instead
-// of idling (RNN H256 on 16 blocks: 2 tiles, so 2 warps ran 16 dependent K steps each while 6 waited);
-// this many parts, each into its own copy of hp, which the cell phase sums in part order.
-__host__ __device__ inline int forward_k_splits(int n_tiles, int m_tiles) {
-  const int warps = kThreads / 32;
-  if (n_tiles >= warps || n_tiles < 1 || m_tiles < 1) return 1;
-  const int per = warps / n_tiles;  // row tiles a pass (WarpTiling)
-  return m_tiles <= per ? per / m_tiles : 1;
+// Forward, tensor cores: hpᵀ = W_hh h_{t-1}ᵀ, W_hh's rows as the A operand (16 x kMmaK tiles) and the
+// state rows as B (8 x kMmaK: an 8-row batch tile fills it; as A it was padded to 16 rows and read by
+// every warp, two thirds of the product's shared-memory traffic at LSTM B16 H256). A warp's item: one
+// 16-row tile of W_hh with up to kMmaGroup 8-row tiles of the batch (sharing each K step's A
+// fragment). Where there are fewer items than warps, the spare warps each take a share of K instead of
+// idling (RNN H256 on 16 blocks: one tile of W_hh), this many parts, each into its own copy of hp,
+// which the cell phase sums in part order. (n_groups: the batch's groups of kMmaGroup 8-row tiles at
+// the tile's rows at their most; k_steps: K's MMA steps.)
+constexpr int kWarps = kThreads / 32;
+// 8-row B tiles a warp's tensor-core product takes at a time, sharing each K step's A fragment.
+constexpr int kMmaGroup = 4;
+__host__ __device__ constexpr int forward_mma_groups(int tile_rows) {
+  return ((tile_rows + 7) / 8 + kMmaGroup - 1) / kMmaGroup;
+}
+__host__ __device__ inline int forward_mma_splits(int m_tiles, int n_groups, int k_steps) {
+  const int items = m_tiles * n_groups;
+  if (items >= kWarps || items < 1) return 1;
+  return k_steps < kWarps / items ? k_steps : kWarps / items;
 }
 
-__host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, int gates, int units, int tile_rows) {
+// max_splits: the most parts of K the forward product may take (forward_mma_splits; Plan::forward_splits:
+// 1 where the copies of hp would not fit; the backward's tables do not depend on it).
+__host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, int gates, int units, int tile_rows,
+                                              int max_splits) {
   const int chunk = kChunk / elem;
   const int k_step = elem == 2 ? 16 : 8;  // MMA: kMmaK
   Tables t;
@@ -57,8 +69,12 @@ __host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, in
   t.ld = mma ? round_up(hidden, k_step) + chunk : round_up(hidden, chunk) + chunk;
   t.w_rows = mma ? round_up(gates * units, 8) : gates * units;
   t.state_rows = mma ? round_up(tile_rows, 16) : tile_rows;  // MMA: whole 16-row tiles
-  t.hp_ld = t.w_rows;
-  t.hp_splits = mma ? forward_k_splits(t.w_rows / 8, t.state_rows / 16) : 1;
+  // MMA: 4 words more than a multiple of 8 put the rows b = 2 tig of hp[b][n] that a fragment's lanes
+  // store (n = m0 + gid) in different banks.
+  t.hp_ld = mma ? t.w_rows + 4 : t.w_rows;
+  const int splits = forward_mma_splits((t.w_rows + 15) / 16, forward_mma_groups(tile_rows),
+                                        round_up(hidden, k_step) / k_step);
+  t.hp_splits = mma ? (splits < max_splits ? splits : max_splits) : 1;
   t.ldn = mma ? round_up(gates * units, k_step) + chunk : 0;
   t.wt_rows = mma ? round_up(hidden, 8) : 0;
   return t;
@@ -86,6 +102,7 @@ struct ClusterShape {
   int copies;     // the backward's exchanged buffers: Plan::copies (Grid: always 2, in global memory)
   int norm_slots;  // the backward's recorded norms' partial sums a row and block: norm_slots(units)
                    // where hidden is a multiple of units (every block with units has as many), else 1
+  int forward_splits;  // Plan::forward_splits (make_tables' max_splits)
 };
 
 // Units per block are a multiple of this: a block's columns of a state row are whole 16-byte chunks
