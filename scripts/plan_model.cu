@@ -73,10 +73,10 @@ int main(int argc, char** argv) {
     }
     const Plan p = plan_of(c);
     std::printf("%s ok=%d reason=%d cluster=%d blocks=%d units=%d tile_rows=%d resident=%d copies=%d tf32=%d "
-                "exchange=%d smem_forward=%zu smem_backward=%zu optin=%zu forward_splits=%d\n",
+                "exchange=%d smem_forward=%zu smem_backward=%zu optin=%zu\n",
                 argv[i], p.ok ? 1 : 0, static_cast<int>(p.reason), p.cluster, p.blocks, p.units, p.tile_rows,
                 p.resident_clusters, p.copies, p.tf32 ? 1 : 0, static_cast<int>(p.exchange), p.smem_forward,
-                p.smem_backward, hopper_model::device().sharedMemPerBlockOptin, p.forward_splits);
+                p.smem_backward, hopper_model::device().sharedMemPerBlockOptin);
   }
   return 0;
 }

@@ -197,18 +197,15 @@ CASES = [
     ("relu:f16:cluster:5:48:3:0.5", (), {}),
     ("relu:tf32:async/4:20:16:2", (), {"exchange": 1}),
     # the forward product (W_hh's 16-row tiles by the batch's 8-row tiles) with K split over the warps
-    # its few items leave idle (forward_mma_splits): 8 parts (RNN H256 on 16 blocks: one tile of W_hh);
+    # its few items leave idle (forward_mma_splits): 4 parts (RNN H256 on 16 blocks: one tile of W_hh);
     # 2 parts of four batch tiles (32-row tiles: more samples than one-block clusters of 16 rows fit at
-    # once); batch tiles in two groups, the second ragged (4 + 3 tiles of 8 rows, then fewer with
-    # packed rows: 4 + 0, 3), two items a warp
+    # once; K has 2 steps); batch tiles in two groups, the second ragged (4 + 3 tiles of 8 rows,
+    # then fewer with packed rows: 4 + 0, 3), two items a warp
     ("tanh:f16:cluster:16:256:3", (), {"cluster": 16, "units": 16}),
     ("relu:bf16:async/2:1500:32:2", ("--reverse",), {"cluster": 2, "tile_rows": 32}),
     ("lstm:f16:async/2@64:50:64:3", ("--lengths", ",".join(["3"] * 20 + ["2"] * 10 + ["1"] * 20)),
      {"cluster": 2, "units": 32, "tile_rows": 50}),
     ("gru:bf16:cluster/4@64:61:96:2", ("--reverse",), {"cluster": 4, "units": 24, "tile_rows": 61}),
-    # where the copies of the product for parts of K would not fit in shared memory: K whole (4 tiles of
-    # W_hh, 4 warps idle)
-    ("relu:tf32:wide:16:768:2:0.5", ("--reverse",), {"exchange": 2, "units": 56, "forward_splits": 1}),
     # two tensor-core tiles a warp (two accumulators each): the forward's (LSTM 32 units a block), the
     # backward's (H128)
     ("lstm:f16:async/2:5:64:3", ("--reverse",), {"cluster": 2, "units": 32}),

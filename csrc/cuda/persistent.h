@@ -58,10 +58,6 @@ struct Plan {
   // without clipping, one exchange per step instead of two), 1 where only one copy fits in shared
   // memory (two exchanges per step, as with clipping).
   int copies = 2;
-  // Cluster kernels' forward on tensor cores: the most parts of K its product may take, each into a
-  // copy of the product (forward_mma_splits: where its tiles are fewer than the warps); 1 where the
-  // copies do not fit in shared memory.
-  int forward_splits = 1;
   // Cluster kernels, float32: the recurrent products on TF32 tensor cores (operands rounded to TF32,
   // float32 accumulation) instead of exact FMA dot products.
   bool tf32 = false;

@@ -25,11 +25,10 @@ const void* kernel_for(bool forward, Cell cell, DType dtype, Exchange exchange, 
 
 // Shared memory of the two kernels (their layouts).
 size_t forward_smem(int gates, int units, int tile_rows, int64_t hidden, DType dtype, Exchange exchange,
-                    bool tf32, int max_splits) {
+                    bool tf32) {
   const size_t elem = storage_size(dtype);
   const bool mma = uses_mma(static_cast<int>(elem), tf32);
-  const Tables tb =
-      make_tables(static_cast<int>(elem), mma, static_cast<int>(hidden), gates, units, tile_rows, max_splits);
+  const Tables tb = make_tables(static_cast<int>(elem), mma, static_cast<int>(hidden), gates, units, tile_rows);
   return forward_layout(tb, gates, units, tile_rows, acc_size(dtype), elem, exchange).bytes;
 }
 
@@ -37,7 +36,7 @@ size_t backward_smem(int gates, int units, int tile_rows, int blocks, int64_t hi
                      Exchange exchange, bool tf32, int copies) {
   const size_t elem = storage_size(dtype);
   const bool mma = uses_mma(static_cast<int>(elem), tf32);
-  const Tables tb = make_tables(static_cast<int>(elem), mma, static_cast<int>(hidden), gates, units, tile_rows, 1);
+  const Tables tb = make_tables(static_cast<int>(elem), mma, static_cast<int>(hidden), gates, units, tile_rows);
   return backward_layout(tb, gates, units, tile_rows, blocks, acc_size(dtype), elem, mma, exchange, copies).bytes;
 }
 
@@ -81,7 +80,7 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
   cudaLaunchConfig_t config = launch_config(plan, smem, stream, &attribute);
   Args copy = args;
   ClusterShape shape{plan.units, plan.tile_rows, plan.cluster, plan.copies,
-                     args.hidden % plan.units == 0 ? norm_slots(plan.units) : 1, plan.forward_splits};
+                     args.hidden % plan.units == 0 ? norm_slots(plan.units) : 1};
   void* params[] = {&copy, &shape};
   return cudaLaunchKernelExC(&config, kernel, params);
 }
@@ -133,12 +132,7 @@ Plan try_plan(Cell cell, DType dtype, int64_t hidden, int64_t tiles, int tile_ro
   c.blocks = static_cast<int>(tiles) * blocks;
   c.units = units;
   c.threads = kThreads;
-  c.forward_splits = kWarps;
-  c.smem_forward = forward_smem(gates, units, tile_rows, hidden, dtype, exchange, tf32, c.forward_splits);
-  if (c.smem_forward > prop.sharedMemPerBlockOptin) {  // without the copies of hp for parts of K
-    c.forward_splits = 1;
-    c.smem_forward = forward_smem(gates, units, tile_rows, hidden, dtype, exchange, tf32, c.forward_splits);
-  }
+  c.smem_forward = forward_smem(gates, units, tile_rows, hidden, dtype, exchange, tf32);
   c.copies = 2;
   c.smem_backward = backward_smem(gates, units, tile_rows, blocks, hidden, dtype, exchange, tf32, c.copies);
   if (exchange != Exchange::Grid && c.smem_backward > prop.sharedMemPerBlockOptin) {

@@ -601,7 +601,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
   const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = Grid ? place_in_grid(shape, H) : place(cluster, shape, H);
-  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt, shape.forward_splits);
+  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, HP = tb.hp_ld;
   const ForwardLayout lay = forward_layout(tb, G, U, Bt, sizeof(A), sizeof(T), X);
   RNNKERN_DYNAMIC_SHARED(smem_raw);
@@ -853,6 +853,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
     }
     __syncthreads();
     clock.mark(3);  // the other warps' products (the barrier after them)
+    if (Mma && k_splits > 1) {
+      // K's parts of each own pair's G values, in part order, into the first copy of hp, before the
+      // next step's x loads are issued: read in the cells, after them, the parts' shared-memory loads
+      // had ptxas wait for the x loads too (their scoreboard), an L2 round trip a step.
+      for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
+        const int b = by_nu.div(pair), ul = pair - b * nu;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          A* at = hp + b * HP + g * U + ul;
+          A sum = at[0];
+#pragma unroll
+          for (int k = 1; k < kSubPartitions; ++k) {  // (forward_mma_splits: at most kSubPartitions)
+            if (k < k_splits) sum += at[k * hp_copy];
+          }
+          at[0] = sum;  // (this thread's pair alone reads it)
+        }
+      }
+    }
     if (s + 1 < a.steps) {
       next_step = tile_step(upcoming, tile0, Bt);
       load_x(x_upcoming, next_step);
@@ -882,9 +900,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
         A hh[G];  // h_{t-1} W_hhᵀ + b_hh
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          A sum = hp[b * HP + g * U + ul];
-          for (int k = 1; k < k_splits; ++k) sum += hp[k * hp_copy + b * HP + g * U + ul];  // in part order
-          hh[g] = sum + bias[g * U + ul];
+          hh[g] = hp[b * HP + g * U + ul] + bias[g * U + ul];  // (K's parts: summed above)
         }
         const bool last = b >= rows_next;  // the sample ends here: h_n (and c_n)
         A prev = A(0), c = A(0);  // c_{t-1} (LSTM) or h_{t-1} (GRU); c_t
@@ -1005,7 +1021,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
   const int H = static_cast<int>(a.hidden);
   const int GH = G * H;
   const auto [blocks, rank, U, Bt, u0, nu, tile0, used] = Grid ? place_in_grid(shape, H) : place(cluster, shape, H);
-  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt, 1);  // (hp_splits: forward only)
+  const Tables tb = make_tables(sizeof(T), Mma, H, G, U, Bt);
   const int LD = tb.ld, LDN = tb.ldn, BtP = round_up(Bt, 4);
   const int copies = Grid ? 2 : shape.copies;
   const BackwardLayout lay = backward_layout(tb, G, U, Bt, blocks, sizeof(A), sizeof(T), Mma, X, copies);

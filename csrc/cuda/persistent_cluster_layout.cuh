@@ -42,26 +42,26 @@ struct Tables {
 // state rows as B (8 x kMmaK: an 8-row batch tile fills it; as A it was padded to 16 rows and read by
 // every warp, two thirds of the product's shared-memory traffic at LSTM B16 H256). A warp's item: one
 // 16-row tile of W_hh with up to kMmaGroup 8-row tiles of the batch (sharing each K step's A
-// fragment). Where there are fewer items than warps, the spare warps each take a share of K instead of
-// idling (RNN H256 on 16 blocks: one tile of W_hh), this many parts, each into its own copy of hp,
-// which the cell phase sums in part order. (n_groups: the batch's groups of kMmaGroup 8-row tiles at
-// the tile's rows at their most; k_steps: K's MMA steps.)
+// fragment). Where the items would leave some of the SM's four sub-partitions without a warp, spare
+// warps each take a share of K instead of idling (RNN H256 on 16 blocks: one tile of W_hh, K in 4
+// parts), this many parts, each into its own copy of hp, summed in part order before the cells.
+// (More parts would not read fewer bytes, the product's bound, and their sum costs the cells; LSTM
+// H256's 4 tiles of W_hh keep K whole.) n_groups: the batch's groups of kMmaGroup 8-row tiles at the
+// tile's rows at their most; k_steps: K's MMA steps.
 constexpr int kWarps = kThreads / 32;
 // 8-row B tiles a warp's tensor-core product takes at a time, sharing each K step's A fragment.
 constexpr int kMmaGroup = 4;
 __host__ __device__ constexpr int forward_mma_groups(int tile_rows) {
   return ((tile_rows + 7) / 8 + kMmaGroup - 1) / kMmaGroup;
 }
+constexpr int kSubPartitions = 4;  // of an SM, each issuing for its own warps
 __host__ __device__ inline int forward_mma_splits(int m_tiles, int n_groups, int k_steps) {
   const int items = m_tiles * n_groups;
-  if (items >= kWarps || items < 1) return 1;
-  return k_steps < kWarps / items ? k_steps : kWarps / items;
+  if (items >= kSubPartitions || items < 1) return 1;
+  return k_steps < kSubPartitions / items ? k_steps : kSubPartitions / items;
 }
 
-// max_splits: the most parts of K the forward product may take (forward_mma_splits; Plan::forward_splits:
-// 1 where the copies of hp would not fit; the backward's tables do not depend on it).
-__host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, int gates, int units, int tile_rows,
-                                              int max_splits) {
+__host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, int gates, int units, int tile_rows) {
   const int chunk = kChunk / elem;
   const int k_step = elem == 2 ? 16 : 8;  // MMA: kMmaK
   Tables t;
@@ -72,9 +72,9 @@ __host__ __device__ inline Tables make_tables(int elem, bool mma, int hidden, in
   // MMA: 4 words more than a multiple of 8 put the rows b = 2 tig of hp[b][n] that a fragment's lanes
   // store (n = m0 + gid) in different banks.
   t.hp_ld = mma ? t.w_rows + 4 : t.w_rows;
-  const int splits = forward_mma_splits((t.w_rows + 15) / 16, forward_mma_groups(tile_rows),
-                                        round_up(hidden, k_step) / k_step);
-  t.hp_splits = mma ? (splits < max_splits ? splits : max_splits) : 1;
+  t.hp_splits = mma ? forward_mma_splits((t.w_rows + 15) / 16, forward_mma_groups(tile_rows),
+                                         round_up(hidden, k_step) / k_step)
+                    : 1;
   t.ldn = mma ? round_up(gates * units, k_step) + chunk : 0;
   t.wt_rows = mma ? round_up(hidden, 8) : 0;
   return t;
@@ -102,7 +102,6 @@ struct ClusterShape {
   int copies;     // the backward's exchanged buffers: Plan::copies (Grid: always 2, in global memory)
   int norm_slots;  // the backward's recorded norms' partial sums a row and block: norm_slots(units)
                    // where hidden is a multiple of units (every block with units has as many), else 1
-  int forward_splits;  // Plan::forward_splits (make_tables' max_splits)
 };
 
 // Units per block are a multiple of this: a block's columns of a state row are whole 16-byte chunks

@@ -268,10 +268,9 @@ int main(int argc, char** argv) {
   const Plan plan = grid_kernels ? make_plan(c.cell, d, B, H, false, 0)
                                  : plan_of(c);
   std::printf("plan ok=%d reason=%d cluster=%d blocks=%d units=%d tile_rows=%d copies=%d tf32=%d exchange=%d "
-              "smem_forward=%zu smem_backward=%zu forward_splits=%d\n",
+              "smem_forward=%zu smem_backward=%zu\n",
               plan.ok ? 1 : 0, static_cast<int>(plan.reason), plan.cluster, plan.blocks, plan.units, plan.tile_rows,
-              plan.copies, plan.tf32 ? 1 : 0, static_cast<int>(plan.exchange), plan.smem_forward, plan.smem_backward,
-              plan.forward_splits);
+              plan.copies, plan.tf32 ? 1 : 0, static_cast<int>(plan.exchange), plan.smem_forward, plan.smem_backward);
   std::fflush(stdout);
   if (!plan.ok) return 2;
 
