@@ -16,8 +16,9 @@ CUDA toolkit's or triton's) on a cubin, an object or the built extension.
 
 A kernel is named by its mangled name (cluster_forward_kernel<Cell, T, Exchange, Mma>: E0 LSTM, E1 GRU,
 E2 RNN-tanh, E3 RNN-ReLU; f, d, 6__half, 13__nv_bfloat16; Exchange E0 cluster, E1 cluster-async, E2
-wide; Lb1 tensor cores). The waits listed include those on paths a step may not take (e.g. the loop
-of a K split that only layers with few tiles of W_hh run, or the pairs past the prefetched ones): read their lines.
+wide; Lb1 tensor cores). The waits listed include those on paths a step may not take (e.g. the sum
+of a K split that only layers with few tiles of W_hh run, or the pairs past the prefetched ones):
+read their lines.
 """
 from __future__ import annotations
 
