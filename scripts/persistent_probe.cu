@@ -22,6 +22,14 @@
 //   cluster-stasync/N   the chunks sent with st.async, each completing on the receiver's mbarrier
 //                       (expect_tx), no cluster barrier in the loop: the candidate next exchange.
 //                       Last in the table: a protocol error would hang it (gpu_check's timeout).
+//   cluster-partials-stasync/N  the cluster-async backward's reduce-scatter at 8-row tiles: every block
+//                       sends each other block its 8 x H/N float32 partial sums in 16-byte st.async
+//                       pieces (1,024 a block at N = 16 less its own share), waits for its own, sums them
+//   cluster-partials-bulk/N  the same partials written to a local outbox, then one cp.async.bulk
+//                       shared::cluster copy per owner (N - 1 a block), completing on the owner's
+//                       mbarrier as the st.async do: whether fewer, larger remote copies make phase C's
+//                       sends cheaper (bench/NOTES.md, sixteenth session). Their waits give up after
+//                       ~50 ms and print "hung" rather than stall the run.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -258,6 +266,125 @@ __global__ void cluster_stasync_kernel(int steps, float* sink) {
   if (threadIdx.x == 0) sink[blockIdx.x] = stage[kSteps & 1][rank];
 }
 
+// The backward's reduce-scatter (cluster-partials-*): kPartialRows rows of partial sums a step.
+constexpr int kPartialRows = 8;
+
+// Waits for the phase of `bar` with this parity; false if it did not complete within ~10^8 clocks
+// (~50 ms).
+__device__ __forceinline__ bool bounded_wait(uint64_t* bar, uint32_t parity) {
+  for (const long long start = clock64(); clock64() - start < 100000000LL;) {
+    uint32_t done;
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+    if (done) return true;
+  }
+  return false;
+}
+
+// Step s: every block sends owner r its partial sums for r's units (rows x units floats) into r's
+// inbox[s % 2][sender], completing on r's full[s % 2]; then waits for its own and sums them (the
+// next step's partials depend on the sum). Two copies by parity make the reuse safe: a block writes
+// parity c again at step s + 2, after its wait at step s + 1, which needs every block's step s + 1
+// sends, each issued after that block's step s sum (so after its reads of inbox c, and after the
+// step s copies out of this block's outbox c had landed). `hung` counts blocks whose wait gave up.
+__global__ void cluster_partials_kernel(int steps, float* sink, unsigned* hung, bool bulk) {
+  __shared__ __align__(128) float outbox[2][kPartialRows * kHidden];  // [parity][owner][row][unit]
+  __shared__ __align__(128) float inbox[2][kPartialRows * kHidden];   // [parity][sender][row][unit]
+  __shared__ __align__(8) uint64_t full[2];
+  __shared__ float block_sum;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int units = kHidden / blocks, share = kPartialRows * units;  // floats a block sends each owner
+  for (int i = threadIdx.x; i < 2 * kPartialRows * kHidden; i += kThreads) {
+    (&outbox[0][0])[i] = 1.0f;
+    (&inbox[0][0])[i] = 1.0f;
+  }
+  if (threadIdx.x == 0) {
+    block_sum = 0.0f;
+    for (int k = 0; k < 2; ++k) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(&full[k])) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  cluster.sync();
+  const uint32_t bytes = static_cast<uint32_t>((blocks - 1) * share * sizeof(float));
+  uint32_t parity[2] = {0u, 0u};
+  bool gave_up = false;
+  for (int s = 0; s < steps && blocks > 1; ++s) {
+    const int c = s & 1;
+    const float scale = 1.0f + 1e-7f * block_sum;  // (the partials depend on the step before)
+    if (threadIdx.x == 0) {
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(&full[c])),
+                   "r"(bytes)
+                   : "memory");
+    }
+    const uint32_t bar = shared_address(&full[c]);
+    if (!bulk) {
+      // 16-byte pieces straight to their owners (the kernels' phase C)
+      for (int i = threadIdx.x; i < (blocks - 1) * share / 4; i += kThreads) {
+        const int k = i / (share / 4), piece = i - k * (share / 4);
+        const uint32_t owner = static_cast<uint32_t>((rank + 1 + k) % blocks);
+        const float v = scale * static_cast<float>(piece);
+        const uint32_t local = shared_address(&inbox[c][rank * share + piece * 4]);
+        uint32_t remote, remote_bar;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(owner));
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_bar) : "r"(bar), "r"(owner));
+        asm volatile(
+            "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
+                remote),
+            "r"(__float_as_uint(v)), "r"(__float_as_uint(v + 1.0f)), "r"(__float_as_uint(v + 2.0f)),
+            "r"(__float_as_uint(v + 3.0f)), "r"(remote_bar)
+            : "memory");
+      }
+    } else {
+      // the partials into the local outbox, visible to the async proxy, then one copy per owner
+      for (int i = threadIdx.x; i < kPartialRows * kHidden / 4; i += kThreads) {
+        const float v = scale * static_cast<float>(i);
+        reinterpret_cast<float4*>(outbox[c])[i] = make_float4(v, v + 1.0f, v + 2.0f, v + 3.0f);
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      __syncthreads();
+      if (static_cast<int>(threadIdx.x) < blocks - 1) {
+        const uint32_t owner = static_cast<uint32_t>((rank + 1 + static_cast<int>(threadIdx.x)) % blocks);
+        const uint32_t local_dst = shared_address(&inbox[c][rank * share]);
+        const uint32_t src = shared_address(&outbox[c][owner * share]);
+        uint32_t remote, remote_bar;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local_dst), "r"(owner));
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_bar) : "r"(bar), "r"(owner));
+        asm volatile(
+            "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                remote),
+            "r"(src), "r"(static_cast<uint32_t>(share * sizeof(float))), "r"(remote_bar)
+            : "memory");
+      }
+    }
+    const bool arrived = bounded_wait(&full[c], parity[c]);
+    if (__syncthreads_or(!arrived)) gave_up = true;  // (block-uniform: the barriers below)
+    parity[c] ^= 1u;
+    // own units' dh: the senders' partials summed (thread t: rows x units entries, t, t + 256, ...)
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < share; i += kThreads) {
+      for (int k = 0; k < blocks; ++k) sum += k == rank ? 0.0f : inbox[c][k * share + i];
+    }
+    __syncthreads();  // every read of block_sum and of inbox c before it changes
+    if (threadIdx.x == 0) block_sum = 0.0f;
+    __syncthreads();
+    atomicAdd(&block_sum, sum);
+    __syncthreads();
+    if (gave_up) break;
+  }
+  cluster.sync();  // no block leaves while another may still send to it
+  if (threadIdx.x == 0) {
+    sink[blockIdx.x] = block_sum;
+    if (gave_up) atomicAdd(hung, 1u);
+  }
+}
+
 template <typename Launch>
 float per_step_us(Launch launch) {
   cudaEvent_t start, stop;
@@ -396,6 +523,29 @@ int main() {
     std::printf("%-28s %7d %12.3f\n", name, cluster, per_step_us([&] { clustered(kernel, cluster, args); }));
     std::fflush(stdout);
   }
+  // The backward's reduce-scatter: st.async pieces against one bulk copy per owner (see the header).
+  unsigned* hung = nullptr;
+  CHECK(cudaMalloc(&hung, sizeof(unsigned)));
+  for (int cluster : {4, 8, 16}) {
+    for (bool bulk : {false, true}) {
+      const void* kernel = reinterpret_cast<const void*>(cluster_partials_kernel);
+      if (cluster > 8) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      CHECK(cudaMemset(hung, 0, sizeof(unsigned)));
+      void* args[] = {&steps, &sink, &hung, &bulk};
+      char name[40];
+      std::snprintf(name, sizeof(name), "cluster-partials-%s/%d", bulk ? "bulk" : "stasync", cluster);
+      const float us = per_step_us([&] { clustered(kernel, cluster, args); });
+      unsigned gave_up = 0;
+      CHECK(cudaMemcpy(&gave_up, hung, sizeof(unsigned), cudaMemcpyDeviceToHost));
+      if (gave_up) {
+        std::printf("%-28s %7d %12s\n", name, cluster, "hung");
+      } else {
+        std::printf("%-28s %7d %12.3f\n", name, cluster, us);
+      }
+      std::fflush(stdout);
+    }
+  }
+  CHECK(cudaFree(hung));
   CHECK(cudaFree(sink));
   CHECK(cudaFree(rows));
   return 0;
