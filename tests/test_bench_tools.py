@@ -427,3 +427,18 @@ def test_collect_gpu_results(tmp_path):
     log = (tmp_path / "repo2/bench/results/logs/h100-gpu-check-01234567.txt").read_text()
     assert "===== bench log =====\n(not brought back by this run)" in log
     assert "stress.txt" not in log  # (an optional stage: no section where it did not run)
+
+
+def test_the_device_probe_compiles(tmp_path):
+    """scripts/persistent_probe.cu (gpu_check.sh's probe stage) builds with the toolkit's nvcc for sm_90:
+    the probes added without a GPU are at least compiled before a device session runs them."""
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    if not nvcc.exists():
+        pytest.skip(f"no nvcc at {nvcc}")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "probe"
+    proc = subprocess.run([str(nvcc), "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
+                           f"-I{root / 'scripts'}", str(root / "scripts" / "persistent_probe.cu"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists()
