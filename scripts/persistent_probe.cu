@@ -187,6 +187,22 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// The shared::cluster address in block `rank` of the object at shared::cta address `local`.
+__device__ __forceinline__ uint32_t in_block(uint32_t local, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  return remote;
+}
+
+// 16 bytes to `local`'s twin in block `rank`, completing on the twin of the mbarrier at `bar`.
+__device__ __forceinline__ void send_async(uint32_t local, float4 v, uint32_t rank, uint32_t bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
+                   in_block(local, rank)),
+               "r"(__float_as_uint(v.x)), "r"(__float_as_uint(v.y)), "r"(__float_as_uint(v.z)),
+               "r"(__float_as_uint(v.w)), "r"(in_block(bar, rank))
+               : "memory");
+}
+
 // The same exchange with st.async: each 16-byte chunk goes to the receiver's stage and decrements the
 // transaction count of the receiver's mbarrier for that stage; the receiver's thread 0 announces the
 // bytes it expects (arrive.expect_tx), every thread waits on the stage's phase. No cluster barrier
@@ -248,16 +264,7 @@ __global__ void cluster_stasync_kernel(int steps, float* sink) {
         *reinterpret_cast<float4*>(p) = mine[count];
         const uint32_t local = shared_address(p), bar = shared_address(&full[n]);
         for (int k = 1; k < blocks; ++k) {
-          const uint32_t dest = static_cast<uint32_t>((rank + k) % blocks);
-          uint32_t remote, remote_bar;
-          asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(dest));
-          asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_bar) : "r"(bar), "r"(dest));
-          asm volatile(
-              "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
-                  remote),
-              "r"(__float_as_uint(mine[count].x)), "r"(__float_as_uint(mine[count].y)),
-              "r"(__float_as_uint(mine[count].z)), "r"(__float_as_uint(mine[count].w)), "r"(remote_bar)
-              : "memory");
+          send_async(local, mine[count], static_cast<uint32_t>((rank + k) % blocks), bar);
         }
       }
     }
@@ -330,16 +337,8 @@ __global__ void cluster_partials_kernel(int steps, float* sink, unsigned* hung, 
         const int k = i / (share / 4), piece = i - k * (share / 4);
         const uint32_t owner = static_cast<uint32_t>((rank + 1 + k) % blocks);
         const float v = scale * static_cast<float>(piece);
-        const uint32_t local = shared_address(&inbox[c][rank * share + piece * 4]);
-        uint32_t remote, remote_bar;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(owner));
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_bar) : "r"(bar), "r"(owner));
-        asm volatile(
-            "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
-                remote),
-            "r"(__float_as_uint(v)), "r"(__float_as_uint(v + 1.0f)), "r"(__float_as_uint(v + 2.0f)),
-            "r"(__float_as_uint(v + 3.0f)), "r"(remote_bar)
-            : "memory");
+        send_async(shared_address(&inbox[c][rank * share + piece * 4]), make_float4(v, v + 1.0f, v + 2.0f, v + 3.0f),
+                   owner, bar);
       }
     } else {
       // the partials into the local outbox, visible to the async proxy, then one copy per owner
@@ -351,15 +350,11 @@ __global__ void cluster_partials_kernel(int steps, float* sink, unsigned* hung, 
       __syncthreads();
       if (static_cast<int>(threadIdx.x) < blocks - 1) {
         const uint32_t owner = static_cast<uint32_t>((rank + 1 + static_cast<int>(threadIdx.x)) % blocks);
-        const uint32_t local_dst = shared_address(&inbox[c][rank * share]);
-        const uint32_t src = shared_address(&outbox[c][owner * share]);
-        uint32_t remote, remote_bar;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local_dst), "r"(owner));
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_bar) : "r"(bar), "r"(owner));
         asm volatile(
             "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                remote),
-            "r"(src), "r"(static_cast<uint32_t>(share * sizeof(float))), "r"(remote_bar)
+                in_block(shared_address(&inbox[c][rank * share]), owner)),
+            "r"(shared_address(&outbox[c][owner * share])), "r"(static_cast<uint32_t>(share * sizeof(float))),
+            "r"(in_block(bar, owner))
             : "memory");
       }
     }
