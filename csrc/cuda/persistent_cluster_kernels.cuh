@@ -1393,9 +1393,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
     clock.mark(2);  // B: the cells
     if (s + 1 < a.steps) {
       next_step = tile_step(upcoming, tile0, Bt);
-      // The next step's first pairs (a thread last read this step's in phase B). With a barrier to
-      // end the exchange, now, to land during phase C; Async: after phase C (below).
-      if constexpr (!Async) load_first(next_step);
+      // The next step's first pairs (a thread last read this step's in phase B). With the cluster's
+      // barrier to end the exchange, now, to land during phase C; Async: after phase C; Grid: after
+      // the grid's barrier (below).
+      if constexpr (X == Exchange::ClusterBarrier) load_first(next_step);
     }
     if constexpr (C == Cell::LSTM) {
       // blocks without units add nothing
@@ -1543,6 +1544,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       }
     } else {
       exchange_barrier<X>(cluster);
+      // Grid: the next step's first pairs land during phase D's loads of the inbox from L2 (issued
+      // before phase C, as with the cluster's barrier, C's product began with a wait for them in the
+      // SASS, and the barrier's fence would wait for them anyway).
+      if constexpr (Grid) {
+        if (s + 1 < a.steps) load_first(next_step);
+      }
     }
     clock.mark(6);  // the exchange's barrier or wait
 
