@@ -373,6 +373,7 @@ size_t cluster_scratch_elements(const Plan& plan, int64_t rows, bool record_norm
   const int tiles = plan.blocks / plan.cluster;
   const size_t grid = plan.exchange == Exchange::Grid
                           ? grid_scratch(tiles, plan.cluster, plan.tile_rows, plan.units).elements : 0;
+  // (the most slots a launch uses: it takes one where hidden is not a multiple of units)
   const size_t slots = static_cast<size_t>(plan.cluster) * norm_slots(plan.units);
   return grid + (record_norms ? static_cast<size_t>(rows) * 2 * slots : 0);
 }

@@ -405,11 +405,6 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// The backward's tensor-core product's work split: warp w takes the 8-row column tiles w, w + 8, ...
-// of a 16-row tile, up to kMmaGroup of them at a time, which share each K step's A fragment (one load
-// of A per K step instead of one per tile: the fragment loads, not the mma.sync, bound the product's
-// shared-memory traffic where a warp has several tiles). With fewer column tiles than warps, the
-// spare warps take further row tiles instead (one tile each). (The forward's: ForwardMmaTiling.)
 // A thread's (row, unit) pairs of a step whose global reads are loaded during the step before (the
 // forward's x_t, the backward's FirstPair): the first two.
 constexpr int kPrefetchPairs = 2;
@@ -419,9 +414,14 @@ constexpr int kPrefetchPairs = 2;
 struct WarpTiles {
   int m0, first, count, k_part;
 };
-// How the warps share a table of `n_tiles` (>= 1) 8-row column tiles, worked out once per launch: the
-// divisions by n_tiles and the like would otherwise open every step's product (SASS: four of them,
-// ~20 dependent instructions each); per step only the row tiles vary (packed sequences).
+// The backward's tensor-core product's work split: warp w takes the 8-row column tiles w, w + 8, ...
+// of a 16-row tile, up to kMmaGroup of them at a time, which share each K step's A fragment (one load
+// of A per K step instead of one per tile: the fragment loads, not the mma.sync, bound the product's
+// shared-memory traffic where a warp has several tiles). With fewer column tiles than warps, the
+// spare warps take further row tiles instead (one tile each). (The forward's: ForwardMmaTiling.)
+// Worked out once per launch for a table of `n_tiles` (>= 1) column tiles: the divisions by n_tiles
+// and the like would otherwise open every step's product (SASS: four of them, ~20 dependent
+// instructions each); per step only the row tiles vary (packed sequences).
 struct WarpTiling {
   bool narrow;    // fewer column tiles than warps: `per` row tiles a pass, one column tile a warp
   int per, sub;   // narrow: row tiles a pass, this warp's among them
