@@ -194,6 +194,18 @@ __device__ __forceinline__ uint32_t in_block(uint32_t local, uint32_t rank) {
   return remote;
 }
 
+// Whether the phase of the mbarrier `bar` with this parity has completed (one try_wait).
+__device__ __forceinline__ bool phase_done(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(shared_address(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // 16 bytes to `local`'s twin in block `rank`, completing on the twin of the mbarrier at `bar`.
 __device__ __forceinline__ void send_async(uint32_t local, float4 v, uint32_t rank, uint32_t bar) {
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(
@@ -229,14 +241,7 @@ __global__ void cluster_stasync_kernel(int steps, float* sink) {
   for (int s = 0; s < steps; ++s) {
     const int c = s & 1, n = (s + 1) & 1;
     if (s > 0 && blocks > 1) {  // stage c complete: every other block's chunks of step s - 1
-      uint32_t done = 0;
-      while (!done) {
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            " selp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(shared_address(&full[c])), "r"(parity[c])
-            : "memory");
+      while (!phase_done(&full[c], parity[c])) {
       }
       parity[c] ^= 1u;
     }
@@ -280,14 +285,7 @@ constexpr int kPartialRows = 8;
 // (~50 ms).
 __device__ __forceinline__ bool bounded_wait(uint64_t* bar, uint32_t parity) {
   for (const long long start = clock64(); clock64() - start < 100000000LL;) {
-    uint32_t done;
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(shared_address(bar)), "r"(parity)
-        : "memory");
-    if (done) return true;
+    if (phase_done(bar, parity)) return true;
   }
   return false;
 }
