@@ -2,7 +2,9 @@
 on their SASS; bench/NOTES.md, fourteenth session): ptxas tracks a warp's global loads on one
 scoreboard, so one wait on it soon after the loads puts their whole round trip into every step.
 Needs nvcc (the CUDA toolkit: CUDA_HOME or /usr/local/cuda) and nvdisasm (the toolkit's or triton's);
-no GPU. Compiles nine kernels' pairs for sm_90 (~30 s)."""
+no GPU. Compiles nine kernels' pairs for sm_90 (~30 s). The same pairs keep every thread's registers
+to itself: no stack frame (ptxas's spills go to local memory, whose L1 lines each step's barrier or
+acquire invalidates)."""
 from __future__ import annotations
 
 import os
@@ -89,3 +91,15 @@ def test_the_listing_decodes_control_bits(cubin, capsys):
     body = [line for line in out.splitlines() if " wait[" in line]
     assert body and all(" S" in line and " W" in line and " R" in line for line in body)
     assert any("LDG" in line and re.search(r" W[0-5] ", line) for line in body)  # a load sets a scoreboard
+
+
+def test_the_kernels_spill_nothing(cubin):
+    cuobjdump = sass_waits.find_tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (the CUDA toolkit's or triton's) to read the kernels' resources")
+    listing = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True, text=True).stdout
+    usage = dict(re.findall(r"Function (\w+):\s*\n\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+)", listing))
+    kernels = {sass_waits.short(name): resources for name, resources in usage.items() if "cluster_" in name}
+    assert len(kernels) == 18, sorted(kernels)
+    for name, resources in kernels.items():
+        assert " STACK:0 " in resources and resources.endswith("LOCAL:0"), (name, resources)
