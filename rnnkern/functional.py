@@ -96,6 +96,17 @@ def _from_main_stream(layer_weights: LayerWeights) -> LayerWeights:
     return tuple(None if w is None else w.view_as(w) for w in layer_weights)
 
 
+def _used_on(stream: "torch.cuda.Stream", *tensors: Optional[Tensor]) -> None:
+    """Tell the caching allocator that `stream` reads these tensors, made on another stream. It reuses
+    a freed block on the stream that allocated it without waiting for other streams; the side streams'
+    ops save their inputs for the backward, whose ops run on the same side stream and release them
+    there, so without this a block (the input rows, h0, c0) could be handed to a new tensor on the main
+    stream while a queued backward op on the side stream had yet to read it."""
+    for t in tensors:
+        if t is not None and t.numel() > 0:
+            t.record_stream(stream)
+
+
 def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm_probe, steps):
     """run_stack for one direction and several layers, in chunks of `steps` steps
     (layer_wavefront_steps). Returns what run_stack returns."""
@@ -115,6 +126,7 @@ def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm
         if cuda:
             layer_weights = _from_main_stream(layer_weights)
             stream.wait_stream(main)  # the layer's states and weights, made on the main stream
+            _used_on(stream, h0, c0, rows if layer == 0 else None)  # (the layers above: x_chunks below)
         w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             x_bias, bias = _split_biases(cell, b_ih, b_hh)  # once per layer, for all its chunks
@@ -222,6 +234,7 @@ def run_stack(
             main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
             reverse_weights = _from_main_stream(weights[layer][1])
             side.wait_stream(main)  # the layer's inputs, made on the main stream
+            _used_on(side, x, h0, c0)
             with torch.cuda.stream(side):
                 reverse = direction_layer(layer, 1, reverse_weights)
             results = [direction_layer(layer, 0, weights[layer][0]), reverse]
