@@ -183,6 +183,12 @@ void run_case(const LayerCase& c) {
   f.ws = S > 0 ? buf.alloc(N * S * H * acc) : nullptr;
   f.h_n = buf.alloc(B * H * storage_size(d));
   f.c_n = c.cell == Cell::LSTM ? buf.alloc(B * H * storage_size(d)) : nullptr;
+  // The wide forward's tagged words, as the extension has them (RNNKERN_WIDE_EXCHANGE=barrier: none,
+  // the grid barrier every step instead).
+  const char* wide_exchange = std::getenv("RNNKERN_WIDE_EXCHANGE");
+  const bool barrier = wide_exchange != nullptr && std::strcmp(wide_exchange, "barrier") == 0;
+  const size_t words = barrier ? 0 : exchange_words(plan, d, B, H);
+  f.exchange = words > 0 ? buf.alloc(words * sizeof(uint32_t)) : nullptr;
 
   const size_t trace_bytes = static_cast<size_t>(plan.blocks) * kTraceSlots * sizeof(unsigned long long);
   auto* trace = static_cast<unsigned long long*>(buf.alloc(trace_bytes));

@@ -244,6 +244,11 @@ CASES = [
     # dc_next on an H100 and here)
     ("lstm:f16:wide:5:64:3", ("--no-norms",), {"exchange": 2}),
     ("gru:f32:wide:4:40:3:0.5", ("--no-norms", "--reverse"), {"exchange": 2}),
+    # the wide forward's h_t as tagged words (the cases above) checked word by word where a row is not
+    # whole 16-byte vectors (f16 H70), and through `out` with a grid barrier every step (--wide-barrier)
+    ("gru:f16:wide:5:70:4", ("--lengths", "4,3,3,2,1"), {"exchange": 2}),
+    ("lstm:bf16:wide:3:64:3", ("--lengths", "3,2,1", "--reverse", "--wide-barrier"), {"exchange": 2}),
+    ("tanh:f32:wide:4:100:3:0.5", ("--wide-barrier",), {"exchange": 2}),
     ("lstm:f64:grid:5:40:4:0.5", ("--lengths", "4,4,3,2,1"), {"cluster": 0}),
     ("gru:f32:grid:3:24:3", ("--reverse",), {"cluster": 0}),
 ]

@@ -756,7 +756,8 @@ def test_cuda_cluster_large_batch(kernel, dtype, cell, capped, monkeypatch):
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 def test_cuda_wide(dtype, B, H, cell, monkeypatch):
     """RNNKERN_CUDA_KERNEL=wide (Exchange::Grid): layers spread over more blocks than one cluster holds,
-    exchanging through L2 with grid barriers, on each product path (float64 and float32 FMA register
+    exchanging through L2 (the forward's h_t as tagged words, the backward's partials with grid
+    barriers), on each product path (float64 and float32 FMA register
     tiles, float16 tensor cores), with several batch tiles (B = 20: 2 tiles; 37: 3; 200: for the LSTM
     and GRU fewer tiles of more than 16 rows, i.e. two or more MMA row tiles, since 13 tiles of 16 would
     leave each too few blocks), packed lengths, reverse direction and clipping. float16 LSTM at H = 600
@@ -777,6 +778,27 @@ def test_cuda_wide(dtype, B, H, cell, monkeypatch):
         return
     clip = pick_clip(case, grads, True)
     _assert_cuda_matches_oracle(case, grads, True, clip, tol=1e-10 if dtype == torch.float64 else 1e-4, dtype=dtype)
+
+
+@gpu
+@needs_clusters
+@pytest.mark.parametrize("dtype,B,H", [(torch.float64, 20, 300), (torch.float16, 37, 600)],
+                         ids=["fp64-B20-H300", "fp16-B37-H600"])
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cuda_wide_forward_with_grid_barriers(dtype, B, H, cell, monkeypatch):
+    """RNNKERN_WIDE_EXCHANGE=barrier: the wide forward hands h_t on through `out` and a grid barrier
+    every step (what the tagged words replace; kept to measure one against the other), as
+    test_cuda_wide checks the default; an unknown value is an error."""
+    monkeypatch.setenv("RNNKERN_CUDA_KERNEL", "wide")
+    monkeypatch.setenv("RNNKERN_WIDE_EXCHANGE", "barrier")
+    case, grads, _ = make_case(cell, T=6, B=B, H=H, P=0, packed=True, seed=79)
+    if dtype == torch.float16:
+        _assert_16bit_within_torch_nn(cell, dtype, case, grads)
+    else:
+        _assert_cuda_matches_oracle(case, grads, True, pick_clip(case, grads, True), tol=1e-10, dtype=dtype)
+    monkeypatch.setenv("RNNKERN_WIDE_EXCHANGE", "sometimes")
+    with pytest.raises(RuntimeError, match="RNNKERN_WIDE_EXCHANGE must be tagged or barrier"):
+        run_layer(backend_fn("cuda"), _to(case, "cuda", dtype), _to(grads, "cuda", dtype), False, 0.0)
 
 
 @gpu

@@ -184,6 +184,17 @@ bool l2_prefetch() {
   return false;
 }
 
+// RNNKERN_WIDE_EXCHANGE: "tagged" (default) or "barrier": how the wide forwards (Exchange::Grid on
+// clusters) hand h_t from step to step: tagged words without a grid barrier (ForwardArgs::exchange), or
+// through `out` with the grid's barrier every step, to measure one against the other.
+bool tagged_wide_exchange() {
+  const char* value = std::getenv("RNNKERN_WIDE_EXCHANGE");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "tagged") == 0) return true;
+  TORCH_CHECK(std::strcmp(value, "barrier") == 0, "RNNKERN_WIDE_EXCHANGE must be tagged or barrier, not '", value,
+              "'");
+  return false;
+}
+
 // The fields the persistent forward and backward arguments share: the layer and its time geometry
 // (`full`: every_step_rows).
 template <typename Args>
@@ -242,6 +253,9 @@ class CudaStepKernels final : public StepKernels {
     a.ws = ptr_or_null(s.workspace);
     a.h_n = s.h_n.data_ptr();
     a.c_n = s.cell == Cell::LSTM ? s.c_n.data_ptr() : nullptr;
+    const size_t words = tagged_wide_exchange() ? persistent::exchange_words(plan, a.dtype, batch, hidden) : 0;
+    const at::Tensor exchange = at::empty({static_cast<int64_t>(words)}, s.xp.options().dtype(at::kInt));
+    a.exchange = words > 0 ? exchange.data_ptr() : nullptr;
     C10_CUDA_CHECK(persistent::forward(plan, a, c10::cuda::getCurrentCUDAStream()));
     return true;
   }

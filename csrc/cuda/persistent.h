@@ -111,7 +111,13 @@ struct ForwardArgs {
   void* ws = nullptr;          // [N, S*H] acc dtype
   void* h_n = nullptr;         // [B, H] input dtype
   void* c_n = nullptr;         // LSTM: [B, H] input dtype
+  // The wide kernels' (Exchange::Grid on clusters) exchange of h_t as tagged words, exchange_words()
+  // of them (the launch fills them), or null: through `out`, with the grid's barrier every step.
+  void* exchange = nullptr;
 };
+
+// 32-bit words of ForwardArgs::exchange for `plan` (0: a plan without it) and a batch of `batch`.
+size_t exchange_words(const Plan& plan, DType dtype, int64_t batch, int64_t hidden);
 
 struct BackwardArgs {
   Cell cell = Cell::LSTM;

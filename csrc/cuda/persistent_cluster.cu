@@ -3,6 +3,7 @@
 // translation unit (persistent_cluster_<cell>.cu); this unit chooses a layer's tiles, cluster size
 // and shared memory (make_cluster_plan) and launches them.
 #include <algorithm>
+#include <type_traits>
 
 #include "persistent_cluster_layout.cuh"
 #include "step_trace.cuh"
@@ -78,6 +79,14 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
   if (err != cudaSuccess) return err;
   cudaLaunchAttribute attribute;
   cudaLaunchConfig_t config = launch_config(plan, smem, stream, &attribute);
+  if constexpr (std::is_same_v<Args, ForwardArgs>) {
+    // The tagged words' planes (ForwardArgs::exchange) start with no step's tag, in stream order.
+    if (args.exchange != nullptr) {
+      err = cudaMemsetAsync(args.exchange, 0xff,
+                            exchange_words(plan, args.dtype, args.batch, args.hidden) * sizeof(uint32_t), stream);
+      if (err != cudaSuccess) return err;
+    }
+  }
   Args copy = args;
   ClusterShape shape{plan.units, plan.tile_rows, plan.cluster, plan.copies,
                      args.hidden % plan.units == 0 ? norm_slots(plan.units) : 1};
@@ -377,6 +386,15 @@ size_t cluster_scratch_elements(const Plan& plan, int64_t rows, bool record_norm
   const size_t slots = static_cast<size_t>(plan.cluster) * norm_slots(plan.units);
   return grid + (record_norms ? static_cast<size_t>(rows) * 2 * slots : 0);
 }
+
+}  // namespace detail
+
+size_t exchange_words(const Plan& plan, DType dtype, int64_t batch, int64_t hidden) {
+  if (plan.cluster == 0 || plan.exchange != Exchange::Grid) return 0;
+  return static_cast<size_t>(2) * batch * hidden * (storage_size(dtype) / 2);  // (kTaggedWords)
+}
+
+namespace detail {
 
 cudaError_t cluster_forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   return launch(true, plan, args, stream);

@@ -193,6 +193,122 @@ __device__ __forceinline__ void load_rows_cg(T* dst, int ld, const T* src, int s
   }
 }
 
+// The wide forward's exchange of h_t through L2 without a grid barrier (Exchange::Grid,
+// ForwardArgs::exchange): each element as kTaggedWords 32-bit words, a 16-bit piece of its bytes in
+// the low half and its step's tag in the high half. A 32-bit access is single-copy atomic (a vector
+// access is a set of them), so each word alone says whether it holds step s's piece: the readers
+// load h_{t-1} and load again only the words not yet there. The grid barrier put three L2 round
+// trips on every step's path (its fence, its arrival, its poll) before the loads of h_{t-1}; this
+// puts none. Two planes [2][batch][H * kTaggedWords], by step parity: a block writes plane s % 2 at
+// step s only after it has read every block's step s - 1 words, which each of them wrote after
+// reading plane s % 2's step s - 2 words (its data depend on them). The launch fills both planes
+// with 0xff bytes: tag 0xffff, which no step has (step_tag).
+template <typename T>
+constexpr int kTaggedWords = static_cast<int>(sizeof(T)) / 2;
+
+__device__ __forceinline__ uint32_t step_tag(int64_t s) { return static_cast<uint32_t>(s) & 0x7fffu; }
+
+__device__ __forceinline__ bool tagged(uint32_t word, uint32_t tag) { return (word >> 16) == tag; }
+
+// Element v of step `tag` into its words at `dst` (aligned to its kTaggedWords words).
+template <typename T>
+__device__ __forceinline__ void store_tagged(uint32_t* dst, T v, uint32_t tag) {
+  constexpr int W = kTaggedWords<T>;
+  uint16_t pieces[W];
+  memcpy(pieces, &v, sizeof(T));
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < W; ++j) w[j] = pieces[j] | (tag << 16);
+#ifdef RNNKERN_EMULATE
+  for (int j = 0; j < W; ++j) dst[j] = w[j];
+  ::rnnkern_emu::note_progress();
+#else
+  if constexpr (W == 1) {
+    asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(dst), "r"(w[0]) : "memory");
+  } else if constexpr (W == 2) {
+    asm volatile("st.relaxed.gpu.global.v2.b32 [%0], {%1, %2};\n" ::"l"(dst), "r"(w[0]), "r"(w[1]) : "memory");
+  } else {
+    asm volatile("st.relaxed.gpu.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3])
+                 : "memory");
+  }
+#endif
+}
+
+__device__ __forceinline__ uint4 load_words(const uint32_t* p) {
+#ifdef RNNKERN_EMULATE
+  return uint4{p[0], p[1], p[2], p[3]};
+#else
+  uint4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+#endif
+}
+
+__device__ __forceinline__ uint32_t load_word(const uint32_t* p) {
+#ifdef RNNKERN_EMULATE
+  return *p;
+#else
+  uint32_t v;
+  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+#endif
+}
+
+// A reader's pause before it loads a word again. Gives up (a trap: the launch fails, no hang) after
+// ~2^24 tries, seconds, where a word never comes.
+__device__ __forceinline__ void pause_for_words(unsigned& tries) {
+#ifdef RNNKERN_EMULATE
+  (void)tries;
+  ::rnnkern_emu::spin("tagged exchange");  // (the scheduler reports a hang where nothing moves)
+#else
+  if (++tries > (1u << 24)) __trap();
+  __nanosleep(32);
+#endif
+}
+
+// Rows [0, rows) of `cols` elements of step `tag` from the plane rows at `src` (row length
+// cols * kTaggedWords words) into `dst` (row length ld), block-wide, as load_rows_cg: 16-byte loads
+// where a row is whole vectors of 4 words (8 bytes of payload each), eight in flight per thread,
+// each loaded again until all its words have the tag; else word by word. `by_vectors` divides by a
+// row's vectors (cols * kTaggedWords / 4).
+template <typename T>
+__device__ __forceinline__ void load_tagged_rows(T* dst, int ld, const uint32_t* src, int cols, int rows, uint32_t tag,
+                                                 const FastDiv& by_vectors) {
+  const int row_words = cols * kTaggedWords<T>;
+  if (row_words % 4 == 0 && (ld * sizeof(T)) % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0 &&
+      reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    const int per_row = row_words / 4;
+    copy_batched<8>(
+        rows * per_row, [&](int i) { return load_words(src + 4 * i); },
+        [&](int i, uint4 v) {
+          unsigned tries = 0;
+          while (!(tagged(v.x, tag) && tagged(v.y, tag) && tagged(v.z, tag) && tagged(v.w, tag))) {
+            pause_for_words(tries);
+            v = load_words(src + 4 * i);
+          }
+          const int r = by_vectors.div(i);
+          const uint2 payload{(v.x & 0xffffu) | (v.y << 16), (v.z & 0xffffu) | (v.w << 16)};
+          reinterpret_cast<uint2*>(dst + r * ld)[i - r * per_row] = payload;
+        });
+  } else {
+    copy_batched<8>(
+        rows * row_words, [&](int i) { return load_word(src + i); },
+        [&](int i, uint32_t w) {
+          unsigned tries = 0;
+          while (!tagged(w, tag)) {
+            pause_for_words(tries);
+            w = load_word(src + i);
+          }
+          const int r = i / row_words;
+          reinterpret_cast<uint16_t*>(dst + r * ld)[i - r * row_words] = static_cast<uint16_t>(w & 0xffffu);
+        });
+  }
+}
+
 // The st.async exchange (Exchange::ClusterAsync). A receiver's mbarrier completes a phase when its own
 // thread 0 has arrived (announcing the bytes it expects that phase, arrive.expect_tx) and the senders'
 // st.async stores have delivered those bytes (each decrements the transaction count by its size, which
@@ -682,6 +798,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
   const ColumnSends sends(nu, Async ? used : blocks, kChunk / static_cast<int>(sizeof(T)));
   const FmaSplit fma(G * U, Bt);
   const FastDiv by_h_chunks(max(H * static_cast<int>(sizeof(T)) / kChunk, 1));  // Grid: load_rows_cg
+  // Grid: h_t through the tagged words (load_tagged_rows), or, without them, `out` and the grid's barrier.
+  uint32_t* const tagged_h = Grid ? static_cast<uint32_t*>(a.exchange) : nullptr;
+  const int64_t tagged_plane = a.batch * H * kTaggedWords<T>;
+  uint32_t* const tagged_tile = tagged_h != nullptr ? tagged_h + static_cast<int64_t>(tile0) * H * kTaggedWords<T> : nullptr;
+  const FastDiv by_tagged_vectors(max(H * kTaggedWords<T> / 4, 1));
   const auto load_x = [&](T (&into)[P][G], const TileStep& st) {
 #pragma unroll
     for (int j = 0; j < P; ++j) {
@@ -694,7 +815,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
     }
   };
   load_x(x_first, next_step);
-  const int64_t steps = (Async && nu == 0) ? 0 : a.steps;
+  // (A block without units sends nothing: with the st.async or tagged exchange nobody waits for it.)
+  const int64_t steps = ((Async || tagged_h != nullptr) && nu == 0) ? 0 : a.steps;
   clock.loop_start();
   for (int64_t s = 0; s < steps; ++s) {
     [[maybe_unused]] const auto [row0, prev_row0, rows, rows_prev, rows_next] = next_step;  // a copy
@@ -717,9 +839,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
       }
     }
     if constexpr (Grid) {
-      // h_{t-1} of the continuing samples, all H columns, as every block stored it to `out` before the
-      // grid barrier that ended the step before. (Columns past H keep their zeros.)
-      load_rows_cg(cur, LD, out + prev_row0 * H, H, H, rows_prev, by_h_chunks);
+      // h_{t-1} of the continuing samples, all H columns (columns past H keep their zeros): the step
+      // before's tagged words, or as every block stored it to `out` before the grid barrier that
+      // ended the step before.
+      if (tagged_h != nullptr) {
+        if (rows_prev > 0) {
+          load_tagged_rows(cur, LD, tagged_tile + ((s - 1) & 1) * tagged_plane, H, rows_prev, step_tag(s - 1),
+                           by_tagged_vectors);
+        }
+      } else {
+        load_rows_cg(cur, LD, out + prev_row0 * H, H, H, rows_prev, by_h_chunks);
+      }
     }
     for (int i = threadIdx.x; i < (rows - rows_prev) * H; i += kThreads) {  // samples starting here
       const int b = rows_prev + i / H, k = i % H;
@@ -881,6 +1011,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
     // else by the block after them all.
     constexpr int V = kChunk / static_cast<int>(sizeof(T));
     const bool sending = !Grid && blocks > 1 && nu > 0 && s + 1 < a.steps;
+    // Grid: where this step's h_t goes as tagged words (none after the last step)
+    uint32_t* const tagged_step =
+        (tagged_h != nullptr && s + 1 < a.steps) ? tagged_tile + (s & 1) * tagged_plane : nullptr;
     const bool warp_sends = sending && sends.warp_level;
     uint64_t* const sent_bar = Async ? &full[(s + 1) & 1] : nullptr;  // Async: only to the blocks with units (`used`)
     // One pass of the block's threads over pairs [base, base + kThreads), x_t's projection of a pair
@@ -917,6 +1050,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
         store(out + row * H + u, h);
         if (last) store(h_n + static_cast<int64_t>(tile0 + b) * H + u, h);
         if constexpr (!Grid) store(nxt + b * LD + u, h);  // as the next step would read it from `out`
+        // Grid with tagged words: h_t into the stage's own column (this thread's pair alone reads it
+        // there, GRU's h_{t-1} above; the product has read the stage), for the stores below.
+        if (Grid && tagged_step != nullptr) store(cur + b * LD + u, h);
       }
       clock.mark(4);  // thread 0's cells
       if (warp_sends) {
@@ -941,6 +1077,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
         cell_pass(base, [&](int g, int64_t row, int u) { return A(load(xp + row * GH + g * H + u)); });
       }
     }
+    if (Grid && tagged_step != nullptr) {
+      // This step's h_t of the samples that go on, as tagged words: each thread its own pairs (read
+      // back from the stage where it put them; stored from the cells themselves, ptxas had the
+      // GRU's cells wait for the next step's x loads).
+      for (int pair = threadIdx.x; pair < rows_next * nu; pair += kThreads) {
+        const int b = by_nu.div(pair), u = u0 + (pair - b * nu);
+        store_tagged(tagged_step + (b * H + u) * kTaggedWords<T>, cur[b * LD + u], step_tag(s));
+      }
+    }
     if (sending && !warp_sends) {
       __syncthreads();
       clock.mark(5);  // the other threads' cells
@@ -957,7 +1102,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
     // before it started step s. hp is rewritten only after the next step's first __syncthreads, which
     // every thread reaches after its last read of it here.
     if constexpr (Grid) {
-      if (s + 1 < a.steps) exchange_barrier<X>(cluster);  // no shared memory to keep alive after the last step
+      if (s + 1 < a.steps) {  // no shared memory to keep alive after the last step
+        if (tagged_h != nullptr) {
+          __syncthreads();  // the block's last reads of this step's stage and hp (GRU's cells read h_{t-1})
+        } else {
+          exchange_barrier<X>(cluster);
+        }
+      }
     } else if constexpr (!Async) {
       cluster.sync();
     }

@@ -55,6 +55,12 @@ void mbarrier_wait_parity(uint64_t* bar, uint32_t parity);
 // that many transaction bytes on that block's twin of `bar`; delivered later (in random order).
 void st_async(void* dst, const void* src, int bytes, unsigned rank, uint64_t* bar);
 
+// A store another thread may be waiting for in a loop (the tagged exchange's): counts as progress.
+void note_progress();
+// A thread that polls memory (`where`) and has not found what it waits for: back to the scheduler.
+// Where no thread makes progress in a whole pass, the scheduler reports a hang.
+void spin(const char* where);
+
 [[noreturn]] void trap(const char* why);
 
 template <typename V>

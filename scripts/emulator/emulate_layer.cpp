@@ -75,6 +75,12 @@ cudaError_t CUDARTAPI cudaLaunchKernelExC(const cudaLaunchConfig_t* config, cons
   return cudaSuccess;
 }
 
+// The wide forward's fill of its tagged words (persistent_cluster.cu: launch), in order as on a stream.
+cudaError_t CUDARTAPI cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+
 // The grid-wide kernels' launch (persistent.cu: launch).
 cudaError_t CUDARTAPI cudaLaunchCooperativeKernel(const void* kernel, dim3 grid, dim3 block, void** params,
                                                   size_t smem, cudaStream_t) {
@@ -163,7 +169,7 @@ const void* case_kernel(Cell cell, bool forward, const Plan& plan, DType d) {
 int usage() {
   std::fprintf(stderr,
                "usage: emulate_layer CELL:DTYPE:KERNEL[/N][@R]:B:H[:T[:clip]] [--seed N] [--schedule-seed N] "
-               "[--lengths L0,L1,...] [--reverse] [--no-norms] [--out FILE]\n"
+               "[--lengths L0,L1,...] [--reverse] [--no-norms] [--wide-barrier] [--out FILE]\n"
                "       emulate_layer --check-division\n");
   return 2;
 }
@@ -225,7 +231,7 @@ int main(int argc, char** argv) {
   c.steps = 5;
   if (!parse_layer_case(spec, c)) return usage();
   uint64_t seed = 1;
-  bool reverse = false, norms = true;
+  bool reverse = false, norms = true, wide_barrier = false;
   std::vector<int64_t> lengths;
   std::string out_path = "emulated.bin";
   g_schedule_seed = 0;
@@ -247,6 +253,8 @@ int main(int argc, char** argv) {
       reverse = true;
     } else if (arg == "--no-norms") {
       norms = false;
+    } else if (arg == "--wide-barrier") {  // the wide forward through `out` and the grid's barrier
+      wide_barrier = true;
     } else if (arg == "--out" && has_value) {
       out_path = argv[++i];
     } else {
@@ -322,6 +330,8 @@ int main(int argc, char** argv) {
   f.ws = S > 0 ? arrays.add("ws", acc, {N, S * H}) : nullptr;
   f.h_n = arrays.add("h_n", ty, {B, H});
   f.c_n = c.cell == Cell::LSTM ? arrays.add("c_n", ty, {B, H}) : nullptr;
+  const size_t words = wide_barrier ? 0 : exchange_words(plan, d, B, H);
+  f.exchange = words > 0 ? rnnkern_emu::guarded_alloc(words * sizeof(uint32_t)).ptr : nullptr;
   g_forward = true;
   if (!grid_kernels) g_expected_kernel = case_kernel(c.cell, true, plan, d);
   if (forward(plan, f, nullptr) != cudaSuccess) rnnkern_emu::fail("the forward's launch failed");

@@ -392,6 +392,11 @@ void run_launch(const LaunchSpec& spec, const std::function<void()>& body) {
   gridDim = dim3(spec.blocks);
   std::vector<Thread*> order;
   order.reserve(count);
+  // Every other pass (drawn) some blocks sit it out (each with probability 1/4) and some threads of
+  // the others (1/8), so that blocks and threads drift apart between their waits as they do on a GPU:
+  // one may then run ahead of another where nothing makes it wait (a reader of memory that another
+  // block writes finds it not yet written; a thread rewrites what another of its block still reads).
+  std::vector<char> sits_out(l.blocks.size(), 0);
   size_t remaining = count;
   while (remaining > 0) {
     order.clear();
@@ -399,10 +404,13 @@ void run_launch(const LaunchSpec& spec, const std::function<void()>& body) {
       if (!t.done && t.wait != Wait::Barrier) order.push_back(&t);
     }
     std::shuffle(order.begin(), order.end(), l.rng);
+    const bool drift = l.rng() & 1;
+    for (char& out : sits_out) out = drift && (l.rng() & 3) == 0;
     if (!l.pending.empty()) deliver_some(false);
     const uint64_t before = l.progress;
     for (Thread* t : order) {
       if (t->done || t->wait == Wait::Barrier) continue;
+      if (drift && (sits_out[static_cast<size_t>(t->block)] || (l.rng() & 7) == 0)) continue;
       t->wait = Wait::None;
       l.current = t;
       threadIdx = t->tid;
@@ -412,7 +420,7 @@ void run_launch(const LaunchSpec& spec, const std::function<void()>& body) {
       check_canary(*t);
       if (t->done) --remaining;
     }
-    if (remaining > 0 && l.progress == before) {
+    if (remaining > 0 && l.progress == before && !drift) {
       if (!l.pending.empty()) {
         deliver_some(true);
       } else {
@@ -533,6 +541,15 @@ void mbarrier_wait_parity(uint64_t* bar, uint32_t parity) {
     t.where = "mbarrier.try_wait";
     park();
   }
+}
+
+void note_progress() { ++launch_state().progress; }
+
+void spin(const char* where) {
+  Thread& t = me();
+  t.wait = Wait::Spin;
+  t.where = where;
+  park();
 }
 
 void st_async(void* dst, const void* src, int bytes, unsigned rank, uint64_t* bar) {
