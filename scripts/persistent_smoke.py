@@ -131,12 +131,12 @@ def set_variable(variable, value):
         os.environ[variable] = value
 
 
-def time_schedule(kernel, variable, values, label, cell="lstm", default="0", dtype=torch.float16,
+def time_schedule(kernel, variable, values, label, cell="lstm", default="0", dtype=torch.float16, H=256,
                   **module_args):
-    """A layer (`cell`, T256 B16 H256, `dtype`, `module_args`) with the variable at each value, then
+    """A layer (`cell`, T256 B16 H, `dtype`, `module_args`) with the variable at each value, then
     torch.nn's same layer: the streams' effect (rnnkern/functional.py), or the cluster size's, or the
     tiles'. The variable is left at `default` (None: unset)."""
-    T, B, H = 256, 16, 256
+    T, B = 256, 16
     ours_cls, nn_cls, kw = CELLS[cell]
     directions = 2 if module_args.get("bidirectional") else 1
     x = torch.randn(T, B, H, device="cuda", dtype=dtype)
@@ -256,6 +256,11 @@ def timing(kernel):
         for cell, dtype in (("lstm", torch.float32), ("lstm", torch.float16), ("gru", torch.float16)):
             time_schedule(kernel, "RNNKERN_L2_PREFETCH", ("1", "0"), f"{cell}-prefetch", cell=cell,
                           default=None, dtype=dtype)
+        # The wide forward's h_t as tagged words, and through `out` with a grid barrier every step
+        # (H768: where auto takes the wide kernels).
+        for cell in ("gru", "lstm"):
+            time_schedule("wide", "RNNKERN_WIDE_EXCHANGE", ("tagged", "barrier"), f"{cell}-wide-exchange",
+                          cell=cell, default=None, H=768)
     # float32 also with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the cluster kernels then
     # run their products on TF32 tensor cores (Plan::tf32); the others ignore it in the recurrence.
     variants = [(torch.float32, False), (torch.float16, False)]
