@@ -272,9 +272,11 @@ __device__ __forceinline__ void pause_for_words(unsigned& tries) {
 
 // Rows [0, rows) of `cols` elements of step `tag` from the plane rows at `src` (row length
 // cols * kTaggedWords words) into `dst` (row length ld), block-wide, as load_rows_cg: 16-byte loads
-// where a row is whole vectors of 4 words (8 bytes of payload each), eight in flight per thread,
-// each loaded again until all its words have the tag; else word by word. `by_vectors` divides by a
-// row's vectors (cols * kTaggedWords / 4).
+// where a row is whole vectors of 4 words (8 bytes of payload each), eight in flight per thread
+// (16-bit: sixteen, twice load_rows_cg's, as the words are twice the bytes: B16 H1024 then still
+// takes one L2 round trip; wider types spilled), each loaded again until all its words have the
+// tag; else word by word.
+// `by_vectors` divides by a row's vectors (cols * kTaggedWords / 4).
 template <typename T>
 __device__ __forceinline__ void load_tagged_rows(T* dst, int ld, const uint32_t* src, int cols, int rows, uint32_t tag,
                                                  const FastDiv& by_vectors) {
@@ -282,7 +284,7 @@ __device__ __forceinline__ void load_tagged_rows(T* dst, int ld, const uint32_t*
   if (row_words % 4 == 0 && (ld * sizeof(T)) % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0 &&
       reinterpret_cast<uintptr_t>(src) % 16 == 0) {
     const int per_row = row_words / 4;
-    copy_batched<8>(
+    copy_batched<sizeof(T) == 2 ? 16 : 8>(
         rows * per_row, [&](int i) { return load_words(src + 4 * i); },
         [&](int i, uint4 v) {
           unsigned tries = 0;
