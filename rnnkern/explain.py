@@ -26,10 +26,21 @@ _EXCHANGE = {
     0: "in distributed shared memory with the cluster barrier",
     1: "in distributed shared memory by st.async stores completing on each receiver's mbarriers (no "
        "cluster barrier per step)",
-    2: "through L2 with grid barriers (cooperative launch; the layer's W_hh is spread over more blocks "
-       "than one cluster holds)",
+    2: "through L2 (cooperative launch; the layer's W_hh is spread over more blocks than one cluster "
+       "holds): the forward's h_t as tagged words that each reader checks, no barrier; the backward's "
+       "partial sums with grid barriers",
 }
+# The wide forward with RNNKERN_WIDE_EXCHANGE=barrier (csrc/cuda/layer_cuda.cpp).
+_GRID_EXCHANGE_BARRIERS = ("through L2 with grid barriers (cooperative launch; the layer's W_hh is spread over "
+                           "more blocks than one cluster holds; RNNKERN_WIDE_EXCHANGE=barrier)")
 _GRID_EXCHANGE = 2
+
+
+def _exchange_text(exchange: int) -> str:
+    if exchange == _GRID_EXCHANGE and os.environ.get("RNNKERN_WIDE_EXCHANGE", "") == "barrier":
+        return _GRID_EXCHANGE_BARRIERS
+    return _EXCHANGE.get(exchange, f"by exchange {exchange}")
+
 # Decline 7 (auto's size rule): formatted with the layer's numbers, see _heuristic_reason.
 _HEURISTIC = 7
 
@@ -103,7 +114,7 @@ def explain(module, input, hx=None) -> str:
                 f"shared memory "
                 f"({smem_fwd // 1024} KiB forward, {smem_bwd // 1024} KiB backward per block; at least half "
                 f"an SM's where every tile runs at once, so that no two blocks share an SM); {products}"
-                f"state exchanged {_EXCHANGE.get(exchange, f'by exchange {exchange}')}")
+                f"state exchanged {_exchange_text(exchange)}")
         elif persistent:
             lines.append(
                 f"  every layer: persistent kernel, one launch per layer and direction; {blocks} "

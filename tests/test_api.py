@@ -1,6 +1,7 @@
 """The public API around the modules: errors as torch.nn's, backend choice, convert, patch_torch."""
 
 import copy
+import importlib
 import io
 import os
 import pickle
@@ -323,6 +324,17 @@ def test_explain_names_the_layer_schedule(monkeypatch):
     assert "wavefront" not in rnnkern.explain(rnnkern.LSTM(3, 4, num_layers=3, bidirectional=True), x)
 
 
+def test_explain_says_how_the_wide_kernels_exchange(monkeypatch):
+    """The wide kernels' exchange (explain's text, here without a GPU): tagged words in the forward by
+    default, the grid barrier with RNNKERN_WIDE_EXCHANGE=barrier; the cluster kernels' either way."""
+    explain = importlib.import_module("rnnkern.explain")  # (rnnkern.explain is the function)
+    monkeypatch.delenv("RNNKERN_WIDE_EXCHANGE", raising=False)
+    assert "h_t as tagged words" in explain._exchange_text(2)
+    monkeypatch.setenv("RNNKERN_WIDE_EXCHANGE", "barrier")
+    assert explain._exchange_text(2).startswith("through L2 with grid barriers")
+    assert "st.async" in explain._exchange_text(1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in rnnkern.backends()),
                     reason="needs a CUDA GPU and rnnkern's CUDA kernels")
@@ -360,7 +372,7 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
     wide_auto = rnnkern.LSTM(8, 768, backend="cuda").cuda().half()
     text = rnnkern.explain(wide_auto, torch.randn(5, 16, 8, device="cuda", dtype=torch.float16))
     if clusters:
-        assert "persistent wide kernel (chosen by auto" in text and "through L2 with grid barriers" in text, text
+        assert "persistent wide kernel (chosen by auto" in text and "h_t as tagged words" in text, text
     small64 = rnnkern.LSTM(8, 256, backend="cuda").cuda().double()
     text = rnnkern.explain(small64, torch.randn(5, 16, 8, device="cuda", dtype=torch.float64))
     assert "persistent kernel, one launch per layer and direction" in text, text
@@ -398,7 +410,10 @@ def test_explain_names_the_cuda_kernel_and_why(monkeypatch):
         # Too large for one cluster; 16 units (64 rows of W_hh) per block: 48 blocks a tile of 8 rows
         # through L2.
         assert "persistent wide kernel (RNNKERN_CUDA_KERNEL=wide)" in text, text
-        assert "2 group(s) of 48 blocks" in text and "through L2 with grid barriers" in text, text
+        assert "2 group(s) of 48 blocks" in text and "h_t as tagged words" in text, text
+        monkeypatch.setenv("RNNKERN_WIDE_EXCHANGE", "barrier")
+        text = rnnkern.explain(wide, torch.randn(5, 16, 8, device="cuda", dtype=torch.float16))
+        assert "through L2 with grid barriers" in text and "WIDE_EXCHANGE=barrier" in text, text
     else:
         assert "no thread-block clusters" in text, text
     assert "per-step kernels" in rnnkern.explain(large, torch.randn(5, 64, 8, device="cuda"))
