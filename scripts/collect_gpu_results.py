@@ -8,7 +8,7 @@ names (env.txt; the bench file's own):
   bench/results/<device>-<commit8>.json and <device>.json (the latest), with <device>.png, for each
       bench file (gpu-targets: <device>-gpu-targets-<commit8>.json, ...);
   bench/results/logs/<device>-gpu-check-<commit8>.txt: env, build, smoke (checks and timings), probe,
-      step tracer, the tests' per-shard counts and every FAILED/ERROR line, the sanitizers' verdicts,
+      step tracer (and its wide forwards with RNNKERN_WIDE_EXCHANGE=barrier), the tests' per-shard counts and every FAILED/ERROR line, the sanitizers' verdicts,
       the stress stage's counts (where run), the bench logs;
   bench/results/logs/<device>-tables-<commit8>.md: µs per step (plot.py --per-step), the floors
       (--floors, from the probe), and the tracer's phase tables (step_trace.md).
@@ -125,6 +125,8 @@ def collect(dirs, out_root=ROOT):
         _section("smoke.txt", _find(dirs, "smoke.txt")),
         _section("probe.txt", _find(dirs, "probe.txt")),
         _section("step_trace.txt", _find(dirs, "step_trace.txt")),
+        # (the wide forwards with RNNKERN_WIDE_EXCHANGE=barrier, where the run had them)
+        *[_section("step_trace_barrier.txt", t) for t in [_find(dirs, "step_trace_barrier.txt")] if t],
         f"===== tests and sanitizers =====\n{_test_summary(_find(dirs, 'test-logs.tgz'))}\n",
         # (the optional stress stage's counts, where the run had one)
         *[_section("stress.txt", stress) for stress in [_find(dirs, "stress.txt")] if stress],
@@ -140,6 +142,9 @@ def collect(dirs, out_root=ROOT):
             tables.write(plot.floor_table(doc, plot.read_probe(probe)) + "\n")
     trace = _find(dirs, "step_trace.md")
     tables.write(trace.read_text() if trace is not None else "(no step_trace.md)\n")
+    barrier = _find(dirs, "step_trace_barrier.md")
+    if barrier is not None:
+        tables.write("\n### The wide forwards with RNNKERN_WIDE_EXCHANGE=barrier\n\n" + barrier.read_text())
     table_path = logs / f"{device}-tables-{commit}.md"
     table_path.write_text(tables.getvalue())
     written.append(table_path)

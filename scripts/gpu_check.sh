@@ -114,6 +114,14 @@ if stage probe; then
   timeout 120 $TRACE_BIN ${hung_list:+--skip=$hung_list} > "$OUT/step_trace.txt" 2>&1 || status=1
   python3 scripts/step_trace_table.py "$OUT/step_trace.txt" > "$OUT/step_trace.md" 2>&1
   cut -c1-400 "$OUT/step_trace.txt"
+  # The wide forwards again with the grid barrier every step (RNNKERN_WIDE_EXCHANGE=barrier), against
+  # the tagged words of the run above.
+  case " $HUNG " in *" wide "*) ;; *)
+    RNNKERN_WIDE_EXCHANGE=barrier timeout 30 $TRACE_BIN lstm:f16:wide:16:768:512 gru:f16:wide:16:768:512 \
+      > "$OUT/step_trace_barrier.txt" 2>&1 || status=1
+    python3 scripts/step_trace_table.py "$OUT/step_trace_barrier.txt" > "$OUT/step_trace_barrier.md" 2>&1
+    cut -c1-400 "$OUT/step_trace_barrier.txt";;
+  esac
   echo "probe: $(( $(date +%s) - start )) s"
 fi
 

@@ -384,6 +384,8 @@ def test_collect_gpu_results(tmp_path):
     (call1 / "smoke.txt").write_text("smoke cluster: rc=0\ncluster lstm float16 ok\n")
     (call1 / "probe.txt").write_text(PROBE_TEXT)
     (call1 / "step_trace.md").write_text("| phase | us |\n")
+    (call1 / "step_trace_barrier.txt").write_text("lstm:f16:wide:16:768:512 forward 48 blk\n")
+    (call1 / "step_trace_barrier.md").write_text("| barrier phase | us |\n")
     (call1 / "build.log").write_text("\n".join(f"line {i}" for i in range(100)))
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
@@ -418,6 +420,8 @@ def test_collect_gpu_results(tmp_path):
     assert "RACECHECK SUMMARY: 0 hazards" in log and "line 99" in log and "line 94" not in log
     tables = (root / "bench/results/logs/h100-tables-01234567.md").read_text()
     assert "| layer |" in tables and "Floor per step" in tables and "| phase | us |" in tables
+    assert "RNNKERN_WIDE_EXCHANGE=barrier" in tables and "| barrier phase | us |" in tables
+    assert "===== step_trace_barrier.txt =====" in log and "lstm:f16:wide:16:768:512 forward" in log
     assert "## h100.json" in tables and "## h100-gpu-targets.json" in tables
     # a targets-only run is still the device's (its file's grid suffix is not part of the name)
     collect_gpu_results.collect([call3], out_root=tmp_path / "repo3")
