@@ -8,8 +8,9 @@ names (env.txt; the bench file's own):
   bench/results/<device>-<commit8>.json and <device>.json (the latest), with <device>.png, for each
       bench file (gpu-targets: <device>-gpu-targets-<commit8>.json, ...);
   bench/results/logs/<device>-gpu-check-<commit8>.txt: env, build, smoke (checks and timings), probe,
-      step tracer (and its wide forwards with RNNKERN_WIDE_EXCHANGE=barrier), the tests' per-shard counts and every FAILED/ERROR line, the sanitizers' verdicts,
-      the stress stage's counts (where run), the bench logs;
+      step tracer (and its wide forwards with RNNKERN_WIDE_EXCHANGE=barrier), the tests' per-shard
+      counts and every FAILED/ERROR line, the sanitizers' verdicts, the stress stage's counts (where
+      run), the bench logs;
   bench/results/logs/<device>-tables-<commit8>.md: µs per step (plot.py --per-step), the floors
       (--floors, from the probe), and the tracer's phase tables (step_trace.md).
 Prints what it wrote. Nothing is dropped silently: a file the run did not bring back is named as such.
