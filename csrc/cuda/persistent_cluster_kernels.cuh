@@ -1106,7 +1106,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_forwa
     if constexpr (Grid) {
       if (s + 1 < a.steps) {  // no shared memory to keep alive after the last step
         if (tagged_h != nullptr) {
-          __syncthreads();  // the block's last reads of this step's stage and hp (GRU's cells read h_{t-1})
+          // The block's threads start the next step together, as after the barrier. (Not needed for
+          // the stage: a pair's column is rewritten there only from its tagged word, which its thread
+          // stores after its last read of it; nor for hp, rewritten after the next step's loads.)
+          __syncthreads();
         } else {
           exchange_barrier<X>(cluster);
         }
