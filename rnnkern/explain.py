@@ -22,17 +22,16 @@ _DECLINE = {
        "sm_90 or newer)",
 }
 # csrc/cuda/persistent.h, enum Exchange: how a cluster kernel's blocks exchange state each step.
+_WIDE = "cooperative launch; the layer's W_hh is spread over more blocks than one cluster holds"
 _EXCHANGE = {
     0: "in distributed shared memory with the cluster barrier",
     1: "in distributed shared memory by st.async stores completing on each receiver's mbarriers (no "
        "cluster barrier per step)",
-    2: "through L2 (cooperative launch; the layer's W_hh is spread over more blocks than one cluster "
-       "holds): the forward's h_t as tagged words that each reader checks, no barrier; the backward's "
-       "partial sums with grid barriers",
+    2: f"through L2 ({_WIDE}): the forward's h_t as tagged words that each reader checks, no barrier; "
+       "the backward's partial sums with grid barriers",
 }
 # The wide forward with RNNKERN_WIDE_EXCHANGE=barrier (csrc/cuda/layer_cuda.cpp).
-_GRID_EXCHANGE_BARRIERS = ("through L2 with grid barriers (cooperative launch; the layer's W_hh is spread over "
-                           "more blocks than one cluster holds; RNNKERN_WIDE_EXCHANGE=barrier)")
+_GRID_EXCHANGE_BARRIERS = f"through L2 with grid barriers ({_WIDE}; RNNKERN_WIDE_EXCHANGE=barrier)"
 _GRID_EXCHANGE = 2
 
 

@@ -209,6 +209,9 @@ constexpr int kTaggedWords = static_cast<int>(sizeof(T)) / 2;
 __device__ __forceinline__ uint32_t step_tag(int64_t s) { return static_cast<uint32_t>(s) & 0x7fffu; }
 
 __device__ __forceinline__ bool tagged(uint32_t word, uint32_t tag) { return (word >> 16) == tag; }
+__device__ __forceinline__ bool tagged(const uint4& v, uint32_t tag) {
+  return tagged(v.x, tag) && tagged(v.y, tag) && tagged(v.z, tag) && tagged(v.w, tag);
+}
 
 // Element v of step `tag` into its words at `dst` (aligned to its kTaggedWords words).
 template <typename T>
@@ -270,6 +273,17 @@ __device__ __forceinline__ void pause_for_words(unsigned& tries) {
 #endif
 }
 
+// Word(s) `v`, loaded by `load()`, once they all have `tag`: loaded again, after a pause, until then.
+template <typename V, typename Load>
+__device__ __forceinline__ V with_tag(V v, uint32_t tag, Load load) {
+  unsigned tries = 0;
+  while (!tagged(v, tag)) {
+    pause_for_words(tries);
+    v = load();
+  }
+  return v;
+}
+
 // Rows [0, rows) of `cols` elements of step `tag` from the plane rows at `src` (row length
 // cols * kTaggedWords words) into `dst` (row length ld), block-wide, as load_rows_cg: 16-byte loads
 // where a row is whole vectors of 4 words (8 bytes of payload each), eight in flight per thread
@@ -284,30 +298,20 @@ __device__ __forceinline__ void load_tagged_rows(T* dst, int ld, const uint32_t*
   if (row_words % 4 == 0 && (ld * sizeof(T)) % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0 &&
       reinterpret_cast<uintptr_t>(src) % 16 == 0) {
     const int per_row = row_words / 4;
-    copy_batched<sizeof(T) == 2 ? 16 : 8>(
-        rows * per_row, [&](int i) { return load_words(src + 4 * i); },
-        [&](int i, uint4 v) {
-          unsigned tries = 0;
-          while (!(tagged(v.x, tag) && tagged(v.y, tag) && tagged(v.z, tag) && tagged(v.w, tag))) {
-            pause_for_words(tries);
-            v = load_words(src + 4 * i);
-          }
-          const int r = by_vectors.div(i);
-          const uint2 payload{(v.x & 0xffffu) | (v.y << 16), (v.z & 0xffffu) | (v.w << 16)};
-          reinterpret_cast<uint2*>(dst + r * ld)[i - r * per_row] = payload;
-        });
+    const auto vector = [&](int i) { return load_words(src + 4 * i); };
+    copy_batched<sizeof(T) == 2 ? 16 : 8>(rows * per_row, vector, [&](int i, uint4 v) {
+      v = with_tag(v, tag, [&] { return vector(i); });
+      const int r = by_vectors.div(i);
+      const uint2 payload{(v.x & 0xffffu) | (v.y << 16), (v.z & 0xffffu) | (v.w << 16)};
+      reinterpret_cast<uint2*>(dst + r * ld)[i - r * per_row] = payload;
+    });
   } else {
-    copy_batched<8>(
-        rows * row_words, [&](int i) { return load_word(src + i); },
-        [&](int i, uint32_t w) {
-          unsigned tries = 0;
-          while (!tagged(w, tag)) {
-            pause_for_words(tries);
-            w = load_word(src + i);
-          }
-          const int r = i / row_words;
-          reinterpret_cast<uint16_t*>(dst + r * ld)[i - r * row_words] = static_cast<uint16_t>(w & 0xffffu);
-        });
+    const auto word = [&](int i) { return load_word(src + i); };
+    copy_batched<8>(rows * row_words, word, [&](int i, uint32_t w) {
+      w = with_tag(w, tag, [&] { return word(i); });
+      const int r = i / row_words;
+      reinterpret_cast<uint16_t*>(dst + r * ld)[i - r * row_words] = static_cast<uint16_t>(w & 0xffffu);
+    });
   }
 }
 
