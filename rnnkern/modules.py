@@ -43,6 +43,29 @@ def _require(condition: bool, error=_InvalidInput) -> None:
         raise error()
 
 
+def _lstm_states(input, hx) -> list:
+    """The states torch.nn.LSTM hands on for hx: [hx[0], hx[1]] where it rebuilds the pair from them (an
+    unbatched input: unsqueezed; a packed unsorted one: reordered), so that it reads nothing past them;
+    else hx's elements as given (ATen takes a tuple or list of exactly two). _InvalidInput where hx is
+    neither."""
+    packed = isinstance(input, PackedSequence)
+    unbatched = not packed and isinstance(input, Tensor) and input.dim() == 2
+    if unbatched or (packed and input.sorted_indices is not None):
+        _require(isinstance(hx, (tuple, list, Tensor)) and len(hx) >= 2)
+        return [hx[0], hx[1]]
+    _require(isinstance(hx, (tuple, list)))
+    return list(hx)
+
+
+def _one_dnn_may_run(data: Tensor, batch_sizes: Tensor) -> bool:
+    """Whether ATen's packed LSTM may hand these rows to oneDNN (as one padded batch): on the CPU with
+    oneDNN on, float32 or 16-bit rows, all sequences of one length (ATen's use_mkldnn; its 16-bit
+    conditions depend on the CPU, so 16-bit counts as may)."""
+    return (data.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and data.dtype in (torch.float32, torch.bfloat16, torch.float16) and data.numel() > 0
+            and bool((batch_sizes == batch_sizes[0]).all()))
+
+
 def _kernel_clip(clip: float, dtype: torch.dtype) -> float:
     """hidden_grad_clip as the backends take it for `dtype`: they compare and scale in their accumulation
     dtype (float32 for 16-bit and float32), where a positive value below its smallest positive number
@@ -182,6 +205,7 @@ class _RnnkernMixin:
                 # whether torch.nn takes it is learnt from torch.nn below.
                 return self._prepare(input, promoted, weights)
             # torch.nn raises its own exception (type and message) for this input.
+            self._check_packed_lstm(input, hx)
             self._torch_class.forward(self, input, hx)
             if isinstance(invalid, _InconsistentModule):
                 raise RuntimeError(
@@ -236,15 +260,56 @@ class _RnnkernMixin:
             raise RuntimeError(f"{error} (torch.autocast runs this call in {dtype}; backend=\"auto\" picks a "
                                "backend that can)") from None
 
+    def _check_packed_lstm(self, input, hx):
+        """torch.nn.LSTM runs check_forward_args for every input but a PackedSequence (its other cells check
+        that one too): ATen then takes the rows and states as they are (where cuDNN does not run it). With
+        another input size its oneDNN path (_one_dnn_may_run) reads the rows with the module's (past
+        their end, where they are narrower; elsewhere a matmul fails); it reads h0's and c0's size(2) (projections where
+        they differ) and then computes with them, which with shapes it does not expect may read past
+        c0 (a crash) or compute from the wrong elements. Where it would get that far, raises what
+        torch.nn's checks raise elsewhere: check_input's (the rows' width; not their dtype, which ATen
+        checks) and, reordered as torch.nn reorders them, the states' hidden-size checks. Elsewhere
+        ATen's own error follows."""
+        if self.mode != "LSTM" or not isinstance(input, PackedSequence):
+            return
+        data, batch_sizes = input.data, input.batch_sizes
+        if isinstance(data, Tensor) and data.is_cuda and torch.backends.cudnn.is_acceptable(data):
+            return  # (cuDNN's LSTM checks them)
+        states = None
+        if hx is not None:
+            try:
+                states = _lstm_states(input, self.permute_hidden(hx, input.sorted_indices))
+            except Exception:
+                return  # (torch.nn's own error, in its order)
+            if len(states) != 2 or not all(isinstance(t, Tensor) and t.dim() >= 3 for t in states):
+                return
+        weight = self._flat_weights[0] if self._flat_weights else None
+        projections = states is not None and states[0].shape[2] != states[1].shape[2]
+        if (isinstance(data, Tensor) and isinstance(weight, Tensor) and data.dtype == weight.dtype
+                and _one_dnn_may_run(data, batch_sizes) and not projections):
+            self.check_input(data, batch_sizes)
+        if states is not None and projections == (self.proj_size > 0):
+            self.check_hidden_size(states[0], self.get_expected_hidden_size(data, batch_sizes),
+                                   "Expected hidden[0] size {}, got {}")
+            self.check_hidden_size(states[1], self.get_expected_cell_size(data, batch_sizes),
+                                   "Expected hidden[1] size {}, got {}")
+
     def _promoted_cell_state(self, input, hx):
-        """An LSTM's hx with c0 in the input's dtype where c0 alone is in a narrower floating dtype, for an
-        input torch.nn accepted: its non-fused LSTM (e.g. float64 on the CPU) promotes c0 in the first
-        cell update, i.e. computes with c0 cast up; else None."""
-        if self.mode != "LSTM" or not isinstance(hx, tuple) or len(hx) != 2:
+        """An LSTM's (h0, c0) with c0 in the input's dtype where c0 alone is in another dtype that promotes
+        to it (a narrower floating one, an integer or bool), for an input torch.nn accepted: its non-fused
+        LSTM (e.g. float64 on the CPU) promotes c0 in the first cell update, i.e. computes with c0 cast
+        up; else None."""
+        if self.mode != "LSTM" or not isinstance(hx, (tuple, list)):
+            return None
+        try:
+            states = _lstm_states(input, hx)
+        except _InvalidInput:
+            return None
+        if len(states) != 2:
             return None
         data = input.data if isinstance(input, PackedSequence) else input
-        h0, c0 = hx
-        if not all(isinstance(t, Tensor) for t in (data, h0, c0)) or not c0.is_floating_point():
+        h0, c0 = states
+        if not all(isinstance(t, Tensor) for t in (data, h0, c0)) or c0.is_complex():
             return None
         if h0.dtype != data.dtype or c0.dtype == data.dtype or c0.device != data.device:
             return None
@@ -289,7 +354,7 @@ class _RnnkernMixin:
             if is_lstm:
                 states.append(data.new_zeros(self.num_layers * num_directions, batch, self.hidden_size))
         else:
-            given = list(hx) if is_lstm else [hx]
+            given = _lstm_states(input, hx) if is_lstm else [hx]
             _require(all(isinstance(s, Tensor) for s in given) and len(given) == (2 if is_lstm else 1))
             _require(all(s.dim() == (3 if is_batched else 2) for s in given))
             sizes = [real_hidden, self.hidden_size] if is_lstm else [real_hidden]

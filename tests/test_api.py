@@ -45,6 +45,9 @@ BAD_INPUTS = {
     "hx 3-D for unbatched": lambda k: (torch.randn(4, 3), _hx(k, (2, 1, 5), (2, 1, 5))),
     "packed wrong input size": lambda k: (pack_padded_sequence(torch.randn(4, 3, 4), [4, 2, 1]), None),
     "packed float64": lambda k: (pack_padded_sequence(torch.randn(4, 3, 3).double(), [4, 2, 1]), None),
+    "packed cx wrong width": lambda k: (pack_padded_sequence(torch.randn(4, 2, 3), [4, 4]),
+                                        _hx(k, (2, 2, 5), (2, 2, 6))),
+    "packed rows wrong width, lengths differ": lambda k: (pack_padded_sequence(torch.randn(4, 2, 4), [4, 3]), None),
     "packed hx wrong batch": lambda k: (pack_padded_sequence(torch.randn(4, 3, 3), [4, 2, 1],
                                                              enforce_sorted=False),
                                         _hx(k, (2, 2, 5), (2, 2, 5))),
@@ -53,7 +56,7 @@ BAD_INPUTS = {
 }
 
 
-LSTM_ONLY = {"cx wrong size"}
+LSTM_ONLY = {"cx wrong size", "packed cx wrong width"}
 
 
 @pytest.mark.parametrize("kind,case", [(k, c) for k in MODULES for c in BAD_INPUTS
@@ -69,14 +72,14 @@ def test_bad_input_raises_exactly_like_torch_nn(kind, case):
     assert str(actual.value) == str(expected.value)
 
 
-def _results_and_grads(module, x, hx):
-    """Outputs (packed: their data), final states and the gradients of x, hx and every parameter."""
+def _results_and_grads(module, x, hx, leaf):
+    """Outputs (packed: their data), final states and the gradients of the input's `leaf`, hx's tensors
+    that require them and every parameter."""
     module.zero_grad()
     out, state = module(x, hx)
     out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
     states = list(state) if isinstance(state, tuple) else [state]
-    leaves = [x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x]
-    leaves += list(hx) if isinstance(hx, tuple) else [hx]
+    leaves = [leaf] + [t for t in (hx if isinstance(hx, (tuple, list)) else [hx]) if t.requires_grad]
     torch.autograd.backward([out] + states, [torch.ones_like(t) for t in [out] + states])
     grads = [t.grad.clone() for t in leaves] + [p.grad.clone() for p in module.parameters()]
     for t in leaves:
@@ -84,35 +87,81 @@ def _results_and_grads(module, x, hx):
     return [out.detach()] + [t.detach() for t in states] + grads
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
-@pytest.mark.parametrize("case", ["lstm c0 narrower", "packed hx with extra rows"])
-def test_inputs_torch_nn_accepts_though_they_look_wrong(backend, case):
-    """torch.nn takes an LSTM's c0 in a narrower float dtype than a float64 input (its CPU LSTM promotes
-    c0 in the first cell update), and a packed unsorted batch with an hx of more rows than the batch (it
-    reorders hx before checking its shape, so the extra rows drop out): the same results and gradients,
-    dtypes included."""
+def _accepted_case(case, backend):
+    """(torch.nn module, rnnkern module, input, hx, the input's leaf) of an input torch.nn accepts though it
+    looks wrong."""
     torch.manual_seed(1)
-    if case == "lstm c0 narrower":
-        ref = torch.nn.LSTM(3, 5, 2, proj_size=2, bidirectional=True, dtype=torch.float64)
-        ours = rnnkern.LSTM(3, 5, 2, proj_size=2, bidirectional=True, dtype=torch.float64, backend=backend)
-        x = torch.randn(4, 3, 3, dtype=torch.float64)
-        hx = (torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, 3, 5, dtype=torch.float32))
+    f64 = torch.float64
+    if case.startswith("gru"):
+        ref, ours = torch.nn.GRU(3, 5, dtype=f64), rnnkern.GRU(3, 5, dtype=f64, backend=backend)
     else:
-        ref = torch.nn.GRU(3, 5, dtype=torch.float64)
-        ours = rnnkern.GRU(3, 5, dtype=torch.float64, backend=backend)
-        x = pack_padded_sequence(torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([2, 4]),
-                                 enforce_sorted=False)
-        hx = torch.randn(1, 3, 5, dtype=torch.float64)
+        kwargs = dict(proj_size=2, bidirectional=True) if case == "lstm c0 narrower" else {}
+        ref = torch.nn.LSTM(3, 5, 2, dtype=f64, **kwargs)
+        ours = rnnkern.LSTM(3, 5, 2, dtype=f64, backend=backend, **kwargs)
     ours.load_state_dict(ref.state_dict())
-    leaves = [x.data if case != "lstm c0 narrower" else x] + (list(hx) if isinstance(hx, tuple) else [hx])
-    for t in leaves:
+    x = torch.randn(4, 3, 3, dtype=f64)
+    h0, c0 = torch.randn(2, 3, 5, dtype=f64), torch.randn(2, 3, 5, dtype=f64)
+    if case == "lstm c0 narrower":
+        hx = (torch.randn(4, 3, 2, dtype=f64), torch.randn(4, 3, 5, dtype=torch.float32))
+    elif case == "lstm c0 narrower in a list":
+        hx = [h0, c0.float()]
+    elif case == "lstm c0 integer":
+        hx = (h0, torch.randint(-2, 3, (2, 3, 5)))
+    elif case == "lstm c0 bool":
+        hx = (h0, torch.rand(2, 3, 5) > 0.5)
+    elif case == "lstm hx of three, unbatched":
+        x, hx = x[:, 0], (h0[:, 0], c0[:, 0], torch.randn(7))
+    elif case == "lstm hx of three, packed unsorted":
+        hx = (h0, c0, torch.randn(7))
+    else:  # "gru packed hx with extra rows"
+        hx = torch.randn(1, 3, 5, dtype=f64)
+    leaf = x
+    if case.startswith("gru") or case.endswith("packed unsorted"):
+        x = pack_padded_sequence(x[:, :2], torch.tensor([2, 4]), enforce_sorted=False)
+        leaf = x.data
+    return ref, ours, x, hx, leaf
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
+@pytest.mark.parametrize("case", ["lstm c0 narrower", "lstm c0 narrower in a list", "lstm c0 integer", "lstm c0 bool",
+                                  "lstm hx of three, unbatched", "lstm hx of three, packed unsorted",
+                                  "gru packed hx with extra rows"])
+def test_inputs_torch_nn_accepts_though_they_look_wrong(backend, case):
+    """torch.nn takes an LSTM's c0 in another dtype that promotes to a float64 input's (a narrower float,
+    an integer, bool: its CPU LSTM promotes c0 in the first cell update); an LSTM's hx of more than two
+    tensors where it rebuilds the pair from the first two (an unbatched input, a packed unsorted one);
+    and a packed unsorted batch with an hx of more rows than the batch (it reorders hx before checking
+    its shape, so the extra rows drop out): the same results and gradients, dtypes included."""
+    ref, ours, x, hx, leaf = _accepted_case(case, backend)
+    states = [t for t in (hx[:2] if isinstance(hx, (tuple, list)) else [hx]) if t.is_floating_point()]
+    for t in [leaf] + states:
         t.requires_grad_()
-    want = _results_and_grads(ref, x, hx)
-    got = _results_and_grads(ours, x, hx)
+    want = _results_and_grads(ref, x, hx, leaf)
+    got = _results_and_grads(ours, x, hx, leaf)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["c0 of fewer layers", "h0 of more layers", "c0 of four dimensions",
+                                  "rows narrower", "rows wider"])
+def test_packed_lstm_input_torch_nn_leaves_unchecked(case):
+    """torch.nn.LSTM runs check_forward_args for every input but a PackedSequence (and its other cells for
+    that one too); ATen then reads past c0 (a segfault: c0 of fewer layers than h0, or of four
+    dimensions) or its oneDNN path reads the rows with the module's width (float32, sequences of one
+    length: past their end where they are narrower). rnnkern raises what check_forward_args raises."""
+    ref, ours = _pair("LSTM", bidirectional=True)
+    width = {"rows narrower": 2, "rows wider": 4}.get(case, 3)
+    x = pack_padded_sequence(torch.randn(4, 2, width), [4, 4])
+    shapes = {"c0 of fewer layers": ((4, 2, 5), (3, 2, 5)), "h0 of more layers": ((5, 2, 5), (4, 2, 5)),
+              "c0 of four dimensions": ((4, 2, 5), (4, 2, 5, 2))}
+    hx = tuple(torch.randn(s) for s in shapes[case]) if case in shapes else None
+    with pytest.raises(RuntimeError) as expected:
+        ref.check_forward_args(x.data, hx if hx is not None else _hx("LSTM", (4, 2, 5), (4, 2, 5)), x.batch_sizes)
+    with pytest.raises(RuntimeError) as actual:
+        ours(x, hx)
+    assert str(actual.value) == str(expected.value)
 
 
 @pytest.mark.parametrize("kind", list(MODULES))
