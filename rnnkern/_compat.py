@@ -316,21 +316,46 @@ class AutocastPlan(NamedTuple):
         return output, hidden
 
 
-def _cast_all_dtype(module, device_type: str, packed: bool, low: torch.dtype) -> Optional[torch.dtype]:
-    """The dtype to which torch.nn, under autocast, casts *every* argument of this call, or None.
+def _cast_all_dtype(module, device_type: str, packed: Optional[PackedSequence], low: torch.dtype
+                    ) -> Optional[torch.dtype]:
+    """The dtype to which torch.nn, under autocast, casts *every* argument of this call (`packed`: the
+    input where it is a PackedSequence), or None.
 
     Measured (tests/test_ecosystem.py checks it against torch.nn in every context): CUDA: the cuDNN RNN
     (every mode, packed or not, with projections) is on autocast's float16 list: float16 even under
     autocast(dtype=bfloat16) (seen on torch 2.11, cuDNN 9.19). CPU: only the oneDNN LSTM (mode LSTM, no
-    projection, padded input, oneDNN enabled) is, in the autocast dtype; every other CPU call runs
-    torch's per-op implementation, in which only the matmuls autocast.
+    projection, oneDNN enabled) is, in the autocast dtype: for a padded input, and on newer torch (2.14;
+    not 2.11: _packed_lstm_on_onednn) for a packed one whose sequences all have one length (ATen hands
+    it on as a padded batch); every other CPU call runs torch's per-op implementation, in which only the
+    matmuls autocast.
     """
     cudnn, onednn = _library_flags()
     if device_type == "cuda":
         return torch.float16 if cudnn else None
-    if device_type == "cpu" and module.mode == "LSTM" and module.proj_size == 0 and not packed and onednn:
+    if device_type != "cpu" or module.mode != "LSTM" or module.proj_size != 0 or not onednn:
+        return None
+    if packed is None:
+        return low
+    if bool((packed.batch_sizes == packed.batch_sizes[0]).all()) and _packed_lstm_on_onednn(low):
         return low
     return None
+
+
+_PACKED_ON_ONEDNN = {}
+
+
+def _packed_lstm_on_onednn(low: torch.dtype) -> bool:
+    """Whether torch's packed CPU LSTM runs oneDNN's LSTM (everything in `low`) under autocast for
+    sequences all of one length, learnt once per dtype from a one-step, one-unit LSTM through the op
+    torch.nn calls (no module: building one would draw from the random generator)."""
+    known = _PACKED_ON_ONEDNN.get(low)
+    if known is None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=low):
+            zeros = torch.zeros(1, 1)
+            out = torch._VF.lstm(zeros, torch.ones(1, dtype=torch.int64), (zeros[None], zeros[None]),
+                                 [torch.zeros(4, 1)] * 4, True, 1, 0.0, False, False)[0]
+        known = _PACKED_ON_ONEDNN[low] = out.dtype == low
+    return known
 
 
 def _library_flags():
@@ -352,7 +377,7 @@ def autocast_plan(module, input, hx) -> Optional[AutocastPlan]:
     if data.dtype == torch.float64:
         return None  # autocast leaves float64 alone: torch.nn computes (or rejects) as without it
     low = torch.get_autocast_dtype(device_type)
-    everything = _cast_all_dtype(module, device_type, packed, low)
+    everything = _cast_all_dtype(module, device_type, input if packed else None, low)
     if everything is not None:
         return AutocastPlan(device_type, everything, everything, everything)
     # torch's per-op implementation: the gate pre-activations come out of autocast matmuls in `low`;

@@ -212,7 +212,8 @@ AUTOCAST_MODULES = {
     "lstm": ("LSTM", {}), "lstm-proj": ("LSTM", {"proj_size": 3}), "gru": ("GRU", {}),
     "rnn-tanh": ("RNN", {}), "rnn-relu": ("RNN", {"nonlinearity": "relu"}),
 }
-AUTOCAST_INPUTS = ["padded", "batch_first", "packed", "unbatched", "hx_float32", "hx_low", "x_low"]
+AUTOCAST_INPUTS = ["padded", "batch_first", "packed", "packed_one_length", "unbatched", "hx_float32", "hx_low",
+                   "x_low"]
 
 
 def _autocast_case(kind, options, how, device, low, backend):
@@ -233,6 +234,8 @@ def _autocast_case(kind, options, how, device, low, backend):
         xi = x.clone().requires_grad_()
         if how == "packed":
             return xi, (pack_padded_sequence(xi, [4, 2, 3], enforce_sorted=False), None)
+        if how == "packed_one_length":  # (newer torch runs a packed LSTM as a padded batch then: oneDNN)
+            return xi, (pack_padded_sequence(xi, [4, 4, 4]), None)
         if how == "unbatched":
             return xi, (xi[:, 0], None)
         if how in ("hx_float32", "hx_low"):
