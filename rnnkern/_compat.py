@@ -336,9 +336,15 @@ def _cast_all_dtype(module, device_type: str, packed: Optional[PackedSequence], 
         return None
     if packed is None:
         return low
-    if bool((packed.batch_sizes == packed.batch_sizes[0]).all()) and _packed_lstm_on_onednn(low):
+    if all_one_length(packed.batch_sizes) and _packed_lstm_on_onednn(low):
         return low
     return None
+
+
+def all_one_length(batch_sizes) -> bool:
+    """Whether a PackedSequence's batch_sizes say that all its sequences have one length (then ATen may
+    run it as a padded batch)."""
+    return isinstance(batch_sizes, Tensor) and batch_sizes.numel() > 0 and bool((batch_sizes == batch_sizes[0]).all())
 
 
 _PACKED_ON_ONEDNN = {}

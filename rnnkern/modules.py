@@ -63,7 +63,7 @@ def _one_dnn_may_run(data: Tensor, batch_sizes: Tensor) -> bool:
     conditions depend on the CPU, so 16-bit counts as may)."""
     return (data.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and data.dtype in (torch.float32, torch.bfloat16, torch.float16) and data.numel() > 0
-            and bool((batch_sizes == batch_sizes[0]).all()))
+            and _compat.all_one_length(batch_sizes))
 
 
 def _kernel_clip(clip: float, dtype: torch.dtype) -> float:
