@@ -344,7 +344,8 @@ def _cast_all_dtype(module, device_type: str, packed: Optional[PackedSequence], 
 def all_one_length(batch_sizes) -> bool:
     """Whether a PackedSequence's batch_sizes say that all its sequences have one length (then ATen may
     run it as a padded batch)."""
-    return isinstance(batch_sizes, Tensor) and batch_sizes.numel() > 0 and bool((batch_sizes == batch_sizes[0]).all())
+    return (isinstance(batch_sizes, Tensor) and batch_sizes.numel() > 0
+            and bool((batch_sizes == batch_sizes[0]).all()))
 
 
 _PACKED_ON_ONEDNN = {}

@@ -51,7 +51,8 @@ def _lstm_states(input, hx) -> list:
     packed = isinstance(input, PackedSequence)
     unbatched = not packed and isinstance(input, Tensor) and input.dim() == 2
     if unbatched or (packed and input.sorted_indices is not None):
-        _require(isinstance(hx, (tuple, list, Tensor)) and len(hx) >= 2)
+        _require(isinstance(hx, (tuple, list)) or (isinstance(hx, Tensor) and hx.dim() > 0))
+        _require(len(hx) >= 2)
         return [hx[0], hx[1]]
     _require(isinstance(hx, (tuple, list)))
     return list(hx)
@@ -61,9 +62,9 @@ def _one_dnn_may_run(data: Tensor, batch_sizes: Tensor) -> bool:
     """Whether ATen's packed LSTM may hand these rows to oneDNN (as one padded batch): on the CPU with
     oneDNN on, float32 or 16-bit rows, all sequences of one length (ATen's use_mkldnn; its 16-bit
     conditions depend on the CPU, so 16-bit counts as may)."""
-    return (data.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and data.dtype in (torch.float32, torch.bfloat16, torch.float16) and data.numel() > 0
-            and _compat.all_one_length(batch_sizes))
+    return (data.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and data.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and data.numel() > 0 and _compat.all_one_length(batch_sizes))
 
 
 def _kernel_clip(clip: float, dtype: torch.dtype) -> float:
@@ -262,14 +263,14 @@ class _RnnkernMixin:
 
     def _check_packed_lstm(self, input, hx):
         """torch.nn.LSTM runs check_forward_args for every input but a PackedSequence (its other cells check
-        that one too): ATen then takes the rows and states as they are (where cuDNN does not run it). With
-        another input size its oneDNN path (_one_dnn_may_run) reads the rows with the module's (past
-        their end, where they are narrower; elsewhere a matmul fails); it reads h0's and c0's size(2) (projections where
-        they differ) and then computes with them, which with shapes it does not expect may read past
-        c0 (a crash) or compute from the wrong elements. Where it would get that far, raises what
-        torch.nn's checks raise elsewhere: check_input's (the rows' width; not their dtype, which ATen
-        checks) and, reordered as torch.nn reorders them, the states' hidden-size checks. Elsewhere
-        ATen's own error follows."""
+        that one too): ATen then takes the rows and states as they are (where cuDNN does not run it).
+        With another input size its oneDNN path (_one_dnn_may_run) reads the rows with the module's
+        (past their end, where they are narrower; elsewhere a matmul fails); it reads h0's and c0's
+        size(2) (projections where they differ) and then computes with them, which with shapes it does
+        not expect may read past c0 (a crash) or compute from the wrong elements. Where it would get
+        that far, raises what torch.nn's checks raise elsewhere: check_input's (the rows' width; not
+        their dtype, which ATen checks) and, reordered as torch.nn reorders them, the states'
+        hidden-size checks. Elsewhere ATen's own error follows."""
         if self.mode != "LSTM" or not isinstance(input, PackedSequence):
             return
         data, batch_sizes = input.data, input.batch_sizes

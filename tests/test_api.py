@@ -47,7 +47,8 @@ BAD_INPUTS = {
     "packed float64": lambda k: (pack_padded_sequence(torch.randn(4, 3, 3).double(), [4, 2, 1]), None),
     "packed cx wrong width": lambda k: (pack_padded_sequence(torch.randn(4, 2, 3), [4, 4]),
                                         _hx(k, (2, 2, 5), (2, 2, 6))),
-    "packed rows wrong width, lengths differ": lambda k: (pack_padded_sequence(torch.randn(4, 2, 4), [4, 3]), None),
+    "packed rows wrong width, lengths differ": lambda k: (pack_padded_sequence(torch.randn(4, 2, 4), [4, 3]),
+                                                          None),
     "packed hx wrong batch": lambda k: (pack_padded_sequence(torch.randn(4, 3, 3), [4, 2, 1],
                                                              enforce_sorted=False),
                                         _hx(k, (2, 2, 5), (2, 2, 5))),
@@ -123,8 +124,9 @@ def _accepted_case(case, backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
-@pytest.mark.parametrize("case", ["lstm c0 narrower", "lstm c0 narrower in a list", "lstm c0 integer", "lstm c0 bool",
-                                  "lstm hx of three, unbatched", "lstm hx of three, packed unsorted",
+@pytest.mark.parametrize("case", ["lstm c0 narrower", "lstm c0 narrower in a list", "lstm c0 integer",
+                                  "lstm c0 bool", "lstm hx of three, unbatched",
+                                  "lstm hx of three, packed unsorted",
                                   "gru packed hx with extra rows"])
 def test_inputs_torch_nn_accepts_though_they_look_wrong(backend, case):
     """torch.nn takes an LSTM's c0 in another dtype that promotes to a float64 input's (a narrower float,
@@ -158,7 +160,8 @@ def test_packed_lstm_input_torch_nn_leaves_unchecked(case):
               "c0 of four dimensions": ((4, 2, 5), (4, 2, 5, 2))}
     hx = tuple(torch.randn(s) for s in shapes[case]) if case in shapes else None
     with pytest.raises(RuntimeError) as expected:
-        ref.check_forward_args(x.data, hx if hx is not None else _hx("LSTM", (4, 2, 5), (4, 2, 5)), x.batch_sizes)
+        states = hx if hx is not None else _hx("LSTM", (4, 2, 5), (4, 2, 5))
+        ref.check_forward_args(x.data, states, x.batch_sizes)
     with pytest.raises(RuntimeError) as actual:
         ours(x, hx)
     assert str(actual.value) == str(expected.value)

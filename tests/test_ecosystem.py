@@ -212,8 +212,8 @@ AUTOCAST_MODULES = {
     "lstm": ("LSTM", {}), "lstm-proj": ("LSTM", {"proj_size": 3}), "gru": ("GRU", {}),
     "rnn-tanh": ("RNN", {}), "rnn-relu": ("RNN", {"nonlinearity": "relu"}),
 }
-AUTOCAST_INPUTS = ["padded", "batch_first", "packed", "packed_one_length", "unbatched", "hx_float32", "hx_low",
-                   "x_low"]
+AUTOCAST_INPUTS = ["padded", "batch_first", "packed", "packed_one_length", "unbatched", "hx_float32",
+                   "hx_low", "x_low"]
 
 
 def _autocast_case(kind, options, how, device, low, backend):
