@@ -62,8 +62,8 @@ def _one_dnn_may_run(data: Tensor, batch_sizes: Tensor) -> bool:
     """Whether ATen's packed LSTM may hand these rows to oneDNN (as one padded batch): on the CPU with
     oneDNN on, float32 or 16-bit rows, all sequences of one length (ATen's use_mkldnn; its 16-bit
     conditions depend on the CPU, so 16-bit counts as may)."""
-    return (data.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and data.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (data.device.type == "cpu" and _compat._library_flags()[1]
+            and data.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and data.numel() > 0 and _compat.all_one_length(batch_sizes))
 
 
