@@ -29,6 +29,7 @@ import weakref
 from typing import List, NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
@@ -109,7 +110,14 @@ class _ProbeSource(torch.autograd.Function):
     def forward(ctx, batch_sizes, unsorted_indices, shape, token, has_cell_state, *anchors):
         ctx.token, ctx.has_cell_state, ctx.anchors = token, has_cell_state, len(anchors)
         ctx.save_for_backward(batch_sizes, unsorted_indices)
-        return anchors[0].new_zeros(shape, dtype=torch.float32)
+        probe = anchors[0].new_zeros(shape, dtype=torch.float32)
+        ctx.probe_shape, ctx.probe_device = probe.shape, probe.device
+        return probe
+
+    @staticmethod
+    def jvp(ctx, *_tangents):
+        # forward-mode AD: the probe is zeros whatever the anchors are
+        return torch.zeros(ctx.probe_shape, dtype=torch.float32, device=ctx.probe_device)
 
     @staticmethod
     def backward(ctx, grad_probe):
@@ -178,6 +186,15 @@ def functorch_transforms() -> List[str]:
     if _peek_interpreter_stack is None or _peek_interpreter_stack() is None:
         return []
     return [interpreter.key().name.lower() for interpreter in _functorch_interpreters()]
+
+
+def has_forward_tangents(tensors) -> bool:
+    """Whether any of ``tensors`` (None entries allowed) carries a tangent of the current forward-mode AD
+    level (torch.autograd.forward_ad's dual tensors; torch.func.jvp is functorch_transforms' "jvp").
+    Free outside a ``forward_ad.dual_level()`` block."""
+    if _forward_ad._current_level < 0:
+        return False
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype):

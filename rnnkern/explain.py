@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from . import _cells
+from . import _cells, _compat
 from . import backends as _backends
 from .functional import concurrent_directions, layer_wavefront_steps
 
@@ -83,12 +83,14 @@ def explain(module, input, hx=None) -> str:
     autocast, parsed = module._prepare(input, hx)
     data = parsed[3]
     requested = _backends.check_name(module.backend)
-    backend = _backends.resolve(requested, data.device, data.dtype)
+    backend, context = module._call_backend(data, [data, parsed[7], parsed[8], *parsed[9]],
+                                            _compat.functorch_transforms())
     lines = [f"{type(module).__name__}: backend {backend.name!r}"
-             + (" (chosen by auto)" if requested == "auto" else " (requested)")
+             + (f" (chosen by auto under {context}: the fused backends' derivatives are autograd's backward only)"
+                if context else " (chosen by auto)" if requested == "auto" else " (requested)")
              + f" for {data.device.type} {str(data.dtype)[6:]} input"
              + (f" (torch.autocast runs this call in {str(autocast.compute_dtype)[6:]})" if autocast else "")]
-    if requested == "auto":
+    if requested == "auto" and context is None:
         for name in _backends._AUTO_ORDER.get(data.device.type, []):
             if name == backend.name:
                 break

@@ -374,17 +374,32 @@ class _RnnkernMixin:
         return (input, packed, is_batched, data, batch_sizes, sorted_indices, unsorted_indices,
                 states[0], states[1] if is_lstm else None, params)
 
-    def _backend_under_transform(self, transform: str, device: torch.device, dtype: torch.dtype):
+    def _call_backend(self, data, tensors, transforms):
+        """(the backend that runs a call on `data`, and the differentiation context that chose it instead
+        of the module's backend setting, or None): `tensors` are the call's (data, states, weights),
+        `transforms` the torch.func transforms it runs under (_compat.functorch_transforms)."""
+        differentiating = [t for t in transforms if t in ("grad", "jvp")]
+        if differentiating:
+            context = f"torch.func.{differentiating[-1]} (or the transforms built on it)"
+        elif _compat.has_forward_tangents(tensors):
+            context = "forward-mode AD (torch.autograd.forward_ad's dual tensors)"
+        else:
+            return _compat.resolve_backend(self.backend, data.device, data.dtype), None
+        return self._backend_under_transform(context, data.device, data.dtype), context
+
+    def _backend_under_transform(self, context: str, device: torch.device, dtype: torch.dtype):
         """The backend under torch.func's grad or jvp (and what is built on them: vjp, jacrev, jacfwd,
-        hessian): the reference backend, whose plain PyTorch ops have the formulas those transforms
-        compose; the fused kernels' derivatives are registered with autograd only (under jvp the op would
-        give a zero tangent). An explicit fused backend raises instead."""
+        hessian), or for input with forward-mode AD tangents (`context` names which, for the error): the
+        reference backend, whose plain PyTorch ops have the formulas those transforms compose; the fused
+        kernels' derivatives are registered with autograd's backward only (under jvp the op would give a
+        zero tangent; dual tensors would meet an op without a forward formula). An explicit fused backend
+        raises instead."""
         name = _backends.validate_name(self.backend)
         if name not in ("auto", "reference"):
             raise RuntimeError(
-                f"rnnkern backend {name!r} cannot run under torch.func.{transform} (or the transforms built "
-                f"on it): its fused kernels' derivatives are registered with autograd only; use "
-                f"backend=\"reference\" (or \"auto\", which picks it there)")
+                f"rnnkern backend {name!r} cannot run under {context}: its fused kernels' derivatives are "
+                f"registered with autograd's backward only; use backend=\"reference\" (or \"auto\", which "
+                f"picks it there)")
         # (through resolve_backend: under torch.compile, loading the backend's module is no graph break)
         return _compat.resolve_backend("reference", device, dtype)
 
@@ -419,11 +434,7 @@ class _RnnkernMixin:
             raise RuntimeError(
                 f"record_grad_norms is not supported under torch.func.{transforms[-1]}: the norms are recorded "
                 f"by a backward through autograd (loss.backward() or torch.autograd.grad)")
-        differentiating = [t for t in transforms if t in ("grad", "jvp")]
-        if differentiating:
-            backend = self._backend_under_transform(differentiating[-1], data.device, data.dtype)
-        else:
-            backend = _compat.resolve_backend(self.backend, data.device, data.dtype)
+        backend, _context = self._call_backend(data, [data, h0, c0, *params], transforms)
         num_directions = 2 if self.bidirectional else 1
         probe = None
         capture = _compat.records_no_side_effects() if recording else None

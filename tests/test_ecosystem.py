@@ -689,6 +689,91 @@ def test_torch_func_transforms(kind, backend):
         grad(loss(ours))(dict(ours.named_parameters()))
 
 
+FORWARD_AD_CASES = {
+    "lstm-proj-bidir-packed": ("LSTM", dict(num_layers=2, bidirectional=True, proj_size=2), True),
+    "gru-batch-first": ("GRU", dict(num_layers=2, batch_first=True), False),
+    "rnn-relu-bidir": ("RNN", dict(nonlinearity="relu", bidirectional=True), False),
+}
+
+
+@pytest.mark.parametrize("backend", TRANSFORM_BACKENDS)
+@pytest.mark.parametrize("case", list(FORWARD_AD_CASES))
+def test_forward_mode_ad(case, backend):
+    """torch.autograd.forward_ad's dual tensors (forward-mode AD without torch.func) in the input, h0 and
+    the weights: tangents as torch.nn's where the backend can (auto runs the reference backend there, as
+    under torch.func.jvp, and rnnkern.explain says so); an explicit fused backend raises a clear error
+    (before: autograd.Function's NotImplementedError about a missing jvp, with backend="auto" too). With
+    norms recorded and clipping on, the tangent is unchanged and a backward inside the dual level gives
+    the gradients and norms of one outside it."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    kind, options, packed = FORWARD_AD_CASES[case]
+    ours_cls, ref_cls = KINDS[kind]
+    torch.manual_seed(7)
+    ref = ref_cls(3, 4, dtype=torch.float64, **options)
+    ours = ours_cls(3, 4, dtype=torch.float64, backend=backend, **options)
+    ours.load_state_dict(ref.state_dict())
+    batch_first = options.get("batch_first", False)
+    x = torch.randn((2, 5, 3) if batch_first else (5, 2, 3), dtype=torch.float64)
+    states = (2 if options.get("bidirectional") else 1) * options.get("num_layers", 1)
+    h0 = torch.randn(states, 2, options.get("proj_size") or 4, dtype=torch.float64)
+    hx = (h0, torch.randn(states, 2, 4, dtype=torch.float64)) if kind == "LSTM" else h0
+    tangents = {"x": torch.randn_like(x), "h0": torch.randn_like(h0)}
+    tangents.update({name: torch.randn_like(p) for name, p in ref.named_parameters()})
+
+    def run(module):
+        """(output primal, output tangent) with every input dual."""
+        with fwAD.dual_level():
+            if packed:  # (torch packs no dual tensors: the packed rows made dual)
+                rows = pack_padded_sequence(x, torch.tensor([5, 3]), enforce_sorted=False)
+                row_tangents = pack_padded_sequence(tangents["x"], torch.tensor([5, 3]), enforce_sorted=False)
+                data = rows._replace(data=fwAD.make_dual(rows.data, row_tangents.data))
+            else:
+                data = fwAD.make_dual(x, tangents["x"])
+            dual_h0 = fwAD.make_dual(h0, tangents["h0"])
+            state = (dual_h0, hx[1]) if kind == "LSTM" else dual_h0
+            params = {name: fwAD.make_dual(p.detach(), tangents[name]) for name, p in module.named_parameters()}
+            out = functional_call(module, params, (data, state))[0]
+            out = out.data if packed else out
+            if module is ours:
+                explained = rnnkern.explain(module, data, state)
+            primal, tangent = fwAD.unpack_dual(out)
+        return primal, tangent, (explained if module is ours else None)
+
+    if backend not in ("auto", "reference"):
+        with pytest.raises(RuntimeError, match=f"rnnkern backend '{backend}' cannot run under forward-mode AD"):
+            run(ours)
+        return
+    want, want_tangent, _ = run(ref)
+    got, got_tangent, explained = run(ours)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_tangent, want_tangent, rtol=1e-10, atol=1e-10)
+    assert got_tangent.abs().max() > 0
+    if backend == "auto":
+        assert "backend 'reference' (chosen by auto under forward-mode AD" in explained, explained
+
+    # norms and clipping: the tangent as before; a backward in the dual level as one outside it
+    ours.record_grad_norms, ours.hidden_grad_clip = True, 0.05
+    leaf = x.clone().requires_grad_()
+    results = []
+    for dual in (True, False):
+        with fwAD.dual_level():
+            data = fwAD.make_dual(leaf, tangents["x"]) if dual else leaf
+            out = ours(data, hx)[0]
+            primal, tangent = fwAD.unpack_dual(out)
+            (primal.pow(2).sum()).backward()
+        results.append((tangent, leaf.grad.clone(), ours.grad_norms.h_per_sample.clone(),
+                        [p.grad.clone() for p in ours.parameters()]))
+        leaf.grad = None
+        ours.zero_grad()
+    (tangent, *dual_grads), (_, *plain_grads) = results
+    assert tangent is not None and tangent.abs().max() > 0
+    for a, b in zip(dual_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert results[0][2].abs().max() > ours.hidden_grad_clip  # the norms before clipping
+
+
 @pytest.mark.parametrize("arrangement", ["compile(transform)", "transform(compile)"])
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 @pytest.mark.parametrize("kind", list(KINDS))

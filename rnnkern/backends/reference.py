@@ -29,6 +29,11 @@ class _NormTap(torch.autograd.Function):
         return state.clone()
 
     @staticmethod
+    def jvp(ctx, state_tangent, _probe_tangent, _clip_tangent):
+        # forward-mode AD: an identity (the clipping acts on the backward only)
+        return state_tangent.clone()
+
+    @staticmethod
     def backward(ctx, grad):
         # The norm in float64 (float32 squares underflow below ~1e-19: vanishing gradients would read 0);
         # the scaling in float32 (float64 for float64), as the fused kernels do.
