@@ -86,8 +86,8 @@ def explain(module, input, hx=None) -> str:
     backend, context = module._call_backend(data, [data, parsed[7], parsed[8], *parsed[9]],
                                             _compat.functorch_transforms())
     lines = [f"{type(module).__name__}: backend {backend.name!r}"
-             + (f" (chosen by auto under {context}: the fused backends' derivatives are autograd's backward only)"
-                if context else " (chosen by auto)" if requested == "auto" else " (requested)")
+             + (f" (chosen by auto under {context}: the fused backends' derivatives are autograd's "
+                f"backward only)" if context else " (chosen by auto)" if requested == "auto" else " (requested)")
              + f" for {data.device.type} {str(data.dtype)[6:]} input"
              + (f" (torch.autocast runs this call in {str(autocast.compute_dtype)[6:]})" if autocast else "")]
     if requested == "auto" and context is None:

@@ -733,7 +733,8 @@ def test_forward_mode_ad(case, backend):
                 data = fwAD.make_dual(x, tangents["x"])
             dual_h0 = fwAD.make_dual(h0, tangents["h0"])
             state = (dual_h0, hx[1]) if kind == "LSTM" else dual_h0
-            params = {name: fwAD.make_dual(p.detach(), tangents[name]) for name, p in module.named_parameters()}
+            params = {name: fwAD.make_dual(p.detach(), tangents[name])
+                      for name, p in module.named_parameters()}
             out = functional_call(module, params, (data, state))[0]
             out = out.data if packed else out
             if module is ours:
@@ -742,7 +743,8 @@ def test_forward_mode_ad(case, backend):
         return primal, tangent, (explained if module is ours else None)
 
     if backend not in ("auto", "reference"):
-        with pytest.raises(RuntimeError, match=f"rnnkern backend '{backend}' cannot run under forward-mode AD"):
+        message = f"rnnkern backend '{backend}' cannot run under forward-mode AD"
+        with pytest.raises(RuntimeError, match=message):
             run(ours)
         return
     want, want_tangent, _ = run(ref)
