@@ -115,11 +115,6 @@ class _ProbeSource(torch.autograd.Function):
         return probe
 
     @staticmethod
-    def jvp(ctx, *_tangents):
-        # forward-mode AD: the probe is zeros whatever the anchors are
-        return torch.zeros(ctx.probe_shape, dtype=torch.float32, device=ctx.probe_device)
-
-    @staticmethod
     def backward(ctx, grad_probe):
         batch_sizes, unsorted_indices = ctx.saved_tensors
         args = (grad_probe.contiguous(), batch_sizes, unsorted_indices, ctx.token, ctx.has_cell_state)
@@ -130,12 +125,22 @@ class _ProbeSource(torch.autograd.Function):
         return (None,) * (5 + ctx.anchors)
 
 
+class _DualProbeSource(_ProbeSource):
+    """_ProbeSource with a forward-mode formula, for calls inside a forward-mode AD level (Dynamo traces
+    no autograd.Function that defines jvp, so the plain one goes without)."""
+
+    @staticmethod
+    def jvp(ctx, *_tangents):
+        return torch.zeros(ctx.probe_shape, dtype=torch.float32, device=ctx.probe_device)  # zeros, always
+
+
 def norm_probe(anchors, shape, batch_sizes: Tensor, unsorted_indices: Optional[Tensor],
                token: int, has_cell_state: bool) -> Tensor:
     """The float32 probe [L, D, 2, N] whose gradient (the norms) goes to module ``token`` once per
     backward. ``anchors``: the tensors the call depends on that require grad (at least one: the probe's
     gradient only flows if one does)."""
-    return _ProbeSource.apply(batch_sizes, unsorted_indices, tuple(shape), token, has_cell_state, *anchors)
+    source = _DualProbeSource if _forward_ad._current_level >= 0 else _ProbeSource
+    return source.apply(batch_sizes, unsorted_indices, tuple(shape), token, has_cell_state, *anchors)
 
 
 # -- Dynamo: wrap rnnkern modules although they are torch.nn.RNN/GRU/LSTM instances -----------------

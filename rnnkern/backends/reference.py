@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from .. import _cells
@@ -29,11 +30,6 @@ class _NormTap(torch.autograd.Function):
         return state.clone()
 
     @staticmethod
-    def jvp(ctx, state_tangent, _probe_tangent, _clip_tangent):
-        # forward-mode AD: an identity (the clipping acts on the backward only)
-        return state_tangent.clone()
-
-    @staticmethod
     def backward(ctx, grad):
         # The norm in float64 (float32 squares underflow below ~1e-19: vanishing gradients would read 0);
         # the scaling in float32 (float64 for float64), as the fused kernels do.
@@ -49,10 +45,19 @@ class _NormTap(torch.autograd.Function):
         return grad, probe_grad, None
 
 
+class _DualNormTap(_NormTap):
+    """_NormTap with a forward-mode formula, for calls inside a forward-mode AD level (Dynamo traces no
+    autograd.Function that defines jvp, so the plain one goes without)."""
+
+    @staticmethod
+    def jvp(ctx, state_tangent, _probe_tangent, _clip_tangent):
+        return state_tangent.clone()  # an identity: the clipping acts on the backward only
+
+
 def _tap(state: Tensor, probe: Optional[Tensor], clip: float) -> Tensor:
     if probe is None and clip <= 0:
         return state
-    return _NormTap.apply(state, probe, clip)
+    return (_DualNormTap if _forward_ad._current_level >= 0 else _NormTap).apply(state, probe, clip)
 
 
 def reference_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
