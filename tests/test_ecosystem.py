@@ -874,3 +874,66 @@ def test_autocast_cpu_float16_like_torch_nn(module, how):
     """CPU float16 autocast, in the contexts where torch.nn runs (its oneDNN LSTM has no float16 here)."""
     kind, options = AUTOCAST_MODULES[module]
     _check_autocast_like_torch(kind, options, how, "cpu", torch.float16, "auto")
+
+
+def _grad_fn_names(tensor):
+    """Type names of every autograd node behind `tensor`."""
+    names, todo, seen = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_eager_calls_skip_the_op_dispatch_with_the_same_results(kind):
+    """Eager calls of the compiled backends' layer op go through a plain autograd.Function (EagerLayer:
+    torch.library's autograd wrapper cost ~60 µs a call); under a dispatch mode (what make_fx, export,
+    fake tensors and FlopCounterMode use) the registered op runs as before and the mode sees it. Both
+    give the same bits: outputs, every gradient and the norms (with clipping); torch.device's mode keeps
+    the eager path, and no_grad calls make no node."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if "cpu" not in rnnkern.backends():
+        pytest.skip("needs the compiled extension's cpu backend")
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ours_cls, _ = KINDS[kind]
+    torch.manual_seed(11)
+    module = ours_cls(3, 5, num_layers=2, bidirectional=True, backend="cpu", record_grad_norms=True,
+                      hidden_grad_clip=0.2)
+    x = torch.randn(6, 4, 3)
+    results = []
+    for how in ("eager", "device mode", "dispatch mode"):
+        leaf = x.clone().requires_grad_()
+        module.zero_grad()
+        mode = Seen() if how == "dispatch mode" else torch.device("cpu")
+        with mode:
+            out = module(leaf)[0]
+            names = _grad_fn_names(out)
+            out.pow(2).sum().backward()
+        generated = any(n.startswith("GeneratedBackwardFor_rnnkern") for n in names)
+        if how == "dispatch mode":
+            assert "rnnkern.rnn_layer_forward.default" in mode.ops, mode.ops
+            assert "EagerLayerBackward" not in names and generated
+        else:
+            assert "EagerLayerBackward" in names and not generated
+        grads = [p.grad for p in module.parameters()]
+        results.append([out, leaf.grad, module.grad_norms.h_per_sample, *grads])
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert torch.equal(a, b)
+    with torch.no_grad():
+        assert module(x)[0].grad_fn is None

@@ -8,6 +8,7 @@ import torch
 
 from .. import _ext
 from . import Backend
+from ._layer_ops import call_layer_op
 
 
 class CompiledBackend(Backend):
@@ -35,7 +36,7 @@ class CompiledBackend(Backend):
         """One layer and direction (docs/internals.md): xp [N, G*H] -> out [N, P], h_n [B, P],
         c_n [B, H] (LSTM) or [0]."""
         _ext.load()
-        out, h_n, c_n, _workspace = torch.ops.rnnkern.rnn_layer_forward(
-            cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse,
-            float(clip) if clip is not None else 0.0, norm_probe)
+        out, h_n, c_n, _workspace = call_layer_op(
+            torch.ops.rnnkern.rnn_layer_forward.default, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
+            reverse, float(clip) if clip is not None else 0.0, norm_probe)
         return out, h_n, c_n
