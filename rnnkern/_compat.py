@@ -47,16 +47,18 @@ def register_module(module: torch.nn.Module) -> int:
 
 
 def _deliver(norms: Tensor, batch_sizes: Tensor, unsorted_indices: Optional[Tensor], token: int,
-             has_cell_state: bool) -> None:
+             has_cell_state: bool, owned: bool = False) -> None:
     """Hand the norms of one backward to module ``token``: set its grad_norms, call its hooks.
 
     norms: [L, D, 2, N] float32, per row of the packed layout (row 1 = cell-state norms);
-    batch_sizes: [T] int64 (CPU); unsorted_indices: [B] or None (PackedSequence order).
+    batch_sizes: [T] int64 (CPU); unsorted_indices: [B] or None (PackedSequence order); owned: whether
+    nothing else holds `norms` (else the GradNorms get a copy: a compiled graph may reuse its buffers).
     """
     module = _modules.get(token)
     if module is None:  # the module is gone: nobody to tell
         return
-    module._deliver_grad_norms(norms.detach().clone(), batch_sizes, unsorted_indices, has_cell_state)
+    module._deliver_grad_norms(norms.detach() if owned else norms.detach().clone(), batch_sizes,
+                               unsorted_indices, has_cell_state)
 
 
 @torch.library.custom_op("rnnkern::deliver_grad_norms", mutates_args=())
@@ -99,29 +101,32 @@ _keep_in_compiled_graphs(deliver_grad_norms._opoverload)
 
 
 class _ProbeSource(torch.autograd.Function):
-    """probe = zeros(shape) that is differentiable w.r.t. `anchors` (every tensor the module call
-    depends on that requires grad), so that the gradient autograd accumulates for the probe reaches
-    this backward, which delivers it. With every such tensor as an input, this node (and through the
-    probe every layer's backward) lies on the path to whichever of them a backward asks for
+    """probes = zeros [2, N], one per layer and direction, differentiable w.r.t. `anchors` (every tensor
+    the module call depends on that requires grad), so that the gradients autograd computes for the
+    probes reach this backward, which delivers them. With every such tensor as an input, this node (and
+    through the probes every layer's backward) lies on the path to whichever of them a backward asks for
     (torch.autograd.grad(..., inputs), backward(inputs=...)): autograd never prunes the delivery, and
-    the norms delivered are the whole stack's."""
+    the norms delivered are the whole stack's. (One output per layer and direction rather than views of
+    one [L, D, 2, N] tensor: each view's backward made a zero-filled [L, D, 2, N] and autograd summed
+    them.)"""
 
     @staticmethod
     def forward(ctx, batch_sizes, unsorted_indices, shape, token, has_cell_state, *anchors):
-        ctx.token, ctx.has_cell_state, ctx.anchors = token, has_cell_state, len(anchors)
+        layers, directions, _, rows = shape
+        ctx.token, ctx.has_cell_state, ctx.anchors, ctx.shape = token, has_cell_state, len(anchors), shape
         ctx.save_for_backward(batch_sizes, unsorted_indices)
-        probe = anchors[0].new_zeros(shape, dtype=torch.float32)
-        ctx.probe_shape, ctx.probe_device = probe.shape, probe.device
-        return probe
+        ctx.probe_device = anchors[0].device
+        return tuple(anchors[0].new_zeros((2, rows), dtype=torch.float32) for _ in range(layers * directions))
 
     @staticmethod
-    def backward(ctx, grad_probe):
+    def backward(ctx, *grad_probes):
         batch_sizes, unsorted_indices = ctx.saved_tensors
-        args = (grad_probe.contiguous(), batch_sizes, unsorted_indices, ctx.token, ctx.has_cell_state)
-        if _being_traced(grad_probe):
+        norms = torch.stack(grad_probes).view(ctx.shape)  # [L, D, 2, N], a tensor of its own
+        args = (norms, batch_sizes, unsorted_indices, ctx.token, ctx.has_cell_state)
+        if _being_traced(norms):
             torch.ops.rnnkern.deliver_grad_norms(*args)
         else:  # eager: the op's body without its Python dispatch (tens of µs per backward)
-            _deliver(*args)
+            _deliver(*args, owned=True)
         return (None,) * (5 + ctx.anchors)
 
 
@@ -131,16 +136,20 @@ class _DualProbeSource(_ProbeSource):
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        return torch.zeros(ctx.probe_shape, dtype=torch.float32, device=ctx.probe_device)  # zeros, always
+        layers, directions, _, rows = ctx.shape  # zeros, always
+        return tuple(torch.zeros((2, rows), dtype=torch.float32, device=ctx.probe_device)
+                     for _ in range(layers * directions))
 
 
-def norm_probe(anchors, shape, batch_sizes: Tensor, unsorted_indices: Optional[Tensor],
-               token: int, has_cell_state: bool) -> Tensor:
-    """The float32 probe [L, D, 2, N] whose gradient (the norms) goes to module ``token`` once per
-    backward. ``anchors``: the tensors the call depends on that require grad (at least one: the probe's
-    gradient only flows if one does)."""
+def norm_probes(anchors, shape, batch_sizes: Tensor, unsorted_indices: Optional[Tensor],
+                token: int, has_cell_state: bool) -> List[List[Tensor]]:
+    """The float32 probes ``probes[layer][direction]`` [2, N] whose gradients (the norms; shape
+    [L, D, 2, N]) go to module ``token`` once per backward. ``anchors``: the tensors the call depends on
+    that require grad (at least one: the probes' gradients only flow if one does)."""
     source = _DualProbeSource if _forward_ad._current_level >= 0 else _ProbeSource
-    return source.apply(batch_sizes, unsorted_indices, tuple(shape), token, has_cell_state, *anchors)
+    probes = source.apply(batch_sizes, unsorted_indices, tuple(shape), token, has_cell_state, *anchors)
+    directions = shape[1]
+    return [list(probes[layer * directions:(layer + 1) * directions]) for layer in range(shape[0])]
 
 
 # -- Dynamo: wrap rnnkern modules although they are torch.nn.RNN/GRU/LSTM instances -----------------

@@ -107,7 +107,7 @@ def _used_on(stream: "torch.cuda.Stream", *tensors: Optional[Tensor]) -> None:
             t.record_stream(stream)
 
 
-def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm_probe, steps):
+def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm_probes, steps):
     """run_stack for one direction and several layers, in chunks of `steps` steps
     (layer_wavefront_steps). Returns what run_stack returns."""
     sizes = batch_sizes.tolist()
@@ -140,7 +140,8 @@ def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm
                     x_chunks[k].record_stream(stream)
                 xp = input_projection(x_chunks[k], w_ih, x_bias)
                 alive = sizes[t0]  # samples at the chunk's first step (sorted by length: a prefix)
-                probe = None if norm_probe is None else norm_probe[layer, 0][:, offsets[t0]:offsets[t1]]
+                rows_k = slice(offsets[t0], offsets[t1])
+                probe = None if norm_probes is None else norm_probes[layer][0][:, rows_k]
                 out, hn, cn = backend.layer(
                     cell, xp, batch_sizes[t0:t1], h_state[:alive], None if c_state is None else c_state[:alive],
                     w_hh, bias, w_hr, False, clip, probe)
@@ -186,7 +187,7 @@ def run_stack(
     training: bool,
     backend,
     clip: float,
-    norm_probe: Optional[Tensor],
+    norm_probes: Optional[Sequence[Sequence[Tensor]]],
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Run every layer and direction.
 
@@ -199,7 +200,8 @@ def run_stack(
         dropout, training: torch.nn's dropout between layers (not after the last).
         backend: the Backend object that runs the recurrences.
         clip: hidden_grad_clip, <= 0 for none.
-        norm_probe: [L, D, 2, N] float32 leaf whose gradient receives the norms, or None.
+        norm_probes: norm_probes[layer][direction] [2, N] float32, whose gradients receive the norms
+            (_compat.norm_probes), or None.
 
     Returns:
         out [N, D * P], h_n [L * D, B, P], c_n [L * D, B, H] (LSTM) or None.
@@ -213,7 +215,8 @@ def run_stack(
     num_directions = len(weights[0])
     wavefront = layer_wavefront_steps(rows, num_layers, num_directions, dropout, training)
     if wavefront and batch_sizes.numel() > 0:
-        return _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm_probe, wavefront)
+        return _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm_probes,
+                              wavefront)
     concurrent = concurrent_directions(rows, num_directions)
     x = rows
     h_n: List[Tensor] = []
@@ -227,7 +230,7 @@ def run_stack(
         return backend.layer(
             cell, xp, batch_sizes, h0[index], None if c0 is None else c0[index],
             w_hh, bias, w_hr, direction == 1, clip,
-            None if norm_probe is None else norm_probe[layer, direction])
+            None if norm_probes is None else norm_probes[layer][direction])
 
     for layer in range(num_layers):
         if concurrent:

@@ -151,12 +151,13 @@ class _RnnkernMixin:
 
     def _deliver_grad_norms(self, norms: Tensor, batch_sizes: Tensor, unsorted_indices, has_cell_state):
         """Called once per backward and call of the module (a module called twice in one graph delivers
-        twice, the later call first) with the norm probe's gradient [L, D, 2, N]: set grad_norms, run hooks."""
+        twice, the later call first) with the norm probes' gradients [L, D, 2, N]: set grad_norms, run
+        hooks."""
         norms = rows_to_time_batch(norms, batch_sizes)  # [L, D, 2, T, B]
         if unsorted_indices is not None:
             norms = norms.index_select(-1, unsorted_indices.to(norms.device))
-        grad_norms = GradNorms(norms[:, :, 0].contiguous(),
-                               norms[:, :, 1].contiguous() if has_cell_state else None)
+        grad_norms = GradNorms(norms.select(2, 0).contiguous(),
+                               norms.select(2, 1).contiguous() if has_cell_state else None)
         # straight into __dict__: torch.nn.RNNBase.__setattr__ (flat-weight bookkeeping) and
         # Module.__setattr__ (parameter/buffer checks) cost more than the rest of the delivery
         self.__dict__["grad_norms"] = grad_norms
@@ -436,24 +437,24 @@ class _RnnkernMixin:
                 f"by a backward through autograd (loss.backward() or torch.autograd.grad)")
         backend, _context = self._call_backend(data, [data, h0, c0, *params], transforms)
         num_directions = 2 if self.bidirectional else 1
-        probe = None
+        probes = None
         capture = _compat.records_no_side_effects() if recording else None
         if capture is not None:
             warnings.warn(f"record_grad_norms: {capture} records no norms (they are delivered by Python during "
                           "backward); the module runs without recording them", stacklevel=3)
         elif recording:
-            # The norms come back as the probe's gradient (see rnnkern/_compat.py); it can only flow
+            # The norms come back as the probes' gradients (see rnnkern/_compat.py); they can only flow
             # if something the stack depends on requires grad.
             anchors = [t for t in [data, h0, c0, *params] if t is not None and t.requires_grad]
             if anchors:
-                probe = _compat.norm_probe(
+                probes = _compat.norm_probes(
                     anchors, (self.num_layers, num_directions, 2, data.shape[0]), batch_sizes,
                     unsorted_indices, self._rnnkern_token, cell == _cells.LSTM)
         out, h_n, c_n = run_stack(
             cell, data.contiguous(), batch_sizes, h0.contiguous(),
             None if c0 is None else c0.contiguous(), self._layer_weights(params),
             dropout=float(self.dropout), training=self.training, backend=backend, clip=clip,
-            norm_probe=probe)
+            norm_probes=probes)
         if packed:
             hidden = (h_n, c_n) if c_n is not None else h_n
             output = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
