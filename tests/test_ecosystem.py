@@ -937,3 +937,59 @@ def test_eager_calls_skip_the_op_dispatch_with_the_same_results(kind):
             assert torch.equal(a, b)
     with torch.no_grad():
         assert module(x)[0].grad_fn is None
+
+
+AUTOGRAD_CONTEXTS = ["checkpoint", "checkpoint-reentrant", "save_on_cpu", "saved_tensors_hooks", "anomaly"]
+
+
+@pytest.mark.parametrize("context", AUTOGRAD_CONTEXTS)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_autograd_contexts_like_torch_nn(kind, context):
+    """Activation checkpointing (torch.utils.checkpoint, both kinds: the forward runs again in the
+    backward), saved-tensor hooks (save_on_cpu, a hook pair that copies), anomaly detection: every
+    gradient as torch.nn's, and the recorded norms as without the context, delivered once."""
+    from torch.utils.checkpoint import checkpoint
+
+    ours_cls, ref_cls = KINDS[kind]
+    torch.manual_seed(5)
+    ref = ref_cls(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours = ours_cls(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64, record_grad_norms=True)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+
+    def loss(module, inputs, within):
+        if within == "checkpoint":
+            out = checkpoint(lambda t: module(t)[0], inputs, use_reentrant=False)
+        elif within == "checkpoint-reentrant":
+            out = checkpoint(lambda t: module(t)[0], inputs, use_reentrant=True)
+        elif within == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                out = module(inputs)[0]
+        elif within == "saved_tensors_hooks":
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                out = module(inputs)[0]
+        elif within == "anomaly":
+            with torch.autograd.detect_anomaly():
+                out = module(inputs)[0]
+        else:
+            out = module(inputs)[0]
+        return out.pow(2).sum()
+
+    def gradients(module, within):
+        leaf = x.clone().requires_grad_()
+        module.zero_grad()
+        loss(module, leaf, within).backward()
+        return [leaf.grad] + [p.grad for p in module.parameters()]
+
+    plain = gradients(ours, None)
+    norms = ours.grad_norms
+    deliveries = []
+    ours.register_grad_norm_hook(lambda module, grad_norms: deliveries.append(grad_norms))
+    got, want = gradients(ours, context), gradients(ref, context)
+    for a, b, c in zip(got, want, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+    assert len(deliveries) == 1 and deliveries[0] is ours.grad_norms
+    torch.testing.assert_close(ours.grad_norms.h_per_sample, norms.h_per_sample, rtol=1e-6, atol=0)
+    if kind == "LSTM":
+        torch.testing.assert_close(ours.grad_norms.c_per_sample, norms.c_per_sample, rtol=1e-6, atol=0)
