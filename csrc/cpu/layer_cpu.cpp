@@ -79,12 +79,12 @@ const char* cpu_gemm_path() { return blas().sgemm && blas().dgemm ? "blas" : "at
 
 void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
               const void* b, int64_t ldb, void* c, int64_t ldc) {
-  TORCH_CHECK(dtype == DType::F32 || dtype == DType::F64,
-              "rnnkern cpu backend: only float32 and float64 are supported");
   if (m == 0 || n == 0) return;
-  const bool done = dtype == DType::F64
-                        ? fortran_gemm(blas().dgemm, b_nk, m, n, k, a, lda, b, ldb, c, ldc)
-                        : fortran_gemm(blas().sgemm, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
+  // float16 / bfloat16: ATen's (oneDNN where the CPU has 16-bit dot products, float accumulation,
+  // the result rounded to the layer's dtype, as the GPU's per-step products)
+  const bool done = dtype == DType::F64   ? fortran_gemm(blas().dgemm, b_nk, m, n, k, a, lda, b, ldb, c, ldc)
+                    : dtype == DType::F32 ? fortran_gemm(blas().sgemm, b_nk, m, n, k, a, lda, b, ldb, c, ldc)
+                                          : false;
   if (!done) aten_gemm(at::kCPU, dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
 }
 

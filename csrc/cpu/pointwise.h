@@ -20,7 +20,8 @@ const StepKernels& step_kernels_cpu();
 // How the CPU per-step products run: "blas" (torch's sgemm_/dgemm_, found) or "aten" (at::mm_out).
 const char* cpu_gemm_path();
 
-// StepKernels::gemm on the CPU: ATen's CPU BLAS called directly (layer_cpu.cpp), shared by every ISA.
+// StepKernels::gemm on the CPU: ATen's CPU BLAS called directly for float32/float64, ATen's mm for
+// float16/bfloat16 (layer_cpu.cpp), shared by every ISA.
 void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
               const void* b, int64_t ldb, void* c, int64_t ldc);
 }  // namespace rnnkern

@@ -4,8 +4,8 @@
 //
 // Included once per instruction set by pointwise_{default,avx2,avx512}.cpp, each of which defines
 // CPU_CAPABILITY (ATen's vector namespace) and RNNKERN_CPU_ISA (the name of the kernel table)
-// before including it. CPU kernels run float32 and float64 only, so the accumulation type is the
-// input type.
+// before including it. float32 and float64 rows are computed in their own type; float16 and bfloat16
+// rows in float (Acc), with the workspace, c and dc in float, as the GPU kernels do (step_args.h).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -70,22 +70,49 @@ namespace rnnkern {
 namespace RNNKERN_CPU_ISA {
 namespace {
 
-// Loads / stores for the unit loop: U is Vec<T> for the vector body and T for the tail.
-template <typename U, typename T>
-inline U ld(const T* p) {
-  if constexpr (std::is_same_v<U, T>) {
-    return *p;
-  } else {
+// The types of a kernel: S the layer's (storage) dtype, A the accumulation dtype: double for
+// double, float otherwise (float16 and bfloat16 rows are computed in float, as on the GPU).
+template <typename S>
+using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+template <typename U>
+struct ScalarOf {
+  using type = U;
+};
+template <typename T>
+struct ScalarOf<Vec<T>> {
+  using type = T;
+};
+
+// Loads / stores for the unit loop: U is Vec<A> for the vector body and A for the tail; a pointer
+// of the storage dtype is converted (16-bit rows: element by element through a buffer, which the
+// compiler vectorises; rounding to nearest even on the way back).
+template <typename U, typename P>
+inline U ld(const P* p) {
+  using A = typename ScalarOf<U>::type;
+  if constexpr (std::is_same_v<U, A>) {
+    return static_cast<A>(*p);
+  } else if constexpr (std::is_same_v<P, A>) {
     return U::loadu(p);
+  } else {
+    alignas(64) A buf[U::size()];
+    for (int64_t k = 0; k < U::size(); ++k) buf[k] = static_cast<A>(p[k]);
+    return U::loadu(buf);
   }
 }
-template <typename T>
-inline void st(T* p, T v) {
-  *p = v;
+template <typename P, typename A>
+inline void st(P* p, A v) {
+  *p = static_cast<P>(v);
 }
-template <typename T>
-inline void st(T* p, Vec<T> v) {
-  v.store(p);
+template <typename P, typename A>
+inline void st(P* p, Vec<A> v) {
+  if constexpr (std::is_same_v<P, A>) {
+    v.store(p);
+  } else {
+    alignas(64) A buf[Vec<A>::size()];
+    v.store(buf);
+    for (int64_t k = 0; k < Vec<A>::size(); ++k) p[k] = static_cast<P>(buf[k]);
+  }
 }
 
 // Runs f(j, U{}) over the units [0, n): full vectors, then a scalar tail.
@@ -120,10 +147,11 @@ struct SumSq {
   }
 };
 
-template <typename T>
-inline const T* prev_row(const PrevState& p, int64_t b) {
-  return b < p.n_from_step ? static_cast<const T*>(p.from_step) + b * p.ld_step
-                           : static_cast<const T*>(p.from_init) + b * p.ld_init;
+// Row b of a previous state, of element type P (step_args.h: the input dtype for h, acc for c).
+template <typename P>
+inline const P* prev_row(const PrevState& p, int64_t b) {
+  return b < p.n_from_step ? static_cast<const P*>(p.from_step) + b * p.ld_step
+                           : static_cast<const P*>(p.from_init) + b * p.ld_init;
 }
 
 // Rows per parallel chunk: enough work per thread (~2K units) that forking and the barrier after it
@@ -134,12 +162,13 @@ inline int64_t grain(int64_t units_per_row) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The incoming gradient g of one row (docs/internals.md), and its clipping.
-template <typename T>
+// The incoming gradient g of one row (docs/internals.md), and its clipping. S: the rows' dtype; GRU's
+// dh_direct is of the accumulation dtype (step_args.h).
+template <typename S>
 struct RowGrad {
-  const T* grad_out;
-  const T* from;    // dh_next row (b < n_next) or grad_h_n row (the sample's final step)
-  const T* direct;  // GRU: dh_direct row, or null
+  const S* grad_out;
+  const S* from;           // dh_next row (b < n_next) or grad_h_n row (the sample's final step)
+  const Acc<S>* direct;    // GRU: dh_direct row, or null
   template <typename U>
   U at(int64_t j) const {
     U g = ld<U>(grad_out + j) + ld<U>(from + j);
@@ -148,43 +177,52 @@ struct RowGrad {
   }
 };
 
-template <typename T>
-inline RowGrad<T> row_grad(const IncomingGrad& in, int64_t b, const T* dh_direct) {
+template <typename S>
+inline RowGrad<S> row_grad(const IncomingGrad& in, int64_t b, const Acc<S>* dh_direct) {
   const bool continues = b < in.n_next;
-  return RowGrad<T>{static_cast<const T*>(in.grad_out) + b * in.size,
-                    continues ? static_cast<const T*>(in.dh_next) + b * in.size
-                              : static_cast<const T*>(in.grad_h_n) + b * in.size,
+  return RowGrad<S>{static_cast<const S*>(in.grad_out) + b * in.size,
+                    continues ? static_cast<const S*>(in.dh_next) + b * in.size
+                              : static_cast<const S*>(in.grad_h_n) + b * in.size,
                     (continues && dh_direct != nullptr) ? dh_direct + b * in.size : nullptr};
+}
+
+// ‖g‖ of a row (and its record in norm_out, when given): a pass of its own.
+template <typename S>
+inline Acc<S> row_norm(const RowGrad<S>& g, int64_t n, float* norm_out) {
+  using A = Acc<S>;
+  SumSq<A> sq;
+  unit_loop<A>(n, [&](int64_t j, auto tag) { sq.add(g.template at<decltype(tag)>(j)); });
+  const A norm = std::sqrt(sq.total());
+  if (norm_out != nullptr) *norm_out = static_cast<float>(norm);
+  return norm;
 }
 
 // With clipping, ‖g‖ is needed before g is used: a first pass computes it (and records it).
 // Without, the caller accumulates the norm in its single pass. Returns the scale for g.
-template <typename T>
-inline T pre_clip_scale(const RowGrad<T>& g, int64_t n, double clip, float* norm_out) {
-  if (!(clip > 0.0)) return T(1);
-  SumSq<T> sq;
-  unit_loop<T>(n, [&](int64_t j, auto tag) { sq.add(g.template at<decltype(tag)>(j)); });
-  const T norm = std::sqrt(sq.total());
-  if (norm_out != nullptr) *norm_out = static_cast<float>(norm);
-  return clip_scale(norm, static_cast<T>(clip));
+template <typename S>
+inline Acc<S> pre_clip_scale(const RowGrad<S>& g, int64_t n, double clip, float* norm_out) {
+  using A = Acc<S>;
+  if (!(clip > 0.0)) return A(1);
+  return clip_scale(row_norm(g, n, norm_out), static_cast<A>(clip));
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward steps.
-template <typename T>
+// Forward steps. S: the layer's dtype (xp, hp, bias, h rows); A = Acc<S>: the workspace and c.
+template <typename S>
 void lstm_forward(const ForwardStepArgs& a) {
+  using A = Acc<S>;
   const int64_t H = a.hidden;
-  const T* xp = static_cast<const T*>(a.xp);
-  const T* hp = static_cast<const T*>(a.hp);
-  const T* bias = static_cast<const T*>(a.b_hh);
+  const S* xp = static_cast<const S*>(a.xp);
+  const S* hp = static_cast<const S*>(a.hp);
+  const S* bias = static_cast<const S*>(a.b_hh);
   at::parallel_for(0, a.rows, grain(4 * H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const T* x = xp + b * 4 * H;
-      const T* h = hp + b * 4 * H;
-      const T* c_prev = prev_row<T>(a.c_prev, b);
-      T* ws = static_cast<T*>(a.ws) + b * 5 * H;
-      T* h_out = static_cast<T*>(a.h_out) + b * a.ld_h_out;
-      unit_loop<T>(H, [&](int64_t j, auto tag) {
+      const S* x = xp + b * 4 * H;
+      const S* h = hp + b * 4 * H;
+      const A* c_prev = prev_row<A>(a.c_prev, b);
+      A* ws = static_cast<A*>(a.ws) + b * 5 * H;
+      S* h_out = static_cast<S*>(a.h_out) + b * a.ld_h_out;
+      unit_loop<A>(H, [&](int64_t j, auto tag) {
         using U = decltype(tag);
         auto pre = [&](int64_t k) {
           return ld<U>(x + k * H + j) + ld<U>(h + k * H + j) + ld<U>(bias + k * H + j);
@@ -203,20 +241,21 @@ void lstm_forward(const ForwardStepArgs& a) {
   });
 }
 
-template <typename T>
+template <typename S>
 void gru_forward(const ForwardStepArgs& a) {
+  using A = Acc<S>;
   const int64_t H = a.hidden;
-  const T* xp = static_cast<const T*>(a.xp);
-  const T* hp = static_cast<const T*>(a.hp);
-  const T* bias = static_cast<const T*>(a.b_hh);
+  const S* xp = static_cast<const S*>(a.xp);
+  const S* hp = static_cast<const S*>(a.hp);
+  const S* bias = static_cast<const S*>(a.b_hh);
   at::parallel_for(0, a.rows, grain(3 * H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const T* x = xp + b * 3 * H;
-      const T* h = hp + b * 3 * H;
-      const T* h_prev = prev_row<T>(a.h_prev, b);
-      T* ws = static_cast<T*>(a.ws) + b * 4 * H;
-      T* h_out = static_cast<T*>(a.h_out) + b * a.ld_h_out;
-      unit_loop<T>(H, [&](int64_t j, auto tag) {
+      const S* x = xp + b * 3 * H;
+      const S* h = hp + b * 3 * H;
+      const S* h_prev = prev_row<S>(a.h_prev, b);
+      A* ws = static_cast<A*>(a.ws) + b * 4 * H;
+      S* h_out = static_cast<S*>(a.h_out) + b * a.ld_h_out;
+      unit_loop<A>(H, [&](int64_t j, auto tag) {
         using U = decltype(tag);
         auto hside = [&](int64_t k) { return ld<U>(h + k * H + j) + ld<U>(bias + k * H + j); };
         const U hn = hside(2);
@@ -234,18 +273,19 @@ void gru_forward(const ForwardStepArgs& a) {
   });
 }
 
-template <bool Relu, typename T>
+template <bool Relu, typename S>
 void rnn_forward(const ForwardStepArgs& a) {
+  using A = Acc<S>;
   const int64_t H = a.hidden;
-  const T* xp = static_cast<const T*>(a.xp);
-  const T* hp = static_cast<const T*>(a.hp);
-  const T* bias = static_cast<const T*>(a.b_hh);
+  const S* xp = static_cast<const S*>(a.xp);
+  const S* hp = static_cast<const S*>(a.hp);
+  const S* bias = static_cast<const S*>(a.b_hh);
   at::parallel_for(0, a.rows, grain(H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const T* x = xp + b * H;
-      const T* h = hp + b * H;
-      T* h_out = static_cast<T*>(a.h_out) + b * a.ld_h_out;
-      unit_loop<T>(H, [&](int64_t j, auto tag) {
+      const S* x = xp + b * H;
+      const S* h = hp + b * H;
+      S* h_out = static_cast<S*>(a.h_out) + b * a.ld_h_out;
+      unit_loop<A>(H, [&](int64_t j, auto tag) {
         using U = decltype(tag);
         st(h_out + j, rnn_forward_unit<Relu>(ld<U>(x + j) + ld<U>(h + j) + ld<U>(bias + j)));
       });
@@ -254,27 +294,31 @@ void rnn_forward(const ForwardStepArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward steps.
-template <typename T>
+// Backward steps. S: the layer's dtype (incoming gradients, h rows, gate gradients); A = Acc<S>:
+// the workspace, c, dc and GRU's dh_direct.
+template <typename S>
 void lstm_backward(const BackwardStepArgs& a) {
+  using A = Acc<S>;
   const int64_t H = a.hidden;
   const bool projected = a.dh_pre != nullptr;
   at::parallel_for(0, a.rows, grain(4 * H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const RowGrad<T> g = row_grad<T>(a.grad, b, nullptr);
-      const T* dh_pre = projected ? static_cast<const T*>(a.dh_pre) + b * H : nullptr;
+      const RowGrad<S> g = row_grad<S>(a.grad, b, nullptr);
+      const S* dh_pre = projected ? static_cast<const S*>(a.dh_pre) + b * H : nullptr;
       float* norm_g = a.norm_g != nullptr ? a.norm_g + b : nullptr;
-      const T scale = projected ? T(1) : pre_clip_scale(g, H, a.clip, norm_g);
+      const A scale = projected ? A(1) : pre_clip_scale(g, H, a.clip, norm_g);
       const bool norm_in_pass = !projected && norm_g != nullptr && !(a.clip > 0.0);
-      const T* dc_in = b < a.grad.n_next ? static_cast<const T*>(a.dc) + b * H
-                                         : static_cast<const T*>(a.grad_c_n) + b * H;
-      T* dc_out = static_cast<T*>(a.dc) + b * H;
-      const T* ws = static_cast<const T*>(a.ws) + b * 5 * H;
-      const T* c_prev = prev_row<T>(a.c_prev, b);
-      T* dgates = static_cast<T*>(a.dgates_x) + b * 4 * H;
-      T* hpre = projected ? static_cast<T*>(a.hpre_out) + b * H : nullptr;
-      SumSq<T> g_sq, dc_sq;
-      unit_loop<T>(H, [&](int64_t j, auto tag) {
+      // dc arriving at c_t: from the next step (acc dtype), or grad_c_n at the sample's final step
+      const bool continues = b < a.grad.n_next;
+      const A* dc_next = static_cast<const A*>(a.dc) + b * H;
+      const S* dc_final = static_cast<const S*>(a.grad_c_n) + b * H;
+      A* dc_out = static_cast<A*>(a.dc) + b * H;
+      const A* ws = static_cast<const A*>(a.ws) + b * 5 * H;
+      const A* c_prev = prev_row<A>(a.c_prev, b);
+      S* dgates = static_cast<S*>(a.dgates_x) + b * 4 * H;
+      S* hpre = projected ? static_cast<S*>(a.hpre_out) + b * H : nullptr;
+      SumSq<A> g_sq, dc_sq;
+      unit_loop<A>(H, [&](int64_t j, auto tag) {
         using U = decltype(tag);
         U dh;
         if (projected) {
@@ -289,8 +333,8 @@ void lstm_backward(const BackwardStepArgs& a) {
         const U tc = rk_tanh(ld<U>(ws + 4 * H + j));
         LstmGates<U> dpre;
         U dc_total, dc_prev;
-        lstm_backward_unit_tanh(dh, ld<U>(dc_in + j), act, tc, ld<U>(c_prev + j), dpre, dc_total,
-                                dc_prev);
+        const U dc_in = continues ? ld<U>(dc_next + j) : ld<U>(dc_final + j);
+        lstm_backward_unit_tanh(dh, dc_in, act, tc, ld<U>(c_prev + j), dpre, dc_total, dc_prev);
         dc_sq.add(dc_total);
         st(dgates + j, dpre.i);
         st(dgates + H + j, dpre.f);
@@ -305,23 +349,24 @@ void lstm_backward(const BackwardStepArgs& a) {
   });
 }
 
-template <typename T>
+template <typename S>
 void gru_backward(const BackwardStepArgs& a) {
+  using A = Acc<S>;
   const int64_t H = a.hidden;
-  const T* dh_direct = static_cast<const T*>(a.dh_direct);
+  const A* dh_direct = static_cast<const A*>(a.dh_direct);
   at::parallel_for(0, a.rows, grain(3 * H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const RowGrad<T> g = row_grad<T>(a.grad, b, dh_direct);
+      const RowGrad<S> g = row_grad<S>(a.grad, b, dh_direct);
       float* norm_g = a.norm_g != nullptr ? a.norm_g + b : nullptr;
-      const T scale = pre_clip_scale(g, H, a.clip, norm_g);
+      const A scale = pre_clip_scale(g, H, a.clip, norm_g);
       const bool norm_in_pass = norm_g != nullptr && !(a.clip > 0.0);
-      const T* ws = static_cast<const T*>(a.ws) + b * 4 * H;
-      const T* h_prev = prev_row<T>(a.h_prev, b);
-      T* dx = static_cast<T*>(a.dgates_x) + b * 3 * H;
-      T* dhh = static_cast<T*>(a.dgates_h) + b * 3 * H;
-      T* direct_out = static_cast<T*>(a.dh_direct_out) + b * H;
-      SumSq<T> g_sq;
-      unit_loop<T>(H, [&](int64_t j, auto tag) {
+      const A* ws = static_cast<const A*>(a.ws) + b * 4 * H;
+      const S* h_prev = prev_row<S>(a.h_prev, b);
+      S* dx = static_cast<S*>(a.dgates_x) + b * 3 * H;
+      S* dhh = static_cast<S*>(a.dgates_h) + b * 3 * H;
+      A* direct_out = static_cast<A*>(a.dh_direct_out) + b * H;
+      SumSq<A> g_sq;
+      unit_loop<A>(H, [&](int64_t j, auto tag) {
         using U = decltype(tag);
         const U g_j = g.template at<U>(j);  // reads dh_direct before direct_out overwrites it
         if (norm_in_pass) g_sq.add(g_j);
@@ -343,19 +388,20 @@ void gru_backward(const BackwardStepArgs& a) {
   });
 }
 
-template <bool Relu, typename T>
+template <bool Relu, typename S>
 void rnn_backward(const BackwardStepArgs& a) {
+  using A = Acc<S>;
   const int64_t H = a.hidden;
   at::parallel_for(0, a.rows, grain(H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const RowGrad<T> g = row_grad<T>(a.grad, b, nullptr);
+      const RowGrad<S> g = row_grad<S>(a.grad, b, nullptr);
       float* norm_g = a.norm_g != nullptr ? a.norm_g + b : nullptr;
-      const T scale = pre_clip_scale(g, H, a.clip, norm_g);
+      const A scale = pre_clip_scale(g, H, a.clip, norm_g);
       const bool norm_in_pass = norm_g != nullptr && !(a.clip > 0.0);
-      const T* h = static_cast<const T*>(a.h_out) + b * H;
-      T* dx = static_cast<T*>(a.dgates_x) + b * H;
-      SumSq<T> g_sq;
-      unit_loop<T>(H, [&](int64_t j, auto tag) {
+      const S* h = static_cast<const S*>(a.h_out) + b * H;
+      S* dx = static_cast<S*>(a.dgates_x) + b * H;
+      SumSq<A> g_sq;
+      unit_loop<A>(H, [&](int64_t j, auto tag) {
         using U = decltype(tag);
         const U g_j = g.template at<U>(j);
         if (norm_in_pass) g_sq.add(g_j);
@@ -366,85 +412,84 @@ void rnn_backward(const BackwardStepArgs& a) {
   });
 }
 
-template <typename T>
+// LSTM with projection: g (recorded, clipped) for the product g @ W_hr. Two passes, the norm's and the
+// clipped g's, so that g is rounded to the layer's dtype once.
+template <typename S>
 void proj_grad(const ProjGradStepArgs& a) {
+  using A = Acc<S>;
   const int64_t P = a.grad.size;
   at::parallel_for(0, a.rows, grain(P), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const RowGrad<T> g = row_grad<T>(a.grad, b, nullptr);
-      T* g_out = static_cast<T*>(a.g_out) + b * P;
-      SumSq<T> sq;
-      unit_loop<T>(P, [&](int64_t j, auto tag) {
+      const RowGrad<S> g = row_grad<S>(a.grad, b, nullptr);
+      S* g_out = static_cast<S*>(a.g_out) + b * P;
+      const A scale = clip_scale(row_norm(g, P, a.norm_g != nullptr ? a.norm_g + b : nullptr),
+                                 static_cast<A>(a.clip));
+      unit_loop<A>(P, [&](int64_t j, auto tag) {
         using U = decltype(tag);
-        const U g_j = g.template at<U>(j);
-        sq.add(g_j);
-        st(g_out + j, g_j);
+        st(g_out + j, g.template at<U>(j) * U(scale));
       });
-      const T norm = std::sqrt(sq.total());
-      if (a.norm_g != nullptr) a.norm_g[b] = static_cast<float>(norm);
-      const T scale = clip_scale(norm, static_cast<T>(a.clip));
-      if (scale != T(1)) {
-        unit_loop<T>(P, [&](int64_t j, auto tag) {
-          using U = decltype(tag);
-          st(g_out + j, ld<U>(g_out + j) * U(scale));
-        });
-      }
     }
   });
 }
 
-template <typename T>
+template <typename S>
 void forward_step_t(const ForwardStepArgs& a) {
   switch (a.cell) {
     case Cell::LSTM:
-      return lstm_forward<T>(a);
+      return lstm_forward<S>(a);
     case Cell::GRU:
-      return gru_forward<T>(a);
+      return gru_forward<S>(a);
     case Cell::RNN_TANH:
-      return rnn_forward<false, T>(a);
+      return rnn_forward<false, S>(a);
     case Cell::RNN_RELU:
-      return rnn_forward<true, T>(a);
+      return rnn_forward<true, S>(a);
   }
 }
 
-template <typename T>
+template <typename S>
 void backward_step_t(const BackwardStepArgs& a) {
   switch (a.cell) {
     case Cell::LSTM:
-      return lstm_backward<T>(a);
+      return lstm_backward<S>(a);
     case Cell::GRU:
-      return gru_backward<T>(a);
+      return gru_backward<S>(a);
     case Cell::RNN_TANH:
-      return rnn_backward<false, T>(a);
+      return rnn_backward<false, S>(a);
     case Cell::RNN_RELU:
-      return rnn_backward<true, T>(a);
+      return rnn_backward<true, S>(a);
   }
+}
+
+// fn(S{}) with S the C++ type of `dtype`.
+template <typename F>
+void with_dtype(DType dtype, const F& fn) {
+  switch (dtype) {
+    case DType::F64:
+      return fn(double());
+    case DType::F32:
+      return fn(float());
+    case DType::F16:
+      return fn(c10::Half());
+    case DType::BF16:
+      return fn(c10::BFloat16());
+  }
+  TORCH_CHECK(false, "rnnkern cpu backend: unknown dtype");
 }
 
 class CpuStepKernels final : public StepKernels {
  public:
   void forward_step(const ForwardStepArgs& a) const override {
-    check(a.dtype);
-    a.dtype == DType::F64 ? forward_step_t<double>(a) : forward_step_t<float>(a);
+    with_dtype(a.dtype, [&](auto s) { forward_step_t<decltype(s)>(a); });
   }
   void backward_step(const BackwardStepArgs& a) const override {
-    check(a.dtype);
-    a.dtype == DType::F64 ? backward_step_t<double>(a) : backward_step_t<float>(a);
+    with_dtype(a.dtype, [&](auto s) { backward_step_t<decltype(s)>(a); });
   }
   void proj_grad_step(const ProjGradStepArgs& a) const override {
-    check(a.dtype);
-    a.dtype == DType::F64 ? proj_grad<double>(a) : proj_grad<float>(a);
+    with_dtype(a.dtype, [&](auto s) { proj_grad<decltype(s)>(a); });
   }
   void gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
             const void* b, int64_t ldb, void* c, int64_t ldc) const override {
-    check(dtype);
     rnnkern::cpu_gemm(dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
-  }
-
- private:
-  static void check(DType dtype) {
-    TORCH_CHECK(dtype == DType::F32 || dtype == DType::F64,
-                "rnnkern cpu backend: only float32 and float64 are supported");
   }
 };
 
