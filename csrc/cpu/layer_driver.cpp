@@ -160,19 +160,39 @@ void for_sample_ranges(bool cpu, int64_t batch, int64_t weight_elements,
   });
 }
 
-// The weight W [n, k] of a per-step product A·Wᵀ as StepKernels::gemm's B operand. CPU: a contiguous
-// Wᵀ (one copy per call), which BLAS reads without repacking the whole weight at every step (MKL
-// packs a transposed right operand on each call; cuBLAS does not, so CUDA passes W itself).
-struct TransposedWeight {
+// The weight operand (StepKernels::gemm's B) of a call's per-step products, made once per call.
+// For A·Wᵀ (`transposed`, W [n, k]): on the CPU a contiguous Wᵀ, which BLAS reads without repacking
+// the whole weight at every step (MKL packs a transposed right operand on each call; cuBLAS does not,
+// so CUDA passes W itself). For A·W (W [k, n]): W. In float32 where the device asks for it
+// (StepKernels::float_step_weights).
+struct StepWeight {
   at::Tensor keep;
   const void* ptr = nullptr;
-  bool b_nk = true;
+  bool b_nk = false;
+  bool is_float = false;
   int64_t ld = 0;
-  TransposedWeight() = default;
-  TransposedWeight(const at::Tensor& w, bool cpu)
-      : keep(cpu ? w.t().contiguous() : w.contiguous()), ptr(keep.data_ptr()), b_nk(!cpu),
-        ld(keep.size(1)) {}
+  StepWeight() = default;
+  StepWeight(const StepKernels& kernels, const at::Tensor& w, bool transposed, bool cpu) {
+    const bool copy_t = transposed && cpu;
+    keep = copy_t ? w.t().contiguous() : w.contiguous();
+    is_float = kernels.float_step_weights(dtype_of(w));
+    if (is_float) keep = keep.to(at::kFloat);
+    b_nk = transposed && !cpu;
+    ld = keep.size(1);
+    ptr = keep.data_ptr();
+  }
 };
+
+// C = A · B for rows of A and C in the layer's dtype, B a StepWeight.
+void step_product(const StepKernels& kernels, DType dtype, const StepWeight& w, int64_t m, int64_t n,
+                  int64_t k, const void* a, int64_t lda, void* c, int64_t ldc) {
+  if (w.is_float) {
+    kernels.gemm_float_b(dtype, w.b_nk, m, n, k, a, lda, static_cast<const float*>(w.ptr), w.ld, c,
+                         ldc);
+  } else {
+    kernels.gemm(dtype, w.b_nk, m, n, k, a, lda, w.ptr, w.ld, c, ldc);
+  }
+}
 
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
@@ -269,6 +289,12 @@ void weight_gradients(const Steps& steps, const at::Tensor& out, const at::Tenso
   if (b_hh.defined()) {
     if (acc == out.scalar_type()) {
       at::sum_out(grad_b_hh, dgates_h, {0});
+    } else if (dgates_h.is_cpu()) {
+      // 16-bit on the CPU: a row of ones times dgates_h (ATen's 16-bit GEMM accumulates in float and
+      // rounds once, as the sum in float below); the column sum in float took ~0.45 ms at N = 1600,
+      // 4H = 512 on two cores, longer than the whole recurrence's products.
+      at::Tensor row = grad_b_hh.view({1, -1});
+      at::mm_out(row, at::ones({1, dgates_h.size(0)}, dgates_h.options()), dgates_h);
     } else {
       grad_b_hh.copy_(at::sum(dgates_h, {0}, false, acc));
     }
@@ -319,8 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
       lstm ? (c0.defined() ? c0.to(acc).contiguous() : at::zeros({B, H}, xp.options().dtype(acc)))
            : at::Tensor();
   const bool cpu = xp.is_cpu();
-  const TransposedWeight w_hh_op(w_hh, cpu);
-  const TransposedWeight w_hr_op = d.proj ? TransposedWeight(w_hr, cpu) : TransposedWeight();
+  const StepWeight w_hh_op(kernels, w_hh, true, cpu);
+  const StepWeight w_hr_op = d.proj ? StepWeight(kernels, w_hr, true, cpu) : StepWeight();
   at::Tensor hp_buf = at::empty({B, GH}, xp.options());
   at::Tensor hpre_buf = d.proj ? at::empty({B, H}, xp.options()) : at::Tensor();
   const int64_t ws_ld = d.S * H;
@@ -335,12 +361,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
       const int64_t rows = sl.rows, off = sl.off, np = sl.n_prev, prev_off = sl.prev_off;
       // hp = h_{t-1} W_hhᵀ: rows continuing from the previous step, then rows starting from h0
       if (np > 0) {
-        kernels.gemm(dtype, w_hh_op.b_nk, np, GH, P, row_ptr(out, prev_off), P, w_hh_op.ptr,
-                     w_hh_op.ld, row_ptr(hp_buf, lo), GH);
+        step_product(kernels, dtype, w_hh_op, np, GH, P, row_ptr(out, prev_off), P, row_ptr(hp_buf, lo),
+                     GH);
       }
       if (np < rows) {
-        kernels.gemm(dtype, w_hh_op.b_nk, rows - np, GH, P, row_ptr(h0, lo + np), P, w_hh_op.ptr,
-                     w_hh_op.ld, row_ptr(hp_buf, lo + np), GH);
+        step_product(kernels, dtype, w_hh_op, rows - np, GH, P, row_ptr(h0, lo + np), P,
+                     row_ptr(hp_buf, lo + np), GH);
       }
 
       ForwardStepArgs a;
@@ -364,8 +390,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
       a.ws = d.S > 0 ? row_ptr(workspace, off) : nullptr;
       kernels.forward_step(a);
       if (d.proj) {  // out rows = h_t W_hrᵀ
-        kernels.gemm(dtype, w_hr_op.b_nk, rows, P, H, row_ptr(hpre_buf, lo), H, w_hr_op.ptr,
-                     w_hr_op.ld, row_ptr(out, off), P);
+        step_product(kernels, dtype, w_hr_op, rows, P, H, row_ptr(hpre_buf, lo), H, row_ptr(out, off),
+                     P);
       }
     }
   };
@@ -466,8 +492,8 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
       lstm ? (c0.defined() ? c0.to(acc).contiguous() : at::zeros({B, H}, opts.dtype(acc)))
            : at::Tensor();
   // The per-step products dh = dgates_h W_hh and dh_pre = g W_hr read the weights as they are.
-  const at::Tensor w_hh_c = w_hh.contiguous();
-  const at::Tensor w_hr_c = d.proj ? w_hr.contiguous() : at::Tensor();
+  const StepWeight w_hh_c(kernels, w_hh, false, out.is_cpu());
+  const StepWeight w_hr_c = d.proj ? StepWeight(kernels, w_hr, false, out.is_cpu()) : StepWeight();
   const int64_t ws_ld = d.S * H;
   const int64_t acc_bytes = workspace.element_size();
   auto ws_ptr = [&](int64_t row, int64_t col) -> const void* {
@@ -508,8 +534,8 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
         pa.g_out = row_ptr(g_all, off);
         pa.norm_g = a.norm_g;
         kernels.proj_grad_step(pa);
-        kernels.gemm(dtype, false, rows, H, P, row_ptr(g_all, off), P, w_hr_c.data_ptr(), H,
-                     row_ptr(dh_pre_buf, lo), H);
+        step_product(kernels, dtype, w_hr_c, rows, H, P, row_ptr(g_all, off), P, row_ptr(dh_pre_buf, lo),
+                     H);
         a.dh_pre = row_ptr(dh_pre_buf, lo);
         a.hpre_out = row_ptr(hpre_all, off);
         a.norm_g = nullptr;
@@ -530,8 +556,8 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
       a.h_out = row_ptr(out, off);
       a.dgates_x = row_ptr(grad_xp, off);
       kernels.backward_step(a);
-      kernels.gemm(dtype, false, rows, P, GH, row_ptr(dgates_h, off), GH, w_hh_c.data_ptr(), P,
-                   row_ptr(dh_buf, lo), P);
+      step_product(kernels, dtype, w_hh_c, rows, P, GH, row_ptr(dgates_h, off), GH, row_ptr(dh_buf, lo),
+                   P);
     }
   };
   for_sample_ranges(out.is_cpu(), B, d.G * H * P + (d.proj ? P * H : 0), out.element_size(),

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "pointwise.h"
 #include "rnnkern/layer_driver.h"
@@ -476,6 +477,20 @@ void with_dtype(DType dtype, const F& fn) {
   TORCH_CHECK(false, "rnnkern cpu backend: unknown dtype");
 }
 
+// C (S) = A (S) · B (float32) for the 16-bit layers' per-step products: A's rows converted to float32,
+// the product by the float32 BLAS, C rounded to S once (StepKernels::gemm_float_b).
+template <typename S>
+void gemm_float_b_t(bool b_nk, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const float* b,
+                    int64_t ldb, S* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  thread_local std::vector<float> a32, c32;  // (the driver's sample ranges call it from several threads)
+  a32.resize(static_cast<size_t>(m * k));
+  c32.resize(static_cast<size_t>(m * n));
+  for (int64_t i = 0; i < m; ++i) at::vec::convert(a + i * lda, a32.data() + i * k, k);
+  rnnkern::cpu_gemm(DType::F32, b_nk, m, n, k, a32.data(), k, b, ldb, c32.data(), n);
+  for (int64_t i = 0; i < m; ++i) at::vec::convert(c32.data() + i * n, c + i * ldc, n);
+}
+
 class CpuStepKernels final : public StepKernels {
  public:
   void forward_step(const ForwardStepArgs& a) const override {
@@ -490,6 +505,18 @@ class CpuStepKernels final : public StepKernels {
   void gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
             const void* b, int64_t ldb, void* c, int64_t ldc) const override {
     rnnkern::cpu_gemm(dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
+  }
+  bool float_step_weights(DType dtype) const override { return dtype == DType::F16 || dtype == DType::BF16; }
+  void gemm_float_b(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                    const float* b, int64_t ldb, void* c, int64_t ldc) const override {
+    with_dtype(dtype, [&](auto s) {
+      using S = decltype(s);
+      if constexpr (std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>) {
+        gemm_float_b_t<S>(b_nk, m, n, k, static_cast<const S*>(a), lda, b, ldb, static_cast<S*>(c), ldc);
+      } else {
+        TORCH_CHECK(false, "rnnkern cpu backend: float32 weights are for 16-bit layers only");
+      }
+    });
   }
 };
 

@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include "rnnkern/step_args.h"
@@ -64,6 +65,18 @@ class StepKernels {
   // pointers: ATen's dispatch and views cost more host time per step than a small step's GPU work.
   virtual void gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a,
                     int64_t lda, const void* b, int64_t ldb, void* c, int64_t ldc) const = 0;
+  // Whether the per-step products of `dtype` layers take their weight operand in float32
+  // (gemm_float_b; the driver converts the weights once per call): the CPU's for float16 and bfloat16,
+  // whose small 16-bit products cost several times a float32 one there (ATen's mm, oneDNN's per-call
+  // set-up). Products of 16-bit values are exact in float32, so the results are those of a 16-bit GEMM
+  // with float32 accumulation.
+  virtual bool float_step_weights(DType /*dtype*/) const { return false; }
+  // gemm with B in float32: C (dtype) = A (dtype) · B, accumulated and rounded once, as gemm.
+  virtual void gemm_float_b(DType /*dtype*/, bool /*b_nk*/, int64_t /*m*/, int64_t /*n*/, int64_t /*k*/,
+                            const void* /*a*/, int64_t /*lda*/, const float* /*b*/, int64_t /*ldb*/,
+                            void* /*c*/, int64_t /*ldc*/) const {
+    TORCH_CHECK(false, "rnnkern: this device has no per-step products with float32 weights");
+  }
   virtual bool sequence_forward(const SequenceForward&) const { return false; }
   virtual bool sequence_backward(const SequenceBackward&) const { return false; }
 };
