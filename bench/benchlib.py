@@ -72,6 +72,15 @@ GRIDS: Dict[str, Dict[str, object]] = {
                    Shape("lstm", 200, 16, 512), Shape("lstm", 50, 32, 128)],
         "dtypes": ["float32"],
     },
+    # The CPU backend's 16-bit layers (rows in the layer's dtype, float accumulation) against torch.nn's
+    # own CPU float16 / bfloat16 paths, two of the "cpu" shapes; its own results file.
+    "cpu-16bit": {
+        "device": "cpu",
+        "shapes": [Shape("lstm", 50, 32, 128), Shape("gru", 100, 64, 256)],
+        "dtypes": ["bfloat16", "float16"],
+        "passes": ["fwdbwd"],
+        "own_file": True,
+    },
     # The issue-9 shapes (B=16: T=256 H=256 for each cell, T=1024 H=768 LSTM), two in between (they
     # place the persistent/per-step crossover that `auto` uses) and one large-batch, large-H shape where
     # the per-step kernels' GEMMs dominate; float32 and float16 (torch.nn's fastest).
