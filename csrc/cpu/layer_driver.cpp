@@ -395,7 +395,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
       }
     }
   };
-  for_sample_ranges(cpu, B, d.G * H * P + (d.proj ? P * H : 0), xp.element_size(), forward_rows);
+  for_sample_ranges(cpu, B, d.G * H * P + (d.proj ? P * H : 0), w_hh_op.keep.element_size(),
+                    forward_rows);
 
   // h_n / c_n: each sample's state at its final step.
   auto take_final = [&](int64_t t, int64_t lo, int64_t hi) {
@@ -560,7 +561,7 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
                    P);
     }
   };
-  for_sample_ranges(out.is_cpu(), B, d.G * H * P + (d.proj ? P * H : 0), out.element_size(),
+  for_sample_ranges(out.is_cpu(), B, d.G * H * P + (d.proj ? P * H : 0), w_hh_c.keep.element_size(),
                     backward_rows);
 
   // Rows of dh_buf (and dh_direct, dc) last written at a sample's first step hold its h0 gradient:

@@ -19,6 +19,9 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #define RNNKERN_CPU_ISA cpu_avx512
+// (GCC 12 reports its own intrinsics headers' `__Y` as maybe uninitialised wherever ATen's 16-bit
+// conversions are inlined: a false positive, hundreds of lines of it per build.)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "pointwise_impl.h"
 #else
 namespace rnnkern::cpu_avx512 {

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 
@@ -86,8 +87,8 @@ struct ScalarOf<Vec<T>> {
 };
 
 // Loads / stores for the unit loop: U is Vec<A> for the vector body and A for the tail; a pointer
-// of the storage dtype is converted (16-bit rows: element by element through a buffer, which the
-// compiler vectorises; rounding to nearest even on the way back).
+// of the storage dtype is converted (16-bit rows: ATen's vector conversions of the instruction set,
+// rounding to nearest even on the way back).
 template <typename U, typename P>
 inline U ld(const P* p) {
   using A = typename ScalarOf<U>::type;
@@ -96,9 +97,10 @@ inline U ld(const P* p) {
   } else if constexpr (std::is_same_v<P, A>) {
     return U::loadu(p);
   } else {
-    alignas(64) A buf[U::size()];
-    for (int64_t k = 0; k < U::size(); ++k) buf[k] = static_cast<A>(p[k]);
-    return U::loadu(buf);
+    static_assert(std::is_same_v<A, float>, "16-bit rows are computed in float");
+    U out;
+    at::vec::load_to_float<P>(p, out);
+    return out;
   }
 }
 template <typename P, typename A>
@@ -110,9 +112,8 @@ inline void st(P* p, Vec<A> v) {
   if constexpr (std::is_same_v<P, A>) {
     v.store(p);
   } else {
-    alignas(64) A buf[Vec<A>::size()];
-    v.store(buf);
-    for (int64_t k = 0; k < Vec<A>::size(); ++k) p[k] = static_cast<P>(buf[k]);
+    static_assert(std::is_same_v<A, float>, "16-bit rows are computed in float");
+    at::vec::convert_from_float<P>(v, v).store(p, Vec<float>::size());  // (the first half: v's)
   }
 }
 
