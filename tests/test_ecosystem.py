@@ -895,7 +895,8 @@ def _grad_fn_names(tensor):
 def test_eager_calls_skip_the_op_dispatch_with_the_same_results(kind):
     """Eager calls of the compiled backends' layer op go through a plain autograd.Function (EagerLayer:
     torch.library's autograd wrapper cost ~60 µs a call); under a dispatch mode (what make_fx, export,
-    fake tensors and FlopCounterMode use) the registered op runs as before and the mode sees it. Both
+    fake tensors and FlopCounterMode use) the registered op runs as before and the mode sees it, and
+    with RNNKERN_EAGER_OP=0 (for comparisons) eager calls run it too. All
     give the same bits: outputs, every gradient and the norms (with clipping); torch.device's mode keeps
     the eager path, and no_grad calls make no node."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -918,16 +919,22 @@ def test_eager_calls_skip_the_op_dispatch_with_the_same_results(kind):
                       hidden_grad_clip=0.2)
     x = torch.randn(6, 4, 3)
     results = []
-    for how in ("eager", "device mode", "dispatch mode"):
+    for how in ("eager", "device mode", "dispatch mode", "RNNKERN_EAGER_OP=0"):
         leaf = x.clone().requires_grad_()
         module.zero_grad()
         mode = Seen() if how == "dispatch mode" else torch.device("cpu")
-        with mode:
-            out = module(leaf)[0]
-            names = _grad_fn_names(out)
-            out.pow(2).sum().backward()
+        os.environ["RNNKERN_EAGER_OP"] = "0" if how == "RNNKERN_EAGER_OP=0" else "1"
+        try:
+            with mode:
+                out = module(leaf)[0]
+                names = _grad_fn_names(out)
+                out.pow(2).sum().backward()
+        finally:
+            del os.environ["RNNKERN_EAGER_OP"]
         generated = any(n.startswith("GeneratedBackwardFor_rnnkern") for n in names)
-        if how == "dispatch mode":
+        if how == "RNNKERN_EAGER_OP=0":
+            assert "EagerLayerBackward" not in names and generated
+        elif how == "dispatch mode":
             assert "rnnkern.rnn_layer_forward.default" in mode.ops, mode.ops
             assert "EagerLayerBackward" not in names and generated
         else:
