@@ -414,3 +414,51 @@ def test_layer_wavefront_on_streams_keeps_norms(cell, kernel, monkeypatch):
     steps), as without chunks."""
     monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     _assert_wavefront_keeps_results(cell, "cuda", "cuda", torch.float32, 33, 0.7, 1e-4, monkeypatch)
+
+
+@pytest.mark.parametrize("split", ["0", "1"], ids=["all-samples", "per-thread"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_cpu_16bit_modules_within_torch_nn(cell, dtype, split, monkeypatch, request):
+    """The cpu backend's float16/bfloat16 modules (two bidirectional layers, a projection for the LSTM,
+    packed unsorted input, hx, the time loop over all samples or per thread): the error of the output,
+    the final states and every gradient against float64 is at most twice torch.nn's own in the same dtype
+    (plus a few units of its resolution). (ReLU's kink flips: tests/test_layer_op_compiled.py.)"""
+    from torch.nn.utils.rnn import pack_sequence
+
+    monkeypatch.setenv("RNNKERN_CPU_SAMPLE_SPLIT", split)
+    if split == "1" and torch.get_num_threads() < 2:  # (the split needs two threads to happen at all)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
+    torch.manual_seed(23)
+    kind = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}[cell]
+    options = dict(num_layers=2, bidirectional=True, **({"proj_size": 5} if cell == "lstm" else {}))
+    ref64 = getattr(torch.nn, kind)(6, 12, dtype=torch.float64, **options)
+    lengths = [7, 9, 4, 9, 2]
+    seqs = [torch.randn(n, 6, dtype=torch.float64) for n in lengths]
+    h0 = torch.randn(4, 5, options.get("proj_size", 12), dtype=torch.float64)
+    c0 = torch.randn(4, 5, 12, dtype=torch.float64)
+
+    def run(module, dt):
+        module.zero_grad()
+        leaves = [s.detach().to(dt).requires_grad_() for s in seqs]
+        states = (h0.to(dt), c0.to(dt)) if kind == "LSTM" else h0.to(dt)
+        out, final = module(pack_sequence(leaves, enforce_sorted=False), states)
+        finals = list(final) if kind == "LSTM" else [final]
+        loss = (out.data.double() ** 2).sum() + sum((f.double() ** 3).sum() for f in finals)
+        loss.backward()
+        results = [out.data, *finals] + [s.grad for s in leaves] + [p.grad for p in module.parameters()]
+        return [r.detach().double() for r in results]
+
+    ref16 = getattr(torch.nn, kind)(6, 12, dtype=dtype, **options)
+    ours = getattr(rnnkern, kind)(6, 12, dtype=dtype, backend="cpu", record_grad_norms=True, **options)
+    ref16.load_state_dict(ref64.state_dict())
+    ours.load_state_dict(ref64.state_dict())
+    want, theirs, got = run(ref64, torch.float64), run(ref16, dtype), run(ours, dtype)
+    floor = 4 * torch.finfo(dtype).eps
+    for i, (w, t, g) in enumerate(zip(want, theirs, got)):
+        scale = max(1.0, w.abs().max().item())
+        ours_err, theirs_err = (g - w).abs().max().item() / scale, (t - w).abs().max().item() / scale
+        assert ours_err <= 2 * theirs_err + floor, (i, ours_err, theirs_err)
+    assert ours.grad_norms is not None and torch.isfinite(ours.grad_norms.h_per_sample).all()
