@@ -521,8 +521,9 @@ def _run_opcheck(device, dtype=torch.float64):
         torch.library.opcheck(bwd, bargs)
 
 
-def test_cpu_opcheck():
-    _run_opcheck("cpu")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=["fp64", "bf16", "fp16"])
+def test_cpu_opcheck(dtype):
+    _run_opcheck("cpu", dtype)
 
 
 def test_cpu_threads_agree():
