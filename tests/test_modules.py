@@ -417,16 +417,20 @@ def test_layer_wavefront_on_streams_keeps_norms(cell, kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("split", ["0", "1"], ids=["all-samples", "per-thread"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype,native", [(torch.float16, "1"), (torch.bfloat16, "1"), (torch.bfloat16, "0")],
+                         ids=["fp16", "bf16", "bf16-float-weights"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-def test_cpu_16bit_modules_within_torch_nn(cell, dtype, split, monkeypatch, request):
+def test_cpu_16bit_modules_within_torch_nn(cell, dtype, native, split, monkeypatch, request):
     """The cpu backend's float16/bfloat16 modules (two bidirectional layers, a projection for the LSTM,
-    packed unsorted input, hx, the time loop over all samples or per thread): the error of the output,
-    the final states and every gradient against float64 is at most twice torch.nn's own in the same dtype
-    (plus a few units of its resolution). (ReLU's kink flips: tests/test_layer_op_compiled.py.)"""
+    packed unsorted input, hx, the time loop over all samples or per thread; bfloat16 products by MKL's
+    bfloat16 GEMM where the CPU has bfloat16 dot products, and on float32 weights as elsewhere,
+    RNNKERN_CPU_NATIVE_16BIT=0): the error of the output, the final states and every gradient against
+    float64 is at most twice torch.nn's own in the same dtype (plus a few units of its resolution).
+    (ReLU's kink flips: tests/test_layer_op_compiled.py.)"""
     from torch.nn.utils.rnn import pack_sequence
 
     monkeypatch.setenv("RNNKERN_CPU_SAMPLE_SPLIT", split)
+    monkeypatch.setenv("RNNKERN_CPU_NATIVE_16BIT", native)
     if split == "1" and torch.get_num_threads() < 2:  # (the split needs two threads to happen at all)
         threads = torch.get_num_threads()
         torch.set_num_threads(2)

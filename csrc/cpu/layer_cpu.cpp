@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <atomic>
+#include <cstdlib>
 #if defined(__x86_64__)
 #include <pmmintrin.h>
 #include <xmmintrin.h>
@@ -38,9 +39,15 @@ template <typename T>
 using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
                              const T*, const int*, const T*, const int*, const T*, T*, const int*);
 
+// MKL's cblas_gemm_bf16bf16f32: C (float32) = A·op(B) for bfloat16 A and B, float32 accumulation
+// (row-major: layout 101, no transpose 111, transpose 112; LP64 sizes).
+using GemmBf16 = void (*)(int, int, int, int, int, int, float, const void*, int, const void*, int, float, float*,
+                          int);
+
 struct Blas {
   FortranGemm<float> sgemm = nullptr;
   FortranGemm<double> dgemm = nullptr;
+  GemmBf16 gemm_bf16 = nullptr;  // torch's MKL has it; OpenBLAS builds do not
 };
 
 const Blas& blas() {
@@ -50,6 +57,7 @@ const Blas& blas() {
     if (lib != nullptr) {
       b.sgemm = reinterpret_cast<FortranGemm<float>>(dlsym(lib, "sgemm_"));
       b.dgemm = reinterpret_cast<FortranGemm<double>>(dlsym(lib, "dgemm_"));
+      b.gemm_bf16 = reinterpret_cast<GemmBf16>(dlsym(lib, "cblas_gemm_bf16bf16f32"));
     }
     return b;
   }();
@@ -76,6 +84,34 @@ bool fortran_gemm(FortranGemm<T> gemm, bool b_nk, int64_t m, int64_t n, int64_t 
 }  // namespace
 
 const char* cpu_gemm_path() { return blas().sgemm && blas().dgemm ? "blas" : "aten"; }
+
+bool cpu_native_16bit_gemm(DType dtype) {
+  // bfloat16 through MKL where the CPU has bfloat16 dot products (AVX512-BF16, AMX): measured 3x a
+  // float32 GEMM of the same sizes (64 x 256 x 1024: 38 against 128 µs); without them MKL converts,
+  // and the float32 copies of the weights (StepKernels::gemm_float_b) are no slower. (MKL's float16
+  // GEMM measured as slow as float32 on this AVX512-FP16 machine: not used.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
+#else
+  static const bool bf16_dot = false;
+#endif
+  // RNNKERN_CPU_NATIVE_16BIT=0: the float32 weights anyway (to compare, and so that the tests run that
+  // path on such a CPU too)
+  const char* forced = std::getenv("RNNKERN_CPU_NATIVE_16BIT");
+  return dtype == DType::BF16 && bf16_dot && blas().gemm_bf16 != nullptr && !(forced && *forced == '0');
+}
+
+bool cpu_gemm_16bit_into_float(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a,
+                               int64_t lda, const void* b, int64_t ldb, float* c, int64_t ldc) {
+  constexpr int64_t kMax = 0x7fffffff;
+  if (!cpu_native_16bit_gemm(dtype) || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax ||
+      ldc > kMax) {
+    return false;
+  }
+  blas().gemm_bf16(101, 111, b_nk ? 112 : 111, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
+                   1.0f, a, static_cast<int>(lda), b, static_cast<int>(ldb), 0.0f, c, static_cast<int>(ldc));
+  return true;
+}
 
 void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
               const void* b, int64_t ldb, void* c, int64_t ldc) {

@@ -24,4 +24,12 @@ const char* cpu_gemm_path();
 // float16/bfloat16 (layer_cpu.cpp), shared by every ISA.
 void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
               const void* b, int64_t ldb, void* c, int64_t ldc);
+
+// Whether 16-bit `dtype` products run as such (MKL's bfloat16 GEMM on a CPU with bfloat16 dot
+// products), else on float32 copies of the weights (StepKernels::gemm_float_b).
+bool cpu_native_16bit_gemm(DType dtype);
+// C (float32) = A·op(B) with A and B of the 16-bit `dtype`, float32 accumulation; false where
+// cpu_native_16bit_gemm(dtype) is not (nothing computed).
+bool cpu_gemm_16bit_into_float(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a,
+                               int64_t lda, const void* b, int64_t ldb, float* c, int64_t ldc);
 }  // namespace rnnkern

@@ -492,6 +492,21 @@ void gemm_float_b_t(bool b_nk, int64_t m, int64_t n, int64_t k, const S* a, int6
   for (int64_t i = 0; i < m; ++i) at::vec::convert(c32.data() + i * n, c + i * ldc, n);
 }
 
+// C (S) = A (S) · op(B) (S) where the CPU multiplies 16-bit operands itself (cpu_native_16bit_gemm):
+// into float32, then rounded to S once.
+template <typename S>
+void gemm_native_16bit_t(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                         const void* b, int64_t ldb, S* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  thread_local std::vector<float> c32;
+  c32.resize(static_cast<size_t>(m * n));
+  if (!rnnkern::cpu_gemm_16bit_into_float(dtype, b_nk, m, n, k, a, lda, b, ldb, c32.data(), n)) {
+    rnnkern::cpu_gemm(dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);  // (ATen's)
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i) at::vec::convert(c32.data() + i * n, c + i * ldc, n);
+}
+
 class CpuStepKernels final : public StepKernels {
  public:
   void forward_step(const ForwardStepArgs& a) const override {
@@ -505,9 +520,16 @@ class CpuStepKernels final : public StepKernels {
   }
   void gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
             const void* b, int64_t ldb, void* c, int64_t ldc) const override {
+    if (dtype == DType::BF16 && rnnkern::cpu_native_16bit_gemm(dtype)) {
+      gemm_native_16bit_t<c10::BFloat16>(dtype, b_nk, m, n, k, a, lda, b, ldb, static_cast<c10::BFloat16*>(c),
+                                         ldc);
+      return;
+    }
     rnnkern::cpu_gemm(dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
   }
-  bool float_step_weights(DType dtype) const override { return dtype == DType::F16 || dtype == DType::BF16; }
+  bool float_step_weights(DType dtype) const override {
+    return (dtype == DType::F16 || dtype == DType::BF16) && !rnnkern::cpu_native_16bit_gemm(dtype);
+  }
   void gemm_float_b(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                     const float* b, int64_t ldb, void* c, int64_t ldc) const override {
     with_dtype(dtype, [&](auto s) {
