@@ -210,34 +210,46 @@ inline Acc<S> pre_clip_scale(const RowGrad<S>& g, int64_t n, double clip, float*
 
 // ---------------------------------------------------------------------------------------------
 // Forward steps. S: the layer's dtype (xp, hp, bias, h rows); A = Acc<S>: the workspace and c.
+// Row b of a forward step of `gates` gates and `slots` workspace slots: its xp, hp, workspace and
+// output rows.
+template <typename S>
+struct ForwardRow {
+  const S* x;
+  const S* h;
+  Acc<S>* ws;  // null without a workspace (RNN)
+  S* h_out;
+};
+template <typename S>
+inline ForwardRow<S> forward_row(const ForwardStepArgs& a, int64_t b, int64_t gates, int64_t slots) {
+  const int64_t H = a.hidden;
+  return {static_cast<const S*>(a.xp) + b * gates * H, static_cast<const S*>(a.hp) + b * gates * H,
+          slots > 0 ? static_cast<Acc<S>*>(a.ws) + b * slots * H : nullptr,
+          static_cast<S*>(a.h_out) + b * a.ld_h_out};
+}
+
 template <typename S>
 void lstm_forward(const ForwardStepArgs& a) {
   using A = Acc<S>;
   const int64_t H = a.hidden;
-  const S* xp = static_cast<const S*>(a.xp);
-  const S* hp = static_cast<const S*>(a.hp);
   const S* bias = static_cast<const S*>(a.b_hh);
   at::parallel_for(0, a.rows, grain(4 * H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const S* x = xp + b * 4 * H;
-      const S* h = hp + b * 4 * H;
+      const ForwardRow<S> r = forward_row<S>(a, b, 4, 5);
       const A* c_prev = prev_row<A>(a.c_prev, b);
-      A* ws = static_cast<A*>(a.ws) + b * 5 * H;
-      S* h_out = static_cast<S*>(a.h_out) + b * a.ld_h_out;
       unit_loop<A>(H, [&](int64_t j, auto tag) {
         using U = decltype(tag);
         auto pre = [&](int64_t k) {
-          return ld<U>(x + k * H + j) + ld<U>(h + k * H + j) + ld<U>(bias + k * H + j);
+          return ld<U>(r.x + k * H + j) + ld<U>(r.h + k * H + j) + ld<U>(bias + k * H + j);
         };
         LstmGates<U> act;
         U c, h_t;
         lstm_forward_unit(pre(0), pre(1), pre(2), pre(3), ld<U>(c_prev + j), act, c, h_t);
-        st(ws + j, act.i);
-        st(ws + H + j, act.f);
-        st(ws + 2 * H + j, act.g);
-        st(ws + 3 * H + j, act.o);
-        st(ws + 4 * H + j, c);
-        st(h_out + j, h_t);
+        st(r.ws + j, act.i);
+        st(r.ws + H + j, act.f);
+        st(r.ws + 2 * H + j, act.g);
+        st(r.ws + 3 * H + j, act.o);
+        st(r.ws + 4 * H + j, c);
+        st(r.h_out + j, h_t);
       });
     }
   });
@@ -247,29 +259,24 @@ template <typename S>
 void gru_forward(const ForwardStepArgs& a) {
   using A = Acc<S>;
   const int64_t H = a.hidden;
-  const S* xp = static_cast<const S*>(a.xp);
-  const S* hp = static_cast<const S*>(a.hp);
   const S* bias = static_cast<const S*>(a.b_hh);
   at::parallel_for(0, a.rows, grain(3 * H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const S* x = xp + b * 3 * H;
-      const S* h = hp + b * 3 * H;
+      const ForwardRow<S> r = forward_row<S>(a, b, 3, 4);
       const S* h_prev = prev_row<S>(a.h_prev, b);
-      A* ws = static_cast<A*>(a.ws) + b * 4 * H;
-      S* h_out = static_cast<S*>(a.h_out) + b * a.ld_h_out;
       unit_loop<A>(H, [&](int64_t j, auto tag) {
         using U = decltype(tag);
-        auto hside = [&](int64_t k) { return ld<U>(h + k * H + j) + ld<U>(bias + k * H + j); };
+        auto hside = [&](int64_t k) { return ld<U>(r.h + k * H + j) + ld<U>(bias + k * H + j); };
         const U hn = hside(2);
         GruGates<U> act;
         U h_t;
-        gru_forward_unit(ld<U>(x + j), ld<U>(x + H + j), ld<U>(x + 2 * H + j), hside(0), hside(1),
+        gru_forward_unit(ld<U>(r.x + j), ld<U>(r.x + H + j), ld<U>(r.x + 2 * H + j), hside(0), hside(1),
                          hn, ld<U>(h_prev + j), act, h_t);
-        st(ws + j, act.r);
-        st(ws + H + j, act.z);
-        st(ws + 2 * H + j, act.n);
-        st(ws + 3 * H + j, hn);
-        st(h_out + j, h_t);
+        st(r.ws + j, act.r);
+        st(r.ws + H + j, act.z);
+        st(r.ws + 2 * H + j, act.n);
+        st(r.ws + 3 * H + j, hn);
+        st(r.h_out + j, h_t);
       });
     }
   });
@@ -279,17 +286,13 @@ template <bool Relu, typename S>
 void rnn_forward(const ForwardStepArgs& a) {
   using A = Acc<S>;
   const int64_t H = a.hidden;
-  const S* xp = static_cast<const S*>(a.xp);
-  const S* hp = static_cast<const S*>(a.hp);
   const S* bias = static_cast<const S*>(a.b_hh);
   at::parallel_for(0, a.rows, grain(H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const S* x = xp + b * H;
-      const S* h = hp + b * H;
-      S* h_out = static_cast<S*>(a.h_out) + b * a.ld_h_out;
+      const ForwardRow<S> r = forward_row<S>(a, b, 1, 0);
       unit_loop<A>(H, [&](int64_t j, auto tag) {
         using U = decltype(tag);
-        st(h_out + j, rnn_forward_unit<Relu>(ld<U>(x + j) + ld<U>(h + j) + ld<U>(bias + j)));
+        st(r.h_out + j, rnn_forward_unit<Relu>(ld<U>(r.x + j) + ld<U>(r.h + j) + ld<U>(bias + j)));
       });
     }
   });
