@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from . import _cells, _compat
+from . import _cells, _compat, _ext
 from . import backends as _backends
 from .functional import concurrent_directions, layer_wavefront_steps
 
@@ -126,8 +126,16 @@ def explain(module, input, hx=None) -> str:
                    if reason == _HEURISTIC else _DECLINE.get(reason, f"reason {reason}"))
             lines.append(f"  every layer: per-step kernels (cuBLAS GEMM + fused step kernel), because {why}")
     elif backend.name == "cpu":
-        lines.append("  per step: a BLAS GEMM (torch's own BLAS) into a preallocated buffer + one fused "
-                     "parallel pass")
+        if data.dtype in (torch.float16, torch.bfloat16):
+            path = _ext.load().gemm_paths()["cpu_bfloat16"]
+            native = data.dtype == torch.bfloat16 and path == "mkl-bfloat16"
+            product = ("MKL's bfloat16 GEMM (this CPU has bfloat16 dot products)" if native else
+                       "a float32 BLAS GEMM on float32 copies of the weights (exact for 16-bit operands)")
+            lines.append(f"  per step: {product} into float32, rounded to {str(data.dtype)[6:]}, + one fused "
+                         f"parallel pass (gate math, workspace and cell state in float32)")
+        else:
+            lines.append("  per step: a BLAS GEMM (torch's own BLAS) into a preallocated buffer + one fused "
+                         "parallel pass")
     lines += _stack_lines(module, data)
     return "\n".join(lines)
 

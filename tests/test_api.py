@@ -525,3 +525,11 @@ def test_per_step_products_call_the_blas_directly():
         assert paths["cpu"] == "blas"  # torch's bundled MKL exports sgemm_/dgemm_
     if info["cuda_kernels"]:
         assert paths["cuda"] == "cublas"  # torch's CUDA build has loaded libcublas
+    assert paths["cpu_bfloat16"] in ("mkl-bfloat16", "float32-weights")
+    with open("/proc/cpuinfo") as cpuinfo:
+        bf16_dot = " avx512_bf16" in cpuinfo.read() if sys.platform.startswith("linux") else False
+    if bf16_dot and torch.backends.mkl.is_available() and os.environ.get("RNNKERN_CPU_NATIVE_16BIT") != "0":
+        assert paths["cpu_bfloat16"] == "mkl-bfloat16"  # torch's MKL exports cblas_gemm_bf16bf16f32
+    m = rnnkern.LSTM(3, 4, dtype=torch.bfloat16)
+    said = "MKL's bfloat16 GEMM" if paths["cpu_bfloat16"] == "mkl-bfloat16" else "float32 copies of the weights"
+    assert said in rnnkern.explain(m, torch.randn(5, 2, 3, dtype=torch.bfloat16))

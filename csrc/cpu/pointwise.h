@@ -20,8 +20,9 @@ const StepKernels& step_kernels_cpu();
 // How the CPU per-step products run: "blas" (torch's sgemm_/dgemm_, found) or "aten" (at::mm_out).
 const char* cpu_gemm_path();
 
-// StepKernels::gemm on the CPU: ATen's CPU BLAS called directly for float32/float64, ATen's mm for
-// float16/bfloat16 (layer_cpu.cpp), shared by every ISA.
+// A CPU product through torch's BLAS called directly for float32/float64, ATen's mm for float16 and
+// bfloat16 (layer_cpu.cpp), shared by every ISA. (The step kernels' 16-bit products do not come here:
+// cpu_gemm_16bit_into_float or float32 weights, pointwise_impl.h.)
 void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
               const void* b, int64_t ldb, void* c, int64_t ldc);
 
