@@ -146,7 +146,7 @@ def norm_probes(anchors, shape, batch_sizes: Tensor, unsorted_indices: Optional[
     """The float32 probes ``probes[layer][direction]`` [2, N] whose gradients (the norms; shape
     [L, D, 2, N]) go to module ``token`` once per backward. ``anchors``: the tensors the call depends on
     that require grad (at least one: the probes' gradients only flow if one does)."""
-    source = _DualProbeSource if _forward_ad._current_level >= 0 else _ProbeSource
+    source = _DualProbeSource if forward_ad_active() else _ProbeSource
     probes = source.apply(batch_sizes, unsorted_indices, tuple(shape), token, has_cell_state, *anchors)
     directions = shape[1]
     return [list(probes[layer * directions:(layer + 1) * directions]) for layer in range(shape[0])]
@@ -202,11 +202,16 @@ def functorch_transforms() -> List[str]:
     return [interpreter.key().name.lower() for interpreter in _functorch_interpreters()]
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level (``torch.autograd.forward_ad.dual_level()``) is open."""
+    return _forward_ad._current_level >= 0
+
+
 def has_forward_tangents(tensors) -> bool:
     """Whether any of ``tensors`` (None entries allowed) carries a tangent of the current forward-mode AD
     level (torch.autograd.forward_ad's dual tensors; torch.func.jvp is functorch_transforms' "jvp").
     Free outside a ``forward_ad.dual_level()`` block."""
-    if _forward_ad._current_level < 0:
+    if not forward_ad_active():
         return False
     return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 

@@ -393,8 +393,7 @@ class _RnnkernMixin:
         hessian), or for input with forward-mode AD tangents (`context` names which, for the error): the
         reference backend, whose plain PyTorch ops have the formulas those transforms compose; the fused
         kernels' derivatives are registered with autograd's backward only (under jvp the op would give a
-        zero tangent; dual weights got no tangent from it). An explicit fused backend
-        raises instead."""
+        zero tangent; dual weights got no tangent from it). An explicit fused backend raises instead."""
         name = _backends.validate_name(self.backend)
         if name not in ("auto", "reference"):
             raise RuntimeError(

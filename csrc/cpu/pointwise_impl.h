@@ -499,33 +499,31 @@ void with_dtype(DType dtype, const F& fn) {
   TORCH_CHECK(false, "rnnkern cpu backend: unknown dtype");
 }
 
+// C (S, row length ldc) = an m x n float32 product that `product(c32)` writes into a buffer, rounded to
+// S once; false (C untouched) where `product` computes nothing. (thread_local: the driver's sample
+// ranges call the products from several threads.)
+template <typename S, typename Product>
+bool rounded_product(int64_t m, int64_t n, S* c, int64_t ldc, const Product& product) {
+  thread_local std::vector<float> c32;
+  c32.resize(static_cast<size_t>(m * n));
+  if (!product(c32.data())) return false;
+  for (int64_t i = 0; i < m; ++i) at::vec::convert(c32.data() + i * n, c + i * ldc, n);
+  return true;
+}
+
 // C (S) = A (S) · B (float32) for the 16-bit layers' per-step products: A's rows converted to float32,
 // the product by the float32 BLAS, C rounded to S once (StepKernels::gemm_float_b).
 template <typename S>
 void gemm_float_b_t(bool b_nk, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const float* b,
                     int64_t ldb, S* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  thread_local std::vector<float> a32, c32;  // (the driver's sample ranges call it from several threads)
+  thread_local std::vector<float> a32;
   a32.resize(static_cast<size_t>(m * k));
-  c32.resize(static_cast<size_t>(m * n));
   for (int64_t i = 0; i < m; ++i) at::vec::convert(a + i * lda, a32.data() + i * k, k);
-  rnnkern::cpu_gemm(DType::F32, b_nk, m, n, k, a32.data(), k, b, ldb, c32.data(), n);
-  for (int64_t i = 0; i < m; ++i) at::vec::convert(c32.data() + i * n, c + i * ldc, n);
-}
-
-// C (S) = A (S) · op(B) (S) where the CPU multiplies 16-bit operands itself (cpu_native_16bit_gemm):
-// into float32, then rounded to S once.
-template <typename S>
-void gemm_native_16bit_t(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
-                         const void* b, int64_t ldb, S* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  thread_local std::vector<float> c32;
-  c32.resize(static_cast<size_t>(m * n));
-  if (!rnnkern::cpu_gemm_16bit_into_float(dtype, b_nk, m, n, k, a, lda, b, ldb, c32.data(), n)) {
-    rnnkern::cpu_gemm(dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);  // (ATen's)
-    return;
-  }
-  for (int64_t i = 0; i < m; ++i) at::vec::convert(c32.data() + i * n, c + i * ldc, n);
+  rounded_product(m, n, c, ldc, [&](float* c32) {
+    rnnkern::cpu_gemm(DType::F32, b_nk, m, n, k, a32.data(), k, b, ldb, c32, n);
+    return true;
+  });
 }
 
 class CpuStepKernels final : public StepKernels {
@@ -541,9 +539,12 @@ class CpuStepKernels final : public StepKernels {
   }
   void gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
             const void* b, int64_t ldb, void* c, int64_t ldc) const override {
-    if (dtype == DType::BF16 && rnnkern::cpu_native_16bit_gemm(dtype)) {
-      gemm_native_16bit_t<c10::BFloat16>(dtype, b_nk, m, n, k, a, lda, b, ldb, static_cast<c10::BFloat16*>(c),
-                                         ldc);
+    if (m == 0 || n == 0) return;
+    // bfloat16 where the CPU multiplies it itself (cpu_native_16bit_gemm): into float32, rounded once
+    if (dtype == DType::BF16 &&
+        rounded_product(m, n, static_cast<c10::BFloat16*>(c), ldc, [&](float* c32) {
+          return rnnkern::cpu_gemm_16bit_into_float(dtype, b_nk, m, n, k, a, lda, b, ldb, c32, n);
+        })) {
       return;
     }
     rnnkern::cpu_gemm(dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);

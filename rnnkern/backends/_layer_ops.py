@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .. import _cells
+from .. import _cells, _compat
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -157,13 +157,10 @@ _EAGER = {}  # forward op -> its EagerLayer (register_layer_op)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # (a Parameter has no __torch_function__ of its own)
 
 try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
     from torch.overrides import _get_current_function_mode_stack
     from torch.utils._device import DeviceContext
-    from torch._C._functorch import peek_interpreter_stack as _peek_interpreter_stack
-    import torch.autograd.forward_ad as _forward_ad
 except ImportError:  # a torch without them: every call through the op (correct, slower)
-    _get_current_dispatch_mode = None
+    _get_current_function_mode_stack = None
 
 
 def _plain_eager(tensors) -> bool:
@@ -172,11 +169,12 @@ def _plain_eager(tensors) -> bool:
     export, FlopCounterMode...), a torch function mode other than torch.device's, a torch.func transform
     or a forward-mode AD level is active, nor for tensor subclasses (but Parameter): those see the op,
     as registered."""
-    if _get_current_dispatch_mode is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if (_compat._get_current_dispatch_mode is None or _compat._peek_interpreter_stack is None
+            or _get_current_function_mode_stack is None):
         return False
-    if _get_current_dispatch_mode() is not None or _peek_interpreter_stack() is not None:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _compat.forward_ad_active():
         return False
-    if _forward_ad._current_level >= 0:
+    if _compat._get_current_dispatch_mode() is not None or _compat._peek_interpreter_stack() is not None:
         return False
     if torch._C._is_torch_function_mode_enabled() and not all(
             isinstance(mode, DeviceContext) for mode in _get_current_function_mode_stack()):

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from .. import _cells
+from .. import _cells, _compat
 from ..functional import batch_size_list
 from . import Backend
 
@@ -57,7 +56,7 @@ class _DualNormTap(_NormTap):
 def _tap(state: Tensor, probe: Optional[Tensor], clip: float) -> Tensor:
     if probe is None and clip <= 0:
         return state
-    return (_DualNormTap if _forward_ad._current_level >= 0 else _NormTap).apply(state, probe, clip)
+    return (_DualNormTap if _compat.forward_ad_active() else _NormTap).apply(state, probe, clip)
 
 
 def reference_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
