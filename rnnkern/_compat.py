@@ -395,8 +395,10 @@ def _packed_lstm_on_onednn(low: torch.dtype) -> bool:
     if known is None:
         with torch.no_grad(), torch.autocast("cpu", dtype=low):
             zeros = torch.zeros(1, 1)
+            # w_ih, w_hh [4, 1]; b_ih, b_hh [4] (torch 2.11's per-op LSTM checks the biases' shape)
+            weights = [torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4), torch.zeros(4)]
             out = torch._VF.lstm(zeros, torch.ones(1, dtype=torch.int64), (zeros[None], zeros[None]),
-                                 [torch.zeros(4, 1)] * 4, True, 1, 0.0, False, False)[0]
+                                 weights, True, 1, 0.0, False, False)[0]
         known = _PACKED_ON_ONEDNN[low] = out.dtype == low
     return known
 

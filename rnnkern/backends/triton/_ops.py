@@ -6,9 +6,9 @@ weight gradients are large GEMMs here, after the loop. Every step of the bookkee
 torch op or a kernel launch whose row range is read on the device, so torch.compile traces the
 ops (triton_op makes the kernels visible to Inductor).
 
-Under the Triton interpreter wrap_triton hands back the plain interpreted kernel, which would run on
-fake tensors while tracing; there the ops are opaque custom_ops instead (same names and schemas),
-so opcheck and torch.compile work on CPU tensors too. Either way the fake kernels are the shared
+Under the Triton interpreter the kernels are plain Python, which would run on fake tensors while
+tracing; there the ops are opaque custom_ops instead (same names and schemas), launching the kernels
+as they are, so opcheck and torch.compile work on CPU tensors too. Either way the fake kernels are the shared
 ones of _layer_ops (the explicit shapes of docs/internals.md).
 """
 
@@ -27,6 +27,17 @@ from . import _common, gru, lstm, rnn
 
 # the op definer: triton_op for real kernels, custom_op under the interpreter (see above)
 _define = custom_op if _common.INTERPRETER else triton_op
+
+
+def _run_interpreted(kernel):
+    """The interpreted kernel as it is: inside an opaque custom_op there is nothing for wrap_triton to
+    record, and some torch releases (2.11) reject interpreted kernels there ("wrap_triton only works
+    on functions annotated with triton.jit or triton.autotune")."""
+    return kernel
+
+
+# how the cell modules launch a kernel
+_wrap = _run_interpreted if _common.INTERPRETER else wrap_triton
 
 
 def _launch(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
@@ -67,14 +78,14 @@ def triton_rnn_layer_forward(cell: int, xp: Tensor, batch_sizes: Tensor, h0: Ten
         w_hr = None if w_hr is None else w_hr.contiguous()
         c_n = xp.new_empty((batch, hidden))
         lstm.forward(xp, plan, h0, c0, w_hh, b_hh, w_hr, out, h_n, c_n, workspace, types,
-                     wrap_triton, loop)
+                     _wrap, loop)
     elif cell == _cells.GRU:
         c_n = xp.new_empty((0,))
-        gru.forward(xp, plan, h0, w_hh, b_hh, out, h_n, workspace, types, wrap_triton, loop)
+        gru.forward(xp, plan, h0, w_hh, b_hh, out, h_n, workspace, types, _wrap, loop)
     else:
         c_n = xp.new_empty((0,))
         rnn.forward(cell == _cells.RNN_RELU, xp, plan, h0, w_hh, b_hh, out, h_n, types,
-                    wrap_triton, loop)
+                    _wrap, loop)
     return out, h_n, c_n, workspace
 
 
@@ -116,16 +127,16 @@ def triton_rnn_layer_backward(cell: int, grad_out: Tensor, grad_h_n: Tensor,
         c0_used = out.new_zeros((batch, hidden)) if c0 is None else c0.contiguous()
         w_hr_used = None if w_hr is None else w_hr.contiguous()
         lstm.backward(grad_out, grad_h_n, plan, c0_used, w_hh, w_hr_used, clip_t, workspace,
-                      dc, dgates, g, norm2_h, norm2_c, types, wrap_triton, loop)
+                      dc, dgates, g, norm2_h, norm2_c, types, _wrap, loop)
         if c0 is not None:
             grad_c0 = dc.to(dtype)
     elif cell == _cells.GRU:
         grad_xp = out.new_empty((n_rows, w_hh.shape[0]))
         gru.backward(grad_out, grad_h_n, plan, h0, w_hh, clip_t, out, workspace, dgates, grad_xp, g,
-                     norm2_h, types, wrap_triton, loop)
+                     norm2_h, types, _wrap, loop)
     else:
         rnn.backward(cell == _cells.RNN_RELU, grad_out, grad_h_n, plan, w_hh, clip_t, out, dgates,
-                     g, norm2_h, types, wrap_triton, loop)
+                     g, norm2_h, types, _wrap, loop)
     norm = torch.stack((norm2_h.sum(0)[:n_rows], norm2_c.sum(0)[:n_rows])).sqrt()
     if grad_xp is None:
         grad_xp = dgates.to(dtype)
