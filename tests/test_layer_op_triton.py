@@ -341,6 +341,22 @@ def test_where_it_runs():
     assert rk_backends.resolve("auto", torch.device("cpu"), torch.float32).name != "triton"
 
 
+def test_a_faulty_interpreter_makes_the_backend_unusable(monkeypatch):
+    """Where this Triton's interpreter cannot run the kernels (Triton 3.6 with NumPy 2.4 or newer), the
+    backend says why instead of failing inside a kernel: backends() leaves it out, choosing it raises
+    the reason. (On a GPU the kernels are compiled: the interpreter does not matter.)"""
+    import rnnkern
+
+    monkeypatch.setattr(_common, "_interpreter_probed", True)
+    monkeypatch.setattr(_common, "_interpreter_fault", "the interpreter's fault")
+    if CUDA:
+        assert "triton" in rnnkern.backends()
+        return
+    assert "triton" not in rnnkern.backends()
+    with pytest.raises(RuntimeError, match="the interpreter's fault"):
+        rnnkern.GRU(3, 4, backend="triton")(torch.randn(2, 1, 3))
+
+
 def test_variant_rule(settings):
     settings.variant = "auto"
     assert _common.use_loop(4, 64, 64, False, torch.float32)

@@ -28,6 +28,8 @@ class TritonBackend(Backend):
         if not _common.INTERPRETER and not torch.cuda.is_available():
             return ("no CUDA GPU, and the Triton interpreter is off (set TRITON_INTERPRET=1 before "
                     "importing triton to run it on CPU tensors)")
+        if _common.INTERPRETER:
+            return _common.interpreter_fault()
         return None
 
     def unsupported_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:

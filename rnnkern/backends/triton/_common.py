@@ -26,6 +26,40 @@ from .. import _layer_ops
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@triton.jit
+def _interpreter_probe_kernel(out_ptr, steps):
+    # a time loop over a run-time bound, as the cells' loop kernels and the packed steps have
+    total = tl.zeros((2,), dtype=tl.float32)
+    for _ in range(0, steps):
+        total += 1.0
+    tl.store(out_ptr + tl.arange(0, 2), total)
+
+
+_interpreter_fault: Optional[str] = None
+_interpreter_probed = False
+
+
+def interpreter_fault() -> Optional[str]:
+    """Why this Triton's interpreter cannot run the kernels, or None; probed once by a small kernel.
+    (Triton 3.6's interpreter takes int() of a one-element array for a run-time loop bound, which NumPy
+    2.4 and newer refuse.)"""
+    global _interpreter_fault, _interpreter_probed
+    if not _interpreter_probed:
+        out = torch.zeros(2)
+        try:
+            _interpreter_probe_kernel[(1,)](out, 3)
+            fault = None if out.tolist() == [3.0, 3.0] else f"a loop of 3 steps gave {out.tolist()}"
+        except Exception as error:  # any failure: the interpreter cannot run the kernels here
+            fault = f"{type(error).__name__}: {error}"
+        if fault is not None:
+            import numpy
+
+            fault = (f"this Triton's interpreter (triton {triton.__version__}, numpy {numpy.__version__}) "
+                     f"fails on a kernel with a run-time loop bound ({fault})")
+        _interpreter_fault, _interpreter_probed = fault, True
+    return _interpreter_fault
+
+
 @dataclass
 class Settings:
     """Run-time switches (plain attributes, read at each call).
