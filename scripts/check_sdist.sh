@@ -16,14 +16,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 export MAX_JOBS=${MAX_JOBS:-2}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/rnnkern-sdist.XXXXXX")
-if [[ "${1:-}" == "--keep" ]]; then
-    echo "keeping $WORK"
-else
-    trap 'rm -rf "$WORK"' EXIT
-fi
-START=$(date +%s)
-step() { echo "== [$(( $(date +%s) - START ))s] $*"; }
+# shellcheck source=work_folder.sh
+source "$ROOT/scripts/work_folder.sh"
+make_work_folder sdist "$@"
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 step "fresh venv with $TORCH_SPEC"

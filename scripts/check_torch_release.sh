@@ -21,14 +21,9 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.11.0}
 EXTRA_SPEC=${EXTRA_SPEC-numpy<2.4}
 export MAX_JOBS=${MAX_JOBS:-2} RNNKERN_CUDA_ARCHS=${RNNKERN_CUDA_ARCHS:-90}
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/rnnkern-torch-release.XXXXXX")
-if [[ "${1:-}" == "--keep" ]]; then
-    echo "keeping $WORK"
-else
-    trap 'rm -rf "$WORK"' EXIT
-fi
-START=$(date +%s)
-step() { echo "== [$(( $(date +%s) - START ))s] $*"; }
+# shellcheck source=work_folder.sh
+source "$ROOT/scripts/work_folder.sh"
+make_work_folder torch-release "$@"
 
 step "fresh venv with $TORCH_SPEC $EXTRA_SPEC"
 "$PYTHON" -m venv "$WORK/venv"
