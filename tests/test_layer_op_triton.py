@@ -357,6 +357,17 @@ def test_a_faulty_interpreter_makes_the_backend_unusable(monkeypatch):
         rnnkern.GRU(3, 4, backend="triton")(torch.randn(2, 1, 3))
 
 
+@pytest.mark.skipif(CUDA, reason="the interpreter runs the kernels only without a GPU (compiled on one)")
+def test_interpreter_probe_runs_on_real_tensors_in_any_mode(monkeypatch):
+    """The first caller may be under fake tensors and a meta device (opcheck, export): the probe still
+    runs on real CPU tensors, and does not declare a working interpreter faulty."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(_common, "_interpreter_probed", False)
+    with FakeTensorMode(), torch.device("meta"):
+        assert _common.interpreter_fault() is None
+
+
 def test_variant_rule(settings):
     settings.variant = "auto"
     assert _common.use_loop(4, 64, 64, False, torch.float32)

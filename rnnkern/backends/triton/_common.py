@@ -45,9 +45,11 @@ def interpreter_fault() -> Optional[str]:
     2.4 and newer refuse.)"""
     global _interpreter_fault, _interpreter_probed
     if not _interpreter_probed:
-        out = torch.zeros(2)
         try:
-            _interpreter_probe_kernel[(1,)](out, 3)
+            # real tensors, whatever mode the first caller runs in (fake tensors, a meta device context)
+            with torch.utils._python_dispatch._disable_current_modes():
+                out = torch.zeros(2, device="cpu")
+                _interpreter_probe_kernel[(1,)](out, 3)
             fault = None if out.tolist() == [3.0, 3.0] else f"a loop of 3 steps gave {out.tolist()}"
         except Exception as error:  # any failure: the interpreter cannot run the kernels here
             fault = f"{type(error).__name__}: {error}"

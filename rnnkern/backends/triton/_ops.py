@@ -8,8 +8,8 @@ ops (triton_op makes the kernels visible to Inductor).
 
 Under the Triton interpreter the kernels are plain Python, which would run on fake tensors while
 tracing; there the ops are opaque custom_ops instead (same names and schemas), launching the kernels
-as they are, so opcheck and torch.compile work on CPU tensors too. Either way the fake kernels are the shared
-ones of _layer_ops (the explicit shapes of docs/internals.md).
+as they are, so opcheck and torch.compile work on CPU tensors too. Either way the fake kernels are the
+shared ones of _layer_ops (the explicit shapes of docs/internals.md).
 """
 
 from __future__ import annotations
