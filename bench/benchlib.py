@@ -26,7 +26,7 @@ DEFAULT_OUT_DIR = REPO_ROOT / "bench" / "results"
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-PASSES = ("fwd", "fwdbwd")
+PASSES = ("fwd", "fwdbwd", "infer")  # infer: a forward under torch.no_grad (no graph recorded)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 
@@ -74,6 +74,18 @@ GRIDS: Dict[str, Dict[str, object]] = {
     },
     # The CPU backend's 16-bit layers (rows in the layer's dtype, float accumulation) against torch.nn's
     # own CPU float16 / bfloat16 paths, two of the "cpu" shapes; its own results file.
+    # What a call costs beyond its arithmetic (argument checks, dispatch, the Python around the ops), where
+    # that is most of it: one step at a time (autoregressive decoding, RL rollouts) and short sequences,
+    # inference and training; float32, its own results file. Seconds.
+    "cpu-small": {
+        "device": "cpu",
+        "shapes": [Shape("lstm", 1, 1, 64), Shape("gru", 1, 1, 64), Shape("rnn_tanh", 1, 1, 64),
+                   Shape("lstm", 1, 32, 128), Shape("lstm", 1, 8, 256), Shape("gru", 1, 8, 256),
+                   Shape("lstm", 4, 8, 256), Shape("lstm", 16, 8, 64), Shape("gru", 16, 8, 64)],
+        "dtypes": ["float32"],
+        "passes": ["infer", "fwdbwd"],
+        "own_file": True,
+    },
     "cpu-16bit": {
         "device": "cpu",
         "shapes": [Shape("lstm", 50, 32, 128), Shape("gru", 100, 64, 256)],
@@ -144,7 +156,7 @@ def case_flops(cell: str, T: int, B: int, H: int, pass_: str, input_size: Option
     I = H if input_size is None else input_size
     G = GATES[cell]
     fwd = 2.0 * T * B * G * H * (I + H)
-    return fwd if pass_ == "fwd" else 3.0 * fwd
+    return 3.0 * fwd if pass_ == "fwdbwd" else fwd
 
 
 def case_min_bytes(cell: str, T: int, B: int, H: int, pass_: str, dtype_bytes: int, norms: bool,
@@ -162,7 +174,7 @@ def case_min_bytes(cell: str, T: int, B: int, H: int, pass_: str, dtype_bytes: i
     n_states = 2 if cell == "lstm" else 1
     weights = G * H * I + G * H * H + 2 * G * H
     fwd = T * B * I + n_states * B * H + weights + T * B * H + n_states * B * H
-    if pass_ == "fwd":
+    if pass_ in ("fwd", "infer"):
         return float(fwd * dtype_bytes)
     if pass_ != "fwdbwd":
         raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")

@@ -106,7 +106,9 @@ def pytest_generate_tests(metafunc):
     for shape in grid["shapes"]:  # shape outermost: a time-boxed run covers the first shapes in every dtype
         for dtype in grid["dtypes"]:
             for pass_ in grid.get("passes", benchlib.PASSES):
-                variants = [("torch.nn", False)] + [(b, n) for b in plan[dtype] for n in (False, True)]
+                # (no norms under torch.no_grad: nothing to record)
+                norm_options = (False,) if pass_ == "infer" else (False, True)
+                variants = [("torch.nn", False)] + [(b, n) for b in plan[dtype] for n in norm_options]
                 for backend, norms in variants:
                     params.append((shape, dtype, pass_, backend, norms))
                     ids.append(f"{shape.id}-{dtype}-{pass_}-{backend}" + ("-norms" if norms else ""))

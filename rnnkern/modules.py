@@ -412,16 +412,20 @@ class _RnnkernMixin:
             f"built with the same arguments and this module's state_dict")
 
     def _layer_weights(self, params):
-        names = self._flat_weights_names
-        by_name = dict(zip(names, params))
+        """weights[layer][direction] = (w_ih, w_hh, b_ih, b_hh, w_hr) (None where absent), by position:
+        _parse checked that the parameters are named and ordered as torch.nn lays out this configuration
+        (per layer and direction: weight_ih, weight_hh, then bias_ih, bias_hh, then weight_hr)."""
+        bias, proj = bool(self.bias), self.proj_size > 0
+        per = 2 + 2 * bias + proj
+        directions = 2 if self.bidirectional else 1
         layers = []
         for layer in range(self.num_layers):
-            directions = []
-            for direction in range(2 if self.bidirectional else 1):
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                directions.append(tuple(by_name.get(f"{kind}{suffix}") for kind in
-                                        ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")))
-            layers.append(directions)
+            group = []
+            for direction in range(directions):
+                base = (layer * directions + direction) * per
+                group.append((params[base], params[base + 1], params[base + 2] if bias else None,
+                              params[base + 3] if bias else None, params[base + per - 1] if proj else None))
+            layers.append(group)
         return layers
 
     def _run(self, input, packed, is_batched, data, batch_sizes, sorted_indices, unsorted_indices,

@@ -237,10 +237,16 @@ def _to(case, device, dtype=None):
     return {k: conv(v) for k, v in case.items()}
 
 
+# Sequences shorter than 8 steps read the recurrent weights transposed in place, longer ones through a
+# transposed copy (csrc/cpu/layer_driver.cpp, StepWeight): both sides of that length.
+STEP_COUNTS = [5, 9]
+
+
+@pytest.mark.parametrize("T", STEP_COUNTS)
 @pytest.mark.parametrize("reverse,packed", list(itertools.product([False, True], [False, True])))
 @pytest.mark.parametrize("clipping", [False, True], ids=["noclip", "clip"])
-def test_cpu_lstm_projection_matches_oracle(reverse, packed, clipping):
-    case, grads, _ = make_case(_cells.LSTM, T=5, B=4, H=9, P=5, packed=packed, seed=7)
+def test_cpu_lstm_projection_matches_oracle(reverse, packed, clipping, T):
+    case, grads, _ = make_case(_cells.LSTM, T=T, B=4, H=9, P=5, packed=packed, seed=7)
     clip = pick_clip(case, grads, reverse) if clipping else 0.0
     want = run_layer(oracle_fn, case, grads, reverse, clip)
     got = run_layer(backend_fn("cpu"), case, grads, reverse, clip)
@@ -258,16 +264,17 @@ def test_cpu_float32_and_vector_tails(cell):
     assert_results_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", STEP_COUNTS)
 @pytest.mark.parametrize("split", ["0", "1"], ids=["allrows", "split"])
 @pytest.mark.parametrize("reverse,packed", list(itertools.product([False, True], [False, True])))
 @pytest.mark.parametrize("cell,P", [(c, 0) for c in CELLS] + [(_cells.LSTM, 6)],
                          ids=CELL_IDS + ["lstm-proj"])
-def test_cpu_float32_per_step_products(cell, P, reverse, packed, split, monkeypatch):
-    """float32 per-step products (BLAS sgemm) and kernels for every step size met (packed input
-    shrinks), in both directions, with a projection, on one range of samples or per thread (the
-    sample split): against the float64 oracle."""
+def test_cpu_float32_per_step_products(cell, P, reverse, packed, split, T, monkeypatch):
+    """float32 per-step products (BLAS sgemm, the weights read transposed in place or from a transposed
+    copy) and kernels for every step size met (packed input shrinks), in both directions, with a
+    projection, on one range of samples or per thread (the sample split): against the float64 oracle."""
     monkeypatch.setenv("RNNKERN_CPU_SAMPLE_SPLIT", split)
-    case, grads, _ = make_case(cell, T=6, B=9, H=21, P=P, packed=packed, seed=13)
+    case, grads, _ = make_case(cell, T=T, B=9, H=21, P=P, packed=packed, seed=13)
     clip = pick_clip(case, grads, reverse)
     want = run_layer(oracle_fn, case, grads, reverse, clip)
     case32, grads32 = _to(case, "cpu", torch.float32), _to(grads, "cpu", torch.float32)
