@@ -27,6 +27,7 @@ DEFAULT_OUT_DIR = REPO_ROOT / "bench" / "results"
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 PASSES = ("fwd", "fwdbwd", "infer")  # infer: a forward under torch.no_grad (no graph recorded)
+DEFAULT_PASSES = ("fwd", "fwdbwd")  # those of a grid that names none
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 

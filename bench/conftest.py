@@ -105,7 +105,7 @@ def pytest_generate_tests(metafunc):
     params, ids = [], []
     for shape in grid["shapes"]:  # shape outermost: a time-boxed run covers the first shapes in every dtype
         for dtype in grid["dtypes"]:
-            for pass_ in grid.get("passes", benchlib.PASSES):
+            for pass_ in grid.get("passes", benchlib.DEFAULT_PASSES):
                 # (no norms under torch.no_grad: nothing to record)
                 norm_options = (False,) if pass_ == "infer" else (False, True)
                 variants = [("torch.nn", False)] + [(b, n) for b in plan[dtype] for n in norm_options]

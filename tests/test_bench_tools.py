@@ -155,6 +155,15 @@ def test_a_grid_that_names_its_backends_times_those_alone(monkeypatch):
     conftest.pytest_generate_tests(metafunc)
     assert metafunc.ids == ["lstm-T4-B2-H8-float32-fwdbwd-torch.nn", "lstm-T4-B2-H8-float32-fwdbwd-cpu",
                             "lstm-T4-B2-H8-float32-fwdbwd-cpu-norms"]
+    # the no_grad pass (grid cpu-small): no norm variant, nothing is recorded there
+    grid["passes"] = ["infer"]
+    conftest.pytest_generate_tests(metafunc)
+    assert metafunc.ids == ["lstm-T4-B2-H8-float32-infer-torch.nn", "lstm-T4-B2-H8-float32-infer-cpu"]
+    # a grid that names no passes: the forward and forward+backward ones, as before the infer pass
+    del grid["passes"]
+    conftest.pytest_generate_tests(metafunc)
+    assert [i.split("-")[5] for i in metafunc.ids] == ["fwd"] * 3 + ["fwdbwd"] * 3
+    assert "infer" not in str([g.get("passes") for name, g in benchlib.GRIDS.items() if name != "cpu-small"])
     writer = benchlib.ResultsWriter(torch.device("cpu"), CEILINGS, out_dir=Path("/nonexistent"), suffix="-x")
     assert writer.path.name == benchlib.device_slug(torch.device("cpu")) + "-x.json"
 
