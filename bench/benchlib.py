@@ -73,8 +73,6 @@ GRIDS: Dict[str, Dict[str, object]] = {
                    Shape("lstm", 200, 16, 512), Shape("lstm", 50, 32, 128)],
         "dtypes": ["float32"],
     },
-    # The CPU backend's 16-bit layers (rows in the layer's dtype, float accumulation) against torch.nn's
-    # own CPU float16 / bfloat16 paths, two of the "cpu" shapes; its own results file.
     # What a call costs beyond its arithmetic (argument checks, dispatch, the Python around the ops), where
     # that is most of it: one step at a time (autoregressive decoding, RL rollouts) and short sequences,
     # inference and training; float32, its own results file. Seconds.
@@ -87,6 +85,8 @@ GRIDS: Dict[str, Dict[str, object]] = {
         "passes": ["infer", "fwdbwd"],
         "own_file": True,
     },
+    # The CPU backend's 16-bit layers (rows in the layer's dtype, float accumulation) against torch.nn's
+    # own CPU float16 / bfloat16 paths, two of the "cpu" shapes; its own results file.
     "cpu-16bit": {
         "device": "cpu",
         "shapes": [Shape("lstm", 50, 32, 128), Shape("gru", 100, 64, 256)],

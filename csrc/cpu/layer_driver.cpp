@@ -162,7 +162,7 @@ void for_sample_ranges(bool cpu, int64_t batch, int64_t weight_elements,
 }
 
 // A contiguous [c, r] copy of a CPU tensor's transpose (w [r, c]), bit for bit, in tiles that stay in
-// L1: ATen's strided copy (w.t().contiguous()) ran at ~4 GB/s on a 2-core x86 machine, 340 µs for an
+// L1: ATen's strided copy (w.t().contiguous()) ran at ~4 GB/s on a 2-core x86 machine, 228 µs for an
 // LSTM's 1 MiB W_hh (H = 256), more than a short sequence's whole time loop.
 template <typename E>
 void transpose_tiles(const E* src, E* dst, int64_t rows, int64_t cols) {
@@ -182,15 +182,17 @@ at::Tensor transposed_copy(const at::Tensor& w) {
   const at::Tensor src = w.contiguous();
   at::Tensor dst = at::empty({src.size(1), src.size(0)}, src.options());
   const int64_t rows = src.size(0), cols = src.size(1);
-  switch (src.element_size()) {
+  const void* from = src.data_ptr();
+  void* to = dst.data_ptr();
+  switch (src.element_size()) {  // (bits moved as unsigned integers of the element's size)
     case 2:
-      transpose_tiles(static_cast<const uint16_t*>(src.data_ptr()), static_cast<uint16_t*>(dst.data_ptr()), rows, cols);
+      transpose_tiles(static_cast<const uint16_t*>(from), static_cast<uint16_t*>(to), rows, cols);
       break;
     case 4:
-      transpose_tiles(static_cast<const uint32_t*>(src.data_ptr()), static_cast<uint32_t*>(dst.data_ptr()), rows, cols);
+      transpose_tiles(static_cast<const uint32_t*>(from), static_cast<uint32_t*>(to), rows, cols);
       break;
     case 8:
-      transpose_tiles(static_cast<const uint64_t*>(src.data_ptr()), static_cast<uint64_t*>(dst.data_ptr()), rows, cols);
+      transpose_tiles(static_cast<const uint64_t*>(from), static_cast<uint64_t*>(to), rows, cols);
       break;
     default:
       dst.copy_(src.t());
@@ -201,7 +203,7 @@ at::Tensor transposed_copy(const at::Tensor& w) {
 // The weight operand (StepKernels::gemm's B) of a call's per-step products, made once per call.
 // For A·Wᵀ (`transposed`, W [n, k]): on the CPU, for a sequence of kCopyTransposedFromSteps steps or
 // more, a contiguous Wᵀ (transposed_copy), which BLAS reads faster at every step than the transposed
-// W (MKL: LSTM H = 512, B = 16, 100 steps 22.6 against 42.0 ms); for fewer steps the copy (and the
+// W (MKL: LSTM H = 512, B = 16, 100 steps ~25 against 42 ms); for fewer steps the copy (and the
 // first products on the new memory) costs more than it saves (one step of an LSTM at B = 8, H = 256:
 // 348 against 68 µs), and BLAS reads W transposed. cuBLAS takes W itself at every length. For A·W
 // (W [k, n]): W. In float32 where the device asks for it (StepKernels::float_step_weights).
