@@ -63,13 +63,14 @@ def layer_wavefront_steps(rows: Tensor, num_layers: int, num_directions: int, dr
     between them (its random draws would follow the chunks, not torch.nn's order), not while
     torch.compile traces.
     """
+    if num_directions != 1 or num_layers < 2:
+        return 0  # (before reading the environment: most stacks are one layer, and every call asks)
     value = os.environ.get("RNNKERN_LAYER_WAVEFRONT", "0")
     try:
         steps = int(value)
     except ValueError:
         raise ValueError(f"RNNKERN_LAYER_WAVEFRONT must be a number of steps (0: off), not {value!r}") from None
-    if (steps <= 0 or num_directions != 1 or num_layers < 2 or (dropout != 0 and training)
-            or torch.compiler.is_compiling()):
+    if steps <= 0 or (dropout != 0 and training) or torch.compiler.is_compiling():
         return 0
     return steps
 

@@ -230,9 +230,33 @@ class _RnnkernMixin:
         "Cannot access storage of TensorWrapper")."""
         if torch.compiler.is_compiling():
             return [getattr(self, name) if hasattr(self, name) else None for name in self._flat_weights_names]
-        self._update_flat_weights()
+        self._refresh_flat_weights()
         # (read once: reading them again would evaluate a parametrized weight once more than torch.nn does)
         return list(self._flat_weights)
+
+    def _refresh_flat_weights(self):
+        """torch.nn's _update_flat_weights (re-read the weights if any was replaced, e.g. by
+        torch.func.functional_call), without its hasattr + getattr through Module.__getattr__ per weight
+        where those can only return the registered parameters: a module of rnnkern's own classes (no
+        parametrization, whose class is a subclass with properties; no subclass of the user's) whose
+        weights are all in _parameters and none shadowed by an instance attribute. The same comparison
+        with the weights' references, the same re-initialisation; ~60k instructions a call less (a
+        sixth of a one-step call). Anything else: torch's own method."""
+        own = self.__dict__
+        names, refs, parameters = own.get("_flat_weights_names"), own.get("_flat_weight_refs"), own.get("_parameters")
+        if (type(self) not in _PLAIN_CLASSES or names is None or refs is None or parameters is None
+                or len(names) != len(refs)):
+            self._update_flat_weights()
+            return
+        for name in names:
+            if name not in parameters or name in own:
+                self._update_flat_weights()
+                return
+        for ref, name in zip(refs, names):
+            weight = parameters[name]
+            if weight is not None and ref is not None and ref() is not weight:
+                self._init_flat_weights()
+                return
 
     def _check_parameters(self, params):
         """_InconsistentModule unless the parameters are those of the module's configuration: the names
@@ -348,7 +372,8 @@ class _RnnkernMixin:
         self._check_parameters(params)
         if weight_dtype is not None:
             params = [_compat._cast(p, weight_dtype) for p in params]
-        _require(all(p.dtype == data.dtype and p.device == data.device for p in params))
+        dtype, device = data.dtype, data.device  # (read once: each .device makes an object)
+        _require(all(p.dtype == dtype and p.device == device for p in params))
 
         states = []
         if hx is None:
@@ -521,6 +546,7 @@ class RNN(_RnnkernMixin, TorchRNN):
 
 
 RNNKERN_CLASSES = {TorchLSTM: LSTM, TorchGRU: GRU, TorchRNN: RNN}
+_PLAIN_CLASSES = frozenset(RNNKERN_CLASSES.values())  # (_refresh_flat_weights' fast path)
 
 
 _compat.install_dynamo_support()

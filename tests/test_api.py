@@ -349,6 +349,42 @@ def test_attributes_changed_after_construction(kind, attribute, value):
             ours(x)
 
 
+@pytest.mark.parametrize("subclassed", [False, True], ids=["own-class", "user-subclass"])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_replaced_and_swapped_weights_are_used_like_torch_nn(kind, subclassed):
+    """Weights replaced between calls (a new Parameter set on the module), changed in place, or swapped
+    for one call by torch.func.functional_call: every call computes with the weights torch.nn's would,
+    and the module's _flat_weights follow as torch.nn's do (rnnkern re-reads them without Module's
+    attribute lookups where only the registered parameters can be found; a user's subclass takes
+    torch's own path)."""
+    ours_cls, ref_cls = MODULES[kind]
+    if subclassed:
+        ours_cls = type("UserSubclass", (ours_cls,), {})
+    torch.manual_seed(8)
+    ref = ref_cls(3, 5, num_layers=2)
+    ours = ours_cls(3, 5, num_layers=2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 3)
+
+    def same():
+        torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-6, atol=1e-6)
+
+    same()
+    fresh = torch.randn_like(ref.weight_hh_l1)
+    for m in (ref, ours):
+        m.weight_hh_l1 = torch.nn.Parameter(fresh.clone())
+    same()
+    assert ours._flat_weights[ours._flat_weights_names.index("weight_hh_l1")] is ours.weight_hh_l1
+    for m in (ref, ours):
+        with torch.no_grad():
+            m.bias_ih_l0.mul_(-3.0)
+    same()
+    swapped = {"weight_ih_l0": torch.randn_like(ref.weight_ih_l0), "bias_hh_l1": torch.randn_like(ref.bias_hh_l1)}
+    torch.testing.assert_close(torch.func.functional_call(ours, swapped, (x,))[0],
+                               torch.func.functional_call(ref, swapped, (x,))[0], rtol=1e-6, atol=1e-6)
+    same()  # (the module's own weights again after the swap)
+
+
 def test_parametrized_weights_are_evaluated_as_often_as_in_torch_nn():
     """A parametrization runs as many times per forward as in torch.nn: spectral_norm's power iteration
     then advances alike, and the results stay equal call after call."""
