@@ -248,11 +248,10 @@ class _RnnkernMixin:
                 or len(names) != len(refs)):
             self._update_flat_weights()
             return
-        for name in names:
+        for ref, name in zip(refs, names):  # (in torch's order: the first replaced weight re-initialises)
             if name not in parameters or name in own:
                 self._update_flat_weights()
                 return
-        for ref, name in zip(refs, names):
             weight = parameters[name]
             if weight is not None and ref is not None and ref() is not weight:
                 self._init_flat_weights()
