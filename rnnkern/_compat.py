@@ -26,12 +26,14 @@ import importlib.util
 import itertools
 import sys
 import weakref
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
+
+from .gradnorms import GradNorms
 
 # -- module tokens: how the backward finds the module whose norms it delivers ------------------------
 
@@ -100,6 +102,12 @@ def _keep_in_compiled_graphs(op) -> None:
 _keep_in_compiled_graphs(deliver_grad_norms._opoverload)
 
 
+def _in_compiled_autograd() -> bool:
+    """Whether compiled autograd (torch._dynamo.compiled_autograd) is tracing the backward."""
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
+    return compiled_autograd is not None and getattr(compiled_autograd, "in_compiled_autograd_region", False)
+
+
 class _ProbeSource(torch.autograd.Function):
     """probes = zeros [2, N], one per layer and direction, differentiable w.r.t. `anchors` (every tensor
     the module call depends on that requires grad), so that the gradients autograd computes for the
@@ -113,7 +121,8 @@ class _ProbeSource(torch.autograd.Function):
     @staticmethod
     def forward(ctx, batch_sizes, unsorted_indices, shape, token, has_cell_state, *anchors):
         layers, directions, _, rows = shape
-        ctx.token, ctx.has_cell_state, ctx.anchors, ctx.shape = token, has_cell_state, len(anchors), shape
+        ctx.token, ctx.has_cell_state, ctx.shape = token, has_cell_state, shape
+        ctx.anchors = tuple((a.shape, a.dtype) for a in anchors)  # (for compiled autograd, below)
         ctx.save_for_backward(batch_sizes, unsorted_indices)
         ctx.probe_device = anchors[0].device
         return tuple(anchors[0].new_zeros((2, rows), dtype=torch.float32) for _ in range(layers * directions))
@@ -127,7 +136,12 @@ class _ProbeSource(torch.autograd.Function):
             torch.ops.rnnkern.deliver_grad_norms(*args)
         else:  # eager: the op's body without its Python dispatch (tens of µs per backward)
             _deliver(*args, owned=True)
-        return (None,) * (5 + ctx.anchors)
+        if _in_compiled_autograd():
+            # Compiled autograd adds each input's gradient from here to its other ones without checking
+            # for None (torch 2.14: "add(): argument 'other' must be Tensor, not NoneType"): zeros there.
+            return (None,) * 5 + tuple(torch.zeros(shape, dtype=dtype, device=ctx.probe_device)
+                                       for shape, dtype in ctx.anchors)
+        return (None,) * (5 + len(ctx.anchors))
 
 
 class _DualProbeSource(_ProbeSource):
@@ -139,6 +153,41 @@ class _DualProbeSource(_ProbeSource):
         layers, directions, _, rows = ctx.shape  # zeros, always
         return tuple(torch.zeros((2, rows), dtype=torch.float32, device=ctx.probe_device)
                      for _ in range(layers * directions))
+
+
+class NormSink:
+    """Where the norms of an eager call of a one-layer, one-direction module go without a probe: the
+    layer's own backward (EagerLayer, rnnkern/backends/_layer_ops.py) hands them here. That node lies on
+    every path from the module's outputs to whatever it depends on, as the probe's does, so it delivers
+    exactly when the probe would, once per backward; it spares the probe's autograd node, its zeros and
+    the stacking (~0.1 ms of a one-step forward+backward on a 2-core CPU, most of what recording cost
+    there). Only calls that run EagerLayer get one (Backend.delivers_norms_directly): everything else
+    (torch.compile, dispatch modes, stacks, the reference backend) takes the probes."""
+
+    __slots__ = ("batch_sizes", "unsorted_indices", "token", "has_cell_state", "padded_shape")
+
+    def __init__(self, batch_sizes: Tensor, unsorted_indices: Optional[Tensor], token: int,
+                 has_cell_state: bool, padded_shape: Optional[Tuple[int, int]]):
+        """padded_shape: (T, B) when the rows are T steps of B samples each (padded input), else None."""
+        self.batch_sizes, self.unsorted_indices = batch_sizes, unsorted_indices
+        self.token, self.has_cell_state, self.padded_shape = token, has_cell_state, padded_shape
+
+    def deliver(self, norms: Tensor) -> None:
+        """norms: the layer's [2, N] float32, a tensor of its own (the backward op's output)."""
+        if self.padded_shape is not None and not _being_traced(norms):
+            # [2, N] is already [2, 1, 1, T, B]: the GradNorms are views of it (no copies, no scatter)
+            module = _modules.get(self.token)
+            if module is not None:
+                rows = norms.view(2, 1, 1, *self.padded_shape)  # (made without grad: nothing to detach)
+                h, c = rows.unbind(0) if self.has_cell_state else (rows[0], None)
+                module._publish_grad_norms(GradNorms(h, c))
+            return
+        args = (norms.view(1, 1, 2, norms.shape[1]), self.batch_sizes, self.unsorted_indices, self.token,
+                self.has_cell_state)
+        if _being_traced(norms):  # e.g. compiled autograd tracing the backward: keep it in the graph
+            torch.ops.rnnkern.deliver_grad_norms(*args)
+        else:
+            _deliver(*args, owned=True)
 
 
 def norm_probes(anchors, shape, batch_sizes: Tensor, unsorted_indices: Optional[Tensor],

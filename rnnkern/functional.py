@@ -188,7 +188,7 @@ def run_stack(
     training: bool,
     backend,
     clip: float,
-    norm_probes: Optional[Sequence[Sequence[Tensor]]],
+    norm_probes: Optional[Sequence[Sequence[object]]],
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Run every layer and direction.
 
@@ -202,7 +202,8 @@ def run_stack(
         backend: the Backend object that runs the recurrences.
         clip: hidden_grad_clip, <= 0 for none.
         norm_probes: norm_probes[layer][direction] [2, N] float32, whose gradients receive the norms
-            (_compat.norm_probes), or None.
+            (_compat.norm_probes), or None; for a one-layer, one-direction stack whose backend's
+            delivers_norms_directly allows it, [[a _compat.NormSink]] instead.
 
     Returns:
         out [N, D * P], h_n [L * D, B, P], c_n [L * D, B, H] (LSTM) or None.

@@ -156,8 +156,11 @@ class _RnnkernMixin:
         norms = rows_to_time_batch(norms, batch_sizes)  # [L, D, 2, T, B]
         if unsorted_indices is not None:
             norms = norms.index_select(-1, unsorted_indices.to(norms.device))
-        grad_norms = GradNorms(norms.select(2, 0).contiguous(),
-                               norms.select(2, 1).contiguous() if has_cell_state else None)
+        self._publish_grad_norms(GradNorms(norms.select(2, 0).contiguous(),
+                                           norms.select(2, 1).contiguous() if has_cell_state else None))
+
+    def _publish_grad_norms(self, grad_norms: GradNorms):
+        """Set grad_norms, run the hooks."""
         # straight into __dict__: torch.nn.RNNBase.__setattr__ (flat-weight bookkeeping) and
         # Module.__setattr__ (parameter/buffer checks) cost more than the rest of the delivery
         self.__dict__["grad_norms"] = grad_norms
@@ -473,7 +476,13 @@ class _RnnkernMixin:
             # The norms come back as the probes' gradients (see rnnkern/_compat.py); they can only flow
             # if something the stack depends on requires grad.
             anchors = [t for t in [data, h0, c0, *params] if t is not None and t.requires_grad]
-            if anchors:
+            if anchors and self.num_layers * num_directions == 1 and backend.delivers_norms_directly(
+                    [data, batch_sizes, h0, c0, *params]):
+                # (one layer node, on every path: its backward delivers, see _compat.NormSink)
+                probes = [[_compat.NormSink(batch_sizes, unsorted_indices, self._rnnkern_token,
+                                            cell == _cells.LSTM,
+                                            None if packed else (batch_sizes.numel(), h0.shape[1]))]]
+            elif anchors:
                 probes = _compat.norm_probes(
                     anchors, (self.num_layers, num_directions, 2, data.shape[0]), batch_sizes,
                     unsorted_indices, self._rnnkern_token, cell == _cells.LSTM)

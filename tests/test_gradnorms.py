@@ -18,6 +18,7 @@ CASES = [  # (cell, layers, bidirectional, proj, packed)
     ("gru", 1, False, 0, False),
     ("rnn_tanh", 2, True, 0, True),
     ("rnn_relu", 1, True, 0, False),
+    ("rnn_tanh", 1, False, 0, True),  # one layer, one direction, packed: an eager call's NormSink
 ]
 
 
@@ -116,19 +117,21 @@ def test_norms_off_by_default_and_hooks():
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
-def test_norms_delivered_whatever_inputs_a_backward_asks_for(backend):
+def test_norms_delivered_whatever_inputs_a_backward_asks_for(backend, layers):
     """A backward that asks autograd for some inputs only (torch.autograd.grad(..., inputs), or
     backward(inputs=...)) still delivers the latest norms, of the whole stack: the same as a full
-    backward's."""
+    backward's. (One layer on the cpu backend: its layer's backward delivers, without a probe.)"""
     torch.manual_seed(5)
-    m = rnnkern.LSTM(3, 4, num_layers=2, backend=backend, record_grad_norms=True)
+    m = rnnkern.LSTM(3, 4, num_layers=layers, backend=backend, record_grad_norms=True)
     x = torch.randn(5, 2, 3, requires_grad=True)
-    h0, c0 = torch.randn(2, 2, 4, requires_grad=True), torch.randn(2, 2, 4)
+    h0, c0 = torch.randn(layers, 2, 4, requires_grad=True), torch.randn(layers, 2, 4)
     out, _ = m(x, (h0, c0))
     (out * out).sum().backward(retain_graph=True)
     full = m.grad_norms
-    for ask in ([m.weight_hh_l1], [h0], [m.weight_ih_l0]):
+    top = getattr(m, f"weight_hh_l{layers - 1}")
+    for ask in ([top], [h0], [m.weight_ih_l0], [m.bias_ih_l0]):
         m.grad_norms = None
         torch.autograd.grad((out * out).sum(), ask, retain_graph=True)
         assert m.grad_norms is not None and m.grad_norms is not full
@@ -136,7 +139,7 @@ def test_norms_delivered_whatever_inputs_a_backward_asks_for(backend):
             torch.testing.assert_close(getattr(m.grad_norms, name), getattr(full, name))
     previous = m.grad_norms
     out, _ = m(10 * x, (h0, c0))
-    (out * out).sum().backward(inputs=[m.weight_hh_l1])
+    (out * out).sum().backward(inputs=[top])
     assert m.grad_norms is not previous
     assert not torch.allclose(m.grad_norms.h_per_sample, previous.h_per_sample)
 
@@ -185,10 +188,11 @@ def test_clip_takes_any_real_number():
             m(torch.randn(2, 1, 3))
 
 
-def test_module_called_twice_in_one_graph_delivers_once_per_call():
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
+def test_module_called_twice_in_one_graph_delivers_once_per_call(backend):
     """Each call's recurrence delivers its own norms (the later call's first, as backward runs):
     the hooks see both, grad_norms keeps the first call's."""
-    m = rnnkern.GRU(3, 4, backend="reference", record_grad_norms=True)
+    m = rnnkern.GRU(3, 4, backend=backend, record_grad_norms=True)
     seen = []
     m.register_grad_norm_hook(lambda module, gn: seen.append(gn.h_per_sample.shape[2]))
     a, _ = m(torch.randn(5, 2, 3))
@@ -269,3 +273,139 @@ def test_tiny_norms_do_not_underflow_in_float32(backend):
     got, expected = m.grad_norms.h_per_sample, ref.grad_norms.h_per_sample
     assert (got > 0).all() and (expected.double() < 1e-23).all()
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=0)
+
+
+CPU_BACKEND = "cpu" in rnnkern.backends()
+needs_cpu_backend = pytest.mark.skipif(not CPU_BACKEND, reason="the cpu backend (rnnkern._C) is not built")
+
+
+def _probe_sources(tensor):
+    """How many _ProbeSource nodes (rnnkern/_compat.py) `tensor`'s autograd graph holds."""
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__.startswith("_ProbeSource")
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+def _norms_run(m, form, gen):
+    """One forward+backward of `m` (float64, CPU) on fresh input of the given form; returns the probe
+    count of the graph, the GradNorms, the hooks' deliveries and every gradient."""
+    seen = []
+    handle = m.register_grad_norm_hook(lambda module, gn: seen.append(gn))
+    lengths = [4, 6, 1, 5]
+    if form == "packed":
+        seqs = [torch.randn(n, 3, generator=gen, dtype=torch.float64, requires_grad=True) for n in lengths]
+        inp = pack_sequence(seqs, enforce_sorted=False)
+        leaves = seqs
+    else:
+        shape = {"padded": (5, 3, 3), "batch_first": (3, 5, 3), "unbatched": (5, 3)}[form]
+        inp = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        leaves = [inp]
+    m.batch_first = form == "batch_first"
+    out, hidden = m(inp)
+    count = _probe_sources(out.data if form == "packed" else out)
+    out = out.data if form == "packed" else out
+    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+    weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (out, *hidden)]
+    sum((t * w).sum() for t, w in zip((out, *hidden), weights)).backward()
+    handle.remove()
+    grads = [t.grad for t in leaves] + [p.grad for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    return count, m.grad_norms, seen, grads
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("form", ["padded", "packed", "unbatched", "batch_first"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_one_layer_eager_norms_come_without_a_probe_and_equal_the_probes(cell, form, monkeypatch):
+    """An eager call of a one-layer, one-direction module on the cpu backend records norms without a
+    probe: its layer's backward hands them over (_compat.NormSink). They are the probe path's exactly
+    (the op path, RNNKERN_EAGER_OP=0, takes the probe), delivered once per backward, as are the
+    gradients; a stack of two layers still takes the probe."""
+    _, m = make_pair(cell, 3, 4, backend="cpu")
+    m.record_grad_norms = True
+    runs = {}
+    for path in ("sink", "probe"):
+        monkeypatch.setenv("RNNKERN_EAGER_OP", "1" if path == "sink" else "0")
+        runs[path] = _norms_run(m, form, torch.Generator().manual_seed(3))
+    (sink_probes, sink_gn, sink_seen, sink_grads), (probe_probes, probe_gn, probe_seen, probe_grads) = \
+        runs["sink"], runs["probe"]
+    assert (sink_probes, probe_probes) == (0, 1)
+    assert len(sink_seen) == len(probe_seen) == 1 and sink_seen[0] is sink_gn
+    batch = 1 if form == "unbatched" else (4 if form == "packed" else 3)
+    assert sink_gn.h_per_sample.shape == (1, 1, 6 if form == "packed" else 5, batch)
+    assert sink_gn.h_per_sample.dtype == torch.float32 and (sink_gn.h_per_sample > 0).any()
+    assert torch.equal(sink_gn.h_per_sample, probe_gn.h_per_sample)
+    assert torch.equal(sink_gn.h, probe_gn.h)
+    if cell == "lstm":
+        assert torch.equal(sink_gn.c_per_sample, probe_gn.c_per_sample)
+    else:
+        assert sink_gn.c_per_sample is None and probe_gn.c_per_sample is None
+    for ours, theirs in zip(sink_grads, probe_grads):
+        assert torch.equal(ours, theirs)
+    monkeypatch.setenv("RNNKERN_EAGER_OP", "1")
+    _, stacked = make_pair(cell, 3, 4, backend="cpu", num_layers=2)
+    stacked.record_grad_norms = True
+    assert _norms_run(stacked, form, torch.Generator().manual_seed(3))[0] == 1
+
+
+@needs_cpu_backend
+def test_one_layer_norms_with_create_graph():
+    """create_graph=True (the layer's backward runs with grad mode on): the norms delivered are the
+    plain backward's, and differentiating the kernels' gradients still raises."""
+    _, m = make_pair("lstm", 3, 4, backend="cpu")
+    m.record_grad_norms = True
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.grad(m(x)[0].pow(2).sum(), x)
+    plain = m.grad_norms
+    first, = torch.autograd.grad(m(x)[0].pow(2).sum(), x, create_graph=True)
+    assert m.grad_norms is not plain and not m.grad_norms.h_per_sample.requires_grad
+    assert torch.equal(m.grad_norms.h_per_sample, plain.h_per_sample)
+    assert torch.equal(m.grad_norms.c_per_sample, plain.c_per_sample)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        first.pow(2).sum().backward()
+
+
+def _compiled_autograd():
+    """torch._dynamo.compiled_autograd's context manager with an eager-backend compiler, or None."""
+    from torch._dynamo import compiled_autograd
+
+    enable = getattr(compiled_autograd, "_enable", None) or getattr(compiled_autograd, "enable", None)
+    return None if enable is None else enable(torch.compile(backend="eager"))
+
+
+@pytest.mark.parametrize("backend,layers", [("cpu", 1), ("cpu", 2), ("reference", 1)])
+def test_norms_under_compiled_autograd(backend, layers):
+    """A backward traced by compiled autograd delivers the norms and gives the gradients of an eager
+    one, with the probe (two layers; the reference backend) and without (one layer, cpu). (The probe's
+    None gradients for its anchors used to reach compiled autograd's gradient sums and fail there.)"""
+    if backend not in rnnkern.backends():
+        pytest.skip(f"the {backend} backend is not built")
+    torch._dynamo.reset()
+    _, m = make_pair("lstm", 3, 4, backend=backend, num_layers=layers)
+    m.record_grad_norms = True
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for compiled in (False, True):
+        out, _ = m(x)
+        context = _compiled_autograd() if compiled else None
+        if compiled and context is None:
+            pytest.skip("this torch has no compiled autograd")
+        with context if compiled else torch.enable_grad():
+            out.pow(2).sum().backward()
+        results.append((m.grad_norms, x.grad.clone(), [p.grad.clone() for p in m.parameters()]))
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+        m.grad_norms = None
+    (eager_gn, eager_dx, eager_dw), (compiled_gn, compiled_dx, compiled_dw) = results
+    assert compiled_gn is not None
+    torch.testing.assert_close(compiled_gn.h_per_sample, eager_gn.h_per_sample)
+    torch.testing.assert_close(compiled_gn.c_per_sample, eager_gn.c_per_sample)
+    torch.testing.assert_close(compiled_dx, eager_dx)
+    for ours, theirs in zip(compiled_dw, eager_dw):
+        torch.testing.assert_close(ours, theirs)

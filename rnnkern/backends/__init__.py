@@ -46,6 +46,13 @@ class Backend:
     def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
         raise NotImplementedError
 
+    def delivers_norms_directly(self, tensors) -> bool:
+        """Whether ``layer`` takes a _compat.NormSink as ``norm_probe`` for a call that requires grad
+        on ``tensors`` (all that the layer's inputs derive from: the module call's data, batch sizes,
+        states and weights): its backward then hands the norms over itself, with no probe. ``layer``
+        trusts a sink to mean True here (and skips asking again)."""
+        return False
+
 
 class _Unavailable(Backend):
     """Stands for a backend whose module cannot be imported here."""

@@ -8,7 +8,7 @@ import torch
 
 from .. import _ext
 from . import Backend
-from ._layer_ops import call_layer_op
+from ._layer_ops import call_layer_op, runs_eager
 
 
 class CompiledBackend(Backend):
@@ -40,3 +40,6 @@ class CompiledBackend(Backend):
             torch.ops.rnnkern.rnn_layer_forward.default, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
             reverse, float(clip) if clip is not None else 0.0, norm_probe)
         return out, h_n, c_n
+
+    def delivers_norms_directly(self, tensors) -> bool:
+        return runs_eager(tensors)  # (EagerLayer's backward delivers to a NormSink)

@@ -141,14 +141,21 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
 
         @staticmethod
         def forward(ctx, *inputs):
+            # norm_probe may be a NormSink here (the op itself never sees one): the norms go to it
+            sink = inputs[-1] if isinstance(inputs[-1], _compat.NormSink) else None
             with torch._C._AutoDispatchBelowAutograd():
-                output = forward_op(*inputs)
+                output = forward_op(*inputs[:-1], None) if sink is not None else forward_op(*inputs)
             setup_context(ctx, inputs, output)
+            ctx.norm_sink = sink
             return output
 
         @staticmethod
         def backward(ctx, *grads):
-            return backward(ctx, *grads)
+            result = backward(ctx, *grads)
+            if ctx.norm_sink is None:
+                return result
+            ctx.norm_sink.deliver(result[-1])
+            return result[:-1] + (None,)
 
     _EAGER[forward_op] = EagerLayer
 
@@ -182,16 +189,29 @@ def _plain_eager(tensors) -> bool:
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
 
 
+def runs_eager(tensors) -> bool:
+    """Whether call_layer_op runs a call on `tensors` (a layer's or a whole module call's, None
+    allowed) through EagerLayer rather than the op (given a requirement of grad, see there)."""
+    # (RNNKERN_EAGER_OP=0: always the op, to compare)
+    return os.environ.get("RNNKERN_EAGER_OP", "1") != "0" and _plain_eager(tensors)
+
+
 def call_layer_op(forward_op, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
-    """forward_op(...) (registered with register_layer_op), through EagerLayer where _plain_eager allows:
-    the same results, saved tensors and backward."""
+    """forward_op(...) (registered with register_layer_op), through EagerLayer where runs_eager allows:
+    the same results, saved tensors and backward. norm_probe: a [2, N] probe, None, or (only where
+    EagerLayer runs it, see Backend.delivers_norms_directly) a _compat.NormSink."""
+    sink = isinstance(norm_probe, _compat.NormSink)
+    probe = None if sink else norm_probe
     inputs = (cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe)
     eager = _EAGER.get(forward_op)
-    if (eager is None or os.environ.get("RNNKERN_EAGER_OP", "1") == "0"  # (=0: the op always, to compare)
-            or not _plain_eager((xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, norm_probe))):
-        return forward_op(*inputs)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (xp, h0, c0, w_hh, b_hh, w_hr, norm_probe)):
-        return eager.apply(*inputs)
-    with torch._C._AutoDispatchBelowAutograd():  # (what the op's autograd kernel does here)
-        return forward_op(*inputs)
+    # (a sink comes from a caller that asked runs_eager of the tensors these derive from)
+    if eager is not None and (sink or runs_eager((xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, probe))):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (xp, h0, c0, w_hh, b_hh, w_hr, probe)):
+            return eager.apply(*inputs)
+        if not sink:
+            with torch._C._AutoDispatchBelowAutograd():  # (what the op's autograd kernel does here)
+                return forward_op(*inputs)
+    if sink:  # (the caller checked delivers_norms_directly: a sink elsewhere would lose the norms)
+        raise RuntimeError("rnnkern internal error: a NormSink reached a layer call that has no backward")
+    return forward_op(*inputs)
