@@ -951,18 +951,21 @@ def test_eager_calls_skip_the_op_dispatch_with_the_same_results(kind):
 AUTOGRAD_CONTEXTS = ["checkpoint", "checkpoint-reentrant", "save_on_cpu", "saved_tensors_hooks", "anomaly"]
 
 
+@pytest.mark.parametrize("stack", ["1x1", "2x2"])
 @pytest.mark.parametrize("context", AUTOGRAD_CONTEXTS)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_autograd_contexts_like_torch_nn(kind, context):
+def test_autograd_contexts_like_torch_nn(kind, context, stack):
     """Activation checkpointing (torch.utils.checkpoint, both kinds: the forward runs again in the
     backward), saved-tensor hooks (save_on_cpu, a hook pair that copies), anomaly detection: every
-    gradient as torch.nn's, and the recorded norms as without the context, delivered once."""
+    gradient as torch.nn's, and the recorded norms as without the context, delivered once; for a stack
+    (its norms come through the probe) and one layer and direction (through its layer's backward)."""
     from torch.utils.checkpoint import checkpoint
 
     ours_cls, ref_cls = KINDS[kind]
     torch.manual_seed(5)
-    ref = ref_cls(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
-    ours = ours_cls(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64, record_grad_norms=True)
+    shape = dict(num_layers=2, bidirectional=True) if stack == "2x2" else dict(num_layers=1, bidirectional=False)
+    ref = ref_cls(3, 5, **shape, dtype=torch.float64)
+    ours = ours_cls(3, 5, **shape, dtype=torch.float64, record_grad_norms=True)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(6, 2, 3, dtype=torch.float64)
 
