@@ -963,7 +963,7 @@ def test_autograd_contexts_like_torch_nn(kind, context, stack):
 
     ours_cls, ref_cls = KINDS[kind]
     torch.manual_seed(5)
-    shape = dict(num_layers=2, bidirectional=True) if stack == "2x2" else dict(num_layers=1, bidirectional=False)
+    shape = dict(num_layers=int(stack[0]), bidirectional=stack == "2x2")
     ref = ref_cls(3, 5, **shape, dtype=torch.float64)
     ours = ours_cls(3, 5, **shape, dtype=torch.float64, record_grad_norms=True)
     ours.load_state_dict(ref.state_dict())
