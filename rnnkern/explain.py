@@ -134,8 +134,11 @@ def explain(module, input, hx=None) -> str:
             lines.append(f"  per step: {product} into float32, rounded to {str(data.dtype)[6:]}, + one fused "
                          f"parallel pass (gate math, workspace and cell state in float32)")
         else:
-            lines.append("  per step: a BLAS GEMM (torch's own BLAS) into a preallocated buffer + one fused "
-                         "parallel pass")
+            packed = (data.dtype == torch.float32 and os.environ.get("RNNKERN_CPU_PACKED_WEIGHTS", "1") != "0"
+                      and _ext.load().gemm_paths().get("cpu_packed") == "mkl-packed")
+            weights = "; W_hh packed once by MKL for sequences of 8 steps or more" if packed else ""
+            lines.append(f"  per step: a BLAS GEMM (torch's own BLAS{weights}) into a preallocated buffer + "
+                         "one fused parallel pass")
     lines += _stack_lines(module, data)
     return "\n".join(lines)
 

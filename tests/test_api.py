@@ -562,6 +562,9 @@ def test_per_step_products_call_the_blas_directly():
     if info["cuda_kernels"]:
         assert paths["cuda"] == "cublas"  # torch's CUDA build has loaded libcublas
     assert paths["cpu_bfloat16"] in ("mkl-bfloat16", "float32-weights")
+    assert paths["cpu_packed"] in ("mkl-packed", "none")
+    if sys.platform.startswith("linux") and torch.backends.mkl.is_available():
+        assert paths["cpu_packed"] == "mkl-packed"  # torch's MKL exports cblas_sgemm_pack/_compute
     bf16_dot = False
     if sys.platform.startswith("linux"):  # (elsewhere there is no /proc/cpuinfo to read)
         with open("/proc/cpuinfo") as cpuinfo:

@@ -238,7 +238,8 @@ def _to(case, device, dtype=None):
 
 
 # Sequences shorter than 8 steps read the recurrent weights transposed in place, longer ones through a
-# transposed copy (csrc/cpu/layer_driver.cpp, StepWeight): both sides of that length.
+# transposed copy, or in float32 packed by MKL (csrc/cpu/layer_driver.cpp, StepWeight): both sides of
+# that length.
 STEP_COUNTS = [5, 9]
 
 
@@ -264,16 +265,23 @@ def test_cpu_float32_and_vector_tails(cell):
     assert_results_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("T", STEP_COUNTS)
+# (T, RNNKERN_CPU_PACKED_WEIGHTS): below 8 steps the weights as they are; from there packed by MKL, or
+# (=0, and where torch's BLAS has no packing) a transposed copy
+STEP_WEIGHTS = [(STEP_COUNTS[0], "1"), (STEP_COUNTS[1], "1"), (STEP_COUNTS[1], "0")]
+
+
+@pytest.mark.parametrize("T,pack", STEP_WEIGHTS, ids=["short", "packed", "copy"])
 @pytest.mark.parametrize("split", ["0", "1"], ids=["allrows", "split"])
 @pytest.mark.parametrize("reverse,packed", list(itertools.product([False, True], [False, True])))
 @pytest.mark.parametrize("cell,P", [(c, 0) for c in CELLS] + [(_cells.LSTM, 6)],
                          ids=CELL_IDS + ["lstm-proj"])
-def test_cpu_float32_per_step_products(cell, P, reverse, packed, split, T, monkeypatch):
-    """float32 per-step products (BLAS sgemm, the weights read transposed in place or from a transposed
-    copy) and kernels for every step size met (packed input shrinks), in both directions, with a
-    projection, on one range of samples or per thread (the sample split): against the float64 oracle."""
+def test_cpu_float32_per_step_products(cell, P, reverse, packed, split, T, pack, monkeypatch):
+    """float32 per-step products (BLAS sgemm, the weights read transposed in place, from a transposed
+    copy or packed by MKL) and kernels for every step size met (packed input shrinks), in both
+    directions, with a projection, on one range of samples or per thread (the sample split): against
+    the float64 oracle."""
     monkeypatch.setenv("RNNKERN_CPU_SAMPLE_SPLIT", split)
+    monkeypatch.setenv("RNNKERN_CPU_PACKED_WEIGHTS", pack)
     case, grads, _ = make_case(cell, T=T, B=9, H=21, P=P, packed=packed, seed=13)
     clip = pick_clip(case, grads, reverse)
     want = run_layer(oracle_fn, case, grads, reverse, clip)

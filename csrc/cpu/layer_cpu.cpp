@@ -44,10 +44,22 @@ using FortranGemm = void (*)(const char*, const char*, const int*, const int*, c
 using GemmBf16 = void (*)(int, int, int, int, int, int, float, const void*, int, const void*, int, float, float*,
                           int);
 
+// MKL's packed float32 GEMM (CBLAS, LP64): the size of a packed matrix, the packing, the product.
+using SgemmPackGetSize = size_t (*)(int identifier, int m, int n, int k);
+using SgemmPack = void (*)(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                           const float* src, int ld, float* dest);
+using SgemmCompute = void (*)(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                              int lda, const float* b, int ldb, float beta, float* c, int ldc);
+// (CBLAS's enumerators, as mkl_cblas.h numbers them)
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+
 struct Blas {
   FortranGemm<float> sgemm = nullptr;
   FortranGemm<double> dgemm = nullptr;
   GemmBf16 gemm_bf16 = nullptr;  // torch's MKL has it; OpenBLAS builds do not
+  SgemmPackGetSize sgemm_pack_get_size = nullptr;  // the same
+  SgemmPack sgemm_pack = nullptr;
+  SgemmCompute sgemm_compute = nullptr;
 };
 
 const Blas& blas() {
@@ -58,6 +70,9 @@ const Blas& blas() {
       b.sgemm = reinterpret_cast<FortranGemm<float>>(dlsym(lib, "sgemm_"));
       b.dgemm = reinterpret_cast<FortranGemm<double>>(dlsym(lib, "dgemm_"));
       b.gemm_bf16 = reinterpret_cast<GemmBf16>(dlsym(lib, "cblas_gemm_bf16bf16f32"));
+      b.sgemm_pack_get_size = reinterpret_cast<SgemmPackGetSize>(dlsym(lib, "cblas_sgemm_pack_get_size"));
+      b.sgemm_pack = reinterpret_cast<SgemmPack>(dlsym(lib, "cblas_sgemm_pack"));
+      b.sgemm_compute = reinterpret_cast<SgemmCompute>(dlsym(lib, "cblas_sgemm_compute"));
     }
     return b;
   }();
@@ -84,6 +99,39 @@ bool fortran_gemm(FortranGemm<T> gemm, bool b_nk, int64_t m, int64_t n, int64_t 
 }  // namespace
 
 const char* cpu_gemm_path() { return blas().sgemm && blas().dgemm ? "blas" : "aten"; }
+
+bool cpu_has_packed_gemm() {
+  const Blas& b = blas();
+  return b.sgemm_pack_get_size != nullptr && b.sgemm_pack != nullptr && b.sgemm_compute != nullptr;
+}
+
+at::Tensor cpu_pack_weight(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* b,
+                           int64_t ldb) {
+  constexpr int64_t kMax = 0x7fffffff;  // LP64: 32-bit sizes
+  const char* setting = std::getenv("RNNKERN_CPU_PACKED_WEIGHTS");  // =0: the plain GEMM, to compare
+  if (dtype != DType::F32 || !cpu_has_packed_gemm() || (setting != nullptr && *setting == '0') || m <= 0 ||
+      n <= 0 || k <= 0 || m > kMax || n > kMax || k > kMax || ldb > kMax) {
+    return at::Tensor();
+  }
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const size_t bytes = blas().sgemm_pack_get_size(kBMatrix, mi, ni, ki);
+  // float elements, so that ATen's allocator aligns it as any float tensor (64 bytes)
+  at::Tensor packed = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+                                at::TensorOptions().dtype(at::kFloat));
+  // B as gemm takes it: row-major [n, k] read transposed (b_nk), or [k, n]
+  blas().sgemm_pack(kRowMajor, kBMatrix, b_nk ? kTrans : kNoTrans, mi, ni, ki, 1.0f,
+                    static_cast<const float*>(b), static_cast<int>(ldb), packed.data_ptr<float>());
+  return packed;
+}
+
+void cpu_gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const at::Tensor& packed,
+                     float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // (ldb is ignored for a packed B; m, n, k within 32 bits: cpu_pack_weight checked n, k and a larger m)
+  blas().sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m), static_cast<int>(n),
+                       static_cast<int>(k), a, static_cast<int>(lda), packed.data_ptr<float>(),
+                       static_cast<int>(k), 0.0f, c, static_cast<int>(ldc));
+}
 
 bool cpu_native_16bit_gemm(DType dtype) {
   // bfloat16 through MKL where the CPU has bfloat16 dot products (AVX512-BF16, AMX): measured 3x a

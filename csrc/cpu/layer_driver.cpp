@@ -207,19 +207,33 @@ at::Tensor transposed_copy(const at::Tensor& w) {
 // first products on the new memory) costs more than it saves (one step of an LSTM at B = 8, H = 256:
 // 348 against 68 µs), and BLAS reads W transposed. cuBLAS takes W itself at every length. For A·W
 // (W [k, n]): W. In float32 where the device asks for it (StepKernels::float_step_weights).
+// Where the device packs weights (StepKernels::pack_weight: the CPU's MKL, float32), the same sequences
+// take W packed in the BLAS's own layout instead of either: the GEMM then skips packing it again at
+// every step (2 threads, one product: 64 x 256 x 1024 from the transposed copy 125 µs, packed 96; 32 x
+// 128 x 512: 23 against 18 µs; packing it costs about one such product).
 constexpr int64_t kCopyTransposedFromSteps = 8;
 
 struct StepWeight {
   at::Tensor keep;
+  at::Tensor packed;  // defined: the products go through StepKernels::gemm_packed
   const void* ptr = nullptr;
   bool b_nk = false;
   bool is_float = false;
   int64_t ld = 0;
   StepWeight() = default;
-  StepWeight(const StepKernels& kernels, const at::Tensor& w, bool transposed, bool cpu, int64_t steps) {
+  // rows: the most rows a product of the call has (its batch)
+  StepWeight(const StepKernels& kernels, const at::Tensor& w, bool transposed, bool cpu, int64_t steps,
+             int64_t rows) {
+    const DType dtype = dtype_of(w);
+    is_float = kernels.float_step_weights(dtype);
+    if (cpu && steps >= kCopyTransposedFromSteps && !is_float) {
+      keep = w.contiguous();
+      const int64_t n = keep.size(transposed ? 0 : 1), k = keep.size(transposed ? 1 : 0);
+      packed = kernels.pack_weight(dtype, transposed, rows, n, k, keep.data_ptr(), keep.size(1));
+      if (packed.defined()) return;
+    }
     const bool copy_t = transposed && cpu && steps >= kCopyTransposedFromSteps;
     keep = copy_t ? transposed_copy(w) : w.contiguous();
-    is_float = kernels.float_step_weights(dtype_of(w));
     if (is_float) keep = keep.to(at::kFloat);
     b_nk = transposed && !copy_t;
     ld = keep.size(1);
@@ -230,7 +244,9 @@ struct StepWeight {
 // C = A · B for rows of A and C in the layer's dtype, B a StepWeight.
 void step_product(const StepKernels& kernels, DType dtype, const StepWeight& w, int64_t m, int64_t n,
                   int64_t k, const void* a, int64_t lda, void* c, int64_t ldc) {
-  if (w.is_float) {
+  if (w.packed.defined()) {
+    kernels.gemm_packed(dtype, m, n, k, a, lda, w.packed, c, ldc);
+  } else if (w.is_float) {
     kernels.gemm_float_b(dtype, w.b_nk, m, n, k, a, lda, static_cast<const float*>(w.ptr), w.ld, c,
                          ldc);
   } else {
@@ -389,8 +405,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
       lstm ? (c0.defined() ? c0.to(acc).contiguous() : at::zeros({B, H}, xp.options().dtype(acc)))
            : at::Tensor();
   const bool cpu = xp.is_cpu();
-  const StepWeight w_hh_op(kernels, w_hh, true, cpu, steps.T);
-  const StepWeight w_hr_op = d.proj ? StepWeight(kernels, w_hr, true, cpu, steps.T) : StepWeight();
+  const StepWeight w_hh_op(kernels, w_hh, true, cpu, steps.T, B);
+  const StepWeight w_hr_op = d.proj ? StepWeight(kernels, w_hr, true, cpu, steps.T, B) : StepWeight();
   at::Tensor hp_buf = at::empty({B, GH}, xp.options());
   at::Tensor hpre_buf = d.proj ? at::empty({B, H}, xp.options()) : at::Tensor();
   const int64_t ws_ld = d.S * H;
@@ -548,8 +564,9 @@ layer_backward(const StepKernels& kernels, int64_t cell_id, const at::Tensor& gr
       lstm ? (c0.defined() ? c0.to(acc).contiguous() : at::zeros({B, H}, opts.dtype(acc)))
            : at::Tensor();
   // The per-step products dh = dgates_h W_hh and dh_pre = g W_hr read the weights as they are.
-  const StepWeight w_hh_c(kernels, w_hh, false, out.is_cpu(), steps.T);
-  const StepWeight w_hr_c = d.proj ? StepWeight(kernels, w_hr, false, out.is_cpu(), steps.T) : StepWeight();
+  const StepWeight w_hh_c(kernels, w_hh, false, out.is_cpu(), steps.T, B);
+  const StepWeight w_hr_c =
+      d.proj ? StepWeight(kernels, w_hr, false, out.is_cpu(), steps.T, B) : StepWeight();
   const int64_t ws_ld = d.S * H;
   const int64_t acc_bytes = workspace.element_size();
   auto ws_ptr = [&](int64_t row, int64_t col) -> const void* {

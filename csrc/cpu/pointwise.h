@@ -26,6 +26,17 @@ const char* cpu_gemm_path();
 void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
               const void* b, int64_t ldb, void* c, int64_t ldc);
 
+// B of a CPU product packed by MKL (cblas_sgemm_pack) for products of up to m rows: float32 where
+// torch's BLAS exports the packing (its MKL), RNNKERN_CPU_PACKED_WEIGHTS is not 0 and the sizes fit
+// its 32-bit integers; else an undefined tensor. (StepKernels::pack_weight.)
+at::Tensor cpu_pack_weight(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* b,
+                           int64_t ldb);
+// C = A · B with B from cpu_pack_weight (cblas_sgemm_compute).
+void cpu_gemm_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const at::Tensor& packed,
+                     float* c, int64_t ldc);
+// Whether torch's BLAS exports MKL's packed GEMM (build_info).
+bool cpu_has_packed_gemm();
+
 // Whether 16-bit `dtype` products run as such (MKL's bfloat16 GEMM on a CPU with bfloat16 dot
 // products), else on float32 copies of the weights (StepKernels::gemm_float_b).
 bool cpu_native_16bit_gemm(DType dtype);

@@ -549,6 +549,15 @@ class CpuStepKernels final : public StepKernels {
     }
     rnnkern::cpu_gemm(dtype, b_nk, m, n, k, a, lda, b, ldb, c, ldc);
   }
+  at::Tensor pack_weight(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* b,
+                         int64_t ldb) const override {
+    return rnnkern::cpu_pack_weight(dtype, b_nk, m, n, k, b, ldb);
+  }
+  void gemm_packed(DType dtype, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                   const at::Tensor& packed, void* c, int64_t ldc) const override {
+    TORCH_CHECK(dtype == DType::F32, "rnnkern cpu backend: packed weights are float32 only");
+    rnnkern::cpu_gemm_packed(m, n, k, static_cast<const float*>(a), lda, packed, static_cast<float*>(c), ldc);
+  }
   bool float_step_weights(DType dtype) const override {
     return (dtype == DType::F16 || dtype == DType::BF16) && !rnnkern::cpu_native_16bit_gemm(dtype);
   }

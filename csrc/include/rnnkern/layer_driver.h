@@ -77,6 +77,20 @@ class StepKernels {
                             void* /*c*/, int64_t /*ldc*/) const {
     TORCH_CHECK(false, "rnnkern: this device has no per-step products with float32 weights");
   }
+  // The weight operand B of a call's per-step products (as gemm's: [n, k] when b_nk, else [k, n]),
+  // packed once into the BLAS's own layout for products of up to m rows, or an undefined tensor where
+  // the device has no such packing for dtype. The CPU's: MKL's sgemm_pack, which spares the GEMM
+  // re-packing B at every step (W_hh read once per call instead of once per step).
+  virtual at::Tensor pack_weight(DType /*dtype*/, bool /*b_nk*/, int64_t /*m*/, int64_t /*n*/, int64_t /*k*/,
+                                 const void* /*b*/, int64_t /*ldb*/) const {
+    return at::Tensor();
+  }
+  // gemm with B from pack_weight (the same n and k, m no more than its).
+  virtual void gemm_packed(DType /*dtype*/, int64_t /*m*/, int64_t /*n*/, int64_t /*k*/,
+                           const void* /*a*/, int64_t /*lda*/, const at::Tensor& /*packed*/, void* /*c*/,
+                           int64_t /*ldc*/) const {
+    TORCH_CHECK(false, "rnnkern: this device has no packed per-step products");
+  }
   virtual bool sequence_forward(const SequenceForward&) const { return false; }
   virtual bool sequence_backward(const SequenceBackward&) const { return false; }
 };
