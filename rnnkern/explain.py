@@ -136,7 +136,8 @@ def explain(module, input, hx=None) -> str:
         else:
             packed = (data.dtype == torch.float32 and os.environ.get("RNNKERN_CPU_PACKED_WEIGHTS", "1") != "0"
                       and _ext.load().gemm_paths().get("cpu_packed") == "mkl-packed")
-            weights = "; W_hh packed once by MKL for sequences of 8 steps or more" if packed else ""
+            weights = ("; W_hh packed once by MKL for 8 steps or more where it has 128K elements or more"
+                       if packed else "")
             lines.append(f"  per step: a BLAS GEMM (torch's own BLAS{weights}) into a preallocated buffer + "
                          "one fused parallel pass")
     lines += _stack_lines(module, data)

@@ -265,9 +265,10 @@ def test_cpu_float32_and_vector_tails(cell):
     assert_results_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-# (T, RNNKERN_CPU_PACKED_WEIGHTS): below 8 steps the weights as they are; from there packed by MKL, or
-# (=0, and where torch's BLAS has no packing) a transposed copy
-STEP_WEIGHTS = [(STEP_COUNTS[0], "1"), (STEP_COUNTS[1], "1"), (STEP_COUNTS[1], "0")]
+# (T, RNNKERN_CPU_PACKED_WEIGHTS): below 8 steps the weights as they are; from there packed by MKL (=1:
+# at every size; by default only large weights, test_cpu_float32_packed_weights_by_default), or (=0, and
+# where torch's BLAS has no packing) a transposed copy
+STEP_WEIGHTS = [(STEP_COUNTS[0], "auto"), (STEP_COUNTS[1], "1"), (STEP_COUNTS[1], "0")]
 
 
 @pytest.mark.parametrize("T,pack", STEP_WEIGHTS, ids=["short", "packed", "copy"])
@@ -293,6 +294,19 @@ def test_cpu_float32_per_step_products(cell, P, reverse, packed, split, T, pack,
     finally:
         torch.set_num_threads(old)
     assert_results_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_cpu_float32_packed_weights_by_default(cell, monkeypatch):
+    """W_hh large enough to be packed by default (128K elements or more: csrc/cpu/layer_cpu.cpp), in a
+    packed sequence (its batch shrinks): against the float64 oracle."""
+    monkeypatch.delenv("RNNKERN_CPU_PACKED_WEIGHTS", raising=False)
+    H = {_cells.LSTM: 182, _cells.GRU: 210}.get(cell, 363)  # G * H * H >= 2**17
+    case, grads, _ = make_case(cell, T=9, B=3, H=H, packed=True, seed=5)
+    clip = pick_clip(case, grads, False)
+    want = run_layer(oracle_fn, case, grads, False, clip)
+    case32, grads32 = _to(case, "cpu", torch.float32), _to(grads, "cpu", torch.float32)
+    assert_results_close(run_layer(backend_fn("cpu"), case32, grads32, False, clip), want, rtol=2e-4, atol=2e-5)
 
 
 def test_cpu_flush_denormal_reaches_every_thread(monkeypatch):

@@ -207,10 +207,8 @@ at::Tensor transposed_copy(const at::Tensor& w) {
 // first products on the new memory) costs more than it saves (one step of an LSTM at B = 8, H = 256:
 // 348 against 68 µs), and BLAS reads W transposed. cuBLAS takes W itself at every length. For A·W
 // (W [k, n]): W. In float32 where the device asks for it (StepKernels::float_step_weights).
-// Where the device packs weights (StepKernels::pack_weight: the CPU's MKL, float32), the same sequences
-// take W packed in the BLAS's own layout instead of either: the GEMM then skips packing it again at
-// every step (2 threads, one product: 64 x 256 x 1024 from the transposed copy 125 µs, packed 96; 32 x
-// 128 x 512: 23 against 18 µs; packing it costs about one such product).
+// Where the device packs such a W (StepKernels::pack_weight: the CPU's MKL, float32, large weights),
+// the same sequences take it packed in the BLAS's own layout instead.
 constexpr int64_t kCopyTransposedFromSteps = 8;
 
 struct StepWeight {

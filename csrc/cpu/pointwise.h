@@ -27,8 +27,9 @@ void cpu_gemm(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const voi
               const void* b, int64_t ldb, void* c, int64_t ldc);
 
 // B of a CPU product packed by MKL (cblas_sgemm_pack) for products of up to m rows: float32 where
-// torch's BLAS exports the packing (its MKL), RNNKERN_CPU_PACKED_WEIGHTS is not 0 and the sizes fit
-// its 32-bit integers; else an undefined tensor. (StepKernels::pack_weight.)
+// torch's BLAS exports the packing (its MKL), for a B large enough to gain (layer_cpu.cpp;
+// RNNKERN_CPU_PACKED_WEIGHTS=0: never, =1: always) whose sizes fit 32-bit integers; else an undefined
+// tensor. (StepKernels::pack_weight.)
 at::Tensor cpu_pack_weight(DType dtype, bool b_nk, int64_t m, int64_t n, int64_t k, const void* b,
                            int64_t ldb);
 // C = A · B with B from cpu_pack_weight (cblas_sgemm_compute).
