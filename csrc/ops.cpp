@@ -24,7 +24,7 @@ PyObject* compiled_cuda_archs(PyObject*, PyObject*) {
 PyObject* gemm_paths(PyObject*, PyObject*) {
   // How the per-step products run on each device (build_info): the BLAS called directly, or ATen; on
   // the CPU, bfloat16 layers' by MKL's bfloat16 GEMM or on float32 copies of the weights.
-  // cpu_packed: float32 weights packed once per call by MKL (sequences of 8 steps or more), or not.
+  // cpu_packed: whether torch's BLAS packs weights (MKL: a large float32 W_hh once per call), or not.
   const char* bf16 =
       rnnkern::cpu_native_16bit_gemm(rnnkern::DType::BF16) ? "mkl-bfloat16" : "float32-weights";
   const char* packed = rnnkern::cpu_has_packed_gemm() ? "mkl-packed" : "none";
