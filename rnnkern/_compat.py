@@ -88,6 +88,18 @@ def _(norms, batch_sizes, unsorted_indices, token, has_cell_state):
     return None
 
 
+def _hand_over(norms: Tensor, batch_sizes: Tensor, unsorted_indices: Optional[Tensor], token: int,
+               has_cell_state: bool) -> None:
+    """Deliver one backward's norms [L, D, 2, N] (a tensor of their own): through the op where a tracer
+    records the backward (compiled graphs keep it), else _deliver directly (the op's Python dispatch
+    costs tens of µs per backward)."""
+    args = (norms, batch_sizes, unsorted_indices, token, has_cell_state)
+    if _being_traced(norms):
+        torch.ops.rnnkern.deliver_grad_norms(*args)
+    else:
+        _deliver(*args, owned=True)
+
+
 def _keep_in_compiled_graphs(op) -> None:
     """Mark ``op`` side-effectful so compiled graphs keep it although nothing uses its (absent)
     output: torch's effect system where it has it (torch >= 2.9), else the FX side-effect set."""
@@ -131,11 +143,7 @@ class _ProbeSource(torch.autograd.Function):
     def backward(ctx, *grad_probes):
         batch_sizes, unsorted_indices = ctx.saved_tensors
         norms = torch.stack(grad_probes).view(ctx.shape)  # [L, D, 2, N], a tensor of its own
-        args = (norms, batch_sizes, unsorted_indices, ctx.token, ctx.has_cell_state)
-        if _being_traced(norms):
-            torch.ops.rnnkern.deliver_grad_norms(*args)
-        else:  # eager: the op's body without its Python dispatch (tens of µs per backward)
-            _deliver(*args, owned=True)
+        _hand_over(norms, batch_sizes, unsorted_indices, ctx.token, ctx.has_cell_state)
         if _in_compiled_autograd():
             # Compiled autograd adds each input's gradient from here to its other ones without checking
             # for None (torch 2.14: "add(): argument 'other' must be Tensor, not NoneType"): zeros there.
@@ -182,12 +190,8 @@ class NormSink:
                 h, c = rows.unbind(0) if self.has_cell_state else (rows[0], None)
                 module._publish_grad_norms(GradNorms(h, c))
             return
-        args = (norms.view(1, 1, 2, norms.shape[1]), self.batch_sizes, self.unsorted_indices, self.token,
-                self.has_cell_state)
-        if _being_traced(norms):  # e.g. compiled autograd tracing the backward: keep it in the graph
-            torch.ops.rnnkern.deliver_grad_norms(*args)
-        else:
-            _deliver(*args, owned=True)
+        _hand_over(norms.view(1, 1, 2, norms.shape[1]), self.batch_sizes, self.unsorted_indices, self.token,
+                   self.has_cell_state)
 
 
 def norm_probes(anchors, shape, batch_sizes: Tensor, unsorted_indices: Optional[Tensor],

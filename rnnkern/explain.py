@@ -134,10 +134,13 @@ def explain(module, input, hx=None) -> str:
             lines.append(f"  per step: {product} into float32, rounded to {str(data.dtype)[6:]}, + one fused "
                          f"parallel pass (gate math, workspace and cell state in float32)")
         else:
-            packed = (data.dtype == torch.float32 and os.environ.get("RNNKERN_CPU_PACKED_WEIGHTS", "1") != "0"
+            # (csrc/cpu/layer_cpu.cpp, cpu_pack_weight: its rule and RNNKERN_CPU_PACKED_WEIGHTS)
+            setting = os.environ.get("RNNKERN_CPU_PACKED_WEIGHTS", "")
+            packed = (data.dtype == torch.float32 and not setting.startswith("0")
                       and _ext.load().gemm_paths().get("cpu_packed") == "mkl-packed")
-            weights = ("; W_hh packed once by MKL for 8 steps or more where it has 128K elements or more"
-                       if packed else "")
+            where = ("" if setting.startswith("1") else
+                     " where it has 2^17 elements or more and the batch more than one row")
+            weights = f"; W_hh packed once by MKL for 8 steps or more{where}" if packed else ""
             lines.append(f"  per step: a BLAS GEMM (torch's own BLAS{weights}) into a preallocated buffer + "
                          "one fused parallel pass")
     lines += _stack_lines(module, data)

@@ -246,7 +246,8 @@ class _RnnkernMixin:
         with the weights' references, the same re-initialisation (torch's method cost 66k instructions a
         call here, a sixth of a one-step call's). Anything else: torch's own method."""
         own = self.__dict__
-        names, refs, parameters = own.get("_flat_weights_names"), own.get("_flat_weight_refs"), own.get("_parameters")
+        names, refs = own.get("_flat_weights_names"), own.get("_flat_weight_refs")
+        parameters = own.get("_parameters")
         if (type(self) not in _PLAIN_CLASSES or names is None or refs is None or parameters is None
                 or len(names) != len(refs)):
             self._update_flat_weights()

@@ -379,7 +379,8 @@ def test_replaced_and_swapped_weights_are_used_like_torch_nn(kind, subclassed):
         with torch.no_grad():
             m.bias_ih_l0.mul_(-3.0)
     same()
-    swapped = {"weight_ih_l0": torch.randn_like(ref.weight_ih_l0), "bias_hh_l1": torch.randn_like(ref.bias_hh_l1)}
+    swapped = {"weight_ih_l0": torch.randn_like(ref.weight_ih_l0),
+               "bias_hh_l1": torch.randn_like(ref.bias_hh_l1)}
     torch.testing.assert_close(torch.func.functional_call(ours, swapped, (x,))[0],
                                torch.func.functional_call(ref, swapped, (x,))[0], rtol=1e-6, atol=1e-6)
     same()  # (the module's own weights again after the swap)

@@ -306,7 +306,8 @@ def test_cpu_float32_packed_weights_by_default(cell, monkeypatch):
     clip = pick_clip(case, grads, False)
     want = run_layer(oracle_fn, case, grads, False, clip)
     case32, grads32 = _to(case, "cpu", torch.float32), _to(grads, "cpu", torch.float32)
-    assert_results_close(run_layer(backend_fn("cpu"), case32, grads32, False, clip), want, rtol=2e-4, atol=2e-5)
+    got = run_layer(backend_fn("cpu"), case32, grads32, False, clip)
+    assert_results_close(got, want, rtol=2e-4, atol=2e-5)
 
 
 def test_cpu_flush_denormal_reaches_every_thread(monkeypatch):

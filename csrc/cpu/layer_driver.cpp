@@ -224,13 +224,14 @@ struct StepWeight {
              int64_t rows) {
     const DType dtype = dtype_of(w);
     is_float = kernels.float_step_weights(dtype);
-    if (cpu && steps >= kCopyTransposedFromSteps && !is_float) {
+    const bool per_call = cpu && steps >= kCopyTransposedFromSteps;  // (a per-call operand pays off)
+    if (per_call && !is_float) {
       keep = w.contiguous();
       const int64_t n = keep.size(transposed ? 0 : 1), k = keep.size(transposed ? 1 : 0);
       packed = kernels.pack_weight(dtype, transposed, rows, n, k, keep.data_ptr(), keep.size(1));
       if (packed.defined()) return;
     }
-    const bool copy_t = transposed && cpu && steps >= kCopyTransposedFromSteps;
+    const bool copy_t = transposed && per_call;
     keep = copy_t ? transposed_copy(w) : w.contiguous();
     if (is_float) keep = keep.to(at::kFloat);
     b_nk = transposed && !copy_t;
