@@ -64,7 +64,7 @@ def _extensions():
 
     include = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", "-fopenmp", "-DNDEBUG"]
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/direct_calls.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     if not _want_cuda():
         return [cpp_extension.CppExtension(
             "rnnkern._C", sources, include_dirs=include,

@@ -14,6 +14,10 @@
 #define RNNKERN_CUDA_ARCHS ""
 #endif
 
+// csrc/direct_calls.cpp: the layer ops called directly, for plain eager autograd.
+extern "C" PyObject* rnnkern_call_layer_forward(PyObject*, PyObject* const*, Py_ssize_t);
+extern "C" PyObject* rnnkern_call_layer_backward(PyObject*, PyObject* const*, Py_ssize_t);
+
 namespace {
 
 PyObject* compiled_cuda_archs(PyObject*, PyObject*) {
@@ -42,6 +46,14 @@ PyMethodDef module_methods[] = {
      "How the per-step products run per device: 'blas'/'cublas' (called directly) or 'aten'."},
     {"compiled_cuda_archs", compiled_cuda_archs, METH_NOARGS,
      "Compute capabilities the CUDA kernels were compiled for (';'-separated; '' if none)."},
+    {"call_layer_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(rnnkern_call_layer_forward)),
+     METH_FASTCALL,
+     "rnnkern::rnn_layer_forward's arguments, positionally: the op below autograd, called directly "
+     "(plain eager calls only)."},
+    {"call_layer_backward",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(rnnkern_call_layer_backward)), METH_FASTCALL,
+     "rnnkern::rnn_layer_backward's arguments, positionally: the op below autograd, called directly "
+     "(plain eager calls only)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -36,7 +36,8 @@ def load():
             from .backends._layer_ops import register_layer_op
 
             register_layer_op(torch.ops.rnnkern.rnn_layer_forward.default,
-                              torch.ops.rnnkern.rnn_layer_backward.default)
+                              torch.ops.rnnkern.rnn_layer_backward.default,
+                              direct=(_C.call_layer_forward, _C.call_layer_backward))
             _module = _C
         _tried = True
     return _module

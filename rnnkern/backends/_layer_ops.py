@@ -81,8 +81,12 @@ def _not_twice_differentiable(op_name, grads, anchors):
     return tuple(result)
 
 
-def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) -> None:
-    """Register fake kernels (unless the op's definer already did) and autograd for one backend."""
+def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, direct=None) -> None:
+    """Register fake kernels (unless the op's definer already did) and autograd for one backend.
+
+    direct: None, or (forward, backward): callables taking the ops' arguments positionally that run
+    them below autograd without the Python-side operator call (rnnkern._C.call_layer_forward and
+    call_layer_backward); EagerLayer then calls those (plain eager calls only, see call_layer_op)."""
     if register_fake:
         torch.library.register_fake(forward_op)(fake_layer_forward)
         torch.library.register_fake(backward_op)(fake_layer_backward)
@@ -104,7 +108,15 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         # would cost a full-size fill per backward. Absent gradients are made below, where needed.
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace):
+    if direct is None:
+        def forward_below_autograd(*inputs):
+            with torch._C._AutoDispatchBelowAutograd():  # (what the op's autograd kernel does here)
+                return forward_op(*inputs)
+        direct_backward = None
+    else:
+        forward_below_autograd, direct_backward = direct
+
+    def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace, run_backward=backward_op):
         batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace = ctx.saved_tensors
         has_c0, has_b_hh, has_w_hr = ctx.has
         if grad_out is None:
@@ -119,7 +131,7 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         # without, and the results raise if differentiated (below).
         twice = torch.is_grad_enabled() and any(ctx.needs_input_grad)
         with torch.no_grad() if twice else contextlib.nullcontext():
-            (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = backward_op(*args)
+            (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = run_backward(*args)
         grads = (grad_xp, grad_h0, grad_c0 if has_c0 else None, grad_w_hh, grad_b_hh if has_b_hh else None,
                  grad_w_hr if has_w_hr else None)
         if twice:
@@ -131,7 +143,10 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         return (None, grad_xp, None, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, None, None,
                 norms if ctx.record_norms else None)
 
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    def register_autograd_backward(ctx, grad_out, grad_h_n, grad_c_n, grad_workspace):
+        return backward(ctx, grad_out, grad_h_n, grad_c_n, grad_workspace)
+
+    torch.library.register_autograd(forward_op, register_autograd_backward, setup_context=setup_context)
 
     class EagerLayer(torch.autograd.Function):
         """The op with the autograd above (setup_context, backward) as a plain autograd.Function, for
@@ -143,20 +158,23 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True) ->
         def forward(ctx, *inputs):
             # norm_probe may be a NormSink here (the op itself never sees one): the norms go to it
             sink = inputs[-1] if isinstance(inputs[-1], _compat.NormSink) else None
-            with torch._C._AutoDispatchBelowAutograd():
-                output = forward_op(*inputs[:-1], None) if sink is not None else forward_op(*inputs)
+            output = forward_below_autograd(*inputs[:-1], None) if sink is not None else \
+                forward_below_autograd(*inputs)
             setup_context(ctx, inputs, output)
             ctx.norm_sink = sink
             return output
 
         @staticmethod
         def backward(ctx, *grads):
-            result = backward(ctx, *grads)
+            # (the forward ran plainly; a mode or a tensor subclass may still meet the backward)
+            plain = direct_backward is not None and _plain_eager(grads)
+            result = backward(ctx, *grads, run_backward=direct_backward if plain else backward_op)
             if ctx.norm_sink is None:
                 return result
             ctx.norm_sink.deliver(result[-1])
             return result[:-1] + (None,)
 
+    EagerLayer.forward_below_autograd = staticmethod(forward_below_autograd)
     _EAGER[forward_op] = EagerLayer
 
 
@@ -210,8 +228,7 @@ def call_layer_op(forward_op, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, r
                                            for t in (xp, h0, c0, w_hh, b_hh, w_hr, probe)):
             return eager.apply(*inputs)
         if not sink:
-            with torch._C._AutoDispatchBelowAutograd():  # (what the op's autograd kernel does here)
-                return forward_op(*inputs)
+            return eager.forward_below_autograd(*inputs)
     if sink:  # (the caller checked delivers_norms_directly: a sink elsewhere would lose the norms)
         raise RuntimeError("rnnkern internal error: a NormSink reached a layer call that has no backward")
     return forward_op(*inputs)
