@@ -443,16 +443,24 @@ _PACKED_ON_ONEDNN = {}
 def _packed_lstm_on_onednn(low: torch.dtype) -> bool:
     """Whether torch's packed CPU LSTM runs oneDNN's LSTM (everything in `low`) under autocast for
     sequences all of one length, learnt once per dtype from a one-step, one-unit LSTM through the op
-    torch.nn calls (no module: building one would draw from the random generator)."""
+    torch.nn calls (no module: building one would draw from the random generator). Where oneDNN has
+    no LSTM for `low` on this CPU (bfloat16 without AVX-512: "could not create a primitive descriptor",
+    which torch.nn raises for such a call), the call went to oneDNN: True, as for padded input."""
     known = _PACKED_ON_ONEDNN.get(low)
     if known is None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=low):
-            zeros = torch.zeros(1, 1)
-            # w_ih, w_hh [4, 1]; b_ih, b_hh [4] (torch 2.11's per-op LSTM checks the biases' shape)
-            weights = [torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4), torch.zeros(4)]
-            out = torch._VF.lstm(zeros, torch.ones(1, dtype=torch.int64), (zeros[None], zeros[None]),
-                                 weights, True, 1, 0.0, False, False)[0]
-        known = _PACKED_ON_ONEDNN[low] = out.dtype == low
+        try:
+            with torch.no_grad(), torch.autocast("cpu", dtype=low):
+                zeros = torch.zeros(1, 1)
+                # w_ih, w_hh [4, 1]; b_ih, b_hh [4] (torch 2.11's per-op LSTM checks the biases' shape)
+                weights = [torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4), torch.zeros(4)]
+                out = torch._VF.lstm(zeros, torch.ones(1, dtype=torch.int64), (zeros[None], zeros[None]),
+                                     weights, True, 1, 0.0, False, False)[0]
+            known = out.dtype == low
+        except RuntimeError as error:
+            if "could not create a primitive descriptor" not in str(error):
+                raise
+            known = True
+        _PACKED_ON_ONEDNN[low] = known
     return known
 
 
