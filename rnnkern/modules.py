@@ -8,6 +8,7 @@ rnnkern keeps working while ``patch_torch()`` has replaced ``torch.nn.LSTM`` and
 from __future__ import annotations
 
 import numbers
+import types
 import warnings
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -41,6 +42,20 @@ class _InconsistentModule(_InvalidInput):
 def _require(condition: bool, error=_InvalidInput) -> None:
     if not condition:
         raise error()
+
+
+def _packed_rows(data: Tensor, batch_sizes) -> tuple:
+    """(the rows a PackedSequence's batch sizes cover, its batch size), as torch.nn reads them: batch
+    sizes a 1-D int64 CPU tensor, positive and non-increasing (trailing zeros allowed), covering at most
+    data's rows (torch.nn ignores the rows past them); _InvalidInput otherwise (torch.nn then raises its
+    own error for a hand-made PackedSequence that breaks these)."""
+    _require(isinstance(batch_sizes, Tensor) and batch_sizes.dim() == 1 and batch_sizes.numel() > 0
+             and batch_sizes.dtype == torch.int64 and batch_sizes.device.type == "cpu")
+    sizes = batch_sizes.tolist()
+    _require(sizes[0] > 0 and sizes[-1] >= 0 and all(a >= b for a, b in zip(sizes, sizes[1:])))
+    rows = sum(sizes)
+    _require(rows <= data.shape[0])
+    return (data if rows == data.shape[0] else data[:rows]), sizes[0]
 
 
 def _lstm_states(input, hx) -> list:
@@ -358,7 +373,7 @@ class _RnnkernMixin:
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             _require(isinstance(data, Tensor) and data.dim() == 2)
-            batch = int(batch_sizes[0])
+            data, batch = _packed_rows(data, batch_sizes)
         else:
             _require(isinstance(input, Tensor) and input.dim() in (2, 3))
             is_batched = input.dim() == 3
@@ -368,7 +383,8 @@ class _RnnkernMixin:
             steps, batch = x.shape[0], x.shape[1]
             _require(steps > 0)
             data = x.reshape(steps * batch, x.shape[2])
-            batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
+            # (on the CPU where the layer ops read it, also inside a `with torch.device(...)` block)
+            batch_sizes = torch.full((steps,), batch, dtype=torch.int64, device="cpu")
         _require(data.is_floating_point())
         _require(data.shape[1] == self.input_size)
         params = list(weights)
@@ -397,6 +413,10 @@ class _RnnkernMixin:
                         state = state.index_select(1, sorted_indices)
                     except (RuntimeError, IndexError):
                         raise _InvalidInput() from None
+                if packed and is_lstm and len(states) == 1 and state.shape[1] == 1:
+                    # c0 of batch 1: torch.nn's packed LSTM (unchecked there) broadcasts it in the first
+                    # cell update, which is computing with it expanded
+                    state = state.expand(state.shape[0], batch, state.shape[2])
                 _require(tuple(state.shape) == (self.num_layers * num_directions, batch, size))
                 _require(state.dtype == data.dtype and state.device == data.device)
                 states.append(state)
@@ -521,6 +541,16 @@ Extra keyword-only arguments (also plain attributes, changeable between calls):
 """
 
 
+def _forward_named(name: str):
+    """_RnnkernMixin.forward as ``<name>.forward``: Python's errors for wrong arguments name a function
+    by its __qualname__ (torch.nn's: "LSTM.forward() missing 1 required positional argument: 'input'")."""
+    mixin = _RnnkernMixin.forward
+    forward = types.FunctionType(mixin.__code__, mixin.__globals__, "forward", mixin.__defaults__,
+                                 mixin.__closure__)
+    forward.__qualname__, forward.__doc__ = f"{name}.forward", mixin.__doc__
+    return forward
+
+
 class LSTM(_RnnkernMixin, TorchLSTM):
     __doc__ = _DOC.format(name="LSTM")
     _torch_class = TorchLSTM
@@ -529,7 +559,7 @@ class LSTM(_RnnkernMixin, TorchLSTM):
         super().__init__(*args, **kwargs)
         self._init_rnnkern(backend, record_grad_norms, hidden_grad_clip)
 
-    forward = _RnnkernMixin.forward
+    forward = _forward_named("LSTM")
 
 
 class GRU(_RnnkernMixin, TorchGRU):
@@ -540,7 +570,7 @@ class GRU(_RnnkernMixin, TorchGRU):
         super().__init__(*args, **kwargs)
         self._init_rnnkern(backend, record_grad_norms, hidden_grad_clip)
 
-    forward = _RnnkernMixin.forward
+    forward = _forward_named("GRU")
 
 
 class RNN(_RnnkernMixin, TorchRNN):
@@ -551,7 +581,7 @@ class RNN(_RnnkernMixin, TorchRNN):
         super().__init__(*args, **kwargs)
         self._init_rnnkern(backend, record_grad_norms, hidden_grad_clip)
 
-    forward = _RnnkernMixin.forward
+    forward = _forward_named("RNN")
 
 
 RNNKERN_CLASSES = {TorchLSTM: LSTM, TorchGRU: GRU, TorchRNN: RNN}

@@ -34,6 +34,9 @@ class Backend:
     """Base class: a name, where it can run, and the layer op."""
 
     name = "?"
+    # Whether ``layer`` saves its output ``out`` for its backward (the fused backends: autograd then
+    # raises if the caller changes it in place before the backward).
+    saves_output = False
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run on this machine at all (None if it can)."""

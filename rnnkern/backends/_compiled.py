@@ -15,6 +15,7 @@ class CompiledBackend(Backend):
     """A backend running ``torch.ops.rnnkern.rnn_layer_forward`` on one device type."""
 
     device_type = "?"
+    saves_output = True
     dtypes: Sequence[torch.dtype] = ()
     dtype_names = "?"  # for messages, e.g. "float32 and float64"
 

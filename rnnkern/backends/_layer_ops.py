@@ -95,15 +95,19 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
     op_name = forward_op.name() if hasattr(forward_op, "name") and callable(forward_op.name) else \
         getattr(forward_op, "_qualname", str(forward_op))
 
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, versioned_bias=True):
         cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe = inputs
         out, _h_n, _c_n, workspace = output
         ctx.cell, ctx.reverse, ctx.clip = cell, reverse, clip
         ctx.record_norms = norm_probe is not None
         ctx.has = (c0 is not None, b_hh is not None, w_hr is not None)
-        # (b_hh is saved for its shape: a stand-in would cost more per call, ~15 µs, than the case it
-        # serves, a bias changed in place between forward and backward; autograd then raises.)
-        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace)
+        # The backward reads b_hh's shape only (GRU's b_hn share is in the workspace). EagerLayer keeps
+        # it without autograd's version check, so that a bias changed in place between forward and
+        # backward (GRU's is the module's parameter) does not raise, as it does not in torch.nn; the op's
+        # registered autograd saves it (torch.compile traces saved tensors, not tensor attributes).
+        ctx.unversioned_bias = None if versioned_bias else b_hh
+        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh if versioned_bias else None, w_hr, out,
+                              workspace)
         # No zero-filled gradients for unused outputs: the workspace ([N, S*H], never differentiated)
         # would cost a full-size fill per backward. Absent gradients are made below, where needed.
         ctx.set_materialize_grads(False)
@@ -119,6 +123,13 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
     def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace, run_backward=backward_op):
         batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace = ctx.saved_tensors
         has_c0, has_b_hh, has_w_hr = ctx.has
+        if b_hh is None:
+            b_hh = ctx.unversioned_bias
+        # One step whose h is not used (only c_n is): w_hr (applied to h_1 alone) is not on any path
+        # to what is differentiated, so its gradient is None, as torch.nn's autograd leaves it (an
+        # optimizer skips a None gradient but applies weight decay and momentum to a zero one).
+        if has_w_hr and grad_out is None and grad_h_n is None and batch_sizes.shape[0] == 1:
+            has_w_hr = False
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if grad_h_n is None:
@@ -160,7 +171,7 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
             sink = inputs[-1] if isinstance(inputs[-1], _compat.NormSink) else None
             output = forward_below_autograd(*inputs[:-1], None) if sink is not None else \
                 forward_below_autograd(*inputs)
-            setup_context(ctx, inputs, output)
+            setup_context(ctx, inputs, output, versioned_bias=False)
             ctx.norm_sink = sink
             return output
 

@@ -23,6 +23,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     settings = _common.SETTINGS
+    saves_output = True
 
     def unavailable_reason(self) -> Optional[str]:
         if not _common.INTERPRETER and not torch.cuda.is_available():

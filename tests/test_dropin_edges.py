@@ -1,0 +1,249 @@
+"""Drop-in behaviour at the edges, against torch.nn with the same state_dict: outputs changed in place
+before the backward, a GRU bias changed in place between forward and backward, which parameters get
+no gradient (None, not zeros), the errors of wrong forward arguments, hand-made PackedSequences
+(malformed batch sizes, rows past them, trailing zero batch sizes) and a packed LSTM's c0 of batch 1."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import rnnkern
+from rnnkern import _ext
+
+from conftest import make_pair
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+# Backends on CPU tensors, float64 (the Triton interpreter: float32, tiny shapes, where it runs).
+CPU_BACKENDS = ["cpu", "reference"]
+
+
+def _backends_here():
+    names = [b for b in CPU_BACKENDS if rnnkern.backends.get(b).unsupported_reason(torch.device("cpu"),
+                                                                                    torch.float64) is None]
+    triton = rnnkern.backends.get("triton")
+    if triton.unsupported_reason(torch.device("cpu"), torch.float32) is None:
+        names.append("triton")
+    return names
+
+
+BACKENDS = _backends_here()
+
+
+def _dtype(backend):
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def _tol(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+
+def _grads(module):
+    return {name: p.grad for name, p in module.named_parameters()}
+
+
+def _assert_grads_equal(ref, ours, tol):
+    ref_grads, our_grads = _grads(ref), _grads(ours)
+    assert ref_grads.keys() == our_grads.keys()
+    for name, g in ref_grads.items():
+        if g is None:
+            assert our_grads[name] is None, name
+        else:
+            assert our_grads[name] is not None, name
+            torch.testing.assert_close(our_grads[name], g, **tol, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layout", ["padded", "batch_first", "packed", "two_layers"])
+def test_output_changed_in_place_before_backward(backend, cell, layout):
+    """out += residual (and other in-place ops on the output) between forward and backward: torch.nn's
+    CPU GRU/RNN (and LSTM off oneDNN, e.g. float64) allow it; the same gradients here."""
+    dtype = _dtype(backend)
+    if backend == "triton" and layout in ("packed", "two_layers"):
+        pytest.skip("the interpreter's cases stay few (padded, batch_first)")
+    if cell == "lstm" and dtype == torch.float32:
+        pytest.skip("torch.nn's float32 CPU LSTM runs oneDNN, which saves its output and raises here")
+    torch.manual_seed(3)
+    layers = 2 if layout == "two_layers" else 1
+    ref, ours = make_pair(cell, 5, 5, backend=backend, dtype=dtype, num_layers=layers,
+                          batch_first=layout == "batch_first")
+    steps, batch = 4, 3
+    x0 = torch.randn(batch, steps, 5, dtype=dtype) if layout == "batch_first" else \
+        torch.randn(steps, batch, 5, dtype=dtype)
+    upstream = torch.randn_like(x0)
+    results = []
+    for module in (ref, ours):
+        x = x0.clone().requires_grad_()
+        if layout == "packed":
+            out, _ = module(pack_padded_sequence(x, torch.tensor([4, 3, 1]), enforce_sorted=False))
+            out.data.mul_(2.0)  # in place on the packed output's rows
+            value = out.data
+        else:
+            out, _ = module(x)
+            out += x            # a residual, in place
+            out.relu_()
+            value = out
+        loss = value.pow(2).sum() if layout == "packed" else (value * upstream).sum()
+        loss.backward()
+        results.append((value.detach(), x.grad))
+    tol = _tol(dtype)
+    torch.testing.assert_close(results[1][0], results[0][0], **tol)
+    torch.testing.assert_close(results[1][1], results[0][1], **tol)
+    _assert_grads_equal(ref, ours, tol)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("record_grad_norms", [False, True])
+def test_gru_bias_changed_in_place_between_forward_and_backward(backend, record_grad_norms):
+    """torch.nn's GRU backward does not read b_hh (nor does rnnkern's: its b_hn share is saved), so an
+    optimizer step on it before the backward (e.g. a gradient-accumulation loop) does not raise."""
+    torch.manual_seed(4)
+    ref, ours = make_pair("gru", 3, 4, backend=backend)
+    ours.record_grad_norms = record_grad_norms
+    x0 = torch.randn(5, 2, 3, dtype=torch.float64)
+    for module in (ref, ours):
+        x = x0.clone().requires_grad_()
+        out, h = module(x)
+        with torch.no_grad():
+            module.bias_hh_l0.add_(0.5)
+        (out.sum() + h.pow(2).sum()).backward()
+        module.x_grad = x.grad
+    torch.testing.assert_close(ours.x_grad, ref.x_grad, rtol=1e-10, atol=1e-10)
+    _assert_grads_equal(ref, ours, dict(rtol=1e-10, atol=1e-10))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("used", ["c_n", "h_n", "out"])
+def test_projection_weight_gradient_none_where_torch_nn_gives_none(backend, steps, used):
+    """With one step and only c_n used, weight_hr is on no path to the loss: its .grad stays None (as
+    torch.nn leaves it; an optimizer skips None but applies weight decay to zeros); otherwise it has one."""
+    torch.manual_seed(5)
+    ref, ours = make_pair("lstm", 2, 4, backend=backend, proj_size=3)
+    x0 = torch.randn(steps, 3, 2, dtype=torch.float64)
+    for module in (ref, ours):
+        out, (h, c) = module(x0)
+        {"c_n": c, "h_n": h, "out": out}[used].pow(2).sum().backward()
+    assert (ref.weight_hr_l0.grad is None) == (steps == 1 and used == "c_n")
+    _assert_grads_equal(ref, ours, dict(rtol=1e-10, atol=1e-10))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_wrong_forward_arguments_raise_torch_nn_type_errors(kind):
+    ref = getattr(torch.nn, kind)(3, 4)
+    ours = getattr(rnnkern, kind)(3, 4)
+    x = torch.randn(2, 1, 3)
+    for call in (lambda m: m(), lambda m: m(x, None, None), lambda m: m(x, hidden=None)):
+        with pytest.raises(TypeError) as expected:
+            call(ref)
+        with pytest.raises(TypeError) as got:
+            call(ours)
+        assert str(got.value) == str(expected.value)
+
+
+def _malformed_packed_cases(dtype):
+    g = torch.Generator().manual_seed(6)
+
+    def rows(n):
+        return torch.randn(n, 3, generator=g, dtype=dtype)
+
+    return {
+        "fewer rows than the batch sizes cover": PackedSequence(rows(6), torch.tensor([2, 2, 2, 1, 1])),
+        "increasing batch sizes": PackedSequence(rows(8), torch.tensor([1, 1, 2, 2, 2])),
+        "int32 batch sizes": PackedSequence(rows(8), torch.tensor([2, 2, 2, 1, 1], dtype=torch.int32)),
+        "negative batch size": PackedSequence(rows(1), torch.tensor([2, -1])),
+    }
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_malformed_packed_sequence_raises_torch_nn_error(backend, kind):
+    torch.manual_seed(7)
+    ref = getattr(torch.nn, kind)(3, 4, dtype=torch.float64)
+    ours = getattr(rnnkern, kind)(3, 4, dtype=torch.float64, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    for name, packed in _malformed_packed_cases(torch.float64).items():
+        with pytest.raises(Exception) as expected:
+            ref(packed)
+        with pytest.raises(Exception) as got:
+            ours(packed)
+        assert type(got.value) is type(expected.value), name
+        assert str(got.value) == str(expected.value), name
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("sizes,rows", [([2, 2, 2, 1, 1], 10), ([2, 2, 0], 4), ([3, 1, 0, 0], 4)],
+                         ids=["rows-past-the-batch-sizes", "trailing-zero", "two-trailing-zeros"])
+def test_hand_made_packed_sequences_torch_nn_accepts(backend, cell, sizes, rows):
+    """Rows past what the batch sizes cover are ignored (no output rows, zero gradient) and zero batch
+    sizes at the end are steps without samples, as in torch.nn; norms included."""
+    torch.manual_seed(8)
+    ref, ours = make_pair(cell, 3, 4, backend=backend, num_layers=2)
+    ours.record_grad_norms = True
+    data = torch.randn(rows, 3, dtype=torch.float64)
+    results = []
+    for module in (ref, ours):
+        x = data.clone().requires_grad_()
+        out, hidden = module(PackedSequence(x, torch.tensor(sizes)))
+        h = hidden[0] if isinstance(hidden, tuple) else hidden
+        (out.data.pow(2).sum() + h.sum()).backward()
+        results.append((out.data.detach(), out.batch_sizes, h.detach(), x.grad))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    _assert_grads_equal(ref, ours, dict(rtol=1e-10, atol=1e-10))
+    norms = ours.grad_norms.h_per_sample
+    assert norms.shape == (2, 1, len(sizes), sizes[0])
+    assert torch.isfinite(norms).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_packed_lstm_cell_state_of_batch_one_broadcasts(backend):
+    """torch.nn's packed LSTM takes a c0 of batch 1 and computes with it expanded (ATen's broadcast)."""
+    torch.manual_seed(9)
+    ref, ours = make_pair("lstm", 3, 4, backend=backend, num_layers=2)
+    x = pack_padded_sequence(torch.randn(5, 3, 3, dtype=torch.float64), torch.tensor([5, 3, 2]))
+    h0 = torch.randn(2, 3, 4, dtype=torch.float64)
+    c0_init = torch.randn(2, 1, 4, dtype=torch.float64)
+    results = []
+    for module in (ref, ours):
+        c0 = c0_init.clone().requires_grad_()
+        out, (h, c) = module(x, (h0, c0))
+        (out.data.sum() + c.pow(2).sum()).backward()
+        results.append((out.data.detach(), h.detach(), c.detach(), c0.grad))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(_ext.load() is None, reason="needs the compiled extension")
+def test_direct_layer_calls_equal_the_ops():
+    """rnnkern._C.call_layer_forward/backward (what eager calls use) return what the ops return."""
+    module = _ext.load()
+    torch.manual_seed(10)
+    steps, batch, hidden, gates = 3, 2, 5, 4
+    batch_sizes = torch.tensor([2, 2, 1])
+    xp = torch.randn(5, gates * hidden, dtype=torch.float64)
+    h0, c0 = torch.randn(batch, hidden, dtype=torch.float64), torch.randn(batch, hidden, dtype=torch.float64)
+    w_hh = torch.randn(gates * hidden, hidden, dtype=torch.float64)
+    b_hh = torch.randn(gates * hidden, dtype=torch.float64)
+    forward_args = (0, xp, batch_sizes, h0, c0, w_hh, b_hh, None, True, 0.0, None)
+    with torch._C._AutoDispatchBelowAutograd():
+        expected = torch.ops.rnnkern.rnn_layer_forward.default(*forward_args)
+    got = module.call_layer_forward(*forward_args)
+    assert len(got) == len(expected) == 4
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    out, _h_n, _c_n, workspace = got
+    backward_args = (0, torch.randn_like(out), torch.randn_like(h0), torch.randn_like(c0), batch_sizes, h0, c0,
+                     w_hh, b_hh, None, True, 0.5, True, out, workspace)
+    expected = torch.ops.rnnkern.rnn_layer_backward.default(*backward_args)
+    got = module.call_layer_backward(*backward_args)
+    assert len(got) == len(expected) == 7
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    with pytest.raises(TypeError, match="takes 11 arguments"):
+        module.call_layer_forward(*forward_args[:5])
+    with pytest.raises(TypeError, match="w_hh must be a Tensor"):
+        module.call_layer_forward(*forward_args[:5], "w", *forward_args[6:])
+    with pytest.raises(RuntimeError, match="rnnkern: w_hh"):  # the kernel's own checks, as the op raises
+        module.call_layer_forward(*forward_args[:5], torch.randn(3, 7, dtype=torch.float64), *forward_args[6:])
