@@ -24,10 +24,9 @@ LayerWeights = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optiona
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor]) -> Tensor:
-    """xp = x @ w_ihᵀ + b_ih for all rows at once: [N, I] -> [N, G*H]."""
-    if b_ih is None:
-        return torch.mm(x, w_ih.t())
-    return torch.addmm(b_ih, x, w_ih.t())
+    """xp = x @ w_ihᵀ + b_ih for all rows at once: [N, I] -> [N, G*H]. (linear: for 2-D rows ATen's mm or
+    addmm on w_ihᵀ, one call from Python instead of two.)"""
+    return torch.nn.functional.linear(x, w_ih, b_ih)
 
 
 _SIDE_STREAMS: Dict[Tuple[int, int], "torch.cuda.Stream"] = {}
@@ -256,6 +255,11 @@ def run_stack(
         if dropout != 0 and training and layer < num_layers - 1:
             # ATen's op, as torch.nn's RNNs apply it (the same masks; its RuntimeError for p outside [0, 1])
             x = torch.dropout(x, dropout, True)
+    if num_directions == 1 and backend.saves_output and x.requires_grad and x.device.type == "cpu":
+        # The layer op saved x for its backward: the caller gets a copy, which it may change in place
+        # before the backward (out += residual), as torch.nn's CPU RNNs allow (cuDNN saves its output
+        # too and raises then, as the CUDA backend does). ~0.5 % of a forward+backward.
+        x = x.clone()
     h_stack = torch.stack(h_n, 0)
     c_stack = torch.stack(c_n, 0) if cell == _cells.LSTM else None
     return x, h_stack, c_stack
