@@ -13,6 +13,9 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace rnnkern {
 namespace {
@@ -20,40 +23,56 @@ namespace {
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
-// Argument readers; each throws a TypeError naming the argument (an internal caller's mistake).
-Tensor tensor_arg(PyObject* obj, const char* name) {
-  if (!THPVariable_Check(obj)) {
-    PyErr_Format(PyExc_TypeError, "rnnkern direct call: %s must be a Tensor", name);
-    throw python_error();
+// Argument readers by the C++ type the op's signature takes; a wrong type is a TypeError naming the
+// argument as the schema does (an internal caller's mistake).
+template <typename T>
+struct ArgFrom;
+
+template <>
+struct ArgFrom<const Tensor&> {
+  static Tensor read(PyObject* obj, const c10::Argument& arg) {
+    if (!THPVariable_Check(obj)) {
+      PyErr_Format(PyExc_TypeError, "rnnkern direct call: %s must be a Tensor", arg.name().c_str());
+      throw python_error();
+    }
+    return THPVariable_Unpack(obj);
   }
-  return THPVariable_Unpack(obj);
-}
+};
 
-OptTensor optional_tensor_arg(PyObject* obj, const char* name) {
-  if (obj == Py_None) return std::nullopt;
-  return tensor_arg(obj, name);
-}
+template <>
+struct ArgFrom<const OptTensor&> {
+  static OptTensor read(PyObject* obj, const c10::Argument& arg) {
+    if (obj == Py_None) return std::nullopt;
+    return ArgFrom<const Tensor&>::read(obj, arg);
+  }
+};
 
-int64_t int_arg(PyObject* obj, const char* name) {
-  const long long value = PyLong_AsLongLong(obj);
-  if (value == -1 && PyErr_Occurred()) throw python_error();
-  (void)name;
-  return value;
-}
+template <>
+struct ArgFrom<int64_t> {
+  static int64_t read(PyObject* obj, const c10::Argument&) {
+    const long long value = PyLong_AsLongLong(obj);
+    if (value == -1 && PyErr_Occurred()) throw python_error();
+    return value;
+  }
+};
 
-bool bool_arg(PyObject* obj, const char* name) {
-  const int value = PyObject_IsTrue(obj);
-  if (value < 0) throw python_error();
-  (void)name;
-  return value != 0;
-}
+template <>
+struct ArgFrom<bool> {
+  static bool read(PyObject* obj, const c10::Argument&) {
+    const int value = PyObject_IsTrue(obj);
+    if (value < 0) throw python_error();
+    return value != 0;
+  }
+};
 
-double float_arg(PyObject* obj, const char* name) {
-  const double value = PyFloat_AsDouble(obj);
-  if (value == -1.0 && PyErr_Occurred()) throw python_error();
-  (void)name;
-  return value;
-}
+template <>
+struct ArgFrom<double> {
+  static double read(PyObject* obj, const c10::Argument&) {
+    const double value = PyFloat_AsDouble(obj);
+    if (value == -1.0 && PyErr_Occurred()) throw python_error();
+    return value;
+  }
+};
 
 template <typename Tuple, size_t... I>
 PyObject* wrap_tuple(Tuple&& results, std::index_sequence<I...>) {
@@ -85,19 +104,40 @@ using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Ten
     const Tensor&, const OptTensor&, const OptTensor&, bool, double, bool, const Tensor&, const Tensor&);
 
 template <typename Signature>
-const c10::TypedOperatorHandle<Signature>& layer_op(const char* name) {
-  // (found at the first call: the schemas are registered when the library loads, before any call)
-  static const auto handle =
-      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Signature>();
-  return handle;
-}
+struct DirectCall;
 
-void check_count(Py_ssize_t got, Py_ssize_t want, const char* name) {
-  if (got != want) {
-    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", name, want, got);
-    throw python_error();
+// Reads the Python arguments as the op's signature takes them (with the GIL), calls the op through the
+// dispatcher below autograd without the GIL, and returns its tensors as a tuple.
+template <typename... Results, typename... Args>
+struct DirectCall<std::tuple<Results...>(Args...)> {
+  using Signature = std::tuple<Results...>(Args...);
+
+  static PyObject* run(const char* op_name, const char* py_name, PyObject* const* args, Py_ssize_t nargs) {
+    if (nargs != static_cast<Py_ssize_t>(sizeof...(Args))) {
+      PyErr_Format(PyExc_TypeError, "%s takes %zu arguments (%zd given)", py_name, sizeof...(Args), nargs);
+      throw python_error();
+    }
+    return run_indexed(op_name, args, std::index_sequence_for<Args...>{});
   }
-}
+
+ private:
+  template <size_t... I>
+  static PyObject* run_indexed(const char* op_name, PyObject* const* args, std::index_sequence<I...>) {
+    // (found at the first call: the schemas are registered when the library loads, before any call)
+    static const auto handle =
+        c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "").template typed<Signature>();
+    const std::vector<c10::Argument>& schema_args = handle.schema().arguments();
+    // (a braced list: the arguments are read left to right, so the first bad one is reported)
+    const std::tuple<std::decay_t<Args>...> values{ArgFrom<Args>::read(args[I], schema_args[I])...};
+    std::tuple<Results...> results;
+    {
+      pybind11::gil_scoped_release no_gil;
+      at::AutoDispatchBelowAutograd below_autograd;
+      results = handle.call(std::get<I>(values)...);
+    }
+    return wrap_results(std::move(results));
+  }
+};
 
 }  // namespace
 }  // namespace rnnkern
@@ -105,27 +145,8 @@ void check_count(Py_ssize_t got, Py_ssize_t want, const char* name) {
 // rnn_layer_forward's arguments, positionally -> (out, h_n, c_n, workspace).
 extern "C" PyObject* rnnkern_call_layer_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  using namespace rnnkern;
-  check_count(nargs, 11, "call_layer_forward");
-  const int64_t cell = int_arg(args[0], "cell");
-  const Tensor xp = tensor_arg(args[1], "xp");
-  const Tensor batch_sizes = tensor_arg(args[2], "batch_sizes");
-  const Tensor h0 = tensor_arg(args[3], "h0");
-  const OptTensor c0 = optional_tensor_arg(args[4], "c0");
-  const Tensor w_hh = tensor_arg(args[5], "w_hh");
-  const OptTensor b_hh = optional_tensor_arg(args[6], "b_hh");
-  const OptTensor w_hr = optional_tensor_arg(args[7], "w_hr");
-  const bool reverse = bool_arg(args[8], "reverse");
-  const double clip = float_arg(args[9], "clip");
-  const OptTensor norm_probe = optional_tensor_arg(args[10], "norm_probe");
-  std::tuple<Tensor, Tensor, Tensor, Tensor> results;
-  {
-    pybind11::gil_scoped_release no_gil;
-    at::AutoDispatchBelowAutograd below_autograd;
-    results = layer_op<ForwardSignature>("rnnkern::rnn_layer_forward")
-                  .call(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe);
-  }
-  return wrap_results(std::move(results));
+  return rnnkern::DirectCall<rnnkern::ForwardSignature>::run("rnnkern::rnn_layer_forward",
+                                                            "call_layer_forward", args, nargs);
   END_HANDLE_TH_ERRORS
 }
 
@@ -133,31 +154,7 @@ extern "C" PyObject* rnnkern_call_layer_forward(PyObject*, PyObject* const* args
 // grad_w_hr, norms).
 extern "C" PyObject* rnnkern_call_layer_backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  using namespace rnnkern;
-  check_count(nargs, 15, "call_layer_backward");
-  const int64_t cell = int_arg(args[0], "cell");
-  const Tensor grad_out = tensor_arg(args[1], "grad_out");
-  const Tensor grad_h_n = tensor_arg(args[2], "grad_h_n");
-  const OptTensor grad_c_n = optional_tensor_arg(args[3], "grad_c_n");
-  const Tensor batch_sizes = tensor_arg(args[4], "batch_sizes");
-  const Tensor h0 = tensor_arg(args[5], "h0");
-  const OptTensor c0 = optional_tensor_arg(args[6], "c0");
-  const Tensor w_hh = tensor_arg(args[7], "w_hh");
-  const OptTensor b_hh = optional_tensor_arg(args[8], "b_hh");
-  const OptTensor w_hr = optional_tensor_arg(args[9], "w_hr");
-  const bool reverse = bool_arg(args[10], "reverse");
-  const double clip = float_arg(args[11], "clip");
-  const bool record_norms = bool_arg(args[12], "record_norms");
-  const Tensor out = tensor_arg(args[13], "out");
-  const Tensor workspace = tensor_arg(args[14], "workspace");
-  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> results;
-  {
-    pybind11::gil_scoped_release no_gil;
-    at::AutoDispatchBelowAutograd below_autograd;
-    results = layer_op<BackwardSignature>("rnnkern::rnn_layer_backward")
-                  .call(cell, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse,
-                        clip, record_norms, out, workspace);
-  }
-  return wrap_results(std::move(results));
+  return rnnkern::DirectCall<rnnkern::BackwardSignature>::run("rnnkern::rnn_layer_backward",
+                                                             "call_layer_backward", args, nargs);
   END_HANDLE_TH_ERRORS
 }
