@@ -46,13 +46,13 @@ def _require(condition: bool, error=_InvalidInput) -> None:
 
 def _packed_rows(data: Tensor, batch_sizes) -> tuple:
     """(the rows a PackedSequence's batch sizes cover, its batch size), as torch.nn reads them: batch
-    sizes a 1-D int64 CPU tensor, positive and non-increasing (trailing zeros allowed), covering at most
-    data's rows (torch.nn ignores the rows past them); _InvalidInput otherwise (torch.nn then raises its
-    own error for a hand-made PackedSequence that breaks these)."""
+    sizes a 1-D int64 CPU tensor, non-negative and non-increasing (trailing zeros allowed; all zeros: no
+    sequence), covering at most data's rows (torch.nn ignores the rows past them); _InvalidInput
+    otherwise (torch.nn then raises its own error for a hand-made PackedSequence that breaks these)."""
     _require(isinstance(batch_sizes, Tensor) and batch_sizes.dim() == 1 and batch_sizes.numel() > 0
              and batch_sizes.dtype == torch.int64 and batch_sizes.device.type == "cpu")
     sizes = batch_sizes.tolist()
-    _require(sizes[0] > 0 and sizes[-1] >= 0 and all(a >= b for a, b in zip(sizes, sizes[1:])))
+    _require(sizes[-1] >= 0 and all(a >= b for a, b in zip(sizes, sizes[1:])))
     rows = sum(sizes)
     _require(rows <= data.shape[0])
     return (data if rows == data.shape[0] else data[:rows]), sizes[0]
@@ -372,10 +372,11 @@ class _RnnkernMixin:
         is_batched, sorted_indices, unsorted_indices = True, None, None
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            _require(isinstance(data, Tensor) and data.dim() == 2)
+            _require(isinstance(data, Tensor) and data.dim() == 2 and not data.is_nested)
             data, batch = _packed_rows(data, batch_sizes)
         else:
-            _require(isinstance(input, Tensor) and input.dim() in (2, 3))
+            # (a nested tensor: torch.nn's error, that it has no size along the ragged dimension)
+            _require(isinstance(input, Tensor) and input.dim() in (2, 3) and not input.is_nested)
             is_batched = input.dim() == 3
             x = input if is_batched else input.unsqueeze(1 if not self.batch_first else 0)
             if self.batch_first:

@@ -173,11 +173,14 @@ def test_malformed_packed_sequence_raises_torch_nn_error(backend, kind):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("sizes,rows", [([2, 2, 2, 1, 1], 10), ([2, 2, 0], 4), ([3, 1, 0, 0], 4)],
-                         ids=["rows-past-the-batch-sizes", "trailing-zero", "two-trailing-zeros"])
+@pytest.mark.parametrize("sizes,rows", [([2, 2, 2, 1, 1], 10), ([2, 2, 0], 4), ([3, 1, 0, 0], 4), ([0], 0),
+                                        ([0, 0], 2)],
+                         ids=["rows-past-the-batch-sizes", "trailing-zero", "two-trailing-zeros", "no-sequence",
+                              "no-sequence-rows-past"])
 def test_hand_made_packed_sequences_torch_nn_accepts(backend, cell, sizes, rows):
     """Rows past what the batch sizes cover are ignored (no output rows, zero gradient) and zero batch
-    sizes at the end are steps without samples, as in torch.nn; norms included."""
+    sizes at the end are steps without samples (all of them: no sequence, empty results), as in
+    torch.nn; norms included."""
     torch.manual_seed(8)
     ref, ours = make_pair(cell, 3, 4, backend=backend, num_layers=2)
     ours.record_grad_norms = True
@@ -195,6 +198,25 @@ def test_hand_made_packed_sequences_torch_nn_accepts(backend, cell, sizes, rows)
     norms = ours.grad_norms.h_per_sample
     assert norms.shape == (2, 1, len(sizes), sizes[0])
     assert torch.isfinite(norms).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_nested_tensor_input_raises_torch_nn_error(backend, kind, packed):
+    torch.manual_seed(10)
+    ref = getattr(torch.nn, kind)(3, 4, dtype=torch.float64)
+    ours = getattr(rnnkern, kind)(3, 4, dtype=torch.float64, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    nested = torch.nested.nested_tensor([torch.randn(3, 3, dtype=torch.float64),
+                                         torch.randn(2, 3, dtype=torch.float64)])
+    call = (PackedSequence(nested, torch.tensor([2, 2, 1])),) if packed else (nested,)
+    with pytest.raises(Exception) as expected:
+        ref(*call)
+    with pytest.raises(Exception) as got:
+        ours(*call)
+    assert type(got.value) is type(expected.value)
+    assert str(got.value) == str(expected.value)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
