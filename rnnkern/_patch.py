@@ -48,7 +48,8 @@ class patch_torch:
 
     Use as a context manager (``with rnnkern.patch_torch(): ...``) or call ``start()`` / ``stop()``.
     Options (``backend``, ``record_grad_norms``, ``hidden_grad_clip``) become the defaults of the
-    modules built while patched.
+    modules built while patched. Patches nest: torch.nn holds the newest started one's classes, and
+    torch's own once all are stopped, in whatever order they stop.
     """
 
     _targets = ((torch.nn, "LSTM"), (torch.nn, "GRU"), (torch.nn, "RNN"),
@@ -61,7 +62,7 @@ class patch_torch:
         _check_clip(hidden_grad_clip)
         self.options = dict(backend=backend, record_grad_norms=record_grad_norms,
                             hidden_grad_clip=hidden_grad_clip)
-        self._saved = None
+        self._replacements = None
 
     def _patched_class(self, base):
         options = self.options
@@ -81,22 +82,37 @@ class patch_torch:
         Patched.__module__ = base.__module__
         return Patched
 
+    # The started patches, oldest first, and torch's own classes while any is started: torch.nn then
+    # holds the newest started patch's classes, whatever order they are stopped in.
+    _started: list = []
+    _originals = None
+
     def start(self) -> "patch_torch":
-        if self._saved is not None:
+        if self._replacements is not None:
             raise RuntimeError("patch_torch is already started")
-        replacements = {"LSTM": self._patched_class(LSTM), "GRU": self._patched_class(GRU),
-                        "RNN": self._patched_class(RNN)}
-        self._saved = [(owner, name, getattr(owner, name)) for owner, name in self._targets]
-        for owner, name in self._targets:
-            setattr(owner, name, replacements[name])
+        self._replacements = {"LSTM": self._patched_class(LSTM), "GRU": self._patched_class(GRU),
+                              "RNN": self._patched_class(RNN)}
+        if not patch_torch._started:
+            patch_torch._originals = [(owner, name, getattr(owner, name)) for owner, name in self._targets]
+        patch_torch._started.append(self)
+        self._install(self._replacements)
         return self
 
     def stop(self) -> None:
-        if self._saved is None:
+        if self._replacements is None:
             return
-        for owner, name, original in self._saved:
-            setattr(owner, name, original)
-        self._saved = None
+        self._replacements = None
+        patch_torch._started.remove(self)
+        if patch_torch._started:
+            self._install(patch_torch._started[-1]._replacements)
+        else:
+            for owner, name, original in patch_torch._originals:
+                setattr(owner, name, original)
+            patch_torch._originals = None
+
+    def _install(self, replacements) -> None:
+        for owner, name in self._targets:
+            setattr(owner, name, replacements[name])
 
     def __enter__(self) -> "patch_torch":
         return self.start()

@@ -269,6 +269,30 @@ def test_patch_torch_builds_rnnkern_modules():
     assert torch.nn.RNN is rnnkern.modules.TorchRNN
 
 
+@pytest.mark.parametrize("order", ["last_first", "first_first"])
+def test_patch_torch_nested_patches_stopped_in_any_order(order):
+    """torch.nn holds the newest started patch's classes; once every patch is stopped, torch's own,
+    whichever order they were stopped in."""
+    original = torch.nn.GRU
+    outer = rnnkern.patch_torch(backend="reference").start()
+    inner = rnnkern.patch_torch(backend="cpu", record_grad_norms=True).start()
+    try:
+        assert torch.nn.GRU(2, 3).record_grad_norms
+        first, second = (inner, outer) if order == "last_first" else (outer, inner)
+        first.stop()
+        remaining = torch.nn.modules.rnn.GRU(2, 3)
+        assert isinstance(remaining, rnnkern.GRU)
+        assert remaining.backend == ("reference" if first is inner else "cpu")
+        second.stop()
+        assert torch.nn.GRU is original and torch.nn.modules.rnn.GRU is original
+        assert type(torch.nn.GRU(2, 3)) is original
+        first.stop()  # (stopping twice: nothing)
+        assert torch.nn.GRU is original
+    finally:
+        inner.stop()
+        outer.stop()
+
+
 def test_deepcopy_pickle_and_save():
     m = rnnkern.LSTM(3, 4, backend="reference", record_grad_norms=True, hidden_grad_clip=0.5)
     x = torch.randn(3, 2, 3)
