@@ -46,8 +46,8 @@ PyMethodDef module_methods[] = {
      "How the per-step products run per device: 'blas'/'cublas' (called directly) or 'aten'."},
     {"compiled_cuda_archs", compiled_cuda_archs, METH_NOARGS,
      "Compute capabilities the CUDA kernels were compiled for (';'-separated; '' if none)."},
-    {"call_layer_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(rnnkern_call_layer_forward)),
-     METH_FASTCALL,
+    {"call_layer_forward",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(rnnkern_call_layer_forward)), METH_FASTCALL,
      "rnnkern::rnn_layer_forward's arguments, positionally: the op below autograd, called directly "
      "(plain eager calls only)."},
     {"call_layer_backward",

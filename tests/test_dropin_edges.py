@@ -175,8 +175,8 @@ def test_malformed_packed_sequence_raises_torch_nn_error(backend, kind):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("sizes,rows", [([2, 2, 2, 1, 1], 10), ([2, 2, 0], 4), ([3, 1, 0, 0], 4), ([0], 0),
                                         ([0, 0], 2)],
-                         ids=["rows-past-the-batch-sizes", "trailing-zero", "two-trailing-zeros", "no-sequence",
-                              "no-sequence-rows-past"])
+                         ids=["rows-past-the-batch-sizes", "trailing-zero", "two-trailing-zeros",
+                              "no-sequence", "no-sequence-rows-past"])
 def test_hand_made_packed_sequences_torch_nn_accepts(backend, cell, sizes, rows):
     """Rows past what the batch sizes cover are ignored (no output rows, zero gradient) and zero batch
     sizes at the end are steps without samples (all of them: no sequence, empty results), as in
@@ -256,8 +256,8 @@ def test_direct_layer_calls_equal_the_ops():
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
     out, _h_n, _c_n, workspace = got
-    backward_args = (0, torch.randn_like(out), torch.randn_like(h0), torch.randn_like(c0), batch_sizes, h0, c0,
-                     w_hh, b_hh, None, True, 0.5, True, out, workspace)
+    backward_args = (0, torch.randn_like(out), torch.randn_like(h0), torch.randn_like(c0), batch_sizes, h0,
+                     c0, w_hh, b_hh, None, True, 0.5, True, out, workspace)
     expected = torch.ops.rnnkern.rnn_layer_backward.default(*backward_args)
     got = module.call_layer_backward(*backward_args)
     assert len(got) == len(expected) == 7
@@ -268,4 +268,5 @@ def test_direct_layer_calls_equal_the_ops():
     with pytest.raises(TypeError, match="w_hh must be a Tensor"):
         module.call_layer_forward(*forward_args[:5], "w", *forward_args[6:])
     with pytest.raises(RuntimeError, match="rnnkern: w_hh"):  # the kernel's own checks, as the op raises
-        module.call_layer_forward(*forward_args[:5], torch.randn(3, 7, dtype=torch.float64), *forward_args[6:])
+        wrong_w_hh = torch.randn(3, 7, dtype=torch.float64)
+        module.call_layer_forward(*forward_args[:5], wrong_w_hh, *forward_args[6:])
