@@ -255,10 +255,12 @@ def run_stack(
         if dropout != 0 and training and layer < num_layers - 1:
             # ATen's op, as torch.nn's RNNs apply it (the same masks; its RuntimeError for p outside [0, 1])
             x = torch.dropout(x, dropout, True)
-    if num_directions == 1 and backend.saves_output and x.requires_grad and x.device.type == "cpu":
+    if (num_directions == 1 and backend.saves_output and x.device.type == "cpu"
+            and (x.requires_grad or torch.jit.is_tracing())):
         # The layer op saved x for its backward: the caller gets a copy, which it may change in place
         # before the backward (out += residual), as torch.nn's CPU RNNs allow (cuDNN saves its output
-        # too and raises then, as the CUDA backend does). ~0.5 % of a forward+backward.
+        # too and raises then, as the CUDA backend does). ~0.5 % of a forward+backward. (A trace takes
+        # the copy in any grad mode: torch.jit.trace checks its graph against one traced under no_grad.)
         x = x.clone()
     h_stack = torch.stack(h_n, 0)
     c_stack = torch.stack(c_n, 0) if cell == _cells.LSTM else None

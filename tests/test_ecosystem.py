@@ -663,6 +663,38 @@ def test_captures_without_backward_side_effects_warn_about_norms(capture):
     torch.testing.assert_close(captured(x)[0], m(x)[0])
 
 
+@pytest.mark.parametrize("options", [{}, {"num_layers": 2, "bidirectional": True}, {"backend": "reference"}],
+                         ids=["one-layer", "stack", "reference"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_jit_trace_checks_and_generalises_like_torch_nn(kind, options):
+    """torch.jit.trace with its default check (it retraces under no_grad and compares the graphs; before,
+    the CPU's copy of a saved output, taken only where grad was required, made them differ) and the
+    trace run at other lengths and batch sizes: outputs and gradients as torch.nn's."""
+    import warnings
+
+    ours_cls, ref_cls = KINDS[kind]
+    torch.manual_seed(11)
+    ref = ref_cls(3, 5, **{k: v for k, v in options.items() if k != "backend"})
+    ours = ours_cls(3, 5, **options)
+    ours.load_state_dict(ref.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # (deprecation, and torch.nn's own TracerWarnings)
+        traced = torch.jit.trace(ours, (torch.randn(4, 3, 3),))
+    unrolled = [w for w in caught if "runs the time loop in Python" in str(w.message)]
+    assert bool(unrolled) == (options.get("backend") == "reference")
+    # (the reference backend's trace is unrolled: it runs the example's shapes only)
+    for steps, batch in [(4, 3)] if unrolled else [(6, 2), (1, 5)]:
+        x = torch.randn(steps, batch, 3)
+        got, want = traced(x.requires_grad_()), ref(x)
+        for a, b in zip(_flat_outputs(got), _flat_outputs(want)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        loss_got = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in _flat_outputs(got))
+        loss_want = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in _flat_outputs(want))
+        params = [x, *ours.parameters()]
+        for a, b in zip(torch.autograd.grad(loss_got, params), torch.autograd.grad(loss_want, [x, *ref.parameters()])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_torchscript_is_a_clear_error(kind):
     """torch.jit.script (deprecated) of an rnnkern module, alone or inside a model: a clear error naming

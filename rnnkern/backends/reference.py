@@ -7,6 +7,7 @@ differentiates it, and the per-timestep norms and the clipping of design §2 are
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -118,6 +119,10 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
+        if torch.jit.is_tracing():
+            # (torch.nn's trace holds one op, and so do the fused backends': theirs run any shape)
+            warnings.warn("rnnkern's reference backend runs the time loop in Python: this trace holds the "
+                          "example input's sequence length and batch size only", torch.jit.TracerWarning)
         return reference_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip,
                                norm_probe)
 
