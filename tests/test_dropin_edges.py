@@ -270,3 +270,61 @@ def test_direct_layer_calls_equal_the_ops():
     with pytest.raises(RuntimeError, match="rnnkern: w_hh"):  # the kernel's own checks, as the op raises
         wrong_w_hh = torch.randn(3, 7, dtype=torch.float64)
         module.call_layer_forward(*forward_args[:5], wrong_w_hh, *forward_args[6:])
+
+
+def _nonfinite_masks(tensors):
+    return [(torch.isnan(t), torch.isposinf(t), torch.isneginf(t)) for t in tensors]
+
+
+def _nonfinite_cases():
+    """(backend, where, value): every backend with NaN anywhere and ±inf anywhere, except ±inf entering
+    a matrix product (input, h0, W_hh) under the Triton interpreter: whether a product then sums
+    infinities of both signs (NaN) or not is its BLAS's blocking (torch.nn and the cpu and reference
+    backends share torch's BLAS; the interpreter's products are numpy's)."""
+    cases = []
+    for backend in BACKENDS:
+        for where in ["input", "h0", "weight_hh", "bias", "grad_out", "grad_h_n"]:
+            for value, name in [(float("nan"), "nan"), (float("inf"), "inf"), (-float("inf"), "-inf")]:
+                if backend == "triton" and name != "nan" and where in ("input", "h0", "weight_hh"):
+                    continue
+                cases.append(pytest.param(backend, where, value, id=f"{backend}-{where}-{name}"))
+    return cases
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend,where,value", _nonfinite_cases())
+def test_nonfinite_values_propagate_like_torch_nn(backend, where, value, cell):
+    """A NaN or ±inf in the input, h0, a weight or an incoming gradient: NaN, +inf and -inf land where
+    torch.nn puts them, in the outputs and in every gradient; finite entries equal torch.nn's. (Before:
+    an infinite gradient reaching a GRU step gave +-inf in the input's gradient where torch.nn, whose
+    h = (h_prev - n) z + n differentiates to dh - dh z, gives NaN.)"""
+    dtype = _dtype(backend)
+    torch.manual_seed(23)
+    # (one layer for the incoming gradients: a second layer's input gradient would turn any infinity
+    # from the first into NaN, hiding whether a step's own gate gradients hold NaN or ±inf)
+    layers = 1 if where.startswith("grad") else 2
+    ref, ours = make_pair(cell, 3, 4, num_layers=layers, backend=backend, dtype=dtype)
+    x = torch.randn(5, 2, 3, dtype=dtype)
+    h0 = torch.randn(layers, 2, 4, dtype=dtype)
+    grad_out, grad_h_n = torch.randn(5, 2, 4, dtype=dtype), torch.randn(layers, 2, 4, dtype=dtype)
+    target = {"input": x[2, 1], "h0": h0[0, 0], "grad_out": grad_out[3, 0], "grad_h_n": grad_h_n[-1, 1]}
+    if where in target:
+        target[where][1] = value
+    for module in (ref, ours):
+        with torch.no_grad():
+            if where == "weight_hh":
+                module.weight_hh_l0[2, 1] = value
+            elif where == "bias":
+                module.bias_hh_l1[1] = value
+    results = []
+    for module in (ref, ours):
+        xs, hs = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        hx = (hs, torch.ones_like(hs)) if cell == "lstm" else hs
+        out, h_n = module(xs, hx)
+        h_n = h_n[0] if cell == "lstm" else h_n
+        torch.autograd.backward([out, h_n], [grad_out, grad_h_n])
+        results.append([out.detach(), h_n.detach(), xs.grad, hs.grad] + [p.grad for p in module.parameters()])
+    for got, want in zip(*results):
+        assert all(torch.equal(a, b) for a, b in zip(_nonfinite_masks([got])[0], _nonfinite_masks([want])[0]))
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite], **_tol(dtype))

@@ -98,7 +98,7 @@ def reference_layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, cl
             r = torch.sigmoid(xr + hr)
             z = torch.sigmoid(xz + hz)
             n = torch.tanh(xn + r * hn)
-            h_new = (1 - z) * n + z * h_prev
+            h_new = (h_prev - n) * z + n  # torch.nn's form: its autograd (NaN/Inf included) is theirs
         elif cell == _cells.RNN_TANH:
             h_new = torch.tanh(x_t + hp)
         elif cell == _cells.RNN_RELU:

@@ -108,7 +108,9 @@ RNNKERN_HD void gru_forward_unit(T xr, T xz, T xn, T hr, T hz, T hn, T h_prev, G
 template <typename T>
 RNNKERN_HD void gru_backward_unit(T dh, const GruGates<T>& a, T hn, T h_prev, GruGates<T>& dx,
                                   GruGates<T>& dhh, T& dh_prev_direct) {
-  const T dn = dh * (T(1) - a.z);
+  // dh - dh z, not dh (1 - z): torch.nn computes h = (h_prev - n) z + n, whose autograd gives this,
+  // and so an infinite dh gives NaN here as there (equal otherwise, within rounding).
+  const T dn = dh - dh * a.z;
   const T dz = dh * (h_prev - a.n);
   dx.n = dn * (T(1) - a.n * a.n);
   dx.z = dz * a.z * (T(1) - a.z);

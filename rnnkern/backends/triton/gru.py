@@ -40,7 +40,7 @@ def store_gate_grads(grad_xp_ptr, dgates_ptr, row, j, tile, H, dh, h_prev, gate_
     """A step's gate gradients (from the clipped dh): w.r.t. the x side (grad_xp rows: r, z, n, input
     dtype) and the h side (dgates rows: r, z, and n scaled by r, since hn entered as r ⊙ hn);
     returns (d_r, d_z, d_hn) for the time-looped kernel's dh_{t-1} dots."""
-    d_n = dh * (1.0 - gate_z) * (1.0 - gate_n * gate_n)
+    d_n = (dh - dh * gate_z) * (1.0 - gate_n * gate_n)  # (as torch.nn's: see cell_math.h)
     d_z = dh * (h_prev - gate_n) * gate_z * (1.0 - gate_z)
     d_r = d_n * hn * gate_r * (1.0 - gate_r)
     d_hn = d_n * gate_r
