@@ -144,7 +144,7 @@ def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm
                 probe = None if norm_probes is None else norm_probes[layer][0][:, rows_k]
                 out, hn, cn = backend.layer(
                     cell, xp, batch_sizes[t0:t1], h_state[:alive], None if c_state is None else c_state[:alive],
-                    w_hh, bias, w_hr, False, clip, probe)
+                    w_hh, bias, w_hr, False, clip, probe, xp_source=(x_chunks[k], w_ih, x_bias))
                 if cuda:
                     below[k] = torch.cuda.Event()
                     below[k].record(stream)
@@ -231,7 +231,7 @@ def run_stack(
         return backend.layer(
             cell, xp, batch_sizes, h0[index], None if c0 is None else c0[index],
             w_hh, bias, w_hr, direction == 1, clip,
-            None if norm_probes is None else norm_probes[layer][direction])
+            None if norm_probes is None else norm_probes[layer][direction], xp_source=(x, w_ih, x_bias))
 
     for layer in range(num_layers):
         if concurrent:

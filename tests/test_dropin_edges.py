@@ -328,3 +328,51 @@ def test_nonfinite_values_propagate_like_torch_nn(backend, where, value, cell):
         assert all(torch.equal(a, b) for a, b in zip(_nonfinite_masks([got])[0], _nonfinite_masks([want])[0]))
         finite = torch.isfinite(want)
         torch.testing.assert_close(got[finite], want[finite], **_tol(dtype))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layout", ["padded", "packed", "stack"])
+def test_second_derivatives_like_torch_nn(backend, cell, layout):
+    """A gradient penalty (create_graph=True, then a backward of the gradients) and a Hessian-vector
+    product through the layers: the same values as torch.nn's CPU layers, which are differentiable ops
+    (the cpu backend recomputes its layers with the reference backend's ops for this)."""
+    torch.manual_seed(29)
+    options = {"padded": {}, "packed": {"proj_size": 2} if cell == "lstm" else {},
+               "stack": {"num_layers": 2, "bidirectional": True, "dropout": 0.0}}[layout]
+    ref, ours = make_pair(cell, 3, 4, backend=backend, **options)
+    x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+    directions = 2 if options.get("bidirectional") else 1
+    h0 = torch.randn(options.get("num_layers", 1) * directions, 3, options.get("proj_size") or 4,
+                     dtype=torch.float64, requires_grad=True)
+    v = torch.randn_like(x)
+    results = []
+    for module in (ref, ours):
+        inp = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False) if layout == "packed" else x
+        hx = (h0, torch.randn(h0.shape[0], 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))) \
+            if cell == "lstm" else h0
+        out = module(inp, hx)[0]
+        out = out.data if layout == "packed" else out
+        first = torch.autograd.grad(out.tanh().sum(), [x, h0], create_graph=True)
+        penalty = first[0].pow(2).sum() + first[1].pow(2).sum()
+        second = torch.autograd.grad(penalty, [x, h0, *module.parameters()], retain_graph=True)
+        hvp, = torch.autograd.grad(first[0], x, v)  # (a Hessian-vector product)
+        results.append([*first, *second, hvp])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled cpu backend")
+def test_second_derivative_after_input_changed_in_place_raises():
+    """A backward with create_graph recomputes a layer from its input: changed in place since the forward
+    (here no other node saved it: the input weights are frozen), it raises autograd's error instead of
+    differentiating other values."""
+    _, ours = make_pair("gru", 3, 4, backend="cpu")
+    ours.weight_ih_l0.requires_grad_(False)
+    h0 = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    loss = ours(x, h0)[0].pow(2).sum()
+    torch.autograd.grad(loss, h0, retain_graph=True)  # (first order: x not needed, as in torch.nn)
+    x.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation.*rnnkern layer"):
+        torch.autograd.grad(loss, h0, create_graph=True)

@@ -4,6 +4,7 @@ One suite, parametrised over the `target` fixture (backend, device, dtype) of co
 backend that lands runs all of it.
 """
 
+import copy
 import itertools
 
 import pytest
@@ -195,32 +196,57 @@ def test_gradcheck(target, cell):
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7)
 
 
+def _second_derivatives(module, x, h0):
+    """A gradient penalty's gradients: d/d(x, h0, parameters) of |d(out²)/dx|² + |d(out²)/dh0|² + Σout."""
+    hx = (h0, h0.cos()) if isinstance(module, torch.nn.LSTM) else h0
+    out = module(x, hx)[0]
+    first = torch.autograd.grad(out.pow(2).sum(), [x, h0], create_graph=True)
+    penalty = first[0].pow(2).sum() + first[1].pow(2).sum() + out.sum()
+    return [f.detach() for f in first] + list(torch.autograd.grad(penalty, [x, h0, *module.parameters()]))
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_double_backward(target, cell):
-    """Second derivatives (create_graph=True, e.g. a gradient penalty): the reference backend's layers are
-    differentiable PyTorch ops (gradgradcheck in float64); the kernels' backward is not differentiable,
-    so differentiating their gradients raises, by torch.autograd.grad or .backward(), never a silently
-    incomplete second derivative. The first-order gradients are the same with create_graph."""
+    """Second derivatives (create_graph=True, e.g. a gradient penalty or meta-learning), as torch.nn's CPU
+    layers have them: the reference backend's layers are differentiable PyTorch ops; the cpu and cuda
+    backends' eager calls recompute the layer with them for a backward with grad mode on (their kernels'
+    backward is not differentiable): gradgradcheck in float64 and the same second derivatives as the
+    reference backend. Where that is not done (Triton's op; a layer recording norms or clipping, whose
+    backward of the backward would record and clip the two paths to h_t apart), differentiating the
+    gradients raises, by torch.autograd.grad or .backward(), never a silently incomplete second
+    derivative. The first-order gradients are the same with create_graph."""
     name, device, dtype = target
     _, ours = make_pair(cell, 2, 3, backend=name, num_layers=2, dtype=dtype, device=device)
     x = torch.randn(4, 2, 2, dtype=dtype, device=device, requires_grad=True)
     plain, = torch.autograd.grad(ours(x)[0].pow(2).sum(), x)
     first, = torch.autograd.grad(ours(x)[0].pow(2).sum(), x, create_graph=True)
     _assert_close(first.detach(), plain, dtype, "first-order gradient with create_graph")
-    if name == "reference":
+    if name in ("reference", "cpu", "cuda"):
         if dtype == torch.float64:
             assert torch.autograd.gradgradcheck(lambda t: ours(t)[0], (x,))
-        return
-    with pytest.raises(RuntimeError, match="has no double backward"):
+        reference = copy.deepcopy(ours)
+        reference.backend = "reference"
+        h0 = torch.randn(2, 2, 3, dtype=dtype, device=device, requires_grad=True)
+        for got, want in zip(_second_derivatives(ours, x, h0), _second_derivatives(reference, x, h0)):
+            _assert_close(got, want, dtype, "second derivative")
+        if name == "reference":
+            return
+        first.add_(1.0)  # (the gradients are no views: changeable in place, as torch.nn's)
+        ours.record_grad_norms, message = True, "has no double backward while it records gradient norms or clips"
+        first, = torch.autograd.grad(ours(x)[0].pow(2).sum(), x, create_graph=True)
+    else:
+        message = "has no double backward"
+    with pytest.raises(RuntimeError, match=message):
         torch.autograd.grad(first.pow(2).sum(), x, retain_graph=True)
-    with pytest.raises(RuntimeError, match="has no double backward"):
+    with pytest.raises(RuntimeError, match=message):
         torch.autograd.grad(first.pow(2).sum(), ours.weight_hh_l0, retain_graph=True)
-    with pytest.raises(RuntimeError, match="has no double backward"):
+    with pytest.raises(RuntimeError, match=message):
         first.pow(2).sum().backward(retain_graph=True)
     # a derivative w.r.t. the incoming gradient (torch.autograd.functional.jvp's double-backward trick)
+    ours.record_grad_norms, ours.hidden_grad_clip = False, 0.5
     u = torch.ones_like(ours(x)[0], requires_grad=True)
     through_u, = torch.autograd.grad(ours(x)[0], x, u, create_graph=True)
-    with pytest.raises(RuntimeError, match="has no double backward"):
+    with pytest.raises(RuntimeError, match=message):
         torch.autograd.grad(through_u.sum(), u, allow_unused=True)
     first.add_(1.0)  # (the gradients are no views: changeable in place, as torch.nn's)
 

@@ -2,8 +2,11 @@
 
 A backend implements one method, ``layer`` (the layer-op contract of docs/internals.md, with autograd):
 
-    layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe)
+    layer(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe, xp_source=None)
         -> (out [N, P], h_n [B, P], c_n [B, H] or [0])
+
+xp_source: (x [N, I], w_ih, b_ih or None) with xp = linear(x, w_ih, b_ih), or None: what a backend whose
+backward is not differentiable needs to recompute the layer differentiably for a second derivative.
 
 and says where it runs through ``unsupported_reason(device, dtype)`` (None when it can run there).
 """
@@ -46,7 +49,7 @@ class Backend:
         """Why this backend cannot run on tensors of this device and dtype (None if it can)."""
         return self.unavailable_reason()
 
-    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
+    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe, xp_source=None):
         raise NotImplementedError
 
     def delivers_norms_directly(self, tensors) -> bool:

@@ -33,13 +33,13 @@ class CompiledBackend(Backend):
             return f"the {self.name} backend supports {self.dtype_names}, not {dtype}"
         return None
 
-    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
+    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe, xp_source=None):
         """One layer and direction (docs/internals.md): xp [N, G*H] -> out [N, P], h_n [B, P],
-        c_n [B, H] (LSTM) or [0]."""
+        c_n [B, H] (LSTM) or [0]. xp_source: (x, w_ih, b_ih) of xp, for second derivatives (call_layer_op)."""
         _ext.load()
         out, h_n, c_n, _workspace = call_layer_op(
             torch.ops.rnnkern.rnn_layer_forward.default, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
-            reverse, float(clip) if clip is not None else 0.0, norm_probe)
+            reverse, float(clip) if clip is not None else 0.0, norm_probe, xp_source=xp_source)
         return out, h_n, c_n
 
     def delivers_norms_directly(self, tensors) -> bool:

@@ -58,27 +58,68 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
     such a path is differentiated, torch.autograd.grad's included."""
 
     @staticmethod
-    def forward(ctx, op_name, count, *grads_and_anchors):
-        ctx.op_name = op_name
+    def forward(ctx, message, count, *grads_and_anchors):
+        ctx.message = message
         return tuple(g.detach() for g in grads_and_anchors[:count])  # (not views: changeable in place)
 
     @staticmethod
     def backward(ctx, *_grads):
-        raise RuntimeError(
-            f"rnnkern: {ctx.op_name} has no double backward (its backward kernels are not differentiable); "
-            "for higher-order gradients (create_graph=True, e.g. a gradient penalty) use backend=\"reference\", "
-            "whose layers are differentiable PyTorch ops")
+        raise RuntimeError(ctx.message)
 
 
-def _not_twice_differentiable(op_name, grads, anchors):
+def _no_double_backward_message(op_name: str, eager: bool) -> str:
+    """Why a layer's gradients cannot be differentiated, and what to do instead."""
+    if eager:  # (EagerLayer, whose layer recomputation _differentiable_backward declined)
+        why = ("while it records gradient norms or clips (record_grad_norms, hidden_grad_clip): a backward of "
+               "the backward would record and clip the gradient of its two paths to h_t apart; turn them off, or")
+    else:
+        why = ("here (its backward kernels are not differentiable; the cpu and cuda backends recompute the layer "
+               "for a second derivative in plain eager calls, not under torch.compile, tracing or dispatch modes "
+               "or on tensor subclasses); for higher-order gradients there")
+    return (f"rnnkern: {op_name} has no double backward {why} use backend=\"reference\", whose layers are "
+            "differentiable PyTorch ops")
+
+
+def _not_twice_differentiable(message, grads, anchors):
     """`grads` (tensors or None) through _NotTwiceDifferentiable, tied to `anchors` (tensors or None)."""
     present = [i for i, g in enumerate(grads) if g is not None]
     tied = [a for a in anchors if a is not None and a.requires_grad]
-    wrapped = _NotTwiceDifferentiable.apply(op_name, len(present), *[grads[i] for i in present], *tied)
+    wrapped = _NotTwiceDifferentiable.apply(message, len(present), *[grads[i] for i in present], *tied)
     result = list(grads)
     for i, g in zip(present, wrapped):
         result[i] = g
     return tuple(result)
+
+
+def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr):
+    """The layer's first-order gradients as differentiable PyTorch ops, for a backward with grad mode on
+    (create_graph=True: a gradient penalty, meta-learning), where the kernels' backward, not
+    differentiable, would leave out the second-order terms (as torch.nn's CPU layers, composed of ops,
+    have them). The layer is recomputed by the reference backend from its saved inputs, and xp from
+    (x, w_ih, b_ih), which EagerLayer keeps by reference (the input projection's backward saves x as
+    well while w_ih requires grad): xp itself is not kept. For a layer without norms and clipping.
+    Returns (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr), None where unused."""
+    from .reference import reference_layer  # (imports this module)
+
+    x, w_ih, b_ih, version = ctx.xp_source
+    if x._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"the input of an rnnkern layer is at version {x._version}; expected version {version} instead "
+            "(a second derivative recomputes the layer from it)")
+    xp = torch.nn.functional.linear(x, w_ih, b_ih)
+    out, h_n, c_n = reference_layer(ctx.cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, 0.0, None)
+    pairs = [(o, g) for o, g in ((out, grad_out), (h_n, grad_h_n), (c_n, grad_c_n))
+             if g is not None and o.requires_grad]  # (grad_c_n: None but for an LSTM)
+    inputs = [xp, h0, c0, w_hh, b_hh, w_hr]
+    wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    grads = [None] * len(inputs)
+    if pairs and wanted:
+        found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, found):
+            grads[i] = g
+    return tuple(grads)
 
 
 def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, direct=None) -> None:
@@ -139,8 +180,14 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
                 None if grad_c_n is None else grad_c_n.contiguous(),
                 batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, ctx.clip, ctx.record_norms, out, workspace)
         # create_graph=True runs this with grad mode on; the op has no autograd of its own, so it runs
-        # without, and the results raise if differentiated (below).
+        # without, and the results raise if differentiated (below), unless the layer can be recomputed.
         twice = torch.is_grad_enabled() and any(ctx.needs_input_grad)
+        recomputable = getattr(ctx, "xp_source", None) is not None
+        if twice and recomputable and not ctx.record_norms and ctx.clip <= 0:
+            grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = _differentiable_backward(
+                ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr)
+            return (None, grad_xp, None, grad_h0, grad_c0 if has_c0 else None, grad_w_hh,
+                    grad_b_hh if has_b_hh else None, grad_w_hr if has_w_hr else None, None, None, None)
         with torch.no_grad() if twice else contextlib.nullcontext():
             (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = run_backward(*args)
         grads = (grad_xp, grad_h0, grad_c0 if has_c0 else None, grad_w_hh, grad_b_hh if has_b_hh else None,
@@ -148,8 +195,8 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         if twice:
             # (the incoming gradients too: a derivative w.r.t. them, e.g. autograd.functional.jvp's
             # double-backward trick, must also reach the node)
-            grads = _not_twice_differentiable(op_name, grads, (out, h0, c0, w_hh, b_hh, w_hr, grad_out, grad_h_n,
-                                                               grad_c_n))
+            grads = _not_twice_differentiable(_no_double_backward_message(op_name, recomputable), grads,
+                                              (out, h0, c0, w_hh, b_hh, w_hr, grad_out, grad_h_n, grad_c_n))
         grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads
         return (None, grad_xp, None, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, None, None,
                 norms if ctx.record_norms else None)
@@ -166,13 +213,16 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         whole work at small sizes; this costs ~5."""
 
         @staticmethod
-        def forward(ctx, *inputs):
+        def forward(ctx, *inputs_and_source):
+            *inputs, xp_source = inputs_and_source  # (the op's inputs, then call_layer_op's xp_source)
             # norm_probe may be a NormSink here (the op itself never sees one): the norms go to it
             sink = inputs[-1] if isinstance(inputs[-1], _compat.NormSink) else None
             output = forward_below_autograd(*inputs[:-1], None) if sink is not None else \
                 forward_below_autograd(*inputs)
             setup_context(ctx, inputs, output, versioned_bias=False)
             ctx.norm_sink = sink
+            # (with x's version: a second derivative recomputes xp from x, which must be unchanged)
+            ctx.xp_source = None if xp_source is None else (*xp_source, xp_source[0]._version)
             return output
 
         @staticmethod
@@ -181,9 +231,9 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
             plain = direct_backward is not None and _plain_eager(grads)
             result = backward(ctx, *grads, run_backward=direct_backward if plain else backward_op)
             if ctx.norm_sink is None:
-                return result
+                return result + (None,)
             ctx.norm_sink.deliver(result[-1])
-            return result[:-1] + (None,)
+            return result[:-1] + (None, None)
 
     EagerLayer.forward_below_autograd = staticmethod(forward_below_autograd)
     _EAGER[forward_op] = EagerLayer
@@ -225,10 +275,13 @@ def runs_eager(tensors) -> bool:
     return os.environ.get("RNNKERN_EAGER_OP", "1") != "0" and _plain_eager(tensors)
 
 
-def call_layer_op(forward_op, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe):
+def call_layer_op(forward_op, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe,
+                  xp_source=None):
     """forward_op(...) (registered with register_layer_op), through EagerLayer where runs_eager allows:
     the same results, saved tensors and backward. norm_probe: a [2, N] probe, None, or (only where
-    EagerLayer runs it, see Backend.delivers_norms_directly) a _compat.NormSink."""
+    EagerLayer runs it, see Backend.delivers_norms_directly) a _compat.NormSink. xp_source: (x, w_ih,
+    b_ih) with xp = linear(x, w_ih, b_ih), or None: EagerLayer's backward then has second derivatives
+    (_differentiable_backward); the op's registered autograd has none."""
     sink = isinstance(norm_probe, _compat.NormSink)
     probe = None if sink else norm_probe
     inputs = (cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe)
@@ -237,7 +290,7 @@ def call_layer_op(forward_op, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, r
     if eager is not None and (sink or runs_eager((xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, probe))):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (xp, h0, c0, w_hh, b_hh, w_hr, probe)):
-            return eager.apply(*inputs)
+            return eager.apply(*inputs, xp_source)
         if not sink:
             return eager.forward_below_autograd(*inputs)
     if sink:  # (the caller checked delivers_norms_directly: a sink elsewhere would lose the norms)
