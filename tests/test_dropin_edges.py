@@ -372,7 +372,29 @@ def test_second_derivative_after_input_changed_in_place_raises():
     h0 = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     loss = ours(x, h0)[0].pow(2).sum()
-    torch.autograd.grad(loss, h0, retain_graph=True)  # (first order: x not needed, as in torch.nn)
     x.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation.*rnnkern layer"):
         torch.autograd.grad(loss, h0, create_graph=True)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled cpu backend")
+def test_layer_input_not_kept_past_a_plain_backward():
+    """What a second derivative recomputes a layer from (its input) is let go by a plain backward, as the
+    graph's saved tensors are: a caller keeping the output does not keep the input alive; a backward with
+    create_graph=True after it (retain_graph=True) raises a clear error."""
+    import gc
+    import weakref
+
+    _, ours = make_pair("lstm", 3, 4, backend="cpu")
+    ours.weight_ih_l0.requires_grad_(False)  # (so that no other node saves the input)
+    h0 = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    alive = weakref.ref(x)
+    out = ours(x, (h0, h0))[0]
+    out.pow(2).sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward after an earlier backward"):
+        first, = torch.autograd.grad(out.pow(2).sum(), h0, create_graph=True)
+        first.sum().backward()
+    del x
+    gc.collect()
+    assert alive() is None and out.grad_fn is not None

@@ -67,9 +67,16 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
         raise RuntimeError(ctx.message)
 
 
-def _no_double_backward_message(op_name: str, eager: bool) -> str:
-    """Why a layer's gradients cannot be differentiated, and what to do instead."""
-    if eager:  # (EagerLayer, whose layer recomputation _differentiable_backward declined)
+_RELEASED = "released"  # EagerLayer's xp_source after a backward with grad mode off
+
+
+def _no_double_backward_message(op_name: str, xp_source) -> str:
+    """Why a layer's gradients cannot be differentiated, and what to do instead (xp_source: the
+    layer's, see EagerLayer: None where the op's registered autograd runs)."""
+    if xp_source is _RELEASED:
+        why = ("after an earlier backward through the same graph without create_graph=True (retain_graph=True) "
+               "released what it recomputes the layer from: run the first backward with create_graph=True, or")
+    elif xp_source is not None:  # (EagerLayer, whose layer recomputation _differentiable_backward declined)
         why = ("while it records gradient norms or clips (record_grad_norms, hidden_grad_clip): a backward of "
                "the backward would record and clip the gradient of its two paths to h_t apart; turn them off, or")
     else:
@@ -182,8 +189,13 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         # create_graph=True runs this with grad mode on; the op has no autograd of its own, so it runs
         # without, and the results raise if differentiated (below), unless the layer can be recomputed.
         twice = torch.is_grad_enabled() and any(ctx.needs_input_grad)
-        recomputable = getattr(ctx, "xp_source", None) is not None
-        if twice and recomputable and not ctx.record_norms and ctx.clip <= 0:
+        xp_source = getattr(ctx, "xp_source", None)
+        if not twice and xp_source is not None:
+            # (a plain backward frees the graph's saved tensors; holding x past it would keep it alive as
+            # long as the graph's nodes, e.g. while the caller keeps the output)
+            ctx.xp_source = _RELEASED
+        if (twice and xp_source is not None and xp_source is not _RELEASED and not ctx.record_norms
+                and ctx.clip <= 0):
             grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = _differentiable_backward(
                 ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr)
             return (None, grad_xp, None, grad_h0, grad_c0 if has_c0 else None, grad_w_hh,
@@ -195,7 +207,7 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         if twice:
             # (the incoming gradients too: a derivative w.r.t. them, e.g. autograd.functional.jvp's
             # double-backward trick, must also reach the node)
-            grads = _not_twice_differentiable(_no_double_backward_message(op_name, recomputable), grads,
+            grads = _not_twice_differentiable(_no_double_backward_message(op_name, xp_source), grads,
                                               (out, h0, c0, w_hh, b_hh, w_hr, grad_out, grad_h_n, grad_c_n))
         grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads
         return (None, grad_xp, None, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, None, None,
