@@ -277,27 +277,29 @@ def _nonfinite_masks(tensors):
 
 
 def _nonfinite_cases():
-    """(backend, where, value): every backend with NaN anywhere and ±inf anywhere, except ±inf entering
-    a matrix product (input, h0, W_hh) under the Triton interpreter: whether a product then sums
-    infinities of both signs (NaN) or not is its BLAS's blocking (torch.nn and the cpu and reference
-    backends share torch's BLAS; the interpreter's products are numpy's)."""
+    """(backend, variant, where, value): every backend (Triton with both its kernels: time-looped and
+    per step) with NaN and ±inf everywhere."""
     cases = []
-    for backend in BACKENDS:
+    runs = [(b, None) for b in BACKENDS if b != "triton"] + [("triton", v) for v in ("loop", "step")
+                                                              if "triton" in BACKENDS]
+    for backend, variant in runs:
         for where in ["input", "h0", "weight_hh", "bias", "grad_out", "grad_h_n"]:
             for value, name in [(float("nan"), "nan"), (float("inf"), "inf"), (-float("inf"), "-inf")]:
-                if backend == "triton" and name != "nan" and where in ("input", "h0", "weight_hh"):
-                    continue
-                cases.append(pytest.param(backend, where, value, id=f"{backend}-{where}-{name}"))
+                tag = backend + (f"-{variant}" if variant else "")
+                cases.append(pytest.param(backend, variant, where, value, id=f"{tag}-{where}-{name}"))
     return cases
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("backend,where,value", _nonfinite_cases())
-def test_nonfinite_values_propagate_like_torch_nn(backend, where, value, cell):
+@pytest.mark.parametrize("backend,variant,where,value", _nonfinite_cases())
+def test_nonfinite_values_propagate_like_torch_nn(backend, variant, where, value, cell, monkeypatch):
     """A NaN or ±inf in the input, h0, a weight or an incoming gradient: NaN, +inf and -inf land where
     torch.nn puts them, in the outputs and in every gradient; finite entries equal torch.nn's. (Before:
     an infinite gradient reaching a GRU step gave +-inf in the input's gradient where torch.nn, whose
-    h = (h_prev - n) z + n differentiates to dh - dh z, gives NaN.)"""
+    h = (h_prev - n) z + n differentiates to dh - dh z, gives NaN; Triton's time-looped kernels turned a
+    sample's every output NaN after an infinite h, through the tiles' padding columns.)"""
+    if variant is not None:
+        monkeypatch.setenv("RNNKERN_TRITON_VARIANT", variant)
     dtype = _dtype(backend)
     torch.manual_seed(23)
     # (one layer for the incoming gradients: a second layer's input gradient would turn any infinity

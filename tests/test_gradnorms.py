@@ -165,6 +165,37 @@ def test_clipping_at_float32_extremes(kind, clip):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-44)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_clipping_a_float32_gradient_whose_norm_passes_float32s_range(kind, backend):
+    """Finite float32 gradients whose row norm exceeds float32's largest number (exploding gradients,
+    what clipping is for): rescaled to norm `clip` as in float64, recorded as inf (before: the cpu and
+    reference backends rounded the norm to float32 first, and its scale clip / inf = 0 zeroed every
+    gradient through that step)."""
+    if rnnkern.backends.get(backend).unsupported_reason(torch.device("cpu"), torch.float32):
+        pytest.skip(f"{backend} backend cannot run on CPU float32 here")
+    torch.manual_seed(12)
+    x = torch.randn(3, 2, 3)
+    upstream = torch.zeros(3, 2, 5)
+    upstream[2] = 2e38  # (the last step's rows: norm 4.5e38; finite elements)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        m = getattr(rnnkern, kind)(3, 5, backend=backend if dtype == torch.float32 else "reference",
+                                   record_grad_norms=True, hidden_grad_clip=1.0)
+        if results:
+            m.load_state_dict(state)
+        state = m.state_dict()
+        m = m.to(dtype)
+        xs = x.to(dtype).detach().requires_grad_()
+        out, _ = m(xs)
+        out.backward(upstream.to(dtype))
+        results.append([xs.grad, *(p.grad for p in m.parameters())])
+        assert torch.isinf(m.grad_norms.h_per_sample[0, 0, 2]).all()
+    for got, want in zip(*results):
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_batch_norms_keep_tiny_and_huge_per_sample_norms():
     """h = sqrt(Σ_b h_per_sample²) in float64: float32 squares lose norms below ~1e-19 (a vanishing
     gradient read 0) and above ~1e19 (inf), where the per-sample norms are exact."""

@@ -206,15 +206,22 @@ inline RowGrad<S> row_grad(const IncomingGrad& in, int64_t b, const Acc<S>* dh_d
                     (continues && dh_direct != nullptr) ? dh_direct + b * in.size : nullptr};
 }
 
-// ‖g‖ of a row (and its record in norm_out, when given): a pass of its own.
+// ‖g‖ of a row, in double (and its record in norm_out, when given): a pass of its own.
 template <typename S>
-inline Acc<S> row_norm(const RowGrad<S>& g, int64_t n, float* norm_out) {
+inline double row_norm(const RowGrad<S>& g, int64_t n, float* norm_out) {
   using A = Acc<S>;
   SumSq<A> sq;
   unit_loop<A>(n, [&](int64_t j, auto tag) { sq.add(g.template at<decltype(tag)>(j)); });
-  const A norm = std::sqrt(sq.total());
+  const double norm = std::sqrt(sq.total());
   if (norm_out != nullptr) *norm_out = static_cast<float>(norm);
   return norm;
+}
+
+// The clipping scale clip / ‖g‖ from the norm in double: a float32 row of finite values can have a
+// norm past float's range, which rounded first would give the scale 0 (the whole gradient lost).
+template <typename A>
+inline A clip_scale_of(double norm, double clip) {
+  return static_cast<A>(clip_scale(norm, clip));
 }
 
 // With clipping, ‖g‖ is needed before g is used: a first pass computes it (and records it).
@@ -223,7 +230,7 @@ template <typename S>
 inline Acc<S> pre_clip_scale(const RowGrad<S>& g, int64_t n, double clip, float* norm_out) {
   using A = Acc<S>;
   if (!(clip > 0.0)) return A(1);
-  return clip_scale(row_norm(g, n, norm_out), static_cast<A>(clip));
+  return clip_scale_of<A>(row_norm(g, n, norm_out), clip);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -445,8 +452,7 @@ void proj_grad(const ProjGradStepArgs& a) {
     for (int64_t b = b0; b < b1; ++b) {
       const RowGrad<S> g = row_grad<S>(a.grad, b, nullptr);
       S* g_out = static_cast<S*>(a.g_out) + b * P;
-      const A scale = clip_scale(row_norm(g, P, a.norm_g != nullptr ? a.norm_g + b : nullptr),
-                                 static_cast<A>(a.clip));
+      const A scale = clip_scale_of<A>(row_norm(g, P, a.norm_g != nullptr ? a.norm_g + b : nullptr), a.clip);
       unit_loop<A>(P, [&](int64_t j, auto tag) {
         using U = decltype(tag);
         st(g_out + j, g.template at<U>(j) * U(scale));

@@ -150,12 +150,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
   A* dc_next = dh_next + B * units;        // [B][units] (LSTM)
   A* gbuf = dc_next + B * units;           // [B][units]: g before clipping, then dc_t
   A* direct = gbuf + B * units;            // [B][units]: GRU z ⊙ g
-  A* row_norm = direct + B * units;        // [B]
-  A* stage = row_norm + B;                 // [B][chunk + 1]: a tile of dgates rows
+  A* row_scale = direct + B * units;       // [B] each row's clipping scale
+  A* stage = row_scale + B;                // [B][chunk + 1]: a tile of dgates rows
   double* partial = static_cast<double*>(a.scratch);  // [2 parity][2 (g, c)][blocks][B]: Σ squares
   const BackwardPointers<T, A> ptrs = typed<C, T, A>(a);
   const auto& [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] = ptrs;
-  const A clip = static_cast<A>(a.clip);
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
   for (int i = threadIdx.x; i < nu * GH; i += kThreads) {
@@ -203,15 +202,18 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
     for (int b = threadIdx.x; b < bs; b += kThreads) {
       double sum = 0.0;
       for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2) * blocks + blk) * B + b);
-      row_norm[b] = static_cast<A>(sqrt(sum));
-      if (blockIdx.x == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
+      const double norm = sqrt(sum);
+      // (the scale from the norm in double: a float row's norm may pass float's range, where the
+      // rounded norm's scale would be 0)
+      row_scale[b] = static_cast<A>(clip_scale(norm, a.clip));
+      if (blockIdx.x == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(norm);
     }
     if (t_before >= 0) reduce_dc(t_before, parity ^ 1);
     __syncthreads();
     for (int pair = threadIdx.x; pair < pairs; pair += kThreads) {
       const int b = pair / nu, ul = pair % nu, u = u0 + ul;
       const int64_t row = row0 + b;
-      const A dh = gbuf[b * units + ul] * clip_scale(row_norm[b], clip);
+      const A dh = gbuf[b * units + ul] * row_scale[b];
       const bool starts = b >= n_prev;  // the sample's first step: gradients go to h0/c0
       A prev, h;
       backward_unit_state<C, T, A>(ptrs, b, row, prev_row0 + b, starts, H, u, prev, h);

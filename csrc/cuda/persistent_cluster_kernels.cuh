@@ -1191,7 +1191,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
   uint64_t* full_g = reinterpret_cast<uint64_t*>(smem_raw + lay.bars);
   uint64_t* full_in = full_g + 2;
   double* part_g_base = reinterpret_cast<double*>(smem_raw + lay.part_g);
-  A* row_norm = reinterpret_cast<A*>(smem_raw + lay.row_norm);
+  A* row_scale = reinterpret_cast<A*>(smem_raw + lay.row_scale);  // each row's clipping scale
   A* dh_next = reinterpret_cast<A*>(smem_raw + lay.dh_next);
   A* dc_next = reinterpret_cast<A*>(smem_raw + lay.dc_next);
   A* gbuf = reinterpret_cast<A*>(smem_raw + lay.gbuf);
@@ -1246,7 +1246,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
   T* wt = reinterpret_cast<T*>(smem_raw + lay.wt);
   const BackwardPointers<T, A> ptrs = typed<C, T, A>(a);
   const auto& [w_hh, grad_out, grad_h_n, grad_c_n, h0, c0, out, ws, dgates_x, dgates_h, grad_h0, grad_c0] = ptrs;
-  const A clip = static_cast<A>(a.clip);  // (clipping: > 0)
   const Geometry geo{a.sizes, a.offsets, a.steps, a.reverse};
 
   if constexpr (Mma) {
@@ -1480,13 +1479,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       for (int b = threadIdx.x; b < rows; b += kThreads) {
         double sum = 0.0;
         for (int r = 0; r < blocks; ++r) sum += part_g[r * Bt + b];
-        row_norm[b] = static_cast<A>(sqrt(sum));
-        if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(row_norm[b]);
+        const double norm = sqrt(sum);
+        // (the scale from the norm in double: a float row's norm may pass float's range, where the
+        // rounded norm's scale would be 0)
+        row_scale[b] = static_cast<A>(clip_scale(norm, a.clip));
+        if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(norm);
       }
     } else if (norms_g_late && nu > 0 && !lane_rows) {  // blocks without units add nothing
       squares_for_later(0);
     }
-    // (gbuf is rewritten below, and row_norm read; otherwise each thread reads only its own units' g)
+    // (gbuf is rewritten below, and row_scale read; otherwise each thread reads only its own units' g)
     if (norms_first || (norms_g_late && !lane_rows)) __syncthreads();
     clock.mark(1);  // the Σ g² partials: exchanged (norms_first), or stored for after the loop
 
@@ -1499,7 +1501,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
       A dc_out = A(0);  // LSTM: this pair's dc_t, for the norms
       if (valid) {
         const int64_t row = row0 + b;
-        const A dh = clipping ? gbuf[b * U + ul] * clip_scale(row_norm[b], clip) : gbuf[b * U + ul];
+        const A dh = clipping ? gbuf[b * U + ul] * row_scale[b] : gbuf[b * U + ul];
         const bool starts = b >= rows_prev;  // the sample's first step: gradients go to h0/c0
         A saved[S > 0 ? S : 1], prev, h;
         if (base == 0) {

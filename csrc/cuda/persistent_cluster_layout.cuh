@@ -140,7 +140,7 @@ __host__ __device__ inline ForwardLayout forward_layout(const Tables& tb, int ga
 }
 
 struct BackwardLayout {
-  size_t bars, part_g, row_norm, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
+  size_t bars, part_g, row_scale, dh_next, dc_next, gbuf, direct, inbox, dgate, w, dgate16, wt, bytes;
 };
 
 // `copies` of each exchanged buffer, by step parity (Plan::copies; see the backward kernel); the Σ g²
@@ -162,7 +162,7 @@ __host__ __device__ inline BackwardLayout backward_layout(const Tables& tb, int 
   BackwardLayout l;
   l.bars = c.take(async_exchange ? 4 : 0, sizeof(uint64_t));  // full_g[2], full_in[2]
   l.part_g = c.take(part_g_copies(x, copies) * blocks * rows, sizeof(double));  // [copies][blocks][Bt]: Σ g²
-  l.row_norm = c.take(rows, acc);                    // [Bt]
+  l.row_scale = c.take(rows, acc);                   // [Bt] clipping scales
   l.dh_next = c.take(ru, acc);  // [Bt][U]: dh_prev of the step processed before, own units
   l.dc_next = c.take(ru, acc);  // [Bt][U] (LSTM)
   l.gbuf = c.take(ru, acc);     // [Bt][U]: g before clipping, then dc_t (LSTM)

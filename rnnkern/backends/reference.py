@@ -34,12 +34,15 @@ class _NormTap(torch.autograd.Function):
         # The norm in float64 (float32 squares underflow below ~1e-19: vanishing gradients would read 0);
         # the scaling in float32 (float64 for float64), as the fused kernels do.
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(grad.to(torch.float64), dim=1).to(acc)
+        norm64 = torch.linalg.vector_norm(grad.to(torch.float64), dim=1)
+        norm = norm64.to(acc)
         if ctx.clip > 0:
-            # scale only where ‖g‖ > clip; NaN norms compare False and propagate unscaled.
+            # scale only where ‖g‖ > clip; NaN norms compare False and propagate unscaled. The scale from
+            # the norm in float64: a float32 row's norm may pass float32's range (its scale would be 0).
             # (A tensor divided, not a number: `clip / norm` is computed as clip * (1 / norm), whose 1 / norm
             # overflows to inf in float32 for a norm below ~3e-39.)
-            scale = torch.where(norm > ctx.clip, torch.full_like(norm, ctx.clip) / norm, torch.ones_like(norm))
+            scale = torch.where(norm64 > ctx.clip, torch.full_like(norm64, ctx.clip) / norm64,
+                                torch.ones_like(norm64)).to(acc)
             grad = (grad.to(acc) * scale.unsqueeze(1)).to(grad.dtype)
         probe_grad = None if ctx.probe_dtype is None else norm.to(ctx.probe_dtype)
         return grad, probe_grad, None

@@ -314,6 +314,8 @@ def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_pt
         w = tl.load(w_hh_ptr + k[:, None] * P + p[None, :], mask=k_mask[:, None] & p_mask[None, :],
                     other=0.0)
         acc = tl.dot(a.to(DOT), w.to(DOT), acc, input_precision=PREC, out_dtype=ACC)
+    # (rows with no next step add nothing: their zero rows of dgates times an infinite weight are NaN)
+    acc = tl.where(has_next[:, None], acc, 0.0)
     tile = row_mask[:, None] & p_mask[None, :]
     grad_out = tl.load(grad_out_ptr + row[:, None] * P + p[None, :],
                        mask=tile & (row < N)[:, None], other=0.0)
@@ -325,7 +327,8 @@ def grad_h_step_kernel(step_rows_ptr, t, next_row_ptr, grad_out_ptr, grad_h_n_pt
         g += tl.load(carry_ptr + b[:, None] * P + p[None, :], mask=has_next[:, None] & p_mask[None, :],
                      other=0.0)
     tl.store(g_ptr + row[:, None] * P + p[None, :], g, mask=tile)
-    tl.store(norm2_ptr + tl.program_id(1) * norm2_stride + row, sum_sq(g), mask=row_mask)
+    # (padding columns out of the sum: the dot leaves inf * 0 = NaN there for an infinite gradient)
+    tl.store(norm2_ptr + tl.program_id(1) * norm2_stride + row, sum_sq(tl.where(tile, g, 0.0)), mask=row_mask)
 
 
 @triton.jit

@@ -116,7 +116,7 @@ def gru_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
         h_new = ((1.0 - gate_z) * gate_n + gate_z * h.to(ACC)).to(h.dtype)
         store_saved(ws_ptr, row, j, tile, H, gate_r, gate_z, gate_n, hn)
         tl.store(out_ptr + row[:, None] * H + j[None, :], h_new, mask=tile)
-        h = tl.where(active[:, None], h_new, h)
+        h = tl.where(tile, h_new, h)  # (padding columns stay 0: see rnn.py's loop)
     tl.store(h_n_ptr + b[:, None] * H + j[None, :], h, mask=b_mask[:, None] & j_mask[None, :])
 
 

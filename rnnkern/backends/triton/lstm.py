@@ -164,13 +164,13 @@ def lstm_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, c0_ptr, w_hh_ptr,
         c_new = gate_f * c + gate_i * gate_g
         h_pre = (gate_o * tanh(c_new)).to(h.dtype)
         store_saved(ws_ptr, row, j, tile, H, gate_i, gate_f, gate_g, gate_o, c_new)
-        if HAS_PROJ:
-            h_new = tl.dot(h_pre, w_r, input_precision=PREC, out_dtype=ACC).to(h.dtype)
+        if HAS_PROJ:  # (padding columns zeroed first: see rnn.py's loop)
+            h_new = tl.dot(tl.where(tile, h_pre, 0.0), w_r, input_precision=PREC, out_dtype=ACC).to(h.dtype)
         else:
             h_new = h_pre
         tl.store(out_ptr + row[:, None] * P + p[None, :], h_new, mask=active[:, None] & p_mask[None, :])
-        h = tl.where(active[:, None], h_new, h)
-        c = tl.where(active[:, None], c_new, c)
+        h = tl.where(active[:, None] & p_mask[None, :], h_new, h)  # (padding columns stay 0)
+        c = tl.where(tile, c_new, c)
     tl.store(h_n_ptr + b[:, None] * P + p[None, :], h, mask=b_mask[:, None] & p_mask[None, :])
     tl.store(c_n_ptr + b[:, None] * H + j[None, :], c.to(c_n_ptr.dtype.element_ty),
              mask=b_mask[:, None] & j_mask[None, :])
@@ -209,7 +209,9 @@ def lstm_backward_step_kernel(step_rows_ptr, t, prev_row_ptr, g_ptr, norm2_ptr, 
     dc_ptrs = dc_ptr + b[:, None] * H + j[None, :]
     tanh_c = tanh(c)
     dc = tl.load(dc_ptrs, mask=tile, other=0.0) + dh * gate_o * (1.0 - tanh_c * tanh_c)
-    tl.store(norm2_c_ptr + tl.program_id(1) * norm2_stride + row, sum_sq(dc), mask=row_mask)
+    # (padding columns out of the sum: a projection's dot leaves NaN there for an infinite g)
+    tl.store(norm2_c_ptr + tl.program_id(1) * norm2_stride + row, sum_sq(tl.where(tile, dc, 0.0)),
+             mask=row_mask)
     store_gate_grads(dgates_ptr, row, j, tile, H, dh, dc, gate_i, gate_f, gate_g, gate_o, tanh_c, c_prev)
     tl.store(dc_ptrs, dc * gate_f, mask=tile)
 

@@ -77,7 +77,9 @@ def rnn_forward_loop_kernel(step_rows_ptr, T, xp_ptr, h0_ptr, w_hh_ptr, b_hh_ptr
         pre += bias[None, :]
         h_new = _act(pre, RELU).to(h.dtype)
         tl.store(out_ptr + row[:, None] * H + j[None, :], h_new, mask=tile)
-        h = tl.where(active[:, None], h_new, h)
+        # (the padding columns stay 0: a dot's would be inf * 0 = NaN for an infinite h, and flow into
+        # every column at the next step)
+        h = tl.where(active[:, None] & j_mask[None, :], h_new, h)
     tl.store(h_n_ptr + b[:, None] * H + j[None, :], h, mask=b_mask[:, None] & j_mask[None, :])
 
 
