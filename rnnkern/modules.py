@@ -55,7 +55,10 @@ def _packed_rows(data: Tensor, batch_sizes) -> tuple:
     _require(sizes[-1] >= 0 and all(a >= b for a, b in zip(sizes, sizes[1:])))
     rows = sum(sizes)
     _require(rows <= data.shape[0])
-    return (data if rows == data.shape[0] else data[:rows]), sizes[0]
+    # (a trace takes the batch size as torch.nn's forward reads it, a tensor: the zero states made with
+    # it then follow the traced input's batch size, where a Python int would be a constant of the trace)
+    batch = batch_sizes[0] if torch.jit.is_tracing() else sizes[0]
+    return (data if rows == data.shape[0] else data[:rows]), batch
 
 
 def _lstm_states(input, hx) -> list:

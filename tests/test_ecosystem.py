@@ -695,6 +695,48 @@ def test_jit_trace_checks_and_generalises_like_torch_nn(kind, options):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+class _PackedModel(torch.nn.Module):
+    """pad -> pack (unsorted) -> the RNN -> pad, as a model fed batches of padded sequences does."""
+
+    def __init__(self, rnn, with_hx):
+        super().__init__()
+        self.rnn, self.with_hx = rnn, with_hx
+
+    def forward(self, x, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        if self.with_hx:
+            h0 = torch.ones(self.rnn.num_layers * 2, x.shape[1], self.rnn.hidden_size) * 0.1
+            out, hidden = self.rnn(packed, (h0, h0.tanh()) if isinstance(self.rnn, torch.nn.LSTM) else h0)
+        else:
+            out, hidden = self.rnn(packed)
+        return torch.nn.utils.rnn.pad_packed_sequence(out)[0], hidden
+
+
+@pytest.mark.parametrize("with_hx", [False, True])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_jit_trace_of_packed_input_runs_other_batch_sizes_like_torch_nn(kind, with_hx):
+    """A trace of a model feeding packed sequences runs other batch sizes and lengths, as torch.nn's does
+    (before, without hx: the zero states' batch size was a constant of the trace, and another batch size
+    raised)."""
+    import warnings
+
+    ours_cls, ref_cls = KINDS[kind]
+    torch.manual_seed(13)
+    ref = ref_cls(3, 4, num_layers=2, bidirectional=True)
+    ours = ours_cls(3, 4, num_layers=2, bidirectional=True)
+    ours.load_state_dict(ref.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (deprecation, and torch.nn's own TracerWarnings)
+        traced = torch.jit.trace(_PackedModel(ours, with_hx), (torch.randn(5, 3, 3), torch.tensor([3, 5, 2])),
+                                 check_trace=False)
+        for steps, lengths in [(6, [6, 1, 4, 2]), (2, [2, 1])]:
+            x = torch.randn(steps, len(lengths), 3)
+            got = traced(x, torch.tensor(lengths))
+            want = _PackedModel(ref, with_hx)(x, torch.tensor(lengths))
+            for a, b in zip(_flat_outputs(got), _flat_outputs(want)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_torchscript_is_a_clear_error(kind):
     """torch.jit.script (deprecated) of an rnnkern module, alone or inside a model: a clear error naming
