@@ -17,12 +17,14 @@ def convert(model: nn.Module, backend: str = "auto", record_grad_norms: bool = F
     The modules keep their identity, parameters, device, dtype, training mode and registered hooks
     (the instance's class is switched to the rnnkern subclass, which only overrides ``forward``).
     Modules that already are rnnkern modules get the given options. Subclasses of torch's classes
-    other than exactly LSTM/GRU/RNN are left alone, since their own forward may differ.
+    other than exactly LSTM/GRU/RNN are left alone, since their own forward may differ, but for the
+    class torch.nn.utils.parametrize makes for a parametrized module (weight_norm, spectral_norm,
+    orthogonal, ...), which becomes its counterpart over rnnkern's class.
     """
     _backends.check_name(backend)
     _check_clip(hidden_grad_clip)
     for module in model.modules():
-        target = RNNKERN_CLASSES.get(type(module))
+        target = RNNKERN_CLASSES.get(type(module)) or _parametrized_counterpart(module)
         if target is not None:
             module.__class__ = target
             module._init_rnnkern(backend, record_grad_norms, hidden_grad_clip)
@@ -30,6 +32,20 @@ def convert(model: nn.Module, backend: str = "auto", record_grad_norms: bool = F
             module.backend, module.record_grad_norms = backend, bool(record_grad_norms)
             module.hidden_grad_clip = hidden_grad_clip
     return model
+
+
+def _parametrized_counterpart(module: nn.Module):
+    """For a module of the class torch.nn.utils.parametrize made for a torch.nn LSTM/GRU/RNN (a subclass
+    of it holding the parametrized tensors' properties), the same class over rnnkern's; else None.
+    (parametrize's remove_parametrizations then restores its base: rnnkern's class.)"""
+    cls = type(module)
+    if len(cls.__bases__) != 1 or not torch.nn.utils.parametrize.is_parametrized(module):
+        return None
+    target = RNNKERN_CLASSES.get(cls.__bases__[0])
+    if target is None or cls.__name__ != f"Parametrized{cls.__bases__[0].__name__}":
+        return None
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, (target,), namespace)
 
 
 class _PatchedMeta(type):

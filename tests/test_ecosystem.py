@@ -514,6 +514,36 @@ def test_convert_nested_model_keeps_device_dtype_mode_hooks_and_results(device):
     assert not torch.equal(model.proj_lstm.weight_hr_l0.detach(), before)
 
 
+@pytest.mark.parametrize("how", ["weight_norm", "orthogonal"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_convert_parametrized_modules(kind, how):
+    """A torch.nn RNN with a torch.nn.utils.parametrize parametrization (its class is parametrize's
+    subclass) converts (before: left alone, silently): rnnkern's module with the same parametrization,
+    results, gradients and state_dict, norms recorded; removing the parametrization leaves rnnkern's
+    class."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    _, ref_cls = KINDS[kind]
+    torch.manual_seed(17)
+    ref = ref_cls(3, 4, num_layers=2, dtype=torch.float64)
+    getattr(parametrizations, how)(ref, "weight_hh_l1")
+    ours = copy.deepcopy(ref)
+    assert rnnkern.convert(torch.nn.Sequential(ours), record_grad_norms=True)[0] is ours
+    assert isinstance(ours, KINDS[kind][0]) and parametrize.is_parametrized(ours, "weight_hh_l1")
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    results = []
+    for module in (ref, ours):
+        out = module(x)[0]
+        out.pow(2).sum().backward()
+        results.append([out] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert ours.grad_norms is not None and ours.grad_norms.h_per_sample.shape == (2, 1, 5, 2)
+    parametrize.remove_parametrizations(ours, "weight_hh_l1")
+    assert type(ours) is KINDS[kind][0]
+
+
 def test_convert_top_level_module_and_options_of_rnnkern_modules():
     lstm = torch.nn.LSTM(3, 4)
     assert rnnkern.convert(lstm, backend="reference") is lstm and type(lstm) is rnnkern.LSTM
