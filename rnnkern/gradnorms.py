@@ -67,6 +67,15 @@ class GradNorms:
         return {"h": as_list(self.h), "h_per_sample": as_list(self.h_per_sample),
                 "c": as_list(self.c), "c_per_sample": as_list(self.c_per_sample)}
 
+    def _norms(self, which: str) -> Tensor:
+        """The batch norms `which` names: "h" or "c" (LSTM); ValueError otherwise."""
+        if which not in ("h", "c"):
+            raise ValueError(f"which must be 'h' or 'c', not {which!r}")
+        norms = self.h if which == "h" else self.c
+        if norms is None:
+            raise ValueError(f"no {which!r} norms recorded (c norms exist for LSTM only)")
+        return norms
+
     def summary(self, layer: int = -1, direction: int = 0, which: str = "h") -> Dict[str, float]:
         """How the norm changes with distance from the loss, for one layer and direction.
 
@@ -80,9 +89,7 @@ class GradNorms:
             whose norm is 0 or not finite are left out of the fit (NaN if fewer than two remain);
           min, max: the smallest and largest norm over t.
         """
-        norms = self.h if which == "h" else self.c
-        if norms is None:
-            raise ValueError(f"no {which!r} norms recorded (c norms exist for LSTM only)")
+        norms = self._norms(which)
         curve = norms[layer, direction].detach().double().cpu()
         steps = torch.arange(curve.numel(), dtype=torch.float64)
         keep = torch.isfinite(curve) & (curve > 0)
@@ -103,11 +110,12 @@ class GradNorms:
 
         By default one line per layer and direction; ``layer``/``direction`` select one.
         """
-        import matplotlib.pyplot as plt
-
-        norms = self.h if which == "h" else self.c
-        if norms is None:
-            raise ValueError(f"no {which!r} norms recorded (c norms exist for LSTM only)")
+        norms = self._norms(which)
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise ImportError(f"GradNorms.plot needs matplotlib ({error}): pip install matplotlib, or "
+                              "rnnkern[plot]") from error
         if ax is None:
             _, ax = plt.subplots(figsize=(7, 4))
         norms = norms.detach().float().cpu()

@@ -274,6 +274,26 @@ def test_summary_on_constructed_norms():
     assert d["c"] is None and len(d["h"][0][0]) == 10
 
 
+def test_which_must_name_h_or_c(monkeypatch):
+    """summary/plot's `which` is "h" or "c": another string raises ValueError (before: any other string
+    read the c norms); c of a GRU says c exists for LSTM only; plot without matplotlib says what to
+    install."""
+    import sys
+
+    lstm = rnnkern.GradNorms(torch.rand(1, 1, 4, 2) + 0.1, torch.rand(1, 1, 4, 2) + 0.1)
+    gru = rnnkern.GradNorms(torch.rand(1, 1, 4, 2) + 0.1)
+    for gn in (lstm, gru):
+        for call in (gn.summary, gn.plot):
+            with pytest.raises(ValueError, match="which must be 'h' or 'c', not 'H'"):
+                call(which="H")
+    with pytest.raises(ValueError, match="c norms exist for LSTM only"):
+        gru.summary(which="c")
+    assert lstm.summary(which="c")["first"] == pytest.approx(float(lstm.c[0, 0, 0]))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # (import then raises ImportError)
+    with pytest.raises(ImportError, match="GradNorms.plot needs matplotlib.*rnnkern\\[plot\\]"):
+        lstm.plot()
+
+
 def test_plot_returns_axes(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
