@@ -165,15 +165,24 @@ def test_clipping_at_float32_extremes(kind, clip):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-44)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+_HUGE_CLIP_TARGETS = [("reference", "cpu", None), ("cpu", "cpu", None), ("triton", "cpu", None)] + (
+    [pytest.param("cuda", "cuda", kernel, marks=pytest.mark.gpu)
+     for kernel in ("step", "persistent", "cluster", "cluster-async", "wide")]
+    + [pytest.param("triton", "cuda", None, marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend,device,kernel", _HUGE_CLIP_TARGETS)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_clipping_a_float32_gradient_whose_norm_passes_float32s_range(kind, backend):
+def test_clipping_a_float32_gradient_whose_norm_passes_float32s_range(kind, backend, device, kernel,
+                                                                       monkeypatch):
     """Finite float32 gradients whose row norm exceeds float32's largest number (exploding gradients,
     what clipping is for): rescaled to norm `clip` as in float64, recorded as inf (before: the cpu and
-    reference backends rounded the norm to float32 first, and its scale clip / inf = 0 zeroed every
-    gradient through that step)."""
-    if rnnkern.backends.get(backend).unsupported_reason(torch.device("cpu"), torch.float32):
-        pytest.skip(f"{backend} backend cannot run on CPU float32 here")
+    reference backends and the CUDA kernels rounded the norm to float32 first, and its scale
+    clip / inf = 0 zeroed every gradient through that step)."""
+    if rnnkern.backends.get(backend).unsupported_reason(torch.device(device), torch.float32):
+        pytest.skip(f"{backend} backend cannot run on {device} float32 here")
+    if kernel is not None:
+        monkeypatch.setenv("RNNKERN_CUDA_KERNEL", kernel)
     torch.manual_seed(12)
     x = torch.randn(3, 2, 3)
     upstream = torch.zeros(3, 2, 5)
@@ -185,10 +194,10 @@ def test_clipping_a_float32_gradient_whose_norm_passes_float32s_range(kind, back
         if results:
             m.load_state_dict(state)
         state = m.state_dict()
-        m = m.to(dtype)
-        xs = x.to(dtype).detach().requires_grad_()
+        m = m.to(device, dtype)
+        xs = x.to(device, dtype).detach().requires_grad_()
         out, _ = m(xs)
-        out.backward(upstream.to(dtype))
+        out.backward(upstream.to(device, dtype))
         results.append([xs.grad, *(p.grad for p in m.parameters())])
         assert torch.isinf(m.grad_norms.h_per_sample[0, 0, 2]).all()
     for got, want in zip(*results):
