@@ -217,13 +217,6 @@ inline double row_norm(const RowGrad<S>& g, int64_t n, float* norm_out) {
   return norm;
 }
 
-// The clipping scale clip / ‖g‖ from the norm in double: a float32 row of finite values can have a
-// norm past float's range, which rounded first would give the scale 0 (the whole gradient lost).
-template <typename A>
-inline A clip_scale_of(double norm, double clip) {
-  return static_cast<A>(clip_scale(norm, clip));
-}
-
 // With clipping, ‖g‖ is needed before g is used: a first pass computes it (and records it).
 // Without, the caller accumulates the norm in its single pass. Returns the scale for g.
 template <typename S>

@@ -203,9 +203,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a, int 
       double sum = 0.0;
       for (int blk = 0; blk < blocks; ++blk) sum += load_cg(partial + ((parity * 2) * blocks + blk) * B + b);
       const double norm = sqrt(sum);
-      // (the scale from the norm in double: a float row's norm may pass float's range, where the
-      // rounded norm's scale would be 0)
-      row_scale[b] = static_cast<A>(clip_scale(norm, a.clip));
+      row_scale[b] = clip_scale_of<A>(norm, a.clip);
       if (blockIdx.x == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(norm);
     }
     if (t_before >= 0) reduce_dc(t_before, parity ^ 1);

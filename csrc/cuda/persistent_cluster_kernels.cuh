@@ -1480,9 +1480,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T, X, Mma>) cluster_backw
         double sum = 0.0;
         for (int r = 0; r < blocks; ++r) sum += part_g[r * Bt + b];
         const double norm = sqrt(sum);
-        // (the scale from the norm in double: a float row's norm may pass float's range, where the
-        // rounded norm's scale would be 0)
-        row_scale[b] = static_cast<A>(clip_scale(norm, a.clip));
+        row_scale[b] = clip_scale_of<A>(norm, a.clip);
         if (rank == 0 && a.norm_g != nullptr) a.norm_g[row0 + b] = static_cast<float>(norm);
       }
     } else if (norms_g_late && nu > 0 && !lane_rows) {  // blocks without units add nothing

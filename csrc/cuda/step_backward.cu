@@ -42,8 +42,7 @@ __device__ __forceinline__ A pre_clip_scale(const RowGrad<S, A>& g, int64_t n, d
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sq += square(g.at(j));
   const double norm = sqrt(block_sum(sq, scratch));
   if (norm_out != nullptr && threadIdx.x == 0) *norm_out = static_cast<float>(norm);
-  // (in double: a float row's norm may pass float's range, where the rounded norm's scale would be 0)
-  return static_cast<A>(clip_scale(norm, clip));
+  return clip_scale_of<A>(norm, clip);
 }
 
 template <Cell C, typename S>

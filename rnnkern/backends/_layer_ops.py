@@ -183,9 +183,6 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         if grad_h_n is None:
             grad_h_n = torch.zeros_like(h0)
         grad_c_n = grad_c_n if ctx.cell == _cells.LSTM else None
-        args = (ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
-                None if grad_c_n is None else grad_c_n.contiguous(),
-                batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, ctx.clip, ctx.record_norms, out, workspace)
         # create_graph=True runs this with grad mode on; the op has no autograd of its own, so it runs
         # without, and the results raise if differentiated (below), unless the layer can be recomputed.
         twice = torch.is_grad_enabled() and any(ctx.needs_input_grad)
@@ -200,6 +197,9 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
                 ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr)
             return (None, grad_xp, None, grad_h0, grad_c0 if has_c0 else None, grad_w_hh,
                     grad_b_hh if has_b_hh else None, grad_w_hr if has_w_hr else None, None, None, None)
+        args = (ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
+                None if grad_c_n is None else grad_c_n.contiguous(),
+                batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, ctx.clip, ctx.record_norms, out, workspace)
         with torch.no_grad() if twice else contextlib.nullcontext():
             (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = run_backward(*args)
         grads = (grad_xp, grad_h0, grad_c0 if has_c0 else None, grad_w_hh, grad_b_hh if has_b_hh else None,

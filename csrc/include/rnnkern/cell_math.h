@@ -149,4 +149,11 @@ RNNKERN_HD T clip_scale(T norm, T clip) {
   return (clip > T(0) && norm > clip) ? clip / norm : T(1);
 }
 
+// clip_scale from the norm in double, in the accumulation type A: a float row of finite values can have
+// a norm past float's range, whose rounded value (inf) would give the scale 0 (the whole gradient lost).
+template <typename A>
+RNNKERN_HD A clip_scale_of(double norm, double clip) {
+  return static_cast<A>(clip_scale(norm, clip));
+}
+
 }  // namespace rnnkern
