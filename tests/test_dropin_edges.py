@@ -348,11 +348,12 @@ def test_second_derivatives_like_torch_nn(backend, cell, layout):
     h0 = torch.randn(options.get("num_layers", 1) * directions, 3, options.get("proj_size") or 4,
                      dtype=torch.float64, requires_grad=True)
     v = torch.randn_like(x)
+    hx = (h0, torch.randn(h0.shape[0], 3, 4, dtype=torch.float64)) if cell == "lstm" else h0
     results = []
     for module in (ref, ours):
-        inp = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False) if layout == "packed" else x
-        hx = (h0, torch.randn(h0.shape[0], 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))) \
-            if cell == "lstm" else h0
+        inp = x
+        if layout == "packed":
+            inp = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
         out = module(inp, hx)[0]
         out = out.data if layout == "packed" else out
         first = torch.autograd.grad(out.tanh().sum(), [x, h0], create_graph=True)

@@ -720,8 +720,8 @@ def test_jit_trace_checks_and_generalises_like_torch_nn(kind, options):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         loss_got = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in _flat_outputs(got))
         loss_want = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in _flat_outputs(want))
-        params = [x, *ours.parameters()]
-        for a, b in zip(torch.autograd.grad(loss_got, params), torch.autograd.grad(loss_want, [x, *ref.parameters()])):
+        got_grads = torch.autograd.grad(loss_got, [x, *ours.parameters()])
+        for a, b in zip(got_grads, torch.autograd.grad(loss_want, [x, *ref.parameters()])):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

@@ -232,7 +232,8 @@ def test_double_backward(target, cell):
         if name == "reference":
             return
         first.add_(1.0)  # (the gradients are no views: changeable in place, as torch.nn's)
-        ours.record_grad_norms, message = True, "has no double backward while it records gradient norms or clips"
+        ours.record_grad_norms = True
+        message = "has no double backward while it records gradient norms or clips"
         first, = torch.autograd.grad(ours(x)[0].pow(2).sum(), x, create_graph=True)
     else:
         message = "has no double backward"

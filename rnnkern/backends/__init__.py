@@ -49,7 +49,8 @@ class Backend:
         """Why this backend cannot run on tensors of this device and dtype (None if it can)."""
         return self.unavailable_reason()
 
-    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe, xp_source=None):
+    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe,
+              xp_source=None):
         raise NotImplementedError
 
     def delivers_norms_directly(self, tensors) -> bool:

@@ -33,7 +33,8 @@ class CompiledBackend(Backend):
             return f"the {self.name} backend supports {self.dtype_names}, not {dtype}"
         return None
 
-    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe, xp_source=None):
+    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe,
+              xp_source=None):
         """One layer and direction (docs/internals.md): xp [N, G*H] -> out [N, P], h_n [B, P],
         c_n [B, H] (LSTM) or [0]. xp_source: (x, w_ih, b_ih) of xp, for second derivatives (call_layer_op)."""
         _ext.load()

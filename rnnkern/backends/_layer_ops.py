@@ -74,15 +74,17 @@ def _no_double_backward_message(op_name: str, xp_source) -> str:
     """Why a layer's gradients cannot be differentiated, and what to do instead (xp_source: the
     layer's, see EagerLayer: None where the op's registered autograd runs)."""
     if xp_source is _RELEASED:
-        why = ("after an earlier backward through the same graph without create_graph=True (retain_graph=True) "
-               "released what it recomputes the layer from: run the first backward with create_graph=True, or")
+        why = ("after an earlier backward through the same graph without create_graph=True "
+               "(retain_graph=True) released what it recomputes the layer from: run the first backward "
+               "with create_graph=True, or")
     elif xp_source is not None:  # (EagerLayer, whose layer recomputation _differentiable_backward declined)
-        why = ("while it records gradient norms or clips (record_grad_norms, hidden_grad_clip): a backward of "
-               "the backward would record and clip the gradient of its two paths to h_t apart; turn them off, or")
+        why = ("while it records gradient norms or clips (record_grad_norms, hidden_grad_clip): a backward "
+               "of the backward would record and clip the gradient of its two paths to h_t apart; turn "
+               "them off, or")
     else:
-        why = ("here (its backward kernels are not differentiable; the cpu and cuda backends recompute the layer "
-               "for a second derivative in plain eager calls, not under torch.compile, tracing or dispatch modes "
-               "or on tensor subclasses); for higher-order gradients there")
+        why = ("here (its backward kernels are not differentiable; the cpu and cuda backends recompute the "
+               "layer for a second derivative in plain eager calls, not under torch.compile, tracing or "
+               "dispatch modes or on tensor subclasses); for higher-order gradients there")
     return (f"rnnkern: {op_name} has no double backward {why} use backend=\"reference\", whose layers are "
             "differentiable PyTorch ops")
 
@@ -115,7 +117,8 @@ def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0,
             f"the input of an rnnkern layer is at version {x._version}; expected version {version} instead "
             "(a second derivative recomputes the layer from it)")
     xp = torch.nn.functional.linear(x, w_ih, b_ih)
-    out, h_n, c_n = reference_layer(ctx.cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, 0.0, None)
+    out, h_n, c_n = reference_layer(ctx.cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, 0.0,
+                                    None)
     pairs = [(o, g) for o, g in ((out, grad_out), (h_n, grad_h_n), (c_n, grad_c_n))
              if g is not None and o.requires_grad]  # (grad_c_n: None but for an LSTM)
     inputs = [xp, h0, c0, w_hh, b_hh, w_hr]

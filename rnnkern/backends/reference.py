@@ -121,7 +121,8 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
-    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe, xp_source=None):
+    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe,
+              xp_source=None):
         # (xp_source unused: these layers are differentiable as they are)
         if torch.jit.is_tracing():
             # (torch.nn's trace holds one op, and so do the fused backends': theirs run any shape)

@@ -52,7 +52,8 @@ class TritonBackend(Backend):
             return None
         return f"device type {device.type!r} is not supported (cuda, or cpu under the interpreter)"
 
-    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe, xp_source=None):
+    def layer(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe,
+              xp_source=None):
         # (xp_source unused: the op's registered autograd, which has no second derivative, runs these)
         out, h_n, c_n, _workspace = triton_rnn_layer_forward(
             cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, bool(reverse), float(clip), norm_probe)
