@@ -469,3 +469,34 @@ def test_norms_under_compiled_autograd(backend, layers):
     torch.testing.assert_close(compiled_dx, eager_dx)
     for ours, theirs in zip(compiled_dw, eager_dw):
         torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
+def test_loss_scaling_scales_norms_and_clip_threshold_alike(cell, backend):
+    """With torch.amp.GradScaler the backward sees s·∂L/∂h_t. Clipping is positively homogeneous
+    (rescaling s·g to s·c is s times rescaling g to c), so a threshold of c·s on the scaled loss
+    gives, once unscaled, the gradients of threshold c on the plain loss, and norms s times as large:
+    what the README tells GradScaler users to do."""
+    gen = torch.Generator().manual_seed(31)
+    _, model = make_pair(cell, 3, 5, backend=backend, dtype=torch.float32, num_layers=2)
+    model.record_grad_norms = True
+    x = torch.randn(7, 3, 3, generator=gen)
+    target = torch.randn(7, 3, 5, generator=gen)
+    clip = 0.05
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    runs = []
+    for scaled in (False, True):
+        model.zero_grad()
+        model.hidden_grad_clip = clip * scaler.get_scale() if scaled else clip
+        loss = (model(x)[0] - target).pow(2).sum()
+        (scaler.scale(loss) if scaled else loss).backward()
+        if scaled:
+            scaler.unscale_(opt)
+        runs.append(([p.grad.clone() for p in model.parameters()], model.grad_norms.h_per_sample))
+    (plain, plain_norms), (unscaled, scaled_norms) = runs
+    assert plain_norms.min() < clip < plain_norms.max()  # the clip bites at some steps, not all
+    torch.testing.assert_close(scaled_norms, plain_norms * scaler.get_scale(), rtol=1e-5, atol=0)
+    for got, want in zip(unscaled, plain):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
