@@ -302,6 +302,7 @@ def _on_dynamo_loaded(dynamo) -> None:
         globals()["_resolve_backend_name"] = dynamo.assume_constant_result(_resolve_backend_name)
         globals()["functorch_transforms"] = dynamo.assume_constant_result(functorch_transforms)
         globals()["records_no_side_effects"] = dynamo.assume_constant_result(records_no_side_effects)
+        globals()["_onednn_lstm_runs"] = dynamo.assume_constant_result(_onednn_lstm_runs)
     variable_builder = builder.VariableBuilder
     original = variable_builder.wrap_module
     if getattr(original, "_rnnkern_patched", False):
@@ -370,7 +371,8 @@ class AutocastPlan(NamedTuple):
     """How to run one module call under torch.autocast: the kernels run in ``compute_dtype`` (autocast
     itself disabled inside); the outputs then get torch.nn's dtypes: ``h_dtype`` for the output and
     h_n, ``c_dtype`` for an LSTM's c_n. Every cast is differentiable, so float32 weights get float32
-    gradients."""
+    gradients. (Also a call outside autocast whose LSTM c0 is wider than its input, which torch.nn's
+    CPU LSTM keeps: modules._wider_cell_state_plan.)"""
 
     device_type: str
     compute_dtype: torch.dtype
@@ -405,29 +407,29 @@ class AutocastPlan(NamedTuple):
         return output, hidden
 
 
-def _cast_all_dtype(module, device_type: str, packed: Optional[PackedSequence], low: torch.dtype
-                    ) -> Optional[torch.dtype]:
+def _cast_all_dtype(module, device_type: str, packed: Optional[PackedSequence], input_dtype: torch.dtype,
+                    low: torch.dtype) -> Optional[torch.dtype]:
     """The dtype to which torch.nn, under autocast, casts *every* argument of this call (`packed`: the
-    input where it is a PackedSequence), or None.
+    input where it is a PackedSequence; `input_dtype`: the input's own dtype), or None.
 
     Measured (tests/test_ecosystem.py checks it against torch.nn in every context): CUDA: the cuDNN RNN
     (every mode, packed or not, with projections) is on autocast's float16 list: float16 even under
     autocast(dtype=bfloat16) (seen on torch 2.11, cuDNN 9.19). CPU: only the oneDNN LSTM (mode LSTM, no
-    projection, oneDNN enabled) is, in the autocast dtype: for a padded input, and on newer torch (2.14;
-    not 2.11: _packed_lstm_on_onednn) for a packed one whose sequences all have one length (ATen hands
-    it on as a padded batch); every other CPU call runs torch's per-op implementation, in which only the
-    matmuls autocast.
+    projection, oneDNN enabled) is, in the autocast dtype, where ATen picks oneDNN for the input's own
+    dtype (_onednn_lstm_runs: float32 input, or bfloat16 where the CPU has oneDNN's bfloat16 LSTM;
+    not float16 input on a CPU without float16 LSTMs, which runs the per-op path): for a padded input,
+    and on newer torch (2.14; not 2.11) for a packed one whose sequences all have one length (ATen
+    hands it on as a padded batch); every other CPU call runs torch's per-op implementation, in which
+    only the matmuls autocast.
     """
     cudnn, onednn = _library_flags()
     if device_type == "cuda":
         return torch.float16 if cudnn else None
     if device_type != "cpu" or module.mode != "LSTM" or module.proj_size != 0 or not onednn:
         return None
-    if packed is None:
-        return low
-    if all_one_length(packed.batch_sizes) and _packed_lstm_on_onednn(low):
-        return low
-    return None
+    if packed is not None and not all_one_length(packed.batch_sizes):
+        return None
+    return low if _onednn_lstm_runs(input_dtype, low, packed is not None, torch.is_grad_enabled()) else None
 
 
 def all_one_length(batch_sizes) -> bool:
@@ -437,30 +439,39 @@ def all_one_length(batch_sizes) -> bool:
             and bool((batch_sizes == batch_sizes[0]).all()))
 
 
-_PACKED_ON_ONEDNN = {}
+_ONEDNN_LSTM_RUNS = {}
 
 
-def _packed_lstm_on_onednn(low: torch.dtype) -> bool:
-    """Whether torch's packed CPU LSTM runs oneDNN's LSTM (everything in `low`) under autocast for
-    sequences all of one length, learnt once per dtype from a one-step, one-unit LSTM through the op
-    torch.nn calls (no module: building one would draw from the random generator). Where oneDNN has
-    no LSTM for `low` on this CPU (bfloat16 without AVX-512: "could not create a primitive descriptor",
-    which torch.nn raises for such a call), the call went to oneDNN: True, as for padded input."""
-    known = _PACKED_ON_ONEDNN.get(low)
+def _onednn_lstm_runs(input_dtype: torch.dtype, low: torch.dtype, packed: bool, grad: bool) -> bool:
+    """Whether torch's CPU LSTM under autocast(`low`) runs oneDNN's LSTM (everything cast to `low`) for an
+    input of `input_dtype` (`packed`: a PackedSequence whose sequences all have one length) in this grad
+    mode: ATen decides from the input's own dtype and this CPU's oneDNN, before autocast casts. Learnt
+    once per case from a one-step, one-unit LSTM through the op torch.nn calls, with float32 states
+    (the per-op path would promote the state to float32; oneDNN's is in `low`); no module: building one
+    would draw from the random generator. Where oneDNN has no LSTM for `low` on this CPU ("could not
+    create a primitive descriptor", which torch.nn raises for such a call), the call went to oneDNN:
+    True. Under torch.compile it is read outside the graph (_on_dynamo_loaded)."""
+    key = (input_dtype, low, packed, grad)
+    known = _ONEDNN_LSTM_RUNS.get(key)
     if known is None:
         try:
-            with torch.no_grad(), torch.autocast("cpu", dtype=low):
-                zeros = torch.zeros(1, 1)
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=low):
+                x = torch.zeros(1, 1, dtype=input_dtype)
+                state = torch.zeros(1, 1, 1)
                 # w_ih, w_hh [4, 1]; b_ih, b_hh [4] (torch 2.11's per-op LSTM checks the biases' shape)
                 weights = [torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4), torch.zeros(4)]
-                out = torch._VF.lstm(zeros, torch.ones(1, dtype=torch.int64), (zeros[None], zeros[None]),
-                                     weights, True, 1, 0.0, False, False)[0]
+                if packed:
+                    out = torch._VF.lstm(x, torch.ones(1, dtype=torch.int64), (state, state), weights, True,
+                                         1, 0.0, False, False)[0]
+                else:
+                    out = torch._VF.lstm(x[None], (state, state), weights, True, 1, 0.0, False, False,
+                                         False)[0]
             known = out.dtype == low
         except RuntimeError as error:
             if "could not create a primitive descriptor" not in str(error):
                 raise
             known = True
-        _PACKED_ON_ONEDNN[low] = known
+        _ONEDNN_LSTM_RUNS[key] = known
     return known
 
 
@@ -483,7 +494,7 @@ def autocast_plan(module, input, hx) -> Optional[AutocastPlan]:
     if data.dtype == torch.float64:
         return None  # autocast leaves float64 alone: torch.nn computes (or rejects) as without it
     low = torch.get_autocast_dtype(device_type)
-    everything = _cast_all_dtype(module, device_type, input if packed else None, low)
+    everything = _cast_all_dtype(module, device_type, input if packed else None, data.dtype, low)
     if everything is not None:
         return AutocastPlan(device_type, everything, everything, everything)
     # torch's per-op implementation: the gate pre-activations come out of autocast matmuls in `low`;

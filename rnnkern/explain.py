@@ -89,7 +89,10 @@ def explain(module, input, hx=None) -> str:
              + (f" (chosen by auto under {context}: the fused backends' derivatives are autograd's "
                 f"backward only)" if context else " (chosen by auto)" if requested == "auto" else " (requested)")
              + f" for {data.device.type} {str(data.dtype)[6:]} input"
-             + (f" (torch.autocast runs this call in {str(autocast.compute_dtype)[6:]})" if autocast else "")]
+             + (f" (torch.autocast runs this call in {str(autocast.compute_dtype)[6:]})"
+                if autocast and torch.is_autocast_enabled(autocast.device_type) else
+                f" (computed in {str(autocast.compute_dtype)[6:]}, the dtype of c0, which torch.nn keeps)"
+                if autocast else "")]
     if requested == "auto" and context is None:
         for name in _backends._AUTO_ORDER.get(data.device.type, []):
             if name == backend.name:

@@ -108,7 +108,9 @@ class GradNorms:
              which: str = "h", label: Optional[str] = None):
         """Plot the norm against timestep on a log scale (matplotlib); returns the Axes.
 
-        By default one line per layer and direction; ``layer``/``direction`` select one.
+        By default one line per layer and direction; ``layer``/``direction`` select one (negative
+        values count from the end; out of range: IndexError). ``label`` names the line, or prefixes
+        each line's "layer l [reverse]" where several are drawn.
         """
         norms = self._norms(which)
         try:
@@ -119,11 +121,15 @@ class GradNorms:
         if ax is None:
             _, ax = plt.subplots(figsize=(7, 4))
         norms = norms.detach().float().cpu()
-        layers = range(self.num_layers) if layer is None else [layer % self.num_layers]
-        directions = range(self.num_directions) if direction is None else [direction]
+        layers = range(self.num_layers) if layer is None else [_in_range(layer, self.num_layers, "layer")]
+        directions = (range(self.num_directions) if direction is None
+                      else [_in_range(direction, self.num_directions, "direction")])
+        several = len(layers) * len(directions) > 1
         for lyr in layers:
             for d in directions:
-                name = label or f"layer {lyr}" + (" reverse" if d == 1 else "")
+                name = f"layer {lyr}" + (" reverse" if d == 1 else "")
+                if label is not None:  # (a prefix where several lines share the plot)
+                    name = f"{label}, {name}" if several else label
                 curve = norms[lyr, d].clone()
                 curve[curve <= 0] = float("nan")  # log scale: leave gaps instead of -inf
                 ax.plot(range(curve.numel()), curve.numpy(), label=name)
@@ -132,3 +138,10 @@ class GradNorms:
         ax.set_ylabel(f"‖∂L/∂{which}_t‖")
         ax.legend()
         return ax
+
+
+def _in_range(index: int, size: int, what: str) -> int:
+    """`index` (negative counts from the end, as in indexing) as a position in 0..size-1."""
+    if not -size <= index < size:
+        raise IndexError(f"{what} {index} is out of range: these norms have {size} {what}s")
+    return index % size

@@ -206,9 +206,9 @@ class _RnnkernMixin:
     def _prepare(self, input, hx, weights=None):
         """(the AutocastPlan of this call or None, the parsed call for _run): forward's checks, without
         running it. Input torch.nn rejects raises torch.nn's own exception; an LSTM's narrower c0 is
-        promoted as torch.nn promotes it. weights: the call's weights, read once per call (as torch.nn
-        does: a parametrized weight is evaluated there, e.g. spectral_norm's power iteration) unless
-        given."""
+        promoted as torch.nn promotes it, a wider one kept as torch.nn keeps it. weights: the call's
+        weights, read once per call (as torch.nn does: a parametrized weight is evaluated there, e.g.
+        spectral_norm's power iteration) unless given."""
         if weights is None:
             weights = self._call_weights()
         try:
@@ -238,6 +238,10 @@ class _RnnkernMixin:
                     f"regardless, rnnkern does not: build the module anew") from None
             if promoted is not None:
                 return self._prepare(input, promoted, weights)
+            wider = self._wider_cell_state_plan(input, hx)
+            if wider is not None:
+                with torch.autocast(wider.device_type, enabled=False):
+                    return wider, self._parse(*wider.cast_inputs(input, hx), weights, wider.compute_dtype)
             raise RuntimeError(
                 f"rnnkern rejected an input that torch.nn.{self._torch_class.__name__} accepts; "
                 "please report this as a bug") from None
@@ -363,6 +367,23 @@ class _RnnkernMixin:
         if torch.promote_types(c0.dtype, data.dtype) != data.dtype:
             return None
         return h0, c0.to(data.dtype)
+
+    def _wider_cell_state_plan(self, input, hx):
+        """For an LSTM call that torch.nn accepted with c0 alone in a wider floating dtype than the input
+        (oneDNN's CPU LSTM takes a bfloat16 input with a float32 c0, and keeps the cell state and c_n in
+        float32): an AutocastPlan that computes in c0's dtype (the cell state exact, as torch.nn's; the
+        recurrence's h more precise than torch.nn's bfloat16) and returns the output and h_n in the
+        input's dtype, c_n in c0's; else None."""
+        if self.mode != "LSTM" or not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            return None
+        data = input.data if isinstance(input, PackedSequence) else input
+        h0, c0 = hx
+        if not all(isinstance(t, Tensor) and t.is_floating_point() for t in (data, h0, c0)):
+            return None
+        if (h0.dtype != data.dtype or c0.dtype == data.dtype or c0.device != data.device
+                or torch.promote_types(c0.dtype, data.dtype) != c0.dtype):
+            return None
+        return _compat.AutocastPlan(data.device.type, c0.dtype, data.dtype, c0.dtype)
 
     def _parse(self, input, hx, weights, weight_dtype=None):
         """Validate like torch.nn and bring the input to rows + sorted hx; _InvalidInput if bad.

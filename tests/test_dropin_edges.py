@@ -401,3 +401,42 @@ def test_layer_input_not_kept_past_a_plain_backward():
     del x
     gc.collect()
     assert alive() is None and out.grad_fn is not None
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in rnnkern.backends()])
+@pytest.mark.parametrize("form", ["padded", "unbatched", "stack", "no_grad"])
+def test_bfloat16_lstm_with_a_float32_cell_state(backend, form):
+    """oneDNN's CPU LSTM takes a bfloat16 input with a float32 c0 and keeps the cell state in float32
+    (c_n float32, e.g. carried between chunks of a long sequence): rnnkern computes that call in float32
+    and returns torch.nn's dtypes; where this CPU's torch.nn rejects the call, rnnkern raises its error."""
+    torch.manual_seed(5)
+    layers, bidir = (2, True) if form == "stack" else (1, False)
+    ref, ours = make_pair("lstm", 5, 7, backend=backend, dtype=torch.bfloat16, num_layers=layers,
+                          bidirectional=bidir)
+    states = layers * (2 if bidir else 1)
+    batch = () if form == "unbatched" else (3,)
+    x0 = torch.randn(4, *batch, 5).bfloat16()
+    h00 = torch.randn(states, *batch, 7).bfloat16()
+    c00 = torch.randn(states, *batch, 7)
+    results = []
+    for module in (ref, ours):
+        x, h0, c0 = (t.clone().requires_grad_(form != "no_grad") for t in (x0, h00, c00))
+        try:
+            with torch.set_grad_enabled(form != "no_grad"):
+                out, (h_n, c_n) = module(x, (h0, c0))
+        except RuntimeError as error:
+            results.append(str(error))
+            continue
+        if form != "no_grad":
+            (out.float().pow(2).sum() + h_n.float().sum() + c_n.pow(2).sum()).backward()
+        grads = [] if form == "no_grad" else [x.grad, h0.grad, c0.grad, *(p.grad for p in module.parameters())]
+        results.append([out, h_n, c_n, *grads])
+    want, got = results
+    if isinstance(want, str):
+        assert got == want
+        return
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    assert got[2].dtype == torch.float32 and (form == "no_grad" or got[5].dtype == torch.float32)
+    for a, b in zip(got, want):  # (both round to bfloat16 differently: relative errors)
+        assert float((a.double() - b.double()).norm() / b.double().norm()) < 3e-2
+    assert "the dtype of c0" in rnnkern.explain(ours, x0, (h00, c00))

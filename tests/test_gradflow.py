@@ -271,6 +271,19 @@ def test_gradflow_more_bad_arguments(tmp_path, capsys):
     a_file.write_text("")
     with pytest.raises(SystemExit, match="cannot be the output directory"):
         main(["gradflow", *small, "--out", str(a_file)])
+    with pytest.raises(SystemExit, match="--curve-steps takes at least one step number"):
+        main(["gradflow", *small, "--curve-steps", ",", "--out", str(tmp_path / "never")])
+    for flag, value, says in [("--lr", "inf", "positive finite number"), ("--lr", "1e400", "positive finite number"),
+                              ("--device", "foo", "must be cpu, cuda or cuda:N"),
+                              ("--device", "meta", "must be cpu, cuda or cuda:N"),
+                              ("--seed", str(2**64), "integer from 0 to 2**63 - 1"),
+                              ("--seed", "-1", "integer from 0 to 2**63 - 1")]:
+        with pytest.raises(SystemExit):
+            main(["gradflow", flag, value])
+        assert says in capsys.readouterr().err
+    if _tensorboard_available():
+        with pytest.raises(SystemExit, match="--tensorboard .* cannot be the log directory"):
+            main(["gradflow", *small, "--out", str(tmp_path / "o"), "--tensorboard", str(a_file / "x")])
 
 
 def test_gradflow_runs_as_a_module():

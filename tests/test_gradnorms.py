@@ -311,6 +311,15 @@ def test_plot_returns_axes(tmp_path):
     assert len(ax.get_lines()) == 4
     ax.figure.savefig(tmp_path / "norms.png")
     assert gn.plot(which="c", layer=0, direction=1).get_yscale() == "log"
+    last = gn.plot(layer=-1, direction=0).get_lines()[0]
+    assert last.get_label() == "layer 1"
+    torch.testing.assert_close(torch.tensor(last.get_ydata()), gn.h[1, 0])
+    for bad in [dict(layer=2), dict(layer=-3), dict(direction=2)]:
+        with pytest.raises(IndexError, match="out of range: these norms have 2"):
+            gn.plot(**bad)
+    labels = [line.get_label() for line in gn.plot(label="run a", direction=1).get_lines()]
+    assert labels == ["run a, layer 0 reverse", "run a, layer 1 reverse"]
+    assert [line.get_label() for line in gn.plot(label="run a", layer=0, direction=0).get_lines()] == ["run a"]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

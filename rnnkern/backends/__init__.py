@@ -108,9 +108,14 @@ def check_name(name: str) -> str:
     return name
 
 
+# Fastest first: the GPU backends, then the CPU's, then the oracle (design.md's example order).
+_PREFERENCE = ["cuda", "triton", "cpu", "reference"]
+
+
 def usable() -> List[str]:
-    """The backends usable on this machine (for some device), in preference order."""
-    return [n for n in _MODULES if get(n).unavailable_reason() is None]
+    """The backends usable on this machine (for some device), in preference order: fastest first,
+    the reference backend last."""
+    return [n for n in _PREFERENCE if get(n).unavailable_reason() is None]
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:

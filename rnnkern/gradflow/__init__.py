@@ -62,9 +62,26 @@ def _cells(text: str) -> List[str]:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:  # (what torch.manual_seed and torch.Generator take whatever the sign)
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1, got {text}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return device
 
 
 def _positive_int(text: str) -> int:
@@ -96,12 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global gradient-norm clipping of all parameters (torch.nn.utils.clip_grad_norm_)")
     parser.add_argument("--hidden-grad-clip", type=_positive_float, default=None,
                         help="rnnkern's in-kernel per-timestep clipping of ∂L/∂h_t to this norm")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--backend", default="auto", help="rnnkern backend (default auto; see rnnkern.backends())")
     parser.add_argument("--threads", type=_positive_int, default=1,
                         help="CPU intra-op threads while training (default 1: these small recurrences are "
                              "latency-bound, and one thread is faster than several fighting over busy cores)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of each model's init")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the data and of each model's init")
     parser.add_argument("--curve-steps", default=None,
                         help="comma-separated training steps for the norm-vs-timestep plot (default: first, middle, last)")
     parser.add_argument("--out", default="gradflow-out", help="output directory (default gradflow-out/)")
@@ -117,7 +134,10 @@ def _tensorboard_writer(log_dir: Optional[str]):
     except ImportError as error:
         raise SystemExit(f"rnnkern gradflow: --tensorboard needs the 'tensorboard' package ({error}); "
                          "install it with `pip install tensorboard` or drop --tensorboard") from None
-    return SummaryWriter(log_dir=log_dir)
+    try:
+        return SummaryWriter(log_dir=log_dir)
+    except OSError as error:
+        raise SystemExit(f"rnnkern gradflow: --tensorboard {log_dir!r} cannot be the log directory ({error})") from None
 
 
 def _curve_steps(text: Optional[str], steps: int) -> List[int]:
@@ -127,6 +147,8 @@ def _curve_steps(text: Optional[str], steps: int) -> List[int]:
         chosen = sorted({int(s) for s in text.split(",") if s.strip()})
     except ValueError:
         raise SystemExit(f"rnnkern gradflow: --curve-steps takes comma-separated step numbers, got {text!r}") from None
+    if not chosen:
+        raise SystemExit(f"rnnkern gradflow: --curve-steps takes at least one step number, got {text!r}")
     bad = [s for s in chosen if not 0 <= s < steps]
     if bad:
         raise SystemExit(f"rnnkern gradflow: --curve-steps {bad} outside 0..{steps - 1}")
