@@ -102,13 +102,23 @@ def _hand_over(norms: Tensor, batch_sizes: Tensor, unsorted_indices: Optional[Te
 
 def _keep_in_compiled_graphs(op) -> None:
     """Mark ``op`` side-effectful so compiled graphs keep it although nothing uses its (absent)
-    output: torch's effect system where it has it (torch >= 2.9), else the FX side-effect set."""
+    output: torch's effect system where it has it (torch >= 2.9), else the FX side-effect set.
+
+    With the effect system a compiled backward holds the op as a ``with_effects`` node whose only
+    output is the effect token. Compiled autograd copies a compiled forward's backward graph into its
+    own, drops the tokens, and its dead-code pass then removed that node (torch 2.14: the norms of a
+    compiled module were never delivered under compiled autograd): ``with_effects`` is marked
+    side-effectful too, which is what the node stands for."""
     try:
         from torch._library.effects import EffectType
 
         torch.library._register_effectful_op(op, EffectType.ORDERED)
     except (ImportError, AttributeError):
         torch.fx.node.has_side_effect(op)
+        return
+    with_effects = getattr(torch.ops.higher_order, "with_effects", None)
+    if with_effects is not None:
+        torch.fx.node.has_side_effect(with_effects)
 
 
 _keep_in_compiled_graphs(deliver_grad_norms._opoverload)

@@ -448,20 +448,26 @@ def _compiled_autograd():
     return None if enable is None else enable(torch.compile(backend="eager"))
 
 
+@pytest.mark.parametrize("forward", ["eager", "compiled"])
 @pytest.mark.parametrize("backend,layers", [("cpu", 1), ("cpu", 2), ("reference", 1)])
-def test_norms_under_compiled_autograd(backend, layers):
-    """A backward traced by compiled autograd delivers the norms and gives the gradients of an eager
-    one, with the probe (two layers; the reference backend) and without (one layer, cpu). (The probe's
-    None gradients for its anchors used to reach compiled autograd's gradient sums and fail there.)"""
+def test_norms_under_compiled_autograd(backend, layers, forward):
+    """A backward traced by compiled autograd delivers the norms (once: the hooks run once) and gives
+    the gradients of an eager one, with the probe (two layers; the reference backend) and without (one
+    layer, cpu), after an eager or a compiled forward. (The probe's None gradients for its anchors used
+    to reach compiled autograd's gradient sums and fail there; after a compiled forward, compiled
+    autograd's dead-code pass dropped the delivery: no norms, no hooks.)"""
     if backend not in rnnkern.backends():
         pytest.skip(f"the {backend} backend is not built")
     torch._dynamo.reset()
     _, m = make_pair("lstm", 3, 4, backend=backend, num_layers=layers)
     m.record_grad_norms = True
+    calls = []
+    m.register_grad_norm_hook(lambda module, gn: calls.append(gn))
+    call = torch.compile(m, fullgraph=True, backend="aot_eager") if forward == "compiled" else m
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     results = []
     for compiled in (False, True):
-        out, _ = m(x)
+        out, _ = (call if compiled else m)(x)
         context = _compiled_autograd() if compiled else None
         if compiled and context is None:
             pytest.skip("this torch has no compiled autograd")
@@ -472,7 +478,7 @@ def test_norms_under_compiled_autograd(backend, layers):
         m.zero_grad(set_to_none=True)
         m.grad_norms = None
     (eager_gn, eager_dx, eager_dw), (compiled_gn, compiled_dx, compiled_dw) = results
-    assert compiled_gn is not None
+    assert compiled_gn is not None and len(calls) == 2
     torch.testing.assert_close(compiled_gn.h_per_sample, eager_gn.h_per_sample)
     torch.testing.assert_close(compiled_gn.c_per_sample, eager_gn.c_per_sample)
     torch.testing.assert_close(compiled_dx, eager_dx)

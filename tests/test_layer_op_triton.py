@@ -301,27 +301,41 @@ def test_gradcheck(settings, cell):
 
 
 @triton.jit
-def apply_tanh(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+def apply_activations(x_ptr, tanh_ptr, sigmoid_ptr, n, BLOCK: tl.constexpr):
     # At module level: a kernel defined inside the test function was sometimes not found again by
     # the interpreter's source rewriter (KeyError) after other kernels had run in the process.
     i = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + i, mask=i < n)
-    tl.store(y_ptr + i, _common.tanh(x), mask=i < n)
+    tl.store(tanh_ptr + i, _common.tanh(x), mask=i < n)
+    tl.store(sigmoid_ptr + i, _common.sigmoid(x), mask=i < n)
 
 
-def test_tanh_formula_saturates_and_keeps_nan(settings):
-    """The tanh used by every kernel (no tl.tanh in the interpreter): exact ±1 for large |x|,
-    NaN kept, ~1e-16 absolute error in float64 everywhere."""
-    x = torch.cat([torch.linspace(-40, 40, 801, dtype=torch.float64),
-                   torch.tensor([1e-12, -1e-300, 0.0, 1e300, -1e300, float("inf"), -float("inf"),
-                                 float("nan")], dtype=torch.float64)]).to(DEVICE)
-    y = torch.empty_like(x)
-    apply_tanh[(1,)](x, y, x.numel(), BLOCK=1024)
-    expected = torch.tanh(x)
-    assert torch.equal(y.isnan(), expected.isnan())
-    finite = ~expected.isnan()
-    torch.testing.assert_close(y[finite], expected[finite], rtol=0, atol=4e-16)
-    assert torch.all(y[x.abs() > 20].abs() == 1)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_activations_accurate_to_a_few_ulp_saturate_and_keep_nan(settings, dtype):
+    """The tanh and sigmoid of every kernel (no tl.tanh in the interpreter) against torch's in float64,
+    relative to the value: a few units in the last place from 1e-300 (tanh(x) ≈ x, where e^{-2|x|} - 1
+    cancels) to saturation; exactly ±1, 0 and 1 there; sigmoid's tiny values below -87 in float32
+    (denormals) kept; NaN kept."""
+    tiny = torch.finfo(dtype).tiny
+    magnitudes = torch.cat([torch.logspace(-300 if dtype == torch.float64 else -37, 2, 700, dtype=torch.float64),
+                            torch.linspace(0.01, 3, 300, dtype=torch.float64)])
+    x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, 1e300, -1e300, float("inf"), -float("inf"),
+                                                          float("nan")], dtype=torch.float64)]).to(dtype)
+    x = x[x.abs() <= torch.finfo(dtype).max]  # (1e300 is inf in float32: kept as ±inf)
+    x = x.to(DEVICE)
+    tanh, sigmoid = torch.empty_like(x), torch.empty_like(x)
+    apply_activations[(1,)](x, tanh, sigmoid, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    ulp = torch.finfo(dtype).eps
+    for got, want in ((tanh, torch.tanh(x.double())), (sigmoid, torch.sigmoid(x.double()))):
+        assert torch.equal(got.isnan(), want.isnan())
+        finite = ~want.isnan() & (want.abs() >= tiny)  # (denormal results: absolute, below)
+        err = ((got.double() - want) / want)[finite].abs().max()
+        assert err <= 4 * ulp, f"relative error {float(err):.3g} = {float(err / ulp):.1f} ulp"
+        assert ((got.double() - want)[~want.isnan() & (want.abs() < tiny)].abs() <= tiny * ulp * 4).all()
+    assert torch.all(tanh[x.abs() > 20].abs() == 1) and torch.equal(tanh[x == 0], x[x == 0])
+    assert torch.all(sigmoid[x > 40] == 1) and torch.all(sigmoid[x == -float("inf")] == 0)
+    if dtype == torch.float32:
+        assert (sigmoid[(x < -88) & (x > -100)] > 0).all()  # denormals, not 0
 
 
 # --------------------------------------------------------------------------------------------

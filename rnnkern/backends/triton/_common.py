@@ -166,16 +166,27 @@ def block_k(n: int) -> int:
 
 @triton.jit
 def sigmoid(x):
-    # 1 / (1 + e^-x): saturates to exactly 0 and 1 and propagates NaN.
-    return 1.0 / (1.0 + tl.exp(-x))
+    # e = e^{-|x|} in (0, 1] never overflows: 1 / (1 + e) for x >= 0, e / (1 + e) below, which keeps the
+    # tiny values of a very negative x (float32 denormals below -87; 1 / (1 + e^-x) rounded them to 0).
+    # Saturates to exactly 0 and 1 and propagates NaN.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 @triton.jit
 def tanh(x):
-    # The interpreter has no tl.tanh, so one formula everywhere: tanh|x| = (1 - e)/(1 + e) with
-    # e = e^{-2|x|} in (0, 1], which never overflows, is exactly ±1 once e < ulp, and keeps NaN.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
+    # The interpreter has no tl.tanh, so one formula everywhere, from m = expm1(-2|x|) in (-1, 0]:
+    # tanh|x| = -m / (2 + m), which never overflows, is exactly ±1 once e^{-2|x|} < ulp, and keeps
+    # NaN. expm1 by Kahan's identity (e - 1) y / log(e), e = e^y, accurate to a few ulp where e - 1
+    # alone cancels (|x| small: (1 - e) / (1 + e) lost all of tanh(1e-8) in float32, half of
+    # tanh(1e-12)'s digits in float64); past |x| = 1/2 nothing cancels and e - 1 is used as it is
+    # (also where log(e) would be -inf).
+    y = -2.0 * tl.abs(x)
+    e = tl.exp(y)
+    inside = (y > -1.0) & (e < 1.0)  # (elsewhere the identity's e is a dummy: no log(0) or 0 / 0)
+    e_in = tl.where(inside, e, 0.5)
+    m = tl.where(inside, (e_in - 1.0) * y / tl.log(e_in), tl.where(y > -1.0, y, e - 1.0))
+    t = -m / (2.0 + m)
     return tl.where(x < 0, -t, t)
 
 
