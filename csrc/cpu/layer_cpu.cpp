@@ -2,9 +2,9 @@
 // with the CPU step kernels of the instruction set ATen runs.
 #include <dlfcn.h>
 
-#include <atomic>
 #include <cstdlib>
 #if defined(__x86_64__)
+#include <omp.h>
 #include <pmmintrin.h>
 #include <xmmintrin.h>
 #endif
@@ -187,16 +187,23 @@ namespace {
 // but the time loop also runs on OpenMP workers (the pointwise passes, the BLAS, the per-thread sample
 // loops), where the denormals that vanishing gradients turn into cost ~100 cycles per operation (a
 // tanh RNN whose gradient vanishes: 3-6x slower). Each op gives the workers the caller's mode, with
-// one parallel region per change of mode.
+// one parallel region per change of mode. Remembered per calling thread: OpenMP (libgomp) keeps a
+// team of workers for each thread that starts parallel regions, so a second Python thread's team
+// needs the mode handed on by that thread (one process-wide memory skipped it there). Unknown until
+// the thread's first op (its workers took whatever mode it had when they started), and handed on
+// again when the team's size changes (new workers start with the mode their thread had then).
 #if defined(__x86_64__)
 void propagate_denormal_mode() {
   constexpr unsigned kBits = _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON;
-  static std::atomic<unsigned> propagated{0};  // the workers' mode: off until told otherwise
+  thread_local unsigned propagated = ~0u;
+  thread_local int team = 0;
   const unsigned mode = _mm_getcsr() & kBits;
-  if (propagated.load() == mode) return;
+  const int threads = omp_get_max_threads();
+  if (propagated == mode && team == threads) return;
 #pragma omp parallel
   { _mm_setcsr((_mm_getcsr() & ~kBits) | mode); }
-  propagated.store(mode);
+  propagated = mode;
+  team = threads;
 }
 #else
 void propagate_denormal_mode() {}
