@@ -429,7 +429,8 @@ def test_bfloat16_lstm_with_a_float32_cell_state(backend, form):
             continue
         if form != "no_grad":
             (out.float().pow(2).sum() + h_n.float().sum() + c_n.pow(2).sum()).backward()
-        grads = [] if form == "no_grad" else [x.grad, h0.grad, c0.grad, *(p.grad for p in module.parameters())]
+        grads = [] if form == "no_grad" else [x.grad, h0.grad, c0.grad,
+                                               *(p.grad for p in module.parameters())]
         results.append([out, h_n, c_n, *grads])
     want, got = results
     if isinstance(want, str):

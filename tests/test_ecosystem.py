@@ -1010,7 +1010,8 @@ def test_torch_func_grad_compiles_fullgraph():
 
 
 @pytest.mark.parametrize("module,how", [
-    *((module, how) for module in ("lstm-proj", "gru", "rnn-tanh") for how in ("padded", "packed", "hx_float32")),
+    *((module, how) for module in ("lstm-proj", "gru", "rnn-tanh")
+      for how in ("padded", "packed", "hx_float32")),
     *(("lstm", how) for how in ("x_low", "x_low_hx_float32", "x_other", "x_other_hx_float32"))])
 def test_autocast_cpu_float16_like_torch_nn(module, how):
     """CPU float16 autocast, in the contexts where torch.nn runs (its oneDNN LSTM has no float16 here,

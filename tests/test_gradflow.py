@@ -273,7 +273,8 @@ def test_gradflow_more_bad_arguments(tmp_path, capsys):
         main(["gradflow", *small, "--out", str(a_file)])
     with pytest.raises(SystemExit, match="--curve-steps takes at least one step number"):
         main(["gradflow", *small, "--curve-steps", ",", "--out", str(tmp_path / "never")])
-    for flag, value, says in [("--lr", "inf", "positive finite number"), ("--lr", "1e400", "positive finite number"),
+    for flag, value, says in [("--lr", "inf", "positive finite number"),
+                              ("--lr", "1e400", "positive finite number"),
                               ("--device", "foo", "must be cpu, cuda or cuda:N"),
                               ("--device", "meta", "must be cpu, cuda or cuda:N"),
                               ("--seed", str(2**64), "integer from 0 to 2**63 - 1"),

@@ -319,7 +319,8 @@ def test_plot_returns_axes(tmp_path):
             gn.plot(**bad)
     labels = [line.get_label() for line in gn.plot(label="run a", direction=1).get_lines()]
     assert labels == ["run a, layer 0 reverse", "run a, layer 1 reverse"]
-    assert [line.get_label() for line in gn.plot(label="run a", layer=0, direction=0).get_lines()] == ["run a"]
+    single = gn.plot(label="run a", layer=0, direction=0).get_lines()
+    assert [line.get_label() for line in single] == ["run a"]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

@@ -317,7 +317,8 @@ def test_activations_accurate_to_a_few_ulp_saturate_and_keep_nan(settings, dtype
     cancels) to saturation; exactly ±1, 0 and 1 there; sigmoid's tiny values below -87 in float32
     (denormals) kept; NaN kept."""
     tiny = torch.finfo(dtype).tiny
-    magnitudes = torch.cat([torch.logspace(-300 if dtype == torch.float64 else -37, 2, 700, dtype=torch.float64),
+    smallest = -300 if dtype == torch.float64 else -37
+    magnitudes = torch.cat([torch.logspace(smallest, 2, 700, dtype=torch.float64),
                             torch.linspace(0.01, 3, 300, dtype=torch.float64)])
     x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, 1e300, -1e300, float("inf"), -float("inf"),
                                                           float("nan")], dtype=torch.float64)]).to(dtype)

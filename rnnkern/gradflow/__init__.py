@@ -113,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global gradient-norm clipping of all parameters (torch.nn.utils.clip_grad_norm_)")
     parser.add_argument("--hidden-grad-clip", type=_positive_float, default=None,
                         help="rnnkern's in-kernel per-timestep clipping of ∂L/∂h_t to this norm")
-    parser.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--device", type=_device, default=None,
+                        help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--backend", default="auto", help="rnnkern backend (default auto; see rnnkern.backends())")
     parser.add_argument("--threads", type=_positive_int, default=1,
                         help="CPU intra-op threads while training (default 1: these small recurrences are "
@@ -137,7 +138,8 @@ def _tensorboard_writer(log_dir: Optional[str]):
     try:
         return SummaryWriter(log_dir=log_dir)
     except OSError as error:
-        raise SystemExit(f"rnnkern gradflow: --tensorboard {log_dir!r} cannot be the log directory ({error})") from None
+        raise SystemExit(f"rnnkern gradflow: --tensorboard {log_dir!r} cannot be the log directory "
+                         f"({error})") from None
 
 
 def _curve_steps(text: Optional[str], steps: int) -> List[int]:
