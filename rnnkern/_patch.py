@@ -94,6 +94,17 @@ class patch_torch:
                 if type(self) is Patched:
                     self.__class__ = base
 
+            def __setstate__(self, state):
+                # An unpickled torch.nn module (torch.load of a whole model while patched: pickle finds
+                # this class under torch's name): the plain rnnkern module, with the patch's options
+                # where the pickle has none.
+                missing = [key for key in options if key not in state]
+                super().__setstate__(state)
+                if type(self) is Patched:
+                    self.__class__ = base
+                    for key in missing:
+                        setattr(self, key, options[key])
+
         Patched.__name__ = Patched.__qualname__ = base.__name__
         Patched.__module__ = base.__module__
         return Patched

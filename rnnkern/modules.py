@@ -127,6 +127,10 @@ def _parameter_shapes(mode, input_size, hidden_size, num_layers, bias, bidirecti
 _expected_parameters = {}  # _parameter_shapes by configuration (eager calls only)
 
 
+def _weights_already_read():
+    """Stands for torch.nn's _update_flat_weights where the call has read its weights already."""
+
+
 class _RnnkernMixin:
     """What rnnkern adds to torch's RNN modules: backend choice, gradient norms, clipping."""
 
@@ -229,7 +233,7 @@ class _RnnkernMixin:
                 return self._prepare(input, promoted, weights)
             # torch.nn raises its own exception (type and message) for this input.
             self._check_packed_lstm(input, hx)
-            self._torch_class.forward(self, input, hx)
+            self._torch_forward_on_weights_read(input, hx)
             if isinstance(invalid, _InconsistentModule):
                 raise RuntimeError(
                     f"rnnkern: the parameters of this {self._torch_class.__name__} do not match its configuration "
@@ -242,9 +246,27 @@ class _RnnkernMixin:
             if wider is not None:
                 with torch.autocast(wider.device_type, enabled=False):
                     return wider, self._parse(*wider.cast_inputs(input, hx), weights, wider.compute_dtype)
+            data = input.data if isinstance(input, PackedSequence) else input
+            if any(isinstance(t, Tensor) and t.is_complex() for t in [data, *weights]):
+                raise RuntimeError(
+                    f"rnnkern does not support complex dtypes ({data.dtype} here), which torch.nn's CPU "
+                    f"{self._torch_class.__name__} runs with its per-op implementation: use torch.nn."
+                    f"{self._torch_class.__name__} for complex input") from None
             raise RuntimeError(
                 f"rnnkern rejected an input that torch.nn.{self._torch_class.__name__} accepts; "
                 "please report this as a bug") from None
+
+    def _torch_forward_on_weights_read(self, input, hx):
+        """torch.nn's forward, on the weights this call has read (_call_weights left them in
+        _flat_weights): its refresh, which reads them again, is skipped, so that a parametrization
+        (spectral_norm's power iteration, say) runs as often as in torch.nn's own call, not twice."""
+        if torch.compiler.is_compiling():  # (there _call_weights reads without refreshing)
+            return self._torch_class.forward(self, input, hx)
+        self.__dict__["_update_flat_weights"] = _weights_already_read
+        try:
+            return self._torch_class.forward(self, input, hx)
+        finally:
+            del self.__dict__["_update_flat_weights"]
 
     def _call_weights(self):
         """The weights of this call, in _flat_weights_names order, as torch.nn's _update_flat_weights reads

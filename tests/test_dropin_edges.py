@@ -380,6 +380,57 @@ def test_second_derivative_after_input_changed_in_place_raises():
         torch.autograd.grad(loss, h0, create_graph=True)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("change", ["vector_to_parameters", "module.float()", "create_graph"])
+def test_weights_replaced_between_forward_and_backward_like_torch_nn(backend, cell, change):
+    """A weight's .data replaced between forward and backward (torch.nn.utils.vector_to_parameters,
+    Module.float()/.to(dtype)): the gradients are those of the forward that ran, as torch.nn's (its
+    saved views keep the old values); the C++ backends' backward read the new W_hh (wrong gradients)
+    or raised for its dtype. Also with create_graph=True, whose recomputation reads w_ih and the
+    biases too."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    torch.manual_seed(37)
+    ref, ours = make_pair(cell, 3, 4, backend=backend, num_layers=2,
+                          **({"proj_size": 3} if cell == "lstm" else {}))
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=change == "create_graph")
+    results = []
+    for module in (ref, ours):
+        out = module(x)[0]
+        loss = out.sin().sum()
+        if change == "module.float()":
+            module.float()
+        else:
+            vector_to_parameters(parameters_to_vector(module.parameters()) * 1.5, module.parameters())
+        if change == "create_graph":
+            grads = torch.autograd.grad(loss, [x, *module.parameters()], create_graph=True)
+            second = torch.autograd.grad(grads[0].pow(2).sum(), list(module.parameters()))
+            results.append([*grads, *second])
+        else:
+            loss.backward()
+            results.append([p.grad for p in module.parameters()])
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled cpu backend")
+@pytest.mark.parametrize("name", ["weight_ih_l0", "bias_ih_l0", "bias_hh_l0"])
+def test_second_derivative_after_a_weight_changed_in_place_raises(name):
+    """The recomputation for a second derivative needs the forward's w_ih and biases: changed in place
+    since (their old values are gone), autograd's error, naming which; not other values' gradients."""
+    _, ours = make_pair("gru", 3, 4, backend="cpu")
+    h0 = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
+    loss = ours(torch.randn(5, 2, 3, dtype=torch.float64), h0)[0].pow(2).sum()
+    with torch.no_grad():
+        getattr(ours, name).mul_(1.5)
+    what = {"weight_ih_l0": "weight_ih", "bias_ih_l0": "bias_ih", "bias_hh_l0": "bias_hh"}[name]
+    with pytest.raises(RuntimeError,
+                       match=f"modified by an inplace operation: the {what} of an rnnkern layer"):
+        torch.autograd.grad(loss, h0, create_graph=True)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled cpu backend")
 def test_layer_input_not_kept_past_a_plain_backward():
     """What a second derivative recomputes a layer from (its input) is let go by a plain backward, as the
@@ -441,3 +492,53 @@ def test_bfloat16_lstm_with_a_float32_cell_state(backend, form):
     for a, b in zip(got, want):  # (both round to bfloat16 differently: relative errors)
         assert float((a.double() - b.double()).norm() / b.double().norm()) < 3e-2
     assert "the dtype of c0" in rnnkern.explain(ours, x0, (h00, c00))
+
+
+@pytest.mark.parametrize("call", ["rejected", "bfloat16_with_float32_c0"])
+def test_parametrization_evaluated_as_often_as_in_torch_nn(call):
+    """Where rnnkern runs torch.nn's forward (for torch.nn's exception, or to learn that torch.nn takes
+    a call), it does so on the weights already read: a parametrization (spectral_norm's power
+    iteration) runs as often as in torch.nn's call, not twice as often."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, weight):
+            self.calls += 1
+            return weight
+
+    counts = []
+    for cls in (torch.nn.LSTM, rnnkern.LSTM):
+        module = cls(3, 5)
+        counter = Counting()
+        parametrize.register_parametrization(module, "weight_hh_l0", counter)
+        counter.calls = 0
+        if call == "rejected":
+            with pytest.raises(RuntimeError):
+                module(torch.randn(4, 2, 6))  # (input size 6, not 3)
+        else:
+            module.bfloat16()
+            counter.calls = 0
+            try:
+                module(torch.randn(4, 2, 3).bfloat16(),
+                       (torch.randn(1, 2, 5).bfloat16(), torch.randn(1, 2, 5)))
+            except RuntimeError:
+                pass  # (where this CPU's torch.nn rejects it, both raise: counted alike)
+        counts.append(counter.calls)
+    assert counts[1] == counts[0] > 0
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_complex_modules_raise_a_clear_error(kind):
+    """torch.nn's CPU layers run complex modules (per-op); rnnkern's kernels do not: a clear error
+    saying so, not its "please report" one."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch: complex modules are a new feature)
+        module = getattr(rnnkern, kind)(3, 4).to(torch.complex128)
+    with pytest.raises(RuntimeError, match=f"rnnkern does not support complex dtypes.*torch.nn.{kind}"):
+        module(torch.randn(5, 2, 3, dtype=torch.complex128))

@@ -645,6 +645,28 @@ def test_patch_torch_instances_are_plain_rnnkern_modules():
     torch.testing.assert_close(clone(x)[0], m(x)[0])
 
 
+def test_torch_nn_model_loaded_while_patched_is_of_rnnkern_modules():
+    """torch.load of a whole torch.nn model while patched (pickle finds the patched class under torch's
+    name and runs no __init__): plain rnnkern modules with the patch's options, which pickle again
+    after the patch (they were instances of the patch's own class, which claimed rnnkern's name)."""
+    torch.manual_seed(12)
+    model = torch.nn.Sequential(torch.nn.LSTM(3, 5), torch.nn.GRU(5, 2)).double()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    with rnnkern.patch_torch(backend="reference", record_grad_norms=True):
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    assert [type(m) for m in loaded] == [rnnkern.LSTM, rnnkern.GRU]
+    assert all(m.backend == "reference" and m.record_grad_norms for m in loaded)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    again = pickle.loads(pickle.dumps(loaded))
+    out = loaded[1](loaded[0](x)[0])[0]
+    torch.testing.assert_close(out, model[1](model[0](x)[0])[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(again[1](again[0](x)[0])[0], out)
+    out.sum().backward()
+    assert loaded[0].grad_norms is not None
+
+
 # -- packaging ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow  # builds the sdist, a fresh venv with the CPU torch, compiles: several minutes

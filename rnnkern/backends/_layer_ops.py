@@ -70,6 +70,36 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
 _RELEASED = "released"  # EagerLayer's xp_source after a backward with grad mode off
 
 
+def _aliases(tensors):
+    """detach() of each tensor (None kept): the values a layer ran with, which stay when a tensor's
+    .data is replaced before the backward (vector_to_parameters, Module.float()), as torch.nn's saved
+    views do; they share the tensors' version counters, so in-place changes are still seen."""
+    return tuple(None if t is None else t.detach() for t in tensors)
+
+
+class _RanWith(torch.autograd.Function):
+    """The values a layer ran with (`alias`) for a tensor whose .data was replaced since, with
+    gradients to the tensor (for the recomputation of a second derivative)."""
+
+    @staticmethod
+    def forward(ctx, tensor, alias):
+        return alias.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _as_ran(tensor, alias):
+    """`tensor` as the layer ran with it: itself, unless its .data was replaced since the forward."""
+    if tensor is None or alias is None:
+        return tensor
+    if (tensor.dtype == alias.dtype and tensor.data_ptr() == alias.data_ptr() and tensor.shape == alias.shape
+            and tensor.stride() == alias.stride()):
+        return tensor
+    return _RanWith.apply(tensor, alias)
+
+
 def _no_double_backward_message(op_name: str, xp_source) -> str:
     """Why a layer's gradients cannot be differentiated, and what to do instead (xp_source: the
     layer's, see EagerLayer: None where the op's registered autograd runs)."""
@@ -106,16 +136,26 @@ def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0,
     differentiable, would leave out the second-order terms (as torch.nn's CPU layers, composed of ops,
     have them). The layer is recomputed by the reference backend from its saved inputs, and xp from
     (x, w_ih, b_ih), which EagerLayer keeps by reference (the input projection's backward saves x as
-    well while w_ih requires grad): xp itself is not kept. For a layer without norms and clipping.
+    well while w_ih requires grad): xp itself is not kept. With the values the layer ran with (a tensor
+    whose .data was replaced since: its forward values; changed in place: autograd's error, since those
+    values are gone). For a layer without norms and clipping.
     Returns (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr), None where unused."""
     from .reference import reference_layer  # (imports this module)
 
-    x, w_ih, b_ih, version = ctx.xp_source
-    if x._version != version:
+    sources, aliases, versions = ctx.xp_source
+    names = ("input", "weight_ih", "bias_ih")
+    changed = [(name, t._version, v) for name, t, v in zip(names, sources, versions)
+               if t is not None and t._version != v]
+    if b_hh is not None and b_hh._version != ctx.bias_version:  # (kept unversioned: see setup_context)
+        changed.append(("bias_hh", b_hh._version, ctx.bias_version))
+    if changed:
+        name, now, then = changed[0]
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an inplace operation: "
-            f"the input of an rnnkern layer is at version {x._version}; expected version {version} instead "
-            "(a second derivative recomputes the layer from it)")
+            f"the {name} of an rnnkern layer is at version {now}; expected version {then} instead (a second "
+            "derivative recomputes the layer from it)")
+    x, w_ih, b_ih = (_as_ran(t, a) for t, a in zip(sources, aliases))
+    h0, c0, w_hh, b_hh, w_hr = (_as_ran(t, a) for t, a in zip((h0, c0, w_hh, b_hh, w_hr), ctx.ran_with))
     xp = torch.nn.functional.linear(x, w_ih, b_ih)
     out, h_n, c_n = reference_layer(ctx.cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, 0.0,
                                     None)
@@ -200,9 +240,12 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
                 ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr)
             return (None, grad_xp, None, grad_h0, grad_c0 if has_c0 else None, grad_w_hh,
                     grad_b_hh if has_b_hh else None, grad_w_hr if has_w_hr else None, None, None, None)
+        ran_with = getattr(ctx, "ran_with", None)  # (EagerLayer's: the values its forward ran with)
+        h0_, c0_, w_hh_, b_hh_, w_hr_ = (h0, c0, w_hh, b_hh, w_hr) if ran_with is None else ran_with
         args = (ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
                 None if grad_c_n is None else grad_c_n.contiguous(),
-                batch_sizes, h0, c0, w_hh, b_hh, w_hr, ctx.reverse, ctx.clip, ctx.record_norms, out, workspace)
+                batch_sizes, h0_, c0_, w_hh_, b_hh_, w_hr_, ctx.reverse, ctx.clip, ctx.record_norms, out,
+                workspace)
         with torch.no_grad() if twice else contextlib.nullcontext():
             (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, norms) = run_backward(*args)
         grads = (grad_xp, grad_h0, grad_c0 if has_c0 else None, grad_w_hh, grad_b_hh if has_b_hh else None,
@@ -236,8 +279,13 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
                 forward_below_autograd(*inputs)
             setup_context(ctx, inputs, output, versioned_bias=False)
             ctx.norm_sink = sink
-            # (with x's version: a second derivative recomputes xp from x, which must be unchanged)
-            ctx.xp_source = None if xp_source is None else (*xp_source, xp_source[0]._version)
+            _cell, _xp, _sizes, h0, c0, w_hh, b_hh, w_hr = inputs[:8]
+            ctx.ran_with = _aliases((h0, c0, w_hh, b_hh, w_hr))
+            ctx.bias_version = None if b_hh is None else b_hh._version
+            # (with their versions and values: a second derivative recomputes xp from x, w_ih, b_ih)
+            ctx.xp_source = None if xp_source is None else (
+                tuple(xp_source), _aliases(xp_source),
+                tuple(None if t is None else t._version for t in xp_source))
             return output
 
         @staticmethod
