@@ -380,24 +380,29 @@ def test_second_derivative_after_input_changed_in_place_raises():
         torch.autograd.grad(loss, h0, create_graph=True)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("change", ["vector_to_parameters", "module.float()", "create_graph"])
 def test_weights_replaced_between_forward_and_backward_like_torch_nn(backend, cell, change):
     """A weight's .data replaced between forward and backward (torch.nn.utils.vector_to_parameters,
-    Module.float()/.to(dtype)): the gradients are those of the forward that ran, as torch.nn's (its
-    saved views keep the old values); the C++ backends' backward read the new W_hh (wrong gradients)
-    or raised for its dtype. Also with create_graph=True, whose recomputation reads w_ih and the
+    Module.float()/.to(dtype)): the gradients are those of the forward that ran, as torch.nn's per-op
+    layers give (their saved views keep the old values; its oneDNN float32 LSTM reads the new ones);
+    the C++ backends' backward read the new W_hh (wrong gradients) or raised for its dtype, the
+    Triton GRU's the new biases. Also with create_graph=True, whose recomputation reads w_ih and the
     biases too."""
     from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+    if backend == "triton" and change != "vector_to_parameters":
+        pytest.skip("the interpreter's cases stay few (Triton: float32, no second derivatives)")
     torch.manual_seed(37)
-    ref, ours = make_pair(cell, 3, 4, backend=backend, num_layers=2,
+    dtype = _dtype(backend)
+    ref, ours = make_pair(cell, 3, 4, backend=backend, num_layers=2, dtype=dtype,
                           **({"proj_size": 3} if cell == "lstm" else {}))
-    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=change == "create_graph")
+    x = torch.randn(5, 2, 3, dtype=dtype, requires_grad=change == "create_graph")
     results = []
     for module in (ref, ours):
-        out = module(x)[0]
+        with torch.backends.mkldnn.flags(enabled=False):
+            out = module(x)[0]
         loss = out.sin().sum()
         if change == "module.float()":
             module.float()
@@ -412,7 +417,7 @@ def test_weights_replaced_between_forward_and_backward_like_torch_nn(backend, ce
             results.append([p.grad for p in module.parameters()])
     for got, want in zip(*results):
         assert got.dtype == want.dtype
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(got, want, **_tol(dtype))
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled cpu backend")

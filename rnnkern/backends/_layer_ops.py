@@ -199,6 +199,10 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         ctx.unversioned_bias = None if versioned_bias else b_hh
         ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh if versioned_bias else None, w_hr, out,
                               workspace)
+        if versioned_bias and _plain_eager((xp, h0, c0, w_hh, b_hh, w_hr)):
+            # (the op's registered autograd in eager mode, e.g. the Triton backend's: as EagerLayer's;
+            # not while tracing, whose graphs hold saved tensors, not attributes)
+            ctx.ran_with = _aliases((h0, c0, w_hh, b_hh, w_hr))
         # No zero-filled gradients for unused outputs: the workspace ([N, S*H], never differentiated)
         # would cost a full-size fill per backward. Absent gradients are made below, where needed.
         ctx.set_materialize_grads(False)
