@@ -86,8 +86,8 @@ def _split_biases(cell: int, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
 
 
 def _from_main_stream(layer_weights: LayerWeights) -> LayerWeights:
-    """A layer's weights as views made on the current (main) stream, for a layer that runs on a side
-    stream. Autograd runs each backward node on the stream its forward op ran on: the weights'
+    """A layer's weights (or its input and states) as views made on the current (main) stream, for a
+    layer that runs on a side stream. Autograd runs each backward node on the stream its forward op ran on: the weights'
     gradients from the side stream's ops are then summed by these views' nodes on the main stream,
     handed over with autograd's events as the layer's input gradients are, and the leaves' gradients
     accumulate on the main stream, which backward() synchronises with its caller. (Without the views
@@ -128,9 +128,11 @@ def _run_wavefront(cell, rows, batch_sizes, h0, c0, weights, backend, clip, norm
             stream.wait_stream(main)  # the layer's states and weights, made on the main stream
             _used_on(stream, h0, c0, rows if layer == 0 else None)  # (the layers above: x_chunks below)
         w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights
+        # (the layer's states taken on the main stream, as its weights: their leaves' gradients then
+        # accumulate there, see _from_main_stream)
+        h_state, c_state = h0[layer], None if c0 is None else c0[layer]
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             x_bias, bias = _split_biases(cell, b_ih, b_hh)  # once per layer, for all its chunks
-            h_state, c_state = h0[layer], None if c0 is None else c0[layer]
             outs: List[Tensor] = []
             ended_h: List[Tensor] = []
             ended_c: List[Tensor] = []
@@ -223,7 +225,7 @@ def run_stack(
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
 
-    def direction_layer(layer: int, direction: int, layer_weights: LayerWeights):
+    def direction_layer(layer: int, direction: int, layer_weights: LayerWeights, x, h0, c0):
         w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights
         index = layer * num_directions + direction
         x_bias, bias = _split_biases(cell, b_ih, b_hh)
@@ -237,17 +239,19 @@ def run_stack(
         if concurrent:
             main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
             reverse_weights = _from_main_stream(weights[layer][1])
+            # (the input and states too: a leaf's gradient accumulates on the stream of its first use)
+            reverse_inputs = _from_main_stream((x, h0, c0))
             side.wait_stream(main)  # the layer's inputs, made on the main stream
             _used_on(side, x, h0, c0)
             with torch.cuda.stream(side):
-                reverse = direction_layer(layer, 1, reverse_weights)
-            results = [direction_layer(layer, 0, weights[layer][0]), reverse]
+                reverse = direction_layer(layer, 1, reverse_weights, *reverse_inputs)
+            results = [direction_layer(layer, 0, weights[layer][0], x, h0, c0), reverse]
             main.wait_stream(side)
             for t in reverse:  # made on the side stream, used (and freed) on the main one
                 if t is not None and t.numel() > 0:
                     t.record_stream(main)
         else:
-            results = [direction_layer(layer, d, weights[layer][d]) for d in range(num_directions)]
+            results = [direction_layer(layer, d, weights[layer][d], x, h0, c0) for d in range(num_directions)]
         outs = [out for out, _, _ in results]
         h_n += [hn for _, hn, _ in results]
         c_n += [cn for _, _, cn in results]
