@@ -312,6 +312,7 @@ BackwardKernel<T> backward_for(Cell cell) {
 template <typename Args>
 cudaError_t launch(const void* kernel, const Plan& plan, size_t smem, int chunk, Args args,
                    cudaStream_t stream) {
+  const std::lock_guard<std::mutex> lock(kernel_attribute_mutex());
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
@@ -402,6 +403,7 @@ Plan make_plan(Cell cell, DType dtype, int64_t batch, int64_t hidden, bool has_p
   }
   plan.smem_forward = fixed_forward + static_cast<size_t>(batch) * (plan.chunk_forward + 1) * acc;
   plan.smem_backward = fixed_backward + static_cast<size_t>(batch) * (plan.chunk_backward + 1) * acc;
+  const std::lock_guard<std::mutex> lock(kernel_attribute_mutex());
   for (int pass = 0; pass < 2; ++pass) {
     const void* kernel = pass == 0 ? forward_ptr(cell, dtype) : backward_ptr(cell, dtype);
     const size_t smem = pass == 0 ? plan.smem_forward : plan.smem_backward;

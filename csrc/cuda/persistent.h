@@ -14,10 +14,20 @@
 
 #include <cuda_runtime.h>
 
+#include <mutex>
+
 #include "rnnkern/step_args.h"
 
 namespace rnnkern {
 namespace persistent {
+
+// Held from setting a kernel's dynamic shared-memory limit (cudaFuncSetAttribute: per kernel, for the
+// whole process) to the launch or occupancy query that relies on it: a planner in another host thread
+// may set a smaller limit in between, and the launch would then fail.
+inline std::mutex& kernel_attribute_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
 
 // How the persistent kernels would run a layer, or why they cannot.
 // Why a layer is not run persistently (rnnkern/explain.py has the texts).

@@ -75,6 +75,7 @@ template <typename Args>
 cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_t stream) {
   const void* kernel = kernel_for(forward, args.cell, args.dtype, plan.exchange, plan.tf32);
   const size_t smem = forward ? plan.smem_forward : plan.smem_backward;
+  const std::lock_guard<std::mutex> lock(kernel_attribute_mutex());
   cudaError_t err = prepare(kernel, smem);
   if (err != cudaSuccess) return err;
   cudaLaunchAttribute attribute;
@@ -98,6 +99,7 @@ cudaError_t launch(bool forward, const Plan& plan, const Args& args, cudaStream_
 // cluster (then candidate.resident_clusters: how many the device runs at once), or (Exchange::Grid)
 // the whole cooperative grid. Clears the CUDA error state when not.
 bool schedulable(Plan& candidate, Cell cell, DType dtype, const cudaDeviceProp& prop) {
+  const std::lock_guard<std::mutex> lock(kernel_attribute_mutex());
   const bool grid = candidate.exchange == Exchange::Grid;
   const int tiles = candidate.blocks / candidate.cluster;
   candidate.resident_clusters = grid ? tiles : prop.multiProcessorCount;
