@@ -106,9 +106,10 @@ def _keep_in_compiled_graphs(op) -> None:
 
     With the effect system a compiled backward holds the op as a ``with_effects`` node whose only
     output is the effect token. Compiled autograd copies a compiled forward's backward graph into its
-    own, drops the tokens, and its dead-code pass then removed that node (torch 2.14: the norms of a
-    compiled module were never delivered under compiled autograd): ``with_effects`` is marked
-    side-effectful too, which is what the node stands for."""
+    own, drops the tokens, and its dead-code pass then removed that node (the norms of a compiled
+    module were never delivered under compiled autograd): ``with_effects`` is marked side-effectful
+    too, which is what the node stands for (torch 2.14 reads that mark; 2.11's dead-code pass reads
+    compiled autograd's own list, see _on_dynamo_loaded)."""
     try:
         from torch._library.effects import EffectType
 
@@ -295,6 +296,21 @@ def _resolve_backend_name(name: str, device: torch.device, dtype: torch.dtype) -
     return backends.resolve(backends.check_name(name), device, dtype).name
 
 
+def _keep_effects_in_compiled_autograd() -> None:
+    """Compiled autograd's dead-code pass keeps the nodes of its own list of impure targets and those
+    Node.is_impure calls impure, which in torch 2.11 asks a higher-order op's registered effect only:
+    ``with_effects`` (the norms' delivery in a compiled backward, _keep_in_compiled_graphs) joins the
+    list."""
+    try:
+        from torch._dynamo import compiled_autograd
+    except ImportError:
+        return
+    targets = getattr(compiled_autograd, "_impure_targets", None)
+    with_effects = getattr(torch.ops.higher_order, "with_effects", None)
+    if targets is not None and with_effects is not None and hasattr(targets, "add"):
+        targets.add(with_effects)
+
+
 def _on_dynamo_loaded(dynamo) -> None:
     """Let Dynamo wrap rnnkern modules (and only them) as if ``config.allow_rnn`` were set."""
     global eager_forward
@@ -313,6 +329,7 @@ def _on_dynamo_loaded(dynamo) -> None:
         globals()["functorch_transforms"] = dynamo.assume_constant_result(functorch_transforms)
         globals()["records_no_side_effects"] = dynamo.assume_constant_result(records_no_side_effects)
         globals()["_onednn_lstm_runs"] = dynamo.assume_constant_result(_onednn_lstm_runs)
+        _keep_effects_in_compiled_autograd()
     variable_builder = builder.VariableBuilder
     original = variable_builder.wrap_module
     if getattr(original, "_rnnkern_patched", False):
