@@ -22,6 +22,14 @@ from .modules import GRU, LSTM, RNN
 __all__ = ["LSTM", "GRU", "RNN", "GradNorms", "convert", "patch_torch", "backends", "build_info", "explain",
            "__version__"]
 
+# The compiled ops (and their autograd, registered from Python) at import rather than at first use: a
+# program holding them that was saved elsewhere (torch.export.save, AOTInductor's package, a
+# torch.jit.save of a trace) then loads and runs in a new process after `import rnnkern`. (Without
+# the extension this notes why, for the backends to say.)
+from . import _ext  # noqa: E402
+
+_ext.load()
+
 
 def build_info() -> Dict[str, Any]:
     """What this install has: the compiled extension, its CUDA architectures, torch/CUDA versions."""

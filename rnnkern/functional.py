@@ -87,8 +87,9 @@ def _split_biases(cell: int, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
 
 def _from_main_stream(layer_weights: LayerWeights) -> LayerWeights:
     """A layer's weights (or its input and states) as views made on the current (main) stream, for a
-    layer that runs on a side stream. Autograd runs each backward node on the stream its forward op ran on: the weights'
-    gradients from the side stream's ops are then summed by these views' nodes on the main stream,
+    layer that runs on a side stream. Autograd runs each backward node on the stream its forward op
+    ran on: the weights' gradients from the side stream's ops are then summed by these views' nodes
+    on the main stream,
     handed over with autograd's events as the layer's input gradients are, and the leaves' gradients
     accumulate on the main stream, which backward() synchronises with its caller. (Without the views
     the leaves' accumulation ran on the side stream: one wrong `weight_ih_l0` gradient, a partial sum,

@@ -667,6 +667,38 @@ def test_torch_nn_model_loaded_while_patched_is_of_rnnkern_modules():
     assert loaded[0].grad_norms is not None
 
 
+@pytest.mark.skipif("cpu" not in rnnkern.backends(), reason="needs the compiled cpu backend")
+def test_saved_programs_load_in_a_new_process_after_import_rnnkern(tmp_path):
+    """A torch.export'ed program and a torch.jit.save'd trace hold rnnkern's op: in a new process,
+    `import rnnkern` (which registers the compiled ops at import, not at first use) is all they need,
+    forward and backward."""
+    torch.manual_seed(13)
+    model = rnnkern.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True).double()
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    steps = torch.export.Dim("steps", min=2, max=64)
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({1: steps},)), tmp_path / "lstm.pt2")
+    torch.jit.save(torch.jit.trace(model, (x,), check_trace=False), tmp_path / "lstm.jit")
+    y = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
+    out = model(y)[0]
+    out.pow(2).sum().backward()
+    torch.save({"y": y.detach(), "out": out.detach(), "dy": y.grad}, tmp_path / "want.pt")
+    script = f"""
+import torch, rnnkern
+want = torch.load({str(tmp_path / "want.pt")!r})
+for name, load in (("export", lambda p: torch.export.load(p).module()), ("jit", torch.jit.load)):
+    program = load({str(tmp_path)!r} + ("/lstm.pt2" if name == "export" else "/lstm.jit"))
+    y = want["y"].clone().requires_grad_()
+    out = program(y)[0]
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(out, want["out"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y.grad, want["dy"], rtol=1e-10, atol=1e-12)
+print("both loaded")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == 0 and "both loaded" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+
+
 # -- packaging ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow  # builds the sdist, a fresh venv with the CPU torch, compiles: several minutes
