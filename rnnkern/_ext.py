@@ -1,4 +1,4 @@
-"""The compiled extension rnnkern._C, loaded lazily.
+"""The compiled extension rnnkern._C, loaded once (by ``import rnnkern``).
 
 ``load()`` imports it once (registering the C++/CUDA kernels of the layer ops with the dispatcher)
 and connects the ops to autograd and their fake kernels through ``register_layer_op``. Backends ask

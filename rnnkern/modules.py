@@ -367,11 +367,9 @@ class _RnnkernMixin:
             self.check_hidden_size(states[1], self.get_expected_cell_size(data, batch_sizes),
                                    "Expected hidden[1] size {}, got {}")
 
-    def _promoted_cell_state(self, input, hx):
-        """An LSTM's (h0, c0) with c0 in the input's dtype where c0 alone is in another dtype that promotes
-        to it (a narrower floating one, an integer or bool), for an input torch.nn accepted: its non-fused
-        LSTM (e.g. float64 on the CPU) promotes c0 in the first cell update, i.e. computes with c0 cast
-        up; else None."""
+    def _cell_state_of_its_own_dtype(self, input, hx):
+        """(input rows, h0, c0) of an LSTM call whose c0 alone has another (real) dtype than the input,
+        on the input's device; else None."""
         if self.mode != "LSTM" or not isinstance(hx, (tuple, list)):
             return None
         try:
@@ -386,8 +384,17 @@ class _RnnkernMixin:
             return None
         if h0.dtype != data.dtype or c0.dtype == data.dtype or c0.device != data.device:
             return None
-        if torch.promote_types(c0.dtype, data.dtype) != data.dtype:
+        return data, h0, c0
+
+    def _promoted_cell_state(self, input, hx):
+        """An LSTM's (h0, c0) with c0 in the input's dtype where c0 alone is in another dtype that promotes
+        to it (a narrower floating one, an integer or bool), for an input torch.nn accepted: its non-fused
+        LSTM (e.g. float64 on the CPU) promotes c0 in the first cell update, i.e. computes with c0 cast
+        up; else None."""
+        found = self._cell_state_of_its_own_dtype(input, hx)
+        if found is None or torch.promote_types(found[2].dtype, found[0].dtype) != found[0].dtype:
             return None
+        data, h0, c0 = found
         return h0, c0.to(data.dtype)
 
     def _wider_cell_state_plan(self, input, hx):
@@ -396,13 +403,11 @@ class _RnnkernMixin:
         float32): an AutocastPlan that computes in c0's dtype (the cell state exact, as torch.nn's; the
         recurrence's h more precise than torch.nn's bfloat16) and returns the output and h_n in the
         input's dtype, c_n in c0's; else None."""
-        if self.mode != "LSTM" or not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        found = self._cell_state_of_its_own_dtype(input, hx)
+        if found is None:
             return None
-        data = input.data if isinstance(input, PackedSequence) else input
-        h0, c0 = hx
-        if not all(isinstance(t, Tensor) and t.is_floating_point() for t in (data, h0, c0)):
-            return None
-        if (h0.dtype != data.dtype or c0.dtype == data.dtype or c0.device != data.device
+        data, _h0, c0 = found
+        if (not data.is_floating_point() or not c0.is_floating_point()
                 or torch.promote_types(c0.dtype, data.dtype) != c0.dtype):
             return None
         return _compat.AutocastPlan(data.device.type, c0.dtype, data.dtype, c0.dtype)

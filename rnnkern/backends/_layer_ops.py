@@ -199,9 +199,10 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         ctx.unversioned_bias = None if versioned_bias else b_hh
         ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh if versioned_bias else None, w_hr, out,
                               workspace)
-        if versioned_bias and _plain_eager((xp, h0, c0, w_hh, b_hh, w_hr)):
-            # (the op's registered autograd in eager mode, e.g. the Triton backend's: as EagerLayer's;
-            # not while tracing, whose graphs hold saved tensors, not attributes)
+        if not versioned_bias or _plain_eager((xp, h0, c0, w_hh, b_hh, w_hr)):
+            # The values the backward computes with (EagerLayer; the op's registered autograd in eager
+            # mode, e.g. the Triton backend's; not while tracing, whose graphs hold saved tensors, not
+            # attributes)
             ctx.ran_with = _aliases((h0, c0, w_hh, b_hh, w_hr))
         # No zero-filled gradients for unused outputs: the workspace ([N, S*H], never differentiated)
         # would cost a full-size fill per backward. Absent gradients are made below, where needed.
@@ -244,7 +245,7 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
                 ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr)
             return (None, grad_xp, None, grad_h0, grad_c0 if has_c0 else None, grad_w_hh,
                     grad_b_hh if has_b_hh else None, grad_w_hr if has_w_hr else None, None, None, None)
-        ran_with = getattr(ctx, "ran_with", None)  # (EagerLayer's: the values its forward ran with)
+        ran_with = getattr(ctx, "ran_with", None)  # (see setup_context)
         h0_, c0_, w_hh_, b_hh_, w_hr_ = (h0, c0, w_hh, b_hh, w_hr) if ran_with is None else ran_with
         args = (ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
                 None if grad_c_n is None else grad_c_n.contiguous(),
@@ -283,8 +284,7 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
                 forward_below_autograd(*inputs)
             setup_context(ctx, inputs, output, versioned_bias=False)
             ctx.norm_sink = sink
-            _cell, _xp, _sizes, h0, c0, w_hh, b_hh, w_hr = inputs[:8]
-            ctx.ran_with = _aliases((h0, c0, w_hh, b_hh, w_hr))
+            b_hh = inputs[6]
             ctx.bias_version = None if b_hh is None else b_hh._version
             # (with their versions and values: a second derivative recomputes xp from x, w_ih, b_ih)
             ctx.xp_source = None if xp_source is None else (
