@@ -90,9 +90,9 @@ def _from_main_stream(layer_weights: LayerWeights) -> LayerWeights:
     layer that runs on a side stream. Autograd runs each backward node on the stream its forward op
     ran on: the weights' gradients from the side stream's ops are then summed by these views' nodes
     on the main stream, handed over with autograd's events as the layer's input gradients are, and
-    the leaves' gradients accumulate on the main stream, which backward() synchronises with its caller. (Without the views
-    the leaves' accumulation ran on the side stream: one wrong `weight_ih_l0` gradient, a partial sum,
-    in a GPU suite run under load, not reproduced in 2,408 runs since: bench/NOTES.md.)"""
+    the leaves' gradients accumulate on the main stream, which backward() synchronises with its caller.
+    (Without the views the leaves' accumulation ran on the side stream: one wrong `weight_ih_l0` gradient,
+    a partial sum, in a GPU suite run under load, not reproduced in 2,408 runs since: bench/NOTES.md.)"""
     return tuple(None if w is None else w.view_as(w) for w in layer_weights)
 
 
