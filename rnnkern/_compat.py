@@ -25,6 +25,7 @@ import importlib.abc
 import importlib.util
 import itertools
 import sys
+import warnings
 import weakref
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -88,11 +89,38 @@ def _(norms, batch_sizes, unsorted_indices, token, has_cell_state):
     return None
 
 
+try:
+    from torch._C._functorch import is_batchedtensor as _is_batchedtensor
+    from torch._C._functorch import is_legacy_batchedtensor as _is_legacy_batchedtensor
+except ImportError:  # a torch without them
+    _is_batchedtensor = _is_legacy_batchedtensor = None
+
+
+def _batched_backward(norms: Tensor) -> bool:
+    """Whether norms come from a batched backward (torch.autograd.grad(..., is_grads_batched=True), which
+    torch.autograd.functional.jacobian/hessian(vectorize=True) use): autograd then runs the backward
+    under vmap, once for a batch of cotangents, and the norms are a batched tensor, one value per
+    cotangent, that cannot leave it. The forward ran outside any transform, so it could not refuse."""
+    if _is_batchedtensor is None or torch.compiler.is_compiling():  # (Dynamo traces no such check)
+        return False
+    return _is_batchedtensor(norms) or _is_legacy_batchedtensor(norms)
+
+
+def _warn_batched_backward() -> None:
+    warnings.warn("record_grad_norms: a batched backward (is_grads_batched=True, e.g. "
+                  "torch.autograd.functional.jacobian(vectorize=True)) records no norms: each of its "
+                  "cotangents is a backward of its own; grad_norms keeps its previous value and no hook "
+                  "runs (the gradients are unaffected; clipping applies to each cotangent)", stacklevel=2)
+
+
 def _hand_over(norms: Tensor, batch_sizes: Tensor, unsorted_indices: Optional[Tensor], token: int,
                has_cell_state: bool) -> None:
     """Deliver one backward's norms [L, D, 2, N] (a tensor of their own): through the op where a tracer
     records the backward (compiled graphs keep it), else _deliver directly (the op's Python dispatch
     costs tens of µs per backward)."""
+    if _batched_backward(norms):
+        _warn_batched_backward()
+        return
     args = (norms, batch_sizes, unsorted_indices, token, has_cell_state)
     if _being_traced(norms):
         torch.ops.rnnkern.deliver_grad_norms(*args)
@@ -193,6 +221,9 @@ class NormSink:
 
     def deliver(self, norms: Tensor) -> None:
         """norms: the layer's [2, N] float32, a tensor of its own (the backward op's output)."""
+        if _batched_backward(norms):
+            _warn_batched_backward()
+            return
         if self.padded_shape is not None and not _being_traced(norms):
             # [2, N] is already [2, 1, 1, T, B]: the GradNorms are views of it (no copies, no scatter)
             module = _modules.get(self.token)

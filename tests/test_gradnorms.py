@@ -241,6 +241,32 @@ def test_module_called_twice_in_one_graph_delivers_once_per_call(backend):
     assert seen == [7, 5] and m.grad_norms.h_per_sample.shape[2] == 5
 
 
+@pytest.mark.parametrize("backend,layers", [("cpu", 1), ("cpu", 2), ("reference", 1)])
+def test_batched_backward_records_no_norms_and_gets_torch_nns_gradients(backend, layers):
+    """A batched backward (is_grads_batched, as jacobian(vectorize=True) runs it) is a backward per
+    cotangent under vmap: norms cannot leave it, so it warns, keeps grad_norms and runs no hook, and
+    its gradients are torch.nn's (before: an error, or grad_norms left holding a batched tensor)."""
+    reference, ours = make_pair("gru", 2, 5, backend=backend, num_layers=layers)
+    ours.record_grad_norms = True
+    seen = []
+    ours.register_grad_norm_hook(lambda module, gn: seen.append(gn))
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    ours(x)[0].sum().backward()  # a plain backward first: its norms must stay
+    before = ours.grad_norms
+    assert len(seen) == 1
+    cotangents = torch.randn(3, 4, 3, 5, dtype=torch.float64)
+    expected = torch.autograd.grad(reference(x)[0], x, cotangents, is_grads_batched=True)[0]
+    with pytest.warns(UserWarning, match="batched backward"):
+        got = torch.autograd.grad(ours(x)[0], x, cotangents, is_grads_batched=True)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert ours.grad_norms is before and len(seen) == 1
+    before.h.sum().item()  # (a plain tensor, readable)
+    with pytest.warns(UserWarning, match="batched backward"):
+        jacobian = torch.autograd.functional.jacobian(lambda t: ours(t)[0], x, vectorize=True)
+    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(lambda t: reference(t)[0], x),
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_unbatched_norms_have_batch_one():
     m = rnnkern.LSTM(3, 4, backend="reference", record_grad_norms=True, bidirectional=True)
     out, _ = m(torch.randn(6, 3))
