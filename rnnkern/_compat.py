@@ -21,6 +21,7 @@ autocast
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import itertools
@@ -499,6 +500,11 @@ def all_one_length(batch_sizes) -> bool:
 
 _ONEDNN_LSTM_RUNS = {}
 
+try:
+    from torch.utils._python_dispatch import _disable_current_modes as _no_dispatch_modes
+except ImportError:  # a torch without it
+    _no_dispatch_modes = contextlib.nullcontext
+
 
 def _onednn_lstm_runs(input_dtype: torch.dtype, low: torch.dtype, packed: bool, grad: bool) -> bool:
     """Whether torch's CPU LSTM under autocast(`low`) runs oneDNN's LSTM (everything cast to `low`) for an
@@ -513,14 +519,19 @@ def _onednn_lstm_runs(input_dtype: torch.dtype, low: torch.dtype, packed: bool, 
     known = _ONEDNN_LSTM_RUNS.get(key)
     if known is None:
         try:
-            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=low):
-                x = torch.zeros(1, 1, dtype=input_dtype)
-                state = torch.zeros(1, 1, 1)
+            # (every tensor's device and dtype given: not the defaults, which torch.set_default_dtype,
+            # set_default_device or a `with torch.device(...)` may have changed; and none of the caller's
+            # dispatch modes, e.g. FakeTensorMode or a FlopCounterMode, sees the probe)
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=low), _no_dispatch_modes():
+                f32 = dict(device="cpu", dtype=torch.float32)
+                x = torch.zeros(1, 1, device="cpu", dtype=input_dtype)
+                state = torch.zeros(1, 1, 1, **f32)
                 # w_ih, w_hh [4, 1]; b_ih, b_hh [4] (torch 2.11's per-op LSTM checks the biases' shape)
-                weights = [torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4), torch.zeros(4)]
+                weights = [torch.zeros(4, 1, **f32), torch.zeros(4, 1, **f32), torch.zeros(4, **f32),
+                           torch.zeros(4, **f32)]
                 if packed:
-                    out = torch._VF.lstm(x, torch.ones(1, dtype=torch.int64), (state, state), weights, True,
-                                         1, 0.0, False, False)[0]
+                    one_step = torch.ones(1, device="cpu", dtype=torch.int64)
+                    out = torch._VF.lstm(x, one_step, (state, state), weights, True, 1, 0.0, False, False)[0]
                 else:
                     out = torch._VF.lstm(x[None], (state, state), weights, True, 1, 0.0, False, False,
                                          False)[0]

@@ -91,7 +91,7 @@ class GradNorms:
         """
         norms = self._norms(which)
         curve = norms[layer, direction].detach().double().cpu()
-        steps = torch.arange(curve.numel(), dtype=torch.float64)
+        steps = torch.arange(curve.numel(), dtype=torch.float64, device="cpu")
         keep = torch.isfinite(curve) & (curve > 0)
         slope = float("nan")
         if int(keep.sum()) >= 2:

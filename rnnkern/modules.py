@@ -416,6 +416,10 @@ class _RnnkernMixin:
         """Validate like torch.nn and bring the input to rows + sorted hx; _InvalidInput if bad.
         weights: the call's (_call_weights); weight_dtype: cast the (float32/16-bit) weights to it,
         differentiably (autocast)."""
+        # (torch.nn hands dropout to ATen's argument parser, which takes a real number or a 0-dim tensor,
+        # whatever the layers and mode: anything else, e.g. a string set after construction, raises there)
+        dropout = self.dropout
+        _require(isinstance(dropout, numbers.Real) or (isinstance(dropout, Tensor) and dropout.dim() == 0))
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         num_directions = 2 if self.bidirectional else 1

@@ -1,6 +1,7 @@
 """rnnkern modules as first-class PyTorch citizens: torch.compile, autocast, DDP, convert, state_dict,
 copy/pickle/save of whole models. (Single-module copy/pickle and convert basics: tests/test_api.py.)"""
 
+import contextlib
 import copy
 import io
 import os
@@ -360,6 +361,37 @@ def test_autocast_leaves_float64_modules_alone_like_torch_nn(kind):
     for a, e in zip(actual, expected):
         assert a.dtype == e.dtype == torch.float64
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("default", ["device-meta", "float64"])
+def test_autocast_cpu_under_other_defaults_like_torch_nn(default, monkeypatch):
+    """What torch.nn's CPU LSTM does under autocast is learnt once, from a call of its own: its tensors
+    name their device and dtype, so neither a default device (`with torch.device("meta")`, the
+    learning call's first) nor torch.set_default_dtype(torch.float64) changes it (before: float32
+    outputs, also for every later call of the process; "get_mkldnn_dtype: unsupported data type")."""
+    from rnnkern import _compat
+
+    monkeypatch.setattr(_compat, "_ONEDNN_LSTM_RUNS", {})  # (the first call, which learns)
+    torch.manual_seed(8)
+    ref = torch.nn.LSTM(3, 5)
+    ours = rnnkern.LSTM(3, 5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 3)
+    default_dtype = torch.get_default_dtype()
+    try:
+        if default == "float64":
+            torch.set_default_dtype(torch.float64)
+        with torch.device("meta") if default == "device-meta" else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                actual = _flat_outputs(ours(x))
+                expected = _flat_outputs(_torch_nn_under_autocast(ref, (x,), "cpu", torch.bfloat16))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    assert [t.dtype for t in actual] == [t.dtype for t in expected]
+    for a, e in zip(actual, expected):
+        assert _rel_err(a, e) < 4e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (and what it learnt holds after)
+        assert [t.dtype for t in _flat_outputs(ours(x))] == [t.dtype for t in expected]
 
 
 @pytest.mark.skipif("triton" not in rnnkern.backends(), reason="needs a backend without bfloat16 on the CPU: the "
@@ -1085,6 +1117,85 @@ def _grad_fn_names(tensor):
         names.add(type(node).__name__)
         todo += [next_node for next_node, _ in node.next_functions]
     return names
+
+
+def _live_storages():
+    """{data pointer: bytes} of every CPU tensor's storage that the garbage collector can see (fake,
+    functorch-wrapped or meta tensors that earlier tests left have none)."""
+    import gc
+
+    gc.collect()
+    found = {}
+    for t in gc.get_objects():
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            try:
+                found[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):
+                pass
+    return found
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_checkpoint_frees_every_layers_activations(kind):
+    """Under torch.utils.checkpoint (non-reentrant) a forward keeps only what the checkpoint itself
+    holds: every tensor a layer's backward reads goes through the saved tensors, which the checkpoint
+    drops and recomputes (before: each layer kept its input, the layer below's output, and its
+    made-up initial states as attributes, out of the checkpoint's reach: a stack's activations)."""
+    from torch.utils.checkpoint import checkpoint
+
+    ours_cls, ref_cls = KINDS[kind]
+    torch.manual_seed(10)
+    layers, steps, batch, hidden = 4, 40, 8, 32
+    ref = ref_cls(6, hidden, num_layers=layers)
+    ours = ours_cls(6, hidden, num_layers=layers)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(steps, batch, 6, requires_grad=True)
+    kept = {}
+    for name, module in (("torch.nn", ref), ("rnnkern", ours)):
+        before = _live_storages()
+        out = checkpoint(lambda t: module(t)[0], x, use_reentrant=False)
+        after = _live_storages()
+        made = {p: n for p, n in after.items() if p not in before}
+        kept[name] = sum(made.values()) - made[out.untyped_storage().data_ptr()]
+        out.pow(2).sum().backward()
+        del out
+    activation = steps * batch * hidden * 4
+    # (what both keep: the checkpoint's RNG state, and rnnkern a stack's bias sums, G*H floats a layer)
+    assert kept["torch.nn"] < activation and kept["rnnkern"] < kept["torch.nn"] + activation // 4, kept
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in rnnkern.backends()])
+@pytest.mark.parametrize("kind,options", [("LSTM", dict(proj_size=2)), ("GRU", {}), ("RNN", {})])
+def test_flop_counter_counts_like_torch_nn(kind, options, backend):
+    """torch.utils.flop_counter.FlopCounterMode counts an rnnkern module's matmuls as torch.nn's (its
+    per-op CPU layers: float64 here, where oneDNN's LSTM, which has no formula, does not run): the
+    layer ops have formulas (before: 0, only the input projections were counted). The backward
+    counts each recurrent product's two, also for the first step's h0, which torch.nn's autograd skips
+    where h0 needs no gradient: up to one step's more."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours_cls, ref_cls = KINDS[kind]
+    torch.manual_seed(9)
+    shape = dict(num_layers=2, bidirectional=True, dtype=torch.float64, **options)
+    ref = ref_cls(3, 5, **shape)
+    ours = ours_cls(3, 5, backend=backend, **shape)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(7, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def flops(module):
+        with FlopCounterMode(display=False) as forward:
+            out = module(x)[0]
+        with FlopCounterMode(display=False) as backward:
+            out.sum().backward()
+        return forward.get_total_flops(), backward.get_total_flops()
+
+    (forward, backward), (ref_forward, ref_backward) = flops(ours), flops(ref)
+    assert forward == ref_forward > 0
+    weights = ref.weight_hh_l0.numel() + getattr(ref, "weight_hr_l0", torch.empty(0)).numel()
+    one_step = 4 * 2 * 2 * 4 * weights  # (4 flops a weight and row, 2 layers, 2 directions, 4 rows)
+    assert ref_backward <= backward <= ref_backward + one_step
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

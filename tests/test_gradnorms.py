@@ -307,6 +307,8 @@ def test_summary_on_constructed_norms():
     assert math.isclose(gn2.summary(direction=1)["decay_per_step"], decay, rel_tol=1e-5)
     d = gn.to_dict()
     assert d["c"] is None and len(d["h"][0][0]) == 10
+    with torch.device("meta"):  # (a default device elsewhere: the fit still runs on the CPU)
+        assert gn.summary() == s
 
 
 def test_which_must_name_h_or_c(monkeypatch):

@@ -11,6 +11,7 @@ import contextlib
 import os
 
 import torch
+from torch.nn import Parameter
 
 from .. import _cells, _compat
 
@@ -71,10 +72,14 @@ _RELEASED = "released"  # EagerLayer's xp_source after a backward with grad mode
 
 
 def _aliases(tensors):
-    """detach() of each tensor (None kept): the values a layer ran with, which stay when a tensor's
-    .data is replaced before the backward (vector_to_parameters, Module.float()), as torch.nn's saved
-    views do; they share the tensors' version counters, so in-place changes are still seen."""
-    return tuple(None if t is None else t.detach() for t in tensors)
+    """detach() of each parameter or leaf that requires grad, None for the other tensors (and for
+    None): the values a layer ran with, which stay when a tensor's .data is replaced before the backward
+    (vector_to_parameters, Module.float()), as torch.nn's saved views do; they share the tensors' version
+    counters, so in-place changes are still seen. Activations and states made by the call get none:
+    held as attributes, they would outlive what checkpointing and saved-tensor hooks pack away (the
+    saved tensors, which the backward then reads instead)."""
+    return tuple(t.detach() if t is not None and t.is_leaf and (t.requires_grad or isinstance(t, Parameter))
+                 else None for t in tensors)
 
 
 class _RanWith(torch.autograd.Function):
@@ -130,19 +135,22 @@ def _not_twice_differentiable(message, grads, anchors):
     return tuple(result)
 
 
-def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr):
+def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
+                             saved_x):
     """The layer's first-order gradients as differentiable PyTorch ops, for a backward with grad mode on
     (create_graph=True: a gradient penalty, meta-learning), where the kernels' backward, not
     differentiable, would leave out the second-order terms (as torch.nn's CPU layers, composed of ops,
     have them). The layer is recomputed by the reference backend from its saved inputs, and xp from
-    (x, w_ih, b_ih), which EagerLayer keeps by reference (the input projection's backward saves x as
-    well while w_ih requires grad): xp itself is not kept. With the values the layer ran with (a tensor
-    whose .data was replaced since: its forward values; changed in place: autograd's error, since those
-    values are gone). For a layer without norms and clipping.
+    (x, w_ih, b_ih), which EagerLayer keeps (x as a saved tensor, `saved_x`, where the projection's
+    backward saves it too, else by reference): xp itself is not kept. With the values the layer ran
+    with (a tensor whose .data was replaced since: its forward values; changed in place: autograd's
+    error, since those values are gone). For a layer without norms and clipping.
     Returns (grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr), None where unused."""
     from .reference import reference_layer  # (imports this module)
 
     sources, aliases, versions = ctx.xp_source
+    if saved_x is not None:  # (see setup_context)
+        sources = (saved_x,) + sources[1:]
     names = ("input", "weight_ih", "bias_ih")
     changed = [(name, t._version, v) for name, t, v in zip(names, sources, versions)
                if t is not None and t._version != v]
@@ -172,6 +180,36 @@ def _differentiable_backward(ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0,
     return tuple(grads)
 
 
+def _weight_elements(w_hh, w_hr) -> int:
+    return w_hh[0] * w_hh[1] + (0 if w_hr is None else w_hr[0] * w_hr[1])
+
+
+def layer_forward_flops(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe,
+                        out_shape=None) -> int:
+    """FlopCounterMode's count for a layer's forward (the op's arguments, shapes in place of tensors),
+    as torch counts torch.nn's per-op layers: the products, h_{t-1} @ W_hhᵀ (and the projection) for
+    each of the N rows; no pointwise op (torch counts none); the input projection is counted as the
+    matmul it is."""
+    return 2 * xp[0] * _weight_elements(w_hh, w_hr)
+
+
+def layer_backward_flops(cell, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse,
+                         clip, record_norms, out, workspace, out_shape=None) -> int:
+    """FlopCounterMode's count for a layer's backward: each forward product's two, the gradient of its
+    input and of its weight (as torch counts a matmul's backward)."""
+    return 4 * grad_out[0] * _weight_elements(w_hh, w_hr)
+
+
+def _register_flop_formulas(forward_name: str, backward_name: str) -> None:
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+    except ImportError:  # a torch without it: FlopCounterMode counts the input projections only
+        return
+    for name, formula in ((forward_name, layer_forward_flops), (backward_name, layer_backward_flops)):
+        namespace, op = name.split("::")
+        register_flop_formula(getattr(getattr(torch.ops, namespace), op))(formula)
+
+
 def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, direct=None) -> None:
     """Register fake kernels (unless the op's definer already did) and autograd for one backend.
 
@@ -183,10 +221,11 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         torch.library.register_fake(backward_op)(fake_layer_backward)
 
     # e.g. rnnkern::rnn_layer_forward (an OpOverload), rnnkern::triton_rnn_layer_forward (a triton_op)
-    op_name = forward_op.name() if hasattr(forward_op, "name") and callable(forward_op.name) else \
-        getattr(forward_op, "_qualname", str(forward_op))
+    op_name, backward_name = (op.name() if hasattr(op, "name") and callable(op.name) else
+                              getattr(op, "_qualname", str(op)) for op in (forward_op, backward_op))
+    _register_flop_formulas(op_name, backward_name)
 
-    def setup_context(ctx, inputs, output, versioned_bias=True):
+    def setup_context(ctx, inputs, output, versioned_bias=True, xp_source=None):
         cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse, clip, norm_probe = inputs
         out, _h_n, _c_n, workspace = output
         ctx.cell, ctx.reverse, ctx.clip = cell, reverse, clip
@@ -197,8 +236,13 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         # backward (GRU's is the module's parameter) does not raise, as it does not in torch.nn; the op's
         # registered autograd saves it (torch.compile traces saved tensors, not tensor attributes).
         ctx.unversioned_bias = None if versioned_bias else b_hh
+        # EagerLayer's xp_source (x, w_ih, b_ih), for a second derivative: x among the saved tensors,
+        # which checkpointing and saved-tensor hooks manage, where the input projection's backward saves
+        # it too (w_ih requires grad: an in-place change of x raises there anyway); else by reference
+        # (as torch.nn, which then saves no x, an in-place change of x must not raise)
+        ctx.saves_x = xp_source is not None and xp_source[1] is not None and xp_source[1].requires_grad
         ctx.save_for_backward(batch_sizes, h0, c0, w_hh, b_hh if versioned_bias else None, w_hr, out,
-                              workspace)
+                              workspace, *((xp_source[0],) if ctx.saves_x else ()))
         if not versioned_bias or _plain_eager((xp, h0, c0, w_hh, b_hh, w_hr)):
             # The values the backward computes with (EagerLayer; the op's registered autograd in eager
             # mode, e.g. the Triton backend's; not while tracing, whose graphs hold saved tensors, not
@@ -217,7 +261,7 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         forward_below_autograd, direct_backward = direct
 
     def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace, run_backward=backward_op):
-        batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace = ctx.saved_tensors
+        batch_sizes, h0, c0, w_hh, b_hh, w_hr, out, workspace, *saved_x = ctx.saved_tensors
         has_c0, has_b_hh, has_w_hr = ctx.has
         if b_hh is None:
             b_hh = ctx.unversioned_bias
@@ -242,11 +286,13 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
         if (twice and xp_source is not None and xp_source is not _RELEASED and not ctx.record_norms
                 and ctx.clip <= 0):
             grad_xp, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = _differentiable_backward(
-                ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr)
+                ctx, grad_out, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, b_hh, w_hr,
+                saved_x[0] if saved_x else None)
             return (None, grad_xp, None, grad_h0, grad_c0 if has_c0 else None, grad_w_hh,
                     grad_b_hh if has_b_hh else None, grad_w_hr if has_w_hr else None, None, None, None)
         ran_with = getattr(ctx, "ran_with", None)  # (see setup_context)
-        h0_, c0_, w_hh_, b_hh_, w_hr_ = (h0, c0, w_hh, b_hh, w_hr) if ran_with is None else ran_with
+        h0_, c0_, w_hh_, b_hh_, w_hr_ = (h0, c0, w_hh, b_hh, w_hr) if ran_with is None else (
+            t if alias is None else alias for t, alias in zip((h0, c0, w_hh, b_hh, w_hr), ran_with))
         args = (ctx.cell, grad_out.contiguous(), grad_h_n.contiguous(),
                 None if grad_c_n is None else grad_c_n.contiguous(),
                 batch_sizes, h0_, c0_, w_hh_, b_hh_, w_hr_, ctx.reverse, ctx.clip, ctx.record_norms, out,
@@ -282,13 +328,13 @@ def register_layer_op(forward_op, backward_op, *, register_fake: bool = True, di
             sink = inputs[-1] if isinstance(inputs[-1], _compat.NormSink) else None
             output = forward_below_autograd(*inputs[:-1], None) if sink is not None else \
                 forward_below_autograd(*inputs)
-            setup_context(ctx, inputs, output, versioned_bias=False)
+            setup_context(ctx, inputs, output, versioned_bias=False, xp_source=xp_source)
             ctx.norm_sink = sink
             b_hh = inputs[6]
             ctx.bias_version = None if b_hh is None else b_hh._version
             # (with their versions and values: a second derivative recomputes xp from x, w_ih, b_ih)
             ctx.xp_source = None if xp_source is None else (
-                tuple(xp_source), _aliases(xp_source),
+                (None if ctx.saves_x else xp_source[0], *xp_source[1:]), _aliases(xp_source),
                 tuple(None if t is None else t._version for t in xp_source))
             return output
 
