@@ -97,21 +97,21 @@ except ImportError:  # a torch without them
     _is_batchedtensor = _is_legacy_batchedtensor = None
 
 
-def _batched_backward(norms: Tensor) -> bool:
+def _refused_as_batched(norms: Tensor) -> bool:
     """Whether norms come from a batched backward (torch.autograd.grad(..., is_grads_batched=True), which
-    torch.autograd.functional.jacobian/hessian(vectorize=True) use): autograd then runs the backward
-    under vmap, once for a batch of cotangents, and the norms are a batched tensor, one value per
-    cotangent, that cannot leave it. The forward ran outside any transform, so it could not refuse."""
+    torch.autograd.functional.jacobian/hessian(vectorize=True) use), warning that they are not
+    delivered: autograd then runs the backward under vmap, once for a batch of cotangents, and the norms
+    are a batched tensor, one value per cotangent, that cannot leave it. The forward ran outside any
+    transform, so it could not refuse."""
     if _is_batchedtensor is None or torch.compiler.is_compiling():  # (Dynamo traces no such check)
         return False
-    return _is_batchedtensor(norms) or _is_legacy_batchedtensor(norms)
-
-
-def _warn_batched_backward() -> None:
+    if not (_is_batchedtensor(norms) or _is_legacy_batchedtensor(norms)):
+        return False
     warnings.warn("record_grad_norms: a batched backward (is_grads_batched=True, e.g. "
                   "torch.autograd.functional.jacobian(vectorize=True)) records no norms: each of its "
                   "cotangents is a backward of its own; grad_norms keeps its previous value and no hook "
-                  "runs (the gradients are unaffected; clipping applies to each cotangent)", stacklevel=2)
+                  "runs (the gradients are unaffected; clipping applies to each cotangent)", stacklevel=3)
+    return True
 
 
 def _hand_over(norms: Tensor, batch_sizes: Tensor, unsorted_indices: Optional[Tensor], token: int,
@@ -119,8 +119,7 @@ def _hand_over(norms: Tensor, batch_sizes: Tensor, unsorted_indices: Optional[Te
     """Deliver one backward's norms [L, D, 2, N] (a tensor of their own): through the op where a tracer
     records the backward (compiled graphs keep it), else _deliver directly (the op's Python dispatch
     costs tens of µs per backward)."""
-    if _batched_backward(norms):
-        _warn_batched_backward()
+    if _refused_as_batched(norms):
         return
     args = (norms, batch_sizes, unsorted_indices, token, has_cell_state)
     if _being_traced(norms):
@@ -222,8 +221,7 @@ class NormSink:
 
     def deliver(self, norms: Tensor) -> None:
         """norms: the layer's [2, N] float32, a tensor of its own (the backward op's output)."""
-        if _batched_backward(norms):
-            _warn_batched_backward()
+        if _refused_as_batched(norms):
             return
         if self.padded_shape is not None and not _being_traced(norms):
             # [2, N] is already [2, 1, 1, T, B]: the GradNorms are views of it (no copies, no scatter)
